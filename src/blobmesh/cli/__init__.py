@@ -1,0 +1,1 @@
+"""The ``blobmesh`` command line interface."""

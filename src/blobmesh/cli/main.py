@@ -1,0 +1,63 @@
+"""The ``blobmesh`` command line.
+
+Errors are printed as one line (``blobmesh: error: ...``) with a non-zero exit; tracebacks are
+shown only with ``BLOBMESH_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from blobmesh import __version__
+from blobmesh.cli import store_cmds
+from blobmesh.errors import BlobmeshError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blobmesh",
+        description="Store, move and distribute content-addressed blobs.")
+    parser.add_argument("--version", action="version", version=f"blobmesh {__version__}")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="store home directory (default: $BLOBMESH_HOME or the user data dir)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    store_cmds.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = args.handler
+    try:
+        code: int = handler(args)
+        return code
+    except BlobmeshError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head): not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        if os.environ.get("BLOBMESH_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}", 1)
+    return 1
+
+
+def _fail(message: str, code: int) -> None:
+    if os.environ.get("BLOBMESH_DEBUG") and sys.exc_info()[0] is not None:
+        raise
+    sys.stderr.write(f"blobmesh: error: {message}\n")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Store commands: add, cat, export, ls, info, pin, unpin, gc, fsck."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.progress import TaskID
+
+from blobmesh.cli.output import byte_progress, console, err_console, human_bytes, print_json
+from blobmesh.errors import BlobmeshError, SourceError
+from blobmesh.hashing import BlobId
+from blobmesh.store import BlobInfo, LeaseId, Store
+
+LARGE_FILE = 16 * 1024 * 1024
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    return Store(args.home)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def cmd(name: str, handler: Callable[[argparse.Namespace], int], help: str,
+            json_flag: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = cmd("add", cmd_add, "add files to the store", json_flag=True)
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the id of each file")
+    p.add_argument("--pin", metavar="NAME", help="pin the (single) added blob under NAME")
+
+    p = cmd("cat", cmd_cat, "write a blob to stdout (verified)")
+    p.add_argument("blob", metavar="ID")
+
+    p = cmd("export", cmd_export, "write a blob to a file (verified, atomic)")
+    p.add_argument("blob", metavar="ID")
+    p.add_argument("path", type=Path, metavar="PATH")
+
+    cmd("ls", cmd_ls, "list blobs", json_flag=True)
+
+    p = cmd("info", cmd_info, "show one blob", json_flag=True)
+    p.add_argument("blob", metavar="ID")
+
+    p = cmd("pin", cmd_pin, "protect a blob from GC under a name")
+    p.add_argument("blob", metavar="ID")
+    p.add_argument("name", metavar="NAME")
+
+    p = cmd("unpin", cmd_unpin, "remove a pin")
+    p.add_argument("name", metavar="NAME")
+
+    cmd("pins", cmd_pins, "list pins", json_flag=True)
+
+    p = cmd("gc", cmd_gc, "delete blobs no live lease or pin holds", json_flag=True)
+    p.add_argument("--dry-run", action="store_true", help="only report what would go")
+
+    p = cmd("fsck", cmd_fsck, "rehash everything and report damage", json_flag=True)
+    p.add_argument("--repair", action="store_true", help="quarantine corrupt and orphaned data")
+
+
+def info_json(info: BlobInfo) -> dict[str, Any]:
+    return {
+        "id": str(info.blob_id), "size": info.size, "piece_size": info.piece_size,
+        "complete": info.complete, "pieces_present": info.pieces_present,
+        "pieces_total": info.pieces_total, "pins": list(info.pins), "leases": info.leases,
+        "created": info.created,
+    }
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    paths: list[Path] = args.paths
+    for p in paths:
+        if not p.is_file():
+            raise SourceError(f"no such file: {p}" if not p.exists() else f"not a file: {p}")
+        if not os.access(p, os.R_OK):
+            raise SourceError(f"permission denied: {p}")
+    if args.pin and len(paths) != 1:
+        raise BlobmeshError("--pin needs exactly one PATH")
+    results: list[BlobInfo] = []
+    show = not (args.quiet or args.json) and sys.stderr.isatty()
+    with open_store(args) as store, byte_progress(show) as progress:
+        for p in paths:
+            size = p.stat().st_size
+            task = progress.add_task(p.name, total=size, visible=size >= LARGE_FILE)
+
+            def advance(n: int, task: TaskID = task) -> None:
+                progress.advance(task, n)
+
+            info = store.add_path(p, progress=advance)
+            progress.remove_task(task)
+            if args.pin:
+                store.pin(info.blob_id, args.pin)
+            results.append(info)
+            if args.quiet:
+                print(info.blob_id, flush=True)
+            elif not args.json:
+                console.print(f"added {info.blob_id}  {human_bytes(info.size):>10}  {p}",
+                              highlight=False)
+    if args.json:
+        print_json([{**info_json(i), "path": str(p)} for i, p in zip(results, paths,
+                                                                      strict=True)])
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    blob_id = BlobId.parse(args.blob)
+    out = sys.stdout.buffer
+    with open_store(args) as store, store.get_reader(blob_id, LeaseId.new("cat"),
+                                                     verify=True) as reader:
+        while chunk := reader.read(1 << 20):
+            out.write(chunk)
+    out.flush()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    blob_id = BlobId.parse(args.blob)
+    with open_store(args) as store:
+        info = store.info(blob_id)
+        with byte_progress(sys.stderr.isatty()) as progress:
+            task = progress.add_task("export", total=info.size)
+            store.export(blob_id, args.path, progress=lambda n: progress.advance(task, n))
+    err_console.print(f"exported {blob_id} to {args.path}", highlight=False)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        blobs = store.blobs()
+    if args.json:
+        print_json([info_json(i) for i in blobs])
+        return 0
+    for i in blobs:
+        state = "complete" if i.complete else f"partial {i.pieces_present}/{i.pieces_total}"
+        pins = f"  pins: {','.join(i.pins)}" if i.pins else ""
+        console.print(f"{i.blob_id}  {human_bytes(i.size):>10}  {state}{pins}", highlight=False)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    blob_id = BlobId.parse(args.blob)
+    with open_store(args) as store:
+        info = store.info(blob_id)
+    if args.json:
+        print_json(info_json(info))
+        return 0
+    for key, value in info_json(info).items():
+        console.print(f"{key:>15}: {value}", highlight=False)
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    blob_id = BlobId.parse(args.blob)
+    with open_store(args) as store:
+        store.pin(blob_id, args.name)
+    console.print(f"pinned {blob_id} as {args.name}", highlight=False)
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        blob_id = store.unpin(args.name)
+    console.print(f"unpinned {args.name} ({blob_id})", highlight=False)
+    return 0
+
+
+def cmd_pins(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        pins = store.pins()
+    if args.json:
+        print_json([{"name": p.name, "id": str(p.blob_id), "created": p.created} for p in pins])
+    for p in [] if args.json else pins:
+        console.print(f"{p.name}  {p.blob_id}", highlight=False)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        report = store.gc(dry_run=args.dry_run)
+    if args.json:
+        print_json({"deleted": [str(b) for b in report.deleted],
+                    "bytes_freed": report.bytes_freed,
+                    "dead_leases_dropped": report.dead_leases_dropped,
+                    "partial_kept": report.kept, "dry_run": args.dry_run})
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    console.print(f"{verb} {len(report.deleted)} blob(s), {human_bytes(report.bytes_freed)}; "
+                  f"dropped {report.dead_leases_dropped} lease(s) of dead processes",
+                  highlight=False)
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    with open_store(args) as store, byte_progress(sys.stderr.isatty() and not args.json) as pr:
+        task = pr.add_task("fsck", total=None)
+        report = store.fsck(repair=args.repair, progress=lambda n: pr.advance(task, n))
+    if args.json:
+        print_json({"checked": report.checked, "bytes_checked": report.bytes_checked,
+                    "ok": report.ok, "repaired": report.repaired,
+                    "problems": [{"kind": p.kind, "path": p.path, "detail": p.detail,
+                                  "id": str(p.blob_id) if p.blob_id else None}
+                                 for p in report.problems]})
+    else:
+        for p in report.problems:
+            what = str(p.blob_id) if p.blob_id else p.path
+            action = " (quarantined)" if args.repair else ""
+            console.print(f"{p.kind}: {what}: {p.detail}{action}", highlight=False)
+        console.print(f"checked {report.checked} blob(s), {human_bytes(report.bytes_checked)}: "
+                      f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}",
+                      highlight=False)
+    return 0 if report.ok or args.repair else 1

@@ -1,0 +1,111 @@
+"""Typed errors for every blobmesh layer.
+
+Every error carries the context a user needs (which blob, which peer, which path) and a
+one-line ``str()`` suitable for the CLI, which prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BlobmeshError(Exception):
+    """Base class of every error blobmesh raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- identifiers -----------------------------------------------------------------------------
+
+
+class InvalidIdError(BlobmeshError, ValueError):
+    """A blob id, node id or ticket string could not be parsed."""
+
+    exit_code = 2
+
+
+# --- hashing / verification ------------------------------------------------------------------
+
+
+class VerificationError(BlobmeshError):
+    """Data did not match the hash it was supposed to have."""
+
+
+class CorruptBlobError(VerificationError):
+    """Stored data no longer matches its blob id (bit rot, truncation, tampering)."""
+
+
+# --- store -----------------------------------------------------------------------------------
+
+
+class StoreError(BlobmeshError):
+    """A blob store operation failed."""
+
+
+class BlobNotFoundError(StoreError, KeyError):
+    """No complete blob with this id is in the store."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BlobIncompleteError(StoreError):
+    """The blob exists only partially (some pieces are missing)."""
+
+
+class PinNotFoundError(StoreError, KeyError):
+    """No pin with this name exists."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StoreFullError(StoreError, OSError):
+    """The disk under the store ran out of space; nothing partial was left visible."""
+
+
+class SourceError(StoreError):
+    """The input to an add (a path or a stream) could not be read."""
+
+
+# --- network ---------------------------------------------------------------------------------
+
+
+class TransportError(BlobmeshError):
+    """A connection could not be made, or broke."""
+
+
+class PeerIdentityError(TransportError):
+    """The peer presented a key other than the node id we meant to reach."""
+
+
+class ProtocolError(TransportError):
+    """The peer sent something the protocol does not allow (malformed, oversized, unknown)."""
+
+
+class TransferError(BlobmeshError):
+    """A data-transfer channel failed."""
+
+
+class VoucherRejectedError(TransferError):
+    """The other side's validator rejected our voucher."""
+
+
+class BadPeerDataError(TransferError, VerificationError):
+    """A peer sent data that failed verification."""
+
+
+class ShareError(BlobmeshError):
+    """Sharing a blob into, or loading it from, an external file share failed."""
+
+
+class DeadlineExceededError(ShareError, TimeoutError):
+    """A load did not finish before its deadline; partial data was kept."""
