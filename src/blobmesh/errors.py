@@ -109,3 +109,7 @@ class ShareError(BlobmeshError):
 
 class DeadlineExceededError(ShareError, TimeoutError):
     """A load did not finish before its deadline; partial data was kept."""
+
+
+class StreamClosedError(TransportError):
+    """The peer closed its side of the stream; no more messages will arrive."""
