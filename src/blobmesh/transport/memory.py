@@ -1,0 +1,160 @@
+"""An in-process implementation of :class:`~blobmesh.transport.api.Network`.
+
+Nodes in one event loop reach each other through a shared :class:`MemoryHub`, with the same
+stream semantics as the TLS transport (ordering, backpressure, close and reset).  It is used
+for deterministic tests of services and for simulations of many nodes in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+from blobmesh.errors import StreamClosedError, TransportError
+from blobmesh.transport.api import StreamHandler
+from blobmesh.transport.identity import NodeId
+
+DEFAULT_WINDOW = 64
+
+
+class MemoryStream:
+    """One side of an in-memory stream pair."""
+
+    def __init__(self, local: NodeId, peer: NodeId, protocol: str, window: int) -> None:
+        self._local = local
+        self._peer = peer
+        self._protocol = protocol
+        self._window = window
+        self._inbox: deque[bytes] = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._eof = False
+        self._error: TransportError | None = None
+        self._sent_closed = False
+        self.other: MemoryStream | None = None
+
+    @property
+    def peer(self) -> NodeId:
+        return self._peer
+
+    @property
+    def protocol(self) -> str:
+        return self._protocol
+
+    async def send(self, message: bytes | memoryview) -> None:
+        other = self.other
+        assert other is not None
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._sent_closed:
+                raise TransportError("send on a closed stream")
+            if len(other._inbox) < self._window:
+                break
+            self._writable.clear()
+            await self._writable.wait()
+        other._inbox.append(bytes(message))
+        other._readable.set()
+        await asyncio.sleep(0)
+
+    async def recv(self) -> bytes:
+        while not self._inbox:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                raise StreamClosedError(f"{self._peer.short()} closed the stream")
+            self._readable.clear()
+            await self._readable.wait()
+        msg = self._inbox.popleft()
+        if self.other is not None:
+            self.other._writable.set()
+        return msg
+
+    async def close(self) -> None:
+        if self._sent_closed:
+            return
+        self._sent_closed = True
+        if self.other is not None:
+            self.other._eof = True
+            self.other._readable.set()
+
+    def reset(self, reason: str = "") -> None:
+        err = TransportError(f"stream reset{': ' + reason if reason else ''}")
+        for side in (self, self.other):
+            if side is not None and side._error is None:
+                side._error = err
+                side._readable.set()
+                side._writable.set()
+
+
+class MemoryNode:
+    """A node attached to a hub; implements the Network protocol."""
+
+    def __init__(self, hub: MemoryHub, node_id: NodeId) -> None:
+        self._hub = hub
+        self._node_id = node_id
+        self._handlers: dict[str, StreamHandler] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.online = True
+
+    @property
+    def node_id(self) -> NodeId:
+        return self._node_id
+
+    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self._handlers[protocol] = handler
+
+    async def open_stream(self, peer: NodeId, protocol: str) -> MemoryStream:
+        remote = self._hub.nodes.get(peer)
+        if not self.online:
+            raise TransportError("this node is offline")
+        if remote is None or not remote.online:
+            raise TransportError(f"cannot reach {peer.short()}", peer=peer)
+        handler = remote._handlers.get(protocol)
+        if handler is None:
+            raise TransportError(f"{peer.short()} does not speak {protocol}", peer=peer)
+        ours = MemoryStream(self._node_id, peer, protocol, self._hub.window)
+        theirs = MemoryStream(peer, self._node_id, protocol, self._hub.window)
+        ours.other, theirs.other = theirs, ours
+        remote._spawn(handler, theirs)
+        return ours
+
+    def _spawn(self, handler: StreamHandler, stream: MemoryStream) -> None:
+        async def run() -> None:
+            try:
+                await handler(stream)
+            except (TransportError, asyncio.CancelledError):
+                stream.reset("handler ended")
+                raise
+            except Exception:
+                stream.reset("handler failed")
+                raise
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Go offline and cancel every handler task this node runs."""
+        self.online = False
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+
+class MemoryHub:
+    """The shared medium of in-memory nodes."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self.window = window
+        self.nodes: dict[NodeId, MemoryNode] = {}
+
+    def node(self, node_id: NodeId) -> MemoryNode:
+        n = MemoryNode(self, node_id)
+        self.nodes[node_id] = n
+        return n
