@@ -113,3 +113,86 @@ class DeadlineExceededError(ShareError, TimeoutError):
 
 class StreamClosedError(TransportError):
     """The peer closed its side of the stream; no more messages will arrive."""
+
+
+# --- space (membership, peer records, ops) ---------------------------------------------------
+
+
+class SpaceError(BlobmeshError):
+    """A space (metadata plane) operation failed."""
+
+
+class AdmissionError(SpaceError):
+    """A peer was refused at the space handshake (other space, wrong secret, not allowed)."""
+
+
+class InvalidRecordError(SpaceError, VerificationError):
+    """A peer record is forged, malformed, expired, from another space or replays an old one."""
+
+
+class InvalidOpError(SpaceError, VerificationError):
+    """An op is malformed, badly signed, oversized, of an unknown kind or failed validation."""
+
+
+class SpaceLimitError(SpaceError):
+    """A configured bound (store size, queue length, rate) was hit; nothing was dropped silently."""
+
+
+class PredicateError(SpaceError, ValueError):
+    """A capability predicate expression (e.g. ``gpu=true,mem_gb>=16``) is malformed."""
+
+    exit_code = 2
+
+
+class BootstrapError(SpaceError):
+    """A bootstrap server could not be reached or answered with something invalid."""
+
+
+# --- shares (external file shares) -----------------------------------------------------------
+
+
+class InvalidResourceIdError(ShareError, ValueError):
+    """A resource id is empty, too long, or not a safe file name (e.g. ``../x``)."""
+
+    exit_code = 2
+
+
+class InvalidShareUrlError(ShareError, ValueError):
+    """A share URL is malformed or uses a scheme no source handles."""
+
+    exit_code = 2
+
+
+class ShareNotFoundError(ShareError, KeyError):
+    """Nothing is shared under this blob id or resource id."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ShareWriteError(ShareError):
+    """The share directory could not be written (read-only, permission denied)."""
+
+
+class ShareFullError(ShareWriteError):
+    """The disk under the share directory ran out of space; nothing partial was published."""
+
+
+class ShareSourceError(ShareError):
+    """A share URL did not deliver (HTTP status, connection failure, stall, truncation)."""
+
+
+class BadShareDataError(ShareSourceError, VerificationError):
+    """A share served data that failed verification (wrong manifest, piece layer or piece)."""
+
+
+class LoadFailedError(ShareError):
+    """Every try of every share URL failed; ``context["attempts"]`` lists them all."""
+
+
+class IdentityError(BlobmeshError):
+    """A node's identity key file is unreadable, malformed or readable by other users."""
+
+
+class DialTimeoutError(TransportError):
+    """Connecting to a peer (TCP and TLS handshake) did not finish within the dial timeout."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blobmesh import __version__
-from blobmesh.cli import store_cmds
+from blobmesh.cli import net_cmds, node_cmds, share_cmds, store_cmds, transfer_cmds
 from blobmesh.errors import BlobmeshError
 
 
@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store home directory (default: $BLOBMESH_HOME or the user data dir)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store_cmds.register(sub)
+    share_cmds.register(sub)
+    net_cmds.register(sub)
+    transfer_cmds.register(sub)
+    node_cmds.register(sub)
     return parser
 
 

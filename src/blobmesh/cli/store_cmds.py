@@ -14,9 +14,15 @@ from rich.progress import TaskID
 from blobmesh.cli.output import byte_progress, console, err_console, human_bytes, print_json
 from blobmesh.errors import BlobmeshError, SourceError
 from blobmesh.hashing import BlobId
-from blobmesh.store import BlobInfo, LeaseId, Store
+from blobmesh.store import BlobInfo, Store
 
 LARGE_FILE = 16 * 1024 * 1024
+
+
+def say(line: str, *, err: bool = False) -> None:
+    """One line of human output: no wrapping at the terminal width, no rich markup."""
+    (err_console if err else console).print(line, highlight=False, markup=False,
+                                            soft_wrap=True)
 
 
 def open_store(args: argparse.Namespace) -> Store:
@@ -83,6 +89,8 @@ def cmd_add(args: argparse.Namespace) -> int:
             raise SourceError(f"permission denied: {p}")
     if args.pin and len(paths) != 1:
         raise BlobmeshError("--pin needs exactly one PATH")
+    if args.quiet and args.json:
+        raise BlobmeshError("--quiet and --json exclude each other")
     results: list[BlobInfo] = []
     show = not (args.quiet or args.json) and sys.stderr.isatty()
     with open_store(args) as store, byte_progress(show) as progress:
@@ -101,8 +109,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             if args.quiet:
                 print(info.blob_id, flush=True)
             elif not args.json:
-                console.print(f"added {info.blob_id}  {human_bytes(info.size):>10}  {p}",
-                              highlight=False)
+                say(f"added {info.blob_id}  {human_bytes(info.size):>10}  {p}")
     if args.json:
         print_json([{**info_json(i), "path": str(p)} for i, p in zip(results, paths,
                                                                       strict=True)])
@@ -112,8 +119,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     blob_id = BlobId.parse(args.blob)
     out = sys.stdout.buffer
-    with open_store(args) as store, store.get_reader(blob_id, LeaseId.new("cat"),
-                                                     verify=True) as reader:
+    with open_store(args) as store, store.get_reader(blob_id, None, verify=True) as reader:
         while chunk := reader.read(1 << 20):
             out.write(chunk)
     out.flush()
@@ -127,7 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         with byte_progress(sys.stderr.isatty()) as progress:
             task = progress.add_task("export", total=info.size)
             store.export(blob_id, args.path, progress=lambda n: progress.advance(task, n))
-    err_console.print(f"exported {blob_id} to {args.path}", highlight=False)
+    say(f"exported {blob_id} to {args.path}", err=True)
     return 0
 
 
@@ -140,7 +146,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for i in blobs:
         state = "complete" if i.complete else f"partial {i.pieces_present}/{i.pieces_total}"
         pins = f"  pins: {','.join(i.pins)}" if i.pins else ""
-        console.print(f"{i.blob_id}  {human_bytes(i.size):>10}  {state}{pins}", highlight=False)
+        say(f"{i.blob_id}  {human_bytes(i.size):>10}  {state}{pins}")
     return 0
 
 
@@ -152,7 +158,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print_json(info_json(info))
         return 0
     for key, value in info_json(info).items():
-        console.print(f"{key:>15}: {value}", highlight=False)
+        say(f"{key:>15}: {value}")
     return 0
 
 
@@ -160,14 +166,14 @@ def cmd_pin(args: argparse.Namespace) -> int:
     blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
         store.pin(blob_id, args.name)
-    console.print(f"pinned {blob_id} as {args.name}", highlight=False)
+    say(f"pinned {blob_id} as {args.name}")
     return 0
 
 
 def cmd_unpin(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         blob_id = store.unpin(args.name)
-    console.print(f"unpinned {args.name} ({blob_id})", highlight=False)
+    say(f"unpinned {args.name} ({blob_id})")
     return 0
 
 
@@ -176,8 +182,9 @@ def cmd_pins(args: argparse.Namespace) -> int:
         pins = store.pins()
     if args.json:
         print_json([{"name": p.name, "id": str(p.blob_id), "created": p.created} for p in pins])
-    for p in [] if args.json else pins:
-        console.print(f"{p.name}  {p.blob_id}", highlight=False)
+        return 0
+    for p in pins:
+        say(f"{p.name}  {p.blob_id}")
     return 0
 
 
@@ -191,9 +198,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     "partial_kept": report.kept, "dry_run": args.dry_run})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
-    console.print(f"{verb} {len(report.deleted)} blob(s), {human_bytes(report.bytes_freed)}; "
-                  f"dropped {report.dead_leases_dropped} lease(s) of dead processes",
-                  highlight=False)
+    say(f"{verb} {len(report.deleted)} blob(s), {human_bytes(report.bytes_freed)}; "
+        f"dropped {report.dead_leases_dropped} lease(s) of dead processes")
     return 0
 
 
@@ -211,8 +217,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         for p in report.problems:
             what = str(p.blob_id) if p.blob_id else p.path
             action = " (quarantined)" if args.repair else ""
-            console.print(f"{p.kind}: {what}: {p.detail}{action}", highlight=False)
-        console.print(f"checked {report.checked} blob(s), {human_bytes(report.bytes_checked)}: "
-                      f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}",
-                      highlight=False)
+            say(f"{p.kind}: {what}: {p.detail}{action}")
+        say(f"checked {report.checked} blob(s), {human_bytes(report.bytes_checked)}: "
+            f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
     return 0 if report.ok or args.repair else 1

@@ -11,22 +11,28 @@ from blobmesh.errors import InvalidIdError
 
 DIGEST_SIZE = 32
 _B32_LEN = 52  # 32 bytes -> 52 base32 characters without padding
+_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 
 def encode_b32(raw: bytes) -> str:
+    """Lowercase, unpadded RFC 4648 base32."""
     return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
 def decode_b32(text: str, *, what: str) -> bytes:
+    """Decode the 52-character form of 32 bytes; only the canonical spelling is accepted."""
     if len(text) != _B32_LEN:
         raise InvalidIdError(f"malformed {what}: expected {_B32_LEN} base32 characters, "
                              f"got {len(text)}", text=text)
+    if not set(text) <= _ALPHABET:
+        raise InvalidIdError(f"malformed {what}: characters outside lowercase base32 "
+                             f"(a-z, 2-7)", text=text)
     try:
-        raw = base64.b32decode(text.upper() + "====", casefold=False)
+        raw = base64.b32decode(text.upper() + "====")
     except (binascii.Error, ValueError) as exc:
         raise InvalidIdError(f"malformed {what}: not base32 ({exc})", text=text) from exc
-    if encode_b32(raw) != text.lower():
-        # non-canonical trailing bits would give two spellings of one id
+    if encode_b32(raw) != text:
+        # non-zero trailing bits would give two spellings of one id
         raise InvalidIdError(f"malformed {what}: non-canonical base32", text=text)
     return raw
 
@@ -45,15 +51,20 @@ class PrefixedId:
 
     @classmethod
     def parse(cls, text: str) -> Self:
-        """Parse the text form, raising :class:`InvalidIdError` with the reason."""
+        """Parse the canonical text form, raising :class:`InvalidIdError` with the reason.
+
+        Surrounding whitespace is ignored; anything else that is not exactly ``str(id)`` (other
+        case, padding, wrong length or alphabet, non-zero trailing bits) is rejected, so one id
+        has one spelling.
+        """
         if not isinstance(text, str):
             raise InvalidIdError(f"a {cls.KIND} must be a string")
         text = text.strip()
-        if not text.lower().startswith(cls.PREFIX):
+        if not text.startswith(cls.PREFIX):
             raise InvalidIdError(
                 f"malformed {cls.KIND} {text[:70]!r}: must start with {cls.PREFIX!r}", text=text
             )
-        return cls(decode_b32(text[len(cls.PREFIX):].lower(), what=cls.KIND))
+        return cls(decode_b32(text[len(cls.PREFIX):], what=f"{cls.KIND} {text[:70]!r}"))
 
     @property
     def hex(self) -> str:

@@ -43,6 +43,14 @@ class Layout:
         return self.blobs / h[:2] / f"{h}.pieces"
 
 
+def blob_id_from_name(name: str) -> BlobId | None:
+    """The blob a file in ``blobs/`` (``<hex>`` or ``<hex>.pieces``) belongs to, if any."""
+    try:
+        return BlobId(bytes.fromhex(name.split(".")[0]))
+    except ValueError:
+        return None
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -23,6 +23,8 @@ def pid_start_time(pid: int) -> int | None:
         return _kill0(pid)
     # the command name may contain spaces and parentheses: split after the last ')'
     fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None  # exited, not yet reaped: it will never use its leases again
     return int(fields[19])
 
 

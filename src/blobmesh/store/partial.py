@@ -7,7 +7,7 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
-from blobmesh.errors import StoreFullError, VerificationError
+from blobmesh.errors import BlobIncompleteError, StoreFullError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.leases import LeaseId
@@ -32,7 +32,8 @@ class PartialBlob:
         self.lease = lease
         self._store = store
         self._lock = threading.Lock()
-        self._fd = os.open(store.layout.data_path(layer.blob_id), os.O_WRONLY)
+        # read-write: pieces written but not yet flushed can already be served to peers
+        self._fd = os.open(store.layout.data_path(layer.blob_id), os.O_RDWR)
         self._pending: set[int] = set()
         self._pending_bytes = 0
         self._have = store.bitfield(layer.blob_id)
@@ -83,6 +84,20 @@ class PartialBlob:
         if due:
             self.flush()
         return True
+
+    def read_piece(self, index: int) -> bytes:
+        """Read back a piece this writer holds (present or written, flushed or not).
+
+        The data was verified when it was written; callers that pass it on should still
+        check it against the layer (the disk may have lied since).
+        """
+        with self._lock:
+            held = index in self._have or index in self._pending
+        if not held:
+            raise BlobIncompleteError(f"piece {index} of {self.blob_id.short()} is not here",
+                                      blob_id=self.blob_id, piece=index)
+        start, length = self.layer.piece_range(index)
+        return os.pread(self._fd, length, start)
 
     def flush(self) -> Bitfield:
         """Make written pieces durable and present; returns the present set."""

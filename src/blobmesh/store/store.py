@@ -20,8 +20,10 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -37,7 +39,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, PieceLayer, TreeHasher, hash_piece, piece_count
 from blobmesh.store.bitfield import Bitfield
-from blobmesh.store.layout import Layout, default_home, fsync_dir
+from blobmesh.store.layout import Layout, blob_id_from_name, default_home, fsync_dir
 from blobmesh.store.leases import LeaseId, pid_alive, pid_start_time
 
 if TYPE_CHECKING:
@@ -47,10 +49,14 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just processed."""
+Undo = list[Callable[[], object]]
+"""Actions that revert file moves when their write transaction does not commit."""
 
-CHUNK = 4 * 1024 * 1024
+CHUNK = 16 * 1024 * 1024  # large reads and writes; hashing overlaps each in a thread
 PARTIAL_GRACE = 24 * 3600.0
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# below this, hashing a chunk in a helper thread costs more than it overlaps
+_OVERLAP_MIN = 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -147,12 +153,16 @@ class Store:
             raise StoreError(f"cannot create store home {self.layout.home}: {exc.strerror}",
                              home=str(self.layout.home)) from exc
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.layout.db, timeout=60.0, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=60000")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.layout.db, timeout=60.0, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=60000")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store database {self.layout.db}: {exc}",
+                             home=str(self.layout.home)) from exc
         self._recover()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -172,46 +182,73 @@ class Store:
         self.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding SQLite's write lock for its whole duration."""
+    def _write(self, undo: Undo | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding SQLite's write lock for its whole duration.
+
+        When it does not commit (the body raised, or COMMIT failed, e.g. on a full disk) the
+        ``undo`` actions run newest first while the write lock is still held, so no other
+        process sees files that disagree with the rows.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                for action in reversed(undo or ()):
+                    with suppress(OSError):
+                        action()
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise StoreFullError(f"disk full: cannot update the store database in "
+                                         f"{self.home}", home=str(self.home)) from exc
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return list(self._db.execute(sql, args))
 
     def _recover(self) -> None:
-        """Undo what a killed process left: temp files of dead adds, half-done GC moves."""
+        """Undo what killed processes left: temp files, half-done moves in, half-done GCs."""
+        markers: list[Path] = []
         for tmp in self.layout.tmp.iterdir():
             owner = _owner_pid(tmp.name)
-            if owner is None or not pid_alive(owner, None):
+            if owner is not None and pid_alive(owner, None):
+                continue
+            if tmp.suffix == ".moving":
+                markers.append(tmp)
+            else:
                 with suppress(OSError):
                     tmp.unlink()
-        if not any(self.layout.trash.iterdir()):
+        if not markers and not any(self.layout.trash.iterdir()):
             return
         with self._write() as db:
+            def has_row(blob_id: BlobId) -> bool:
+                return db.execute("SELECT 1 FROM blobs WHERE id=?",
+                                  (blob_id.digest,)).fetchone() is not None
+
+            for marker in markers:
+                # the owner died between moving files into blobs/ and committing their row
+                with suppress(OSError):
+                    moved = blob_id_from_name(marker.read_text())
+                    if moved is not None and not has_row(moved):
+                        self.layout.data_path(moved).unlink(missing_ok=True)
+                        self.layout.pieces_path(moved).unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)
             for item in self.layout.trash.iterdir():
-                stem = item.name.split(".")[0]
-                try:
-                    blob_id = BlobId(bytes.fromhex(stem))
-                except ValueError:
-                    item.unlink(missing_ok=True)
-                    continue
-                if db.execute("SELECT 1 FROM blobs WHERE id=?", (blob_id.digest,)).fetchone():
-                    # GC died before its commit: the row survived, so the file goes back
-                    dest = self.layout.pieces_path(blob_id) if item.name.endswith(".pieces") \
+                name = item.name.split("~")[0]
+                blob_id = blob_id_from_name(name)
+                if blob_id is not None and has_row(blob_id):
+                    # a GC died before its commit: the row survived, so the file goes back
+                    # (unless the blob was added again meanwhile)
+                    dest = self.layout.pieces_path(blob_id) if name.endswith(".pieces") \
                         else self.layout.data_path(blob_id)
                     dest.parent.mkdir(exist_ok=True)
-                    os.replace(item, dest)
-                else:
-                    item.unlink(missing_ok=True)
+                    if not dest.exists():
+                        os.replace(item, dest)
+                        continue
+                item.unlink(missing_ok=True)
 
     # --- adding ----------------------------------------------------------------------------
 
@@ -261,44 +298,77 @@ class Store:
 
     @contextmanager
     def _ingest(self) -> Iterator[_Ingest]:
-        ing = _Ingest(self.layout.tmp / f"add-{os.getpid()}-{uuid.uuid4().hex}.tmp")
+        ing: _Ingest | None = None
         try:
-            yield ing
+            with self._full_disk("adding to"):
+                ing = _Ingest(self.layout.tmp / f"add-{os.getpid()}-{uuid.uuid4().hex}.tmp")
+                yield ing
         except OSError as exc:
-            ing.discard()
-            if exc.errno in _FULL_ERRNOS:
-                raise StoreFullError(f"disk full while adding to {self.home}; nothing was stored",
-                                     home=str(self.home)) from exc
             if isinstance(exc, StoreError):
                 raise
-            raise SourceError(f"add failed: {exc}") from exc
-        except BaseException:
-            ing.discard()
+            raise StoreError(f"add failed: {exc}", home=str(self.home)) from exc
+        finally:
+            if ing is not None:
+                ing.discard()
+
+    @contextmanager
+    def _full_disk(self, doing: str) -> Iterator[None]:
+        """Turn ENOSPC/EDQUOT into :class:`StoreFullError` (``_write`` maps SQLite's own)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise StoreFullError(f"disk full while {doing} {self.home}; nothing was stored",
+                                     home=str(self.home)) from exc
             raise
 
     def _commit_ingest(self, ing: _Ingest, lease: LeaseId | None) -> BlobInfo:
         blob_id, layer = ing.finish()
-        pieces_tmp = ing.path.with_suffix(".pieces")
-        _write_file_synced(pieces_tmp, layer.to_bytes())
+        _write_file_synced(ing.pieces_path, layer.to_bytes())
         now = time.time()
-        with self._write() as db:
-            row = db.execute("SELECT complete FROM blobs WHERE id=?",
+        undo: Undo = []
+        with self._write(undo) as db:
+            row = db.execute("SELECT complete, piece_size FROM blobs WHERE id=?",
                              (blob_id.digest,)).fetchone()
-            if row is None or not row[0]:
-                data_path = self.layout.data_path(blob_id)
-                data_path.parent.mkdir(exist_ok=True)
-                os.replace(ing.path, data_path)
-                os.replace(pieces_tmp, self.layout.pieces_path(blob_id))
-                fsync_dir(data_path.parent)
-                db.execute(
-                    "INSERT OR REPLACE INTO blobs VALUES (?,?,?,1,?,?,?)",
-                    (blob_id.digest, layer.size, layer.piece_size,
-                     Bitfield.full(len(layer)).to_bytes(), now, now))
+            if row is None:
+                db.execute("INSERT INTO blobs VALUES (?,?,?,1,?,?,?)",
+                           (blob_id.digest, layer.size, layer.piece_size,
+                            Bitfield.full(len(layer)).to_bytes(), now, now))
+                self._move_in(blob_id, ing.path, ing.pieces_path, undo)
+            elif not row[0]:
+                # A partial copy is here: the complete data serves it at its own piece size,
+                # so its piece layer (which readers and writers already use) stays.
+                db.execute("UPDATE blobs SET complete=1, have=?, updated=? WHERE id=?",
+                           (Bitfield.full(piece_count(layer.size, row[1])).to_bytes(), now,
+                            blob_id.digest))
+                self._move_in(blob_id, ing.path, None, undo)
             if lease is not None:
                 self._add_lease(db, blob_id, lease)
-        ing.discard()
-        pieces_tmp.unlink(missing_ok=True)
-        return self.info(blob_id)
+            return self.info(blob_id)
+
+    def _move_in(self, blob_id: BlobId, data_tmp: Path, pieces_tmp: Path | None,
+                 undo: Undo) -> None:
+        """Rename finished files into ``blobs/`` inside the transaction that writes the row.
+
+        Without ``pieces_tmp`` the data replaces a partial blob's file and stays even if the
+        transaction aborts (it is valid for the partial row too); otherwise an abort removes
+        the files.  A marker in ``tmp/`` names the blob until the caller is done, so if this
+        process dies before its commit the next open removes files that never got a row.
+        """
+        data_path = self.layout.data_path(blob_id)
+        marker = data_tmp.with_suffix(".moving")
+        marker.write_text(blob_id.hex)
+        undo.append(partial(marker.unlink, missing_ok=True))
+        data_path.parent.mkdir(exist_ok=True)
+        if pieces_tmp is not None:
+            pieces_path = self.layout.pieces_path(blob_id)
+            os.replace(pieces_tmp, pieces_path)
+            undo.append(partial(pieces_path.unlink, missing_ok=True))
+            os.replace(data_tmp, data_path)
+            undo.append(partial(data_path.unlink, missing_ok=True))
+        else:
+            os.replace(data_tmp, data_path)
+        fsync_dir(data_path.parent)
 
     # --- the lease API of the seed ---------------------------------------------------------
 
@@ -323,13 +393,18 @@ class Store:
         with self.get_reader(blob_id, lease, verify=verify) as r:
             return r.read()
 
-    def get_reader(self, blob_id: BlobId, lease: LeaseId, *, verify: bool = False
+    def get_reader(self, blob_id: BlobId, lease: LeaseId | None, *, verify: bool = False
                    ) -> BlobReader:
-        """A seekable reader that keeps the blob alive until it is closed."""
-        hold = LeaseId.new(f"reader[{lease.consumer}]")
+        """A seekable reader that keeps the blob alive until it is closed.
+
+        ``lease`` is recorded (and stays) as for :meth:`lease_by_content`; with None, only the
+        reader's own hold protects the blob, which is what one-off reads want.
+        """
+        hold = LeaseId.new(f"reader[{lease.consumer if lease else 'once'}]")
         with self._write() as db:
-            self._require_complete(db, blob_id)
-            self._add_lease(db, blob_id, lease)
+            size = self._require_complete(db, blob_id)
+            if lease is not None:
+                self._add_lease(db, blob_id, lease)
             self._add_lease(db, blob_id, hold)
         try:
             layer = self.piece_layer(blob_id) if verify else None
@@ -341,7 +416,6 @@ class Store:
         except BaseException:
             self._drop_lease(hold, blob_id)
             raise
-        size = int(self._blob_row(blob_id)[1])
         return BlobReader(self, blob_id, fd, size, layer, hold)
 
     def advise_lease_dropped(self, lease: LeaseId, blob_id: BlobId) -> None:
@@ -387,13 +461,16 @@ class Store:
             raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
         return rows[0]
 
-    def _require_complete(self, db: sqlite3.Connection, blob_id: BlobId) -> None:
-        row = db.execute("SELECT complete FROM blobs WHERE id=?", (blob_id.digest,)).fetchone()
+    def _require_complete(self, db: sqlite3.Connection, blob_id: BlobId) -> int:
+        """The size of a complete blob; raises if it is missing or partial."""
+        row = db.execute("SELECT complete, size FROM blobs WHERE id=?",
+                         (blob_id.digest,)).fetchone()
         if row is None:
             raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
         if not row[0]:
             raise BlobIncompleteError(f"blob {blob_id} is only partially present",
                                       blob_id=blob_id)
+        return int(row[1])
 
     def has(self, blob_id: BlobId) -> bool:
         """True when the complete blob is here."""
@@ -443,7 +520,7 @@ class Store:
     def read_range(self, blob_id: BlobId, offset: int, length: int, *,
                    verify: bool = False) -> bytes:
         """Read ``length`` bytes at ``offset`` of a complete blob."""
-        with self.get_reader(blob_id, LeaseId.new("range"), verify=verify) as r:
+        with self.get_reader(blob_id, None, verify=verify) as r:
             r.seek(offset)
             return r.read(length)
 
@@ -461,6 +538,7 @@ class Store:
             with open(self.layout.data_path(blob_id), "rb") as f:
                 data = os.pread(f.fileno(), length, start)
         except FileNotFoundError as exc:
+            self._blob_row(blob_id)  # collected meanwhile: BlobNotFoundError, not corruption
             raise CorruptBlobError(f"data file of {blob_id} is missing; run fsck",
                                    blob_id=blob_id) from exc
         if verify:
@@ -475,7 +553,7 @@ class Store:
         """Write the blob to ``dest`` atomically, verifying it on the way."""
         d = Path(dest)
         tmp = d.with_name(f".{d.name}.{uuid.uuid4().hex[:8]}.part")
-        with self.get_reader(blob_id, LeaseId.new("export"), verify=verify) as r:
+        with self.get_reader(blob_id, None, verify=verify) as r:
             try:
                 with open(tmp, "wb") as out:
                     while chunk := r.read(CHUNK):
@@ -516,36 +594,34 @@ class Store:
     # --- partial blobs ---------------------------------------------------------------------
 
     def begin_partial(self, layer: PieceLayer, lease: LeaseId) -> PartialBlob:
-        """Open (creating if needed) a partial blob to be filled piece by piece."""
+        """Open (creating if needed) a partial blob to be filled piece by piece.
+
+        If the blob is already here (partial or complete) its stored piece layer is used,
+        which may be at another piece size than ``layer``: write through the returned
+        writer's ``layer``.
+        """
         from blobmesh.store.partial import PartialBlob
 
         blob_id = layer.blob_id
-        now = time.time()
-        data_path = self.layout.data_path(blob_id)
-        with self._write() as db:
-            row = db.execute("SELECT piece_size, complete FROM blobs WHERE id=?",
-                             (blob_id.digest,)).fetchone()
-            if row is None:
-                data_path.parent.mkdir(exist_ok=True)
-                tmp = self.layout.tmp / f"partial-{os.getpid()}-{uuid.uuid4().hex}.tmp"
-                try:
+        tmp = self.layout.tmp / f"partial-{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        undo: Undo = []
+        try:
+            with self._full_disk("creating a partial blob in"), self._write(undo) as db:
+                if not db.execute("SELECT 1 FROM blobs WHERE id=?",
+                                  (blob_id.digest,)).fetchone():
                     with open(tmp, "wb") as f:
-                        f.truncate(layer.size)
+                        f.truncate(layer.size)  # sparse: pieces fill it in any order
                         os.fsync(f.fileno())
                     _write_file_synced(tmp.with_suffix(".pieces"), layer.to_bytes())
-                except OSError as exc:
-                    tmp.unlink(missing_ok=True)
-                    tmp.with_suffix(".pieces").unlink(missing_ok=True)
-                    if exc.errno in _FULL_ERRNOS:
-                        raise StoreFullError(f"disk full creating {blob_id}") from exc
-                    raise
-                os.replace(tmp, data_path)
-                os.replace(tmp.with_suffix(".pieces"), self.layout.pieces_path(blob_id))
-                fsync_dir(data_path.parent)
-                db.execute("INSERT INTO blobs VALUES (?,?,?,0,?,?,?)",
-                           (blob_id.digest, layer.size, layer.piece_size,
-                            Bitfield(len(layer)).to_bytes(), now, now))
-            self._add_lease(db, blob_id, lease)
+                    now = time.time()
+                    db.execute("INSERT INTO blobs VALUES (?,?,?,0,?,?,?)",
+                               (blob_id.digest, layer.size, layer.piece_size,
+                                Bitfield(len(layer)).to_bytes(), now, now))
+                    self._move_in(blob_id, tmp, tmp.with_suffix(".pieces"), undo)
+                self._add_lease(db, blob_id, lease)
+        finally:
+            for leftover in (tmp, tmp.with_suffix(".pieces"), tmp.with_suffix(".moving")):
+                leftover.unlink(missing_ok=True)
         return PartialBlob(self, self.piece_layer(blob_id), lease)
 
     def _merge_pieces(self, blob_id: BlobId, indices: Iterable[int]) -> Bitfield:
@@ -574,7 +650,10 @@ class Store:
         """
         report = GcReport()
         moved: list[Path] = []
-        with self._write() as db:
+        undo: Undo = []
+        # unique names: another GC's trash files of the same blob may still be there
+        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with self._write(undo) as db:
             for pid, start in db.execute("SELECT DISTINCT pid, pid_start FROM leases").fetchall():
                 if not pid_alive(pid, start):
                     cur = db.execute("DELETE FROM leases WHERE pid=? AND "
@@ -595,10 +674,11 @@ class Store:
                 if dry_run:
                     continue
                 for src in (self.layout.data_path(blob_id), self.layout.pieces_path(blob_id)):
-                    dst = self.layout.trash / src.name
+                    dst = self.layout.trash / f"{src.name}~{token}"
                     with suppress(FileNotFoundError):
                         os.replace(src, dst)
                         moved.append(dst)
+                        undo.append(partial(os.replace, dst, src))
                 db.execute("DELETE FROM blobs WHERE id=?", (digest,))
             if dry_run:
                 db.execute("SELECT 1")  # nothing changed; commit is a no-op
@@ -614,15 +694,18 @@ class Store:
 
         return run_fsck(self, repair=repair, progress=progress)
 
-    def _quarantine(self, blob_id: BlobId | None, paths: list[Path]) -> None:
-        """Move files out of the store and forget the blob (caller holds no transaction)."""
-        stamp = time.strftime("%Y%m%dT%H%M%S")
+    def _quarantine(self, blob_id: BlobId, paths: list[Path]) -> None:
+        """Move a blob's files out of the store and forget it (caller holds no transaction)."""
         with self._write() as db:
             for p in paths:
-                with suppress(FileNotFoundError):
-                    os.replace(p, self.layout.quarantine / f"{p.name}.{stamp}")
-            if blob_id is not None:
-                db.execute("DELETE FROM blobs WHERE id=?", (blob_id.digest,))
+                self._move_to_quarantine(p)
+            db.execute("DELETE FROM blobs WHERE id=?", (blob_id.digest,))
+
+    def _move_to_quarantine(self, path: Path) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        with suppress(FileNotFoundError):
+            dest = self.layout.quarantine / f"{path.name}.{stamp}-{uuid.uuid4().hex[:6]}"
+            os.replace(path, dest)
 
 
 class BlobReader(io.RawIOBase):
@@ -651,9 +734,11 @@ class BlobReader(io.RawIOBase):
         return True
 
     def tell(self) -> int:
+        self._checkClosed()
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
@@ -716,17 +801,34 @@ class BlobReader(io.RawIOBase):
 
 
 class _Ingest:
-    """A temp file being written and hashed for an add."""
+    """A temp file being written and hashed for an add (``tmp/add-PID-*.tmp``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.pieces_path = path.with_suffix(".pieces")
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._hasher = TreeHasher()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def write(self, chunk: bytes | memoryview) -> None:
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None
-        self._hasher.update(chunk)
-        mv = memoryview(chunk)
+        mv = memoryview(chunk).cast("B")
+        if len(mv) < _OVERLAP_MIN:
+            self._hasher.update(mv)
+            self._write_all(mv)
+            return
+        # Hash in a helper thread while this one writes (blake3 releases the GIL); both finish
+        # before returning, so the caller may reuse its buffer.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="blobmesh-hash")
+        hashed = self._pool.submit(self._hasher.update, mv)
+        try:
+            self._write_all(mv)
+        finally:
+            hashed.result()
+
+    def _write_all(self, mv: memoryview) -> None:
+        assert self._fd is not None
         while mv:
             n = os.write(self._fd, mv)
             mv = mv[n:]
@@ -739,22 +841,30 @@ class _Ingest:
         return self._hasher.finalize()
 
     def discard(self) -> None:
+        """Close and remove everything this add left in ``tmp/`` (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._fd is not None:
             with suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        self.path.unlink(missing_ok=True)
+        for path in (self.path, self.pieces_path, self.path.with_suffix(".moving")):
+            path.unlink(missing_ok=True)
 
 
 def _chunks(source: BinaryIO | io.RawIOBase | Iterable[bytes | memoryview]
             ) -> Iterator[bytes | memoryview]:
-    read = getattr(source, "read", None)
-    if read is None:
+    """The input in chunks.  File objects are read into one reused buffer (no allocation and
+    page faults per chunk): each chunk is consumed before the next is read."""
+    stream: Any = source
+    if not hasattr(stream, "read"):
         yield from source
         return
+    buf = bytearray(CHUNK if hasattr(stream, "readinto") else 0)
     while True:
         try:
-            chunk = read(CHUNK)
+            chunk = memoryview(buf)[: stream.readinto(buf) or 0] if buf else stream.read(CHUNK)
         except OSError as exc:
             raise SourceError(f"reading the input failed: {exc.strerror or exc}") from exc
         if not chunk:

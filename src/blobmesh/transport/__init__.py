@@ -1,6 +1,25 @@
 """Authenticated transport: node identities, TLS 1.3 connections, multiplexed streams."""
 
+from blobmesh.errors import DialTimeoutError, IdentityError
 from blobmesh.transport.api import Network, Stream, StreamHandler
-from blobmesh.transport.identity import NodeId
+from blobmesh.transport.endpoint import Endpoint, TransportConfig, install_uvloop
+from blobmesh.transport.identity import Identity, NodeId, verify_signature
+from blobmesh.transport.ticket import Address, Ticket, format_address, parse_address
 
-__all__ = ["Network", "NodeId", "Stream", "StreamHandler"]
+__all__ = [
+    "Address",
+    "DialTimeoutError",
+    "Endpoint",
+    "Identity",
+    "IdentityError",
+    "Network",
+    "NodeId",
+    "Stream",
+    "StreamHandler",
+    "Ticket",
+    "TransportConfig",
+    "format_address",
+    "install_uvloop",
+    "parse_address",
+    "verify_signature",
+]

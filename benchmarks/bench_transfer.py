@@ -1,0 +1,244 @@
+"""Transfer throughput over TLS between two processes, against the machine's own limits.
+
+    .venv/bin/python benchmarks/bench_transfer.py [--size-mib 1024] [--small 1000] [--runs 3]
+
+In one run it measures: (a) a raw Python TLS 1.3 socket copy of the same number of bytes
+between two processes (blocking sockets, the node certificates of the transport), (b) writing
+that many bytes to a file with fsync, and (c) ``blobmesh serve`` in one process while a client
+process pulls the blob into a fresh store (TLS, every piece verified, durable, stored).  Then
+the client pulls ``--small`` blobs of 16 KiB over one connection (64 channels in flight).
+Each figure is the median of ``--runs``; peak RSS is each process's VmHWM.
+Goal: (c) >= 0.8 GiB/s and >= 0.7 x min(a, b); >= 1,000 small blobs/s; RSS < 200 MiB per side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+SMALL = 16 * 1024
+
+
+def vm_hwm_kib(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+# --- (a) raw TLS copy ------------------------------------------------------------------------
+
+
+def _tls_contexts(home: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    from blobmesh.transport import Identity
+    from blobmesh.transport.tls import make_context
+
+    server = Identity.load_or_create(home / "tls-server")
+    client = Identity.load_or_create(home / "tls-client")
+    return make_context(server, server=True), make_context(client, server=False)
+
+
+def tls_sender(home: str, port: str, size: str) -> None:
+    """Child: accept one TLS connection and send ``size`` bytes of it."""
+    ctx, _ = _tls_contexts(Path(home))
+    with socket.create_server(("127.0.0.1", int(port))) as srv:
+        print("ready", flush=True)
+        conn, _ = srv.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            buf = os.urandom(MiB)
+            left = int(size)
+            while left:
+                left -= tls.send(buf[: min(left, len(buf))])
+            tls.recv(1)
+
+
+def raw_tls_copy(work: Path, size: int) -> float:
+    _, ctx = _tls_contexts(work)
+    ctx.check_hostname = False
+    port = _free_port()
+    child = subprocess.Popen([sys.executable, __file__, "_tls_sender", str(work), str(port),
+                              str(size)], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    child.stdout.readline()
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            ctx.wrap_socket(raw, server_hostname="blobmesh") as tls:
+        got = 0
+        buf = bytearray(MiB)
+        while got < size:
+            n = tls.recv_into(buf)
+            if not n:
+                break
+            got += n
+        seconds = time.perf_counter() - t
+        tls.send(b"x")
+    child.wait(30)
+    assert got == size
+    return size / seconds
+
+
+# --- (b) fsynced write -----------------------------------------------------------------------
+
+
+def fsync_write(work: Path, size: int) -> float:
+    path = work / "fsync.bin"
+    buf = os.urandom(4 * MiB)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            left -= f.write(buf[: min(left, len(buf))])
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t
+    path.unlink()
+    return size / seconds
+
+
+# --- (c) blobmesh ----------------------------------------------------------------------------
+
+
+async def _pull(home: str, ticket: str, ids: list[str], parallel: int) -> dict[str, float]:
+    from blobmesh.hashing import BlobId
+    from blobmesh.store import Store
+    from blobmesh.transfer import TransferManager, Voucher
+    from blobmesh.transport import Endpoint, Identity, Ticket
+
+    with Store(home) as store:
+        ep = await Endpoint.start(Identity.load_or_create(home))
+        async with ep, TransferManager(ep, store) as mgr:
+            peer = ep.add_ticket(Ticket.parse(ticket))
+            sem = asyncio.Semaphore(parallel)
+
+            async def one(text: str) -> None:
+                async with sem:
+                    chid = await mgr.open_pull(peer, Voucher("blobmesh/open"), BlobId.parse(text))
+                    await mgr.wait(chid)
+
+            t = time.perf_counter()
+            async with asyncio.TaskGroup() as tg:
+                for text in ids:
+                    tg.create_task(one(text))
+            seconds = time.perf_counter() - t
+    return {"seconds": seconds, "maxrss_kib": vm_hwm_kib()}
+
+
+def pull_client(home: str, ticket: str, ids_file: str, parallel: str) -> None:
+    """Child: pull the blobs listed in ``ids_file`` into ``home``; print seconds and RSS."""
+    from blobmesh.transport import install_uvloop
+
+    install_uvloop()
+    ids = Path(ids_file).read_text().split()
+    print(json.dumps(asyncio.run(_pull(home, ticket, ids, int(parallel)))))
+
+
+def run_client(work: Path, ticket: str, ids: list[str], parallel: int) -> dict[str, float]:
+    home = work / "client"
+    shutil.rmtree(home, ignore_errors=True)
+    ids_file = work / "ids.txt"
+    ids_file.write_text("\n".join(ids))
+    out = subprocess.run([sys.executable, __file__, "_pull", str(home), ticket, str(ids_file),
+                          str(parallel)], capture_output=True, check=True, timeout=600)
+    result: dict[str, float] = json.loads(out.stdout)
+    shutil.rmtree(home, ignore_errors=True)
+    return result
+
+
+class Server:
+    def __init__(self, home: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "blobmesh.cli.main", "--home", str(home), "serve",
+             "--listen", f"127.0.0.1:{_free_port()}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        self.ticket = self.proc.stdout.readline().decode().strip()
+
+    def stop(self) -> int:
+        rss = vm_hwm_kib(self.proc.pid)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        return rss
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def prepare(home: Path, size: int, small: int) -> tuple[str, list[str]]:
+    from blobmesh.store import LeaseId, Store
+
+    lease = LeaseId.named("bench")
+    with Store(home) as store:
+        chunk = os.urandom(16 * MiB)
+        big = store.add_stream(chunk[: min(len(chunk), size - off)]
+                               for off in range(0, size, len(chunk)))
+        store.pin(big.blob_id, "bench/big")
+        ids = []
+        for i in range(small):
+            info = store.add_bytes(os.urandom(SMALL), lease)
+            store.pin(info.blob_id, f"bench/small/{i}")
+            ids.append(str(info.blob_id))
+    return str(big.blob_id), ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--small", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    args = ap.parse_args()
+    size = args.size_mib * MiB
+    work = Path(tempfile.mkdtemp(prefix="bench-transfer-", dir=args.dir))
+    try:
+        big, small_ids = prepare(work / "server", size, args.small)
+        tls, disk, pulls, smalls, rss_client, rss_server = [], [], [], [], [], []
+        for _ in range(args.runs):
+            tls.append(raw_tls_copy(work, size))
+            disk.append(fsync_write(work, size))
+            srv = Server(work / "server")
+            try:
+                r = run_client(work, srv.ticket, [big], 1)
+                pulls.append(size / r["seconds"])
+                rss_client.append(r["maxrss_kib"])
+                s = run_client(work, srv.ticket, small_ids, 64)
+                smalls.append(args.small / s["seconds"])
+                rss_client.append(s["maxrss_kib"])
+            finally:
+                rss_server.append(srv.stop())
+        a, b, c = (statistics.median(x) for x in (tls, disk, pulls))
+        report = {
+            "size_mib": args.size_mib, "runs": args.runs,
+            "raw_tls_gib_s": round(a / GiB, 3), "fsync_write_gib_s": round(b / GiB, 3),
+            "pull_gib_s": round(c / GiB, 3), "pull_vs_min_a_b": round(c / min(a, b), 3),
+            "small_blobs_per_s": round(statistics.median(smalls)),
+            "peak_rss_mib": {"client": round(max(rss_client) / 1024, 1),
+                             "server": round(max(rss_server) / 1024, 1)},
+        }
+        print(json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_tls_sender":
+        tls_sender(*sys.argv[2:5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_pull":
+        pull_client(*sys.argv[2:6])
+    else:
+        main()

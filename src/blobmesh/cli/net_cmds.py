@@ -1,0 +1,30 @@
+"""Network commands: ticket."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from blobmesh.store.layout import default_home
+from blobmesh.transport import Address, Identity, Ticket, parse_address
+from blobmesh.transport.endpoint import DEFAULT_PORT, advertised_addresses
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help = "print this node's ticket (node id + addresses), creating its identity if needed"
+    p = sub.add_parser("ticket", help=help, description=help)
+    p.set_defaults(handler=cmd_ticket)
+    p.add_argument("--addr", action="append", type=parse_address, metavar="HOST:PORT",
+                   help="address to put in the ticket (repeatable; default: this host's "
+                        f"addresses on port {DEFAULT_PORT})")
+    p.add_argument("--id", action="store_true", help="print only the node id")
+
+
+def cmd_ticket(args: argparse.Namespace) -> int:
+    identity = Identity.load_or_create(args.home or default_home())
+    if args.id:
+        sys.stdout.write(f"{identity.node_id}\n")
+        return 0
+    addrs: list[Address] = args.addr or advertised_addresses("0.0.0.0", DEFAULT_PORT)
+    sys.stdout.write(f"{Ticket.create(identity.node_id, addrs)}\n")
+    return 0

@@ -1,0 +1,265 @@
+"""The swarm protocol (``blobmesh-swarm/1``): piece exchange among a distribution's nodes.
+
+Sans-I/O: :class:`SwarmSession` turns received stream messages into typed events and builds
+the messages to send; the asyncio layer (``swarm.py``) moves them over a transport stream.
+Every message is one msgpack-encoded, tagged struct (see ``docs/distribution.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from blobmesh.errors import ProtocolError
+from blobmesh.hashing import DIGEST_SIZE, BlobId
+from blobmesh.store.bitfield import Bitfield
+
+PROTOCOL = "blobmesh-swarm/1"
+VERSION = 1
+MAX_PIECES = 1 << 22
+
+
+class _Msg(msgspec.Struct, tag_field="t", array_like=True):
+    pass
+
+
+class Hello(_Msg, tag="hello"):
+    version: int
+    blob: bytes
+    size: int
+    piece_size: int
+    have: bytes  # bitfield; all zero when the sender holds nothing yet
+    has_layer: bool
+    priority: int
+
+
+class LayerRequest(_Msg, tag="layer?"):
+    pass
+
+
+class Layer(_Msg, tag="layer"):
+    hashes: bytes
+
+
+class Have(_Msg, tag="have"):
+    index: int
+
+
+class Request(_Msg, tag="req"):
+    index: int
+
+
+class Piece(_Msg, tag="piece"):
+    index: int
+    data: bytes
+
+
+class Reject(_Msg, tag="rej"):
+    index: int
+    reason: str
+
+
+class Cancel(_Msg, tag="cancel"):
+    index: int
+
+
+class Bye(_Msg, tag="bye"):
+    reason: str
+
+
+Message = Hello | LayerRequest | Layer | Have | Request | Piece | Reject | Cancel | Bye
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHello:
+    have: Bitfield
+    has_layer: bool
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWanted:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LayerArrived:
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHas:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class PieceWanted:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class PieceArrived:
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PieceRefused:
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WantCancelled:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeft:
+    reason: str
+
+
+Event = (PeerHello | LayerWanted | LayerArrived | PeerHas | PieceWanted | PieceArrived
+         | PieceRefused | WantCancelled | PeerLeft)
+
+
+class SwarmSession:
+    """One side of a swarm conversation about one blob with one peer.
+
+    Enforces the protocol: ``hello`` first (for the same blob, size and piece size), piece
+    indices in range, pieces only in answer to our requests, a layer only when asked for.
+    Violations raise :class:`ProtocolError`, after which the session must be dropped.
+    """
+
+    def __init__(self, blob_id: BlobId, size: int, piece_size: int, *,
+                 max_piece_size: int | None = None) -> None:
+        self.blob_id = blob_id
+        self.size = size
+        self.piece_size = piece_size
+        self.pieces = max(1, -(-size // piece_size))
+        if self.pieces > MAX_PIECES:
+            raise ProtocolError(f"blob has too many pieces ({self.pieces})")
+        self.max_piece_size = max_piece_size or piece_size
+        self.peer_hello: PeerHello | None = None
+        self.peer_have = Bitfield(self.pieces)
+        self.sent_hello = False
+        self._requested: set[int] = set()
+        self._layer_asked = False
+
+    # --- outgoing --------------------------------------------------------------------------
+
+    def hello(self, have: Bitfield, has_layer: bool, priority: int) -> bytes:
+        self.sent_hello = True
+        return _encoder.encode(Hello(VERSION, self.blob_id.digest, self.size, self.piece_size,
+                                     have.to_bytes(), has_layer, priority))
+
+    def request_layer(self) -> bytes:
+        self._layer_asked = True
+        return _encoder.encode(LayerRequest())
+
+    def layer(self, raw: bytes) -> bytes:
+        return _encoder.encode(Layer(raw))
+
+    def have(self, index: int) -> bytes:
+        return _encoder.encode(Have(index))
+
+    def request(self, index: int) -> bytes:
+        self._check_index(index)
+        self._requested.add(index)
+        return _encoder.encode(Request(index))
+
+    def piece(self, index: int, data: bytes) -> bytes:
+        return _encoder.encode(Piece(index, data))
+
+    def reject(self, index: int, reason: str) -> bytes:
+        return _encoder.encode(Reject(index, reason[:200]))
+
+    def cancel(self, index: int) -> bytes:
+        self._requested.discard(index)
+        return _encoder.encode(Cancel(index))
+
+    def bye(self, reason: str) -> bytes:
+        return _encoder.encode(Bye(reason[:200]))
+
+    # --- incoming --------------------------------------------------------------------------
+
+    def receive(self, raw: bytes) -> Event:
+        try:
+            msg = _decoder.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"malformed swarm message: {exc}") from exc
+        if self.peer_hello is None and not isinstance(msg, Hello | Bye):
+            raise ProtocolError(f"swarm peer sent {type(msg).__name__} before hello")
+        match msg:
+            case Hello():
+                return self._on_hello(msg)
+            case LayerRequest():
+                return LayerWanted()
+            case Layer(hashes=hashes):
+                if not self._layer_asked:
+                    raise ProtocolError("unsolicited piece layer")
+                if len(hashes) != self.pieces * DIGEST_SIZE:
+                    raise ProtocolError("piece layer of the wrong length")
+                self._layer_asked = False
+                return LayerArrived(hashes)
+            case Have(index=index):
+                self._check_index(index)
+                self.peer_have.add(index)
+                return PeerHas(index)
+            case Request(index=index):
+                self._check_index(index)
+                return PieceWanted(index)
+            case Piece(index=index, data=data):
+                self._check_index(index)
+                if index not in self._requested:
+                    raise ProtocolError(f"unsolicited piece {index}")
+                self._requested.discard(index)
+                if len(data) > self.max_piece_size:
+                    raise ProtocolError(f"piece {index} is oversized")
+                return PieceArrived(index, data)
+            case Reject(index=index, reason=reason):
+                self._check_index(index)
+                self._requested.discard(index)
+                return PieceRefused(index, reason)
+            case Cancel(index=index):
+                self._check_index(index)
+                return WantCancelled(index)
+            case Bye(reason=reason):
+                return PeerLeft(reason)
+        raise ProtocolError("unknown swarm message")  # pragma: no cover - exhaustive match
+
+    def _on_hello(self, msg: Hello) -> PeerHello:
+        if self.peer_hello is not None:
+            raise ProtocolError("second hello")
+        if msg.version != VERSION:
+            raise ProtocolError(f"swarm protocol version {msg.version} is not supported")
+        if msg.blob != self.blob_id.digest or msg.size != self.size or \
+                msg.piece_size != self.piece_size:
+            raise ProtocolError("hello names another blob or geometry")
+        try:
+            have = Bitfield(self.pieces, msg.have)
+        except ValueError as exc:
+            raise ProtocolError(f"bad bitfield in hello: {exc}") from exc
+        self.peer_hello = PeerHello(have, msg.has_layer, msg.priority)
+        self.peer_have = have.copy()
+        return self.peer_hello
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.pieces:
+            raise ProtocolError(f"piece index {index} out of range (0..{self.pieces - 1})")
+
+    @property
+    def peer_complete(self) -> bool:
+        return self.peer_have.is_complete()
+
+    @property
+    def outstanding(self) -> set[int]:
+        """Pieces we requested and have not received or been refused."""
+        return set(self._requested)

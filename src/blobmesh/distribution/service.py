@@ -1,0 +1,541 @@
+"""The distribution service: put a blob on every node a scope names, and watch it happen.
+
+A distribution is a *desired state* recorded as a signed op (``dist/request``) in the space.
+Every node watches those ops; a node inside the scope that lacks the blob downloads it through
+the swarm (from the source and from other targets) and reports its state as ``dist/status``
+ops, plus frequent progress notifications straight to the distributor.  Nodes that join the
+scope later (a late joiner, a new capability) pick up still-active distributions the same way.
+``dist/cancel`` ends one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import msgspec
+
+from blobmesh.distribution.model import (
+    DistributionHandle,
+    DistributionState,
+    DistributionStatus,
+    Priority,
+    Scope,
+    ScopeError,
+    TargetState,
+    TargetStatus,
+)
+from blobmesh.distribution.swarm import JobProgress, SwarmEngine
+from blobmesh.errors import (
+    BlobmeshError,
+    BlobNotFoundError,
+    InvalidOpError,
+    StoreError,
+    TransferError,
+)
+from blobmesh.hashing import BlobId
+from blobmesh.store import LeaseId
+from blobmesh.transport.identity import NodeId
+
+log = logging.getLogger(__name__)
+
+OP_REQUEST = "dist/request"
+OP_STATUS = "dist/status"
+OP_CANCEL = "dist/cancel"
+NOTIFY_PROGRESS = b"dp"
+
+
+class DistributionTimeoutError(BlobmeshError, TimeoutError):
+    """``wait_for_completion`` ran out of time; ``status`` is where things stood."""
+
+    def __init__(self, message: str, status: DistributionStatus) -> None:
+        super().__init__(message, handle=status.handle)
+        self.status = status
+
+
+class UnknownDistributionError(BlobmeshError, KeyError):
+    """No distribution with this handle is known here."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- what the service needs from the space -------------------------------------------------
+
+
+class PeerView(Protocol):
+    @property
+    def node_id(self) -> NodeId: ...
+
+    @property
+    def groups(self) -> frozenset[str]: ...
+
+    @property
+    def capabilities(self) -> Mapping[str, Any]: ...
+
+
+class OpView(Protocol):
+    @property
+    def author(self) -> NodeId: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+
+class SpaceLike(Protocol):
+    """The subset of :class:`blobmesh.space.Space` distribution uses."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    def members(self) -> Sequence[PeerView]:
+        """Live, admitted peers (not tombstoned), including this node."""
+
+    async def publish(self, kind: str, payload: bytes) -> object: ...
+
+    def stored_ops(self, kind: str) -> Sequence[OpView]: ...
+
+    def watch_ops(self, kinds: Sequence[str]) -> AsyncIterator[OpView]: ...
+
+    async def send_notify(self, peer: NodeId, data: bytes) -> None: ...
+
+    def on_notify(self, handler: Callable[[NodeId, bytes], None]) -> None: ...
+
+    def register_op_kind(self, kind: str, validator: Callable[[Any], None]) -> None: ...
+
+
+# --- op payloads -----------------------------------------------------------------------------
+
+
+class RequestOp(msgspec.Struct, frozen=True):
+    handle: str
+    blob: bytes
+    size: int
+    piece_size: int
+    scope: str
+    priority: int
+    source: bytes
+    created: float
+    share_urls: list[str] = []
+
+
+class StatusOp(msgspec.Struct, frozen=True):
+    handle: str
+    state: str
+    bytes_done: int
+    reason: str = ""
+
+
+class CancelOp(msgspec.Struct, frozen=True):
+    handle: str
+
+
+class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
+    handle: str
+    state: str
+    bytes_done: int
+    rate: float
+
+
+_enc = msgspec.msgpack.Encoder()
+_OP_TYPES: dict[str, type[msgspec.Struct]] = {
+    OP_REQUEST: RequestOp, OP_STATUS: StatusOp, OP_CANCEL: CancelOp}
+
+
+def _payload_validator(payload_type: type[msgspec.Struct]) -> Callable[[OpView], None]:
+    """Reject (before storing or gossiping) an op whose payload does not decode."""
+
+    def validate(op: OpView) -> None:
+        try:
+            msgspec.msgpack.decode(op.payload, type=payload_type)
+        except msgspec.DecodeError as exc:
+            raise InvalidOpError(f"malformed {op.kind} payload: {exc}") from exc
+
+    return validate
+
+
+@dataclass
+class _Tracked:
+    """A distribution as its distributor (or any observer) sees it."""
+
+    request: RequestOp
+    handle: DistributionHandle
+    blob_id: BlobId
+    scope: Scope
+    priority: Priority
+    targets: dict[NodeId, TargetStatus] = field(default_factory=dict)
+    cancelled: bool = False
+    finished: float | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    version: int = 0
+
+    async def next_change(self) -> None:
+        """Wait until the next update of this distribution."""
+        await self.changed.wait()
+
+
+@dataclass(slots=True)
+class DistributionConfig:
+    progress_interval: float = 0.25  # seconds between progress notifications per target
+    resolve_interval: float = 1.0  # how often scopes are re-resolved (late joiners)
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 15.0
+    failures_before_reported: int = 2
+    share_loader: Callable[..., Any] | None = None
+
+
+class DistributionService:
+    """Distribute blobs to scopes of nodes; track, wait for and cancel distributions."""
+
+    def __init__(self, space: SpaceLike, swarm: SwarmEngine,
+                 config: DistributionConfig | None = None) -> None:
+        self.space = space
+        self.swarm = swarm
+        self.store = swarm.store
+        self.config = config or DistributionConfig()
+        self._tracked: dict[DistributionHandle, _Tracked] = {}
+        self._jobs: dict[DistributionHandle, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lease = LeaseId.new("distribution")
+        space.on_notify(self._on_notify)
+        for kind, payload_type in _OP_TYPES.items():
+            space.register_op_kind(kind, _payload_validator(payload_type))
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.space.node_id
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for op in self.space.stored_ops(OP_REQUEST):
+            self._on_op(op)
+        for kind in (OP_STATUS, OP_CANCEL):
+            for op in self.space.stored_ops(kind):
+                self._on_op(op)
+        self._spawn(self._watch())
+        self._spawn(self._reconcile())
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        tasks = [*self._tasks, *self._jobs.values()]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._jobs.clear()
+
+    # --- the API ---------------------------------------------------------------------------
+
+    async def distribute(self, blob_id: BlobId, scope: Scope | str,
+                         priority: Priority | str = Priority.NORMAL, *,
+                         share_urls: Sequence[str] = ()) -> DistributionHandle:
+        """Start distributing a blob held here to every node in ``scope``.
+
+        Raises :class:`BlobNotFoundError` if the blob is not complete here, and
+        :class:`ScopeError` if the scope is malformed or names no reachable node.
+        """
+        scope = Scope.parse(scope) if isinstance(scope, str) else scope
+        priority = Priority.parse(priority) if isinstance(priority, str) else priority
+        if not self.store.has(blob_id):
+            raise BlobNotFoundError(f"blob {blob_id} is not (completely) in this node's store",
+                                    blob_id=blob_id)
+        targets = self._resolve(scope)
+        if not targets:
+            raise ScopeError(self._empty_scope_message(scope), scope=str(scope))
+        info = self.store.info(blob_id)
+        handle = DistributionHandle.new()
+        await asyncio.to_thread(self.store.pin, blob_id, f"dist/{handle}")
+        request = RequestOp(str(handle), blob_id.digest, info.size, info.piece_size, str(scope),
+                            int(priority), self.node_id.digest, time.time(), list(share_urls))
+        self.swarm.set_priority(blob_id, priority)
+        tracked = self._track(request)
+        for node in targets:
+            tracked.targets.setdefault(node, TargetStatus(node))
+        await self.space.publish(OP_REQUEST, _enc.encode(request))
+        return handle
+
+    async def status(self, handle: DistributionHandle) -> DistributionStatus:
+        return self._snapshot(self._get(handle))
+
+    def distributions(self) -> list[DistributionStatus]:
+        """Every distribution known here, newest first."""
+        snaps = [self._snapshot(t) for t in self._tracked.values()]
+        return sorted(snaps, key=lambda s: s.started, reverse=True)
+
+    async def cancel(self, handle: DistributionHandle) -> DistributionStatus:
+        """Stop pending and in-flight transfers; completed targets keep their copy."""
+        tracked = self._get(handle)
+        if not tracked.cancelled:
+            await self.space.publish(OP_CANCEL, _enc.encode(CancelOp(str(handle))))
+            await self._apply_cancel(tracked)
+        return self._snapshot(tracked)
+
+    async def wait_for_completion(self, handle: DistributionHandle, timeout: float | None  # noqa: ASYNC109
+                                  ) -> DistributionStatus:
+        """Wait until every target is completed, failed or cancelled.
+
+        Raises :class:`DistributionTimeoutError` (carrying the status) after ``timeout``.
+        """
+        tracked = self._get(handle)
+
+        async def until_done() -> None:
+            while not self._snapshot(tracked).done:
+                await tracked.next_change()
+
+        try:
+            await asyncio.wait_for(until_done(), timeout)
+        except TimeoutError:
+            status = self._snapshot(tracked)
+            raise DistributionTimeoutError(
+                f"distribution {handle} not finished after {timeout}s: {status.completed}/"
+                f"{status.total} targets completed", status) from None
+        return self._snapshot(tracked)
+
+    async def subscribe_progress(self, handle: DistributionHandle, *, interval: float = 0.1
+                                 ) -> AsyncIterator[DistributionStatus]:
+        """Status snapshots as they change (at most one per ``interval``), ending when done."""
+        tracked = self._get(handle)
+        seen = -1
+        while True:
+            while tracked.version == seen:
+                await tracked.next_change()
+            seen = tracked.version
+            snap = self._snapshot(tracked)
+            yield snap
+            if snap.done:
+                return
+            await asyncio.sleep(interval)
+
+    # --- scope resolution ------------------------------------------------------------------
+
+    def _resolve(self, scope: Scope) -> list[NodeId]:
+        me = self.node_id
+        return [p.node_id for p in self.space.members()
+                if p.node_id != me and scope.matches(p.node_id, tuple(p.groups), p.capabilities)]
+
+    def _empty_scope_message(self, scope: Scope) -> str:
+        if scope.nodes:
+            known = {p.node_id for p in self.space.members()}
+            unknown = [str(n) for n in scope.nodes if n not in known]
+            if unknown:
+                return f"scope names node(s) this node does not know: {', '.join(unknown)}"
+        return f"no node other than this one matches scope {scope}"
+
+    # --- ops and notifications -------------------------------------------------------------
+
+    def _track(self, request: RequestOp) -> _Tracked:
+        handle = DistributionHandle(request.handle)
+        tracked = self._tracked.get(handle)
+        if tracked is None:
+            tracked = _Tracked(request, handle, BlobId(request.blob), Scope.parse(request.scope),
+                               Priority(request.priority))
+            self._tracked[handle] = tracked
+        return tracked
+
+    def _on_op(self, op: OpView) -> None:
+        try:
+            if op.kind == OP_REQUEST:
+                request = msgspec.msgpack.decode(op.payload, type=RequestOp)
+                if NodeId(request.source) != op.author:
+                    raise ValueError("request source is not its author")
+                self._track(request)
+            elif op.kind == OP_STATUS:
+                st = msgspec.msgpack.decode(op.payload, type=StatusOp)
+                tracked = self._tracked.get(DistributionHandle(st.handle))
+                if tracked is not None:
+                    self._set_target(tracked, op.author, TargetState(st.state), st.bytes_done,
+                                     0.0, st.reason)
+            elif op.kind == OP_CANCEL:
+                cancel = msgspec.msgpack.decode(op.payload, type=CancelOp)
+                tracked = self._tracked.get(DistributionHandle(cancel.handle))
+                if tracked is not None and NodeId(tracked.request.source) == op.author:
+                    self._spawn(self._apply_cancel(tracked))
+        except (msgspec.DecodeError, ValueError, BlobmeshError) as exc:
+            log.warning("ignoring malformed %s op from %s: %s", op.kind, op.author.short(), exc)
+
+    def _on_notify(self, sender: NodeId, data: bytes) -> None:
+        if not data.startswith(NOTIFY_PROGRESS):
+            return
+        try:
+            note = msgspec.msgpack.decode(data[len(NOTIFY_PROGRESS):], type=ProgressNote)
+            tracked = self._tracked.get(DistributionHandle(note.handle))
+            state = TargetState(note.state)
+        except (msgspec.DecodeError, ValueError):
+            return
+        if tracked is not None:
+            current = tracked.targets.get(sender)
+            if current is not None and current.state.final:
+                return  # a late progress note never undoes a final state
+            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "")
+
+    def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
+                    rate: float, reason: str) -> None:
+        old = tracked.targets.get(node, TargetStatus(node))
+        if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
+            return  # completed is final: nothing rolls it back
+        if tracked.cancelled and not state.final:
+            return
+        tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
+                                        reason=reason, updated=time.time())
+        self._bump(tracked)
+
+    def _bump(self, tracked: _Tracked) -> None:
+        tracked.version += 1
+        if tracked.finished is None and self._snapshot(tracked).done:
+            tracked.finished = time.time()
+        changed, tracked.changed = tracked.changed, asyncio.Event()
+        changed.set()
+
+    async def _apply_cancel(self, tracked: _Tracked) -> None:
+        if tracked.cancelled:
+            return
+        tracked.cancelled = True
+        job = self._jobs.pop(tracked.handle, None)
+        if job is not None:
+            job.cancel()
+            with contextlib.suppress(BaseException):
+                await job
+        for node, t in list(tracked.targets.items()):
+            if not t.state.final:
+                tracked.targets[node] = replace(t, state=TargetState.CANCELLED,
+                                                reason="cancelled", updated=time.time())
+        if NodeId(tracked.request.source) == self.node_id:
+            with contextlib.suppress(StoreError):
+                await asyncio.to_thread(self.store.unpin, f"dist/{tracked.handle}")
+        self._bump(tracked)
+
+    def _snapshot(self, tracked: _Tracked) -> DistributionStatus:
+        targets = tuple(sorted(tracked.targets.values(), key=lambda t: str(t.node)))
+        if tracked.cancelled:
+            state = DistributionState.CANCELLED
+        elif targets and all(t.state.final for t in targets):
+            state = DistributionState.COMPLETED if all(
+                t.state is TargetState.COMPLETED for t in targets) else \
+                DistributionState.FINISHED_WITH_FAILURES
+        else:
+            state = DistributionState.ACTIVE
+        r = tracked.request
+        return DistributionStatus(tracked.handle, tracked.blob_id, r.size, tracked.scope,
+                                  tracked.priority, state, targets, r.created,
+                                  tracked.finished if state is not DistributionState.ACTIVE
+                                  else None)
+
+    def _get(self, handle: DistributionHandle) -> _Tracked:
+        tracked = self._tracked.get(handle)
+        if tracked is None:
+            raise UnknownDistributionError(f"unknown distribution {handle}", handle=str(handle))
+        return tracked
+
+    # --- background work -------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        async for op in self.space.watch_ops([OP_REQUEST, OP_STATUS, OP_CANCEL]):
+            self._on_op(op)
+            self._start_jobs()
+
+    async def _reconcile(self) -> None:
+        """Re-resolve scopes: new matching peers become targets; this node joins if in scope."""
+        while True:
+            for tracked in self._tracked.values():
+                if tracked.cancelled:
+                    continue
+                if NodeId(tracked.request.source) == self.node_id:
+                    added = [n for n in self._resolve(tracked.scope) if n not in tracked.targets]
+                    for node in added:
+                        tracked.targets[node] = TargetStatus(node)
+                    if added:
+                        self._bump(tracked)
+            self._start_jobs()
+            await asyncio.sleep(self.config.resolve_interval)
+
+    def _me_in_scope(self, scope: Scope) -> bool:
+        me = next((p for p in self.space.members() if p.node_id == self.node_id), None)
+        if me is None:
+            return scope.matches(self.node_id, (), {})
+        return scope.matches(me.node_id, tuple(me.groups), me.capabilities)
+
+    def _start_jobs(self) -> None:
+        loop = asyncio.get_running_loop()
+        for handle, tracked in self._tracked.items():
+            if tracked.cancelled or handle in self._jobs:
+                continue
+            if NodeId(tracked.request.source) == self.node_id:
+                continue
+            if not self._me_in_scope(tracked.scope):
+                continue
+            self._jobs[handle] = loop.create_task(self._receive(tracked))
+
+    async def _receive(self, tracked: _Tracked) -> None:
+        """This node is a target: get the blob, reporting progress, retrying while active."""
+        r = tracked.request
+        source = NodeId(r.source)
+        handle = tracked.handle
+        pin = f"dist/{handle}"
+        last_note = 0.0
+
+        def peers() -> Iterable[NodeId]:
+            others = [n for n in self._resolve(tracked.scope) if n != source]
+            return [source, *others]
+
+        def progress(p: JobProgress) -> None:
+            nonlocal last_note
+            now = time.monotonic()
+            if now - last_note >= self.config.progress_interval or \
+                    p.bytes_done == p.bytes_total:
+                last_note = now
+                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate)
+
+        await self._report(handle, TargetState.TRANSFERRING, 0)
+        failures = 0
+        backoff = self.config.retry_backoff
+        while True:
+            try:
+                await self.swarm.download(tracked.blob_id, r.size, r.piece_size, peers,
+                                          tracked.priority, progress, pin=pin)
+                break
+            except (TransferError, StoreError) as exc:
+                failures += 1
+                if failures >= self.config.failures_before_reported:
+                    await self._report(handle, TargetState.FAILED, 0, str(exc))
+                if r.share_urls and self.config.share_loader is not None:
+                    with contextlib.suppress(BlobmeshError):
+                        await self.config.share_loader(self.store, tracked.blob_id,
+                                                       r.share_urls)
+                        if self.store.has(tracked.blob_id):
+                            break
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.retry_backoff_max)
+        await self._report(handle, TargetState.COMPLETED, r.size)
+
+    def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
+              bytes_done: int, rate: float) -> None:
+        data = NOTIFY_PROGRESS + _enc.encode(ProgressNote(str(handle), str(state), bytes_done,
+                                                          rate))
+
+        async def send() -> None:
+            with contextlib.suppress(BlobmeshError, OSError):
+                await self.space.send_notify(to, data)
+
+        self._spawn(send())
+
+    async def _report(self, handle: DistributionHandle, state: TargetState, bytes_done: int,
+                      reason: str = "") -> None:
+        payload = _enc.encode(StatusOp(str(handle), str(state), bytes_done, reason))
+        try:
+            await self.space.publish(OP_STATUS, payload)
+        except BlobmeshError as exc:
+            log.warning("could not publish status of %s: %s", handle, exc)

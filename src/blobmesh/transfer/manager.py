@@ -1,0 +1,725 @@
+"""The asyncio data-transfer manager: channels over a :class:`~blobmesh.transport.Network`.
+
+It wraps the sans-I/O :class:`~blobmesh.transfer.channel.Channel` with streams, the store,
+validators, persistence and a monitor.  Task ownership: the manager owns initiator sessions
+and the monitor (cancelled and awaited by :meth:`TransferManager.aclose`); each session owns
+its receive, send, write and flush tasks (a task group); responder sessions run inside the
+transport's per-stream handler task and end when the manager resets their streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blobmesh.errors import (
+    BadPeerDataError,
+    BlobIncompleteError,
+    BlobmeshError,
+    BlobNotFoundError,
+    ProtocolError,
+    StoreFullError,
+    TransferError,
+    TransportError,
+    VerificationError,
+    VoucherRejectedError,
+)
+from blobmesh.hashing import BlobId, PieceLayer
+from blobmesh.store import Bitfield, LeaseId, PartialBlob, Store
+from blobmesh.transfer.channel import (
+    Channel,
+    ChannelId,
+    ChannelRecord,
+    ChannelState,
+    Event,
+    Status,
+    Step,
+    Voucher,
+)
+from blobmesh.transfer.messages import (
+    MAX_CHUNK,
+    PROTOCOL,
+    Data,
+    Error,
+    Message,
+    Request,
+    Selector,
+    decode,
+    encode,
+)
+from blobmesh.transfer.persist import ChannelDB
+from blobmesh.transfer.validation import Decision, Revalidator, Validator, Verdict
+from blobmesh.transport.api import Network, Stream
+from blobmesh.transport.identity import NodeId
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[Event, ChannelState], None]
+Unsubscribe = Callable[[], None]
+
+
+@dataclass(slots=True)
+class TransferConfig:
+    """Tuning knobs; the defaults suit a LAN or a datacenter."""
+
+    window: int = 64 * 1024 * 1024
+    """Unacknowledged bytes a sender may have in flight (and so at most re-sends after a
+    crash)."""
+    flush_bytes: int = 16 * 1024 * 1024
+    """The receiver makes pieces durable and acknowledges them every this many bytes..."""
+    flush_interval: float = 0.1
+    """...or after this many seconds."""
+    stall_timeout: float = 30.0
+    """A channel that should move but has not for this long becomes Stalled."""
+    tick: float = 1.0
+    restart_backoff: float = 0.5
+    restart_backoff_max: float = 30.0
+    max_idle_restarts: int = 5
+    """Consecutive restarts that move no data before the channel fails."""
+    auto_restart: bool = True
+    verify_reads: bool = True
+    """Senders re-verify pieces read from disk, so local rot is never blamed on us."""
+    chunk: int = MAX_CHUNK
+
+
+class _Session:
+    """One stream carrying one channel."""
+
+    def __init__(self, stream: Stream, queue_pieces: int) -> None:
+        self.stream = stream
+        self.send_lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+        self.over = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.partial: PartialBlob | None = None
+        self.writes: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(queue_pieces)
+        self.unflushed: list[int] = []
+        self.unflushed_bytes = 0
+        self.flush_now = asyncio.Event()
+
+    async def send(self, msgs: list[Message]) -> None:
+        async with self.send_lock:
+            for m in msgs:
+                await self.stream.send(encode(m))
+
+
+@dataclass(slots=True)
+class _Live:
+    ch: Channel
+    session: _Session | None = None
+    runner: asyncio.Task[None] | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    next_restart: float = 0.0
+    saved_status: Status | None = None
+    saved_at: float = 0.0
+
+
+class TransferManager:
+    """Push and pull channels between this node and its peers, with vouchers and restarts.
+
+    Use as ``async with TransferManager(network, store) as mgr:``.
+    """
+
+    def __init__(self, network: Network, store: Store, *, db_path: Path | None = None,
+                 config: TransferConfig | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.network = network
+        self.store = store
+        self.config = config or TransferConfig()
+        self.clock = clock
+        self._db = ChannelDB(db_path or store.home / "transfer.sqlite")
+        self._validators: dict[str, Validator] = {}
+        self._revalidators: dict[str, Revalidator] = {}
+        self._live: dict[ChannelId, _Live] = {}
+        self._subscribers: list[Subscriber] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.network.node_id
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, *, resume: bool = True) -> None:
+        """Serve requests and take over channels persisted by an earlier process.
+
+        With ``resume``, channels we initiated restart by themselves (monitoring resumes
+        after a process restart); otherwise they wait for :meth:`restart`.
+        """
+        self.network.set_handler(PROTOCOL, self._handle_stream)
+        for rec in self._db.load_active():
+            live = self._adopt(rec)
+            await self._apply(live, live.ch.disconnected("process restarted"))
+            live.next_restart = self.clock() if resume else float("inf")
+        self._spawn(self._monitor())
+
+    async def aclose(self) -> None:
+        """Stop every session (channels stay resumable) and the monitor."""
+        self._closing = True
+        for live in self._live.values():
+            if live.session is not None:
+                live.session.stream.reset("shutting down")
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for live in list(self._live.values()):
+            if live.session is not None:
+                await live.session.ended.wait()
+            self._db.save(live.ch.rec)
+        self._db.close()
+
+    async def __aenter__(self) -> TransferManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("transfer task failed", exc_info=task.exception())
+
+    # --- registration and events ---------------------------------------------------------
+
+    def register_voucher_type(self, voucher_type: str, validator: Validator) -> None:
+        """Validate requests carrying vouchers of ``voucher_type`` with ``validator``;
+        requests with unregistered voucher types are rejected."""
+        if voucher_type in self._validators:
+            raise TransferError(f"voucher type {voucher_type!r} is already registered")
+        self._validators[voucher_type] = validator
+
+    def register_revalidator(self, voucher_type: str, revalidator: Revalidator) -> None:
+        """Revalidate channels opened with ``voucher_type`` vouchers (responder side)."""
+        self._revalidators[voucher_type] = revalidator
+
+    def subscribe(self, subscriber: Subscriber) -> Unsubscribe:
+        """Call ``subscriber(event, state)`` for every event; returns the unsubscribe."""
+        self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    async def events(self) -> AsyncGenerator[tuple[Event, ChannelState], None]:
+        """Every event from now on, as an async iterator (close it, e.g. with
+        ``contextlib.aclosing``, to unsubscribe)."""
+        queue: asyncio.Queue[tuple[Event, ChannelState]] = asyncio.Queue()
+        unsubscribe = self.subscribe(lambda e, s: queue.put_nowait((e, s)))
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            unsubscribe()
+
+    def _publish(self, ch: Channel, events: list[Event]) -> None:
+        if not events or not self._subscribers:
+            return
+        state = ch.snapshot()
+        for event in events:
+            for sub in list(self._subscribers):
+                try:
+                    sub(event, state)
+                except Exception:
+                    log.exception("transfer event subscriber failed")
+
+    # --- queries -------------------------------------------------------------------------
+
+    def channel_state(self, chid: ChannelId) -> ChannelState:
+        return self._get(chid).ch.snapshot()
+
+    def status(self, chid: ChannelId) -> Status:
+        live = self._live.get(chid)
+        return Status.CHANNEL_NOT_FOUND if live is None else live.ch.status
+
+    def in_progress_channels(self) -> dict[ChannelId, ChannelState]:
+        return {cid: live.ch.snapshot() for cid, live in self._live.items()
+                if not live.ch.terminal}
+
+    async def wait(self, chid: ChannelId) -> ChannelState:
+        """Wait until the channel ends; its final state, or its typed error."""
+        live = self._get(chid)
+        await live.finished.wait()
+        return self._outcome(live.ch)
+
+    def _outcome(self, ch: Channel) -> ChannelState:
+        state = ch.snapshot()
+        r = ch.rec
+        if state.status is Status.COMPLETED:
+            return state
+        if state.status is Status.CANCELLED:
+            raise TransferError(f"channel {ch.id} was cancelled: {r.message}", channel=ch.id)
+        if r.error_kind == "rejected":
+            raise VoucherRejectedError(r.message, channel=ch.id)
+        if r.error_kind == "bad_data":
+            raise BadPeerDataError(r.message, channel=ch.id, peer=NodeId.parse(r.bad_peer))
+        if r.error_kind == "not_found":
+            raise BlobNotFoundError(r.message, channel=ch.id, blob_id=ch.blob_id)
+        if r.error_kind == "store_full":
+            raise StoreFullError(r.message, channel=ch.id)
+        raise TransferError(r.message or f"channel {ch.id} failed", channel=ch.id)
+
+    def _get(self, chid: ChannelId) -> _Live:
+        live = self._live.get(chid)
+        if live is None:
+            raise TransferError(f"channel {chid} not found", channel=chid)
+        return live
+
+    # --- opening -------------------------------------------------------------------------
+
+    async def open_pull(self, peer: NodeId, voucher: Voucher, blob_id: BlobId,
+                        selector: Selector | None = None) -> ChannelId:
+        """Ask ``peer`` to send us (part of) a blob; returns at once with the channel id."""
+        layer = await asyncio.to_thread(self._stored_layer, blob_id)
+        return self._open(peer, True, voucher, blob_id, selector or Selector(), layer)
+
+    async def open_push(self, peer: NodeId, voucher: Voucher, blob_id: BlobId,
+                        selector: Selector | None = None) -> ChannelId:
+        """Offer (part of) a blob we hold to ``peer``; returns at once with the channel id."""
+        layer = await asyncio.to_thread(self._stored_layer, blob_id)
+        if layer is None:
+            raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
+        return self._open(peer, False, voucher, blob_id, selector or Selector(), layer)
+
+    def _open(self, peer: NodeId, pull: bool, voucher: Voucher, blob_id: BlobId,
+              selector: Selector, layer: PieceLayer | None) -> ChannelId:
+        chid = ChannelId(self.node_id, peer, secrets.randbits(63))
+        ch = Channel.initiate(chid, pull, blob_id, selector, voucher, self.clock, layer)
+        live = _Live(ch)
+        self._live[chid] = live
+        live.runner = self._spawn(self._run_initiator(live))
+        return chid
+
+    def _stored_layer(self, blob_id: BlobId) -> PieceLayer | None:
+        try:
+            return self.store.piece_layer(blob_id)
+        except BlobNotFoundError:
+            return None
+
+    def _adopt(self, rec: ChannelRecord) -> _Live:
+        live = _Live(Channel(rec, self.clock))
+        self._live[live.ch.id] = live
+        return live
+
+    # --- commands ------------------------------------------------------------------------
+
+    async def pause(self, chid: ChannelId) -> None:
+        live = self._get(chid)
+        await self._apply(live, live.ch.pause())
+
+    async def resume(self, chid: ChannelId) -> None:
+        live = self._get(chid)
+        await self._apply(live, live.ch.resume())
+
+    async def send_voucher(self, chid: ChannelId, voucher: Voucher) -> None:
+        """Answer a revalidation demand with a new voucher."""
+        live = self._get(chid)
+        await self._apply(live, live.ch.send_voucher(voucher))
+
+    async def close(self, chid: ChannelId, reason: str = "cancelled") -> None:
+        """Cancel the channel; works on any channel, connected, stalled or dead."""
+        live = self._get(chid)
+        await self._apply(live, live.ch.cancel(reason))
+
+    async def restart(self, chid: ChannelId) -> None:
+        """Restart a channel we initiated (also a paused or stalled one), moving only the
+        pieces the receiver has not verified yet."""
+        live = self._get(chid)
+        if not live.ch.is_initiator:
+            raise TransferError(f"only the initiator restarts channel {chid}; "
+                                "the responder waits for it", channel=chid)
+        if live.ch.terminal:
+            raise TransferError(f"channel {chid} is {live.ch.status.value}", channel=chid)
+        await self._stop_runner(live)
+        live.runner = self._spawn(self._run_initiator(live))
+
+    async def _stop_runner(self, live: _Live) -> None:
+        if live.session is not None:
+            live.session.stream.reset("restarting")
+        if live.runner is not None and not live.runner.done():
+            live.runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await live.runner
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def _run_initiator(self, live: _Live) -> None:
+        ch = live.ch
+        ch.note_restart_attempt()
+        have: Bitfield | None = None
+        if not ch.is_sender:
+            have = await asyncio.to_thread(self._stored_have, ch.blob_id)
+        try:
+            stream = await self.network.open_stream(ch.id.responder, PROTOCOL)
+        except (TransportError, OSError) as exc:
+            await self._apply(live, ch.disconnected(f"cannot reach "
+                                                    f"{ch.id.responder.short()}: {exc}"))
+            self._schedule_restart(live)
+            return
+        await self._session(live, _Session(stream, self._queue_pieces()), ch.request(have))
+
+    def _stored_have(self, blob_id: BlobId) -> Bitfield | None:
+        try:
+            return self.store.bitfield(blob_id)
+        except BlobNotFoundError:
+            return None
+
+    def _queue_pieces(self) -> int:
+        return max(2, self.config.window // (1024 * 1024))
+
+    async def _handle_stream(self, stream: Stream) -> None:
+        """Responder: the first message on a new stream is a request."""
+        try:
+            raw = await asyncio.wait_for(stream.recv(), self.config.stall_timeout)
+            req = decode(raw)
+        except (TransportError, ProtocolError, TimeoutError) as exc:
+            stream.reset(str(exc))
+            return
+        sess = _Session(stream, self._queue_pieces())
+        if not isinstance(req, Request):
+            await self._refuse(sess, f"expected a request, got {type(req).__name__}")
+            return
+        chid = ChannelId(stream.peer, self.node_id, req.transfer_id)
+        try:
+            live = await self._responder_channel(chid, req)
+        except BlobmeshError as exc:
+            await self._refuse(sess, str(exc))
+            return
+        step = await self._validate(live, req, sess)
+        await self._session(live, sess, step)
+
+    async def _refuse(self, sess: _Session, message: str) -> None:
+        with contextlib.suppress(TransportError):
+            await sess.send([Error(message)])
+            await sess.stream.close()
+
+    async def _responder_channel(self, chid: ChannelId, req: Request) -> _Live:
+        live = self._live.get(chid)
+        if live is None and req.restart:
+            rec = self._db.get(f"{chid.initiator}/{chid.responder}/{chid.transfer_id}")
+            if rec is not None:
+                live = self._adopt(rec)
+        if live is None:
+            ch = Channel.respond(req, chid.initiator, chid.responder, self.clock)
+            live = _Live(ch)
+            self._live[chid] = live
+            return live
+        if not req.restart:
+            raise ProtocolError(f"transfer id {chid.transfer_id} is already in use")
+        # the initiator restarts: whatever stream we still have for it is stale
+        if live.session is not None:
+            live.session.stream.reset("replaced by a restart")
+            await live.session.ended.wait()
+        live.ch.restarted(req)
+        return live
+
+    async def _validate(self, live: _Live, req: Request, sess: _Session) -> Step:
+        ch = live.ch
+        voucher = ch.rec.vouchers[-1]
+        validator = self._validators.get(voucher.type)
+        if validator is None:
+            return ch.reject(f"unknown voucher type {voucher.type!r}")
+        peer = ch.id.initiator
+        try:
+            if ch.rec.pull:
+                decision = validator.validate_pull(req.restart, ch.id, peer, voucher,
+                                                   ch.blob_id, ch.rec.selector)
+            else:
+                decision = validator.validate_push(req.restart, ch.id, peer, voucher,
+                                                   ch.blob_id, ch.rec.selector)
+        except Exception as exc:
+            log.exception("validator failed")
+            return ch.reject(f"validator failed: {exc}")
+        if decision.verdict is Verdict.REJECT:
+            return ch.reject(decision.message or "voucher rejected", decision.result)
+        paused = decision.verdict is Verdict.PAUSE
+        if ch.is_sender:
+            layer = await asyncio.to_thread(self._stored_layer, ch.blob_id)
+            ours = await asyncio.to_thread(self._stored_have, ch.blob_id)
+            if layer is None or ours is None:
+                return ch.reject(f"blob {ch.blob_id} is not here", code="not_found")
+            try:
+                wanted = ch.rec.selector.resolve(layer.size, layer.piece_size)
+                have = Bitfield(len(layer), req.have) if req.have is not None else None
+            except (ProtocolError, ValueError) as exc:
+                return ch.reject(f"bad request: {exc}")
+            lacking = sum(1 for i in wanted if i not in ours)
+            if lacking:
+                return ch.reject(f"{lacking} selected pieces of {ch.blob_id.short()} "
+                                 "are not here", code="not_found")
+            return ch.accept(layer, have, decision.result, paused)
+        assert ch.layer is not None
+        try:
+            sess.partial = await asyncio.to_thread(
+                self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
+        except StoreFullError as exc:
+            return ch.reject(str(exc), code="unavailable")
+        if sess.partial.layer.piece_size != ch.layer.piece_size:
+            return ch.reject("a partial copy with another piece size is already here",
+                             code="unavailable")
+        return ch.accept(ch.layer, sess.partial.have, decision.result, paused)
+
+    async def _session(self, live: _Live, sess: _Session, first: Step) -> None:
+        ch = live.ch
+        live.session = sess
+        try:
+            async with asyncio.TaskGroup() as tg:
+                loops = [tg.create_task(self._recv_loop(live, sess))]
+                if ch.is_sender:
+                    loops.append(tg.create_task(self._send_loop(live, sess)))
+                else:
+                    loops.append(tg.create_task(self._write_loop(live, sess)))
+                    loops.append(tg.create_task(self._flush_loop(live, sess)))
+                await self._apply(live, first)
+                await sess.over.wait()
+                for t in loops:
+                    t.cancel()
+        except* TransportError as eg:
+            await self._end_broken(live, sess, str(eg.exceptions[0]))
+        except* StoreFullError as eg:
+            await self._apply(live, ch.fail(str(eg.exceptions[0]), "store_full"))
+        except* BlobmeshError as eg:
+            await self._apply(live, ch.fail(str(eg.exceptions[0])))
+        finally:
+            await self._end_session(live, sess)
+
+    async def _end_broken(self, live: _Live, sess: _Session, reason: str) -> None:
+        live.session = None
+        await self._apply(live, live.ch.disconnected(reason))
+        self._schedule_restart(live)
+
+    async def _end_session(self, live: _Live, sess: _Session) -> None:
+        live.session = None
+        try:
+            if sess.partial is not None:
+                # written pieces become present: a restart will not ask for them again
+                await asyncio.to_thread(sess.partial.close)
+        except BlobmeshError as exc:
+            log.warning("closing partial blob of %s: %s", live.ch.id, exc)
+        finally:
+            if live.ch.terminal:
+                with contextlib.suppress(TransportError):
+                    await sess.stream.close()
+            else:
+                sess.stream.reset("session ended")
+            self._save(live)
+            sess.ended.set()
+
+    def _schedule_restart(self, live: _Live) -> None:
+        ch = live.ch
+        if ch.is_initiator and self.config.auto_restart and not ch.terminal:
+            c = self.config
+            delay = min(c.restart_backoff * 2 ** ch.rec.idle_restarts, c.restart_backoff_max)
+            live.next_restart = self.clock() + delay
+
+    async def _recv_loop(self, live: _Live, sess: _Session) -> None:
+        ch = live.ch
+        while not ch.terminal:
+            raw = await sess.stream.recv()
+            try:
+                step = ch.receive(decode(raw))
+            except BadPeerDataError as exc:
+                step = ch.fail(str(exc), "bad_data")
+            except ProtocolError as exc:
+                step = ch.fail(str(exc), "protocol")
+            await self._apply(live, step)
+
+    async def _send_loop(self, live: _Live, sess: _Session) -> None:
+        ch = live.ch
+        chunk = self.config.chunk
+        while True:
+            index = ch.next_piece(self.config.window)
+            if index is None:
+                sess.wake.clear()
+                await sess.wake.wait()
+                continue
+            try:
+                data = await asyncio.to_thread(self._read_piece, ch, index)
+            except (BlobIncompleteError, VerificationError, BlobNotFoundError) as exc:
+                await self._apply(live, ch.fail(f"cannot read piece {index}: {exc}", "local"))
+                return
+            await self._apply(live, ch.piece_queued(index))
+            async with sess.send_lock:
+                for off in range(0, max(len(data), 1), chunk):
+                    part = data if len(data) <= chunk else data[off : off + chunk]
+                    await sess.stream.send(encode(Data(index, off, part)))
+
+    def _read_piece(self, ch: Channel, index: int) -> bytes:
+        data = self.store.read_piece(ch.blob_id, index, verify=False)
+        if self.config.verify_reads:
+            assert ch.layer is not None
+            ch.layer.verify_piece(index, data)
+        return data
+
+    async def _write_loop(self, live: _Live, sess: _Session) -> None:
+        ch = live.ch
+        if sess.partial is None:
+            # pull: the partial blob opens once the response brought the layer
+            while ch.layer is None or ch.awaiting_response:
+                sess.wake.clear()
+                await sess.wake.wait()
+            assert ch.layer is not None
+            sess.partial = await asyncio.to_thread(
+                self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
+            if sess.partial.layer.piece_size != ch.layer.piece_size:
+                await self._apply(live, ch.fail("a partial copy with another piece size is "
+                                                "already here"))
+                return
+        partial = sess.partial
+        while True:
+            batch = [await sess.writes.get()]
+            while not sess.writes.empty():
+                batch.append(sess.writes.get_nowait())
+            written, bad = await asyncio.to_thread(_write_batch, partial, batch)
+            sess.unflushed += written
+            done = set(written)
+            sess.unflushed_bytes += sum(len(d) for i, d in batch if i in done)
+            if bad is not None:
+                sess.flush_now.set()
+                await self._apply(live, ch.bad_data(*bad))
+                return
+            if sess.unflushed_bytes >= self.config.flush_bytes or \
+                    set(ch.missing()) <= set(sess.unflushed):
+                sess.flush_now.set()
+
+    async def _flush_loop(self, live: _Live, sess: _Session) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sess.flush_now.wait(), self.config.flush_interval)
+            sess.flush_now.clear()
+            if not sess.unflushed or sess.partial is None:
+                continue
+            batch, sess.unflushed, sess.unflushed_bytes = sess.unflushed, [], 0
+            have = await asyncio.to_thread(sess.partial.flush)
+            await self._apply(live, live.ch.pieces_verified([i for i in batch if i in have]))
+
+    # --- applying steps ------------------------------------------------------------------
+
+    async def _apply(self, live: _Live, step: Step) -> None:
+        """Carry out what a transition asked for: send, publish, persist, write, revalidate."""
+        ch = live.ch
+        sess = live.session
+        if step.send and sess is not None:
+            try:
+                await sess.send(step.send)
+            except TransportError:
+                # the session's receive loop sees the broken stream and ends the session
+                sess.stream.reset("send failed")
+        self._publish(ch, step.events)
+        self._save(live)
+        if sess is not None:
+            for piece in step.pieces:
+                await sess.writes.put(piece)
+        await self._revalidate(live, step)
+        if sess is not None:
+            sess.wake.set()
+            if ch.terminal:
+                sess.over.set()
+        if ch.terminal:
+            live.finished.set()
+
+    async def _revalidate(self, live: _Live, step: Step) -> None:
+        ch = live.ch
+        if ch.is_initiator or ch.terminal:
+            return
+        reval = self._revalidators.get(ch.rec.vouchers[0].type)
+        if step.revalidate is not None:
+            if reval is None:
+                d = Decision.reject("no revalidator for this voucher type")
+            else:
+                d = reval.revalidate(ch.id, step.revalidate)
+            if d.verdict is Verdict.PAUSE and d.result is not None:
+                await self._apply(live, ch.demand_voucher(d.result,
+                                                          Status(ch.rec.base) is
+                                                          Status.FINALIZING))
+            else:
+                await self._apply(live, ch.voucher_verdict(d.verdict is Verdict.ACCEPT,
+                                                           d.result, d.message))
+            return
+        if reval is not None and step.new_verified:
+            d2 = (reval.on_pull_data_sent(ch.id, step.new_verified) if ch.rec.pull
+                  else reval.on_push_data_received(ch.id, step.new_verified))
+            await self._decide(live, d2, final=False)
+        if step.finished:
+            d3 = reval.on_complete(ch.id) if reval is not None else None
+            if d3 is None or d3.verdict is Verdict.ACCEPT:
+                await self._apply(live, ch.complete())
+            else:
+                await self._decide(live, d3, final=True)
+
+    async def _decide(self, live: _Live, d: Decision | None, final: bool) -> None:
+        ch = live.ch
+        if d is None or d.verdict is Verdict.ACCEPT:
+            return
+        if d.verdict is Verdict.REJECT:
+            await self._apply(live, ch.fail(f"revalidation failed: {d.message}", "rejected"))
+        else:
+            await self._apply(live, ch.demand_voucher(d.result or Voucher(""), final))
+
+    def _save(self, live: _Live) -> None:
+        status = live.ch.status
+        now = self.clock()
+        if status is not live.saved_status or now - live.saved_at >= 1.0:
+            self._db.save(live.ch.rec)
+            live.saved_status, live.saved_at = status, now
+
+    # --- monitoring ----------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Detect stalls and restart stalled channels we initiated, with backoff."""
+        c = self.config
+        while True:
+            await asyncio.sleep(min(c.tick, c.stall_timeout / 4))
+            for live in list(self._live.values()):
+                ch = live.ch
+                if ch.terminal:
+                    continue
+                step = ch.tick(c.stall_timeout)
+                if step.events:
+                    await self._apply(live, step)
+                    if live.session is not None:
+                        live.session.stream.reset("stalled")
+                    self._schedule_restart(live)
+                runner_idle = live.runner is None or live.runner.done()
+                if (ch.status is Status.STALLED and ch.is_initiator and c.auto_restart
+                        and runner_idle and live.session is None
+                        and self.clock() >= live.next_restart):
+                    if ch.rec.idle_restarts >= c.max_idle_restarts:
+                        await self._apply(live, ch.fail(
+                            f"gave up after {ch.rec.idle_restarts} restarts that moved no "
+                            "data"))
+                        continue
+                    live.runner = self._spawn(self._run_initiator(live))
+
+
+def _write_batch(partial: PartialBlob, batch: list[tuple[int, bytes]]
+                 ) -> tuple[list[int], tuple[int, str] | None]:
+    """Verify and write pieces; stops at the first bad one (returned with the reason)."""
+    written: list[int] = []
+    for index, data in batch:
+        try:
+            partial.write_piece(index, data)
+        except StoreFullError:
+            raise
+        except VerificationError as exc:
+            return written, (index, str(exc))
+        written.append(index)
+    return written, None

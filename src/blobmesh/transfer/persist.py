@@ -1,0 +1,60 @@
+"""Channel records in SQLite (``HOME/transfer.sqlite``), so channels survive a process restart."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import msgspec
+
+from blobmesh.transfer.channel import TERMINAL, ChannelRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    updated REAL NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS channels_status ON channels(status);
+"""
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(ChannelRecord)
+
+
+def record_key(rec: ChannelRecord) -> str:
+    return f"{rec.initiator}/{rec.responder}/{rec.transfer_id}"
+
+
+class ChannelDB:
+    """One table of msgpack-encoded :class:`ChannelRecord` rows, keyed by channel id."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # the store's bitfield is the truth about verified data; a lost counter update is
+        # recomputed from it on restart, so commits need not wait for fsync
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def save(self, rec: ChannelRecord) -> None:
+        self._db.execute("INSERT OR REPLACE INTO channels VALUES (?,?,?,?)",
+                         (record_key(rec), rec.base, rec.updated, _encoder.encode(rec)))
+
+    def load_active(self) -> list[ChannelRecord]:
+        """Every channel not yet completed, failed or cancelled."""
+        done = tuple(s.value for s in TERMINAL)
+        rows = self._db.execute(
+            f"SELECT record FROM channels WHERE status NOT IN ({','.join('?' * len(done))}) "
+            "ORDER BY updated", done).fetchall()
+        return [_decoder.decode(r[0]) for r in rows]
+
+    def get(self, key: str) -> ChannelRecord | None:
+        row = self._db.execute("SELECT record FROM channels WHERE key=?", (key,)).fetchone()
+        return None if row is None else _decoder.decode(row[0])
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,223 @@
+"""The frame codec: message types and length-prefixed frames (see ``docs/wire.md``).
+
+A frame is ``length:u32be | version:u8 | header_len:u16be | header | payload``, where
+``length`` counts every byte after itself, ``header`` is one msgpack-encoded message and
+``payload`` (only :class:`Data` may carry one) is raw bytes.  Keeping bulk data out of the
+msgpack header lets the sender write a caller's buffer without copying it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Final
+
+import msgspec
+
+from blobmesh.errors import ProtocolError
+
+WIRE_VERSION: Final = 1
+PREFIX: Final = struct.Struct(">IBH")
+LENGTH_SIZE: Final = 4
+MIN_FRAME_SIZE: Final = 16 * 1024
+DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
+MAX_HEADER_SIZE: Final = 1024
+#: Bytes of a frame that are not Data payload, rounded up (prefix + largest Data header).
+DATA_OVERHEAD: Final = 32
+MAX_PROTOCOL_NAME: Final = 128
+MAX_REASON: Final = 512
+
+U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
+U62 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]
+StreamIdField = Annotated[int, msgspec.Meta(ge=1, lt=1 << 62)]
+ProtocolName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PROTOCOL_NAME)]
+Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
+
+
+class Hello(msgspec.Struct, array_like=True, frozen=True, tag=1):
+    """First frame each side sends: the limits it enforces on what it receives."""
+
+    max_frame_size: U32
+    stream_window: U32
+    max_message_size: U32
+    max_streams: U32
+
+
+class Open(msgspec.Struct, array_like=True, frozen=True, tag=2):
+    """Open a stream speaking ``protocol``."""
+
+    stream_id: StreamIdField
+    protocol: ProtocolName
+
+
+class Data(msgspec.Struct, array_like=True, frozen=True, tag=3):
+    """A fragment of a message; the payload follows the header; ``more`` = not the last."""
+
+    stream_id: StreamIdField
+    more: bool
+
+
+class Close(msgspec.Struct, array_like=True, frozen=True, tag=4):
+    """The sender will send nothing more on this stream (half-close)."""
+
+    stream_id: StreamIdField
+
+
+class Reset(msgspec.Struct, array_like=True, frozen=True, tag=5):
+    """Abort the stream in both directions."""
+
+    stream_id: StreamIdField
+    reason: Reason
+
+
+class Credit(msgspec.Struct, array_like=True, frozen=True, tag=6):
+    """The receiver of a stream allows ``amount`` more payload bytes."""
+
+    stream_id: StreamIdField
+    amount: U32
+
+
+class Ping(msgspec.Struct, array_like=True, frozen=True, tag=7):
+    """Keepalive probe; answered with a Pong carrying the same nonce."""
+
+    nonce: U62
+
+
+class Pong(msgspec.Struct, array_like=True, frozen=True, tag=8):
+    """Answer to a Ping."""
+
+    nonce: U62
+
+
+class GoAway(msgspec.Struct, array_like=True, frozen=True, tag=9):
+    """The sender accepts no new streams; open ones may finish."""
+
+    reason: Reason
+
+
+Message = Hello | Open | Data | Close | Reset | Credit | Ping | Pong | GoAway
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded frame; ``payload`` is empty except for Data."""
+
+    message: Message
+    payload: bytes = b""
+
+
+def frame_header(message: Message, payload_size: int = 0) -> bytes:
+    """Everything of a frame up to its payload (the payload is written after it as is)."""
+    header = _encoder.encode(message)
+    return PREFIX.pack(PREFIX.size - LENGTH_SIZE + len(header) + payload_size,
+                       WIRE_VERSION, len(header)) + header
+
+
+def encode_frame(message: Message, payload: bytes | memoryview = b"") -> bytes:
+    """A whole frame as one bytes object (control frames, tests)."""
+    return frame_header(message, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames, enforcing ``max_frame_size`` before buffering a body.
+
+    Bytes go in either with :meth:`feed` or, without a copy, by receiving straight into
+    :meth:`get_buffer` and then calling :meth:`advance`.  Memory stays below twice the largest
+    frame.  Any malformed input raises :class:`ProtocolError`, after which the decoder is
+    unusable.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if max_frame_size < MIN_FRAME_SIZE or max_frame_size > 0xFFFF_FFFF:
+            raise ValueError(f"max_frame_size must be in [{MIN_FRAME_SIZE}, 2**32)")
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray(2 * (LENGTH_SIZE + max_frame_size))
+        self._start = 0
+        self._end = 0
+        self._need = LENGTH_SIZE  # bytes from _start until the next frame can be decoded
+        self._failed: ProtocolError | None = None
+
+    def get_buffer(self) -> memoryview:
+        """Free space to receive into; always at least enough for the pending frame."""
+        if len(self._buf) - self._start < self._need or self._end == len(self._buf):
+            # move the partial frame to the front; it fits since the buffer holds two frames
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start:self._end]
+            self._start, self._end = 0, pending
+        return memoryview(self._buf)[self._end:]
+
+    def advance(self, n: int) -> list[Frame]:
+        """Account for ``n`` bytes written into the last :meth:`get_buffer`; decode frames."""
+        if self._failed is not None:
+            raise self._failed
+        if n < 0 or self._end + n > len(self._buf):
+            raise ValueError("advance past the buffer")
+        self._end += n
+        if self._end - self._start < self._need:
+            return []  # the fast path while a large body trickles in
+        try:
+            return self._decode()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Decode frames from ``data`` (copied into the buffer)."""
+        frames: list[Frame] = []
+        view = memoryview(data).cast("B")
+        while view:
+            space = self.get_buffer()
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            space.release()
+            view = view[n:]
+            frames.extend(self.advance(n))
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded."""
+        return self._end - self._start
+
+    def _decode(self) -> list[Frame]:
+        frames: list[Frame] = []
+        buf = self._buf
+        with memoryview(buf) as view:
+            while self._end - self._start >= LENGTH_SIZE:
+                start = self._start
+                (length,) = struct.unpack_from(">I", buf, start)
+                if length > self.max_frame_size:
+                    raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
+                                        f"{self.max_frame_size}")
+                if length < PREFIX.size - LENGTH_SIZE:
+                    raise ProtocolError(f"frame of {length} bytes is too short")
+                end = start + LENGTH_SIZE + length
+                if self._end < end:
+                    self._need = end - start
+                    break
+                _, version, header_len = PREFIX.unpack_from(buf, start)
+                if version != WIRE_VERSION:
+                    raise ProtocolError(f"unsupported wire version {version}")
+                header_end = start + PREFIX.size + header_len
+                if header_len == 0 or header_len > MAX_HEADER_SIZE or header_end > end:
+                    raise ProtocolError(f"bad frame header length {header_len}")
+                try:
+                    message = _decoder.decode(view[start + PREFIX.size:header_end])
+                except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
+                    # msgspec reports invalid UTF-8 in a str as UnicodeDecodeError
+                    raise ProtocolError(f"malformed frame header: {exc}") from exc
+                if header_end < end:
+                    if not isinstance(message, Data):
+                        raise ProtocolError(
+                            f"{type(message).__name__} frame carries a payload")
+                    frames.append(Frame(message, bytes(view[header_end:end])))
+                else:
+                    frames.append(Frame(message))
+                self._start = end
+                self._need = LENGTH_SIZE
+        if self._start == self._end:
+            self._start = self._end = 0
+        return frames

@@ -1,0 +1,80 @@
+"""The swarm protocol state machine, with no sockets."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blobmesh.distribution.peerwire import (
+    LayerArrived,
+    PeerHas,
+    PeerHello,
+    PieceArrived,
+    PieceWanted,
+    SwarmSession,
+)
+from blobmesh.errors import ProtocolError
+from blobmesh.hashing import BlobId
+from blobmesh.store import Bitfield
+
+BLOB = BlobId(b"\x01" * 32)
+SIZE, PIECE = 1_000_000, 262144  # 4 pieces
+
+
+def pair() -> tuple[SwarmSession, SwarmSession]:
+    a, b = SwarmSession(BLOB, SIZE, PIECE), SwarmSession(BLOB, SIZE, PIECE)
+    have = Bitfield(4)
+    have.update([0, 2])
+    hello = b.receive(a.hello(have, True, 1))
+    assert isinstance(hello, PeerHello) and list(hello.have) == [0, 2] and hello.priority == 1
+    a.receive(b.hello(Bitfield(4), False, 1))
+    return a, b
+
+
+def test_request_piece_roundtrip() -> None:
+    a, b = pair()
+    assert b.receive(a.request(1)) == PieceWanted(1)
+    got = a.receive(b.piece(1, b"x" * 10))
+    assert got == PieceArrived(1, b"x" * 10)
+    assert a.outstanding == set()
+    assert b.receive(a.have(3)) == PeerHas(3)
+    assert 3 in b.peer_have
+
+
+def test_unsolicited_piece_and_layer_rejected() -> None:
+    a, b = pair()
+    with pytest.raises(ProtocolError, match="unsolicited piece"):
+        a.receive(b.piece(1, b"x"))
+    with pytest.raises(ProtocolError, match="unsolicited piece layer"):
+        a.receive(b.layer(b"\0" * 128))
+    b.request_layer()
+    assert b.receive(a.layer(b"\0" * 128)) == LayerArrived(b"\0" * 128)
+
+
+def test_out_of_range_and_oversized() -> None:
+    a, b = pair()
+    with pytest.raises(ProtocolError, match="out of range"):
+        b.receive(msgspec.msgpack.encode(["req", 4]))
+    a.request(0)
+    with pytest.raises(ProtocolError, match="oversized"):
+        a.receive(b.piece(0, b"x" * (PIECE + 1)))
+
+
+def test_hello_must_come_first_and_match() -> None:
+    s = SwarmSession(BLOB, SIZE, PIECE)
+    with pytest.raises(ProtocolError, match="before hello"):
+        s.receive(msgspec.msgpack.encode(["have", 0]))
+    other = SwarmSession(BlobId(b"\x02" * 32), SIZE, PIECE)
+    with pytest.raises(ProtocolError, match="another blob"):
+        s.receive(other.hello(Bitfield(4), False, 0))
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_protocol_error(data: bytes) -> None:
+    a, _ = pair()
+    with contextlib.suppress(ProtocolError):
+        a.receive(data)

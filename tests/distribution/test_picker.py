@@ -1,0 +1,79 @@
+"""Piece picking: rarest first, one request per piece until the end game, bans."""
+
+from __future__ import annotations
+
+import random
+
+from blobmesh.distribution.picker import PiecePicker
+from blobmesh.store import Bitfield
+
+
+def bf(size: int, indices: list[int]) -> Bitfield:
+    b = Bitfield(size)
+    b.update(indices)
+    return b
+
+
+def test_rarest_first() -> None:
+    p = PiecePicker[str](Bitfield(5), rng=random.Random(1))
+    p.add_peer("a", bf(5, [0, 1, 2, 3]))
+    p.add_peer("b", bf(5, [0, 1, 2]))
+    p.add_peer("c", bf(5, [0, 1]))
+    assert p.pick("a", 1) == [3]  # only a has 3
+    assert p.pick("a", 1) == [2]  # then 2 (two holders)
+    assert sorted(p.pick("a", 2)) == [0, 1]
+
+
+def test_seed_is_asked_only_for_what_no_downloader_holds() -> None:
+    p = PiecePicker[str](Bitfield(4), rng=random.Random(2))
+    p.add_peer("seed", bf(4, [0, 1, 2, 3]))
+    p.add_peer("b", bf(4, [0, 1]))
+    assert sorted(p.pick("seed", 4)) == [2, 3]
+    assert sorted(p.pick("b", 4)) == [0, 1]
+    assert p.in_endgame()
+    # in the end game the seed may duplicate what a slow downloader was asked for
+    assert sorted(p.pick("seed", 4)) == [0, 1]
+
+
+def test_no_duplicate_requests_before_endgame() -> None:
+    p = PiecePicker[str](Bitfield(3))
+    p.add_peer("a", bf(3, [0, 1, 2]))
+    p.add_peer("b", bf(3, [0, 1, 2]))
+    first = p.pick("a", 2)
+    second = p.pick("b", 2)
+    assert len(first) == 2 and len(second) == 1
+    assert not set(first) & set(second)
+
+
+def test_endgame_duplicates_and_cancels() -> None:
+    p = PiecePicker[str](Bitfield(2))
+    p.add_peer("a", bf(2, [0, 1]))
+    p.add_peer("b", bf(2, [0, 1]))
+    assert sorted(p.pick("a", 2)) == [0, 1]
+    assert p.in_endgame()
+    dup = p.pick("b", 2)
+    assert sorted(dup) == [0, 1]
+    assert p.received("a", 0) == ["b"]  # b's duplicate request for 0 can be cancelled
+    assert p.pick("b", 2) == []  # b already has 1 in flight, 0 is done
+
+
+def test_failed_request_frees_piece_and_ban_forgets_peer() -> None:
+    p = PiecePicker[str](Bitfield(2))
+    p.add_peer("a", bf(2, [0, 1]))
+    p.add_peer("b", bf(2, [0]))
+    assert p.pick("b", 1) == [0]
+    p.failed("b", 0)
+    assert p.ban("b") == []
+    assert p.is_banned("b") and p.pick("b", 1) == []
+    assert sorted(p.pick("a", 2)) == [0, 1]
+
+
+def test_peer_has_updates_availability() -> None:
+    p = PiecePicker[str](bf(3, [0]))
+    p.add_peer("a", Bitfield(3))
+    assert not p.interesting("a")
+    p.peer_has("a", 2)
+    assert p.interesting("a")
+    assert p.pick("a", 5) == [2]
+    p.received("a", 2)
+    assert p.missing() == 1

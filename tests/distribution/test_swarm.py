@@ -1,0 +1,159 @@
+"""The swarm engine over in-memory networks: many peers, rarest first, bans, priorities."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from blobmesh.distribution.model import Priority
+from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
+from blobmesh.errors import TransferError
+from blobmesh.hashing import BlobId
+from blobmesh.store import LeaseId, Store
+from blobmesh.transport.identity import NodeId
+from blobmesh.transport.memory import MemoryHub
+
+
+@dataclass
+class Peer:
+    node_id: NodeId
+    store: Store
+    engine: SwarmEngine
+
+
+def nid(i: int) -> NodeId:
+    return NodeId(bytes([i]) * 32)
+
+
+@asynccontextmanager
+async def swarm(tmp_path: Path, n: int, config: SwarmConfig | None = None,
+                source_config: SwarmConfig | None = None) -> AsyncIterator[list[Peer]]:
+    hub = MemoryHub()
+    peers: list[Peer] = []
+    async with AsyncExitStack() as stack:
+        for i in range(n):
+            store = stack.enter_context(Store(tmp_path / f"n{i}"))
+            node = hub.node(nid(i + 1))
+            cfg = source_config if i == 0 and source_config else config
+            engine = SwarmEngine(store, node, cfg or SwarmConfig(stall_timeout=5))
+            await engine.start()
+            stack.push_async_callback(engine.aclose)
+            stack.push_async_callback(node.aclose)
+            peers.append(Peer(node.node_id, store, engine))
+        yield peers
+
+
+def seed(peer: Peer, size: int) -> tuple[BlobId, bytes, int]:
+    data = os.urandom(size)
+    info = peer.store.add_bytes(data, LeaseId.new("seed"))
+    return info.blob_id, data, info.piece_size
+
+
+async def test_all_targets_complete_and_share_load(tmp_path: Path) -> None:
+    # a slow source (8 MiB/s) must not send every copy itself: targets relay to each other
+    slow_source = SwarmConfig(upload_rate=8 * 1024 * 1024, stall_timeout=5)
+    async with swarm(tmp_path, 5, source_config=slow_source) as peers:
+        blob, data, piece_size = seed(peers[0], 5 * 1024 * 1024 + 77)
+        everyone = [p.node_id for p in peers]
+        await asyncio.wait_for(asyncio.gather(*(
+            p.engine.download(blob, len(data), piece_size, lambda: everyone, pin="t")
+            for p in peers[1:])), 30)
+        for p in peers[1:]:
+            assert p.store.get_data(blob, LeaseId.new("check")) == data
+            assert [pin.name for pin in p.store.pins()] == ["t"]
+        uploaded_by_targets = sum(p.engine.bytes_uploaded for p in peers[1:])
+        # targets serve each other: the source sent well under one copy per target
+        assert uploaded_by_targets >= 2 * len(data)
+        assert peers[0].engine.bytes_uploaded < 2 * len(data)
+
+
+async def test_completes_from_targets_after_source_dies(tmp_path: Path) -> None:
+    async with swarm(tmp_path, 3) as peers:
+        blob, data, piece_size = seed(peers[0], 2 * 1024 * 1024)
+        everyone = [p.node_id for p in peers]
+        await peers[1].engine.download(blob, len(data), piece_size, lambda: everyone)
+        hub_node = peers[0].engine.network
+        assert hasattr(hub_node, "aclose")
+        await hub_node.aclose()
+        await asyncio.wait_for(
+            peers[2].engine.download(blob, len(data), piece_size, lambda: everyone), 20)
+        assert peers[2].store.get_data(blob, LeaseId.new("c")) == data
+
+
+async def test_corrupting_peer_is_banned(tmp_path: Path) -> None:
+    async with swarm(tmp_path, 3) as peers:
+        blob, data, piece_size = seed(peers[0], 3 * 1024 * 1024)
+        # peer 1 holds the blob but its data file is corrupted on disk after the add
+        peers[1].store.add_bytes(data, LeaseId.new("seed"))
+        path = peers[1].store.layout.data_path(blob)
+        path.write_bytes(b"\xff" * 4096 + path.read_bytes()[4096:])
+        everyone = [p.node_id for p in peers]
+        await asyncio.wait_for(
+            peers[2].engine.download(blob, len(data), piece_size, lambda: everyone), 20)
+        assert peers[2].store.get_data(blob, LeaseId.new("c")) == data
+        # the corrupt holder refused to serve its rotten piece rather than sending it
+        assert peers[2].engine.pieces_rejected == 0
+
+
+async def test_unreachable_blob_stalls_with_clear_error(tmp_path: Path) -> None:
+    async with swarm(tmp_path, 2, SwarmConfig(stall_timeout=0.5)) as peers:
+        blob, data, piece_size = seed(peers[0], 1024 * 1024)
+        await peers[0].engine.network.aclose()  # type: ignore[attr-defined]
+        with pytest.raises(TransferError):
+            await asyncio.wait_for(peers[1].engine.download(
+                blob, len(data), piece_size, lambda: [peers[0].node_id]), 10)
+
+
+async def test_high_priority_finishes_first(tmp_path: Path) -> None:
+    cfg = SwarmConfig(download_rate=8 * 1024 * 1024, pipeline=2, stall_timeout=10)
+    async with swarm(tmp_path, 2, cfg) as peers:
+        big, big_data, big_ps = seed(peers[0], 8 * 1024 * 1024)
+        small, small_data, small_ps = seed(peers[0], 2 * 1024 * 1024)
+        src = [peers[0].node_id]
+        order: list[str] = []
+
+        async def get(blob: BlobId, size: int, ps: int, prio: Priority, name: str) -> None:
+            await peers[1].engine.download(blob, size, ps, lambda: src, prio)
+            order.append(name)
+
+        low = asyncio.create_task(get(big, len(big_data), big_ps, Priority.LOW, "low"))
+        await asyncio.sleep(0.2)
+        high = asyncio.create_task(get(small, len(small_data), small_ps, Priority.HIGH, "high"))
+        await asyncio.wait_for(asyncio.gather(low, high), 30)
+        assert order == ["high", "low"]
+
+
+class LyingEngine(SwarmEngine):
+    """A peer that serves every piece with one byte flipped."""
+
+    def _read_piece(self, blob_id: BlobId, index: int) -> bytes:
+        data = bytearray(super()._read_piece(blob_id, index))
+        data[0] ^= 0xFF
+        return bytes(data)
+
+
+async def test_lying_peer_is_banned_and_data_still_arrives(tmp_path: Path) -> None:
+    hub = MemoryHub()
+    async with AsyncExitStack() as stack:
+        stores = [stack.enter_context(Store(tmp_path / f"n{i}")) for i in range(3)]
+        nodes = [hub.node(nid(i + 1)) for i in range(3)]
+        engines = [SwarmEngine(stores[0], nodes[0]), LyingEngine(stores[1], nodes[1]),
+                   SwarmEngine(stores[2], nodes[2], SwarmConfig(pipeline=2))]
+        for e, n in zip(engines, nodes, strict=True):
+            await e.start()
+            stack.push_async_callback(e.aclose)
+            stack.push_async_callback(n.aclose)
+        data = os.urandom(4 * 1024 * 1024)
+        info = stores[0].add_bytes(data, LeaseId.new("seed"))
+        stores[1].add_bytes(data, LeaseId.new("seed"))
+        await asyncio.wait_for(engines[2].download(
+            info.blob_id, len(data), info.piece_size, lambda: [n.node_id for n in nodes]), 20)
+        assert stores[2].get_data(info.blob_id, LeaseId.new("c")) == data
+        assert engines[2].pieces_rejected >= 1
+        assert engines[2].banned[info.blob_id] == {nodes[1].node_id}

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from blobmesh.space import Limits, Metrics
+from blobmesh.space.records import decode_record, sign_op, sign_record
+from blobmesh.space.store import LocalAgentStore, OpStore, PeerStore, PutResult, open_db
+from blobmesh.transport.identity import Identity
+
+NOW = int(time.time() * 1000)
+LIM = Limits()
+
+
+def rec(ident: Identity, created: int = NOW, tombstone: bool = False, ttl: int = 60_000) -> bytes:
+    return sign_record(ident, space="s", addresses=[], groups=["g"], capabilities={"gpu": True},
+                       created_at=created, expires_at=created + ttl, tombstone=tombstone)
+
+
+def test_peer_store_bounded_replacing_and_persistent(tmp_path: Path) -> None:
+    lim, m = dataclasses.replace(LIM, max_peers=2), Metrics()
+    db = open_db(tmp_path / "s.sqlite")
+    store = PeerStore(db, "s", lim, m, NOW)
+    a, b, c = (Identity.generate() for _ in range(3))
+    put = lambda raw: store.put(decode_record(raw, space="s", now_ms=NOW, limits=lim))  # noqa: E731
+    assert put(rec(a)) is PutResult.NEW
+    assert put(rec(a, NOW + 1)) is PutResult.REPLACED
+    assert put(rec(a)) is PutResult.STALE  # replayed older record
+    assert put(rec(b)) is PutResult.NEW
+    assert put(rec(c)) is PutResult.REFUSED and m["limit_peer_store"] == 1
+    assert put(rec(b, NOW + 2, tombstone=True)) is PutResult.REPLACED
+    assert [r.node_id for r in store.query(group="g")] == [a.node_id]
+    assert store.query(capability=lambda caps: caps.get("gpu") is False) == []
+    db.close()
+    again = PeerStore(open_db(tmp_path / "s.sqlite"), "s", lim, m, NOW)
+    assert len(again) == 2 and again.digest() == store.digest()
+    assert again.expire(NOW + 120_000) and len(again) == 0
+
+
+def test_op_store_bounded_queryable_and_gossip_only_after_inform(tmp_path: Path) -> None:
+    lim, m = dataclasses.replace(LIM, max_ops=3), Metrics()
+    db = open_db(tmp_path / "s.sqlite")
+    store = OpStore(db, "s", 60_000, lim, m)
+    ident = Identity.generate()
+    ops = [sign_op(ident, space="s", kind="a" if i % 2 else "b", timestamp=NOW + i,
+                   payload=b"%d" % i, limits=lim) for i in range(4)]
+    new = store.insert(ops)
+    assert len(new) == 3 and m["limit_op_store"] == 1
+    assert store.insert(ops[:1]) == []  # immutable: same id, nothing new
+    empty = store.digest()
+    assert store.buckets() == {}
+    store.mark_gossipable(o.id for o in new)
+    assert store.digest() != empty
+    assert [o.payload for o in store.query("a")] == [b"1"]
+    assert [o.payload for o in store.query(since=NOW + 1)] == [b"1", b"2"]
+    assert store.missing([ops[0].id.digest, ops[3].id.digest]) == [ops[3].id.digest]
+    assert store.prune(NOW + 2) == 2 and len(store) == 1
+
+
+def test_local_agent_store_remembers_creation_time(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    db = open_db(tmp_path / "s.sqlite")
+    store = LocalAgentStore(db, ident.node_id)
+    assert store.last_created_at() == 0
+    store.save(decode_record(rec(ident), space="s", now_ms=NOW, limits=LIM))
+    assert LocalAgentStore(db, ident.node_id).last_created_at() == NOW

@@ -1,0 +1,98 @@
+"""The failure detector under a virtual clock: no sockets, no sleeping."""
+
+from __future__ import annotations
+
+import random
+
+from blobmesh.space.swim import Alive, FailureDetector, Probe, ProbeVia, Unresponsive
+from blobmesh.transport.identity import Identity, NodeId
+
+INTERVAL, TIMEOUT, INDIRECT = 1.0, 0.3, 0.6
+
+
+def detector(n: int) -> tuple[FailureDetector, list[NodeId]]:
+    fd = FailureDetector(probe_interval=INTERVAL, probe_timeout=TIMEOUT,
+                         indirect_timeout=INDIRECT, indirect_probes=3, backoff_max=8.0,
+                         rng=random.Random(1))
+    nodes = [Identity.generate().node_id for _ in range(n)]
+    for node in nodes:
+        fd.add(node)
+    return fd, nodes
+
+
+def run(fd: FailureDetector, dead: set[NodeId], until: float, step: float = 0.1,
+        ) -> list[tuple[float, object]]:
+    """Drive the detector; live members ack probes (direct or via helpers) at once."""
+    seen: list[tuple[float, object]] = []
+    t = 0.0
+    while t <= until:
+        for eff in fd.tick(t):
+            seen.append((t, eff))
+            if isinstance(eff, Probe | ProbeVia) and eff.target not in dead:
+                seen.extend((t, e) for e in fd.on_ack(eff.target, eff.seq))
+        t = round(t + step, 6)
+    return seen
+
+
+def test_every_member_is_probed_once_per_round() -> None:
+    fd, nodes = detector(5)
+    probes = [e.target for _, e in run(fd, set(), 4.95) if isinstance(e, Probe)]
+    assert sorted(probes) == sorted(nodes)
+
+
+def test_dead_member_is_marked_within_the_bound() -> None:
+    fd, nodes = detector(6)
+    dead = nodes[3]
+    seen = run(fd, {dead}, 20.0)
+    marks = [(t, e) for t, e in seen if isinstance(e, Unresponsive)]
+    assert [e.target for _, e in marks] == [dead]  # exactly once, nobody else
+    bound = 2 * len(nodes) * INTERVAL + TIMEOUT + INDIRECT
+    assert marks[0][0] <= bound
+    via = [e for _, e in seen if isinstance(e, ProbeVia)]
+    assert via and all(dead not in e.via and len(e.via) == 3 for e in via)
+    assert fd.is_unresponsive(dead)
+
+
+def test_indirect_ack_saves_a_member() -> None:
+    fd, nodes = detector(3)
+    target = nodes[0]
+    fd.suspect(target)
+    (probe,) = [e for e in fd.tick(0.0) if isinstance(e, Probe) and e.target == target]
+    effects = fd.tick(TIMEOUT)
+    (via,) = [e for e in effects if isinstance(e, ProbeVia) and e.target == target]
+    assert fd.on_ack(target, via.seq) == []
+    later = fd.tick(TIMEOUT + INDIRECT + 0.01)
+    assert Unresponsive(target) not in later
+    assert not fd.is_unresponsive(target)
+    assert probe.seq == via.seq
+
+
+def test_suspect_is_probed_at_once_and_comes_back() -> None:
+    fd, nodes = detector(4)
+    target = nodes[2]
+    fd.tick(0.0)
+    fd.suspect(target)
+    assert any(isinstance(e, Probe) and e.target == target for e in fd.tick(0.05))
+    seen = run(fd, {target}, 1.5)
+    assert any(isinstance(e, Unresponsive) for _, e in seen)
+    assert fd.heard_from(target) == [Alive(target)]
+    assert not fd.is_unresponsive(target)
+
+
+def test_stale_ack_is_ignored() -> None:
+    fd, _ = detector(1)
+    (probe,) = fd.tick(0.0)
+    assert isinstance(probe, Probe)
+    assert fd.on_ack(probe.target, probe.seq + 7) == []
+    assert any(isinstance(e, Unresponsive) for e in fd.tick(TIMEOUT + 0.01))
+
+
+def test_dialing_time_is_not_silence() -> None:
+    fd, nodes = detector(3)
+    target = nodes[1]
+    fd.suspect(target)
+    (probe,) = [e for e in fd.tick(0.0) if isinstance(e, Probe) and e.target == target]
+    fd.set_deadline(target, probe.seq, 2.0)  # still connecting
+    assert not [e for e in fd.tick(1.0) if isinstance(e, ProbeVia) and e.target == target]
+    fd.set_deadline(target, probe.seq, 1.0 + TIMEOUT)  # connected: the ack clock starts
+    assert [e for e in fd.tick(1.0 + TIMEOUT) if isinstance(e, ProbeVia) and e.target == target]

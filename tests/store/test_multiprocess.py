@@ -1,0 +1,84 @@
+"""Several real processes sharing one home at once, and processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from blobmesh.hashing import BlobId, hash_bytes
+from blobmesh.store import LeaseId, Store
+from tests.store.helpers import payload, start_worker
+
+
+def _assert_clean(store: Store) -> None:
+    report = store.fsck()
+    assert report.ok, report.problems
+    assert not any(store.layout.tmp.iterdir())
+    assert not any(store.layout.trash.iterdir())
+
+
+def test_concurrent_adds_reads_pins_and_gc(home: Path) -> None:
+    Store(home).close()
+    collector = start_worker("gc-loop", str(home))
+    assert collector.stdout is not None and collector.stdin is not None
+    assert collector.stdout.readline() == "collecting\n"
+    workers = [start_worker("mixed", str(home), str(seed), "60") for seed in range(4)]
+    pinned: dict[str, str] = {}
+    for w in workers:
+        out, _ = w.communicate(timeout=120)
+        assert w.returncode == 0, f"worker failed: {out}"
+        pinned.update(json.loads(out))
+    collector.stdin.write("stop\n")
+    collector.stdin.close()
+    assert collector.stdout.read().strip().isdigit() and collector.wait(30) == 0
+    assert pinned, "the workers pinned something"
+    with Store(home) as store:
+        assert {p.name: str(p.blob_id) for p in store.pins()} == pinned
+        for blob in set(pinned.values()):
+            blob_id = BlobId.parse(blob)
+            assert hash_bytes(store.get_data(blob_id, LeaseId.new("check"))) == blob_id
+        store.gc()  # every worker is gone: only pins hold blobs now
+        assert {str(i.blob_id) for i in store.blobs()} == set(pinned.values())
+        _assert_clean(store)
+
+
+def test_kill_during_add(home: Path) -> None:
+    Store(home).close()
+    adder = start_worker("add-slowly", str(home), "64")
+    assert adder.stdout is not None
+    assert adder.stdout.readline() == "adding\n"
+    adder.send_signal(signal.SIGKILL)
+    assert adder.wait(30) == -signal.SIGKILL
+    assert any((home / "tmp").iterdir())  # killed mid-write
+    with Store(home) as store:
+        assert store.blobs() == []
+        _assert_clean(store)
+
+
+def test_kill_between_move_and_commit(home: Path) -> None:
+    with Store(home) as store:
+        adder = start_worker("add-die-before-commit", str(home), "300000")
+        assert adder.wait(30) == -signal.SIGKILL
+        assert len(list(store.layout.blobs.iterdir())) == 1  # files moved, row never committed
+        assert store.blobs() == []
+    with Store(home) as store:
+        assert store.blobs() == []
+        assert not any(any(sub.iterdir()) for sub in store.layout.blobs.iterdir())
+        _assert_clean(store)
+
+
+def test_kill_during_gc(home: Path) -> None:
+    with Store(home) as store:
+        contents = {store.add_bytes(payload(1000 + i, seed=i)).blob_id: payload(1000 + i, seed=i)
+                    for i in range(30)}
+    gc = start_worker("gc-die-midway", str(home), "41")  # 20 blobs and a half moved out
+    assert gc.wait(30) == -signal.SIGKILL
+    assert len(list((home / "trash").iterdir())) == 40
+    with Store(home) as store:  # the GC never committed: everything is back
+        assert {i.blob_id for i in store.blobs()} == set(contents)
+        for blob_id, data in contents.items():
+            assert store.read_range(blob_id, 0, len(data), verify=True) == data
+        _assert_clean(store)
+        assert len(store.gc().deleted) == len(contents)
+        _assert_clean(store)

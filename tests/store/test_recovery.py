@@ -1,0 +1,157 @@
+"""What a failed or killed operation leaves behind is undone (single-process regressions)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from blobmesh.errors import StoreError, StoreFullError
+from blobmesh.hashing import hash_bytes
+from blobmesh.store import LeaseId, Store
+from blobmesh.store import store as store_module
+from tests.store.helpers import payload
+
+DATA = payload(2_000_000, seed=5)
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_temp_files_of_dead_processes_are_removed(home: Path) -> None:
+    Store(home).close()
+    dead, alive = _dead_pid(), os.getpid()
+    names = [f"add-{dead}-x.tmp", f"add-{dead}-x.pieces", f"partial-{dead}-y.tmp", "stray",
+             f"add-{alive}-z.tmp"]
+    for name in names:
+        (home / "tmp" / name).write_bytes(b"junk")
+    Store(home).close()
+    assert [p.name for p in (home / "tmp").iterdir()] == [f"add-{alive}-z.tmp"]
+
+
+def test_rows_never_committed_lose_their_files(home: Path) -> None:
+    """A process that died between moving files in and committing leaves no orphan."""
+    with Store(home) as store:
+        blob_id = hash_bytes(DATA)
+        for path in (store.layout.data_path(blob_id), store.layout.pieces_path(blob_id)):
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"half-moved")
+        (store.layout.tmp / f"add-{_dead_pid()}-x.moving").write_text(blob_id.hex)
+    with Store(home) as store:
+        assert not store.layout.data_path(blob_id).exists()
+        assert not any(store.layout.tmp.iterdir())
+        assert store.fsck().ok
+
+
+def test_uncommitted_gc_is_rolled_back_on_open(home: Path) -> None:
+    with Store(home) as store:
+        kept = store.add_bytes(DATA).blob_id
+        gone = store.add_bytes(b"gone").blob_id
+        data, pieces = store.layout.data_path(kept), store.layout.pieces_path(kept)
+        os.replace(data, store.layout.trash / f"{data.name}~1-a")
+        os.replace(pieces, store.layout.trash / f"{pieces.name}~1-a")
+        trashed = store.layout.data_path(gone)
+        os.replace(trashed, store.layout.trash / f"{trashed.name}~1-a")
+        with store._write() as db:
+            db.execute("DELETE FROM blobs WHERE id=?", (gone.digest,))
+    with Store(home) as store:
+        assert not any(store.layout.trash.iterdir())
+        assert store.get_data(kept, LeaseId.new("r")) == DATA
+        report = store.fsck()
+        assert [p.kind for p in report.problems] == ["orphan"]  # gone's piece layer only
+
+
+def test_trash_does_not_overwrite_a_blob_added_again(home: Path) -> None:
+    """Regression: restoring trash replaced the file of a partial re-created meanwhile."""
+    with Store(home) as store:
+        layer = store.add_bytes(DATA).blob_id
+        old = store.layout.data_path(layer)
+        os.replace(old, store.layout.trash / old.name)  # as named before GC tokens
+        old.write_bytes(b"newer file")
+    with Store(home) as store:
+        assert old.read_bytes() == b"newer file"
+        assert not any(store.layout.trash.iterdir())
+
+
+def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException,
+             after: int = 1) -> None:
+    """Make ``os.<name>`` as used by the store raise ``exc`` from its call number ``after``."""
+    real = getattr(os, name)
+    calls = 0
+
+    def failing(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls >= after:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module.os, name, failing)
+
+
+# fsync 1: the data, 2: the piece layer, 3: the directory, inside the transaction
+@pytest.mark.parametrize(("name", "after"), [("write", 1), ("fsync", 1), ("fsync", 2),
+                                              ("fsync", 3)])
+def test_disk_full_leaves_nothing(store: Store, monkeypatch: pytest.MonkeyPatch, name: str,
+                                  after: int) -> None:
+    """Regression: ENOSPC while writing the piece layer (fsync 2) left its temp file."""
+    _fail_on(monkeypatch, name, OSError(errno.ENOSPC, "No space left on device"), after)
+    with pytest.raises(StoreFullError, match="disk full"):
+        store.add_bytes(DATA)
+    monkeypatch.undo()
+    assert store.blobs() == [] and not any(store.layout.tmp.iterdir())
+    assert store.add_bytes(DATA).blob_id == hash_bytes(DATA)
+
+
+def test_failed_move_in_is_undone(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a failure after the files were renamed into blobs/ left orphans."""
+    _fail_on(monkeypatch, "replace", OSError(errno.EIO, "I/O error"), after=2)
+    with pytest.raises(StoreError, match="add failed"):
+        store.add_bytes(DATA)
+    monkeypatch.undo()
+    assert store.blobs() == [] and store.fsck().ok
+    assert not any(store.layout.tmp.iterdir())
+
+
+def test_failed_commit_is_undone(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a COMMIT failing on a full disk left the transaction open and orphans."""
+    real_execute = sqlite3.Connection.execute
+
+    class FullOnCommit(sqlite3.Connection):
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+            if sql == "COMMIT":
+                err = sqlite3.OperationalError("database or disk is full")
+                err.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+                raise err
+            return real_execute(self, sql, *args)
+
+    db = sqlite3.connect(store.layout.db, isolation_level=None, factory=FullOnCommit,
+                         check_same_thread=False)
+    real_db = store._db
+    monkeypatch.setattr(store, "_db", db)
+    with pytest.raises(StoreFullError):
+        store.add_bytes(DATA)
+    assert not db.in_transaction
+    monkeypatch.setattr(store, "_db", real_db)
+    db.close()
+    assert store.blobs() == [] and store.fsck().ok
+    assert not any(store.layout.tmp.iterdir())
+    assert store.add_bytes(DATA).complete
+
+
+def test_unusable_home_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StoreError, match="cannot create store home"):
+        Store(tmp_path / "file" / "home")
+    home = tmp_path / "home"
+    (home / "store.sqlite").mkdir(parents=True)
+    with pytest.raises(StoreError, match="cannot open the store database"):
+        Store(home)
