@@ -1,52 +1,195 @@
-"""The main job, runnable as ``./dev demo``: a short, self-checking tour of blobmesh."""
+"""The main job, run by ``./dev demo``: a local fleet distributing a file, with live progress.
+
+Starts N real node processes on loopback (``blobmesh node run``), bootstrapped from the first,
+adds a generated file on the first, distributes it to the whole fleet through the swarm, shows
+each target's progress, verifies every copy against its blob id, prints a summary and shuts
+the fleet down cleanly (each node leaves the space with a tombstone).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from rich.live import Live
+from rich.table import Table
+
+from blobmesh.cli.node_cmds import render_status
 from blobmesh.cli.output import byte_progress, console, human_bytes
+from blobmesh.distribution.model import DistributionStatus
+from blobmesh.errors import BlobmeshError
+from blobmesh.node.client import NodeClient
 from blobmesh.store import LeaseId, Store
 
 
-def store_demo(size: int) -> int:
+class Fleet:
+    """N ``blobmesh node run`` processes, each with its own home under ``root``."""
+
+    def __init__(self, root: Path, size: int) -> None:
+        self.root = root
+        self.size = size
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.tickets: list[str] = []
+
+    def home(self, i: int) -> Path:
+        return self.root / f"node{i}"
+
+    def _spawn(self, i: int, bootstrap: str | None) -> str:
+        cmd = [sys.executable, "-m", "blobmesh.cli.main", "--home", str(self.home(i)),
+               "node", "run", "--listen", "127.0.0.1:0", "--group", "demo",
+               "--cap", f"index={i}"]
+        if bootstrap:
+            cmd += ["--bootstrap", bootstrap]
+        log = open(self.root / f"node{i}.log", "wb")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()
+        if not line:
+            raise BlobmeshError(f"node {i} failed to start; see {self.root}/node{i}.log:\n"
+                                + (self.root / f"node{i}.log").read_text()[-2000:])
+        return line
+
+    def start(self) -> None:
+        for i in range(self.size):
+            self.tickets.append(self._spawn(i, self.tickets[0] if self.tickets else None))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def wait_for_convergence(fleet: Fleet, timeout: float = 30.0) -> None:
+    t0 = time.perf_counter()
+    async with NodeClient(fleet.home(0)) as client:
+        while True:
+            peers = [p for p in await client.peers() if p["alive"]]
+            if len(peers) >= fleet.size - 1:
+                return
+            if time.perf_counter() - t0 > timeout:
+                raise BlobmeshError(f"only {len(peers)} of {fleet.size - 1} peers joined "
+                                    f"within {timeout}s")
+            await asyncio.sleep(0.1)
+
+
+def make_payload(path: Path, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, len(block))
+            f.write(block[:n])
+            left -= n
+            block = block[1:] + block[:1]  # different content per block, cheaply
+
+
+async def distribute(fleet: Fleet, blob: str, scope: str, timeout: float
+                     ) -> DistributionStatus:
+    async with NodeClient(fleet.home(0)) as client:
+        status = await client.distribute(blob, scope, "normal")
+        with Live(render_status(status), console=console, refresh_per_second=10) as live:
+            async def follow() -> DistributionStatus:
+                final = status
+                async for s in client.events(str(status.handle)):
+                    final = s
+                    live.update(render_status(s))
+                return final
+
+            final = await asyncio.wait_for(follow(), timeout)
+        console.print()
+        return final
+
+
+def verify_copies(fleet: Fleet, blob_text: str) -> list[tuple[int, bool, str]]:
+    from blobmesh.hashing import BlobId
+
+    blob_id = BlobId.parse(blob_text)
+    results = []
+    for i in range(fleet.size):
+        try:
+            with Store(fleet.home(i)) as store, \
+                    store.get_reader(blob_id, LeaseId.new("demo-verify"), verify=True) as r:
+                while r.read(4 << 20):
+                    pass
+            results.append((i, True, "verified"))
+        except BlobmeshError as exc:
+            results.append((i, False, str(exc)))
+    return results
+
+
+async def run(nodes: int, size: int, scope: str, timeout: float) -> int:
     with tempfile.TemporaryDirectory(prefix="blobmesh-demo-") as tmp:
-        src = Path(tmp) / "payload.bin"
-        console.print(f"[bold]blobmesh demo[/]: generating a {human_bytes(size)} file")
-        with open(src, "wb") as f:
-            left = size
-            while left:
-                n = min(left, 1 << 20)
-                f.write(os.urandom(n))
-                left -= n
-        with Store(Path(tmp) / "home") as store, byte_progress() as progress:
-            task = progress.add_task("add", total=size)
+        root = Path(tmp)
+        fleet = Fleet(root, nodes)
+        console.print(f"[bold]blobmesh demo[/]: {nodes} nodes on loopback, "
+                      f"{human_bytes(size)} to scope '{scope}'")
+        try:
             t0 = time.perf_counter()
-            info = store.add_path(src, LeaseId.new("demo"),
-                                  progress=lambda n: progress.advance(task, n))
-            dt = time.perf_counter() - t0
-            console.print(f"added {info.blob_id} ({human_bytes(size)}) in {dt:.2f}s "
-                          f"= {human_bytes(size / dt)}/s, {info.pieces_total} pieces")
-            again = store.add_path(src)
-            console.print(f"re-adding deduplicates: same id = {again.blob_id == info.blob_id}")
-            out = Path(tmp) / "export.bin"
-            store.export(info.blob_id, out)
-            same = out.read_bytes() == src.read_bytes()
-            console.print(f"verified export matches: {same}")
-            report = store.fsck()
-            console.print(f"fsck: {report.checked} blob(s) ok = {report.ok}")
-            return 0 if same and report.ok else 1
+            fleet.start()
+            await wait_for_convergence(fleet)
+            console.print(f"fleet of {nodes} up and converged in "
+                          f"{time.perf_counter() - t0:.1f}s", highlight=False)
+            payload = root / "payload.bin"
+            make_payload(payload, size)
+            with Store(fleet.home(0)) as store, byte_progress() as progress:
+                task = progress.add_task("add", total=size)
+                info = store.add_path(payload, progress=lambda n: progress.advance(task, n))
+            console.print(f"added {info.blob_id} on node 0 ({info.pieces_total} pieces)")
+            t1 = time.perf_counter()
+            final = await distribute(fleet, str(info.blob_id), scope, timeout)
+            elapsed = time.perf_counter() - t1
+            checks = verify_copies(fleet, str(info.blob_id))
+        finally:
+            fleet.stop()
+        summary = Table(title="summary", title_justify="left")
+        summary.add_column("node")
+        summary.add_column("copy")
+        for i, ok, note in checks:
+            summary.add_row(f"node{i}" + (" (source)" if i == 0 else ""),
+                            f"[green]{note}[/]" if ok else f"[red]{note}[/]")
+        console.print(summary)
+        delivered = final.completed * size
+        console.print(f"{final.state}: {final.completed}/{final.total} targets in "
+                      f"{elapsed:.2f}s; {human_bytes(delivered)} delivered = "
+                      f"{human_bytes(delivered / elapsed)}/s aggregate", highlight=False)
+        ok = all(ok for _, ok, _ in checks) and final.completed == final.total
+        return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="blobmesh-demo")
-    parser.add_argument("--size-mb", type=int, default=64)
+    parser = argparse.ArgumentParser(prog="blobmesh-demo", description=__doc__)
+    parser.add_argument("--nodes", type=int, default=5)
+    parser.add_argument("--size-mb", type=int, default=256)
+    parser.add_argument("--scope", default="all")
+    parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
-    return store_demo(args.size_mb * 1024 * 1024)
+    if args.nodes < 2:
+        parser.error("--nodes must be at least 2")
+    try:
+        return asyncio.run(run(args.nodes, args.size_mb * 1024 * 1024, args.scope, args.timeout))
+    except BlobmeshError as exc:
+        sys.stderr.write(f"demo: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            sys.stderr.write("demo: interrupted\n")
+        return 130
 
 
 if __name__ == "__main__":

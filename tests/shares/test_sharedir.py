@@ -35,6 +35,10 @@ def test_layout_and_manifest(store: Store, share_root: Path) -> None:
     named = json.loads((share_root / "by-resource" / "weights-v1.json").read_text())
     assert named == {**own, "resource_id": "weights-v1"}
     assert list((share_root / ".staging").iterdir()) == []
+    crashed = share_root / ".staging" / "1-dead"  # what a writer killed mid-share leaves
+    crashed.mkdir()
+    ShareDir(share_root).unshare("weights-v1")
+    assert list((share_root / ".staging").iterdir()) == []
 
 
 def test_reshare_is_a_noop_and_resource_ids_repoint(store: Store, share_root: Path) -> None:

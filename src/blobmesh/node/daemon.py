@@ -24,7 +24,7 @@ from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
 from blobmesh.transport import Endpoint, Identity, Ticket, TransportConfig
-from blobmesh.transport.ticket import format_address, parse_address
+from blobmesh.transport.ticket import format_address, parse_listen_address
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class NodeConfig:
             capabilities = dict(parse_capability(c) for c in caps)
         except ValueError as exc:
             raise NodeConfigError(str(exc)) from exc
-        return cls(home=home, listen=parse_address(listen),
+        return cls(home=home, listen=parse_listen_address(listen),
                    bootstrap=tuple(Ticket.parse(t) for t in bootstrap), groups=tuple(groups),
                    capabilities=capabilities, space=space, secret=secret, mdns=mdns,
                    swarm=SwarmConfig(upload_rate=upload_rate, download_rate=download_rate))

@@ -175,10 +175,14 @@ class ShareDir:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        (self.root / ".staging").mkdir(parents=True, exist_ok=True)
+        staging = self.root / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            # writers stage only while holding the lock: anything left is from one that died
+            for leftover in staging.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
             yield
         finally:
             os.close(fd)

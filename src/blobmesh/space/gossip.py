@@ -74,16 +74,19 @@ class GossipInitiator:
         self._diff_buckets: list[int] = []
         self._remote_ids: set[bytes] = set()
         self._id_pages = 0
+        self._sent = (b"", b"")
 
     def start(self) -> wire.Request:
-        return wire.GossipHello(0, self._session, self._peers.digest(), self._ops.digest())
+        # both sides decide "differ" from the same pair: what we sent and what they answer
+        self._sent = (self._peers.digest(), self._ops.digest())
+        return wire.GossipHello(0, self._session, *self._sent)
 
     def on_response(self, msg: wire.Response) -> tuple[wire.Request | None, list[Effect]]:
         """Feed the peer's answer; returns the next request (None: round over) and effects."""
         match msg:
             case wire.GossipState():
-                self._ops_differ = msg.ops_digest != self._ops.digest()
-                if msg.peers_digest != self._peers.digest():
+                self._ops_differ = msg.ops_digest != self._sent[1]
+                if msg.peers_digest != self._sent[0]:
                     summary = self._peers.summary()
                     n = self._limits.max_elements
                     self._peer_pages = [summary[i:i + n] for i in range(0, len(summary), n)]
@@ -141,6 +144,7 @@ class GossipInitiator:
 class _Session:
     id: bytes
     started: float
+    ops_differ: bool
     seen: set[bytes] = field(default_factory=set)
     buckets: list[int] = field(default_factory=list)
 
@@ -169,6 +173,8 @@ class GossipResponder:
             return wire.Error(msg.rid, "no such gossip session for this peer")
         match msg:
             case wire.PeerSummary():
+                if msg.complete and not s.ops_differ:
+                    del self._sessions[peer]
                 return self._peer_summary(s, msg)
             case wire.OpSummary():
                 return self._op_summary(s, msg)
@@ -188,8 +194,9 @@ class GossipResponder:
             if len(self._sessions) >= self._limits.max_gossip_sessions:
                 self._metrics.limit("gossip_sessions")
                 return wire.Busy(msg.rid, 1000)
-        if msg.peers_digest != self._peers.digest() or msg.ops_digest != self._ops.digest():
-            self._sessions[peer] = _Session(msg.session, now)
+        ops_differ = msg.ops_digest != self._ops.digest()
+        if ops_differ or msg.peers_digest != self._peers.digest():
+            self._sessions[peer] = _Session(msg.session, now, ops_differ)
         else:
             self._sessions.pop(peer, None)
         return wire.GossipState(msg.rid, self._peers.digest(), self._ops.digest())

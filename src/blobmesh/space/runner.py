@@ -30,8 +30,9 @@ from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.transport import Endpoint, Identity, Ticket, format_address, parse_address
 
 KINDS = ("test", "bench")
-FAST = Timing(gossip_interval=0.3, probe_interval=0.2, probe_timeout=0.3, indirect_timeout=0.4,
-              maintenance_interval=0.5, request_timeout=2.0)
+# generous timeouts: tests share two cores, and a starved event loop is not a dead node
+FAST = Timing(gossip_interval=0.3, probe_interval=0.2, probe_timeout=1.0, indirect_timeout=1.5,
+              maintenance_interval=0.5, request_timeout=3.0, unresponsive_backoff_max=2.0)
 
 
 def _emit(obj: dict[str, Any]) -> None:

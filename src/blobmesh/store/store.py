@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import os
 import sqlite3
 import threading
@@ -855,21 +856,36 @@ class _Ingest:
 
 def _chunks(source: BinaryIO | io.RawIOBase | Iterable[bytes | memoryview]
             ) -> Iterator[bytes | memoryview]:
-    """The input in chunks.  File objects are read into one reused buffer (no allocation and
-    page faults per chunk): each chunk is consumed before the next is read."""
+    """The input in chunks.
+
+    A file object is read ahead in a helper thread into two reused buffers (no allocation per
+    chunk), so reading overlaps the consumer's hashing and writing; each chunk must be
+    consumed before the next one is asked for.
+    """
     stream: Any = source
     if not hasattr(stream, "read"):
         yield from source
         return
-    buf = bytearray(CHUNK if hasattr(stream, "readinto") else 0)
-    while True:
-        try:
-            chunk = memoryview(buf)[: stream.readinto(buf) or 0] if buf else stream.read(CHUNK)
-        except OSError as exc:
-            raise SourceError(f"reading the input failed: {exc.strerror or exc}") from exc
-        if not chunk:
-            return
-        yield chunk
+    if not hasattr(stream, "readinto"):
+        while chunk := _read(stream.read, CHUNK):
+            yield chunk
+        return
+    buffers = (bytearray(CHUNK), bytearray(CHUNK))
+    with ThreadPoolExecutor(1, thread_name_prefix="blobmesh-read") as pool:
+        ahead = pool.submit(_read, stream.readinto, buffers[0])
+        for i in itertools.count():
+            n = ahead.result() or 0
+            if not n:
+                return
+            ahead = pool.submit(_read, stream.readinto, buffers[(i + 1) % 2])
+            yield memoryview(buffers[i % 2])[:n]
+
+
+def _read(read: Callable[[Any], Any], arg: Any) -> Any:
+    try:
+        return read(arg)
+    except OSError as exc:
+        raise SourceError(f"reading the input failed: {exc.strerror or exc}") from exc
 
 
 def _write_file_synced(path: Path, data: bytes) -> None:

@@ -59,6 +59,14 @@ def parse_address(text: str) -> Address:
     return check_address(host, int(port))
 
 
+def parse_listen_address(text: str) -> Address:
+    """Parse a ``host:port`` to listen on; port 0 picks a free port."""
+    host, sep, port = text.strip().rpartition(":")
+    if sep and port == "0":
+        return (host[1:-1] if host.startswith("[") else host) or "0.0.0.0", 0
+    return parse_address(text)
+
+
 def format_address(addr: Address) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
