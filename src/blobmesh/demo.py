@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,65 +25,20 @@ from blobmesh.cli.output import byte_progress, console, human_bytes
 from blobmesh.distribution.model import DistributionStatus
 from blobmesh.errors import BlobmeshError
 from blobmesh.node.client import NodeClient
+from blobmesh.node.fleet import Fleet
 from blobmesh.store import LeaseId, Store
 
 
-class Fleet:
-    """N ``blobmesh node run`` processes, each with its own home under ``root``."""
-
-    def __init__(self, root: Path, size: int) -> None:
-        self.root = root
-        self.size = size
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.tickets: list[str] = []
-
-    def home(self, i: int) -> Path:
-        return self.root / f"node{i}"
-
-    def _spawn(self, i: int, bootstrap: str | None) -> str:
-        cmd = [sys.executable, "-m", "blobmesh.cli.main", "--home", str(self.home(i)),
-               "node", "run", "--listen", "127.0.0.1:0", "--group", "demo",
-               "--cap", f"index={i}"]
-        if bootstrap:
-            cmd += ["--bootstrap", bootstrap]
-        log = open(self.root / f"node{i}.log", "wb")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode().strip()
-        if not line:
-            raise BlobmeshError(f"node {i} failed to start; see {self.root}/node{i}.log:\n"
-                                + (self.root / f"node{i}.log").read_text()[-2000:])
-        return line
-
-    def start(self) -> None:
-        for i in range(self.size):
-            self.tickets.append(self._spawn(i, self.tickets[0] if self.tickets else None))
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
 async def wait_for_convergence(fleet: Fleet, timeout: float = 30.0) -> None:
+    """Wait until every node sees every other node alive."""
     t0 = time.perf_counter()
-    async with NodeClient(fleet.home(0)) as client:
-        while True:
-            peers = [p for p in await client.peers() if p["alive"]]
-            if len(peers) >= fleet.size - 1:
-                return
-            if time.perf_counter() - t0 > timeout:
-                raise BlobmeshError(f"only {len(peers)} of {fleet.size - 1} peers joined "
-                                    f"within {timeout}s")
-            await asyncio.sleep(0.1)
+    want = len(fleet.nodes) - 1
+    for node in fleet.nodes:
+        async with NodeClient(node.home) as client:
+            while len([p for p in await client.peers() if p["alive"]]) < want:
+                if time.perf_counter() - t0 > timeout:
+                    raise BlobmeshError(f"the fleet did not converge within {timeout}s")
+                await asyncio.sleep(0.1)
 
 
 def make_payload(path: Path, size: int) -> None:
@@ -101,7 +54,7 @@ def make_payload(path: Path, size: int) -> None:
 
 async def distribute(fleet: Fleet, blob: str, scope: str, timeout: float
                      ) -> DistributionStatus:
-    async with NodeClient(fleet.home(0)) as client:
+    async with NodeClient(fleet.nodes[0].home) as client:
         status = await client.distribute(blob, scope, "normal")
         with Live(render_status(status), console=console, refresh_per_second=10) as live:
             async def follow() -> DistributionStatus:
@@ -121,9 +74,9 @@ def verify_copies(fleet: Fleet, blob_text: str) -> list[tuple[int, bool, str]]:
 
     blob_id = BlobId.parse(blob_text)
     results = []
-    for i in range(fleet.size):
+    for i, node in enumerate(fleet.nodes):
         try:
-            with Store(fleet.home(i)) as store, \
+            with Store(node.home) as store, \
                     store.get_reader(blob_id, LeaseId.new("demo-verify"), verify=True) as r:
                 while r.read(4 << 20):
                     pass
@@ -136,7 +89,9 @@ def verify_copies(fleet: Fleet, blob_text: str) -> list[tuple[int, bool, str]]:
 async def run(nodes: int, size: int, scope: str, timeout: float) -> int:
     with tempfile.TemporaryDirectory(prefix="blobmesh-demo-") as tmp:
         root = Path(tmp)
-        fleet = Fleet(root, nodes)
+        fleet = Fleet(root)
+        for i in range(nodes):
+            fleet.add(groups=["demo"], caps=[f"index={i}"])
         console.print(f"[bold]blobmesh demo[/]: {nodes} nodes on loopback, "
                       f"{human_bytes(size)} to scope '{scope}'")
         try:
@@ -147,7 +102,7 @@ async def run(nodes: int, size: int, scope: str, timeout: float) -> int:
                           f"{time.perf_counter() - t0:.1f}s", highlight=False)
             payload = root / "payload.bin"
             make_payload(payload, size)
-            with Store(fleet.home(0)) as store, byte_progress() as progress:
+            with Store(fleet.nodes[0].home) as store, byte_progress() as progress:
                 task = progress.add_task("add", total=size)
                 info = store.add_path(payload, progress=lambda n: progress.advance(task, n))
             console.print(f"added {info.blob_id} on node 0 ({info.pieces_total} pieces)")

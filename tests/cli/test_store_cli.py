@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ class Cli:
     def out(self, *args: str | Path) -> str:
         return self.run(*args).stdout.decode()
 
-    def json(self, *args: str | Path) -> object:
+    def json(self, *args: str | Path) -> Any:
         return json.loads(self.out(*args, "--json"))
 
 
@@ -86,7 +87,7 @@ def test_pins_and_gc(cli: Cli, files: list[Path]) -> None:
     dry = cli.json("gc", "--dry-run")
     assert isinstance(dry, dict) and dry["deleted"] == [dropped] and dry["dry_run"]
     assert "deleted 1 blob(s)" in cli.out("gc")
-    assert [e["id"] for e in cli.json("ls")] == [kept]  # type: ignore[union-attr]
+    assert [e["id"] for e in cli.json("ls")] == [kept]
     assert cli.out("unpin", "keep").strip() == f"unpinned keep ({kept})"
     report = cli.json("gc")
     assert isinstance(report, dict) and report["deleted"] == [kept]

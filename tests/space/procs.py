@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import subprocess
@@ -17,33 +18,42 @@ class RunnerProc:
     """One runner process hosting ``nodes`` space nodes."""
 
     def __init__(self, home: Path, nodes: int = 1, *, bootstrap: list[str] | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, wait: bool = True) -> None:
         cmd = [sys.executable, "-m", "blobmesh.space.runner", "--home", str(home),
                "--nodes", str(nodes), *(extra or [])]
         for t in bootstrap or []:
             cmd += ["--bootstrap", t]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.nodes = nodes
         self.lines: queue.Queue[str] = queue.Queue()
         self.events: list[dict[str, Any]] = []
-        self.tickets = [self._read_line(30) for _ in range(nodes)]
+        self.tickets: list[str] = []
+        self.tickets_at = 0.0  # when the last ticket was printed (nodes started, joining)
+        self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
+        if wait:
+            self.wait_ready()
 
-    def _read_line(self, within: float) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("runner exited before printing its tickets")
-        return line.strip()
+    def wait_ready(self, within: float = 60.0) -> None:
+        if not self._ready.wait(within) or len(self.tickets) < self.nodes:
+            raise RuntimeError("runner did not print its tickets")
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if line.startswith("bmt1"):
+                self.tickets.append(line.strip())
+                if len(self.tickets) == self.nodes:
+                    self.tickets_at = time.time()
+                    self._ready.set()
+                continue
             msg = json.loads(line)
             if "event" in msg:
                 self.events.append(msg)
             else:
                 self.lines.put(line)
+        self._ready.set()  # exited: let waiters see the missing tickets
 
     def call(self, within: float = 10.0, **cmd: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -62,10 +72,8 @@ class RunnerProc:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(queue.Empty, BrokenPipeError, OSError):
                 self.call(cmd="quit", within=1)
-            except (queue.Empty, BrokenPipeError, OSError):
-                pass
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:

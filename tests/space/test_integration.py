@@ -26,8 +26,8 @@ class Fleet:
                        for i in range(3)]
         self.procs = [self.seed, self.victim, *self.groups]
 
-    def statuses(self, skip: set[str] = frozenset()) -> list[dict[str, Any]]:  # type: ignore[assignment]
-        out = []
+    def statuses(self, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         for p in self.procs:
             if p.proc.poll() is None:
                 out.extend(s for s in p.status() if s["node"] not in skip)
@@ -60,7 +60,7 @@ def test_op_published_on_one_reaches_all(fleet: Fleet) -> None:
 
 def test_leaving_node_tombstone_reaches_all(fleet: Fleet) -> None:
     leaver = fleet.groups[2].call(cmd="leave", node=5)["left"]
-    rest = {leaver}
+    rest = frozenset({leaver})
     wait_for(lambda: all(leaver in s["left"] and s["alive"] == 18
                          for s in fleet.statuses(skip=rest)), within=5)
 

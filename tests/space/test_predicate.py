@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 
 from blobmesh.errors import PredicateError
-from blobmesh.space import parse_predicate
+from blobmesh.space import CapValue, parse_predicate
 
-CAPS = {"gpu": True, "arch": "arm64", "mem_gb": 64, "rev": "7", "load": 0.5}
+CAPS: dict[str, CapValue] = {"gpu": True, "arch": "arm64", "mem_gb": 64, "rev": "7", "load": 0.5}
 
 
 @pytest.mark.parametrize(("expr", "want"), [

@@ -18,9 +18,9 @@ from tests.space.util import FAST, Cluster, RawPeer, cluster, config, eventually
 
 
 async def grow(c: Cluster, n: int, **cfg: object) -> None:
-    first = await c.add(config(**cfg))  # type: ignore[arg-type]
+    first = await c.add(config(**cfg))
     for _ in range(n - 1):
-        await c.add(config(**cfg), seed=first)  # type: ignore[arg-type]
+        await c.add(config(**cfg), seed=first)
 
 
 async def test_convergence_publish_and_subscribe(tmp_path: Path) -> None:

@@ -23,7 +23,10 @@ def test_peer_store_bounded_replacing_and_persistent(tmp_path: Path) -> None:
     db = open_db(tmp_path / "s.sqlite")
     store = PeerStore(db, "s", lim, m, NOW)
     a, b, c = (Identity.generate() for _ in range(3))
-    put = lambda raw: store.put(decode_record(raw, space="s", now_ms=NOW, limits=lim))  # noqa: E731
+
+    def put(raw: bytes) -> PutResult:
+        return store.put(decode_record(raw, space="s", now_ms=NOW, limits=lim))
+
     assert put(rec(a)) is PutResult.NEW
     assert put(rec(a, NOW + 1)) is PutResult.REPLACED
     assert put(rec(a)) is PutResult.STALE  # replayed older record

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from blobmesh.hashing import BlobId
 from blobmesh.store import Store
@@ -29,6 +34,24 @@ def flip_byte(store: Store, blob_id: BlobId, offset: int) -> None:
 def truncate(store: Store, blob_id: BlobId, size: int) -> None:
     with open(store.layout.data_path(blob_id), "r+b") as f:
         f.truncate(size)
+
+
+def failing_db(store: Store, monkeypatch: pytest.MonkeyPatch,
+               fails: Callable[[str], BaseException | None]) -> sqlite3.Connection:
+    """Give ``store`` a connection that raises ``fails(sql)`` for statements it returns one for."""
+    real_execute = sqlite3.Connection.execute
+
+    class Failing(sqlite3.Connection):
+        def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+            exc = fails(sql)
+            if exc is not None:
+                raise exc
+            return real_execute(self, sql, parameters)
+
+    db = sqlite3.connect(store.layout.db, isolation_level=None, factory=Failing,
+                         check_same_thread=False)
+    monkeypatch.setattr(store, "_db", db)
+    return db
 
 
 def start_worker(*args: str) -> subprocess.Popen[str]:

@@ -14,13 +14,7 @@ from blobmesh.errors import BlobNotFoundError, PinNotFoundError, StoreError
 from blobmesh.hashing import BlobId
 from blobmesh.store import LeaseId, Store, pid_alive
 from blobmesh.store.leases import pid_start_time
-from tests.store.helpers import payload, run_worker, start_worker
-
-
-def _dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    return int(proc.stdout)
+from tests.store.helpers import failing_db, payload, run_worker, start_worker
 
 
 def _collected(store: Store) -> list[BlobId]:
@@ -100,6 +94,17 @@ def test_recycled_pid_does_not_keep_a_lease(store: Store) -> None:
     assert report.deleted == [blob_id] and report.dead_leases_dropped == 1
 
 
+def test_lease_taken_again_after_pid_reuse_is_live(store: Store) -> None:
+    """Regression: re-taking a named lease kept the dead previous owner's start time."""
+    lease = LeaseId.named("svc")
+    blob_id = store.add_bytes(b"reused", lease).blob_id
+    with store._lock:  # as if an earlier process with our pid had taken the same lease
+        store._db.execute("UPDATE leases SET pid_start=pid_start-1")
+    store.lease_by_content(blob_id, lease)
+    assert store.leases(blob_id)[0][2]
+    assert _collected(store) == []
+
+
 def test_leases_of_a_dead_process_are_dropped(store: Store) -> None:
     """A real process leases a blob and exits without any advice: GC checks liveness."""
     blob_id = store.add_bytes(payload(50_000)).blob_id
@@ -169,21 +174,16 @@ def test_pins(store: Store) -> None:
 def test_gc_failure_puts_files_back(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: an error inside GC's transaction used to leave files in trash/."""
     ids = [store.add_bytes(bytes([i]) * 100).blob_id for i in range(3)]
-    real_execute = sqlite3.Connection.execute
     deletes = 0
 
-    class Failing(sqlite3.Connection):
-        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
-            nonlocal deletes
-            if sql.startswith("DELETE FROM blobs"):
-                deletes += 1
-                if deletes == 2:
-                    raise sqlite3.OperationalError("disk I/O error")
-            return real_execute(self, sql, *args)
+    def second_delete(sql: str) -> BaseException | None:
+        nonlocal deletes
+        if not sql.startswith("DELETE FROM blobs"):
+            return None
+        deletes += 1
+        return sqlite3.OperationalError("disk I/O error") if deletes == 2 else None
 
-    db = sqlite3.connect(store.layout.db, isolation_level=None, factory=Failing,
-                         check_same_thread=False)
-    monkeypatch.setattr(store, "_db", db)
+    db = failing_db(store, monkeypatch, second_delete)
     with pytest.raises(sqlite3.OperationalError):
         store.gc()
     assert all(store.layout.data_path(i).exists() for i in ids)

@@ -10,6 +10,7 @@ import pytest
 from blobmesh.errors import BlobIncompleteError, VerificationError
 from blobmesh.hashing import PieceLayer, hash_stream
 from blobmesh.store import LeaseId, Store
+from blobmesh.store import partial as partial_module
 from tests.store.helpers import payload
 
 PIECE = 256 * 1024
@@ -78,6 +79,19 @@ def test_resume_after_reopening_the_store(home: Path) -> None:
             for i in partial.missing():
                 partial.write_piece(i, _piece(layer, i))
         assert store.get_data(layer.blob_id, LeaseId.new("r")) == DATA
+
+
+def test_pieces_become_present_every_flush_bytes(store: Store,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partial_module, "FLUSH_BYTES", 2 * PIECE)
+    layer = _layer()
+    with store.begin_partial(layer, LeaseId.new("rx")) as partial:
+        present = []
+        for i in range(5):
+            partial.write_piece(i, _piece(layer, i))
+            present.append(store.info(layer.blob_id).pieces_present)
+    assert present == [0, 2, 2, 4, 4]
+    assert store.info(layer.blob_id).pieces_present == 5
 
 
 def test_two_writers_share_progress(store: Store) -> None:

@@ -12,8 +12,7 @@ import pytest
 from blobmesh.errors import StoreError, StoreFullError
 from blobmesh.hashing import hash_bytes
 from blobmesh.store import LeaseId, Store
-from blobmesh.store import store as store_module
-from tests.store.helpers import payload
+from tests.store.helpers import failing_db, payload
 
 DATA = payload(2_000_000, seed=5)
 
@@ -94,7 +93,7 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException,
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_module.os, name, failing)
+    monkeypatch.setattr(os, name, failing)
 
 
 # fsync 1: the data, 2: the piece layer, 3: the directory, inside the transaction
@@ -123,24 +122,13 @@ def test_failed_move_in_is_undone(store: Store, monkeypatch: pytest.MonkeyPatch)
 
 def test_failed_commit_is_undone(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: a COMMIT failing on a full disk left the transaction open and orphans."""
-    real_execute = sqlite3.Connection.execute
-
-    class FullOnCommit(sqlite3.Connection):
-        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
-            if sql == "COMMIT":
-                err = sqlite3.OperationalError("database or disk is full")
-                err.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
-                raise err
-            return real_execute(self, sql, *args)
-
-    db = sqlite3.connect(store.layout.db, isolation_level=None, factory=FullOnCommit,
-                         check_same_thread=False)
-    real_db = store._db
-    monkeypatch.setattr(store, "_db", db)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    db = failing_db(store, monkeypatch, lambda sql: full if sql == "COMMIT" else None)
     with pytest.raises(StoreFullError):
         store.add_bytes(DATA)
     assert not db.in_transaction
-    monkeypatch.setattr(store, "_db", real_db)
+    monkeypatch.undo()
     db.close()
     assert store.blobs() == [] and store.fsck().ok
     assert not any(store.layout.tmp.iterdir())

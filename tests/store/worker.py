@@ -119,7 +119,7 @@ def add_die_before_commit(home: str, size: str) -> None:
 def gc_die_midway(home: str, moves: str) -> None:
     """Run a GC that dies after ``moves`` file moves into trash, before it commits."""
     with Store(home) as store:
-        die_on_call(store_module.os, "replace", int(moves))
+        die_on_call(os, "replace", int(moves))
         store.gc()
 
 

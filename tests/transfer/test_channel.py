@@ -335,3 +335,13 @@ def test_push_receiver_with_partial_only_gets_missing() -> None:
     bf = Bitfield(10)
     bf.update(range(10))
     assert sim.have() == bf
+
+
+def test_restart_of_a_pull_whose_layer_never_arrived() -> None:
+    sim = Sim(True)
+    sim.store = {0: b"", 1: b""}  # the receiver's store already holds these (an earlier run)
+    sim.open(sim.have())  # the channel itself knows no layer yet
+    sim.accept_request()
+    sim.pump()
+    assert st(sim.init) is Status.COMPLETED
+    assert sim.sent_pieces == list(range(2, 10))

@@ -171,7 +171,7 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     return _run(go())
 
 
-async def _follow(node: NodeClient, handle: str, timeout: float | None, live: bool  # noqa: ASYNC109
+async def _follow(node: NodeClient, handle: str, timeout: float | None, live: bool
                   ) -> DistributionStatus:
     status = await node.status(handle)
 

@@ -284,7 +284,7 @@ class DistributionService:
             await self._apply_cancel(tracked)
         return self._snapshot(tracked)
 
-    async def wait_for_completion(self, handle: DistributionHandle, timeout: float | None  # noqa: ASYNC109
+    async def wait_for_completion(self, handle: DistributionHandle, timeout: float | None
                                   ) -> DistributionStatus:
         """Wait until every target is completed, failed or cancelled.
 
@@ -395,8 +395,11 @@ class DistributionService:
 
     def _bump(self, tracked: _Tracked) -> None:
         tracked.version += 1
-        if tracked.finished is None and self._snapshot(tracked).done:
+        done = self._snapshot(tracked).done
+        if done and tracked.finished is None:
             tracked.finished = time.time()
+        elif not done:
+            tracked.finished = None  # a target came back: the distribution is active again
         changed, tracked.changed = tracked.changed, asyncio.Event()
         changed.set()
 
@@ -454,13 +457,26 @@ class DistributionService:
                 if tracked.cancelled:
                     continue
                 if NodeId(tracked.request.source) == self.node_id:
-                    added = [n for n in self._resolve(tracked.scope) if n not in tracked.targets]
-                    for node in added:
-                        tracked.targets[node] = TargetStatus(node)
-                    if added:
-                        self._bump(tracked)
+                    self._refresh_targets(tracked)
             self._start_jobs()
             await asyncio.sleep(self.config.resolve_interval)
+
+    def _refresh_targets(self, tracked: _Tracked) -> None:
+        """Add nodes that entered the scope; mark unreachable ones (they resume on return)."""
+        in_scope = self._resolve(tracked.scope)
+        changed = False
+        for node in in_scope:
+            if node not in tracked.targets:
+                tracked.targets[node] = TargetStatus(node)
+                changed = True
+        alive = set(in_scope)
+        for node, t in list(tracked.targets.items()):
+            if not t.state.final and node not in alive:
+                tracked.targets[node] = replace(t, state=TargetState.FAILED, rate=0.0,
+                                                reason="node unreachable", updated=time.time())
+                changed = True
+        if changed:
+            self._bump(tracked)
 
     def _me_in_scope(self, scope: Scope) -> bool:
         me = next((p for p in self.space.members() if p.node_id == self.node_id), None)

@@ -64,6 +64,7 @@ class SwarmConfig:
     max_connections: int = 64
     peer_retry: float = 1.0  # seconds before dialing a peer that failed again
     stall_timeout: float = 30.0
+    flush_interval: float = 1.0  # make received pieces durable (and resumable) this often
 
 
 @dataclass(slots=True)
@@ -415,6 +416,7 @@ class DownloadJob:
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
         self._last_progress = time.monotonic()
+        self._last_flush = time.monotonic()
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
         self._hellos: dict[NodeId, PeerHello] = {}
@@ -551,6 +553,11 @@ class DownloadJob:
                     f"no progress on {self.blob_id.short()} for "
                     f"{self.engine.config.stall_timeout:.0f}s from {len(self._conns)} peer(s)",
                     blob_id=self.blob_id)
+            if self._partial is not None and \
+                    time.monotonic() - self._last_flush > self.engine.config.flush_interval:
+                # bound what a crash can lose to about one interval of verified pieces
+                self._last_flush = time.monotonic()
+                await asyncio.to_thread(self._partial.flush)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.25)

@@ -18,6 +18,8 @@ import blake3
 from blobmesh.errors import VerificationError
 from blobmesh.hashing.ids import DIGEST_SIZE, BlobId
 
+Buffer = bytes | bytearray | memoryview
+
 LEAF_SIZE = 16 * 1024
 MIN_PIECE_SIZE = 256 * 1024
 MAX_PIECE_SIZE = 4 * 1024 * 1024
@@ -35,7 +37,7 @@ PARENT_KEY = _derive_key("parent")
 ROOT_KEY = _derive_key("root")
 
 
-def leaf_hash(data: bytes | bytearray | memoryview) -> bytes:
+def leaf_hash(data: Buffer) -> bytes:
     """Hash one leaf (at most ``LEAF_SIZE`` bytes)."""
     out: bytes = blake3.blake3(data, key=LEAF_KEY).digest()
     return out
@@ -98,7 +100,7 @@ def piece_range(size: int, piece_size: int, index: int) -> tuple[int, int]:
     return start, max(0, min(piece_size, size - start))
 
 
-def hash_piece(data: bytes | memoryview) -> bytes:
+def hash_piece(data: Buffer) -> bytes:
     """Hash of the subtree over one piece's data (its node in the piece layer)."""
     mv = memoryview(data)
     if len(mv) <= LEAF_SIZE:
@@ -106,7 +108,7 @@ def hash_piece(data: bytes | memoryview) -> bytes:
     return tree_top([leaf_hash(mv[i : i + LEAF_SIZE]) for i in range(0, len(mv), LEAF_SIZE)])
 
 
-def hash_bytes(data: bytes | memoryview) -> BlobId:
+def hash_bytes(data: Buffer) -> BlobId:
     """Blob id of an in-memory byte string."""
     return root_hash(len(data), hash_piece(data))
 
@@ -155,7 +157,7 @@ class PieceLayer:
     def piece_range(self, index: int) -> tuple[int, int]:
         return piece_range(self.size, self.piece_size, index)
 
-    def verify_piece(self, index: int, data: bytes | memoryview) -> None:
+    def verify_piece(self, index: int, data: Buffer) -> None:
         """Raise :class:`VerificationError` unless ``data`` is exactly piece ``index``."""
         if not 0 <= index < len(self.hashes):
             raise VerificationError(f"piece index {index} out of range", blob_id=self.blob_id)
@@ -165,7 +167,7 @@ class PieceLayer:
                 f"piece {index} of {self.blob_id.short()} failed verification",
                 blob_id=self.blob_id, piece=index)
 
-    def check_piece(self, index: int, data: bytes | memoryview) -> bool:
+    def check_piece(self, index: int, data: Buffer) -> bool:
         try:
             self.verify_piece(index, data)
         except VerificationError:
@@ -212,7 +214,7 @@ def top_from_proof(count: int, index: int, node: bytes, proof: Sequence[bytes]) 
 
 
 def verify_piece_proof(blob_id: BlobId, size: int, piece_size: int, index: int,
-                       data: bytes | memoryview, proof: Sequence[bytes]) -> None:
+                       data: Buffer, proof: Sequence[bytes]) -> None:
     """Verify one piece against the blob id alone, given its proof (a range proof)."""
     check_piece_size(piece_size)
     _, length = piece_range(size, piece_size, index)
@@ -242,7 +244,7 @@ class TreeHasher:
         self._buf = bytearray()
         self.size = 0
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
+    def update(self, data: Buffer) -> None:
         mv = memoryview(data).cast("B")
         self.size += len(mv)
         if self._buf:
@@ -282,7 +284,7 @@ class TreeHasher:
         return blob_id, PieceLayer(blob_id, self.size, piece_size, pieces)
 
 
-def hash_stream(chunks: Iterable[bytes | memoryview], piece_size: int | None = None
+def hash_stream(chunks: Iterable[Buffer], piece_size: int | None = None
                 ) -> tuple[BlobId, PieceLayer]:
     h = TreeHasher(piece_size)
     for chunk in chunks:

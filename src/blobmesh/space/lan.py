@@ -63,7 +63,9 @@ class LanDiscovery:
 
     async def _resolve(self, zeroconf: Zeroconf, name: str) -> None:
         info = AsyncServiceInfo(SERVICE, name)
-        if not await info.async_request(zeroconf, 3000):
+        # the TXT record is all we use: the "resolved" flag also wants A records we don't send
+        await info.async_request(zeroconf, 3000)
+        if not info.properties:
             return
         props = {k.decode(): (v or b"").decode(errors="replace")
                  for k, v in info.properties.items()}

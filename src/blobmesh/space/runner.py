@@ -6,8 +6,9 @@ space in production)::
     python -m blobmesh.space.runner --home DIR [--nodes N] [--bootstrap TICKET]...
 
 prints each node's ticket alone on a line first, then answers commands (one JSON object per
-line: ``status``, ``publish``, ``bulk``, ``leave``, ``quit``) and, with ``--events``, reports
-every op stored as ``{"event": "op", "node": I, "id": ..., "t": UNIX_TIME}``.
+line: ``status``, ``publish``, ``load``, ``leave``, ``quit``) and, with ``--events``, reports
+every ``test`` op stored as ``{"event": "op", "node": I, "id": ..., "t": UNIX_TIME}`` and, with
+``--expect N``, when each node first knows all ``N - 1`` others (``"event": "full"``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from blobmesh.errors import BlobmeshError
 from blobmesh.space.config import Seed, SpaceConfig, Timing
@@ -53,6 +56,7 @@ class Runner:
         self.args = args
         self.nodes: list[tuple[Endpoint, Space]] = []
         self.done = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         a = self.args
@@ -78,13 +82,23 @@ class Runner:
             self.nodes.append((ep, space))
             print(ep.ticket, flush=True)
         await asyncio.gather(*(s.join() for _, s in self.nodes))
-        if a.events:
-            for i, (_, s) in enumerate(self.nodes):
-                asyncio.get_running_loop().create_task(self._watch(i, s))
+        loop = asyncio.get_running_loop()
+        for i, (_, s) in enumerate(self.nodes):
+            if a.events:
+                self.tasks.add(loop.create_task(self._watch(i, s)))
+            if a.expect:
+                self.tasks.add(loop.create_task(self._watch_full(i, s, a.expect)))
 
     async def _watch(self, i: int, space: Space) -> None:
-        async for op in space.subscribe(KINDS):
+        async for op in space.subscribe("test"):
             _emit({"event": "op", "node": i, "id": str(op.id), "t": time.time()})
+
+    async def _watch_full(self, i: int, space: Space, expect: int) -> None:
+        while True:
+            if len(space.peers()) >= expect - 1:
+                break
+            await asyncio.sleep(0.02)
+        _emit({"event": "full", "node": i, "t": time.time()})
 
     def status(self) -> dict[str, Any]:
         out = []
@@ -103,12 +117,16 @@ class Runner:
         if name == "status":
             _emit(self.status())
         elif name == "publish":
+            t0 = time.time()
             op = await space.publish(cmd.get("kind", "test"), cmd.get("payload", "").encode())
-            _emit({"published": str(op.id), "t": time.time()})
-        elif name == "bulk":
-            for i in range(int(cmd["count"])):
-                await space.publish("bench", b"bulk %d" % i)
-            _emit({"bulk": int(cmd["count"])})
+            _emit({"published": str(op.id), "t": t0})
+        elif name == "load":
+            # the same pre-signed ops into every node here, as if gossip had delivered them
+            data = await asyncio.to_thread(Path(cmd["path"]).read_bytes)
+            raws = msgspec.msgpack.decode(data, type=list[bytes])
+            for _, s in self.nodes:
+                s.add_ops(raws)
+            _emit({"loaded": len(raws)})
         elif name == "leave":
             await space.leave()
             _emit({"left": str(space.node_id)})
@@ -132,6 +150,8 @@ class Runner:
         self.done.set()
 
     async def aclose(self) -> None:
+        for t in self.tasks:
+            t.cancel()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3):
                 await asyncio.gather(*(s.leave() for _, s in self.nodes))
@@ -168,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fast", action="store_true", help="short periods, for tests")
     p.add_argument("--gossip-interval", type=float, default=0.0)
     p.add_argument("--events", action="store_true")
+    p.add_argument("--expect", type=int, default=0, metavar="N",
+                   help="report when each node knows N-1 peers")
     args = p.parse_args(argv)
     args.secret = Path(args.secret_file).read_bytes().strip() if args.secret_file else None
     with contextlib.suppress(KeyboardInterrupt):

@@ -177,6 +177,7 @@ class _Link:
         async with self._send_lock:
             await self.stream.send(raw)
         self._space.metrics.inc("bytes_sent", len(raw))
+        self._space.metrics.inc("messages_sent")
         return self._rid
 
     async def request(self, msg: wire.Request, within: float) -> wire.Response:
@@ -191,6 +192,7 @@ class _Link:
                 async with self._send_lock:
                     await self.stream.send(raw)
                 self._space.metrics.inc("bytes_sent", len(raw))
+                self._space.metrics.inc("messages_sent")
                 return await fut
         finally:
             self._waiting.pop(rid, None)
@@ -272,6 +274,7 @@ class Space:
         self._op_rate: dict[NodeId, TokenBucket] = {}
         self._req_rate: dict[NodeId, TokenBucket] = {}
         self._seeds: dict[NodeId, Seed] = {}
+        self._gossiping: set[NodeId] = set()
         self._local: PeerRecord | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serving: set[asyncio.Task[Any]] = set()  # inbound stream handlers
@@ -799,6 +802,7 @@ class Space:
                     async with send_lock:
                         await stream.send(raw)
                     self.metrics.inc("bytes_sent", len(raw))
+                    self.metrics.inc("messages_sent")
             except TransportError:
                 stream.reset("reply failed")
             finally:
@@ -906,6 +910,9 @@ class Space:
 
     async def _gossip_with(self, peer: NodeId) -> None:
         """One anti-entropy round with ``peer``; failures only cost this round."""
+        if peer in self._gossiping:
+            return  # a new session would replace the running one at the peer
+        self._gossiping.add(peer)
         t = self.config.timing
         init = GossipInitiator(self.peer_store, self.op_store, os.urandom(16), self.config.limits)
         req: wire.Request | None = init.start()
@@ -924,6 +931,8 @@ class Space:
             log.info("gossip with %s: %s", peer.short(), exc)
         except (TransportError, SpaceError, TimeoutError):
             self.metrics.inc("gossip_failures")
+        finally:
+            self._gossiping.discard(peer)
 
     async def _apply_gossip(self, peer: NodeId,
                             eff: ApplyRecords | SendRecords | WantOps | OfferOps) -> None:

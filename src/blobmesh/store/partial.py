@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from blobmesh.errors import BlobIncompleteError, StoreFullError, VerificationError
-from blobmesh.hashing import BlobId, PieceLayer
+from blobmesh.hashing import BlobId, Buffer, PieceLayer
 from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.leases import LeaseId
 
@@ -34,8 +34,7 @@ class PartialBlob:
         self._lock = threading.Lock()
         # read-write: pieces written but not yet flushed can already be served to peers
         self._fd = os.open(store.layout.data_path(layer.blob_id), os.O_RDWR)
-        self._pending: set[int] = set()
-        self._pending_bytes = 0
+        self._pending: dict[int, int] = {}  # written, not yet durable: index -> length
         self._have = store.bitfield(layer.blob_id)
 
     @property
@@ -56,7 +55,7 @@ class PartialBlob:
     def is_complete(self) -> bool:
         return self.have.is_complete()
 
-    def write_piece(self, index: int, data: bytes | memoryview) -> bool:
+    def write_piece(self, index: int, data: Buffer) -> bool:
         """Verify and write piece ``index``; returns False if it was already present.
 
         Raises :class:`VerificationError` (nothing written) when the data is wrong.
@@ -78,9 +77,8 @@ class PartialBlob:
                                      blob_id=self.blob_id) from exc
             raise
         with self._lock:
-            self._pending.add(index)
-            self._pending_bytes += len(data)
-            due = self._pending_bytes >= FLUSH_BYTES
+            self._pending[index] = len(data)
+            due = sum(self._pending.values()) >= FLUSH_BYTES
         if due:
             self.flush()
         return True
@@ -107,8 +105,8 @@ class PartialBlob:
             os.fdatasync(self._fd)
             self._have = self._store._merge_pieces(self.blob_id, pending)
             with self._lock:
-                self._pending -= pending
-                self._pending_bytes = 0
+                for index in pending:  # pieces written meanwhile stay pending
+                    del self._pending[index]
         else:
             self._have = self._store.bitfield(self.blob_id)
         return self._have.copy()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import io
-import itertools
 import os
 import sqlite3
 import threading
@@ -444,7 +443,10 @@ class Store:
                 for b, c, p, s in rows]
 
     def _add_lease(self, db: sqlite3.Connection, blob_id: BlobId, lease: LeaseId) -> None:
-        db.execute("INSERT OR IGNORE INTO leases VALUES (?,?,?,?,?)",
+        # Taking a lease again refreshes its process start time: a row left by a dead process
+        # whose pid (and stable consumer name) was reused must not make the new lease look dead.
+        db.execute("INSERT INTO leases VALUES (?,?,?,?,?) ON CONFLICT (blob, consumer, pid) "
+                   "DO UPDATE SET pid_start=excluded.pid_start",
                    (blob_id.digest, lease.consumer, lease.pid, pid_start_time(lease.pid),
                     time.time()))
 
@@ -856,36 +858,21 @@ class _Ingest:
 
 def _chunks(source: BinaryIO | io.RawIOBase | Iterable[bytes | memoryview]
             ) -> Iterator[bytes | memoryview]:
-    """The input in chunks.
-
-    A file object is read ahead in a helper thread into two reused buffers (no allocation per
-    chunk), so reading overlaps the consumer's hashing and writing; each chunk must be
-    consumed before the next one is asked for.
-    """
+    """The input in chunks.  A file object is read into one reused buffer (no allocation and
+    page faults per chunk), so each chunk must be consumed before the next is asked for."""
     stream: Any = source
     if not hasattr(stream, "read"):
         yield from source
         return
-    if not hasattr(stream, "readinto"):
-        while chunk := _read(stream.read, CHUNK):
-            yield chunk
-        return
-    buffers = (bytearray(CHUNK), bytearray(CHUNK))
-    with ThreadPoolExecutor(1, thread_name_prefix="blobmesh-read") as pool:
-        ahead = pool.submit(_read, stream.readinto, buffers[0])
-        for i in itertools.count():
-            n = ahead.result() or 0
-            if not n:
-                return
-            ahead = pool.submit(_read, stream.readinto, buffers[(i + 1) % 2])
-            yield memoryview(buffers[i % 2])[:n]
-
-
-def _read(read: Callable[[Any], Any], arg: Any) -> Any:
-    try:
-        return read(arg)
-    except OSError as exc:
-        raise SourceError(f"reading the input failed: {exc.strerror or exc}") from exc
+    buf = bytearray(CHUNK if hasattr(stream, "readinto") else 0)
+    while True:
+        try:
+            chunk = memoryview(buf)[: stream.readinto(buf) or 0] if buf else stream.read(CHUNK)
+        except OSError as exc:
+            raise SourceError(f"reading the input failed: {exc.strerror or exc}") from exc
+        if not chunk:
+            return
+        yield chunk
 
 
 def _write_file_synced(path: Path, data: bytes) -> None:

@@ -272,8 +272,13 @@ class Channel:
         self.done = Bitfield(0)
         self.pending: deque[int] = deque()
         self.in_flight: dict[int, int] = {}
+        """Sender: pieces queued but not acknowledged, with their lengths."""
+        self.in_flight_bytes = 0
+        self.remaining = 0
+        """Selected pieces not verified yet."""
         self._partial: dict[int, bytearray] = {}
         self._awaiting_response = False
+        self._requested_have: Bitfield | None = None
         self._finished_reported = False
         self.last_progress = clock()
         self._step = Step()
@@ -283,6 +288,7 @@ class Channel:
                                                   rec.layer.piece_size, rec.layer.hashes))
             if rec.done:
                 self.done = Bitfield(len(self.layer or ()), rec.done)
+                self.remaining = sum(1 for i in self.wanted if i not in self.done)
 
     # --- construction --------------------------------------------------------------------
 
@@ -365,10 +371,13 @@ class Channel:
             if self.terminal:
                 raise ProtocolError(f"cannot restart a {self.status.value} channel")
             r.restarts += 1
-            self.in_flight.clear()
+            self._clear_in_flight()
             self._partial.clear()
-        if have is not None and self.layer is not None and not self.is_sender:
-            self._merge_done(have, replace=True)
+        if have is not None and not self.is_sender:
+            if self.layer is None:
+                self._requested_have = have  # merged once the response brings the layer
+            else:
+                self._merge_done(have, replace=True)
         v = r.vouchers[-1]
         self._awaiting_response = True
         self._send(Request(
@@ -413,7 +422,7 @@ class Channel:
             raise ProtocolError("restart request does not match the channel")
         self.rec.initiator_paused = req.paused
         self.rec.restarts += 1
-        self.in_flight.clear()
+        self._clear_in_flight()
         self._partial.clear()
         self._finished_reported = False
         if Status(self.rec.base) in TERMINAL:
@@ -511,7 +520,7 @@ class Channel:
         unacknowledged."""
         if not self.moving or self.layer is None:
             return None
-        if sum(self.in_flight.values()) >= window:
+        if self.in_flight_bytes >= window:
             return None
         while self.pending:
             i = self.pending.popleft()
@@ -524,6 +533,7 @@ class Channel:
         assert self.layer is not None
         _, length = self.layer.piece_range(index)
         self.in_flight[index] = length
+        self.in_flight_bytes += length
         self.rec.queued += length
         self.rec.wire += length
         self._event(EventCode.DATA_QUEUED, f"piece {index}")
@@ -628,7 +638,7 @@ class Channel:
             case Complete():
                 self._require(self.is_initiator and self.layer is not None
                               and not self._awaiting_response, "unexpected complete")
-                if self.missing():
+                if self.remaining:
                     raise ProtocolError("peer completed before all data moved")
                 self._to(Status.COMPLETED)
                 self._event(EventCode.COMPLETE, "completed")
@@ -656,6 +666,9 @@ class Channel:
             if msg.layer is None:
                 raise ProtocolError("pull accepted without a piece layer")
             self._set_layer(self._verify_layer(msg.layer))
+            have, self._requested_have = self._requested_have, None
+            if have is not None and self.layer is not None and have.size == len(self.layer):
+                self._merge_done(have, replace=True)
         elif msg.layer is not None and msg.layer != r.layer:
             raise ProtocolError("the responder's piece layer differs from ours "
                                 "(another piece size)")
@@ -706,7 +719,7 @@ class Channel:
         for i in msg.pieces:
             if not 0 <= i < len(self.layer):
                 raise ProtocolError(f"ack for piece {i}, which does not exist")
-            self.in_flight.pop(i, None)
+            self.in_flight_bytes -= self.in_flight.pop(i, 0)
         fresh = self._add_done(msg.pieces)
         if fresh:
             self._step.new_verified = fresh
@@ -781,6 +794,7 @@ class Channel:
         self._wanted_set = frozenset(self.wanted)
         self.rec.total = sum(layer.piece_range(i)[1] for i in self.wanted)
         self.done = Bitfield(len(layer))
+        self.remaining = len(self.wanted)
 
     def _bitfield(self, raw: bytes) -> Bitfield:
         assert self.layer is not None
@@ -794,6 +808,7 @@ class Channel:
         if replace:
             self.done = Bitfield(self.done.size)
             self.rec.verified = 0
+            self.remaining = len(self.wanted)
         self._add_done(list(have))
 
     def _add_done(self, indices: list[int]) -> int:
@@ -803,6 +818,7 @@ class Channel:
         for i in indices:
             if i not in self.done and i in wanted:
                 self.done.add(i)
+                self.remaining -= 1
                 fresh += self.layer.piece_range(i)[1]
         if fresh:
             self.rec.verified += fresh
@@ -810,11 +826,15 @@ class Channel:
             self.last_progress = self.clock()
         return fresh
 
+    def _clear_in_flight(self) -> None:
+        self.in_flight.clear()
+        self.in_flight_bytes = 0
+
     def _reset_pending(self) -> None:
         self.pending = deque(self.missing()) if self.is_sender else deque()
 
     def _check_finished(self) -> None:
-        if self.missing() or self._finished_reported or self.layer is None:
+        if self.remaining or self._finished_reported or self.layer is None:
             return
         self._finished_reported = True
         if self.is_initiator:

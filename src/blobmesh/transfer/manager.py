@@ -23,6 +23,7 @@ from blobmesh.errors import (
     BlobIncompleteError,
     BlobmeshError,
     BlobNotFoundError,
+    CorruptBlobError,
     ProtocolError,
     StoreFullError,
     TransferError,
@@ -33,6 +34,7 @@ from blobmesh.errors import (
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PartialBlob, Store
 from blobmesh.transfer.channel import (
+    TERMINAL,
     Channel,
     ChannelId,
     ChannelRecord,
@@ -54,11 +56,15 @@ from blobmesh.transfer.messages import (
     encode,
 )
 from blobmesh.transfer.persist import ChannelDB
+from blobmesh.transfer.pieces import PieceReader
 from blobmesh.transfer.validation import Decision, Revalidator, Validator, Verdict
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
+
+READ_AHEAD = 4
+"""Pieces a sender reads ahead of the one it is sending."""
 
 Subscriber = Callable[[Event, ChannelState], None]
 Unsubscribe = Callable[[], None]
@@ -68,10 +74,10 @@ Unsubscribe = Callable[[], None]
 class TransferConfig:
     """Tuning knobs; the defaults suit a LAN or a datacenter."""
 
-    window: int = 64 * 1024 * 1024
+    window: int = 32 * 1024 * 1024
     """Unacknowledged bytes a sender may have in flight (and so at most re-sends after a
     crash)."""
-    flush_bytes: int = 16 * 1024 * 1024
+    flush_bytes: int = 8 * 1024 * 1024
     """The receiver makes pieces durable and acknowledges them every this many bytes..."""
     flush_interval: float = 0.1
     """...or after this many seconds."""
@@ -117,7 +123,7 @@ class _Live:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     next_restart: float = 0.0
     saved_status: Status | None = None
-    saved_at: float = 0.0
+    saved_update: float = 0.0
 
 
 class TransferManager:
@@ -138,6 +144,7 @@ class TransferManager:
         self._revalidators: dict[str, Revalidator] = {}
         self._live: dict[ChannelId, _Live] = {}
         self._subscribers: list[Subscriber] = []
+        self._dirty: set[ChannelId] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -175,7 +182,7 @@ class TransferManager:
         for live in list(self._live.values()):
             if live.session is not None:
                 await live.session.ended.wait()
-            self._db.save(live.ch.rec)
+        self._db.save_many([live.ch.rec for live in self._live.values()])
         self._db.close()
 
     async def __aenter__(self) -> TransferManager:
@@ -543,31 +550,41 @@ class TransferManager:
             await self._apply(live, step)
 
     async def _send_loop(self, live: _Live, sess: _Session) -> None:
+        """Sender: pieces are read a few ahead of sending, so disk and network overlap."""
         ch = live.ch
+        assert ch.layer is not None
         chunk = self.config.chunk
+        reader = await asyncio.to_thread(PieceReader, self.store, ch.layer,
+                                         verify=self.config.verify_reads)
+        ready: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(READ_AHEAD)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read_ahead(live, sess, reader, ready))
+                while True:
+                    index, data = await ready.get()
+                    async with sess.send_lock:
+                        for off in range(0, max(len(data), 1), chunk):
+                            part = data if len(data) <= chunk else data[off : off + chunk]
+                            await sess.stream.send(encode(Data(index, off, part)))
+        finally:
+            reader.close()
+
+    async def _read_ahead(self, live: _Live, sess: _Session, reader: PieceReader,
+                          ready: asyncio.Queue[tuple[int, bytes]]) -> None:
+        ch = live.ch
         while True:
             index = ch.next_piece(self.config.window)
             if index is None:
                 sess.wake.clear()
                 await sess.wake.wait()
                 continue
+            await self._apply(live, ch.piece_queued(index))
             try:
-                data = await asyncio.to_thread(self._read_piece, ch, index)
-            except (BlobIncompleteError, VerificationError, BlobNotFoundError) as exc:
+                data = await asyncio.to_thread(reader.read, index)
+            except (BlobIncompleteError, CorruptBlobError) as exc:
                 await self._apply(live, ch.fail(f"cannot read piece {index}: {exc}", "local"))
                 return
-            await self._apply(live, ch.piece_queued(index))
-            async with sess.send_lock:
-                for off in range(0, max(len(data), 1), chunk):
-                    part = data if len(data) <= chunk else data[off : off + chunk]
-                    await sess.stream.send(encode(Data(index, off, part)))
-
-    def _read_piece(self, ch: Channel, index: int) -> bytes:
-        data = self.store.read_piece(ch.blob_id, index, verify=False)
-        if self.config.verify_reads:
-            assert ch.layer is not None
-            ch.layer.verify_piece(index, data)
-        return data
+            await ready.put((index, data))
 
     async def _write_loop(self, live: _Live, sess: _Session) -> None:
         ch = live.ch
@@ -596,8 +613,9 @@ class TransferManager:
                 sess.flush_now.set()
                 await self._apply(live, ch.bad_data(*bad))
                 return
+            # flush early when nothing else is coming, so the last pieces are acked at once
             if sess.unflushed_bytes >= self.config.flush_bytes or \
-                    set(ch.missing()) <= set(sess.unflushed):
+                    len(sess.unflushed) >= ch.remaining:
                 sess.flush_now.set()
 
     async def _flush_loop(self, live: _Live, sess: _Session) -> None:
@@ -675,11 +693,22 @@ class TransferManager:
             await self._apply(live, ch.demand_voucher(d.result or Voucher(""), final))
 
     def _save(self, live: _Live) -> None:
+        """Persist a new or finished channel now; batch other changes into the next tick
+        (one transaction), since a lost update is recomputed from the store on restart."""
         status = live.ch.status
-        now = self.clock()
-        if status is not live.saved_status or now - live.saved_at >= 1.0:
-            self._db.save(live.ch.rec)
-            live.saved_status, live.saved_at = status, now
+        if live.saved_status is None or (status in TERMINAL and status is not live.saved_status):
+            self._db.save_many([live.ch.rec])
+            live.saved_status = status
+            self._dirty.discard(live.ch.id)
+        elif status is not live.saved_status or live.ch.rec.updated != live.saved_update:
+            self._dirty.add(live.ch.id)
+
+    def _save_dirty(self) -> None:
+        lives = [self._live[cid] for cid in self._dirty if cid in self._live]
+        self._dirty.clear()
+        self._db.save_many([live.ch.rec for live in lives])
+        for live in lives:
+            live.saved_status, live.saved_update = live.ch.status, live.ch.rec.updated
 
     # --- monitoring ----------------------------------------------------------------------
 
@@ -688,6 +717,7 @@ class TransferManager:
         c = self.config
         while True:
             await asyncio.sleep(min(c.tick, c.stall_timeout / 4))
+            self._save_dirty()
             for live in list(self._live.values()):
                 ch = live.ch
                 if ch.terminal:

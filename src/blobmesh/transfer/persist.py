@@ -40,9 +40,15 @@ class ChannelDB:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
-    def save(self, rec: ChannelRecord) -> None:
-        self._db.execute("INSERT OR REPLACE INTO channels VALUES (?,?,?,?)",
-                         (record_key(rec), rec.base, rec.updated, _encoder.encode(rec)))
+    def save_many(self, records: list[ChannelRecord]) -> None:
+        """Write records in one transaction."""
+        if not records:
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO channels VALUES (?,?,?,?)",
+                [(record_key(r), r.base, r.updated, _encoder.encode(r)) for r in records])
 
     def load_active(self) -> list[ChannelRecord]:
         """Every channel not yet completed, failed or cancelled."""

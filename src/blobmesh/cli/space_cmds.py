@@ -1,0 +1,47 @@
+"""Space commands: bootstrap-server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+from blobmesh.errors import InvalidIdError
+from blobmesh.space.bootstrap import BootstrapServer, serve_bootstrap
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help = "run a bootstrap server: nodes put their signed record, get a random sample back"
+    p = sub.add_parser("bootstrap-server", help=help, description=help)
+    p.set_defaults(handler=cmd_bootstrap_server)
+    p.add_argument("--listen", default="127.0.0.1:4920", metavar="HOST:PORT")
+    p.add_argument("--max-records", type=int, default=10_000, metavar="N",
+                   help="records kept per space (default 10000)")
+    p.add_argument("--max-spaces", type=int, default=1000, metavar="N")
+
+
+def cmd_bootstrap_server(args: argparse.Namespace) -> int:
+    # a listen address may be a wildcard, which tickets (parse_address) rightly refuse
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise InvalidIdError(f"expected HOST:PORT, got {args.listen!r}")
+    host = host.strip("[]")
+
+    async def run() -> None:
+        server = BootstrapServer(max_records=args.max_records, max_spaces=args.max_spaces)
+        runner = await serve_bootstrap(server, host, int(port))
+        try:
+            for site in runner.sites:
+                print(site.name, flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0

@@ -1,0 +1,215 @@
+"""End to end: real node processes on loopback distributing blobs through the swarm."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blobmesh.distribution.model import DistributionState, DistributionStatus, TargetState
+from blobmesh.hashing import BlobId
+from blobmesh.node.client import ControlError, NodeClient
+from blobmesh.node.fleet import Fleet, FleetNode
+from blobmesh.store import LeaseId, Store
+
+pytestmark = pytest.mark.slow
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with Fleet(tmp_path) as f:
+        yield f
+
+
+def add_blob(node: FleetNode, size: int) -> BlobId:
+    with Store(node.home) as store:
+        return store.add_bytes(os.urandom(size)).blob_id
+
+
+def holds(node: FleetNode, blob: BlobId) -> bool:
+    with Store(node.home) as store:
+        if not store.has(blob):
+            return False
+        # verified read of the whole copy
+        with store.get_reader(blob, LeaseId.new("test"), verify=True) as r:
+            while r.read(4 * MiB):
+                pass
+        return True
+
+
+async def converge(fleet: Fleet, timeout: float = 20) -> None:
+    async def one(node: FleetNode) -> None:
+        async with NodeClient(node.home) as c:
+            while sum(p["alive"] for p in await c.peers()) < len(fleet.nodes) - 1:
+                await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(asyncio.gather(*(one(n) for n in fleet.nodes if n.running)), timeout)
+
+
+async def wait_done(node: FleetNode, handle: str, timeout: float = 60) -> DistributionStatus:
+    async with NodeClient(node.home) as c:
+        async def follow() -> DistributionStatus:
+            last = await c.status(handle)
+            async for s in c.events(handle):
+                last = s
+            return last
+
+        return await asyncio.wait_for(follow(), timeout)
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "--home", str(home),
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+async def test_each_scope_kind_reaches_exactly_its_targets(fleet: Fleet) -> None:
+    src = fleet.add()
+    a = fleet.add(groups=["edge"], caps=["gpu=true", "arch=arm64"])
+    b = fleet.add(groups=["core"], caps=["gpu=false", "mem_gb=64"])
+    c = fleet.add(groups=["edge"], caps=["mem_gb=8", "arch=amd64"])
+    fleet.start()
+    await converge(fleet)
+    cases = {
+        "group:edge": {a, c},
+        "cap:mem_gb>=16": {b},
+        f"node:{b.node_id},{c.node_id}": {b, c},
+        "cap:arch in [arm64,amd64]": {a, c},
+        "all": {a, b, c},
+    }
+    started = {}
+    async with NodeClient(src.home) as client:
+        for scope in cases:
+            blob = add_blob(src, 3 * MiB + 11)
+            status = await client.distribute(str(blob), scope, "normal")
+            started[scope] = (blob, str(status.handle))
+    for scope, want in cases.items():
+        blob, handle = started[scope]
+        final = await wait_done(src, handle)
+        assert final.state is DistributionState.COMPLETED, scope
+        assert {str(t.node) for t in final.targets} == {n.node_id for n in want}, scope
+        for node in (a, b, c):
+            assert holds(node, blob) == (node in want), (scope, node.index)
+
+
+async def test_bad_requests_get_clear_errors(fleet: Fleet) -> None:
+    src = fleet.add()
+    fleet.add(groups=["g"])
+    fleet.start()
+    await converge(fleet)
+    blob = add_blob(src, MiB)
+    async with NodeClient(src.home) as client:
+        with pytest.raises(ControlError, match="not .*in this node's store"):
+            await client.distribute("bm1" + "a" * 52, "all", "normal")
+        with pytest.raises(ControlError, match="no node other than this one matches"):
+            await client.distribute(str(blob), "group:nobody", "normal")
+        with pytest.raises(ControlError, match="unknown distribution"):
+            await client.status("d-0000000000000000")
+    r = cli(src.home, "distribute", str(blob), "--to", "cap:mem_gb>>3")
+    assert r.returncode == 2
+    assert r.stderr.startswith("blobmesh: error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli(src.home, "distribute", str(blob), "--to", "sideways")
+    assert r.returncode == 2 and "malformed scope" in r.stderr
+
+
+async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
+    src = fleet.add()
+    slow = fleet.add(extra=["--download-rate", str(4 * MiB)])
+    fleet.start()
+    await converge(fleet)
+    blob = add_blob(src, 40 * MiB)
+    r = cli(src.home, "distribute", str(blob), "--to", "all", "--wait", "--timeout", "1")
+    assert r.returncode != 0
+    assert "not finished after 1.0s" in r.stderr and "Traceback" not in r.stderr
+    async with NodeClient(src.home) as client:
+        handle = str((await client.distributions())[0].handle)
+        status = await client.cancel(handle)
+        assert status.state is DistributionState.CANCELLED
+        assert status.targets[0].state is TargetState.CANCELLED
+        final = await wait_done(src, handle, timeout=10)
+        assert final.state is DistributionState.CANCELLED
+    await asyncio.sleep(1.5)
+    with Store(slow.home) as store:
+        assert not store.has(blob)
+        before = store.info(blob).pieces_present
+    await asyncio.sleep(1.5)
+    with Store(slow.home) as store:
+        assert store.info(blob).pieces_present == before  # nothing moves after cancel
+
+
+async def test_late_joiner_and_source_death(fleet: Fleet) -> None:
+    src = fleet.add()
+    fast = fleet.add(groups=["g"])
+    slow = fleet.add(groups=["g"], extra=["--download-rate", str(6 * MiB)])
+    fleet.start()
+    await converge(fleet)
+    blob = add_blob(src, 24 * MiB)
+    async with NodeClient(src.home) as client:
+        handle = str((await client.distribute(str(blob), "group:g", "normal")).handle)
+        while True:
+            s = await client.status(handle)
+            if s.completed >= 1:
+                break
+            await asyncio.sleep(0.05)
+    assert holds(fast, blob) and not holds(slow, blob)
+    fleet.kill(src)  # the rest must come from the target that already holds every piece
+    late = fleet.add(groups=["g"])
+    fleet.start([late])
+    async def until_held(node: FleetNode) -> None:
+        while not holds(node, blob):
+            await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(asyncio.gather(until_held(slow), until_held(late)), 60)
+
+
+async def test_high_priority_overtakes_low(fleet: Fleet) -> None:
+    src = fleet.add()
+    dst = fleet.add(extra=["--download-rate", str(8 * MiB)])
+    fleet.start()
+    await converge(fleet)
+    big = add_blob(src, 48 * MiB)
+    small = add_blob(src, 4 * MiB)
+    async with NodeClient(src.home) as client:
+        low = str((await client.distribute(str(big), "all", "low")).handle)
+        await asyncio.sleep(0.5)
+        high = str((await client.distribute(str(small), "all", "critical")).handle)
+        high_done = await wait_done(src, high)
+        low_now = await client.status(low)
+    assert high_done.state is DistributionState.COMPLETED
+    assert low_now.state is DistributionState.ACTIVE  # the big one was overtaken
+    final = await wait_done(src, low, timeout=90)
+    assert final.state is DistributionState.COMPLETED and holds(dst, big)
+
+
+async def test_killed_target_resumes_when_it_returns(fleet: Fleet) -> None:
+    src = fleet.add()
+    dst = fleet.add(extra=["--download-rate", str(8 * MiB)])
+    fleet.start()
+    await converge(fleet)
+    blob = add_blob(src, 32 * MiB)
+    async with NodeClient(src.home) as client:
+        handle = str((await client.distribute(str(blob), "all", "normal")).handle)
+        while (await client.status(handle)).bytes_done < 16 * MiB:
+            await asyncio.sleep(0.05)
+        fleet.kill(dst)
+        while (await client.status(handle)).targets[0].state is not TargetState.FAILED:
+            await asyncio.sleep(0.1)  # the distributor notices and reports it
+        with Store(dst.home) as store:
+            kept = store.info(blob).pieces_present
+        assert kept > 0  # verified pieces survived the SIGKILL
+        fleet.start([dst])
+
+        async def until_completed() -> DistributionStatus:
+            while (s := await client.status(handle)).state is not DistributionState.COMPLETED:
+                await asyncio.sleep(0.1)
+            return s
+
+        final = await asyncio.wait_for(until_completed(), 60)
+    assert final.targets[0].state is TargetState.COMPLETED
+    assert holds(dst, blob)
