@@ -6,7 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,13 +43,25 @@ def holds(node: FleetNode, blob: BlobId) -> bool:
         return True
 
 
-async def converge(fleet: Fleet, timeout: float = 20) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
+    """Poll ``check`` (state in other processes) until it holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def converge(fleet: Fleet) -> None:
     async def one(node: FleetNode) -> None:
         async with NodeClient(node.home) as c:
-            while sum(p["alive"] for p in await c.peers()) < len(fleet.nodes) - 1:
-                await asyncio.sleep(0.1)
+            async def all_alive() -> bool:
+                alive = sum(bool(p["alive"]) for p in await c.peers())
+                return alive >= len(fleet.nodes) - 1
 
-    await asyncio.wait_for(asyncio.gather(*(one(n) for n in fleet.nodes if n.running)), timeout)
+            await eventually(all_alive, 20)
+
+    await asyncio.gather(*(one(n) for n in fleet.nodes if n.running))
 
 
 async def wait_done(node: FleetNode, handle: str, timeout: float = 60) -> DistributionStatus:
@@ -104,7 +116,7 @@ async def test_bad_requests_get_clear_errors(fleet: Fleet) -> None:
     await converge(fleet)
     blob = add_blob(src, MiB)
     async with NodeClient(src.home) as client:
-        with pytest.raises(ControlError, match="not .*in this node's store"):
+        with pytest.raises(ControlError, match=r"not .*in this node's store"):
             await client.distribute("bm1" + "a" * 52, "all", "normal")
         with pytest.raises(ControlError, match="no node other than this one matches"):
             await client.distribute(str(blob), "group:nobody", "normal")
@@ -152,20 +164,20 @@ async def test_late_joiner_and_source_death(fleet: Fleet) -> None:
     blob = add_blob(src, 24 * MiB)
     async with NodeClient(src.home) as client:
         handle = str((await client.distribute(str(blob), "group:g", "normal")).handle)
-        while True:
-            s = await client.status(handle)
-            if s.completed >= 1:
-                break
-            await asyncio.sleep(0.05)
+
+        async def one_completed() -> bool:
+            return (await client.status(handle)).completed >= 1
+
+        await eventually(one_completed)
     assert holds(fast, blob) and not holds(slow, blob)
     fleet.kill(src)  # the rest must come from the target that already holds every piece
     late = fleet.add(groups=["g"])
     fleet.start([late])
-    async def until_held(node: FleetNode) -> None:
-        while not holds(node, blob):
-            await asyncio.sleep(0.2)
 
-    await asyncio.wait_for(asyncio.gather(until_held(slow), until_held(late)), 60)
+    async def both_hold() -> bool:
+        return holds(slow, blob) and holds(late, blob)
+
+    await eventually(both_hold)
 
 
 async def test_high_priority_overtakes_low(fleet: Fleet) -> None:
@@ -195,21 +207,17 @@ async def test_killed_target_resumes_when_it_returns(fleet: Fleet) -> None:
     blob = add_blob(src, 32 * MiB)
     async with NodeClient(src.home) as client:
         handle = str((await client.distribute(str(blob), "all", "normal")).handle)
-        while (await client.status(handle)).bytes_done < 16 * MiB:
-            await asyncio.sleep(0.05)
+
+        async def target_in(state: TargetState, min_bytes: int = 0) -> bool:
+            t = (await client.status(handle)).targets[0]
+            return t.state is state and t.bytes_done >= min_bytes
+
+        await eventually(lambda: target_in(TargetState.TRANSFERRING, 16 * MiB))
         fleet.kill(dst)
-        while (await client.status(handle)).targets[0].state is not TargetState.FAILED:
-            await asyncio.sleep(0.1)  # the distributor notices and reports it
+        await eventually(lambda: target_in(TargetState.FAILED))  # the distributor notices
         with Store(dst.home) as store:
             kept = store.info(blob).pieces_present
         assert kept > 0  # verified pieces survived the SIGKILL
         fleet.start([dst])
-
-        async def until_completed() -> DistributionStatus:
-            while (s := await client.status(handle)).state is not DistributionState.COMPLETED:
-                await asyncio.sleep(0.1)
-            return s
-
-        final = await asyncio.wait_for(until_completed(), 60)
-    assert final.targets[0].state is TargetState.COMPLETED
+        await eventually(lambda: target_in(TargetState.COMPLETED))
     assert holds(dst, blob)

@@ -44,6 +44,7 @@ def leaf_hash(data: Buffer) -> bytes:
 
 
 def parent_hash(left: bytes, right: bytes) -> bytes:
+    """Hash of an inner node over its two children."""
     out: bytes = blake3.blake3(left + right, key=PARENT_KEY).digest()
     return out
 
@@ -74,14 +75,17 @@ def tree_top(hashes: Sequence[bytes]) -> bytes:
 
 
 def leaf_count(size: int) -> int:
+    """Leaves of a blob of ``size`` bytes (the empty blob has one empty leaf)."""
     return max(1, -(-size // LEAF_SIZE))
 
 
 def piece_count(size: int, piece_size: int) -> int:
+    """Pieces of a blob of ``size`` bytes (the empty blob has one empty piece)."""
     return max(1, -(-size // piece_size))
 
 
 def check_piece_size(piece_size: int) -> None:
+    """Raise ``ValueError`` unless ``piece_size`` is a power of two of at least one leaf."""
     if piece_size < LEAF_SIZE or piece_size & (piece_size - 1):
         raise ValueError(f"piece size must be a power of two >= {LEAF_SIZE}, got {piece_size}")
 
@@ -114,6 +118,7 @@ def hash_bytes(data: Buffer) -> BlobId:
 
 
 def root_from_pieces(size: int, piece_hashes: Sequence[bytes]) -> BlobId:
+    """Blob id from a piece layer (at any piece size) and the size."""
     return root_hash(size, tree_top(piece_hashes))
 
 
@@ -143,6 +148,7 @@ class PieceLayer:
 
     @classmethod
     def from_bytes(cls, blob_id: BlobId, size: int, piece_size: int, raw: bytes) -> PieceLayer:
+        """Parse concatenated 32-byte hashes (the ``.pieces`` file) and verify them."""
         if len(raw) % DIGEST_SIZE:
             raise VerificationError("piece layer length is not a multiple of 32", blob_id=blob_id)
         hashes = [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
@@ -168,6 +174,7 @@ class PieceLayer:
                 blob_id=self.blob_id, piece=index)
 
     def check_piece(self, index: int, data: Buffer) -> bool:
+        """Whether ``data`` is exactly piece ``index``."""
         try:
             self.verify_piece(index, data)
         except VerificationError:
@@ -175,6 +182,7 @@ class PieceLayer:
         return True
 
     def proof(self, index: int) -> list[bytes]:
+        """The proof of piece ``index`` (see :func:`verify_piece_proof`)."""
         return subtree_proof(self.hashes, index)
 
 
@@ -286,6 +294,7 @@ class TreeHasher:
 
 def hash_stream(chunks: Iterable[Buffer], piece_size: int | None = None
                 ) -> tuple[BlobId, PieceLayer]:
+    """Blob id and piece layer (default piece size unless given) of a chunked input."""
     h = TreeHasher(piece_size)
     for chunk in chunks:
         h.update(chunk)
