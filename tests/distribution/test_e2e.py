@@ -6,7 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.node.client import ControlError, NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
 from blobmesh.store import LeaseId, Store
+from tests.util import eventually
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
@@ -41,15 +42,6 @@ def holds(node: FleetNode, blob: BlobId) -> bool:
             while r.read(4 * MiB):
                 pass
         return True
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
-    """Poll ``check`` (state in other processes) until it holds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def converge(fleet: Fleet) -> None:

@@ -14,7 +14,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -182,6 +190,10 @@ class _Tracked:
         await self.changed.wait()
 
 
+ShareLoader = Callable[[BlobId, Sequence[str]], Awaitable[None]]
+"""Loads a blob into the local store from external share URLs (see ``blobmesh.shares``)."""
+
+
 @dataclass(slots=True)
 class DistributionConfig:
     progress_interval: float = 0.25  # seconds between progress notifications per target
@@ -189,7 +201,7 @@ class DistributionConfig:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 15.0
     failures_before_reported: int = 2
-    share_loader: Callable[..., Any] | None = None
+    share_loader: ShareLoader | None = None
 
 
 class DistributionService:
@@ -528,11 +540,14 @@ class DistributionService:
                 if failures >= self.config.failures_before_reported:
                     await self._report(handle, TargetState.FAILED, 0, str(exc))
                 if r.share_urls and self.config.share_loader is not None:
-                    with contextlib.suppress(BlobmeshError):
-                        await self.config.share_loader(self.store, tracked.blob_id,
-                                                       r.share_urls)
-                        if self.store.has(tracked.blob_id):
-                            break
+                    # no peer could provide it: fall back on the distribution's shares
+                    try:
+                        await self.config.share_loader(tracked.blob_id, r.share_urls)
+                    except BlobmeshError as share_exc:
+                        log.warning("share fallback for %s failed: %s", handle, share_exc)
+                    if self.store.has(tracked.blob_id):
+                        await asyncio.to_thread(self.store.pin, tracked.blob_id, pin)
+                        break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)
         await self._report(handle, TargetState.COMPLETED, r.size)

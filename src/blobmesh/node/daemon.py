@@ -8,7 +8,8 @@ import contextlib
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -17,8 +18,10 @@ from blobmesh import __version__
 from blobmesh.distribution.service import DistributionConfig, DistributionService
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
 from blobmesh.errors import BlobmeshError
+from blobmesh.hashing import BlobId
 from blobmesh.node.control import ControlServer
 from blobmesh.node.metrics import render_metrics
+from blobmesh.shares import ShareMetrics, load_blob
 from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
@@ -87,6 +90,7 @@ class Node:
         self._swarm: SwarmEngine | None = None
         self._distribution: DistributionService | None = None
         self._control: ControlServer | None = None
+        self.share_metrics = ShareMetrics()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -127,7 +131,8 @@ class Node:
                                 address_book=endpoint_address_book(
                                     self.endpoint.add_peer_addresses))
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm)
-            self._distribution = DistributionService(self.space, self.swarm, cfg.distribution)
+            dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares)
+            self._distribution = DistributionService(self.space, self.swarm, dist_cfg)
             await self.space.start()
             await self.swarm.start()
             await self.space.join()
@@ -167,6 +172,11 @@ class Node:
     async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.aclose()
+
+    async def _load_from_shares(self, blob_id: BlobId, urls: Sequence[str]) -> None:
+        reader = await load_blob(self.store, blob_id, urls, max_tries=2,
+                                 metrics=self.share_metrics)
+        reader.close()
 
     # --- views for the control API ---------------------------------------------------------
 

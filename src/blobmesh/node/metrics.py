@@ -46,4 +46,5 @@ def render_metrics(node: Node) -> str:
     for key, value in sorted(node.space.metrics.snapshot().items()):
         name = "blobmesh_space_" + _NAME.sub("_", key) + "_total"
         _metric(lines, name, "counter", value, f"space counter {key}")
+    lines.extend(node.share_metrics.prometheus_lines())
     return "\n".join(lines) + "\n"
