@@ -96,12 +96,17 @@ def main() -> None:
         for p in rest:
             p.wait_ready()
         started = max(p.tickets_at for p in rest)
-        wait_for(lambda: sum(1 for p in procs for e in p.events if e["event"] == "full") == n,
-                 within=120, step=0.1)
-        full = max(e["t"] for p in procs for e in p.events if e["event"] == "full")
+        def last(event: str) -> float | None:
+            ts = [e["t"] for p in procs for e in p.events if e["event"] == event]
+            return max(ts) if len(ts) == n else None
+
+        wait_for(lambda: last("alive") is not None, within=120, step=0.1)
+        full, alive = last("full"), last("alive")
+        assert full is not None and alive is not None
         print(f"nodes: {n} in {len(procs)} processes ({args.per_process} per process)")
         print(f"cold start to full peer tables: {full - started:.2f} s after the last node "
-              f"started ({full - launched:.2f} s after launching the processes)")
+              f"started ({full - launched:.2f} s after launching the processes); "
+              f"all peers also probed alive: {alive - started:.2f} s")
 
         # --- 2. op latency ---------------------------------------------------------------
         rng = random.Random(7)

@@ -12,6 +12,8 @@ namespaces) used to measure what a link really carries.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -65,12 +67,9 @@ class NetLab:
         """
         for name in list_namespaces():
             if name == self.switch or name.startswith(f"{self.prefix}-h"):
-                _run("ip", "netns", "pids", name, check=False)
                 for pid in _run("ip", "netns", "pids", name, check=False).stdout.split():
                     # processes left in a namespace of ours by a crashed run of ours
                     with contextlib.suppress(ProcessLookupError, ValueError):
-                        import os
-                        import signal
                         os.kill(int(pid), signal.SIGKILL)
                 _run("ip", "netns", "del", name, check=False)
         self.created.clear()
@@ -110,11 +109,11 @@ class NetLab:
 
     def wait_reachable(self, timeout: float = 10.0) -> None:
         """Until host 0 reaches every other host (the bridge may take a moment)."""
+        # a refused connection (ECONNREFUSED) proves the host answered
         probe = ("import socket,sys\n"
                  "for a in sys.argv[1:]:\n"
-                 "    s=socket.socket(); s.settimeout(0.5)\n"
-                 "    r=s.connect_ex((a,9)); s.close()\n"
-                 "    sys.exit(0 if r in (0,111) else 1) if r not in (0,111) else None\n")
+                 "    s=socket.socket(); s.settimeout(0.5); r=s.connect_ex((a,9)); s.close()\n"
+                 "    if r not in (0,111): sys.exit(1)\n")
         deadline = time.monotonic() + timeout
         targets = [self.ip(i) for i in range(1, self.hosts)]
         while True:
@@ -127,19 +126,19 @@ class NetLab:
             time.sleep(0.2)
 
     def measure_mbit(self, src: int = 0, dst: int = 1, size_mb: int = 48) -> float:
-        """Raw TCP throughput from host ``src`` to host ``dst`` through both tbf links."""
+        """Raw TCP goodput (Mbit/s) from host ``src`` to host ``dst`` through both links."""
         sink = subprocess.Popen(self.cmd(dst, [sys.executable, __file__, "sink",
                                                self.ip(dst)]),
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert sink.stdout is not None
             sink.stdout.readline()  # "ready"
-            out = subprocess.run(self.cmd(src, [sys.executable, __file__, "source",
-                                                self.ip(dst), str(size_mb)]),
-                                 capture_output=True, text=True, check=True).stdout
-            return float(out.strip())
+            subprocess.run(self.cmd(src, [sys.executable, __file__, "source", self.ip(dst),
+                                          str(size_mb)]), capture_output=True, check=True)
+            return float(sink.stdout.readline())
         finally:
-            sink.wait(timeout=30)
+            sink.kill()
+            sink.wait()
 
     def __enter__(self) -> NetLab:
         self.build()
@@ -153,30 +152,26 @@ class NetLab:
 
 
 def _sink(host: str) -> None:
+    """Receive until EOF; print the goodput after the first MiBs (tbf bucket, slow start)."""
     with socket.create_server((host, PROBE_PORT)) as srv:
         print("ready", flush=True)
         conn, _ = srv.accept()
         with conn:
             buf = bytearray(1 << 20)
-            while conn.recv_into(buf):
-                pass
-            conn.sendall(b"k")
+            got, mark, t0 = 0, 4 * MiB, 0.0
+            while n := conn.recv_into(buf):
+                got += n
+                if t0 == 0.0 and got >= mark:
+                    t0, mark = time.perf_counter(), got
+            elapsed = time.perf_counter() - t0
+    print(f"{(got - mark) * 8 / elapsed / 1e6:.3f}", flush=True)
 
 
 def _source(host: str, size_mb: int) -> None:
     block = bytes(MiB)
     with socket.create_connection((host, PROBE_PORT)) as conn:
-        # the first MiBs fill the tbf bucket and socket buffers: time from after them
-        warm = 4
-        for _ in range(warm):
+        for _ in range(size_mb):
             conn.sendall(block)
-        t0 = time.perf_counter()
-        for _ in range(size_mb - warm):
-            conn.sendall(block)
-        conn.shutdown(socket.SHUT_WR)
-        conn.recv(1)  # everything arrived
-        elapsed = time.perf_counter() - t0
-    print(f"{(size_mb - warm) * MiB * 8 / elapsed / 1e6:.2f}")
 
 
 if __name__ == "__main__":

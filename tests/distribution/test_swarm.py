@@ -157,3 +157,18 @@ async def test_lying_peer_is_banned_and_data_still_arrives(tmp_path: Path) -> No
         assert stores[2].get_data(info.blob_id, LeaseId.new("c")) == data
         assert engines[2].pieces_rejected >= 1
         assert engines[2].banned[info.blob_id] == {nodes[1].node_id}
+
+
+async def test_connection_limit_is_enforced(tmp_path: Path) -> None:
+    seed_cfg = SwarmConfig(max_connections=1, stall_timeout=5)
+    async with swarm(tmp_path, 4, source_config=seed_cfg) as peers:
+        blob, data, piece_size = seed(peers[0], 1024 * 1024)
+        everyone = [p.node_id for p in peers]
+        await asyncio.wait_for(asyncio.gather(*(
+            p.engine.download(blob, len(data), piece_size, lambda: everyone)
+            for p in peers[1:])), 20)
+        for p in peers[1:]:
+            assert p.store.get_data(blob, LeaseId.new("c")) == data
+        # the seed served one connection at a time and turned the others away; they got
+        # the blob from each other
+        assert peers[0].engine.connections_refused > 0

@@ -96,3 +96,14 @@ def test_dialing_time_is_not_silence() -> None:
     assert not [e for e in fd.tick(1.0) if isinstance(e, ProbeVia) and e.target == target]
     fd.set_deadline(target, probe.seq, 1.0 + TIMEOUT)  # connected: the ack clock starts
     assert [e for e in fd.tick(1.0 + TIMEOUT) if isinstance(e, ProbeVia) and e.target == target]
+
+
+def test_a_starved_local_loop_is_not_taken_for_dead_peers() -> None:
+    fd, nodes = detector(2)
+    (probe, *_) = [e for e in fd.tick(0.0) if isinstance(e, Probe)]
+    # our loop stalls for 3 s: the ack may be waiting unread, so no verdict yet
+    late = fd.tick(3.0)
+    assert not any(isinstance(e, ProbeVia | Unresponsive) and e.target == probe.target
+                   for e in late)
+    assert fd.on_ack(probe.target, probe.seq) == []
+    assert not fd.is_unresponsive(probe.target)

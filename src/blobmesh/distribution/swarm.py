@@ -61,7 +61,7 @@ class SwarmConfig:
     upload_workers: int = 4
     upload_rate: float = 0.0
     download_rate: float = 0.0
-    max_connections: int = 64
+    max_connections: int = 64  # swarm connections over all blobs, in and out
     peer_retry: float = 1.0  # seconds before dialing a peer that failed again
     stall_timeout: float = 30.0
     flush_interval: float = 1.0  # make received pieces durable (and resumable) this often
@@ -161,6 +161,7 @@ class SwarmEngine:
         self.bytes_uploaded = 0
         self.bytes_downloaded = 0
         self.pieces_rejected = 0
+        self.connections_refused = 0
         self.banned: dict[BlobId, set[NodeId]] = {}
         self._serving: dict[BlobId, set[_Conn]] = {}
         self._sent_count: dict[BlobId, dict[int, int]] = {}
@@ -226,14 +227,24 @@ class SwarmEngine:
         if job is None and layer is None:
             stream.reset("blob not here")
             return
+        if self.connections >= self.config.max_connections:
+            self.connections_refused += 1
+            stream.reset("too many swarm connections")
+            return
         try:
             session = SwarmSession(blob_id, size, piece_size)
-            conn = _Conn(stream, session, outbound=False)
+        except ProtocolError as exc:
+            stream.reset(str(exc))
+            return
+        conn = _Conn(stream, session, outbound=False)
+        self._serving.setdefault(blob_id, set()).add(conn)  # counts before any await
+        try:
             event = session.receive(first)
             have = job.have_bitfield() if job else self.store.bitfield(blob_id)
             await conn.send(session.hello(have, layer is not None, int(self._prio(blob_id))))
         except (ProtocolError, TransportError, StoreError) as exc:
             stream.reset(str(exc))
+            self._serving.get(blob_id, set()).discard(conn)
             return
         assert isinstance(event, PeerHello)
         if job is not None:
@@ -289,6 +300,11 @@ class SwarmEngine:
             if conn.job is not None:
                 conn.job.detach(conn, "stream ended")
             conn.close("stream ended")
+
+    @property
+    def connections(self) -> int:
+        """Open swarm connections, over all blobs."""
+        return sum(len(conns) for conns in self._serving.values())
 
     def _redirect(self, conn: _Conn, blob_id: BlobId, index: int) -> bool:
         """Whether a seed should send the requester to other holders of this piece.
@@ -629,7 +645,9 @@ class DownloadJob:
         self._wake.set()
 
     def _dial_more(self) -> None:
-        want = self.engine.config.max_peers_per_blob - len(self._conns) - len(self._dialing)
+        cfg = self.engine.config
+        want = min(cfg.max_peers_per_blob - len(self._conns),
+                   cfg.max_connections - self.engine.connections) - len(self._dialing)
         if want <= 0:
             return
         now = time.monotonic()
@@ -639,7 +657,7 @@ class DownloadJob:
                 break
             if peer == me or peer in self._conns or peer in self._dialing or \
                     peer in self.banned or \
-                    now - self._last_dial.get(peer, -1e9) < self.engine.config.peer_retry:
+                    now - self._last_dial.get(peer, -1e9) < cfg.peer_retry:
                 continue
             self._last_dial[peer] = now
             self._dialing.add(peer)

@@ -38,6 +38,10 @@ def render_metrics(node: Node) -> str:
             "verified piece bytes received from peers")
     _metric(lines, "blobmesh_swarm_pieces_rejected_total", "counter", sw.pieces_rejected,
             "pieces that failed verification (their senders were banned)")
+    _metric(lines, "blobmesh_swarm_connections", "gauge", sw.connections,
+            "open swarm connections")
+    _metric(lines, "blobmesh_swarm_connections_refused_total", "counter",
+            sw.connections_refused, "incoming swarm connections refused at the limit")
     dists = node.distribution.distributions()
     _metric(lines, "blobmesh_distributions_active", "gauge",
             sum(d.state is DistributionState.ACTIVE for d in dists), "active distributions")

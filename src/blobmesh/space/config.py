@@ -61,9 +61,9 @@ class Timing:
 
     gossip_interval: float = 1.0
     gossip_fanout: int = 1                # peers per anti-entropy round
-    probe_interval: float = 0.5           # SWIM protocol period
-    probe_timeout: float = 0.3            # direct ack deadline
-    indirect_timeout: float = 0.6         # indirect (ping-req) deadline after the direct one
+    probe_interval: float = 1.0           # SWIM protocol period
+    probe_timeout: float = 0.5            # direct ack deadline (after connecting)
+    indirect_timeout: float = 1.0         # indirect (ping-req) deadline after the direct one
     indirect_probes: int = 3              # k helpers for ping-req
     request_timeout: float = 3.0
     record_ttl: float = 3600.0            # own record validity
@@ -71,7 +71,7 @@ class Timing:
     maintenance_interval: float = 2.0
     fetch_retry_base: float = 0.2
     fetch_retry_max: float = 10.0
-    unresponsive_backoff_max: float = 30.0
+    unresponsive_backoff_max: float = 5.0  # re-probe period of unresponsive peers, at most
     op_bucket_seconds: int = 3600         # time-bucket width of op summaries
     op_retention: float = 30 * 24 * 3600.0  # older ops are pruned and not accepted
     publish_fanout: int = 64              # peers an author pushes a new op/record to

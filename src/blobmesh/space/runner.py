@@ -8,7 +8,8 @@ space in production)::
 prints each node's ticket alone on a line first, then answers commands (one JSON object per
 line: ``status``, ``publish``, ``load``, ``leave``, ``quit``) and, with ``--events``, reports
 every ``test`` op stored as ``{"event": "op", "node": I, "id": ..., "t": UNIX_TIME}`` and, with
-``--expect N``, when each node first knows all ``N - 1`` others (``"event": "full"``).
+``--expect N``, when each node first knows all ``N - 1`` others (``"event": "full"``) and when
+it first holds them all alive (``"event": "alive"``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from blobmesh.errors import BlobmeshError
 from blobmesh.space.config import Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
-from blobmesh.transport import Endpoint, Identity, Ticket, format_address, parse_address
+from blobmesh.transport import (
+    Endpoint,
+    Identity,
+    Ticket,
+    TransportConfig,
+    format_address,
+    parse_address,
+)
 
 KINDS = ("test", "bench")
 # generous timeouts: tests share two cores, and a starved event loop is not a dead node
@@ -66,9 +74,11 @@ class Runner:
         if a.gossip_interval:
             timing = dataclasses.replace(timing, gossip_interval=a.gossip_interval)
         host, port = parse_address(a.listen) if a.listen else ("127.0.0.1", 0)
+        # space messages are small: small frames keep per-connection buffers small
+        transport = TransportConfig(max_frame_size=a.frame_kib * 1024)
         for i in range(a.nodes):
             ident = Identity.load_or_create(Path(a.home) / f"n{i}")
-            ep = await Endpoint.start(ident, (host, port if i == 0 else 0))
+            ep = await Endpoint.start(ident, (host, port if i == 0 else 0), transport)
             cfg = SpaceConfig(
                 name=a.space, secret=a.secret, groups=tuple(a.group), capabilities=caps,
                 addresses=tuple(format_address(x) for x in ep.ticket.addrs),
@@ -94,11 +104,15 @@ class Runner:
             _emit({"event": "op", "node": i, "id": str(op.id), "t": time.time()})
 
     async def _watch_full(self, i: int, space: Space, expect: int) -> None:
+        known = False
         while True:
-            if len(space.peers()) >= expect - 1:
-                break
+            if not known and len(space.peers(alive_only=False)) >= expect - 1:
+                known = True
+                _emit({"event": "full", "node": i, "t": time.time()})
+            if known and len(space.peers()) >= expect - 1:
+                _emit({"event": "alive", "node": i, "t": time.time()})
+                return
             await asyncio.sleep(0.02)
-        _emit({"event": "full", "node": i, "t": time.time()})
 
     def status(self) -> dict[str, Any]:
         out = []
@@ -188,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fast", action="store_true", help="short periods, for tests")
     p.add_argument("--gossip-interval", type=float, default=0.0)
     p.add_argument("--events", action="store_true")
+    p.add_argument("--frame-kib", type=int, default=64, help="transport max frame size")
     p.add_argument("--expect", type=int, default=0, metavar="N",
                    help="report when each node knows N-1 peers")
     args = p.parse_args(argv)

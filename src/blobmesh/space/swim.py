@@ -7,6 +7,9 @@ therefore marked at most ``2 * members * probe_interval + probe_timeout + indire
 after it stops answering, and at once (plus the timeouts) when the transport reports a broken
 link (:meth:`FailureDetector.suspect`).  Unresponsive members keep being probed with an
 exponential backoff, and come back on any ack.
+
+Like Lifeguard's local health awareness, a late tick (our own event loop was starved) moves
+pending deadlines by the lateness: an ack we had no chance to process is not silence.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class FailureDetector:
         self._down: dict[NodeId, tuple[float, float]] = {}  # -> (retry at, backoff)
         self._next_probe = 0.0
         self._seq = 0
+        self._last_tick: float | None = None
 
     def add(self, node: NodeId) -> None:
         self._members.add(node)
@@ -113,8 +117,17 @@ class FailureDetector:
         return None
 
     def tick(self, now: float) -> list[Effect]:
-        """Advance to ``now``: time out pending probes and start due ones."""
+        """Advance to ``now``: time out pending probes and start due ones.
+
+        Call it often (every ``probe_interval / 5`` or so); a gap longer than
+        ``probe_interval`` counts as local starvation and postpones pending deadlines.
+        """
         out: list[Effect] = []
+        if self._last_tick is not None and now - self._last_tick > self._interval:
+            late = now - self._last_tick - self._interval
+            for p in self._pending.values():
+                p.deadline += late
+        self._last_tick = now
         for target, p in list(self._pending.items()):
             if now < p.deadline:
                 continue

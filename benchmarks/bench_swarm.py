@@ -1,0 +1,510 @@
+"""One source, N targets, 100 Mbit/s links: blobmesh's swarm against the Kumar–Ross bound,
+libtorrent and a plain HTTP fan-out, in one lab of network namespaces.
+
+    sudo .venv/bin/python benchmarks/bench_swarm.py [--quick] [--runs 3]
+        [--size-mb S --targets N] [--rate-mbit 100] [--only blobmesh|libtorrent|http]
+
+Builds hosts as network namespaces on one switch namespace (``netlab.py``), each link limited
+to ``--rate-mbit`` with ``tbf`` on both ends; measures the real per-link TCP goodput R and uses
+it for every upload and download rate in the lower bound
+max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) (= F/R when all links are equal).  Default scenarios:
+256 MiB to 7 targets and 64 MiB to 15 targets (``--quick``: 32 MiB to 3).  Each system moves
+the same file from host 0 to hosts 1..N; the time runs until every target holds a verified
+copy.  Goal: blobmesh <= 1.15x the bound, and faster than libtorrent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blobmesh.demo import make_payload, wait_for_convergence
+from blobmesh.distribution.model import TargetState
+from blobmesh.hashing import BlobId
+from blobmesh.hashing.tree import choose_piece_size
+from blobmesh.node.client import NodeClient
+from blobmesh.node.fleet import Fleet, FleetNode
+from blobmesh.store import LeaseId, Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from netlab import NetLab
+
+MiB = 1024 * 1024
+SYSTEMS = ("blobmesh", "libtorrent", "http")
+LT_PORT = 6881
+HTTP_PORT = 8080
+_UPLOADED = re.compile(r"^blobmesh_swarm_uploaded_bytes_total (\S+)$", re.M)
+
+
+@dataclass
+class Outcome:
+    """One run of one system."""
+
+    seconds: float
+    ok: bool
+    note: str = ""
+    uploads: list[int] = field(default_factory=list)  # bytes per host, source first
+    finish: list[float] = field(default_factory=list)  # per target, seconds from start
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def copies_match(paths: Sequence[Path], digest: str) -> bool:
+    found = await asyncio.gather(*(asyncio.to_thread(file_digest, p) for p in paths))
+    return all(d == digest for d in found)
+
+
+# --- blobmesh ----------------------------------------------------------------------------------
+
+
+class NetnsFleet(Fleet):
+    """A :class:`Fleet` whose node ``i`` runs inside lab host ``i``, listening on its address."""
+
+    def __init__(self, root: Path, lab: NetLab) -> None:
+        super().__init__(root)
+        self.lab = lab
+
+    def add_host(self) -> FleetNode:
+        self.listen_host = self.lab.ip(len(self.nodes))
+        return self.add()
+
+    def _popen(self, node: FleetNode) -> None:
+        cmd = [sys.executable, "-m", "blobmesh.cli.main", "--home", str(node.home),
+               "node", "run", *node.args]
+        seed = next((n for n in self.nodes if n.running and n is not node and n.ticket), None)
+        if seed is not None:
+            cmd += ["--bootstrap", seed.ticket]
+        log_path = self.root / f"node{node.index}.{len(node.logs)}.log"
+        node.logs.append(log_path)
+        with open(log_path, "wb") as log:
+            node.proc = subprocess.Popen(self.lab.cmd(node.index, cmd), stdout=subprocess.PIPE,
+                                         stderr=log, stdin=subprocess.DEVNULL)
+
+
+async def uploaded_bytes(fleet: Fleet) -> list[int]:
+    out = []
+    for node in fleet.nodes:
+        async with NodeClient(node.home) as c:
+            m = _UPLOADED.search(await c.metrics())
+            out.append(int(float(m.group(1))) if m else -1)
+    return out
+
+
+def verify_blob(home: Path, blob: BlobId) -> bool:
+    with Store(home) as store:
+        if not store.has(blob):
+            return False
+        with store.get_reader(blob, LeaseId.new("bench-verify"), verify=True) as r:
+            while r.read(4 * MiB):
+                pass
+    return True
+
+
+async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
+                       timeout: float) -> Outcome:
+    fleet = NetnsFleet(work, lab)
+    for _ in range(targets + 1):
+        fleet.add_host()
+    try:
+        await asyncio.to_thread(fleet.start)
+        await wait_for_convergence(fleet, timeout=60)
+        with Store(fleet.nodes[0].home) as store:
+            blob = (await asyncio.to_thread(store.add_path, payload)).blob_id
+        finish: dict[str, float] = {}
+        async with NodeClient(fleet.nodes[0].home) as client:
+            t0 = time.perf_counter()
+            status = await client.distribute(str(blob), "all", "normal")
+
+            async def follow() -> None:
+                nonlocal status
+                async for s in client.events(str(status.handle)):
+                    status = s
+                    for t in s.targets:
+                        if t.state is TargetState.COMPLETED and str(t.node) not in finish:
+                            finish[str(t.node)] = time.perf_counter() - t0
+
+            await asyncio.wait_for(follow(), timeout)
+            elapsed = time.perf_counter() - t0
+        uploads = await uploaded_bytes(fleet)
+        verified = await asyncio.gather(*(asyncio.to_thread(verify_blob, n.home, blob)
+                                          for n in fleet.nodes[1:]))
+        ok = status.completed == targets and all(verified)
+        note = "" if ok else f"{status.completed}/{targets} completed, {sum(verified)} verified"
+        return Outcome(elapsed, ok, note, uploads, sorted(finish.values()))
+    finally:
+        await asyncio.to_thread(fleet.stop)
+
+
+# --- libtorrent --------------------------------------------------------------------------------
+
+
+def make_torrent(payload: Path, piece_size: int) -> Path:
+    import libtorrent as lt
+
+    fs = lt.file_storage()
+    with warnings.catch_warnings():  # the file_storage API is deprecated, yet the simplest
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lt.add_files(fs, str(payload))
+        ct = lt.create_torrent(fs, piece_size, flags=lt.create_torrent.v1_only)
+    lt.set_piece_hashes(ct, str(payload.parent))
+    out = payload.with_suffix(".torrent")
+    out.write_bytes(lt.bencode(ct.generate()))
+    return out
+
+
+def lt_worker(torrent: str, save: str, ip: str, peers: list[str], seed: bool) -> None:
+    """One libtorrent session (runs inside a host namespace), driven over stdin/stdout.
+
+    Prints ``ready`` once listening (a seed: once its data is checked), waits for ``go``,
+    connects to ``peers``, prints ``done`` when it holds every piece, and keeps seeding until
+    stdin closes.
+    """
+    import threading
+
+    import libtorrent as lt
+
+    settings: lt.settings_pack = {
+        "listen_interfaces": f"{ip}:{LT_PORT}",
+        "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
+        "enable_natpmp": False,
+        # plain TCP, like blobmesh (uTP's delay-based congestion control would back off)
+        "enable_outgoing_utp": False, "enable_incoming_utp": False,
+        "connections_limit": 200,
+        "unchoke_slots_limit": -1,  # a LAN swarm: nobody needs to be choked
+        "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.fastest_upload),
+        "upload_rate_limit": 0, "download_rate_limit": 0,
+        "suggest_mode": 1,  # seeds suggest pieces in their read cache
+        "alert_mask": 0,
+    }
+    ses = lt.session(settings)
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(torrent)
+    atp.save_path = save
+    h = ses.add_torrent(atp)
+    while True:
+        st = h.status()
+        if st.state not in (lt.torrent_status.checking_files,
+                            lt.torrent_status.checking_resume_data) and \
+                (st.is_seeding or not seed):
+            break
+        time.sleep(0.05)
+    print("ready", flush=True)
+    stdin_closed = threading.Event()
+    if sys.stdin.readline().strip() != "go":
+        return
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        stdin_closed.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    for p in peers:
+        h.connect_peer((p, LT_PORT))
+    reported = seed
+    while not stdin_closed.wait(0.02):
+        if not reported and h.status().is_seeding:
+            print("done", flush=True)
+            reported = True
+
+
+async def run_libtorrent(lab: NetLab, targets: int, torrent: Path, payload: Path, digest: str,
+                         work: Path, timeout: float) -> Outcome:
+    procs: list[asyncio.subprocess.Process] = []
+    saves = []
+    try:
+        for i in range(targets + 1):
+            save = payload.parent if i == 0 else work / f"lt{i}"
+            save.mkdir(parents=True, exist_ok=True)
+            saves.append(save)
+            # each target dials the seed and every target before it: one connection per pair
+            peers = [lab.ip(j) for j in range(i)]
+            argv = [sys.executable, __file__, "--lt-worker", str(torrent), str(save),
+                    lab.ip(i), ",".join(peers)] + (["--lt-seed"] if i == 0 else [])
+            procs.append(await asyncio.create_subprocess_exec(
+                *lab.cmd(i, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        for p in procs:
+            assert p.stdout is not None
+            line = await asyncio.wait_for(p.stdout.readline(), 120)
+            if line.strip() != b"ready":
+                raise RuntimeError(f"a libtorrent worker failed to start: {line!r}")
+        t0 = time.perf_counter()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+        await asyncio.gather(*(p.stdin.drain() for p in procs if p.stdin is not None))
+
+        async def finished(p: asyncio.subprocess.Process) -> float:
+            assert p.stdout is not None
+            line = await p.stdout.readline()
+            if line.strip() != b"done":
+                raise RuntimeError(f"a libtorrent worker ended early: {line!r}")
+            return time.perf_counter() - t0
+
+        finish = await asyncio.wait_for(asyncio.gather(*(finished(p) for p in procs[1:])),
+                                        timeout)
+        elapsed = max(finish)
+        ok = await copies_match([s / payload.name for s in saves[1:]], digest)
+        return Outcome(elapsed, ok, "" if ok else "a copy differs", finish=sorted(finish))
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), 10)
+            except TimeoutError:
+                p.kill()
+                await p.wait()
+
+
+# --- plain HTTP --------------------------------------------------------------------------------
+
+
+NGINX_CONF = """daemon off;
+master_process off;
+user root;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen {ip}:{port};
+        root {docroot};
+    }}
+}}
+"""
+
+
+def start_http_server(lab: NetLab, payload: Path, work: Path) -> subprocess.Popen[bytes]:
+    """nginx (else Python's http.server) serving ``payload``'s folder from host 0."""
+    work.mkdir(parents=True, exist_ok=True)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if Path(nginx).exists():
+        conf = work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=work, ip=lab.ip(0), port=HTTP_PORT,
+                                          docroot=payload.parent))
+        argv = [nginx, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)]
+    else:
+        argv = [sys.executable, "-m", "http.server", "-b", lab.ip(0), "-d",
+                str(payload.parent), str(HTTP_PORT)]
+    server = subprocess.Popen(lab.cmd(0, argv), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://{lab.ip(0)}:{HTTP_PORT}/{payload.name}"
+    deadline = time.monotonic() + 15
+    while subprocess.run(lab.cmd(1, ["curl", "-sfI", "-o", "/dev/null", url])).returncode:
+        if time.monotonic() > deadline or server.poll() is not None:
+            stop_process(server)
+            raise RuntimeError("the HTTP server did not come up")
+        time.sleep(0.1)
+    return server
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def run_http(lab: NetLab, targets: int, payload: Path, digest: str, work: Path,
+                   timeout: float) -> Outcome:
+    server = await asyncio.to_thread(start_http_server, lab, payload, work)
+    url = f"http://{lab.ip(0)}:{HTTP_PORT}/{payload.name}"
+    try:
+        outs = [work / f"http{i}.bin" for i in range(1, targets + 1)]
+        t0 = time.perf_counter()
+        curls = [await asyncio.create_subprocess_exec(
+            *lab.cmd(i, ["curl", "-sSf", "-o", str(outs[i - 1]), url]))
+            for i in range(1, targets + 1)]
+
+        async def finished(p: asyncio.subprocess.Process) -> tuple[int, float]:
+            rc = await p.wait()
+            return rc, time.perf_counter() - t0
+
+        results = await asyncio.wait_for(asyncio.gather(*(finished(p) for p in curls)), timeout)
+        finish = sorted(t for _, t in results)
+        ok = all(rc == 0 for rc, _ in results) and await copies_match(outs, digest)
+        return Outcome(finish[-1], ok, "" if ok else "a fetch failed", finish=finish)
+    finally:
+        await asyncio.to_thread(stop_process, server)
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+
+def kumar_ross(size: int, targets: int, rate: float) -> float:
+    """Minimum distribution time with u_s = u_i = d_i = rate (bytes/s)."""
+    u_s = d_min = rate
+    return max(size / u_s, size / d_min, targets * size / (u_s + targets * rate))
+
+
+def describe(o: Outcome, size: int) -> str:
+    first, last = (o.finish[0], o.finish[-1]) if o.finish else (0.0, 0.0)
+    text = f"{o.seconds:7.2f}s  targets done {first:.1f}..{last:.1f}s"
+    if o.uploads:
+        copies = " ".join(f"{u / size:.2f}" for u in o.uploads)
+        text += f"  uploaded (copies of F) source,targets: {copies}"
+    if not o.ok:
+        text += f"  FAILED: {o.note}"
+    return text
+
+
+async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps: float,
+                   systems: Sequence[str], tmp: Path) -> dict[str, list[Outcome]]:
+    size = size_mb * MiB
+    bound = kumar_ross(size, targets, rate_bps)
+    print(f"\n== {size_mb} MiB to {targets} targets; bound {bound:.2f}s "
+          f"(F/R at R = {rate_bps * 8 / 1e6:.1f} Mbit/s measured)", flush=True)
+    srcdir = tmp / "source"
+    srcdir.mkdir(exist_ok=True)
+    payload = srcdir / f"payload-{size_mb}m.bin"
+    await asyncio.to_thread(make_payload, payload, size)
+    digest = await asyncio.to_thread(file_digest, payload)
+    torrent = make_torrent(payload, choose_piece_size(size)) if "libtorrent" in systems \
+        else None
+    timeout = max(120.0, 6 * targets * size / rate_bps)
+    results: dict[str, list[Outcome]] = {s: [] for s in systems}
+    for run in range(runs):
+        for system in systems:  # interleaved, so every system sees the same machine load
+            work = tmp / f"{system}-{run}"
+            work.mkdir()
+            try:
+                if system == "blobmesh":
+                    out = await run_blobmesh(lab, targets, payload, work, timeout)
+                elif system == "libtorrent":
+                    assert torrent is not None
+                    out = await run_libtorrent(lab, targets, torrent, payload, digest, work,
+                                               timeout)
+                else:
+                    out = await run_http(lab, targets, payload, digest, work, timeout)
+            except (TimeoutError, RuntimeError, OSError) as exc:
+                out = Outcome(float("nan"), False, f"{type(exc).__name__}: {exc}")
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            results[system].append(out)
+            print(f"  run {run + 1} {system:<10} {describe(out, size)}  "
+                  f"[load {os.getloadavg()[0]:.1f}]", flush=True)
+    for f in srcdir.iterdir():
+        f.unlink()
+
+    print(f"\n{size_mb} MiB -> {targets} targets @ {rate_bps * 8 / 1e6:.1f} Mbit/s")
+    print(f"{'system':<11} {'median s':>9} {'bound s':>8} {'ratio':>6}  runs")
+    medians: dict[str, float] = {}
+    for system, outs in results.items():
+        good = [o.seconds for o in outs if o.ok]
+        med = statistics.median(good) if good else float("nan")
+        medians[system] = med
+        runs_txt = ", ".join(f"{o.seconds:.2f}" + ("" if o.ok else "!") for o in outs)
+        print(f"{system:<11} {med:9.2f} {bound:8.2f} {med / bound:6.2f}  [{runs_txt}]")
+    if "blobmesh" in medians:
+        bm = medians["blobmesh"]
+        verdict = f"verdict: blobmesh {bm / bound:.2f}x the bound " + \
+            ("(goal <= 1.15x: met)" if bm / bound <= 1.15 else "(goal <= 1.15x: MISSED)")
+        if "libtorrent" in medians:
+            lt_t = medians["libtorrent"]
+            verdict += f"; {lt_t / bm:.2f}x libtorrent's speed " + \
+                ("(faster: met)" if bm < lt_t else "(faster than libtorrent: MISSED)")
+        print(verdict, flush=True)
+    return results
+
+
+def code_fingerprint() -> str:
+    """Which swarm code the nodes run (the lead may be editing it)."""
+    import blobmesh.distribution.picker as picker_mod
+    import blobmesh.distribution.swarm as swarm_mod
+
+    h = hashlib.blake2b(digest_size=4)
+    for mod in (swarm_mod, picker_mod):
+        h.update(Path(str(mod.__file__)).read_bytes())
+    return f"{Path(str(swarm_mod.__file__)).parent} ({h.hexdigest()})"
+
+
+async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
+    lab.build()
+    lab.wait_reachable()
+    probes = [lab.measure_mbit(0, 1), lab.measure_mbit(lab.hosts - 1, 0)]
+    mbit = statistics.mean(probes)
+    print(f"lab: {lab.hosts} hosts, tbf {args.rate_mbit:g} Mbit/s both ends; raw TCP "
+          f"goodput {', '.join(f'{p:.1f}' for p in probes)} Mbit/s -> R = {mbit:.1f}; "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"blobmesh swarm code: {code_fingerprint()}", flush=True)
+    systems = SYSTEMS if args.only is None else (args.only,)
+    for size_mb, targets in args.scenarios:
+        await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8, systems, tmp)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int)
+    parser.add_argument("--targets", type=int)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument("--only", choices=SYSTEMS)
+    parser.add_argument("--quick", action="store_true", help="32 MiB to 3 targets")
+    parser.add_argument("--lt-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--lt-seed", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.lt_worker:
+        torrent, save, ip, peers = args.lt_worker
+        lt_worker(torrent, save, ip, [p for p in peers.split(",") if p], args.lt_seed)
+        return
+    if os.geteuid() != 0:
+        parser.error("building network namespaces needs root")
+    if args.quick:
+        args.scenarios = [(args.size_mb or 32, args.targets or 3)]
+    elif args.size_mb or args.targets:
+        args.scenarios = [(args.size_mb or 256, args.targets or 7)]
+    else:
+        args.scenarios = [(256, 7), (64, 15)]
+    hosts = 1 + max(t for _, t in args.scenarios)
+    lab = NetLab(hosts=hosts, rate_mbit=args.rate_mbit)
+    # SIGTERM takes the same way out as Ctrl-C: through every finally below
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-swarm-") as tmp:
+            try:
+                asyncio.run(bench(args, lab, Path(tmp)))
+            finally:
+                # also kills whatever still runs inside the lab's namespaces, before its
+                # files go
+                with contextlib.suppress(Exception):
+                    lab.cleanup()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
