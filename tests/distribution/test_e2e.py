@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -213,3 +214,32 @@ async def test_killed_target_resumes_when_it_returns(fleet: Fleet) -> None:
         fleet.start([dst])
         await eventually(lambda: target_in(TargetState.COMPLETED))
     assert holds(dst, blob)
+
+
+async def test_cli_drives_a_running_node(fleet: Fleet) -> None:
+    src = fleet.add()
+    dst = fleet.add(groups=["g"], caps=["gpu=true"])
+    fleet.start()
+    await converge(fleet)
+    r = cli(src.home, "peers", "--json")
+    assert r.returncode == 0, r.stderr
+    peers = json.loads(r.stdout)
+    assert [p["node"] for p in peers if p["node"] != src.node_id] == [dst.node_id]
+    mine = next(p for p in peers if p["node"] == dst.node_id)
+    assert mine["groups"] == ["g"] and mine["capabilities"] == {"gpu": True}
+    payload = src.home.parent / "payload.bin"
+    payload.write_bytes(os.urandom(2 * MiB))
+    r = cli(src.home, "distribute", str(payload), "--to", "cap:gpu=true", "--wait", "--json")
+    assert r.returncode == 0, r.stderr
+    final = json.loads(r.stdout)
+    assert final["state"] == "completed" and final["totals"]["completed"] == 1
+    assert holds(dst, BlobId.parse(final["blob"]))
+    r = cli(src.home, "distributions", "--json")
+    assert [d["handle"] for d in json.loads(r.stdout)] == [final["handle"]]
+    r = cli(src.home, "status", final["handle"])
+    assert r.returncode == 0 and "completed" in r.stdout
+    r = cli(dst.home, "status", "d-0123456789abcdef")
+    assert r.returncode == 1 and r.stderr.startswith("blobmesh: error: unknown distribution")
+    fleet.stop()
+    r = cli(src.home, "peers")
+    assert r.returncode == 1 and "no node is running" in r.stderr
