@@ -74,6 +74,21 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
+def _decode(raw: bytes) -> Message:
+    try:
+        return _decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed swarm message: {exc}") from exc
+
+
+def peek_hello(raw: bytes) -> Hello:
+    """Decode the first message of an incoming stream, which must be a hello (any blob)."""
+    msg = _decode(raw)
+    if not isinstance(msg, Hello):
+        raise ProtocolError(f"expected hello, got {type(msg).__name__}")
+    return msg
+
+
 # --- events ----------------------------------------------------------------------------------
 
 
@@ -191,10 +206,7 @@ class SwarmSession:
     # --- incoming --------------------------------------------------------------------------
 
     def receive(self, raw: bytes) -> Event:
-        try:
-            msg = _decoder.decode(raw)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"malformed swarm message: {exc}") from exc
+        msg = _decode(raw)
         if self.peer_hello is None and not isinstance(msg, Hello | Bye):
             raise ProtocolError(f"swarm peer sent {type(msg).__name__} before hello")
         match msg:

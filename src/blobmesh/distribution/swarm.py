@@ -31,6 +31,7 @@ from blobmesh.distribution.peerwire import (
     PieceWanted,
     SwarmSession,
     WantCancelled,
+    peek_hello,
 )
 from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.ratelimit import TokenBucket
@@ -205,21 +206,12 @@ class SwarmEngine:
 
     async def _on_stream(self, stream: Stream) -> None:
         """An incoming swarm stream: the dialer's hello names the blob."""
-        from blobmesh.distribution.peerwire import Hello, _decoder
-
         try:
             first = await stream.recv()
-            msg = _decoder.decode(first)
-        except Exception as exc:
-            stream.reset(f"bad hello: {exc}")
-            return
-        if not isinstance(msg, Hello):
-            stream.reset("expected hello")
-            return
-        try:
+            msg = peek_hello(first)
             blob_id = BlobId(msg.blob)
-        except BlobmeshError:
-            stream.reset("bad blob id")
+        except (TransportError, ProtocolError, BlobmeshError) as exc:
+            stream.reset(f"bad hello: {exc}")
             return
         job = self._jobs.get(blob_id)
         layer = self.layer_for(blob_id)
