@@ -76,7 +76,8 @@ _decoder = msgspec.msgpack.Decoder(Message)
 
 def _decode(raw: bytes) -> Message:
     try:
-        return _decoder.decode(raw)
+        msg: Message = _decoder.decode(raw)
+        return msg
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed swarm message: {exc}") from exc
 
