@@ -146,6 +146,7 @@ async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
     await asyncio.sleep(1.5)
     with Store(slow.home) as store:
         assert store.info(blob).pieces_present == before  # nothing moves after cancel
+        assert store.pins() == []  # and the partial copy is left to GC
 
 
 async def test_late_joiner_and_source_death(fleet: Fleet) -> None:

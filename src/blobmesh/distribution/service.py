@@ -428,7 +428,10 @@ class DistributionService:
             if not t.state.final:
                 tracked.targets[node] = replace(t, state=TargetState.CANCELLED,
                                                 reason="cancelled", updated=time.time())
-        if NodeId(tracked.request.source) == self.node_id:
+        is_source = NodeId(tracked.request.source) == self.node_id
+        if is_source or not self.store.has(tracked.blob_id):
+            # the source's copy is the user's again; a target's partial copy may be collected
+            # (a target that completed keeps its pinned copy: nothing is rolled back)
             with contextlib.suppress(StoreError):
                 await asyncio.to_thread(self.store.unpin, f"dist/{tracked.handle}")
         self._bump(tracked)
