@@ -60,6 +60,7 @@ class Outcome:
     note: str = ""
     uploads: list[int] = field(default_factory=list)  # bytes per host, source first
     finish: list[float] = field(default_factory=list)  # per target, seconds from start
+    code: str = ""  # fingerprint of the swarm code a blobmesh run used
 
 
 def file_digest(path: Path) -> str:
@@ -173,12 +174,15 @@ def make_torrent(payload: Path, piece_size: int) -> Path:
     return out
 
 
-def lt_worker(torrent: str, save: str, ip: str, peers: list[str], seed: bool) -> None:
+def lt_worker(torrent: str, save: str, ip: str, peers: list[str], seed: bool,
+              tuning: str) -> None:
     """One libtorrent session (runs inside a host namespace), driven over stdin/stdout.
 
     Prints ``ready`` once listening (a seed: once its data is checked), waits for ``go``,
     connects to ``peers``, prints ``done`` when it holds every piece, and keeps seeding until
-    stdin closes.
+    stdin closes.  ``tuning``: ``lan`` (defaults plus the LAN settings below), ``hps``
+    (libtorrent's ``high_performance_seed`` preset plus them), ``super`` (``lan`` with a
+    super-seeding source, which hands each piece out once).
     """
     import threading
 
@@ -197,10 +201,14 @@ def lt_worker(torrent: str, save: str, ip: str, peers: list[str], seed: bool) ->
         "suggest_mode": 1,  # seeds suggest pieces in their read cache
         "alert_mask": 0,
     }
+    if tuning == "hps":
+        settings = {**lt.high_performance_seed(), **settings}
     ses = lt.session(settings)
     atp = lt.add_torrent_params()
     atp.ti = lt.torrent_info(torrent)
     atp.save_path = save
+    if seed and tuning == "super":
+        atp.flags |= lt.torrent_flags.super_seeding
     h = ses.add_torrent(atp)
     while True:
         st = h.status()
@@ -229,7 +237,7 @@ def lt_worker(torrent: str, save: str, ip: str, peers: list[str], seed: bool) ->
 
 
 async def run_libtorrent(lab: NetLab, targets: int, torrent: Path, payload: Path, digest: str,
-                         work: Path, timeout: float) -> Outcome:
+                         work: Path, timeout: float, tuning: str) -> Outcome:
     procs: list[asyncio.subprocess.Process] = []
     saves = []
     try:
@@ -240,7 +248,8 @@ async def run_libtorrent(lab: NetLab, targets: int, torrent: Path, payload: Path
             # each target dials the seed and every target before it: one connection per pair
             peers = [lab.ip(j) for j in range(i)]
             argv = [sys.executable, __file__, "--lt-worker", str(torrent), str(save),
-                    lab.ip(i), ",".join(peers)] + (["--lt-seed"] if i == 0 else [])
+                    lab.ip(i), ",".join(peers), "--lt-tuning", tuning] + \
+                (["--lt-seed"] if i == 0 else [])
             procs.append(await asyncio.create_subprocess_exec(
                 *lab.cmd(i, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE))
         for p in procs:
@@ -376,13 +385,16 @@ def describe(o: Outcome, size: int) -> str:
     if o.uploads:
         copies = " ".join(f"{u / size:.2f}" for u in o.uploads)
         text += f"  uploaded (copies of F) source,targets: {copies}"
+    if o.code:
+        text += f"  code {o.code}"
     if not o.ok:
         text += f"  FAILED: {o.note}"
     return text
 
 
 async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps: float,
-                   systems: Sequence[str], tmp: Path) -> dict[str, list[Outcome]]:
+                   systems: Sequence[str], tmp: Path, lt_tuning: str
+                   ) -> dict[str, list[Outcome]]:
     size = size_mb * MiB
     bound = kumar_ross(size, targets, rate_bps)
     print(f"\n== {size_mb} MiB to {targets} targets; bound {bound:.2f}s "
@@ -403,10 +415,11 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
             try:
                 if system == "blobmesh":
                     out = await run_blobmesh(lab, targets, payload, work, timeout)
+                    out.code = code_fingerprint().rsplit(" ", 1)[-1]
                 elif system == "libtorrent":
                     assert torrent is not None
                     out = await run_libtorrent(lab, targets, torrent, payload, digest, work,
-                                               timeout)
+                                               timeout, lt_tuning)
                 else:
                     out = await run_http(lab, targets, payload, digest, work, timeout)
             except (TimeoutError, RuntimeError, OSError) as exc:
@@ -462,7 +475,8 @@ async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     print(f"blobmesh swarm code: {code_fingerprint()}", flush=True)
     systems = SYSTEMS if args.only is None else (args.only,)
     for size_mb, targets in args.scenarios:
-        await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8, systems, tmp)
+        await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8, systems, tmp,
+                       args.lt_tuning)
 
 
 def main() -> None:
@@ -473,12 +487,16 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--only", choices=SYSTEMS)
     parser.add_argument("--quick", action="store_true", help="32 MiB to 3 targets")
+    parser.add_argument("--lt-tuning", choices=("lan", "hps", "super"), default="lan",
+                        help="libtorrent settings (see lt_worker)")
+    parser.add_argument("--lab-prefix", default="bmbench", help="namespace name prefix")
     parser.add_argument("--lt-worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--lt-seed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.lt_worker:
         torrent, save, ip, peers = args.lt_worker
-        lt_worker(torrent, save, ip, [p for p in peers.split(",") if p], args.lt_seed)
+        lt_worker(torrent, save, ip, [p for p in peers.split(",") if p], args.lt_seed,
+                  args.lt_tuning)
         return
     if os.geteuid() != 0:
         parser.error("building network namespaces needs root")
@@ -489,7 +507,7 @@ def main() -> None:
     else:
         args.scenarios = [(256, 7), (64, 15)]
     hosts = 1 + max(t for _, t in args.scenarios)
-    lab = NetLab(hosts=hosts, rate_mbit=args.rate_mbit)
+    lab = NetLab(hosts=hosts, rate_mbit=args.rate_mbit, prefix=args.lab_prefix)
     # SIGTERM takes the same way out as Ctrl-C: through every finally below
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -70,9 +70,8 @@ def test_indirect_ack_saves_a_member() -> None:
 def test_suspect_is_probed_at_once_and_comes_back() -> None:
     fd, nodes = detector(4)
     target = nodes[2]
-    fd.tick(0.0)
     fd.suspect(target)
-    assert any(isinstance(e, Probe) and e.target == target for e in fd.tick(0.05))
+    assert any(isinstance(e, Probe) and e.target == target for e in fd.tick(0.0))
     seen = run(fd, {target}, 1.5)
     assert any(isinstance(e, Unresponsive) for _, e in seen)
     assert fd.heard_from(target) == [Alive(target)]
@@ -99,7 +98,7 @@ def test_dialing_time_is_not_silence() -> None:
 
 
 def test_a_starved_local_loop_is_not_taken_for_dead_peers() -> None:
-    fd, nodes = detector(2)
+    fd, _ = detector(2)
     (probe, *_) = [e for e in fd.tick(0.0) if isinstance(e, Probe)]
     # our loop stalls for 3 s: the ack may be waiting unread, so no verdict yet
     late = fd.tick(3.0)
@@ -107,3 +106,14 @@ def test_a_starved_local_loop_is_not_taken_for_dead_peers() -> None:
                    for e in late)
     assert fd.on_ack(probe.target, probe.seq) == []
     assert not fd.is_unresponsive(probe.target)
+
+
+def test_unresponsive_members_are_reprobed_on_their_backoff() -> None:
+    fd, nodes = detector(5)
+    dead = nodes[0]
+    seen = run(fd, {dead}, 30.0)
+    marked = next(t for t, e in seen if e == Unresponsive(dead))
+    retries = [t for t, e in seen if isinstance(e, Probe) and e.target == dead and t > marked]
+    gaps = [b - a for a, b in zip([marked, *retries], retries, strict=False)]
+    assert retries and max(gaps) <= 8.0 + TIMEOUT + INDIRECT + 0.2  # backoff_max bounds it
+    assert fd.heard_from(dead) == [Alive(dead)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,32 @@ def test_pieces_become_present_every_flush_bytes(store: Store,
             present.append(store.info(layer.blob_id).pieces_present)
     assert present == [0, 2, 2, 4, 4]
     assert store.info(layer.blob_id).pieces_present == 5
+
+
+def test_concurrent_flushes_and_close(store: Store) -> None:
+    """Regression: a flush racing another flush or close lost pending pieces or failed."""
+    layer = _layer(piece_size=16 * 1024)
+    partial = store.begin_partial(layer, LeaseId.new("rx"))
+    errors: list[BaseException] = []
+
+    def flush_often() -> None:
+        try:
+            for _ in range(200):
+                partial.flush()
+        except BaseException as exc:  # reported below, with the thread's failure
+            errors.append(exc)
+
+    flushers = [threading.Thread(target=flush_often) for _ in range(2)]
+    for t in flushers:
+        t.start()
+    for i in range(len(layer)):
+        partial.write_piece(i, _piece(layer, i))
+    closer = threading.Thread(target=partial.close)
+    closer.start()
+    for t in [*flushers, closer]:
+        t.join()
+    assert errors == []
+    assert store.info(layer.blob_id).complete
 
 
 def test_two_writers_share_progress(store: Store) -> None:

@@ -846,7 +846,8 @@ class Space:
                     target = NodeId(msg.target)
                 except ValueError:
                     return wire.Error(msg.rid, "malformed node id")
-                ok = target != peer and await self._ping(target, t.probe_timeout)
+                # the asker waits indirect_timeout; most of it may go to connecting
+                ok = target != peer and await self._ping(target, t.indirect_timeout * 0.8)
                 return wire.Ack(msg.rid) if ok else wire.Nack(msg.rid)
             case wire.PushRecords():
                 self.add_records(msg.records, sender=peer)

@@ -102,16 +102,12 @@ class FailureDetector:
         self._pending[target] = _Pending(self._seq, now + self._timeout, False)
         return Probe(target, self._seq)
 
-    def _next_target(self, now: float) -> NodeId | None:
+    def _next_target(self) -> NodeId | None:
         for _ in range(2):
             while self._order:
                 n = self._order.pop()
-                if n not in self._members or n in self._pending:
-                    continue
-                down = self._down.get(n)
-                if down is not None and down[0] > now:
-                    continue
-                return n
+                if n in self._members and n not in self._pending and n not in self._down:
+                    return n
             self._order = list(self._members)
             self._rng.shuffle(self._order)
         return None
@@ -124,9 +120,8 @@ class FailureDetector:
         """
         out: list[Effect] = []
         if self._last_tick is not None and now - self._last_tick > self._interval:
-            late = now - self._last_tick - self._interval
             for p in self._pending.values():
-                p.deadline += late
+                p.deadline += now - self._last_tick
         self._last_tick = now
         for target, p in list(self._pending.items()):
             if now < p.deadline:
@@ -148,9 +143,13 @@ class FailureDetector:
             if target not in self._pending and target in self._members:
                 out.append(self._start(target, now))
         self._suspects.clear()
+        # unresponsive members are re-probed on their own backoff schedule, not round-robin
+        for target, (retry_at, _) in list(self._down.items()):
+            if retry_at <= now and target not in self._pending:
+                out.append(self._start(target, now))
         if now >= self._next_probe:
             self._next_probe = now + self._interval
-            nxt = self._next_target(now)
+            nxt = self._next_target()
             if nxt is not None:
                 out.append(self._start(nxt, now))
         return out

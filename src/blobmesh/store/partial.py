@@ -32,6 +32,7 @@ class PartialBlob:
         self.lease = lease
         self._store = store
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush (or close) at a time
         # read-write: pieces written but not yet flushed can already be served to peers
         self._fd = os.open(store.layout.data_path(layer.blob_id), os.O_RDWR)
         self._pending: dict[int, int] = {}  # written, not yet durable: index -> length
@@ -99,6 +100,10 @@ class PartialBlob:
 
     def flush(self) -> Bitfield:
         """Make written pieces durable and present; returns the present set."""
+        with self._flush_lock:
+            return self._flush()
+
+    def _flush(self) -> Bitfield:
         with self._lock:
             pending = set(self._pending)
         if pending:
@@ -112,13 +117,15 @@ class PartialBlob:
         return self._have.copy()
 
     def close(self) -> None:
-        if self._fd < 0:
-            return
-        try:
-            self.flush()
-        finally:
-            os.close(self._fd)
-            self._fd = -1
+        """Flush, then release the file; safe against a concurrent :meth:`flush`."""
+        with self._flush_lock:
+            if self._fd < 0:
+                return
+            try:
+                self._flush()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> PartialBlob:
         return self

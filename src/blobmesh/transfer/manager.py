@@ -28,11 +28,10 @@ from blobmesh.errors import (
     StoreFullError,
     TransferError,
     TransportError,
-    VerificationError,
     VoucherRejectedError,
 )
 from blobmesh.hashing import BlobId, PieceLayer
-from blobmesh.store import Bitfield, LeaseId, PartialBlob, Store
+from blobmesh.store import Bitfield, LeaseId, Store
 from blobmesh.transfer.channel import (
     TERMINAL,
     Channel,
@@ -56,7 +55,7 @@ from blobmesh.transfer.messages import (
     encode,
 )
 from blobmesh.transfer.persist import ChannelDB
-from blobmesh.transfer.pieces import PieceReader
+from blobmesh.transfer.pieces import PieceReader, PieceSink
 from blobmesh.transfer.validation import Decision, Revalidator, Validator, Verdict
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
@@ -103,7 +102,7 @@ class _Session:
         self.wake = asyncio.Event()
         self.over = asyncio.Event()
         self.ended = asyncio.Event()
-        self.partial: PartialBlob | None = None
+        self.sink: PieceSink | None = None
         self.writes: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(queue_pieces)
         self.unflushed: list[int] = []
         self.unflushed_bytes = 0
@@ -475,14 +474,15 @@ class TransferManager:
             return ch.accept(layer, have, decision.result, paused)
         assert ch.layer is not None
         try:
-            sess.partial = await asyncio.to_thread(
+            partial = await asyncio.to_thread(
                 self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
         except StoreFullError as exc:
             return ch.reject(str(exc), code="unavailable")
-        if sess.partial.layer.piece_size != ch.layer.piece_size:
+        sess.sink = PieceSink(partial)
+        if partial.layer.piece_size != ch.layer.piece_size:
             return ch.reject("a partial copy with another piece size is already here",
                              code="unavailable")
-        return ch.accept(ch.layer, sess.partial.have, decision.result, paused)
+        return ch.accept(ch.layer, partial.have, decision.result, paused)
 
     async def _session(self, live: _Live, sess: _Session, first: Step) -> None:
         ch = live.ch
@@ -516,9 +516,9 @@ class TransferManager:
     async def _end_session(self, live: _Live, sess: _Session) -> None:
         live.session = None
         try:
-            if sess.partial is not None:
+            if sess.sink is not None:
                 # written pieces become present: a restart will not ask for them again
-                await asyncio.to_thread(sess.partial.close)
+                await asyncio.to_thread(sess.sink.close)
         except BlobmeshError as exc:
             log.warning("closing partial blob of %s: %s", live.ch.id, exc)
         finally:
@@ -567,7 +567,7 @@ class TransferManager:
                             part = data if len(data) <= chunk else data[off : off + chunk]
                             await sess.stream.send(encode(Data(index, off, part)))
         finally:
-            reader.close()
+            await asyncio.to_thread(reader.close)
 
     async def _read_ahead(self, live: _Live, sess: _Session, reader: PieceReader,
                           ready: asyncio.Queue[tuple[int, bytes]]) -> None:
@@ -588,24 +588,25 @@ class TransferManager:
 
     async def _write_loop(self, live: _Live, sess: _Session) -> None:
         ch = live.ch
-        if sess.partial is None:
+        if sess.sink is None:
             # pull: the partial blob opens once the response brought the layer
             while ch.layer is None or ch.awaiting_response:
                 sess.wake.clear()
                 await sess.wake.wait()
             assert ch.layer is not None
-            sess.partial = await asyncio.to_thread(
+            partial = await asyncio.to_thread(
                 self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
-            if sess.partial.layer.piece_size != ch.layer.piece_size:
+            sess.sink = PieceSink(partial)
+            if partial.layer.piece_size != ch.layer.piece_size:
                 await self._apply(live, ch.fail("a partial copy with another piece size is "
                                                 "already here"))
                 return
-        partial = sess.partial
+        sink = sess.sink
         while True:
             batch = [await sess.writes.get()]
             while not sess.writes.empty():
                 batch.append(sess.writes.get_nowait())
-            written, bad = await asyncio.to_thread(_write_batch, partial, batch)
+            written, bad = await asyncio.to_thread(sink.write, batch)
             sess.unflushed += written
             done = set(written)
             sess.unflushed_bytes += sum(len(d) for i, d in batch if i in done)
@@ -623,10 +624,10 @@ class TransferManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sess.flush_now.wait(), self.config.flush_interval)
             sess.flush_now.clear()
-            if not sess.unflushed or sess.partial is None:
+            if not sess.unflushed or sess.sink is None:
                 continue
             batch, sess.unflushed, sess.unflushed_bytes = sess.unflushed, [], 0
-            have = await asyncio.to_thread(sess.partial.flush)
+            have = await asyncio.to_thread(sess.sink.flush)
             await self._apply(live, live.ch.pieces_verified([i for i in batch if i in have]))
 
     # --- applying steps ------------------------------------------------------------------
@@ -739,17 +740,3 @@ class TransferManager:
                         continue
                     live.runner = self._spawn(self._run_initiator(live))
 
-
-def _write_batch(partial: PartialBlob, batch: list[tuple[int, bytes]]
-                 ) -> tuple[list[int], tuple[int, str] | None]:
-    """Verify and write pieces; stops at the first bad one (returned with the reason)."""
-    written: list[int] = []
-    for index, data in batch:
-        try:
-            partial.write_piece(index, data)
-        except StoreFullError:
-            raise
-        except VerificationError as exc:
-            return written, (index, str(exc))
-        written.append(index)
-    return written, None
