@@ -115,7 +115,7 @@ async def test_wait_timeout_carries_status(tmp_path: Path) -> None:
         assert err.value.status.targets[0].node == dst.space.node_id
         cancelled = await src.dist.cancel(handle)
         assert cancelled.state is DistributionState.CANCELLED
-        await eventually(lambda: not dst.swarm._jobs, 5)  # the target stopped its download
+        await eventually(lambda: not dst.swarm.downloading(), 5)  # the target stopped its download
         assert not dst.store.has(blob)
 
 

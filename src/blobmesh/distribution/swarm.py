@@ -293,6 +293,10 @@ class SwarmEngine:
                 conn.job.detach(conn, "stream ended")
             conn.close("stream ended")
 
+    def downloading(self) -> list[BlobId]:
+        """Blobs with a download job running."""
+        return list(self._jobs)
+
     @property
     def connections(self) -> int:
         """Open swarm connections, over all blobs."""

@@ -275,6 +275,7 @@ class Space:
         self._req_rate: dict[NodeId, TokenBucket] = {}
         self._seeds: dict[NodeId, Seed] = {}
         self._gossiping: set[NodeId] = set()
+        self._news = False  # the last gossip interval brought new records or ops
         self._local: PeerRecord | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serving: set[asyncio.Task[Any]] = set()  # inbound stream handlers
@@ -323,8 +324,7 @@ class Space:
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(lambda: self.config.timing.gossip_interval *
-                                       self._rng.uniform(0.75, 1.25), self._gossip_tick))
+            tg.create_task(self._every(self._gossip_period, self._gossip_tick))
             tg.create_task(self._every(lambda: self.config.timing.probe_interval / 5,
                                        self._probe_tick))
             tg.create_task(self._every(lambda: self.config.timing.maintenance_interval,
@@ -479,6 +479,7 @@ class Space:
             elif result is PutResult.STALE:
                 self.metrics.inc("records_stale")
         if changed:
+            self._news = True
             self._spread_records([r.raw for r in changed], exclude=sender,
                                  fanout=self.config.timing.relay_fanout)
         return changed
@@ -901,6 +902,12 @@ class Space:
 
     # --- gossip ------------------------------------------------------------------------------
 
+    def _gossip_period(self) -> float:
+        """Jittered interval, a quarter of it while rounds bring news (converging)."""
+        period = self.config.timing.gossip_interval * self._rng.uniform(0.75, 1.25)
+        news, self._news = self._news, False
+        return period / 4 if news else period
+
     async def _gossip_tick(self) -> None:
         if self._local is not None and self._local.tombstone:
             return  # we left
@@ -946,6 +953,7 @@ class Space:
                 if raws:
                     await self._push_records(peer, raws)
             case WantOps():
+                self._news = True
                 self._fetch.add(eff.ids, peer)
                 self._fetch_wake.set()
             case OfferOps():

@@ -100,8 +100,7 @@ class PartialBlob:
 
     def flush(self) -> Bitfield:
         """Make written pieces durable and present; returns the present set."""
-        with self._flush_lock:
-            return self._flush()
+        return self._flush()
 
     def _flush(self) -> Bitfield:
         with self._lock:
