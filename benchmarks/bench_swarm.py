@@ -122,6 +122,16 @@ def verify_blob(home: Path, blob: BlobId) -> bool:
     return True
 
 
+def keep_logs(fleet: Fleet) -> Path:
+    """Copy the node logs of a failed run out of the work dir (which is deleted)."""
+    dest = Path(tempfile.mkdtemp(prefix="bench-swarm-failed-"))
+    for node in fleet.nodes:
+        for log in node.logs:
+            with contextlib.suppress(OSError):
+                shutil.copy(log, dest / log.name)
+    return dest
+
+
 async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
                        timeout: float) -> Outcome:
     fleet = NetnsFleet(work, lab)
@@ -152,7 +162,12 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
                                           for n in fleet.nodes[1:]))
         ok = status.completed == targets and all(verified)
         note = "" if ok else f"{status.completed}/{targets} completed, {sum(verified)} verified"
+        if not ok:
+            note += f"; node logs kept in {keep_logs(fleet)}"
         return Outcome(elapsed, ok, note, uploads, sorted(finish.values()))
+    except BaseException:
+        print(f"  (node logs kept in {keep_logs(fleet)})", flush=True)
+        raise
     finally:
         await asyncio.to_thread(fleet.stop)
 

@@ -94,6 +94,17 @@ def test_recycled_pid_does_not_keep_a_lease(store: Store) -> None:
     assert report.deleted == [blob_id] and report.dead_leases_dropped == 1
 
 
+def test_dry_run_changes_nothing(store: Store) -> None:
+    """Regression: a dry run dropped the leases of dead processes for real."""
+    blob_id = store.add_bytes(b"dry", LeaseId("gone", os.getpid())).blob_id
+    with store._lock:  # the lease belongs to an earlier process with our pid
+        store._db.execute("UPDATE leases SET pid_start=pid_start-1")
+    report = store.gc(dry_run=True)
+    assert (report.deleted, report.dead_leases_dropped) == ([blob_id], 1)
+    assert len(store.leases(blob_id)) == 1 and store.has(blob_id)
+    assert store.gc().deleted == [blob_id]
+
+
 def test_lease_taken_again_after_pid_reuse_is_live(store: Store) -> None:
     """Regression: re-taking a named lease kept the dead previous owner's start time."""
     lease = LeaseId.named("svc")

@@ -1,11 +1,13 @@
 """Which piece to ask which peer for: rarest first, pipelined, with an end game.
 
 Pure logic (no I/O, no clock): the swarm feeds it peer bitfields, requests, arrivals and bans,
-and asks it what to request next from a given peer.
+and asks it what to request next from a given peer.  Piece sets are Python sets so that the
+per-request work is set algebra in C, not loops over every piece in Python.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Hashable
 from typing import Generic, TypeVar
@@ -20,6 +22,8 @@ class PiecePicker(Generic[Peer]):
 
     * rarest first: among pieces the peer has and we miss, pick those held by the fewest
       peers (ties broken randomly so parallel downloaders spread over different pieces);
+    * a seed (a peer holding every piece) is asked only for pieces no downloading peer holds:
+      its upload is the swarm's scarcest resource;
     * each piece is requested from one peer at a time, until every missing piece is in
       flight: then *end game* allows a second request for the same piece from another peer,
       so the last pieces do not wait on one slow peer;
@@ -30,8 +34,9 @@ class PiecePicker(Generic[Peer]):
                  rng: random.Random | None = None) -> None:
         self.have = have.copy()
         self._n = have.size
+        self._missing = set(range(self._n)) - set(have)
         self._avail = [0] * self._n
-        self._peers: dict[Peer, Bitfield] = {}
+        self._peers: dict[Peer, set[int]] = {}
         self._inflight: dict[int, set[Peer]] = {}
         self._banned: set[Peer] = set()
         self._endgame_copies = endgame_copies
@@ -43,22 +48,23 @@ class PiecePicker(Generic[Peer]):
         if bitfield.size != self._n:
             raise ValueError("peer bitfield has the wrong size")
         self.remove_peer(peer)
-        self._peers[peer] = bitfield.copy()
-        for i in bitfield:
+        pieces = set(bitfield)
+        self._peers[peer] = pieces
+        for i in pieces:
             self._avail[i] += 1
 
     def peer_has(self, peer: Peer, index: int) -> None:
-        bf = self._peers.get(peer)
-        if bf is None or not 0 <= index < self._n or index in bf:
+        pieces = self._peers.get(peer)
+        if pieces is None or not 0 <= index < self._n or index in pieces:
             return
-        bf.add(index)
+        pieces.add(index)
         self._avail[index] += 1
 
     def remove_peer(self, peer: Peer) -> list[int]:
         """Forget a peer; returns the pieces that were in flight from it."""
-        bf = self._peers.pop(peer, None)
-        if bf is not None:
-            for i in bf:
+        pieces = self._peers.pop(peer, None)
+        if pieces is not None:
+            for i in pieces:
                 self._avail[i] -= 1
         lost = [i for i, who in self._inflight.items() if peer in who]
         for i in lost:
@@ -75,71 +81,58 @@ class PiecePicker(Generic[Peer]):
     def peers(self) -> list[Peer]:
         return list(self._peers)
 
-    def peer_bitfield(self, peer: Peer) -> Bitfield | None:
-        return self._peers.get(peer)
-
     # --- picking ---------------------------------------------------------------------------
 
     @property
     def complete(self) -> bool:
-        return self.have.is_complete()
+        return not self._missing
 
     def missing(self) -> int:
-        return self._n - self.have.count()
+        return len(self._missing)
 
     def interesting(self, peer: Peer) -> bool:
         """Whether the peer holds any piece we still miss."""
-        bf = self._peers.get(peer)
-        return bf is not None and any(i not in self.have for i in bf)
+        pieces = self._peers.get(peer)
+        return pieces is not None and not pieces.isdisjoint(self._missing)
 
     def in_endgame(self) -> bool:
-        return all(i in self.have or i in self._inflight for i in range(self._n))
+        return self._missing.issubset(self._inflight.keys())
+
+    def _is_seed(self, pieces: set[int]) -> bool:
+        return len(pieces) == self._n
 
     def pick(self, peer: Peer, count: int = 1) -> list[int]:
         """Up to ``count`` pieces to request from ``peer`` now (marked in flight)."""
-        bf = self._peers.get(peer)
-        if bf is None or peer in self._banned or count <= 0:
+        pieces = self._peers.get(peer)
+        if pieces is None or peer in self._banned or count <= 0:
             return []
-        fresh = [i for i in bf if i not in self.have and i not in self._inflight]
-        if fresh and bf.count() == self._n:
-            # A seed's upload is the swarm's scarcest resource: ask it only for what no
-            # downloading peer holds.  (Pieces others hold come from them; the end game
-            # still falls back on the seed if they are slow.)
-            elsewhere = self._held_by_non_seeds(peer)
-            fresh = [i for i in fresh if i not in elsewhere]
+        fresh = (pieces & self._missing).difference(self._inflight.keys())
+        if fresh and self._is_seed(pieces):
+            for other, held in self._peers.items():
+                if other != peer and not self._is_seed(held):
+                    fresh -= held
         if fresh:
-            self._rng.shuffle(fresh)
-            fresh.sort(key=self._avail.__getitem__)  # stable: random among equal rarity
-            chosen = fresh[:count]
+            avail, rand = self._avail, self._rng.random
+            chosen = heapq.nsmallest(count, fresh, key=lambda i: (avail[i], rand()))
         elif self.in_endgame():
-            chosen = [i for i in bf if i not in self.have
-                      and peer not in self._inflight.get(i, ())
-                      and len(self._inflight.get(i, ())) < self._endgame_copies][:count]
+            chosen = [i for i in pieces & self._missing
+                      if peer not in self._inflight[i]
+                      and len(self._inflight[i]) < self._endgame_copies][:count]
         else:
             chosen = []
         for i in chosen:
             self._inflight.setdefault(i, set()).add(peer)
         return chosen
 
-    def _held_by_non_seeds(self, exclude: Peer) -> set[int]:
-        held: set[int] = set()
-        for p, bf in self._peers.items():
-            if p != exclude and bf.count() < self._n:
-                held.update(bf)
-        return held
-
     def received(self, peer: Peer, index: int) -> list[Peer]:
         """A verified piece arrived; returns other peers whose duplicate request to cancel."""
         self.have.add(index)
-        others = [p for p in self._inflight.pop(index, set()) if p != peer]
-        return others
+        self._missing.discard(index)
+        return [p for p in self._inflight.pop(index, set()) if p != peer]
 
     def failed(self, peer: Peer, index: int) -> None:
         """A request was refused or lost: the piece can be picked again."""
         self._cancel(index, peer)
-
-    def inflight_from(self, peer: Peer) -> list[int]:
-        return [i for i, who in self._inflight.items() if peer in who]
 
     def _cancel(self, index: int, peer: Peer) -> None:
         who = self._inflight.get(index)
@@ -147,4 +140,3 @@ class PiecePicker(Generic[Peer]):
             who.discard(peer)
             if not who:
                 del self._inflight[index]
-

@@ -54,17 +54,19 @@ class Bitfield:
                                                                   strict=True)))
 
     def __iter__(self) -> Iterator[int]:
-        for byte_index, byte in enumerate(self._bits):
-            if byte:
-                for bit in range(8):
-                    if byte & (0x80 >> bit):
-                        yield byte_index * 8 + bit
+        # one big int makes this a walk over set bits only (fast for sparse and full fields)
+        value = int.from_bytes(self._bits, "big")
+        top = len(self._bits) * 8 - 1
+        while value:
+            high = value.bit_length() - 1  # MSB first: ascending piece indices
+            yield top - high
+            value ^= 1 << high
 
     def missing(self) -> list[int]:
         return [i for i in range(self.size) if i not in self]
 
     def count(self) -> int:
-        return sum(b.bit_count() for b in self._bits)
+        return int.from_bytes(self._bits, "big").bit_count()
 
     def is_complete(self) -> bool:
         return self.count() == self.size

@@ -100,7 +100,8 @@ class PartialBlob:
 
     def flush(self) -> Bitfield:
         """Make written pieces durable and present; returns the present set."""
-        return self._flush()
+        with self._flush_lock:
+            return self._flush()
 
     def _flush(self) -> Bitfield:
         with self._lock:

@@ -649,14 +649,14 @@ class Store:
 
         Leases of processes that no longer run are dropped first.  Partial blobs are kept
         for ``partial_grace`` seconds after their last write so an interrupted download can
-        resume.
+        resume.  A dry run reports the same and changes nothing (not even dead leases).
         """
         report = GcReport()
         moved: list[Path] = []
         undo: Undo = []
         # unique names: another GC's trash files of the same blob may still be there
         token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with self._write(undo) as db:
+        with suppress(_Rollback), self._write(undo) as db:
             for pid, start in db.execute("SELECT DISTINCT pid, pid_start FROM leases").fetchall():
                 if not pid_alive(pid, start):
                     cur = db.execute("DELETE FROM leases WHERE pid=? AND "
@@ -684,7 +684,7 @@ class Store:
                         undo.append(partial(os.replace, dst, src))
                 db.execute("DELETE FROM blobs WHERE id=?", (digest,))
             if dry_run:
-                db.execute("SELECT 1")  # nothing changed; commit is a no-op
+                raise _Rollback
         for path in moved:
             path.unlink(missing_ok=True)
         return report
@@ -709,6 +709,10 @@ class Store:
         with suppress(FileNotFoundError):
             dest = self.layout.quarantine / f"{path.name}.{stamp}-{uuid.uuid4().hex[:6]}"
             os.replace(path, dest)
+
+
+class _Rollback(Exception):
+    """Ends a write transaction without committing it."""
 
 
 class BlobReader(io.RawIOBase):

@@ -73,10 +73,10 @@ Unsubscribe = Callable[[], None]
 class TransferConfig:
     """Tuning knobs; the defaults suit a LAN or a datacenter."""
 
-    window: int = 32 * 1024 * 1024
+    window: int = 64 * 1024 * 1024
     """Unacknowledged bytes a sender may have in flight (and so at most re-sends after a
     crash)."""
-    flush_bytes: int = 8 * 1024 * 1024
+    flush_bytes: int = 16 * 1024 * 1024
     """The receiver makes pieces durable and acknowledges them every this many bytes..."""
     flush_interval: float = 0.1
     """...or after this many seconds."""

@@ -13,7 +13,6 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import PieceLayer
 from blobmesh.store import Bitfield, PartialBlob, Store
-from blobmesh.store.partial import FLUSH_BYTES
 
 
 class PieceReader:
@@ -61,60 +60,45 @@ class PieceReader:
 
 
 class PieceSink:
-    """Writes received pieces into a partial blob from worker threads, and flushes them.
+    """Writes received pieces into a partial blob from worker threads.
 
-    Writes and flushes take different locks, so one batch's fdatasync overlaps the next
-    batch's hashing and writing.  :meth:`close` takes both: a worker thread still running
-    after its task was cancelled finishes before the blob's descriptor is closed, and none
-    starts after.  ``PartialBlob.flush`` is not safe against a concurrent flush (two flushes
-    of one pending piece raise KeyError), so a write that may trigger the partial blob's own
-    automatic flush also holds the flush lock.
+    Writes run in one thread at a time while flushes (``PartialBlob.flush``, safe to call
+    concurrently) run in another, so one batch's fdatasync overlaps the next batch's hashing
+    and writing.  :meth:`close` waits for a write still running in a thread whose task was
+    cancelled, and no write starts after it: the blob's descriptor is never used once closed.
     """
 
     def __init__(self, partial: PartialBlob) -> None:
         self.partial = partial
         self._write_lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._unflushed = 0
         self._closed = False
 
     def write(self, batch: list[tuple[int, bytes]]) -> tuple[list[int], tuple[int, str] | None]:
         """Verify and write pieces; stops at the first bad one (returned with the reason).
         Raises StoreFullError when the disk is full."""
-        size = sum(len(d) for _, d in batch)
-        with self._write_lock:
-            if self._unflushed + size >= FLUSH_BYTES:
-                with self._flush_lock:
-                    return self._write(batch, size)
-            return self._write(batch, size)
-
-    def _write(self, batch: list[tuple[int, bytes]], size: int
-               ) -> tuple[list[int], tuple[int, str] | None]:
         written: list[int] = []
-        if self._closed:
-            return written, None
-        self._unflushed += size
-        for index, data in batch:
-            try:
-                self.partial.write_piece(index, data)
-            except StoreFullError:
-                raise
-            except VerificationError as exc:
-                return written, (index, str(exc))
-            written.append(index)
+        with self._write_lock:
+            if self._closed:
+                return written, None
+            for index, data in batch:
+                try:
+                    self.partial.write_piece(index, data)
+                except StoreFullError:
+                    raise
+                except VerificationError as exc:
+                    return written, (index, str(exc))
+                written.append(index)
         return written, None
 
     def flush(self) -> Bitfield:
         """Make written pieces durable and present; returns the present set."""
-        with self._flush_lock:
-            if self._closed:
-                return Bitfield(len(self.partial.layer))
-            self._unflushed = 0
-            return self.partial.flush()
+        if self._closed:
+            return Bitfield(len(self.partial.layer))
+        return self.partial.flush()
 
     def close(self) -> None:
-        """Flush and close (waiting for any write or flush still running in a thread)."""
-        with self._write_lock, self._flush_lock:
+        """Flush and close (after any write still running in a thread)."""
+        with self._write_lock:
             if not self._closed:
                 self._closed = True
                 self.partial.close()
