@@ -66,7 +66,7 @@ async def test_forged_record_is_rejected_over_the_wire(tmp_path: Path) -> None:
                            expires_at=int(time.time() * 1000) + 60_000)
         body, _ = msgspec.msgpack.decode(good)
         forged = msgspec.msgpack.encode([body, forger.sign(b"blobmesh/space/record/v1\0" + body)])
-        assert isinstance(await raw.request(wire.PushRecords(1, [forged])), wire.Ack)
+        assert isinstance(await raw.request(wire.PushRecords(1, [forged], True)), wire.Ack)
         assert target.space.metrics["records_rejected"] == 1
         rec = target.space.peer_store.get(victim.id)
         assert rec is not None and rec.addresses != ("6.6.6.6:1",)

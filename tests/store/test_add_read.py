@@ -62,7 +62,8 @@ def test_add_every_source(store: Store, tmp_path: Path, adder: Adder, size: int)
     data = DATA[:size]
     info = adder(store, data, tmp_path)
     assert info.blob_id == hash_bytes(data)
-    assert (info.size, info.complete, info.pieces_present) == (size, True, info.pieces_total)
+    assert (info.size, info.bytes_present, info.complete, info.pieces_present) == \
+        (size, size, True, info.pieces_total)
     assert store.get_data(info.blob_id, LeaseId.new("r")) == data
     assert store.fsck().ok
     assert not any(store.layout.tmp.iterdir())

@@ -195,7 +195,7 @@ def test_gc_failure_puts_files_back(store: Store, monkeypatch: pytest.MonkeyPatc
         return sqlite3.OperationalError("disk I/O error") if deletes == 2 else None
 
     db = failing_db(store, monkeypatch, second_delete)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StoreError, match="disk I/O error"):
         store.gc()
     assert all(store.layout.data_path(i).exists() for i in ids)
     assert not any(store.layout.trash.iterdir())

@@ -31,7 +31,7 @@ def test_concurrent_adds_reads_pins_and_gc(home: Path) -> None:
         pinned.update(json.loads(out))
     collector.stdin.write("stop\n")
     collector.stdin.close()
-    assert collector.stdout.read().strip().isdigit() and collector.wait(30) == 0
+    assert int(collector.stdout.read()) >= 1 and collector.wait(30) == 0
     assert pinned, "the workers pinned something"
     with Store(home) as store:
         assert {p.name: str(p.blob_id) for p in store.pins()} == pinned

@@ -25,7 +25,7 @@ def shared_content(k: int) -> bytes:
 
 
 def hold(home: str, blob: str) -> None:
-    """Lease a blob, say so, and wait for stdin to close (or exit at once with 'exit')."""
+    """Lease a blob, say so, and wait for stdin to close; then exit without any advice."""
     with Store(home) as store:
         store.lease_by_content(BlobId.parse(blob), LeaseId.new("holder"))
         print("held", flush=True)
@@ -124,7 +124,7 @@ def gc_die_midway(home: str, moves: str) -> None:
 
 
 def gc_loop(home: str) -> None:
-    """Collect again and again until stdin closes; print how many rounds ran."""
+    """Collect again and again until stdin has input (or closes); print how many rounds ran."""
     rounds = 0
     with Store(home) as store:
         print("collecting", flush=True)

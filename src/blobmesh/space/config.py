@@ -74,8 +74,8 @@ class Timing:
     unresponsive_backoff_max: float = 5.0  # re-probe period of unresponsive peers, at most
     op_bucket_seconds: int = 3600         # time-bucket width of op summaries
     op_retention: float = 30 * 24 * 3600.0  # older ops are pruned and not accepted
-    publish_fanout: int = 64              # peers an author pushes a new op/record to
-    relay_fanout: int = 2                 # peers a receiver forwards a new op/record to
+    publish_fanout: int = 64              # peers a new op/record is pushed to at once
+    relay_fanout: int = 1                 # of those, how many forward it once to their peers
     bootstrap_interval: float = 30.0
 
 

@@ -160,6 +160,24 @@ def decode_record(raw: bytes, *, space: str, now_ms: int, limits: Limits) -> Pee
                       b.created_at, b.expires_at, b.tombstone, raw)
 
 
+def peek_record(raw: bytes, limits: Limits) -> tuple[bytes, int] | None:
+    """(node id, created_at) of a record, unverified: enough to skip one we hold already."""
+    try:
+        b = _record_dec.decode(_split(raw, limits.max_record_bytes, InvalidRecordError,
+                                      "peer record").body)
+    except (InvalidRecordError, msgspec.DecodeError):
+        return None
+    return b.node, b.created_at
+
+
+def peek_op_id(raw: bytes, limits: Limits) -> OpId | None:
+    """The id an op would have, unverified: enough to skip one we hold already."""
+    try:
+        return op_id_of(_split(raw, limits.max_op_bytes, InvalidOpError, "op").body)
+    except InvalidOpError:
+        return None
+
+
 def check_kind(kind: str) -> None:
     """Raise :class:`InvalidOpError` unless ``kind`` is a well-formed op kind."""
     if not isinstance(kind, str) or not _KIND_RE.match(kind):

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from blobmesh.errors import (
     AdmissionError,
@@ -54,6 +54,8 @@ from blobmesh.space.records import (
     check_kind,
     decode_op,
     decode_record,
+    peek_op_id,
+    peek_record,
     sign_op,
     sign_record,
 )
@@ -391,7 +393,7 @@ class Space:
         """Sign our record, announce it to seeds, bootstrap servers and peers, pull theirs."""
         rec = self._sign_local(tombstone=False)
         await asyncio.gather(self._bootstrap_tick(), self._sync_seeds())
-        self._spread_records([rec.raw], exclude=None, fanout=self.config.timing.publish_fanout)
+        self._announce("records", [rec.raw], exclude=None)
         if self.config.mdns:
             from blobmesh.space.lan import LanDiscovery
 
@@ -404,12 +406,14 @@ class Space:
         if self._local is None:
             return
         rec = self._sign_local(tombstone=True)
-        peers = self._alive_peers()[: self.config.timing.publish_fanout]
+        t = self.config.timing
+        peers = self._alive_peers()[: t.publish_fanout]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await asyncio.gather(
                     self._bootstrap_put(rec.raw),
-                    *(self._push_records(p, [rec.raw]) for p in peers))
+                    *(self._push("records", p, [rec.raw], relay=i < t.relay_fanout)
+                      for i, p in enumerate(peers)))
 
     async def _sync_seeds(self) -> None:
         await asyncio.gather(*(self._gossip_with(s) for s in list(self._seeds)))
@@ -458,11 +462,17 @@ class Space:
         """Verify and store signed records (from gossip, bootstrap, LAN, or injected by hand).
 
         Invalid ones are counted (``records_rejected``) and skipped; returns those that were new
-        or replaced an older record, which are then relayed to a few peers.
+        or replaced an older record.
         """
         changed: list[PeerRecord] = []
         now = self._now_ms()
         for raw in raws:
+            version = peek_record(raw, self.config.limits)
+            node = _node_or_none(version[0]) if version else None
+            held = self.peer_store.get(node) if node else None
+            if version is not None and held is not None and held.created_at >= version[1]:
+                self.metrics.inc("records_stale")  # no need to verify what we would not keep
+                continue
             try:
                 rec = decode_record(raw, space=self.config.name, now_ms=now,
                                     limits=self.config.limits)
@@ -480,8 +490,6 @@ class Space:
                 self.metrics.inc("records_stale")
         if changed:
             self._news = True
-            self._spread_records([r.raw for r in changed], exclude=sender,
-                                 fanout=self.config.timing.relay_fanout)
         return changed
 
     def _record_changed(self, rec: PeerRecord) -> None:
@@ -503,15 +511,44 @@ class Space:
         if link is not None:
             link.close()
 
-    def _spread_records(self, raws: list[bytes], exclude: NodeId | None, fanout: int) -> None:
-        targets = [p for p in self._alive_peers() if p != exclude][:fanout]
-        for p in targets:
-            self._spawn(self._push_records(p, raws))
+    def _announce(self, what: Literal["records", "ops"], raws: list[bytes],
+                  exclude: NodeId | None, relayers: int | None = None) -> None:
+        """Push new records or ops to up to ``publish_fanout`` peers at once.
 
-    async def _push_records(self, peer: NodeId, raws: list[bytes]) -> None:
-        with contextlib.suppress(TransportError, SpaceError, TimeoutError):
+        ``relayers`` of them (default ``relay_fanout``) forward what is new to them once to
+        their own peers, reaching nodes we do not know; forwarded pushes are not forwarded
+        again, so an item costs about ``(1 + relay_fanout) * peers`` pushes, never a cascade.
+        """
+        t = self.config.timing
+        n = t.relay_fanout if relayers is None else relayers
+        targets = [p for p in self._alive_peers() if p != exclude][: t.publish_fanout]
+        for i, p in enumerate(targets):
+            self._spawn(self._push(what, p, raws, relay=i < n))
+
+    async def _push(self, what: Literal["records", "ops"], peer: NodeId, raws: list[bytes],
+                    relay: bool) -> bool:
+        """Push in bounded chunks; False if the peer is busy or unreachable."""
+        lim = self.config.limits
+        budget = lim.max_message_bytes - 1024
+        chunk: list[bytes] = []
+        size = 0
+        try:
             link = await self._link(peer)
-            await link.request(wire.PushRecords(0, raws), self.config.timing.request_timeout)
+            for raw in [*raws, b""]:
+                if raw and len(chunk) < lim.max_elements and size + len(raw) <= budget:
+                    chunk.append(raw)
+                    size += len(raw)
+                    continue
+                if chunk:
+                    msg: wire.Request = (wire.PushOps(0, chunk, relay) if what == "ops"
+                                         else wire.PushRecords(0, chunk, relay))
+                    resp = await link.request(msg, self.config.timing.request_timeout)
+                    if not isinstance(resp, wire.Ack):
+                        return False
+                chunk, size = ([raw], len(raw)) if raw else ([], 0)
+        except (TransportError, SpaceError, TimeoutError):
+            return False
+        return True
 
     # --- ops ---------------------------------------------------------------------------------
 
@@ -550,7 +587,7 @@ class Space:
             return op
         self.inform_ops_stored([op])
         self.metrics.inc("ops_published")
-        self._spread_ops([op.raw], exclude=None, fanout=c.timing.publish_fanout)
+        self._announce("ops", [op.raw], exclude=None)
         return op
 
     def inform_ops_stored(self, ops: Iterable[Op]) -> None:
@@ -587,7 +624,13 @@ class Space:
         """Verify, validate and store signed ops; returns those that were new."""
         now = self._now_ms()
         valid: list[Op] = []
+        raws = list(raws)
+        ids = {raw: peek_op_id(raw, self.config.limits) for raw in raws}
+        missing = set(self.op_store.missing(i.digest for i in ids.values() if i is not None))
         for raw in raws:
+            op_id = ids[raw]
+            if op_id is not None and op_id.digest not in missing:
+                continue  # held already: no need to verify it again
             try:
                 op = decode_op(raw, space=self.config.name, now_ms=now, limits=self.config.limits)
                 self._validate(op)
@@ -601,35 +644,6 @@ class Space:
             self.inform_ops_stored(new)
             self.metrics.inc("ops_received", len(new))
         return new
-
-    def _spread_ops(self, raws: list[bytes], exclude: NodeId | None, fanout: int,
-                    relay: bool = True) -> None:
-        targets = [p for p in self._alive_peers() if p != exclude][:fanout]
-        for p in targets:
-            self._spawn(self._push_ops(p, raws, relay))
-
-    async def _push_ops(self, peer: NodeId, raws: list[bytes], relay: bool) -> bool:
-        """Push ops in bounded chunks; False if the peer is busy or unreachable."""
-        lim = self.config.limits
-        budget = lim.max_message_bytes - 1024
-        chunk: list[bytes] = []
-        size = 0
-        try:
-            link = await self._link(peer)
-            for raw in [*raws, b""]:
-                if raw and len(chunk) < lim.max_elements and size + len(raw) <= budget:
-                    chunk.append(raw)
-                    size += len(raw)
-                    continue
-                if chunk:
-                    resp = await link.request(wire.PushOps(0, chunk, relay),
-                                              self.config.timing.request_timeout)
-                    if not isinstance(resp, wire.Ack):
-                        return False
-                chunk, size = ([raw], len(raw)) if raw else ([], 0)
-        except (TransportError, SpaceError, TimeoutError):
-            return False
-        return True
 
     # --- notify ------------------------------------------------------------------------------
 
@@ -851,7 +865,10 @@ class Space:
                 ok = target != peer and await self._ping(target, t.indirect_timeout * 0.8)
                 return wire.Ack(msg.rid) if ok else wire.Nack(msg.rid)
             case wire.PushRecords():
-                self.add_records(msg.records, sender=peer)
+                changed = self.add_records(msg.records, sender=peer)
+                if changed and msg.relay:
+                    self._announce("records", [r.raw for r in changed], exclude=peer,
+                                   relayers=0)
                 return wire.Ack(msg.rid)
             case wire.PushOps():
                 bucket = self._op_rate.setdefault(
@@ -862,8 +879,7 @@ class Space:
                     return wire.Busy(msg.rid, int(wait * 1000) + 1)
                 new = self.add_ops(msg.ops, sender=peer)
                 if new and msg.relay:
-                    self._spread_ops([op.raw for op in new], exclude=peer,
-                                     fanout=t.relay_fanout, relay=False)
+                    self._announce("ops", [op.raw for op in new], exclude=peer, relayers=0)
                 return wire.Ack(msg.rid)
             case wire.Fetch():
                 found = self.op_store.get_raw(msg.ids)
@@ -951,14 +967,14 @@ class Space:
                 nodes = [n for n in map(_node_or_none, eff.nodes) if n is not None]
                 raws = [r.raw for n in nodes if (r := self.peer_store.get(n)) is not None]
                 if raws:
-                    await self._push_records(peer, raws)
+                    await self._push("records", peer, raws, relay=False)
             case WantOps():
                 self._news = True
                 self._fetch.add(eff.ids, peer)
                 self._fetch_wake.set()
             case OfferOps():
                 raws = list(self.op_store.get_raw(eff.ids).values())
-                await self._push_ops(peer, raws, relay=False)
+                await self._push("ops", peer, raws, relay=False)
 
     # --- fetch -------------------------------------------------------------------------------
 
@@ -1074,7 +1090,7 @@ class Space:
             if now >= local.created_at + margin:
                 rec = self._sign_local(tombstone=False)
                 self.metrics.inc("records_republished")
-                self._spread_records([rec.raw], exclude=None, fanout=t.publish_fanout)
+                self._announce("records", [rec.raw], exclude=None)
                 await self._bootstrap_put(rec.raw)
 
     async def _bootstrap_tick(self) -> None:

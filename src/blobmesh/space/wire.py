@@ -65,12 +65,13 @@ class PingReq(_Msg, tag="ping-req"):
 class PushRecords(_Msg, tag="push-records"):
     rid: int
     records: list[bytes]
+    relay: bool  # forward new ones once to our peers (with relay false)
 
 
 class PushOps(_Msg, tag="push-ops"):
     rid: int
     ops: list[bytes]
-    relay: bool  # False once forwarded: receivers relay only first-hand pushes
+    relay: bool  # forward new ones once to our peers (with relay false)
 
 
 class Fetch(_Msg, tag="fetch"):

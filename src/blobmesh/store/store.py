@@ -97,14 +97,9 @@ class BlobInfo:
     pieces_present: int
     pieces_total: int
     created: float
+    bytes_present: int
     pins: tuple[str, ...] = ()
     leases: int = 0
-
-    @property
-    def bytes_present(self) -> int:
-        if self.complete:
-            return self.size
-        return min(self.size, self.pieces_present * self.piece_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,14 +195,23 @@ class Store:
                         action()
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                    raise StoreFullError(f"disk full: cannot update the store database in "
-                                         f"{self.home}", home=str(self.home)) from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise self._db_error(exc) from exc
                 raise
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._db.execute(sql, args))
+            try:
+                return list(self._db.execute(sql, args))
+            except sqlite3.Error as exc:
+                raise self._db_error(exc) from exc
+
+    def _db_error(self, exc: sqlite3.Error) -> StoreError:
+        """A one-line store error for a failed SQLite statement (e.g. locked for too long)."""
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return StoreFullError(f"disk full: cannot update the store database in {self.home}",
+                                  home=str(self.home))
+        return StoreError(f"store database {self.layout.db}: {exc}", home=str(self.home))
 
     def _recover(self) -> None:
         """Undo what killed processes left: temp files, half-done moves in, half-done GCs."""
@@ -894,8 +898,12 @@ def _owner_pid(name: str) -> int | None:
 
 
 def _info_from_row(row: tuple[Any, ...], pins: tuple[str, ...], leases: int) -> BlobInfo:
-    digest, size, piece_size, complete, have, created = row
+    digest, size, piece_size, complete, have_raw, created = row
     total = piece_count(size, piece_size)
-    present = total if complete else Bitfield(total, bytes(have)).count()
+    have = Bitfield.full(total) if complete else Bitfield(total, bytes(have_raw))
+    present = have.count()
+    nbytes = present * piece_size
+    if total - 1 in have:  # the last piece is short
+        nbytes -= total * piece_size - size
     return BlobInfo(BlobId(bytes(digest)), size, piece_size, bool(complete), present,
-                    total, float(created), pins, leases)
+                    total, float(created), nbytes, pins, leases)
