@@ -18,6 +18,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.store import BlobInfo, LeaseId, Store
+from blobmesh.store import store as store_module
 from tests.store.helpers import flip_byte, payload, truncate
 
 DATA = payload(3 * 1024 * 1024 + 12_345)  # > 1 MiB chunks take the threaded hashing path
@@ -67,6 +68,16 @@ def test_add_every_source(store: Store, tmp_path: Path, adder: Adder, size: int)
     assert store.get_data(info.blob_id, LeaseId.new("r")) == data
     assert store.fsck().ok
     assert not any(store.layout.tmp.iterdir())
+
+
+@pytest.mark.parametrize("adder", [_add_path, _add_file_object, _add_iterable])
+def test_many_chunks_hashed_while_reading(store: Store, tmp_path: Path, adder: Adder,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small chunks: reading the next one overlaps hashing the last (two buffers in turn)."""
+    monkeypatch.setattr(store_module, "CHUNK", store_module._OVERLAP_MIN)
+    info = adder(store, DATA, tmp_path)
+    assert info.blob_id == hash_bytes(DATA)
+    assert store.read_range(info.blob_id, 0, len(DATA), verify=True) == DATA
 
 
 def test_dedup_keeps_one_copy(store: Store) -> None:

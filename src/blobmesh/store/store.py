@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import os
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -281,9 +282,12 @@ class Store:
     def add_stream(self, source: BinaryIO | io.RawIOBase | Iterable[bytes | memoryview],
                    lease: LeaseId | None = None, progress: Progress | None = None) -> BlobInfo:
         """Add from a binary file object or an iterable of byte chunks."""
+        # chunks read from a file object alternate between two buffers of ours, so one may
+        # still be hashed while the next is read; a caller's chunks are done with at once
+        keep = hasattr(source, "read")
         with self._ingest() as ing:
             for chunk in _chunks(source):
-                ing.write(chunk)
+                ing.write(chunk, keep=keep)
                 if progress:
                     progress(len(chunk))
             return self._commit_ingest(ing, lease)
@@ -820,23 +824,35 @@ class _Ingest:
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._hasher = TreeHasher()
         self._pool: ThreadPoolExecutor | None = None
+        self._hashing: Future[None] | None = None
 
-    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+    def write(self, chunk: bytes | bytearray | memoryview, *, keep: bool = False) -> None:
+        """Hash and write ``chunk``.
+
+        Large chunks are hashed in a helper thread while this one writes (blake3 releases the
+        GIL).  With ``keep`` the caller leaves ``chunk`` unchanged until the next call, so its
+        hashing may go on after this returns, overlapping the caller's next read.
+        """
         assert self._fd is not None
+        self._wait_hashed()
         mv = memoryview(chunk).cast("B")
         if len(mv) < _OVERLAP_MIN:
             self._hasher.update(mv)
             self._write_all(mv)
             return
-        # Hash in a helper thread while this one writes (blake3 releases the GIL); both finish
-        # before returning, so the caller may reuse its buffer.
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="blobmesh-hash")
-        hashed = self._pool.submit(self._hasher.update, mv)
+        self._hashing = self._pool.submit(self._hasher.update, mv)
         try:
             self._write_all(mv)
         finally:
-            hashed.result()
+            if not keep:
+                self._wait_hashed()
+
+    def _wait_hashed(self) -> None:
+        hashing, self._hashing = self._hashing, None
+        if hashing is not None:
+            hashing.result()
 
     def _write_all(self, mv: memoryview) -> None:
         assert self._fd is not None
@@ -846,6 +862,7 @@ class _Ingest:
 
     def finish(self) -> tuple[BlobId, PieceLayer]:
         assert self._fd is not None
+        self._wait_hashed()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
@@ -866,16 +883,21 @@ class _Ingest:
 
 def _chunks(source: BinaryIO | io.RawIOBase | Iterable[bytes | memoryview]
             ) -> Iterator[bytes | memoryview]:
-    """The input in chunks.  A file object is read into one reused buffer (no allocation and
-    page faults per chunk), so each chunk must be consumed before the next is asked for."""
+    """The input in chunks.
+
+    A file object is read into two buffers in turn (no allocation and page faults per chunk):
+    a chunk stays valid until the one after the next is asked for.
+    """
     stream: Any = source
     if not hasattr(stream, "read"):
         yield from source
         return
-    buf = bytearray(CHUNK if hasattr(stream, "readinto") else 0)
-    while True:
+    size = CHUNK if hasattr(stream, "readinto") else 0
+    buffers = (bytearray(size), bytearray(size))
+    for i in itertools.count():
+        buf = buffers[i % 2]
         try:
-            chunk = memoryview(buf)[: stream.readinto(buf) or 0] if buf else stream.read(CHUNK)
+            chunk = memoryview(buf)[: stream.readinto(buf) or 0] if size else stream.read(CHUNK)
         except OSError as exc:
             raise SourceError(f"reading the input failed: {exc.strerror or exc}") from exc
         if not chunk:

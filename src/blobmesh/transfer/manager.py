@@ -488,6 +488,9 @@ class TransferManager:
         ch = live.ch
         live.session = sess
         try:
+            await self._apply(live, first)
+            if ch.terminal:  # refused
+                return
             async with asyncio.TaskGroup() as tg:
                 loops = [tg.create_task(self._recv_loop(live, sess))]
                 if ch.is_sender:
@@ -495,7 +498,6 @@ class TransferManager:
                 else:
                     loops.append(tg.create_task(self._write_loop(live, sess)))
                     loops.append(tg.create_task(self._flush_loop(live, sess)))
-                await self._apply(live, first)
                 await sess.over.wait()
                 for t in loops:
                     t.cancel()
