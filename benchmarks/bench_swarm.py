@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blobmesh.demo import make_payload, wait_for_convergence
-from blobmesh.distribution.model import TargetState
+from blobmesh.distribution.model import DistributionStatus, TargetState
 from blobmesh.hashing import BlobId
 from blobmesh.hashing.tree import choose_piece_size
 from blobmesh.node.client import NodeClient
@@ -59,6 +59,7 @@ class Outcome:
     ok: bool
     note: str = ""
     uploads: list[int] = field(default_factory=list)  # bytes per host, source first
+    cpu: float = 0.0  # CPU seconds the nodes used during the transfer
     finish: list[float] = field(default_factory=list)  # per target, seconds from start
     code: str = ""  # fingerprint of the swarm code a blobmesh run used
 
@@ -82,9 +83,13 @@ async def copies_match(paths: Sequence[Path], digest: str) -> bool:
 class NetnsFleet(Fleet):
     """A :class:`Fleet` whose node ``i`` runs inside lab host ``i``, listening on its address."""
 
-    def __init__(self, root: Path, lab: NetLab) -> None:
+    def __init__(self, root: Path, lab: NetLab, code: Path | None = None) -> None:
         super().__init__(root)
         self.lab = lab
+        self.env = dict(os.environ)
+        if code is not None:  # nodes import blobmesh from there (a patched copy of src/)
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                [str(code), *filter(None, [self.env.get("PYTHONPATH")])])
 
     def add_host(self) -> FleetNode:
         self.listen_host = self.lab.ip(len(self.nodes))
@@ -100,7 +105,7 @@ class NetnsFleet(Fleet):
         node.logs.append(log_path)
         with open(log_path, "wb") as log:
             node.proc = subprocess.Popen(self.lab.cmd(node.index, cmd), stdout=subprocess.PIPE,
-                                         stderr=log, stdin=subprocess.DEVNULL)
+                                         stderr=log, stdin=subprocess.DEVNULL, env=self.env)
 
 
 async def uploaded_bytes(fleet: Fleet) -> list[int]:
@@ -122,6 +127,18 @@ def verify_blob(home: Path, blob: BlobId) -> bool:
     return True
 
 
+def cpu_seconds(fleet: Fleet) -> float:
+    """User + system CPU time of the running node processes (is a run CPU-bound?)."""
+    total = 0
+    for node in fleet.nodes:
+        if node.proc is not None:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{node.proc.pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def keep_logs(fleet: Fleet) -> Path:
     """Copy the node logs of a failed run out of the work dir (which is deleted)."""
     dest = Path(tempfile.mkdtemp(prefix="bench-swarm-failed-"))
@@ -133,8 +150,8 @@ def keep_logs(fleet: Fleet) -> Path:
 
 
 async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
-                       timeout: float) -> Outcome:
-    fleet = NetnsFleet(work, lab)
+                       timeout: float, code: Path | None = None) -> Outcome:
+    fleet = NetnsFleet(work, lab, code)
     for _ in range(targets + 1):
         fleet.add_host()
     try:
@@ -144,27 +161,47 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
             blob = (await asyncio.to_thread(store.add_path, payload)).blob_id
         finish: dict[str, float] = {}
         async with NodeClient(fleet.nodes[0].home) as client:
+            cpu0 = cpu_seconds(fleet)
             t0 = time.perf_counter()
             status = await client.distribute(str(blob), "all", "normal")
 
-            async def follow() -> None:
+            def update(s: DistributionStatus) -> None:
                 nonlocal status
-                async for s in client.events(str(status.handle)):
-                    status = s
-                    for t in s.targets:
-                        if t.state is TargetState.COMPLETED and str(t.node) not in finish:
-                            finish[str(t.node)] = time.perf_counter() - t0
+                status = s
+                for t in s.targets:
+                    if t.state is TargetState.COMPLETED and str(t.node) not in finish:
+                        finish[str(t.node)] = time.perf_counter() - t0
+                    elif t.state is TargetState.FAILED:
+                        failures[str(t.node)] = t.reason
 
+            async def follow() -> None:
+                # A loaded machine can make the space think a target died: it is marked
+                # failed (the distribution looks done) and comes back.  Keep following
+                # until every target holds the blob.
+                while status.completed < targets:
+                    async for s in client.events(str(status.handle)):
+                        update(s)
+                        if status.completed >= targets:
+                            return
+                    update(await client.status(str(status.handle)))
+                    await asyncio.sleep(0.05)
+
+            failures: dict[str, str] = {}
             await asyncio.wait_for(follow(), timeout)
             elapsed = time.perf_counter() - t0
+        cpu = cpu_seconds(fleet) - cpu0
         uploads = await uploaded_bytes(fleet)
         verified = await asyncio.gather(*(asyncio.to_thread(verify_blob, n.home, blob)
                                           for n in fleet.nodes[1:]))
-        ok = status.completed == targets and all(verified)
-        note = "" if ok else f"{status.completed}/{targets} completed, {sum(verified)} verified"
+        ok = len(finish) == targets and all(verified)
+        notes = [] if ok else [f"{len(finish)}/{targets} completed, {sum(verified)} verified"]
+        if failures:
+            notes.append(f"{len(failures)} target(s) reported failed on the way, e.g. "
+                         f"{next(iter(failures.values()))!r}")
         if not ok:
-            note += f"; node logs kept in {keep_logs(fleet)}"
-        return Outcome(elapsed, ok, note, uploads, sorted(finish.values()))
+            notes.append(f"node logs kept in {keep_logs(fleet)}")
+        return Outcome(elapsed, ok, "; ".join(notes), uploads, cpu=cpu,
+                       finish=sorted(finish.values()))
     except BaseException:
         print(f"  (node logs kept in {keep_logs(fleet)})", flush=True)
         raise
@@ -397,6 +434,8 @@ def kumar_ross(size: int, targets: int, rate: float) -> float:
 def describe(o: Outcome, size: int) -> str:
     first, last = (o.finish[0], o.finish[-1]) if o.finish else (0.0, 0.0)
     text = f"{o.seconds:7.2f}s  targets done {first:.1f}..{last:.1f}s"
+    if o.cpu:
+        text += f"  node CPU {o.cpu:.0f}s"
     if o.uploads:
         copies = " ".join(f"{u / size:.2f}" for u in o.uploads)
         text += f"  uploaded (copies of F) source,targets: {copies}"
@@ -404,12 +443,14 @@ def describe(o: Outcome, size: int) -> str:
         text += f"  code {o.code}"
     if not o.ok:
         text += f"  FAILED: {o.note}"
+    elif o.note:
+        text += f"  ({o.note})"
     return text
 
 
 async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps: float,
-                   systems: Sequence[str], tmp: Path, lt_tuning: str
-                   ) -> dict[str, list[Outcome]]:
+                   systems: Sequence[str], tmp: Path, lt_tuning: str,
+                   variants: dict[str, Path]) -> dict[str, list[Outcome]]:
     size = size_mb * MiB
     bound = kumar_ross(size, targets, rate_bps)
     print(f"\n== {size_mb} MiB to {targets} targets; bound {bound:.2f}s "
@@ -428,9 +469,10 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
             work = tmp / f"{system}-{run}"
             work.mkdir()
             try:
-                if system == "blobmesh":
-                    out = await run_blobmesh(lab, targets, payload, work, timeout)
-                    out.code = code_fingerprint().rsplit(" ", 1)[-1]
+                if system.startswith("blobmesh"):
+                    code = variants.get(system)
+                    out = await run_blobmesh(lab, targets, payload, work, timeout, code)
+                    out.code = code_fingerprint(code).rsplit(" ", 1)[-1]
                 elif system == "libtorrent":
                     assert torrent is not None
                     out = await run_libtorrent(lab, targets, torrent, payload, digest, work,
@@ -442,23 +484,23 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             results[system].append(out)
-            print(f"  run {run + 1} {system:<10} {describe(out, size)}  "
+            print(f"  run {run + 1} {system:<14} {describe(out, size)}  "
                   f"[load {os.getloadavg()[0]:.1f}]", flush=True)
     for f in srcdir.iterdir():
         f.unlink()
 
     print(f"\n{size_mb} MiB -> {targets} targets @ {rate_bps * 8 / 1e6:.1f} Mbit/s")
-    print(f"{'system':<11} {'median s':>9} {'bound s':>8} {'ratio':>6}  runs")
+    print(f"{'system':<15} {'median s':>9} {'bound s':>8} {'ratio':>6}  runs")
     medians: dict[str, float] = {}
     for system, outs in results.items():
         good = [o.seconds for o in outs if o.ok]
         med = statistics.median(good) if good else float("nan")
         medians[system] = med
         runs_txt = ", ".join(f"{o.seconds:.2f}" + ("" if o.ok else "!") for o in outs)
-        print(f"{system:<11} {med:9.2f} {bound:8.2f} {med / bound:6.2f}  [{runs_txt}]")
-    if "blobmesh" in medians:
-        bm = medians["blobmesh"]
-        verdict = f"verdict: blobmesh {bm / bound:.2f}x the bound " + \
+        print(f"{system:<15} {med:9.2f} {bound:8.2f} {med / bound:6.2f}  [{runs_txt}]")
+    for system in (s for s in medians if s.startswith("blobmesh")):
+        bm = medians[system]
+        verdict = f"verdict: {system} {bm / bound:.2f}x the bound " + \
             ("(goal <= 1.15x: met)" if bm / bound <= 1.15 else "(goal <= 1.15x: MISSED)")
         if "libtorrent" in medians:
             lt_t = medians["libtorrent"]
@@ -468,15 +510,16 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
     return results
 
 
-def code_fingerprint() -> str:
+def code_fingerprint(code: Path | None = None) -> str:
     """Which swarm code the nodes run (the lead may be editing it)."""
-    import blobmesh.distribution.picker as picker_mod
     import blobmesh.distribution.swarm as swarm_mod
 
+    where = code / "blobmesh" / "distribution" if code is not None else \
+        Path(str(swarm_mod.__file__)).parent
     h = hashlib.blake2b(digest_size=4)
-    for mod in (swarm_mod, picker_mod):
-        h.update(Path(str(mod.__file__)).read_bytes())
-    return f"{Path(str(swarm_mod.__file__)).parent} ({h.hexdigest()})"
+    for name in ("swarm.py", "picker.py", "service.py"):
+        h.update((where / name).read_bytes())
+    return f"{where} ({h.hexdigest()})"
 
 
 async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
@@ -488,10 +531,15 @@ async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
           f"goodput {', '.join(f'{p:.1f}' for p in probes)} Mbit/s -> R = {mbit:.1f}; "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"blobmesh swarm code: {code_fingerprint()}", flush=True)
-    systems = SYSTEMS if args.only is None else (args.only,)
+    variants: dict[str, Path] = args.variants
+    for system, code in variants.items():
+        print(f"{system} swarm code: {code_fingerprint(code)}", flush=True)
+    systems = [s for s in SYSTEMS if args.only in (None, s)]
+    if args.only in (None, "blobmesh"):
+        systems[1:1] = variants
     for size_mb, targets in args.scenarios:
         await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8, systems, tmp,
-                       args.lt_tuning)
+                       args.lt_tuning, variants)
 
 
 def main() -> None:
@@ -501,6 +549,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--only", choices=SYSTEMS)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                        help="also run blobmesh-NAME: nodes import blobmesh from DIR (A/B a "
+                             "patched copy of src/ in the same run)")
     parser.add_argument("--quick", action="store_true", help="32 MiB to 3 targets")
     parser.add_argument("--lt-tuning", choices=("lan", "hps", "super"), default="lan",
                         help="libtorrent settings (see lt_worker)")
@@ -515,6 +566,8 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         parser.error("building network namespaces needs root")
+    args.variants = {f"blobmesh-{name}": Path(path).resolve()
+                     for name, _, path in (v.partition("=") for v in args.variant)}
     if args.quick:
         args.scenarios = [(args.size_mb or 32, args.targets or 3)]
     elif args.size_mb or args.targets:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
-import ssl
 import statistics
 import struct
 import subprocess
@@ -43,7 +43,7 @@ async def serve_blobmesh() -> None:
     async with await Endpoint.start(Identity.generate()) as ep:
         ep.set_handler("bench", source)
         print(ep.ticket, flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await asyncio.Event().wait()  # until terminated
 
 
 def serve_raw(tls: bool) -> None:
@@ -76,7 +76,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def spawn(role: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, __file__, "--serve", role],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
 
@@ -135,35 +135,52 @@ def main() -> None:
 
     size, chunk = args.size_mb * MiB, args.chunk_kb * 1024
     size -= size % chunk
-    times: dict[str, list[float]] = {"blobmesh": [], "tls": [], "tcp": []}
-    servers = {role: spawn(role) for role in times}
+    kinds = ("blobmesh", "tls", "tcp")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}  # sender's
+    rcpu: dict[str, list[float]] = {k: [] for k in kinds}  # receiver's (this process)
+    servers = {k: spawn(k) for k in kinds}
     try:
-
-        async def run_blobmesh() -> None:
+        with asyncio.Runner() as runner:
             ticket = Ticket.parse(servers["blobmesh"][1])
-            async with await Endpoint.start(Identity.generate()) as ep:
-                await pull_blobmesh(ep, ticket, chunk, chunk)  # connect and warm up
-                for _ in range(args.runs):
-                    times["blobmesh"].append(await pull_blobmesh(ep, ticket, size, chunk))
-
-        asyncio.run(run_blobmesh())
-        for role in ("tls", "tcp"):
+            ep = runner.run(Endpoint.start(Identity.generate()))
+            runner.run(pull_blobmesh(ep, ticket, chunk, chunk))  # connect and warm up
+            # interleaved, so load from elsewhere on the machine hits all three alike
             for _ in range(args.runs):
-                times[role].append(pull_raw(int(servers[role][1]), role == "tls", size, chunk))
+                for k in kinds:
+                    before = cpu_seconds(servers[k][0].pid)
+                    mine = cpu_seconds(os.getpid())
+                    if k == "blobmesh":
+                        elapsed = runner.run(pull_blobmesh(ep, ticket, size, chunk))
+                    else:
+                        elapsed = pull_raw(int(servers[k][1]), k == "tls", size, chunk)
+                    times[k].append(elapsed)
+                    cpu[k].append(cpu_seconds(servers[k][0].pid) - before)
+                    rcpu[k].append(cpu_seconds(os.getpid()) - mine)
+            runner.run(ep.aclose())
     finally:
         for proc, _ in servers.values():
-            proc.communicate("")
+            proc.terminate()
+            proc.wait()
     rate = {k: size / GiB / statistics.median(v) for k, v in times.items()}
     print(f"{size / MiB:.0f} MiB in {chunk // 1024} KiB messages, median of {args.runs} runs, "
           f"{'uvloop' if not args.no_uvloop else 'asyncio'} event loop")
     for k, label in (("blobmesh", "blobmesh stream (TLS 1.3)"),
                      ("tls", "raw TLS socket, blocking"), ("tcp", "raw TCP socket, blocking")):
         runs = " ".join(f"{size / GiB / t:.2f}" for t in times[k])
-        print(f"  {label:28s} {rate[k]:5.2f} GiB/s   (runs: {runs})")
+        send_cpu, recv_cpu = (statistics.median(c[k]) / (size / GiB) for c in (cpu, rcpu))
+        print(f"  {label:26s} {rate[k]:5.2f} GiB/s   CPU s/GiB: sender {send_cpu:4.2f} "
+              f"receiver {recv_cpu:4.2f}   (runs: {runs})")
     print(f"  blobmesh / raw TLS = {rate['blobmesh'] / rate['tls']:.2f}   "
           f"blobmesh / raw TCP = {rate['blobmesh'] / rate['tcp']:.2f}   "
           f"goal >= 0.8 GiB/s: {'met' if rate['blobmesh'] >= 0.8 else 'NOT met'}")
 
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 if __name__ == "__main__":
     main()

@@ -18,8 +18,9 @@ class RunnerProc:
     """One runner process hosting ``nodes`` space nodes."""
 
     def __init__(self, home: Path, nodes: int = 1, *, bootstrap: list[str] | None = None,
-                 extra: list[str] | None = None, wait: bool = True) -> None:
-        cmd = [sys.executable, "-m", "blobmesh.space.runner", "--home", str(home),
+                 extra: list[str] | None = None, wait: bool = True,
+                 prefix: list[str] | None = None) -> None:
+        cmd = [*(prefix or []), sys.executable, "-m", "blobmesh.space.runner", "--home", str(home),
                "--nodes", str(nodes), *(extra or [])]
         for t in bootstrap or []:
             cmd += ["--bootstrap", t]

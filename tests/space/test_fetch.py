@@ -65,3 +65,12 @@ def test_batches_are_bounded() -> None:
     q.add(ids(10), A)
     (_, batch), = q.due(0.0)
     assert len(batch) == 4
+
+
+def test_release_asks_again_without_penalty() -> None:
+    q, m = queue()
+    q.add(ids(2), A)
+    (peer, got), = q.due(0.0)
+    q.received(peer, got[:1])
+    q.release(peer, got[1:])
+    assert q.due(0.0) == [(A, got[1:])] and m["fetch_failures"] == 0

@@ -259,3 +259,16 @@ async def test_signer_and_network_must_agree(tmp_path: Path) -> None:
         with pytest.raises(Exception, match="different nodes"):
             Space(config(seeds=(Seed(node.id),)), Identity.generate(), node.net,
                   tmp_path / "x.sqlite")
+
+
+async def test_slow_subscriber_is_told_not_skipped(tmp_path: Path) -> None:
+    lim = dataclasses.replace(Limits(), subscriber_queue=2)
+    async with cluster(tmp_path) as c:
+        node = await c.add(config(limits=lim))
+        sub = node.space.subscribe("test")
+        ops = [await node.space.publish("test", b"%d" % i) for i in range(3)]
+        assert [await sub.__anext__() for _ in range(2)] == ops[:2]
+        with pytest.raises(SpaceLimitError):
+            await sub.__anext__()
+        assert node.space.metrics["limit_subscriber"] == 1
+        assert set(node.space.stored_ops("test")) == set(ops)  # the gap can be read back

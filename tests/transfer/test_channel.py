@@ -345,3 +345,13 @@ def test_restart_of_a_pull_whose_layer_never_arrived() -> None:
     sim.pump()
     assert st(sim.init) is Status.COMPLETED
     assert sim.sent_pieces == list(range(2, 10))
+
+
+def test_unknown_version_is_refused() -> None:
+    sim = Sim(True)
+    sim.open()
+    req = sim.to_resp.popleft()
+    assert isinstance(req, Request)
+    future = Request(req.transfer_id, True, req.blob_id, "v", b"", version=2)
+    with pytest.raises(ProtocolError, match="version 2"):
+        Channel.respond(future, sim.chid.initiator, sim.chid.responder, sim.clock)

@@ -413,3 +413,19 @@ async def test_events_and_state(pair: Pair, blob_bytes: bytes) -> None:
     chid2 = await b.mgr.open_pull(a.id, Voucher("any"), bid)
     await asyncio.wait_for(b.mgr.wait(chid2), T)
     assert len(got) == n
+
+
+async def test_paused_channel_restarts_paused(pair: Pair, blob_bytes: bytes) -> None:
+    a = await pair.peer(1, config=fast_config(window=PIECE))
+    b = await pair.peer(2)
+    bid = add(a.store, blob_bytes)
+    chid = await b.mgr.open_pull(a.id, Voucher("any"), bid)
+    await b.mgr.pause(chid)
+    await eventually(lambda: a.mgr.status(chid) is Status.INITIATOR_PAUSED)
+    await b.mgr.restart(chid)
+    await eventually(lambda: a.mgr.channel_state(chid).restarts == 1
+                     and a.mgr.status(chid) is Status.INITIATOR_PAUSED)
+    assert b.mgr.status(chid) is Status.INITIATOR_PAUSED
+    await b.mgr.resume(chid)
+    st = await asyncio.wait_for(b.mgr.wait(chid), T)
+    assert st.status is Status.COMPLETED and st.received == len(blob_bytes)

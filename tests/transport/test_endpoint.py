@@ -259,3 +259,16 @@ async def test_aclose_fails_open_streams(endpoints: EndpointFactory) -> None:
         await asyncio.wait_for(pending, 5)
     with pytest.raises(TransportError):
         await b.open_stream(a.node_id, "echo")
+
+
+async def test_wildcard_listener_ticket_is_dialable(endpoints: EndpointFactory) -> None:
+    b = await Endpoint.start(Identity.generate(), listen=("0.0.0.0", 0))
+    try:
+        b.set_handler("echo", echo)
+        assert ("127.0.0.1", b.listen_address[1]) in b.ticket.addrs
+        a = await endpoints()
+        s = await a.open_stream(a.add_ticket(b.ticket), "echo")
+        await s.send(b"via wildcard")
+        assert await s.recv() == b"via wildcard"
+    finally:
+        await b.aclose()

@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import signal
 
-from blobmesh.errors import InvalidIdError
 from blobmesh.space.bootstrap import BootstrapServer, serve_bootstrap
+from blobmesh.space.runner import parse_listen
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,15 +22,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_bootstrap_server(args: argparse.Namespace) -> int:
-    # a listen address may be a wildcard, which tickets (parse_address) rightly refuse
-    host, sep, port = args.listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise InvalidIdError(f"expected HOST:PORT, got {args.listen!r}")
-    host = host.strip("[]")
+    host, port = parse_listen(args.listen)
 
     async def run() -> None:
         server = BootstrapServer(max_records=args.max_records, max_spaces=args.max_spaces)
-        runner = await serve_bootstrap(server, host, int(port))
+        runner = await serve_bootstrap(server, host, port)
         try:
             for site in runner.sites:
                 print(site.name, flush=True)

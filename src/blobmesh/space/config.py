@@ -40,6 +40,8 @@ class Limits:
     max_peers: int = 10_000
     max_ops: int = 200_000
     max_links: int = 512                  # open outgoing links (LRU-closed beyond)
+    max_seeds: int = 256                  # seeds not yet known as peers (config, LAN)
+    max_pushes: int = 4096                # background pushes in flight (beyond: left to gossip)
     max_inbound_per_link: int = 16        # requests served concurrently per peer link
     fetch_queue: int = 20_000             # op ids waiting to be fetched
     fetch_batch: int = 256                # ids per fetch request

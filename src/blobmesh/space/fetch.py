@@ -80,6 +80,14 @@ class FetchQueue:
         for op_id in ids:
             self._wants.pop(op_id, None)
 
+    def release(self, source: NodeId, ids: list[bytes]) -> None:
+        """``source`` answered but had no room for ``ids`` in its reply: ask again, no penalty."""
+        self._busy.discard(source)
+        for op_id in ids:
+            w = self._wants.get(op_id)
+            if w is not None:
+                w.in_flight = None
+
     def not_found(self, source: NodeId, ids: list[bytes]) -> None:
         """``source`` does not have ``ids`` (any more): try other sources."""
         self._busy.discard(source)

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from blobmesh.errors import BlobmeshError
+from blobmesh.errors import BlobmeshError, InvalidIdError
 from blobmesh.space.config import Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
@@ -37,13 +37,20 @@ from blobmesh.transport import (
     Ticket,
     TransportConfig,
     format_address,
-    parse_address,
 )
 
 KINDS = ("test", "bench")
 # generous timeouts: tests share two cores, and a starved event loop is not a dead node
 FAST = Timing(gossip_interval=0.3, probe_interval=0.2, probe_timeout=1.0, indirect_timeout=1.5,
               maintenance_interval=0.5, request_timeout=3.0, unresponsive_backoff_max=2.0)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` to listen on; unlike a ticket address, port 0 and wildcards are fine."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidIdError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -73,7 +80,7 @@ class Runner:
         timing = FAST if a.fast else Timing()
         if a.gossip_interval:
             timing = dataclasses.replace(timing, gossip_interval=a.gossip_interval)
-        host, port = parse_address(a.listen) if a.listen else ("127.0.0.1", 0)
+        host, port = parse_listen(a.listen or "127.0.0.1:0")
         # space messages are small: small frames keep per-connection buffers small
         transport = TransportConfig(max_frame_size=a.frame_kib * 1024)
         for i in range(a.nodes):

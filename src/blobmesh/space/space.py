@@ -372,6 +372,9 @@ class Space:
         """Contact ``seed`` (e.g. from a ticket) in the next rounds until we know peers."""
         if seed.node_id == self.node_id:
             return
+        if seed.node_id not in self._seeds and len(self._seeds) >= self.config.limits.max_seeds:
+            self.metrics.limit("seeds")  # e.g. a flood of spoofed LAN announcements
+            return
         self._seeds[seed.node_id] = seed
         if self._address_book is not None and seed.addresses:
             self._address_book(seed.node_id, seed.addresses)
@@ -392,8 +395,10 @@ class Space:
     async def join(self) -> PeerRecord:
         """Sign our record, announce it to seeds, bootstrap servers and peers, pull theirs."""
         rec = self._sign_local(tombstone=False)
+        seeds = list(self._seeds)  # the sync moves seeds whose record arrives into the peers
         await asyncio.gather(self._bootstrap_tick(), self._sync_seeds())
-        self._announce("records", [rec.raw], exclude=None)
+        # seeds know the most peers: let them relay our record to the ones we do not know
+        self._announce("records", [rec.raw], exclude=None, prefer=seeds)
         if self.config.mdns:
             from blobmesh.space.lan import LanDiscovery
 
@@ -512,16 +517,25 @@ class Space:
             link.close()
 
     def _announce(self, what: Literal["records", "ops"], raws: list[bytes],
-                  exclude: NodeId | None, relayers: int | None = None) -> None:
+                  exclude: NodeId | None, relayers: int | None = None,
+                  prefer: Iterable[NodeId] = ()) -> None:
         """Push new records or ops to up to ``publish_fanout`` peers at once.
 
         ``relayers`` of them (default ``relay_fanout``) forward what is new to them once to
         their own peers, reaching nodes we do not know; forwarded pushes are not forwarded
         again, so an item costs about ``(1 + relay_fanout) * peers`` pushes, never a cascade.
+        Peers in ``prefer`` come first, so they are the relayers.
         """
         t = self.config.timing
         n = t.relay_fanout if relayers is None else relayers
-        targets = [p for p in self._alive_peers() if p != exclude][: t.publish_fanout]
+        first = set(prefer)
+        alive = self._alive_peers()
+        alive.sort(key=lambda p: p not in first)  # stable: the rest stays shuffled
+        targets = [p for p in alive if p != exclude][: t.publish_fanout]
+        if len(self._tasks) + len(targets) > self.config.limits.max_pushes:
+            # a flood of relayed items must not become unbounded work; gossip delivers them
+            self.metrics.limit("pushes")
+            return
         for i, p in enumerate(targets):
             self._spawn(self._push(what, p, raws, relay=i < n))
 
@@ -919,7 +933,7 @@ class Space:
     # --- gossip ------------------------------------------------------------------------------
 
     def _gossip_period(self) -> float:
-        """Jittered interval, a quarter of it while rounds bring news (converging)."""
+        """Jittered interval; a quarter of it while rounds bring news (converging)."""
         period = self.config.timing.gossip_interval * self._rng.uniform(0.75, 1.25)
         news, self._news = self._news, False
         return period / 4 if news else period
@@ -997,16 +1011,18 @@ class Space:
         if not isinstance(resp, wire.Ops):
             self._fetch.failed(peer, ids, self._mono())
             return
+        sent = {i.digest for raw in resp.ops if (i := peek_op_id(raw, self.config.limits))}
         self.add_ops(resp.ops, sender=peer)
-        # an op the peer sent that failed validation is not wanted from anyone else either
         requested = set(ids)
-        missing = [i for i in resp.missing if i in requested]
-        not_sent = set(self.op_store.missing(ids)) - set(missing)
-        self._fetch.received(peer, [i for i in ids if i not in not_sent and i not in missing])
+        missing = {i for i in resp.missing if i in requested}
+        # what the peer sent is done with, stored or rejected by validation (then no other
+        # peer's copy of that id would pass either); what did not fit its reply is asked again
+        self._fetch.received(peer, [i for i in ids if i in sent])
         if missing:
-            self._fetch.not_found(peer, missing)
-        if not_sent:
-            self._fetch.failed(peer, sorted(not_sent), self._mono())
+            self._fetch.not_found(peer, sorted(missing))
+        later = [i for i in ids if i not in sent and i not in missing]
+        if later:
+            self._fetch.release(peer, later)
         self._fetch_wake.set()
 
     # --- failure detection -------------------------------------------------------------------
@@ -1082,6 +1098,10 @@ class Space:
             self._forget_peer(node)
         self.peer_meta_store.retain(
             lambda n: n in self._seeds or self.peer_store.get(n) is not None)
+        for buckets in (self._op_rate, self._req_rate):
+            for n in [n for n in buckets
+                      if n not in self._inbound and self.peer_store.get(n) is None]:
+                del buckets[n]
         self.op_store.prune(now - int(t.op_retention * 1000))
         self.peer_meta_store.flush()
         local = self._local

@@ -15,7 +15,6 @@ pending deadlines by the lateness: an ack we had no chance to process is not sil
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blobmesh.transport.identity import NodeId
@@ -175,6 +174,3 @@ class FailureDetector:
         if self._down.pop(node, None) is not None and node in self._members:
             return [Alive(node)]
         return []
-
-    def members(self) -> Iterable[NodeId]:
-        return iter(self._members)

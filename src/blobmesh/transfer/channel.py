@@ -21,6 +21,7 @@ from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store.bitfield import Bitfield
 from blobmesh.transfer.messages import (
     MAX_CHUNK,
+    VERSION,
     Ack,
     Cancel,
     Complete,
@@ -313,6 +314,8 @@ class Channel:
         Raises ProtocolError for a malformed request and BadPeerDataError when a pushed piece
         layer does not match the blob id.
         """
+        if req.version != VERSION:
+            raise ProtocolError(f"transfer protocol version {req.version} is not supported")
         if len(req.blob_id) != 32:
             raise ProtocolError("request names a malformed blob id")
         now = clock()

@@ -380,6 +380,9 @@ class TransferManager:
                                                     f"{ch.id.responder.short()}: {exc}"))
             self._schedule_restart(live)
             return
+        if ch.terminal:  # cancelled while we dialed
+            stream.reset("cancelled")
+            return
         await self._session(live, _Session(stream, self._queue_pieces()), ch.request(have))
 
     def _stored_have(self, blob_id: BlobId) -> Bitfield | None:
@@ -531,6 +534,8 @@ class TransferManager:
                 sess.stream.reset("session ended")
             self._save(live)
             sess.ended.set()
+            if live.ch.terminal:
+                live.finished.set()
 
     def _schedule_restart(self, live: _Live) -> None:
         ch = live.ch
@@ -653,8 +658,8 @@ class TransferManager:
         if sess is not None:
             sess.wake.set()
             if ch.terminal:
-                sess.over.set()
-        if ch.terminal:
+                sess.over.set()  # the session's end sets ``finished``, after its cleanup
+        elif ch.terminal:
             live.finished.set()
 
     async def _revalidate(self, live: _Live, step: Step) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from blobmesh.errors import ProtocolError, StreamClosedError, TransportError
 from blobmesh.transport.identity import NodeId
 from blobmesh.wire import (
+    DATA_OVERHEAD,
     Buffer,
     Connection,
     CreditAvailable,
@@ -89,6 +90,9 @@ class TlsStream:
         limit = conn.peer_settings.max_message_size
         if size > limit:
             raise ValueError(f"message of {size} bytes exceeds the peer's limit of {limit}")
+        # equal frames: a message just over the frame size must not leave a tiny last frame
+        most = conn.peer_settings.max_frame_size - DATA_OVERHEAD
+        frame = -(-size // max(1, -(-size // most)))
         async with self._send_lock:
             off = 0
             while True:
@@ -100,7 +104,7 @@ class TlsStream:
                     continue
                 await conn.wait_writable()
                 self._check_sendable()
-                n = min(budget, size - off)
+                n = min(budget, frame, size - off)
                 conn.send_data(self.stream_id, view[off:off + n], more=off + n < size)
                 off += n
                 if off >= size:
@@ -463,8 +467,7 @@ class PeerConnection:
         error: TransportError
         try:
             while True:
-                with decoder.get_buffer() as buf:
-                    n = sock.recv_into(buf)
+                n = sock.recv_into(decoder.get_buffer())
                 if n == 0:
                     error = TransportError(f"{self.peer.short()} closed the connection",
                                            peer=self.peer)

@@ -16,7 +16,7 @@ from blobmesh.errors import DialTimeoutError, PeerIdentityError, TransportError
 from blobmesh.transport.api import StreamHandler
 from blobmesh.transport.connection import PeerConnection, TlsStream
 from blobmesh.transport.identity import Identity, NodeId
-from blobmesh.transport.ticket import Address, Ticket, check_address
+from blobmesh.transport.ticket import Address, Ticket, check_address, format_address
 from blobmesh.transport.tls import make_context, peer_node_id
 from blobmesh.wire import DEFAULT_MAX_FRAME_SIZE, Role, Settings
 
@@ -68,6 +68,7 @@ class Endpoint:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         host, port = listener.getsockname()[:2]
+        self._listen_address: Address = (host, port)
         self._ticket = Ticket.create(identity.node_id,
                                      advertise or advertised_addresses(host, port))
         self._spawn(self._accept_loop(), "accept")
@@ -82,19 +83,25 @@ class Endpoint:
         address, or this host's addresses when listening on a wildcard).
         """
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(listen[0] or None, listen[1], type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        family, type_, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, type_, proto)
+        try:
+            infos = await loop.getaddrinfo(listen[0] or None, listen[1],
+                                           type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, type_, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, type_, proto)
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {format_address(listen)}: {exc}") from exc
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(sockaddr)
             sock.listen(128)
             sock.setblocking(False)
-        except OSError as exc:
+            return cls(identity, sock, config or TransportConfig(), advertise)
+        except BaseException as exc:
             sock.close()
-            raise TransportError(f"cannot listen on {listen[0]}:{listen[1]}: {exc}") from exc
-        return cls(identity, sock, config or TransportConfig(), advertise)
+            if isinstance(exc, OSError):
+                raise TransportError(
+                    f"cannot listen on {format_address(listen)}: {exc.strerror or exc}") from exc
+            raise
 
     async def __aenter__(self) -> Self:
         return self
@@ -116,8 +123,7 @@ class Endpoint:
 
     @property
     def listen_address(self) -> Address:
-        host, port = self._listener.getsockname()[:2]
-        return host, port
+        return self._listen_address
 
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve incoming streams of ``protocol`` with ``handler``, one task per stream.

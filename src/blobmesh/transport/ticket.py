@@ -50,21 +50,28 @@ def check_address(host: str, port: int) -> Address:
 
 
 def parse_address(text: str) -> Address:
-    """Parse ``host:port`` or ``[v6]:port``."""
+    """Parse a dialable ``host:port`` or ``[v6]:port``."""
+    return check_address(*_split(text))
+
+
+def parse_listen_address(text: str) -> Address:
+    """Parse a ``host:port`` to listen on: wildcard hosts (``0.0.0.0``, ``::``, empty) and
+    port 0 (any free port) are allowed here."""
+    host, port = _split(text)
+    if not 0 <= port <= 65535:
+        raise InvalidIdError(f"invalid port {port}")
+    if host in ("", "0.0.0.0", "::"):
+        return host or "0.0.0.0", port
+    return check_address(host, port or 1)[0], port
+
+
+def _split(text: str) -> Address:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not port.isdigit():
         raise InvalidIdError(f"expected HOST:PORT, got {text[:80]!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return check_address(host, int(port))
-
-
-def parse_listen_address(text: str) -> Address:
-    """Parse a ``host:port`` to listen on; port 0 picks a free port."""
-    host, sep, port = text.strip().rpartition(":")
-    if sep and port == "0":
-        return (host[1:-1] if host.startswith("[") else host) or "0.0.0.0", 0
-    return parse_address(text)
+    return host, int(port)
 
 
 def format_address(addr: Address) -> str:

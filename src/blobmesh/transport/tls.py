@@ -11,12 +11,13 @@ the leaf's public key is the node id we expect (:func:`peer_node_id`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
+import os
 import ssl
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -59,8 +60,9 @@ def placeholder_ca_pem() -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+@functools.lru_cache(maxsize=64)
 def node_certificate_pem(identity: Identity) -> bytes:
-    """A certificate for ``identity``'s key (subject CN = its node id)."""
+    """A certificate for ``identity``'s key (subject CN = its node id), made once."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity.node_id))])
     cert = (
         x509.CertificateBuilder()
@@ -89,13 +91,25 @@ def make_context(identity: Identity, *, server: bool) -> ssl.SSLContext:
     key_pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
-    # load_cert_chain reads only files; the key lives on disk just long enough to load it
-    with tempfile.TemporaryDirectory(prefix="blobmesh-tls-") as d:
-        path = Path(d) / "chain.pem"
-        path.touch(mode=0o600)
-        path.write_bytes(key_pem + node_certificate_pem(identity))
-        ctx.load_cert_chain(path)
+    # load_cert_chain reads only files: hand it pipes, so the key never touches a disk
+    with _pipe(node_certificate_pem(identity)) as cert, _pipe(key_pem) as key:
+        ctx.load_cert_chain(cert, key)
     return ctx
+
+
+@contextlib.contextmanager
+def _pipe(data: bytes) -> Iterator[str]:
+    """A ``/dev/fd`` path from which ``data`` (a few KiB: fits the pipe buffer) can be read."""
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+        os.close(w)
+        w = -1
+        yield f"/dev/fd/{r}"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 def peer_node_id(sock: ssl.SSLSocket | ssl.SSLObject) -> NodeId:

@@ -20,7 +20,8 @@ WIRE_VERSION: Final = 1
 PREFIX: Final = struct.Struct(">IBH")
 LENGTH_SIZE: Final = 4
 MIN_FRAME_SIZE: Final = 16 * 1024
-DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024
+#: 1 MiB of payload plus headroom, so a 1 MiB chunk with its own headers is one frame
+DEFAULT_MAX_FRAME_SIZE: Final = 1024 * 1024 + 4096
 MAX_HEADER_SIZE: Final = 1024
 #: Bytes of a frame that are not Data payload, rounded up (prefix + largest Data header).
 DATA_OVERHEAD: Final = 32
@@ -135,6 +136,7 @@ class FrameDecoder:
             raise ValueError(f"max_frame_size must be in [{MIN_FRAME_SIZE}, 2**32)")
         self.max_frame_size = max_frame_size
         self._buf = bytearray(2 * (LENGTH_SIZE + max_frame_size))
+        self._view = memoryview(self._buf)  # never resized, so one export serves every call
         self._start = 0
         self._end = 0
         self._need = LENGTH_SIZE  # bytes from _start until the next frame can be decoded
@@ -145,9 +147,9 @@ class FrameDecoder:
         if len(self._buf) - self._start < self._need or self._end == len(self._buf):
             # move the partial frame to the front; it fits since the buffer holds two frames
             pending = self._end - self._start
-            self._buf[:pending] = self._buf[self._start:self._end]
+            self._view[:pending] = self._view[self._start:self._end]
             self._start, self._end = 0, pending
-        return memoryview(self._buf)[self._end:]
+        return self._view[self._end:]
 
     def advance(self, n: int) -> list[Frame]:
         """Account for ``n`` bytes written into the last :meth:`get_buffer`; decode frames."""
@@ -172,7 +174,6 @@ class FrameDecoder:
             space = self.get_buffer()
             n = min(len(space), len(view))
             space[:n] = view[:n]
-            space.release()
             view = view[n:]
             frames.extend(self.advance(n))
         return frames
@@ -184,40 +185,39 @@ class FrameDecoder:
 
     def _decode(self) -> list[Frame]:
         frames: list[Frame] = []
-        buf = self._buf
-        with memoryview(buf) as view:
-            while self._end - self._start >= LENGTH_SIZE:
-                start = self._start
-                (length,) = struct.unpack_from(">I", buf, start)
-                if length > self.max_frame_size:
-                    raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
-                                        f"{self.max_frame_size}")
-                if length < PREFIX.size - LENGTH_SIZE:
-                    raise ProtocolError(f"frame of {length} bytes is too short")
-                end = start + LENGTH_SIZE + length
-                if self._end < end:
-                    self._need = end - start
-                    break
-                _, version, header_len = PREFIX.unpack_from(buf, start)
-                if version != WIRE_VERSION:
-                    raise ProtocolError(f"unsupported wire version {version}")
-                header_end = start + PREFIX.size + header_len
-                if header_len == 0 or header_len > MAX_HEADER_SIZE or header_end > end:
-                    raise ProtocolError(f"bad frame header length {header_len}")
-                try:
-                    message = _decoder.decode(view[start + PREFIX.size:header_end])
-                except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-                    # msgspec reports invalid UTF-8 in a str as UnicodeDecodeError
-                    raise ProtocolError(f"malformed frame header: {exc}") from exc
-                if header_end < end:
-                    if not isinstance(message, Data):
-                        raise ProtocolError(
-                            f"{type(message).__name__} frame carries a payload")
-                    frames.append(Frame(message, bytes(view[header_end:end])))
-                else:
-                    frames.append(Frame(message))
-                self._start = end
-                self._need = LENGTH_SIZE
+        buf, view = self._buf, self._view
+        while self._end - self._start >= LENGTH_SIZE:
+            start = self._start
+            (length,) = struct.unpack_from(">I", buf, start)
+            if length > self.max_frame_size:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
+                                    f"{self.max_frame_size}")
+            if length < PREFIX.size - LENGTH_SIZE:
+                raise ProtocolError(f"frame of {length} bytes is too short")
+            end = start + LENGTH_SIZE + length
+            if self._end < end:
+                self._need = end - start
+                break
+            _, version, header_len = PREFIX.unpack_from(buf, start)
+            if version != WIRE_VERSION:
+                raise ProtocolError(f"unsupported wire version {version}")
+            header_end = start + PREFIX.size + header_len
+            if header_len == 0 or header_len > MAX_HEADER_SIZE or header_end > end:
+                raise ProtocolError(f"bad frame header length {header_len}")
+            try:
+                message = _decoder.decode(view[start + PREFIX.size:header_end])
+            except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
+                # msgspec reports invalid UTF-8 in a str as UnicodeDecodeError
+                raise ProtocolError(f"malformed frame header: {exc}") from exc
+            if header_end < end:
+                if not isinstance(message, Data):
+                    raise ProtocolError(
+                        f"{type(message).__name__} frame carries a payload")
+                frames.append(Frame(message, bytes(view[header_end:end])))
+            else:
+                frames.append(Frame(message))
+            self._start = end
+            self._need = LENGTH_SIZE
         if self._start == self._end:
             self._start = self._end = 0
         return frames
