@@ -534,8 +534,8 @@ async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     variants: dict[str, Path] = args.variants
     for system, code in variants.items():
         print(f"{system} swarm code: {code_fingerprint(code)}", flush=True)
-    systems = [s for s in SYSTEMS if args.only in (None, s)]
-    if args.only in (None, "blobmesh"):
+    systems = [s for s in SYSTEMS if s in args.only]
+    if "blobmesh" in args.only:
         systems[1:1] = variants
     for size_mb, targets in args.scenarios:
         await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8, systems, tmp,
@@ -548,7 +548,8 @@ def main() -> None:
     parser.add_argument("--targets", type=int)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
-    parser.add_argument("--only", choices=SYSTEMS)
+    parser.add_argument("--only", default=",".join(SYSTEMS),
+                        help="comma-separated systems to run, of: " + ", ".join(SYSTEMS))
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                         help="also run blobmesh-NAME: nodes import blobmesh from DIR (A/B a "
                              "patched copy of src/ in the same run)")
@@ -564,6 +565,9 @@ def main() -> None:
         lt_worker(torrent, save, ip, [p for p in peers.split(",") if p], args.lt_seed,
                   args.lt_tuning)
         return
+    args.only = args.only.split(",")
+    if unknown := set(args.only) - set(SYSTEMS):
+        parser.error(f"unknown system(s) in --only: {', '.join(sorted(unknown))}")
     if os.geteuid() != 0:
         parser.error("building network namespaces needs root")
     args.variants = {f"blobmesh-{name}": Path(path).resolve()

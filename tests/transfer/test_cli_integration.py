@@ -17,16 +17,20 @@ import pytest
 
 from blobmesh.hashing import BlobId
 from blobmesh.store import Bitfield, LeaseId, Store
-from blobmesh.transfer import TransferConfig
 
 SIZE = 64 * 1024 * 1024
-WINDOW = TransferConfig().window
+WINDOW = 8 * 1024 * 1024
+"""The window the tests run with (``--window``): what a restart may re-send at most."""
 
 pytestmark = pytest.mark.slow
 
 
 def cli(home: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "blobmesh.cli.main", "--home", str(home), *args]
+
+
+def get_cmd(home: Path, blob_id: BlobId, ticket: str, *extra: str) -> list[str]:
+    return cli(home, "get", str(blob_id), "--window", "8", "--from", ticket, *extra)
 
 
 def free_port() -> int:
@@ -44,7 +48,8 @@ class Server:
         self.log = home.parent / f"{home.name}-serve.log"
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(cli(home, "serve", "--listen", f"127.0.0.1:{port}",
-                                             *extra), stdout=subprocess.PIPE, stderr=err)
+                                             "--window", "8", *extra),
+                                         stdout=subprocess.PIPE, stderr=err)
         assert self.proc.stdout is not None
         self.ticket = self.proc.stdout.readline().decode().strip()
         assert self.ticket.startswith("bmt1"), self.log.read_text()
@@ -86,8 +91,8 @@ def present(home: Path, blob_id: BlobId) -> int:
         return 0
     if row is None:
         return 0
-    size, piece, have = row
-    return Bitfield(-(-size // piece), bytes(have)).count() * piece
+    size, piece, have = int(row[0]), int(row[1]), bytes(row[2])
+    return Bitfield(-(-size // piece), have).count() * piece
 
 
 def wait_for_half(home: Path, blob_id: BlobId, proc: subprocess.Popen[bytes]) -> None:
@@ -104,7 +109,7 @@ def test_get_killed_at_half_resumes(tmp_path: Path, blob: tuple[Path, BlobId],
     b = tmp_path / "b"
     srv = Server(a, free_port())
     servers.append(srv)
-    get = subprocess.Popen(cli(b, "get", str(bid), "--from", srv.ticket),
+    get = subprocess.Popen(get_cmd(b, bid, srv.ticket),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_half(b, bid, get)
     get.kill()
@@ -112,8 +117,8 @@ def test_get_killed_at_half_resumes(tmp_path: Path, blob: tuple[Path, BlobId],
     kept = present(b, bid)
     assert SIZE // 2 <= kept < SIZE
     out = tmp_path / "out.bin"
-    done = subprocess.run(cli(b, "get", str(bid), "--from", srv.ticket, "-o", str(out),
-                              "--json"), capture_output=True, timeout=60, check=False)
+    done = subprocess.run(get_cmd(b, bid, srv.ticket, "-o", str(out), "--json"),
+                          capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr.decode()
     summary = json.loads(done.stdout)
     assert summary["restarts"] == 1 and summary["bytes"] == SIZE
@@ -133,7 +138,7 @@ def test_serve_killed_at_half_resumes(tmp_path: Path, blob: tuple[Path, BlobId],
     b = tmp_path / "b"
     port = free_port()
     servers.append(Server(a, port))
-    get = subprocess.Popen(cli(b, "get", str(bid), "--from", servers[0].ticket, "--json"),
+    get = subprocess.Popen(get_cmd(b, bid, servers[0].ticket, "--json"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_half(b, bid, get)
     servers[0].kill()

@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from blobmesh.errors import ProtocolError, StreamClosedError, TransportError
-from blobmesh.transport import Endpoint, Identity, TransportConfig
+from blobmesh.transport import Identity, Stream, TransportConfig
 from blobmesh.transport.tls import make_context
 from blobmesh.wire import WIRE_VERSION, Data, Hello, Open, Settings, encode_frame, frame_header
 from tests.transport.conftest import (
-    FAST,
     EndpointFactory,
     Peer,
     echo,
@@ -217,9 +216,7 @@ async def test_protocol_error_mid_stream_reaches_the_stream(endpoints: EndpointF
     got: list[BaseException] = []
     done = asyncio.Event()
 
-    async def victim(stream: object) -> None:
-        from blobmesh.transport.connection import TlsStream
-        assert isinstance(stream, TlsStream)
+    async def victim(stream: Stream) -> None:
         try:
             await stream.recv()
             await stream.recv()
@@ -265,6 +262,29 @@ async def test_keepalive_timeout_on_silent_peer(endpoints: EndpointFactory) -> N
         t.join(10)
 
 
-def test_fast_config_is_sane() -> None:
-    assert isinstance(FAST, TransportConfig)
-    assert Endpoint.start is not None
+
+def _tls_client(alpn: bool, cert: bool) -> ssl.SSLContext:
+    ctx = make_context(Identity.generate(), server=False) if cert else ssl.SSLContext(
+        ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["blobmesh/1"] if alpn else ["h2"])
+    return ctx
+
+
+@pytest.mark.parametrize(("alpn", "cert"), [(False, True), (True, False)])
+async def test_listener_requires_alpn_and_certificate(
+        endpoints: EndpointFactory, alpn: bool, cert: bool) -> None:
+    a = await endpoints()
+
+    def attempt() -> bytes:
+        raw = socket.create_connection(a.listen_address, timeout=5)
+        try:
+            with _tls_client(alpn, cert).wrap_socket(raw) as sock:
+                sock.sendall(HELLO)
+                return _read_until_eof(sock)
+        except (ssl.SSLError, OSError):
+            return b""  # refused during the handshake
+
+    assert await asyncio.wait_for(asyncio.to_thread(attempt), 10) == b""
+    assert a.connected_peers() == []

@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from rich.live import Live
 from rich.table import Table
 
-from blobmesh.cli.output import console, err_console, human_bytes, print_json
+from blobmesh.cli.output import (
+    add_command,
+    console,
+    err_console,
+    human_bytes,
+    print_json,
+)
 from blobmesh.distribution.model import (
     DistributionStatus,
     Priority,
@@ -35,19 +41,11 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def cmd(name: str, handler: Callable[[argparse.Namespace], int], help: str,
-            parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub,
-            json_flag: bool = False) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler)
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="machine-readable output")
-        return p
 
     node = sub.add_parser("node", help="run a node", description="run a node")
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
-    p = cmd("run", cmd_node_run, "run a node until SIGINT/SIGTERM; prints its ticket first",
-            parent=node_sub)
+    p = add_command(node_sub, "run", cmd_node_run,
+                    "run a node until SIGINT/SIGTERM; prints its ticket first")
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     p.add_argument("--bootstrap", action="append", default=[], metavar="TICKET",
                    help="a peer to join through (repeatable)")
@@ -62,9 +60,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--download-rate", type=float, default=0, metavar="BYTES_PER_S")
     p.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
 
-    cmd("peers", cmd_peers, "list the peers the running node knows", json_flag=True)
+    add_command(sub, "peers", cmd_peers, "list the peers the running node knows", json_flag=True)
 
-    p = cmd("distribute", cmd_distribute, "distribute a file or blob to a scope of nodes",
+    p = add_command(sub, "distribute", cmd_distribute,
+                    "distribute a file or blob to a scope of nodes",
             json_flag=True)
     p.add_argument("what", metavar="PATH_OR_ID")
     p.add_argument("--to", required=True, metavar="SCOPE",
@@ -76,10 +75,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--wait", action="store_true", help="wait until every target is done")
     p.add_argument("--timeout", type=float, default=None, metavar="S")
 
-    cmd("distributions", cmd_distributions, "list distributions", json_flag=True)
-    p = cmd("status", cmd_status, "show a distribution", json_flag=True)
+    add_command(sub, "distributions", cmd_distributions, "list distributions", json_flag=True)
+    p = add_command(sub, "status", cmd_status, "show a distribution", json_flag=True)
     p.add_argument("handle", metavar="HANDLE")
-    p = cmd("cancel", cmd_cancel, "cancel a distribution", json_flag=True)
+    p = add_command(sub, "cancel", cmd_cancel, "cancel a distribution", json_flag=True)
     p.add_argument("handle", metavar="HANDLE")
 
 

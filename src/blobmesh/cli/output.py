@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 from rich.console import Console
 from rich.progress import (
@@ -17,6 +18,19 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_command(sub: Subcommands, name: str, handler: Callable[[argparse.Namespace], int],
+                help: str, *, json_flag: bool = False) -> argparse.ArgumentParser:
+    """Register a subcommand whose ``handler(args)`` returns the exit code."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(handler=handler)
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
 
 console = Console()
 err_console = Console(stderr=True)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.progress import TaskID
 
-from blobmesh.cli.output import byte_progress, console, err_console, human_bytes, print_json
+from blobmesh.cli.output import (
+    add_command,
+    byte_progress,
+    console,
+    err_console,
+    human_bytes,
+    print_json,
+)
 from blobmesh.errors import BlobmeshError, SourceError
 from blobmesh.hashing import BlobId
 from blobmesh.store import BlobInfo, Store
@@ -30,44 +36,36 @@ def open_store(args: argparse.Namespace) -> Store:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def cmd(name: str, handler: Callable[[argparse.Namespace], int], help: str,
-            json_flag: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler)
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="machine-readable output")
-        return p
-
-    p = cmd("add", cmd_add, "add files to the store", json_flag=True)
+    p = add_command(sub, "add", cmd_add, "add files to the store", json_flag=True)
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the id of each file")
     p.add_argument("--pin", metavar="NAME", help="pin the (single) added blob under NAME")
 
-    p = cmd("cat", cmd_cat, "write a blob to stdout (verified)")
+    p = add_command(sub, "cat", cmd_cat, "write a blob to stdout (verified)")
     p.add_argument("blob", metavar="ID")
 
-    p = cmd("export", cmd_export, "write a blob to a file (verified, atomic)")
+    p = add_command(sub, "export", cmd_export, "write a blob to a file (verified, atomic)")
     p.add_argument("blob", metavar="ID")
     p.add_argument("path", type=Path, metavar="PATH")
 
-    cmd("ls", cmd_ls, "list blobs", json_flag=True)
+    add_command(sub, "ls", cmd_ls, "list blobs", json_flag=True)
 
-    p = cmd("info", cmd_info, "show one blob", json_flag=True)
+    p = add_command(sub, "info", cmd_info, "show one blob", json_flag=True)
     p.add_argument("blob", metavar="ID")
 
-    p = cmd("pin", cmd_pin, "protect a blob from GC under a name")
+    p = add_command(sub, "pin", cmd_pin, "protect a blob from GC under a name")
     p.add_argument("blob", metavar="ID")
     p.add_argument("name", metavar="NAME")
 
-    p = cmd("unpin", cmd_unpin, "remove a pin")
+    p = add_command(sub, "unpin", cmd_unpin, "remove a pin")
     p.add_argument("name", metavar="NAME")
 
-    cmd("pins", cmd_pins, "list pins", json_flag=True)
+    add_command(sub, "pins", cmd_pins, "list pins", json_flag=True)
 
-    p = cmd("gc", cmd_gc, "delete blobs no live lease or pin holds", json_flag=True)
+    p = add_command(sub, "gc", cmd_gc, "delete blobs no live lease or pin holds", json_flag=True)
     p.add_argument("--dry-run", action="store_true", help="only report what would go")
 
-    p = cmd("fsck", cmd_fsck, "rehash everything and report damage", json_flag=True)
+    p = add_command(sub, "fsck", cmd_fsck, "rehash everything and report damage", json_flag=True)
     p.add_argument("--repair", action="store_true", help="quarantine corrupt and orphaned data")
 
 

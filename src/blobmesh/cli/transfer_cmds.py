@@ -25,6 +25,7 @@ from blobmesh.transfer import (
     Event,
     EventCode,
     Status,
+    TransferConfig,
     TransferManager,
     Voucher,
 )
@@ -33,6 +34,7 @@ from blobmesh.transport import Endpoint, Identity, NodeId, Ticket, install_uvloo
 VOUCHER = "blobmesh/open"
 """The voucher type of CLI transfers: the TLS-authenticated peer is all ``serve`` checks."""
 DEFAULT_LISTEN = "0.0.0.0:4919"
+MiB = 1024 * 1024
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"address to listen on (default {DEFAULT_LISTEN})")
     p.add_argument("--accept-push", action="store_true", help="accept blobs pushed to us")
+    _window_flag(p)
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("get", help="fetch a blob from a peer (verified, resumable)",
@@ -51,13 +54,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--from", dest="ticket", required=True, metavar="TICKET")
     p.add_argument("-o", "--output", metavar="PATH", help="also export the blob to PATH")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    _window_flag(p)
     p.set_defaults(handler=cmd_get)
 
     p = sub.add_parser("push", help="send a blob to a peer serving with --accept-push")
     p.add_argument("blob", metavar="ID")
     p.add_argument("--to", dest="ticket", required=True, metavar="TICKET")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    _window_flag(p)
     p.set_defaults(handler=cmd_push)
+
+
+def _window_flag(p: argparse.ArgumentParser) -> None:
+    default = TransferConfig().window // MiB
+    p.add_argument("--window", type=int, default=default, metavar="MIB",
+                   help=f"unacknowledged MiB a sender keeps in flight, and so re-sends at "
+                        f"most after a crash (default {default})")
+
+
+def _config(args: argparse.Namespace) -> TransferConfig:
+    window = max(1, args.window) * MiB
+    return TransferConfig(window=window, flush_bytes=window // 4)
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -103,7 +120,7 @@ async def _node(args: argparse.Namespace, listen: str, *, resume: bool
     with Store(args.home) as store:
         identity = Identity.load_or_create(store.home)
         async with await Endpoint.start(identity, listen=_listen_address(listen)) as ep:
-            mgr = TransferManager(ep, store)
+            mgr = TransferManager(ep, store, config=_config(args))
             await mgr.start(resume=resume)
             try:
                 yield store, ep, mgr

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 4
 """Pieces a sender reads ahead of the one it is sending."""
+QUEUE_PIECES = 16
+"""Received pieces waiting for the writer thread (at most 64 MiB at the largest piece size)."""
 
 Subscriber = Callable[[Event, ChannelState], None]
 Unsubscribe = Callable[[], None]
@@ -75,7 +77,7 @@ class TransferConfig:
 
     window: int = 64 * 1024 * 1024
     """Unacknowledged bytes a sender may have in flight (and so at most re-sends after a
-    crash)."""
+    crash).  Large, because acknowledgements wait for fdatasync and a SQLite commit."""
     flush_bytes: int = 16 * 1024 * 1024
     """The receiver makes pieces durable and acknowledges them every this many bytes..."""
     flush_interval: float = 0.1
@@ -96,14 +98,14 @@ class TransferConfig:
 class _Session:
     """One stream carrying one channel."""
 
-    def __init__(self, stream: Stream, queue_pieces: int) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.send_lock = asyncio.Lock()
         self.wake = asyncio.Event()
         self.over = asyncio.Event()
         self.ended = asyncio.Event()
         self.sink: PieceSink | None = None
-        self.writes: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(queue_pieces)
+        self.writes: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(QUEUE_PIECES)
         self.unflushed: list[int] = []
         self.unflushed_bytes = 0
         self.flush_now = asyncio.Event()
@@ -383,16 +385,13 @@ class TransferManager:
         if ch.terminal:  # cancelled while we dialed
             stream.reset("cancelled")
             return
-        await self._session(live, _Session(stream, self._queue_pieces()), ch.request(have))
+        await self._session(live, _Session(stream), ch.request(have))
 
     def _stored_have(self, blob_id: BlobId) -> Bitfield | None:
         try:
             return self.store.bitfield(blob_id)
         except BlobNotFoundError:
             return None
-
-    def _queue_pieces(self) -> int:
-        return max(2, self.config.window // (1024 * 1024))
 
     async def _handle_stream(self, stream: Stream) -> None:
         """Responder: the first message on a new stream is a request."""
@@ -402,7 +401,7 @@ class TransferManager:
         except (TransportError, ProtocolError, TimeoutError) as exc:
             stream.reset(str(exc))
             return
-        sess = _Session(stream, self._queue_pieces())
+        sess = _Session(stream)
         if not isinstance(req, Request):
             await self._refuse(sess, f"expected a request, got {type(req).__name__}")
             return
