@@ -52,20 +52,22 @@ def statuses(procs: list[RunnerProc]) -> list[dict[str, Any]]:
     return [s for p in procs for s in p.status()]
 
 
-def traffic(procs: list[RunnerProc], window: float) -> tuple[float, float]:
-    """(payload bytes, messages) sent per node per second over ``window`` seconds."""
-    def totals() -> tuple[int, int]:
-        st = statuses(procs)
-        return (sum(s["metrics"].get("bytes_sent", 0) for s in st),
-                sum(s["metrics"].get("messages_sent", 0) for s in st))
+def traffic(procs: list[RunnerProc], window: float) -> list[float]:
+    """Per node per second over ``window``: space bytes sent, messages sent, gossip bytes,
+    gossip rounds."""
+    keys = ("bytes_sent", "messages_sent", "gossip_bytes", "gossip_rounds")
 
-    b0, m0 = totals()
+    def totals() -> list[int]:
+        st = statuses(procs)
+        return [sum(s["metrics"].get(k, 0) for s in st) for k in keys]
+
+    before = totals()
     t0 = time.monotonic()
     time.sleep(window)
-    b1, m1 = totals()
+    after = totals()
     dt = time.monotonic() - t0
     n = sum(p.nodes for p in procs)
-    return (b1 - b0) / dt / n, (m1 - m0) / dt / n
+    return [(a - b) / dt / n for a, b in zip(after, before, strict=True)]
 
 
 def main() -> None:
@@ -130,7 +132,7 @@ def main() -> None:
 
         # --- 3. steady-state gossip ------------------------------------------------------
         time.sleep(3)
-        few_b, few_m = traffic(procs, args.window)
+        few = traffic(procs, args.window)
         held = statuses(procs)[0]["ops"]
         author = Identity.generate()
         lim = Limits()
@@ -145,10 +147,11 @@ def main() -> None:
         total = held + args.ops
         wait_for(lambda: all(s["ops"] == total for s in statuses(procs)), within=120, step=1)
         time.sleep(5)  # let in-flight reconciliation finish
-        many_b, many_m = traffic(procs, args.window)
-        for (b, m), count in (((few_b, few_m), held), ((many_b, many_m), total)):
-            print(f"steady-state gossip with {count:>6} ops held: {b:7.0f} B/s per node "
-                  f"payload, {m:5.1f} msg/s -> ~{b + m * WIRE_OVERHEAD:7.0f} B/s on the wire")
+        many = traffic(procs, args.window)
+        for (b, m, gb, gr), count in ((few, held), (many, total)):
+            print(f"steady state with {count:>6} ops held, per node: all space traffic "
+                  f"{b:4.0f} B/s payload ({m:3.1f} msg/s, ~{b + m * WIRE_OVERHEAD:4.0f} B/s on "
+                  f"the wire); gossip alone {gb:4.0f} B/s, {gb / gr if gr else 0:4.0f} B/round")
 
         # --- 4. memory -------------------------------------------------------------------
         per_node = []

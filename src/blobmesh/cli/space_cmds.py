@@ -7,14 +7,15 @@ import asyncio
 import contextlib
 import signal
 
+from blobmesh.cli.output import Subcommands, add_command
 from blobmesh.space.bootstrap import BootstrapServer, serve_bootstrap
 from blobmesh.space.runner import parse_listen
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    help = "run a bootstrap server: nodes put their signed record, get a random sample back"
-    p = sub.add_parser("bootstrap-server", help=help, description=help)
-    p.set_defaults(handler=cmd_bootstrap_server)
+def register(sub: Subcommands) -> None:
+    p = add_command(sub, "bootstrap-server", cmd_bootstrap_server,
+                    "run a bootstrap server: nodes put their signed record, get a random "
+                    "sample back")
     p.add_argument("--listen", default="127.0.0.1:4920", metavar="HOST:PORT")
     p.add_argument("--max-records", type=int, default=10_000, metavar="N",
                    help="records kept per space (default 10000)")

@@ -31,6 +31,8 @@ from blobmesh.transport.ticket import format_address, parse_listen_address
 
 log = logging.getLogger(__name__)
 
+NODE_FRAME_SIZE = 264 * 1024
+
 
 class NodeConfigError(BlobmeshError):
     """A node setting is malformed (bad ticket, capability, secret file...)."""
@@ -52,7 +54,10 @@ class NodeConfig:
     mdns: bool = False
     timing: Timing = field(default_factory=Timing)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
-    transport: TransportConfig = field(default_factory=TransportConfig)
+    # One 256 KiB piece per frame; 1 MiB frames cost ~2 MiB of buffers per connection, and
+    # failure detection keeps a connection to every peer.
+    transport: TransportConfig = field(
+        default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
 
     @classmethod

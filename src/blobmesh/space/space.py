@@ -959,6 +959,8 @@ class Space:
             link = await self._link(peer)
             while req is not None:
                 resp = await link.request(req, t.request_timeout)
+                # both directions of the round, counted once (by us): its cost on the wire
+                self.metrics.inc("gossip_bytes", len(wire.encode(req)) + len(wire.encode(resp)))
                 if isinstance(resp, wire.Busy | wire.Error):
                     self.metrics.inc("gossip_refused")
                     return

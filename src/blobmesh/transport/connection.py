@@ -486,7 +486,7 @@ class PeerConnection:
             error = TransportError(f"connection to {self.peer.short()} lost: {exc}",
                                    peer=self.peer)
         self._call_soon(self._on_reader_done, error)
-        self._call_soon(_resolve, self._reader_done)
+        self._call_soon(resolve_future, self._reader_done)
 
     def _write_loop(self) -> None:
         sock = self._sock
@@ -520,9 +520,10 @@ class PeerConnection:
                 f"connection to {self.peer.short()} lost: {exc}", peer=self.peer))
         finally:
             self._call_soon(self._wake_progress)
-            self._call_soon(_resolve, self._writer_done)
+            self._call_soon(resolve_future, self._writer_done)
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
+def resolve_future(fut: asyncio.Future[None]) -> None:
+    """Complete ``fut`` unless it already is (callbacks that may fire late or twice)."""
     if not fut.done():
         fut.set_result(None)

@@ -14,7 +14,7 @@ from typing import Any, Self
 
 from blobmesh.errors import DialTimeoutError, PeerIdentityError, TransportError
 from blobmesh.transport.api import StreamHandler
-from blobmesh.transport.connection import PeerConnection, TlsStream
+from blobmesh.transport.connection import PeerConnection, TlsStream, resolve_future
 from blobmesh.transport.identity import Identity, NodeId
 from blobmesh.transport.ticket import Address, Ticket, check_address, format_address
 from blobmesh.transport.tls import make_context, peer_node_id
@@ -358,16 +358,11 @@ async def _handshake(sock: ssl.SSLSocket) -> None:
             raise TransportError(f"TLS handshake with {_peername(sock)} failed: "
                                  f"{exc.reason or exc}") from exc
         ready: asyncio.Future[None] = loop.create_future()
-        add(fd, _resolve, ready)
+        add(fd, resolve_future, ready)
         try:
             await ready
         finally:
             remove(fd)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _peername(sock: socket.socket) -> str:
