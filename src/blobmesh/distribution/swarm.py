@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 class SwarmConfig:
     """Node-wide swarm limits (rates in bytes/s, 0 = unlimited)."""
 
-    pipeline: int = 8  # requests in flight per peer
+    pipeline: int = 16  # requests in flight per peer
     max_peers_per_blob: int = 8
     upload_workers: int = 4
     upload_rate: float = 0.0
