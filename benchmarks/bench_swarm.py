@@ -2,7 +2,8 @@
 libtorrent and a plain HTTP fan-out, in one lab of network namespaces.
 
     sudo .venv/bin/python benchmarks/bench_swarm.py [--quick] [--runs 3]
-        [--size-mb S --targets N] [--rate-mbit 100] [--only blobmesh|libtorrent|http]
+        [--size-mb S --targets N] [--rate-mbit 100] [--only blobmesh,libtorrent,http]
+        [--lt-tuning super|lan|hps] [--variant NAME=DIR ...]
 
 Builds hosts as network namespaces on one switch namespace (``netlab.py``), each link limited
 to ``--rate-mbit`` with ``tbf`` on both ends; measures the real per-link TCP goodput R and uses
@@ -11,6 +12,11 @@ max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) (= F/R when all links are equal).  Defau
 256 MiB to 7 targets and 64 MiB to 15 targets (``--quick``: 32 MiB to 3).  Each system moves
 the same file from host 0 to hosts 1..N; the time runs until every target holds a verified
 copy.  Goal: blobmesh <= 1.15x the bound, and faster than libtorrent.
+
+Per blobmesh run it also prints when the first target reported progress, the CPU time the
+nodes used, and each node's upload in copies of F (source first: ideally 1.00).
+``--variant NAME=DIR`` adds a system ``blobmesh-NAME`` whose nodes import blobmesh from DIR
+(a patched copy of ``src/``), interleaved with the others in the same lab.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class Outcome:
     note: str = ""
     uploads: list[int] = field(default_factory=list)  # bytes per host, source first
     cpu: float = 0.0  # CPU seconds the nodes used during the transfer
+    first_byte: float = 0.0  # seconds until a target first reported progress (start-up)
     finish: list[float] = field(default_factory=list)  # per target, seconds from start
     code: str = ""  # fingerprint of the swarm code a blobmesh run used
 
@@ -169,6 +176,8 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
                 nonlocal status
                 status = s
                 for t in s.targets:
+                    if t.bytes_done and not first_byte:
+                        first_byte.append(time.perf_counter() - t0)
                     if t.state is TargetState.COMPLETED and str(t.node) not in finish:
                         finish[str(t.node)] = time.perf_counter() - t0
                     elif t.state is TargetState.FAILED:
@@ -187,6 +196,7 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
                     await asyncio.sleep(0.05)
 
             failures: dict[str, str] = {}
+            first_byte: list[float] = []  # when the first target reported progress
             await asyncio.wait_for(follow(), timeout)
             elapsed = time.perf_counter() - t0
         cpu = cpu_seconds(fleet) - cpu0
@@ -201,6 +211,7 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
         if not ok:
             notes.append(f"node logs kept in {keep_logs(fleet)}")
         return Outcome(elapsed, ok, "; ".join(notes), uploads, cpu=cpu,
+                       first_byte=first_byte[0] if first_byte else 0.0,
                        finish=sorted(finish.values()))
     except BaseException:
         print(f"  (node logs kept in {keep_logs(fleet)})", flush=True)
@@ -434,6 +445,8 @@ def kumar_ross(size: int, targets: int, rate: float) -> float:
 def describe(o: Outcome, size: int) -> str:
     first, last = (o.finish[0], o.finish[-1]) if o.finish else (0.0, 0.0)
     text = f"{o.seconds:7.2f}s  targets done {first:.1f}..{last:.1f}s"
+    if o.first_byte:
+        text += f"  first progress {o.first_byte:.2f}s"
     if o.cpu:
         text += f"  node CPU {o.cpu:.0f}s"
     if o.uploads:

@@ -355,3 +355,28 @@ def test_unknown_version_is_refused() -> None:
     future = Request(req.transfer_id, True, req.blob_id, "v", b"", version=2)
     with pytest.raises(ProtocolError, match="version 2"):
         Channel.respond(future, sim.chid.initiator, sim.chid.responder, sim.clock)
+
+
+def test_restart_after_the_initiator_missed_complete() -> None:
+    sim = Sim(True)
+    sim.open()
+    sim.accept_request()
+    sim.pump()
+    assert sim.resp is not None and st(sim.resp) is Status.COMPLETED
+    # pretend the initiator crashed before it read ``complete``
+    sim.init.rec.base = Status.STALLED.value
+    sim.init.remaining = 0
+    sim.open(sim.have())
+    sim.accept_request()
+    sim.pump()
+    assert st(sim.init) is Status.COMPLETED and st(sim.resp) is Status.COMPLETED
+    assert sim.sent_pieces == list(range(10))  # nothing sent twice
+    cancelled = Sim(True)
+    cancelled.open()
+    cancelled.accept_request()
+    cancelled.apply(cancelled.init, cancelled.init.cancel())
+    cancelled.pump()
+    with pytest.raises(ProtocolError, match="Cancelled"):
+        assert cancelled.resp is not None
+        cancelled.resp.restarted(Request(7, True, cancelled.blob_id.digest, "v", b"",
+                                         restart=True))

@@ -129,6 +129,7 @@ def test_get_killed_at_half_resumes(tmp_path: Path, blob: tuple[Path, BlobId],
     assert len(complete) == 1, log
     wire = int(complete[0].split("wire=")[1].split()[0])
     # the sender re-sent at most its in-flight window
+    print(f"receiver killed at {kept} bytes kept: sender re-sent {wire - SIZE} bytes")
     assert SIZE <= wire <= SIZE + WINDOW, complete[0]
 
 
@@ -148,6 +149,7 @@ def test_serve_killed_at_half_resumes(tmp_path: Path, blob: tuple[Path, BlobId],
     summary = json.loads(out)
     assert summary["restarts"] >= 1 and summary["bytes"] == SIZE
     # the receiver got at most the in-flight window twice
+    print(f"sender killed: receiver got {summary['wire_bytes'] - SIZE} bytes twice")
     assert SIZE <= summary["wire_bytes"] <= SIZE + WINDOW, summary
     with Store(b) as sb:
         assert sb.has(bid)

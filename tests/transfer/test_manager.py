@@ -429,3 +429,24 @@ async def test_paused_channel_restarts_paused(pair: Pair, blob_bytes: bytes) -> 
     await b.mgr.resume(chid)
     st = await asyncio.wait_for(b.mgr.wait(chid), T)
     assert st.status is Status.COMPLETED and st.received == len(blob_bytes)
+
+
+async def test_one_piece_blobs_are_stored_whole(pair: Pair) -> None:
+    a = await pair.peer(1, config=fast_config(verify_reads=False))
+    b = await pair.peer(2)
+    small = os.urandom(16 * 1024)
+    bid = add(a.store, small)
+    chid = await b.mgr.open_pull(a.id, Voucher("any"), bid)
+    assert (await asyncio.wait_for(b.mgr.wait(chid), T)).received == len(small)
+    c = await pair.peer(3)
+    chid = await b.mgr.open_push(c.id, Voucher("any"), bid)
+    await asyncio.wait_for(b.mgr.wait(chid), T)
+    for p in (b, c):
+        assert p.store.get_data(bid, LeaseId.new("t")) == small
+    other = add(a.store, os.urandom(1000))
+    corrupt(a.store.layout.data_path(other), 10, b"\x00\x01")
+    bad = await c.mgr.open_pull(a.id, Voucher("any"), other)
+    with pytest.raises(BadPeerDataError):
+        await asyncio.wait_for(c.mgr.wait(bad), T)
+    with pytest.raises(BlobNotFoundError):
+        c.store.info(other)

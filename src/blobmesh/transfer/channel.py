@@ -423,13 +423,15 @@ class Channel:
         """The initiator restarts this (persisted) channel with ``req``."""
         if req.pull != self.rec.pull or req.blob_id != self.rec.blob_id:
             raise ProtocolError("restart request does not match the channel")
+        # a channel we completed may be restarted: the initiator missed our ``complete``
+        # (it crashed first), and completes again once the bitfields agree
+        if Status(self.rec.base) in (Status.FAILED, Status.CANCELLED):
+            raise ProtocolError(f"cannot restart a {self.status.value} channel")
         self.rec.initiator_paused = req.paused
         self.rec.restarts += 1
         self._clear_in_flight()
         self._partial.clear()
         self._finished_reported = False
-        if Status(self.rec.base) in TERMINAL:
-            raise ProtocolError(f"cannot restart a {self.status.value} channel")
         self._to(Status.REQUESTED)
         self._event(EventCode.RESTART, "initiator restarts the channel")
 
@@ -544,6 +546,8 @@ class Channel:
 
     def pieces_verified(self, indices: list[int]) -> Step:
         """Receiver: these pieces are verified and durable in the store."""
+        if self.terminal:
+            return self._take()
         fresh = self._add_done(indices)
         if fresh:
             self._send(Ack(sorted(indices)))
