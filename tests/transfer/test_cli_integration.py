@@ -154,6 +154,9 @@ def test_serve_killed_at_half_resumes(tmp_path: Path, blob: tuple[Path, BlobId],
     with Store(b) as sb:
         assert sb.has(bid)
         sb.get_data(bid, LeaseId.new("t"), verify=True)
+        # the received blob is pinned: a GC after `get` exits keeps it
+        assert [p.name for p in sb.pins()] == [f"get/{bid}"]
+        assert sb.gc().deleted == []
 
 
 def test_push_needs_accept_push(tmp_path: Path, blob: tuple[Path, BlobId],

@@ -212,6 +212,9 @@ def _transfer(args: argparse.Namespace, *, pull: bool) -> int:
                     if out.state is None:
                         _report_interrupted(mgr.channel_state(chid), pull)
             out.seconds = time.monotonic() - start
+            if pull:
+                # what came over the network stays until the user unpins it (GC keeps it)
+                await asyncio.to_thread(store.pin, blob_id, f"get/{blob_id}")
             if pull and args.output:
                 await asyncio.to_thread(store.export, blob_id, args.output)
 
