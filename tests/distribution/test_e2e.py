@@ -244,3 +244,22 @@ async def test_cli_drives_a_running_node(fleet: Fleet) -> None:
     fleet.stop()
     r = cli(src.home, "peers")
     assert r.returncode == 1 and "no node is running" in r.stderr
+
+
+async def test_point_to_point_get_from_a_node_is_for_members(fleet: Fleet, tmp_path: Path
+                                                              ) -> None:
+    src = fleet.add()
+    member = fleet.add()
+    fleet.start()
+    await converge(fleet)
+    blob = add_blob(src, 3 * MiB)
+    out = tmp_path / "out.bin"
+    r = await asyncio.to_thread(cli, member.home, "get", str(blob), "--from", src.ticket,
+                                "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    with Store(src.home) as store:
+        assert out.read_bytes() == store.get_data(blob, LeaseId.new("t"))
+    stranger = tmp_path / "stranger"
+    r = await asyncio.to_thread(cli, stranger, "get", str(blob), "--from", src.ticket)
+    assert r.returncode != 0
+    assert "not a member of this space" in r.stderr and "Traceback" not in r.stderr

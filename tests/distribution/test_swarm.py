@@ -172,3 +172,23 @@ async def test_connection_limit_is_enforced(tmp_path: Path) -> None:
         # the seed served one connection at a time and turned the others away; they got
         # the blob from each other
         assert peers[0].engine.connections_refused > 0
+
+
+async def test_non_members_get_nothing(tmp_path: Path) -> None:
+    hub = MemoryHub()
+    async with AsyncExitStack() as stack:
+        stores = [stack.enter_context(Store(tmp_path / f"n{i}")) for i in range(2)]
+        nodes = [hub.node(nid(i + 1)) for i in range(2)]
+        members = {nodes[0].node_id}  # the downloader is not a member of the seed's space
+        engines = [SwarmEngine(stores[0], nodes[0], authorize=members.__contains__),
+                   SwarmEngine(stores[1], nodes[1], SwarmConfig(stall_timeout=0.5))]
+        for e, n in zip(engines, nodes, strict=True):
+            await e.start()
+            stack.push_async_callback(e.aclose)
+            stack.push_async_callback(n.aclose)
+        info = stores[0].add_bytes(os.urandom(1024 * 1024))
+        with pytest.raises(TransferError):
+            await engines[1].download(info.blob_id, info.size, info.piece_size,
+                                      lambda: [nodes[0].node_id])
+        assert engines[0].connections_refused >= 1
+        assert engines[0].bytes_uploaded == 0

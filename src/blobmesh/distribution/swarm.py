@@ -143,11 +143,12 @@ class PriorityGate:
 class SwarmEngine:
     """Serves and downloads blobs over the swarm protocol for one node."""
 
-    def __init__(self, store: Store, network: Network, config: SwarmConfig | None = None
-                 ) -> None:
+    def __init__(self, store: Store, network: Network, config: SwarmConfig | None = None, *,
+                 authorize: Callable[[NodeId], bool] | None = None) -> None:
         self.store = store
         self.network = network
         self.config = config or SwarmConfig()
+        self._authorize = authorize
         self.gate = PriorityGate()
         self._jobs: dict[BlobId, DownloadJob] = {}
         self._layers: dict[BlobId, PieceLayer] = {}
@@ -206,6 +207,10 @@ class SwarmEngine:
 
     async def _on_stream(self, stream: Stream) -> None:
         """An incoming swarm stream: the dialer's hello names the blob."""
+        if self._authorize is not None and not self._authorize(stream.peer):
+            self.connections_refused += 1
+            stream.reset("not a member of this space")
+            return
         try:
             first = await stream.recv()
             msg = peek_hello(first)

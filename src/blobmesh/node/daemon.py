@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -26,12 +26,32 @@ from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
-from blobmesh.transport import Endpoint, Identity, Ticket, TransportConfig
+from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
+from blobmesh.transfer.messages import Selector
+from blobmesh.transport import Endpoint, Identity, NodeId, Ticket, TransportConfig
 from blobmesh.transport.ticket import format_address, parse_listen_address
 
 log = logging.getLogger(__name__)
 
 NODE_FRAME_SIZE = 264 * 1024
+
+
+MEMBER_VOUCHER = "blobmesh/open"
+"""Voucher type of point-to-point pulls (``blobmesh get``); a node grants them to members."""
+
+
+class MembersOnly(AcceptAll):
+    """Grants pulls to members of the node's space, never pushes."""
+
+    def __init__(self, is_member: Callable[[NodeId], bool]) -> None:
+        super().__init__(push=False, pull=True)
+        self._is_member = is_member
+
+    def validate_pull(self, is_restart: bool, chid: ChannelId, receiver: NodeId,
+                      voucher: Voucher, blob_id: BlobId, selector: Selector) -> Decision:
+        if not self._is_member(receiver):
+            return Decision.reject(f"{receiver.short()} is not a member of this space")
+        return super().validate_pull(is_restart, chid, receiver, voucher, blob_id, selector)
 
 
 class NodeConfigError(BlobmeshError):
@@ -93,6 +113,7 @@ class Node:
         self._endpoint: Endpoint | None = None
         self._space: Space | None = None
         self._swarm: SwarmEngine | None = None
+        self._transfer: TransferManager | None = None
         self._distribution: DistributionService | None = None
         self._control: ControlServer | None = None
         self.share_metrics = ShareMetrics()
@@ -135,11 +156,17 @@ class Node:
                                 cfg.home / "space.sqlite",
                                 address_book=endpoint_address_book(
                                     self.endpoint.add_peer_addresses))
-            self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm)
+            # only members of the space get pieces or channels from this node
+            self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
+                                      authorize=self.space.is_member)
+            self._transfer = TransferManager(self.endpoint, self.store)
+            self._transfer.register_voucher_type(
+                MEMBER_VOUCHER, MembersOnly(self.space.is_member))
             dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares)
             self._distribution = DistributionService(self.space, self.swarm, dist_cfg)
             await self.space.start()
             await self.swarm.start()
+            await self._transfer.start(resume=True)
             await self.space.join()
             await self.distribution.start()
             self._control = ControlServer(self, cfg.home / "control.sock")
@@ -162,6 +189,9 @@ class Node:
                     await asyncio.wait_for(self._space.leave(), 3.0)
             await self._space.aclose()
             self._space = None
+        if self._transfer is not None:
+            await self._transfer.aclose()
+            self._transfer = None
         if self._swarm is not None:
             await self._swarm.aclose()
             self._swarm = None

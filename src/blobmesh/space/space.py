@@ -430,6 +430,12 @@ class Space:
         self._rng.shuffle(out)
         return out
 
+    def is_member(self, node: NodeId) -> bool:
+        """Whether ``node`` holds a current (unexpired, not tombstoned) record in this space,
+        whether or not it answers probes right now."""
+        rec = self.peer_store.get(node)
+        return rec is not None and not rec.tombstone and rec.expires_at > self._now_ms()
+
     def is_alive(self, node: NodeId) -> bool:
         rec = self.peer_store.get(node)
         return (rec is not None and not rec.tombstone and rec.expires_at > self._now_ms()
