@@ -77,3 +77,28 @@ def test_peer_has_updates_availability() -> None:
     assert p.pick("a", 5) == [2]
     p.received("a", 2)
     assert p.missing() == 1
+
+
+def test_deferred_piece_is_asked_of_others_first() -> None:
+    p = PiecePicker[str](Bitfield(3), rng=random.Random(3))
+    p.add_peer("a", bf(3, [0, 1]))
+    p.defer("a", 0)  # "a" told us to get piece 0 elsewhere
+    assert p.pick("a", 1) == [1]
+    p.failed("a", 1)
+    p.received("b", 1)
+    assert p.pick("a", 1) == [0]  # nothing else left: "a" is asked again
+
+
+def test_end_game_only_for_the_tail() -> None:
+    p = PiecePicker[str](Bitfield(40))
+    p.add_peer("a", Bitfield.full(40))
+    p.add_peer("b", bf(40, list(range(20))))
+    p.add_peer("c", bf(40, list(range(20, 40))))
+    taken = p.pick("b", 20) + p.pick("c", 20)
+    assert sorted(taken) == list(range(40))
+    assert not p.in_endgame()  # 40 missing pieces are not a tail: no duplicates yet
+    assert p.pick("a", 5) == []
+    for i in range(36):
+        p.received("b" if i < 20 else "c", i)
+    assert p.in_endgame()
+    assert sorted(p.pick("a", 5)) == [36, 37, 38, 39]

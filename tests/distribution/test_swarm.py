@@ -56,10 +56,10 @@ def seed(peer: Peer, size: int) -> tuple[BlobId, bytes, int]:
 
 
 async def test_all_targets_complete_and_share_load(tmp_path: Path) -> None:
-    # a slow source (8 MiB/s) must not send every copy itself: targets relay to each other
-    slow_source = SwarmConfig(upload_rate=8 * 1024 * 1024, stall_timeout=5)
+    # a slow source (16 MiB/s) must not send every copy itself: targets relay to each other
+    slow_source = SwarmConfig(upload_rate=16 * 1024 * 1024, stall_timeout=5)
     async with swarm(tmp_path, 5, source_config=slow_source) as peers:
-        blob, data, piece_size = seed(peers[0], 5 * 1024 * 1024 + 77)
+        blob, data, piece_size = seed(peers[0], 16 * 1024 * 1024 + 77)
         everyone = [p.node_id for p in peers]
         await asyncio.wait_for(asyncio.gather(*(
             p.engine.download(blob, len(data), piece_size, lambda: everyone, pin="t")
@@ -68,9 +68,9 @@ async def test_all_targets_complete_and_share_load(tmp_path: Path) -> None:
             assert p.store.get_data(blob, LeaseId.new("check")) == data
             assert [pin.name for pin in p.store.pins()] == ["t"]
         uploaded_by_targets = sum(p.engine.bytes_uploaded for p in peers[1:])
-        # targets serve each other: the source sent well under one copy per target
-        assert uploaded_by_targets >= 2 * len(data)
-        assert peers[0].engine.bytes_uploaded < 2 * len(data)
+        # of the four copies needed, the targets relayed most; the source sent ~one
+        assert uploaded_by_targets >= 2.4 * len(data)
+        assert peers[0].engine.bytes_uploaded < 1.6 * len(data)
 
 
 async def test_completes_from_targets_after_source_dies(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from blobmesh.hashing import DIGEST_SIZE, BlobId
 from blobmesh.store.bitfield import Bitfield
 
 PROTOCOL = "blobmesh-swarm/1"
+REJECT_ELSEWHERE = "held by other peers"
+"""The reason a seed gives when it points a requester at the other holders of a piece."""
 VERSION = 1
 MAX_PIECES = 1 << 22
 

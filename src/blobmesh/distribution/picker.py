@@ -41,6 +41,7 @@ class PiecePicker(Generic[Peer]):
         self._banned: set[Peer] = set()
         self._endgame_copies = endgame_copies
         self._rng = rng or random.Random()
+        self._deferred: dict[Peer, set[int]] = {}  # refused by that peer: ask others first
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -71,6 +72,10 @@ class PiecePicker(Generic[Peer]):
             self._cancel(i, peer)
         return lost
 
+    def defer(self, peer: Peer, index: int) -> None:
+        """``peer`` sent us elsewhere for ``index``: ask it again only when nothing else."""
+        self._deferred.setdefault(peer, set()).add(index)
+
     def ban(self, peer: Peer) -> list[int]:
         self._banned.add(peer)
         return self.remove_peer(peer)
@@ -96,7 +101,13 @@ class PiecePicker(Generic[Peer]):
         return pieces is not None and not pieces.isdisjoint(self._missing)
 
     def in_endgame(self) -> bool:
-        return self._missing.issubset(self._inflight.keys())
+        """Every missing piece is in flight, and only the last few remain.
+
+        Duplicates cost the swarm upload, so they are kept for the tail (about two pieces per
+        peer), where one slow peer would otherwise hold everybody up.
+        """
+        return len(self._missing) <= max(4, 2 * len(self._peers)) and \
+            self._missing.issubset(self._inflight.keys())
 
     def _is_seed(self, pieces: set[int]) -> bool:
         return len(pieces) == self._n
@@ -111,12 +122,16 @@ class PiecePicker(Generic[Peer]):
             for other, held in self._peers.items():
                 if other != peer and not self._is_seed(held):
                     fresh -= held
+        deferred = self._deferred.get(peer)
+        if fresh and deferred:
+            fresh = (fresh - deferred) or fresh
         if fresh:
             avail, rand = self._avail, self._rng.random
             chosen = heapq.nsmallest(count, fresh, key=lambda i: (avail[i], rand()))
         elif self.in_endgame():
             chosen = [i for i in pieces & self._missing
-                      if peer not in self._inflight[i]
+                      if (not deferred or i not in deferred)  # in flight elsewhere anyway
+                      and peer not in self._inflight[i]
                       and len(self._inflight[i]) < self._endgame_copies][:count]
         else:
             chosen = []
@@ -128,6 +143,8 @@ class PiecePicker(Generic[Peer]):
         """A verified piece arrived; returns other peers whose duplicate request to cancel."""
         self.have.add(index)
         self._missing.discard(index)
+        for d in self._deferred.values():
+            d.discard(index)
         return [p for p in self._inflight.pop(index, set()) if p != peer]
 
     def failed(self, peer: Peer, index: int) -> None:

@@ -201,6 +201,7 @@ class DistributionConfig:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 15.0
     failures_before_reported: int = 2
+    unreachable_after: float = 10.0  # seconds of silence before a lost target is reported
     share_loader: ShareLoader | None = None
 
 
@@ -485,8 +486,11 @@ class DistributionService:
                 tracked.targets[node] = TargetStatus(node)
                 changed = True
         alive = set(in_scope)
+        silent_since = time.time() - self.config.unreachable_after
         for node, t in list(tracked.targets.items()):
-            if not t.state.final and node not in alive:
+            # failure detection can flap on a saturated link: only a target that is both
+            # missing from the space and silent for a while is reported unreachable
+            if not t.state.final and node not in alive and t.updated < silent_since:
                 tracked.targets[node] = replace(t, state=TargetState.FAILED, rate=0.0,
                                                 reason="node unreachable", updated=time.time())
                 changed = True

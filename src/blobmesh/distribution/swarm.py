@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from blobmesh.distribution.model import Priority
 from blobmesh.distribution.peerwire import (
     PROTOCOL,
+    REJECT_ELSEWHERE,
     LayerArrived,
     LayerWanted,
     PeerHas,
@@ -51,6 +52,8 @@ from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
 
 
 @dataclass(slots=True)
@@ -167,7 +170,9 @@ class SwarmEngine:
         self.banned: dict[BlobId, set[NodeId]] = {}
         self._serving: dict[BlobId, set[_Conn]] = {}
         self._sent_count: dict[BlobId, dict[int, int]] = {}
-        self._redirected: set[tuple[BlobId, NodeId, int]] = set()
+        self._redirected: dict[BlobId, dict[tuple[NodeId, int], int]] = {}
+        # seed side: the connection each piece was first queued for
+        self._claimed: dict[BlobId, dict[int, _Conn]] = {}
         network.set_handler(PROTOCOL, self._on_stream)
 
     async def start(self) -> None:
@@ -266,6 +271,10 @@ class SwarmEngine:
                 event = conn.session.receive(raw)
                 job = conn.job
                 if isinstance(event, PieceWanted):
+                    if self._redirect_now(conn, blob_id, event.index):
+                        await conn.send(conn.session.reject(event.index,
+                                                            REJECT_ELSEWHERE))
+                        continue
                     sent = self._sent_count.get(blob_id, {}).get(event.index, 0)
                     up = _Upload((-int(self._prio(blob_id)), sent, next(self._seq)), conn,
                                  blob_id, event.index)
@@ -291,12 +300,24 @@ class SwarmEngine:
                       exc)
             conn.close(str(exc))
         finally:
-            self._serving.get(blob_id, set()).discard(conn)
+            serving = self._serving.get(blob_id, set())
+            serving.discard(conn)
+            if not serving:
+                self._forget_blob(blob_id)
             for up in pending.values():
                 up.cancelled = True
             if conn.job is not None:
                 conn.job.detach(conn, "stream ended")
             conn.close("stream ended")
+
+    def _forget_blob(self, blob_id: BlobId) -> None:
+        """Drop the per-piece seed state of a blob nobody is connected about any more."""
+        self._serving.pop(blob_id, None)
+        self._claimed.pop(blob_id, None)
+        self._sent_count.pop(blob_id, None)
+        self._redirected.pop(blob_id, None)
+        if blob_id not in self._jobs:
+            self._layers.pop(blob_id, None)
 
     def downloading(self) -> list[BlobId]:
         """Blobs with a download job running."""
@@ -312,18 +333,41 @@ class SwarmEngine:
 
         A seed's upload is the scarcest resource of a swarm (the lower bound is F/u_s when
         the targets can relay), so a seed that already sent a piece once points a requester
-        at the peers that hold it — once per requester and piece, so nobody can starve.
+        at the peers that hold it — a few times per requester and piece, so nobody starves.
         """
         if conn.job is not None or self._sent_count.get(blob_id, {}).get(index, 0) == 0:
             return False
-        key = (blob_id, conn.peer, index)
-        if key in self._redirected:
+        counts = self._redirected.setdefault(blob_id, {})
+        key = (conn.peer, index)
+        if counts.get(key, 0) >= MAX_REDIRECTS:
             return False
         holders = any(index in other.session.peer_have
                       for other in self._serving.get(blob_id, ()) if other is not conn)
         if holders:
-            self._redirected.add(key)
+            counts[key] = counts.get(key, 0) + 1
         return holders
+
+    def _redirect_now(self, conn: _Conn, blob_id: BlobId, index: int) -> bool:
+        """A seed refuses at once a piece it already gives another peer.
+
+        The first requester of a piece claims it; while that claim is live, other
+        requesters are told to get it elsewhere (the claimant will announce it), at most
+        ``MAX_REDIRECTS`` times per requester and piece so nobody starves.
+        """
+        if conn.job is not None:
+            return False
+        claims = self._claimed.setdefault(blob_id, {})
+        owner = claims.get(index)
+        if owner is None or owner.closed or owner is conn:
+            claims[index] = conn
+            return False
+        counts = self._redirected.setdefault(blob_id, {})
+        key = (conn.peer, index)
+        n = counts.get(key, 0)
+        if n >= MAX_REDIRECTS:
+            return False
+        counts[key] = n + 1
+        return True
 
     async def _upload_worker(self) -> None:
         while True:
@@ -332,6 +376,10 @@ class SwarmEngine:
                 await self._upload_ready.wait()
             up = heapq.heappop(self._uploads)
             if up.cancelled or up.conn.closed:
+                claims = self._claimed.get(up.blob_id, {})
+                if claims.get(up.index) is up.conn and \
+                        not self._sent_count.get(up.blob_id, {}).get(up.index):
+                    del claims[up.index]  # never sent: let the next requester have it
                 continue
             sent = self._sent_count.get(up.blob_id, {}).get(up.index, 0)
             if sent > up.sort_key[1]:
@@ -341,7 +389,7 @@ class SwarmEngine:
                 continue
             if self._redirect(up.conn, up.blob_id, up.index):
                 with contextlib.suppress(TransportError):
-                    await up.conn.send(up.conn.session.reject(up.index, "held by other peers"))
+                    await up.conn.send(up.conn.session.reject(up.index, REJECT_ELSEWHERE))
                 continue
             try:
                 data = await asyncio.to_thread(self._read_piece, up.blob_id, up.index)
@@ -500,6 +548,8 @@ class DownloadJob:
         elif isinstance(event, PieceRefused):
             if self._picker is not None:
                 self._picker.failed(conn.peer, event.index)
+                if event.reason == REJECT_ELSEWHERE:
+                    self._picker.defer(conn.peer, event.index)
             self._wake.set()
         elif isinstance(event, PieceArrived):
             await self._on_piece(conn, event.index, event.data)
