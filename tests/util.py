@@ -6,14 +6,18 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 60,
-                     interval: float = 0.05) -> None:
-    """Poll ``check`` (state owned by other tasks or processes) until it holds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = check()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(interval)
+async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 30.0,
+                     step: float = 0.02) -> None:
+    """Poll ``check`` (state owned by other tasks or processes) until it holds; fail the
+    test after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > end:
+            raise AssertionError(f"condition not reached within {within}s")
+        await asyncio.sleep(step)

@@ -13,7 +13,8 @@ from blobmesh.space import Limits
 from blobmesh.space.bootstrap import BootstrapClient, BootstrapServer, serve_bootstrap
 from blobmesh.space.records import sign_record
 from blobmesh.transport.identity import Identity
-from tests.space.util import cluster, config, eventually, full_view
+from tests.space.util import cluster, config, full_view
+from tests.util import eventually
 
 
 def rec(ident: Identity, space: str = "default", created: int | None = None) -> bytes:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.space.util import cluster, config, eventually, full_view
+from tests.space.util import cluster, config, full_view
+from tests.util import eventually
 
 
 async def test_lan_discovery_finds_same_space_nodes(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.space.util import cluster, eventually, full_view
+from tests.space.util import cluster, full_view
+from tests.util import eventually
 
 
 async def test_five_nodes_converge_and_share_an_op(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from blobmesh.errors import AdmissionError, InvalidOpError, SpaceLimitError, Tra
 from blobmesh.space import Limits, Op, Seed, Space, wire
 from blobmesh.space.records import sign_op, sign_record
 from blobmesh.transport.identity import Identity
-from tests.space.util import FAST, Cluster, RawPeer, cluster, config, eventually, full_view
+from tests.space.util import FAST, Cluster, RawPeer, cluster, config, full_view
+from tests.util import eventually
 
 
 async def grow(c: Cluster, n: int, **cfg: object) -> None:

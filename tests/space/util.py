@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -107,16 +106,6 @@ async def cluster(tmp: Path) -> AsyncIterator[Cluster]:
         yield c
     finally:
         await c.aclose()
-
-
-async def eventually(cond: Callable[[], bool], within: float = 5.0, step: float = 0.02) -> None:
-    """Wait until ``cond()`` holds, failing the test after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(step)
 
 
 def full_view(c: Cluster, nodes: list[Node] | None = None) -> bool:

@@ -82,15 +82,6 @@ async def echo(stream: Stream) -> None:
         await stream.send(message)
 
 
-async def eventually(predicate: Callable[[], bool]) -> None:
-    """Wait up to 5 s until ``predicate()`` holds (state with no event to wait for)."""
-    for _ in range(250):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    assert predicate()
-
-
 async def recv_all(stream: Stream) -> list[bytes]:
     """Every message until the peer closes."""
     out = []

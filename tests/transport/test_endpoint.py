@@ -15,7 +15,8 @@ from blobmesh.errors import (
     TransportError,
 )
 from blobmesh.transport import Endpoint, Identity, Network, Stream, TransportConfig
-from tests.transport.conftest import FAST, EndpointFactory, echo, eventually, recv_all
+from tests.transport.conftest import FAST, EndpointFactory, echo, recv_all
+from tests.util import eventually
 
 
 async def pair(endpoints: EndpointFactory, config: TransportConfig = FAST,

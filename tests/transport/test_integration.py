@@ -21,10 +21,10 @@ from tests.transport.conftest import (
     EndpointFactory,
     Peer,
     echo,
-    eventually,
     spawn_peer,
     stop_peer,
 )
+from tests.util import eventually
 
 HELLO = encode_frame(Settings().hello())
 
