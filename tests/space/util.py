@@ -45,6 +45,9 @@ class PartitionNode:
 
         self.inner.set_handler(protocol, wrapped)
 
+    def last_heard(self, peer: NodeId) -> float | None:
+        return self.inner.last_heard(peer)
+
     def set_online(self, online: bool) -> None:
         self.inner.online = online
         if not online:

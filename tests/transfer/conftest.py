@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -157,14 +155,8 @@ class Tap:
 
         self.inner.set_handler(protocol, wrapped)
 
-
-async def eventually(cond: Callable[[], bool]) -> None:
-    """Poll ``cond`` until it holds (for conditions no event announces), 15 s at most."""
-    async with asyncio.timeout(15):
-        for _ in itertools.count():
-            if cond():
-                return
-            await asyncio.sleep(0.002)
+    def last_heard(self, peer: NodeId) -> float | None:
+        return self.inner.last_heard(peer)
 
 
 def corrupt(path: Path, offset: int, data: bytes) -> None:

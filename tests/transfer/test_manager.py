@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from unittest import mock
 
 import pytest
@@ -37,11 +38,16 @@ from tests.transfer.conftest import (
     TapStream,
     add,
     corrupt,
-    eventually,
     fast_config,
 )
+from tests.util import eventually as _eventually
 
 T = 15  # seconds: generous bound on every wait, far above the expected runtime
+
+
+async def eventually(cond: Callable[[], bool]) -> None:
+    """Poll finely: some states under test (a pause, a stall) last only milliseconds."""
+    await _eventually(cond, within=T, step=0.002)
 
 
 class Picky:

@@ -1063,6 +1063,12 @@ class Space:
     async def _probe(self, target: NodeId, seq: int, via: tuple[NodeId, ...],
                      direct: bool) -> None:
         t = self.config.timing
+        if self._recently_heard(target):
+            # traffic on the connection already proves life; a ping could queue for
+            # seconds behind bulk data on a saturated link and time out for nothing
+            for eff in self._swim.on_ack(target, seq):
+                self._apply_swim(eff)
+            return
         if direct:
             try:
                 await self._link(target)
@@ -1084,6 +1090,11 @@ class Space:
         if acked:
             for eff in self._swim.on_ack(target, seq):
                 self._apply_swim(eff)
+
+    def _recently_heard(self, target: NodeId) -> bool:
+        when = self._net.last_heard(target)
+        t = self.config.timing
+        return when is not None and self._mono() - when < t.probe_timeout + t.indirect_timeout
 
     async def _ping(self, target: NodeId, within: float) -> bool:
         try:

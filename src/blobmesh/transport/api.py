@@ -52,3 +52,6 @@ class Network(Protocol):
 
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve incoming streams of ``protocol`` with ``handler`` (one task per stream)."""
+
+    def last_heard(self, peer: NodeId) -> float | None:
+        """Event-loop time of the last data received from ``peer``; None when unknown."""

@@ -233,6 +233,11 @@ class PeerConnection:
         return self._wire.peer
 
     @property
+    def last_rx(self) -> float:
+        """Event-loop time at which the last frames arrived from the peer."""
+        return self._last_rx
+
+    @property
     def usable(self) -> bool:
         """Open, not retired, and the peer accepts new streams."""
         return (self.error is None and not self.retired and not self._wire.goaway_received

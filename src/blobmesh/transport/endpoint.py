@@ -151,6 +151,15 @@ class Endpoint:
         conn = await self._connection(peer)
         return conn.open_stream(protocol)
 
+    def last_heard(self, peer: NodeId) -> float | None:
+        """Event-loop time of the last frame received from ``peer`` (None: no connection).
+
+        Any frame is proof of life: failure detectors use it so that a peer whose link is
+        saturated with bulk data is not declared dead because its pings queue behind it.
+        """
+        conn = self._conns.get(peer)
+        return conn.last_rx if conn is not None else None
+
     def connected_peers(self) -> list[NodeId]:
         """Peers with a connection that new streams would use."""
         return [p for p, c in self._conns.items() if c.usable]

@@ -106,6 +106,9 @@ class MemoryNode:
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
         self._handlers[protocol] = handler
 
+    def last_heard(self, peer: NodeId) -> float | None:
+        return None  # in memory nothing queues: failure detection pings as usual
+
     async def open_stream(self, peer: NodeId, protocol: str) -> MemoryStream:
         remote = self._hub.nodes.get(peer)
         if not self.online:
