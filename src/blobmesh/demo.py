@@ -113,11 +113,16 @@ async def run(nodes: int, size: int, scope: str, timeout: float) -> int:
         finally:
             fleet.stop()
         summary = Table(title="summary", title_justify="left")
-        summary.add_column("node")
-        summary.add_column("copy")
-        for i, ok, note in checks:
-            summary.add_row(f"node{i}" + (" (source)" if i == 0 else ""),
-                            f"[green]{note}[/]" if ok else f"[red]{note}[/]")
+        for column in ("node", "node id", "done after", "throughput", "copy"):
+            summary.add_column(column)
+        for (i, ok, note), node in zip(checks, fleet.nodes, strict=True):
+            target = next((t for t in final.targets if str(t.node) == node.node_id), None)
+            took = target.updated - final.started if target is not None else None
+            summary.add_row(
+                f"node{i}" + (" (source)" if i == 0 else ""), node.node_id[:16] + "…",
+                f"{took:.2f}s" if took else "",
+                f"{human_bytes(size / took)}/s" if took else "",
+                f"[green]{note}[/]" if ok else f"[red]{note}[/]")
         console.print(summary)
         delivered = final.completed * size
         console.print(f"{final.state}: {final.completed}/{final.total} targets in "
