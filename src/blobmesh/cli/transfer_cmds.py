@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from rich.progress import Progress, TaskID
 
 from blobmesh.cli.output import byte_progress, err_console, human_bytes
-from blobmesh.errors import InvalidIdError
 from blobmesh.hashing import BlobId
 from blobmesh.store import Store
 from blobmesh.transfer import (
@@ -30,6 +29,7 @@ from blobmesh.transfer import (
     Voucher,
 )
 from blobmesh.transport import Endpoint, Identity, NodeId, Ticket, install_uvloop
+from blobmesh.transport.ticket import parse_listen_address
 
 VOUCHER = "blobmesh/open"
 """The voucher type of CLI transfers: the TLS-authenticated peer is all ``serve`` checks."""
@@ -77,13 +77,6 @@ def _config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(window=window, flush_bytes=window // 4)
 
 
-def _listen_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise InvalidIdError(f"expected HOST:PORT, got {text[:80]!r}")
-    return host.strip("[]"), int(port)
-
-
 def _run(main: Callable[[], Coroutine[None, None, None]]) -> None:
     """Run ``main`` until it finishes or SIGINT/SIGTERM arrives (then it is cancelled and
     its cleanup runs); a signal re-raises as KeyboardInterrupt for the CLI's exit code."""
@@ -119,7 +112,7 @@ async def _node(args: argparse.Namespace, listen: str, *, resume: bool
                 ) -> AsyncIterator[tuple[Store, Endpoint, TransferManager]]:
     with Store(args.home) as store:
         identity = Identity.load_or_create(store.home)
-        async with await Endpoint.start(identity, listen=_listen_address(listen)) as ep:
+        async with await Endpoint.start(identity, listen=parse_listen_address(listen)) as ep:
             mgr = TransferManager(ep, store, config=_config(args))
             await mgr.start(resume=resume)
             try:
