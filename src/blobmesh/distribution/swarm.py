@@ -14,6 +14,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -40,14 +41,15 @@ from blobmesh.errors import (
     BadPeerDataError,
     BlobmeshError,
     BlobNotFoundError,
+    CorruptBlobError,
     ProtocolError,
     StoreError,
     TransferError,
     TransportError,
     VerificationError,
 )
-from blobmesh.hashing import BlobId, PieceLayer, hash_piece
-from blobmesh.store import Bitfield, LeaseId, PartialBlob, Store
+from blobmesh.hashing import BlobId, PieceLayer
+from blobmesh.store import Bitfield, LeaseId, PartialBlob, PieceReader, Store
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
 
@@ -155,6 +157,8 @@ class SwarmEngine:
         self.gate = PriorityGate()
         self._jobs: dict[BlobId, DownloadJob] = {}
         self._layers: dict[BlobId, PieceLayer] = {}
+        self._readers: dict[BlobId, PieceReader] = {}  # one open data file per served blob
+        self._readers_lock = threading.Lock()
         self._priorities: dict[BlobId, Priority] = {}
         self._uploads: list[_Upload] = []
         self._upload_ready = asyncio.Event()
@@ -188,6 +192,10 @@ class SwarmEngine:
             with contextlib.suppress(BaseException):
                 await t
         self._workers.clear()
+        with self._readers_lock:
+            readers, self._readers = list(self._readers.values()), {}
+        for reader in readers:
+            reader.close()
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -318,6 +326,10 @@ class SwarmEngine:
         self._redirected.pop(blob_id, None)
         if blob_id not in self._jobs:
             self._layers.pop(blob_id, None)
+        with self._readers_lock:
+            reader = self._readers.pop(blob_id, None)
+        if reader is not None:
+            reader.close()  # waits for a read in flight; later ones are refused
 
     def downloading(self) -> list[BlobId]:
         """Blobs with a download job running."""
@@ -393,7 +405,7 @@ class SwarmEngine:
                 continue
             try:
                 data = await asyncio.to_thread(self._read_piece, up.blob_id, up.index)
-            except StoreError as exc:
+            except (StoreError, CorruptBlobError) as exc:
                 with contextlib.suppress(TransportError):
                     await up.conn.send(up.conn.session.reject(up.index, str(exc)))
                 continue
@@ -408,18 +420,24 @@ class SwarmEngine:
             counts[up.index] = counts.get(up.index, 0) + 1
 
     def _read_piece(self, blob_id: BlobId, index: int) -> bytes:
+        """Read a piece to upload (in a worker thread), verified: never pass on data that
+        rotted on our disk."""
         layer = self.layer_for(blob_id)
         if layer is None:
             raise BlobNotFoundError(f"blob {blob_id} is not here", blob_id=blob_id)
         job = self._jobs.get(blob_id)
         partial = job.partial if job is not None else None
-        if partial is not None:
-            data = partial.read_piece(index)
-        else:
-            data = self.store.read_piece(blob_id, index, verify=False)
-        if hash_piece(data) != layer.hashes[index]:
-            # never pass on data that rotted on our disk
-            raise StoreError(f"piece {index} of {blob_id.short()} is corrupt here")
+        if partial is None:
+            with self._readers_lock:
+                reader = self._readers.get(blob_id)
+                if reader is None:
+                    reader = self._readers[blob_id] = PieceReader(self.store, layer, verify=True)
+            return reader.read(index)
+        # written but maybe not yet flushed, so not visible to a store reader
+        data = partial.read_piece(index)
+        if not layer.check_piece(index, data):
+            raise CorruptBlobError(f"piece {index} of {blob_id.short()} is corrupt here",
+                                   blob_id=blob_id, piece=index)
         return data
 
     # --- downloading -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.layout import HOME_ENV, default_home
 from blobmesh.store.leases import LeaseId, pid_alive
 from blobmesh.store.partial import PartialBlob
+from blobmesh.store.piece_reader import PieceReader
 from blobmesh.store.store import (
     BlobInfo,
     BlobReader,
@@ -25,6 +26,7 @@ __all__ = [
     "GcReport",
     "LeaseId",
     "PartialBlob",
+    "PieceReader",
     "Pin",
     "Progress",
     "Store",

@@ -33,7 +33,7 @@ from blobmesh.errors import (
     VoucherRejectedError,
 )
 from blobmesh.hashing import BlobId, PieceLayer
-from blobmesh.store import Bitfield, LeaseId, Store
+from blobmesh.store import Bitfield, LeaseId, PieceReader, Store
 from blobmesh.transfer.channel import (
     TERMINAL,
     Channel,
@@ -57,7 +57,7 @@ from blobmesh.transfer.messages import (
     encode,
 )
 from blobmesh.transfer.persist import ChannelDB
-from blobmesh.transfer.pieces import PieceReader, PieceSink
+from blobmesh.transfer.pieces import PieceSink
 from blobmesh.transfer.validation import Decision, Revalidator, Validator, Verdict
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
