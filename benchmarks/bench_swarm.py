@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blobmesh.demo import make_payload, wait_for_convergence
+from blobmesh.demo import make_payload
 from blobmesh.distribution.model import DistributionStatus, TargetState
 from blobmesh.hashing import BlobId
 from blobmesh.hashing.tree import choose_piece_size
@@ -163,7 +163,7 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
         fleet.add_host()
     try:
         await asyncio.to_thread(fleet.start)
-        await wait_for_convergence(fleet, timeout=60)
+        await fleet.wait_converged(60)
         with Store(fleet.nodes[0].home) as store:
             blob = (await asyncio.to_thread(store.add_path, payload)).blob_id
         finish: dict[str, float] = {}

@@ -29,18 +29,6 @@ from blobmesh.node.fleet import Fleet
 from blobmesh.store import LeaseId, Store
 
 
-async def wait_for_convergence(fleet: Fleet, timeout: float = 30.0) -> None:
-    """Wait until every node sees every other node alive."""
-    t0 = time.perf_counter()
-    want = len(fleet.nodes) - 1
-    for node in fleet.nodes:
-        async with NodeClient(node.home) as client:
-            while len([p for p in await client.peers() if p["alive"]]) < want:
-                if time.perf_counter() - t0 > timeout:
-                    raise BlobmeshError(f"the fleet did not converge within {timeout}s")
-                await asyncio.sleep(0.1)
-
-
 def make_payload(path: Path, size: int) -> None:
     block = os.urandom(1 << 20)
     with open(path, "wb") as f:
@@ -97,7 +85,7 @@ async def run(nodes: int, size: int, scope: str, timeout: float) -> int:
         try:
             t0 = time.perf_counter()
             fleet.start()
-            await wait_for_convergence(fleet)
+            await fleet.wait_converged()
             console.print(f"fleet of {nodes} up and converged in "
                           f"{time.perf_counter() - t0:.1f}s", highlight=False)
             payload = root / "payload.bin"

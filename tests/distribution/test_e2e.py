@@ -45,18 +45,6 @@ def holds(node: FleetNode, blob: BlobId) -> bool:
         return True
 
 
-async def converge(fleet: Fleet) -> None:
-    async def one(node: FleetNode) -> None:
-        async with NodeClient(node.home) as c:
-            async def all_alive() -> bool:
-                alive = sum(bool(p["alive"]) for p in await c.peers())
-                return alive >= len(fleet.nodes) - 1
-
-            await eventually(all_alive, 20)
-
-    await asyncio.gather(*(one(n) for n in fleet.nodes if n.running))
-
-
 async def wait_done(node: FleetNode, handle: str, timeout: float = 60) -> DistributionStatus:
     async with NodeClient(node.home) as c:
         async def follow() -> DistributionStatus:
@@ -79,7 +67,7 @@ async def test_each_scope_kind_reaches_exactly_its_targets(fleet: Fleet) -> None
     b = fleet.add(groups=["core"], caps=["gpu=false", "mem_gb=64"])
     c = fleet.add(groups=["edge"], caps=["mem_gb=8", "arch=amd64"])
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     cases = {
         "group:edge": {a, c},
         "cap:mem_gb>=16": {b},
@@ -106,7 +94,7 @@ async def test_bad_requests_get_clear_errors(fleet: Fleet) -> None:
     src = fleet.add()
     fleet.add(groups=["g"])
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     blob = add_blob(src, MiB)
     async with NodeClient(src.home) as client:
         with pytest.raises(ControlError, match=r"not .*in this node's store"):
@@ -127,7 +115,7 @@ async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
     src = fleet.add()
     slow = fleet.add(extra=["--download-rate", str(4 * MiB)])
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     blob = add_blob(src, 40 * MiB)
     r = cli(src.home, "distribute", str(blob), "--to", "all", "--wait", "--timeout", "1")
     assert r.returncode != 0
@@ -154,7 +142,7 @@ async def test_late_joiner_and_source_death(fleet: Fleet) -> None:
     fast = fleet.add(groups=["g"])
     slow = fleet.add(groups=["g"], extra=["--download-rate", str(6 * MiB)])
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     blob = add_blob(src, 24 * MiB)
     async with NodeClient(src.home) as client:
         handle = str((await client.distribute(str(blob), "group:g", "normal")).handle)
@@ -178,7 +166,7 @@ async def test_high_priority_overtakes_low(fleet: Fleet) -> None:
     src = fleet.add()
     dst = fleet.add(extra=["--download-rate", str(8 * MiB)])
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     big = add_blob(src, 48 * MiB)
     small = add_blob(src, 4 * MiB)
     async with NodeClient(src.home) as client:
@@ -197,7 +185,7 @@ async def test_killed_target_resumes_when_it_returns(fleet: Fleet) -> None:
     src = fleet.add()
     dst = fleet.add(extra=["--download-rate", str(8 * MiB)])
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     blob = add_blob(src, 32 * MiB)
     async with NodeClient(src.home) as client:
         handle = str((await client.distribute(str(blob), "all", "normal")).handle)
@@ -221,7 +209,7 @@ async def test_cli_drives_a_running_node(fleet: Fleet) -> None:
     src = fleet.add()
     dst = fleet.add(groups=["g"], caps=["gpu=true"])
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     r = cli(src.home, "peers", "--json")
     assert r.returncode == 0, r.stderr
     peers = json.loads(r.stdout)
@@ -251,7 +239,7 @@ async def test_point_to_point_get_from_a_node_is_for_members(fleet: Fleet, tmp_p
     src = fleet.add()
     member = fleet.add()
     fleet.start()
-    await converge(fleet)
+    await fleet.wait_converged(20)
     blob = add_blob(src, 3 * MiB)
     out = tmp_path / "out.bin"
     r = await asyncio.to_thread(cli, member.home, "get", str(blob), "--from", src.ticket,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -86,6 +87,25 @@ class Fleet:
             self._popen(n)
         for n in todo:
             self._read_ticket(n)
+
+    async def wait_converged(self, timeout: float = 30.0) -> None:
+        """Wait until every running node sees every other running node alive in the space."""
+        from blobmesh.node.client import NodeClient
+
+        running = [n for n in self.nodes if n.running]
+
+        async def sees_all(node: FleetNode) -> None:
+            async with NodeClient(node.home) as client:
+                while True:  # other processes' state: nothing to wait on but polling
+                    if sum(bool(p["alive"]) for p in await client.peers()) >= len(running) - 1:
+                        return
+                    await asyncio.sleep(0.05)
+
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(sees_all(n) for n in running))
+        except TimeoutError:
+            raise BlobmeshError(f"the fleet did not converge within {timeout}s") from None
 
     def kill(self, node: FleetNode) -> None:
         """SIGKILL: no goodbye, no cleanup."""
