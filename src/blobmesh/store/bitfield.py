@@ -24,10 +24,10 @@ class Bitfield:
 
     @classmethod
     def full(cls, size: int) -> Bitfield:
-        bf = cls(size)
-        for i in range(size):
-            bf.add(i)
-        return bf
+        raw = bytearray(b"\xff" * ((size + 7) // 8))
+        if size % 8:
+            raw[-1] = (0xFF << (8 - size % 8)) & 0xFF  # no bits past the end
+        return cls(size, bytes(raw))
 
     def __contains__(self, index: object) -> bool:
         if not isinstance(index, int) or not 0 <= index < self.size:
