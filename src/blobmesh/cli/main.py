@@ -14,6 +14,7 @@ from pathlib import Path
 
 from blobmesh import __version__
 from blobmesh.cli import net_cmds, node_cmds, share_cmds, space_cmds, store_cmds, transfer_cmds
+from blobmesh.cli.sim_cmds import register as register_sim
 from blobmesh.errors import BlobmeshError
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_cmds.register(sub)
     node_cmds.register(sub)
     space_cmds.register(sub)
+    register_sim(sub)
     return parser
 
 

@@ -67,7 +67,7 @@ class PiecePicker(Generic[Peer]):
         if pieces is not None:
             for i in pieces:
                 self._avail[i] -= 1
-        lost = [i for i, who in self._inflight.items() if peer in who]
+        lost = self.in_flight(peer)
         for i in lost:
             self._cancel(i, peer)
         return lost
@@ -85,6 +85,10 @@ class PiecePicker(Generic[Peer]):
 
     def peers(self) -> list[Peer]:
         return list(self._peers)
+
+    def in_flight(self, peer: Peer) -> list[int]:
+        """The pieces requested from ``peer`` and not yet received."""
+        return [i for i, who in self._inflight.items() if peer in who]
 
     # --- picking ---------------------------------------------------------------------------
 

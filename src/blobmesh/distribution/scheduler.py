@@ -1,0 +1,722 @@
+"""The swarm's scheduling decisions as sans-I/O cores.
+
+:class:`DownloadScheduler` (one per download job) decides whom to dial, which piece to request
+on which connection, when a request is late, whom to ban, when to flush and when the job has
+stalled.  :class:`UploadScheduler` (one per node) decides which requested piece to serve next
+and which requests to refuse because other peers hold the piece.
+
+Neither does I/O nor reads a clock (the aioquic pattern): the adapter feeds events together
+with ``now``, executes the actions they return, and calls ``handle_timer(now)`` when
+``get_timer()`` says.  The asyncio swarm and the simulator (:mod:`blobmesh.sim`) are both
+adapters, so the simulator measures the very decisions a node makes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from blobmesh.distribution.peerwire import REJECT_ELSEWHERE
+from blobmesh.distribution.picker import PiecePicker
+from blobmesh.distribution.requests import RequestLedger
+from blobmesh.store.bitfield import Bitfield
+
+
+class _Ranked(Hashable, Protocol):
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+Conn = TypeVar("Conn", bound=Hashable)  # the adapter's handle of one connection
+Peer = TypeVar("Peer", bound=_Ranked)  # a node id
+Blob = TypeVar("Blob", bound=Hashable)
+
+LAYER = -1  # the piece layer's slot in the request ledger
+MAX_REDIRECTS = 3
+OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
+UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
+
+
+# --- actions -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Dial(Generic[Peer]):
+    """Open a connection about the blob to ``peer``; report back with ``dial_ended``."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Generic[Conn]):
+    """Send ``req index`` on ``conn``."""
+
+    conn: Conn
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLayer(Generic[Conn]):
+    """Send ``layer?`` on ``conn``."""
+
+    conn: Conn
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Generic[Conn]):
+    """Send ``cancel index`` on ``conn`` (a late piece is then taken or dropped)."""
+
+    conn: Conn
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Send ``have index`` on every connection of the job."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Generic[Conn]):
+    """Close ``conn`` (the scheduler has already forgotten it)."""
+
+    conn: Conn
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ban(Generic[Peer]):
+    """Refuse ``peer`` for this blob from now on; ``kind`` labels the metric."""
+
+    peer: Peer
+    kind: str
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Make the pieces written so far durable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Every piece is verified and written: close the partial blob."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    """The job stalled (no progress for a while, ``reason`` says how long) or moves again."""
+
+    stalled: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """No progress for ``stall_timeout``: the job gives up (the owner may retry)."""
+
+    reason: str
+
+
+DownloadAction = (Dial[Peer] | Request[Conn] | RequestLayer[Conn] | Cancel[Conn] | Announce
+                  | Close[Conn] | Ban[Peer] | Flush | Complete | StateChanged | Failed)
+
+
+@dataclass(slots=True)
+class DownloadPolicy:
+    """The knobs of one download job (seconds; see ``SwarmConfig``)."""
+
+    pipeline: int = 16
+    seed_pipeline: int = 2  # requests in flight to a peer that holds the whole blob
+    max_peers: int = 8
+    peer_retry: float = 1.0
+    stall_timeout: float = 30.0
+    flush_interval: float = 1.0
+    request_timeout: float = 6.0
+    request_strikes: int = 3
+
+
+class DownloadScheduler(Generic[Conn, Peer]):
+    """Every decision of one download job.
+
+    Connections are the adapter's handles; requests belong to connections, so when one closes
+    exactly its requests (the piece layer's included) are asked elsewhere at once.  Until the
+    piece layer is known (:meth:`start`) the job only dials and asks for the layer.
+
+    ``candidates()`` names the peers to dial, best first; ``free_connections()`` how many more
+    connections the node may open; ``banned`` may be shared with the node's upload side.
+    """
+
+    def __init__(self, pieces: int, me: Peer, candidates: Callable[[], Iterable[Peer]],
+                 now: float, policy: DownloadPolicy | None = None, *,
+                 free_connections: Callable[[], int] | None = None,
+                 banned: set[Peer] | None = None, rng: random.Random | None = None) -> None:
+        self.pieces = pieces
+        self.policy = policy or DownloadPolicy()
+        self.banned: set[Peer] = banned if banned is not None else set()
+        self.picker: PiecePicker[Conn] | None = None
+        self.stalled = False
+        self.paused = False  # a higher priority runs, or the disk is full: request nothing
+        self.done = False
+        self._me = me
+        self._candidates = candidates
+        self._free = free_connections
+        self._rng = rng
+        self._conns: dict[Peer, Conn] = {}  # the one connection kept per peer
+        self._peer_of: dict[Conn, Peer] = {}
+        self._haves: dict[Conn, Bitfield] = {}  # the peer's bitfield, kept current by its session
+        self._has_layer: dict[Conn, bool] = {}
+        self._dialing: set[Peer] = set()
+        self._last_dial: dict[Peer, float] = {}
+        self._dial_retry_at: float | None = None
+        self._ledger = RequestLedger[Conn](self.policy.request_timeout,
+                                           self.policy.request_strikes)
+        self._layer_conn: Conn | None = None
+        self._layer_expired: set[Conn] = set()
+        self._layer_known = False  # a valid layer arrived; ``start`` follows
+        self._last_progress = now
+        self._last_flush = now
+        self._out: list[DownloadAction[Peer, Conn]] = []
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def conns(self) -> list[Conn]:
+        return list(self._conns.values())
+
+    def conn_of(self, peer: Peer) -> Conn | None:
+        return self._conns.get(peer)
+
+    def owns(self, conn: Conn) -> bool:
+        """Whether ``conn`` is the connection this job keeps to its peer."""
+        peer = self._peer_of.get(conn)
+        return peer is not None and self._conns.get(peer) is conn
+
+    def outstanding(self, conn: Conn) -> int:
+        return self._ledger.outstanding(conn)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def start(self, have: Bitfield, now: float) -> list[DownloadAction[Peer, Conn]]:
+        """The piece layer is known and the partial blob holds ``have``."""
+        self.picker = PiecePicker[Conn](have, rng=self._rng)
+        for conn, bf in self._haves.items():
+            self.picker.add_peer(conn, bf)
+        self._last_flush = now
+        return self._step(now)
+
+    def attach(self, conn: Conn, peer: Peer, have: Bitfield, has_layer: bool, outbound: bool,
+               now: float) -> list[DownloadAction[Peer, Conn]]:
+        """A connection finished its hello; ``have`` is its live bitfield of the peer."""
+        if peer in self.banned:
+            self._out.append(Close(conn, "banned"))
+            return self._take()
+        old = self._conns.get(peer)
+        if old is not None and old is not conn:
+            # Both sides dialed each other.  Both must keep the same one of the two
+            # connections: the one dialed by the smaller node id.
+            keep_new = outbound == (self._me < peer)
+            self._out.append(Close(old if keep_new else conn, "duplicate connection"))
+            if not keep_new:
+                return self._take()
+            self._forget(old)
+        self._conns[peer] = conn
+        self._peer_of[conn] = peer
+        self._haves[conn] = have
+        self._has_layer[conn] = has_layer
+        if self.picker is not None:
+            self.picker.add_peer(conn, have)
+        return self._step(now)
+
+    def detach(self, conn: Conn, now: float) -> list[DownloadAction[Peer, Conn]]:
+        """The connection ended (closed by either side)."""
+        if self.owns(conn):
+            self._forget(conn)
+        return self._step(now)
+
+    def dial_ended(self, peer: Peer, now: float) -> list[DownloadAction[Peer, Conn]]:
+        """A dial finished, connected (``attach`` follows or came first) or not."""
+        self._dialing.discard(peer)
+        return self._step(now)
+
+    def peer_has(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
+        picker = self.picker
+        if picker is None or not self.owns(conn):
+            return self._step(now)
+        picker.peer_has(conn, index)
+        # Every other connection was already given all it could take; news of one piece on
+        # one connection can only give that connection more to do (the most common event).
+        if not self.done and not self.paused and index not in picker.have:
+            self._fill_conn(conn, now)
+        return self._take()
+
+    def refused(self, conn: Conn, index: int, elsewhere: bool,
+                now: float) -> list[DownloadAction[Peer, Conn]]:
+        """The peer refused a request; ``elsewhere``: because other peers hold the piece."""
+        if self.owns(conn):
+            self._ledger.answered(conn, index, now)
+            if self.picker is not None:
+                self.picker.failed(conn, index)
+                if elsewhere:
+                    self.picker.defer(conn, index)
+        return self._step(now)
+
+    def piece_arrived(self, conn: Conn, index: int, now: float) -> bool:
+        """A piece arrived: whether to verify and write it (False: nobody needs it now)."""
+        if not self.owns(conn):
+            return False
+        self._ledger.answered(conn, index, now)
+        picker = self.picker
+        return picker is not None and index not in picker.have and not self.paused
+
+    def piece_written(self, conn: Conn, index: int, new: bool,
+                      now: float) -> list[DownloadAction[Peer, Conn]]:
+        """The piece verified and is written (``new``: it was not stored before)."""
+        picker = self.picker
+        if picker is None or self.done:
+            return self._take()
+        for other in picker.received(conn, index):
+            if other in self._peer_of:
+                self._out.append(Cancel(other, index))
+                self._ledger.withdrawn(other, index)
+        if new:
+            self._last_progress = now
+            if self.stalled:
+                self.stalled = False
+                self._out.append(StateChanged(False, ""))
+        self._out.append(Announce(index))
+        if picker.complete:
+            self.done = True
+            self._out.append(Complete())
+            return self._take()
+        return self._step(now)
+
+    def piece_failed(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
+        """The piece could not be stored (say, the disk is full): it may be asked again."""
+        if self.picker is not None:
+            self.picker.failed(conn, index)
+        return self._step(now)
+
+    def piece_corrupt(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
+        """The piece did not match the layer: its sender is banned."""
+        self._ban(conn, f"sent a corrupt piece {index}", "bad-data")
+        return self._step(now)
+
+    def layer_arrived(self, conn: Conn, valid: bool,
+                      now: float) -> list[DownloadAction[Peer, Conn]]:
+        """A piece layer arrived; ``valid``: it matches the blob id (``start`` follows)."""
+        self._ledger.answered(conn, LAYER, now)
+        if self._layer_conn == conn:
+            self._layer_conn = None
+        if valid:
+            self._layer_known = True
+        elif self.owns(conn):
+            self._ban(conn, "sent a piece layer that does not match the blob id", "bad-data")
+        return self._step(now)
+
+    def pause(self, now: float) -> list[DownloadAction[Peer, Conn]]:
+        """Request nothing more, and withdraw what is in flight (the disk is full)."""
+        self.paused = True
+        for conn in list(self._peer_of):
+            if self.picker is not None:
+                for index in self.picker.in_flight(conn):
+                    self._withdraw(conn, index)
+        return self._take()
+
+    def hold(self) -> None:
+        """Request nothing more for now, keeping what is in flight (a higher priority runs)."""
+        self.paused = True
+
+    def resume(self, now: float) -> list[DownloadAction[Peer, Conn]]:
+        """Go on after :meth:`pause` or :meth:`hold`; the time paused counts as no stall."""
+        self.paused = False
+        self._last_progress = now
+        if self.stalled:
+            self.stalled = False
+            self._out.append(StateChanged(False, ""))
+        return self._step(now)
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` next has something to do."""
+        if self.done:
+            return None
+        p = self.policy
+        times = [] if self.paused else [self._last_progress + p.stall_timeout]
+        if not self.stalled and not self.paused:
+            times.append(self._last_progress + min(5.0, p.stall_timeout / 2))
+        if self.picker is not None:
+            times.append(self._last_flush + p.flush_interval)
+        ledger = self._ledger.get_timer()
+        if ledger is not None:
+            # the ledger tests ``now - sent >= timeout``: wake a hair late, never a hair early
+            times.append(ledger + 1e-6)
+        if self._dial_retry_at is not None:
+            times.append(self._dial_retry_at)
+        return min(times, default=None)
+
+    def handle_timer(self, now: float) -> list[DownloadAction[Peer, Conn]]:
+        if self.done:
+            return self._take()
+        p = self.policy
+        if self.picker is not None and now >= self._last_flush + p.flush_interval:
+            # bound what a crash can lose to about one interval of verified pieces
+            self._last_flush = now
+            self._out.append(Flush())
+        self._expire(now)
+        idle = now - self._last_progress
+        if now >= self._last_progress + p.stall_timeout and not self.paused:
+            self.done = True
+            self._out.append(Failed(f"no progress for {p.stall_timeout:.0f}s from "
+                                    f"{len(self._conns)} peer(s)"))
+            return self._take()
+        if now >= self._last_progress + min(5.0, p.stall_timeout / 2) and not self.stalled \
+                and not self.paused:
+            self.stalled = True
+            self._out.append(StateChanged(True, f"no progress for {idle:.0f}s from "
+                                                f"{len(self._conns)} peer(s)"))
+        return self._step(now)
+
+    # --- decisions -------------------------------------------------------------------------
+
+    def _take(self) -> list[DownloadAction[Peer, Conn]]:
+        out, self._out = self._out, []
+        return out
+
+    def _step(self, now: float) -> list[DownloadAction[Peer, Conn]]:
+        if not self.done:
+            self._dial_more(now)
+            if self.picker is None:
+                if not self._layer_known:
+                    self._ask_layer(now)
+            elif not self.paused:
+                self._fill(now)
+        return self._take()
+
+    def _dial_more(self, now: float) -> None:
+        p = self.policy
+        want = p.max_peers - len(self._conns)
+        if self._free is not None:
+            want = min(want, self._free())
+        want -= len(self._dialing)
+        self._dial_retry_at = None
+        if want <= 0:
+            return
+        retry_at: float | None = None
+        for peer in self._candidates():
+            if want <= 0:
+                break
+            if peer == self._me or peer in self._conns or peer in self._dialing or \
+                    peer in self.banned:
+                continue
+            last = self._last_dial.get(peer)
+            if last is not None and now - last < p.peer_retry:
+                retry_at = min(retry_at or 1e300, last + p.peer_retry)
+                continue
+            self._last_dial[peer] = now
+            self._dialing.add(peer)
+            want -= 1
+            self._out.append(Dial(peer))
+        if want > 0:
+            self._dial_retry_at = retry_at
+
+    def _ask_layer(self, now: float) -> None:
+        if self._layer_conn is not None:
+            return
+        # a connection that let a layer request expire is asked again only if nobody else can
+        candidates = [c for c, has in self._has_layer.items() if has]
+        candidates.sort(key=lambda c: c in self._layer_expired)
+        if candidates:
+            conn = self._layer_conn = candidates[0]
+            self._out.append(RequestLayer(conn))
+            self._ledger.sent(conn, LAYER, now)
+
+    def _fill(self, now: float) -> None:
+        # downloading peers first: what they can give need not cost a seed's upload
+        for conn in sorted(self._peer_of, key=lambda c: self._haves[c].is_complete()):
+            self._fill_conn(conn, now)
+
+    def _fill_conn(self, conn: Conn, now: float) -> None:
+        assert self.picker is not None
+        p = self.policy
+        # A seed's queue is shared by every downloader: a request waiting there pins its
+        # piece to the seed while other peers could relay it by now.
+        pipeline = p.seed_pipeline if self._haves[conn].is_complete() else p.pipeline
+        for index in self.picker.pick(conn, self._ledger.room(conn, pipeline)):
+            self._out.append(Request(conn, index))
+            self._ledger.sent(conn, index, now)
+
+    def _expire(self, now: float) -> None:
+        """Requests a connection did not answer in time are asked elsewhere."""
+        for exp in self._ledger.handle_timer(now):
+            for index in exp.indices:
+                if index == LAYER:
+                    self._layer_expired.add(exp.conn)
+                    if self._layer_conn == exp.conn:
+                        self._layer_conn = None
+                    continue
+                self._out.append(Cancel(exp.conn, index))
+                if self.picker is not None:
+                    self.picker.failed(exp.conn, index)
+            if exp.ban and self.owns(exp.conn):
+                self._ban(exp.conn, f"answered none of its requests for "
+                                    f"{self.policy.request_timeout:g}s, {exp.strikes} times "
+                                    "in a row", "unresponsive")
+
+    def _withdraw(self, conn: Conn, index: int) -> None:
+        self._out.append(Cancel(conn, index))
+        self._ledger.withdrawn(conn, index)
+        if self.picker is not None:
+            self.picker.failed(conn, index)
+
+    def _ban(self, conn: Conn, why: str, kind: str) -> None:
+        peer = self._peer_of[conn]
+        self._forget(conn)
+        if self.picker is not None:
+            self.picker.ban(conn)
+        self.banned.add(peer)
+        self._out.append(Ban(peer, kind, why))
+        self._out.append(Close(conn, why))
+
+    def _forget(self, conn: Conn) -> None:
+        """Drop a connection; whatever it owed us (pieces, the layer) is asked elsewhere."""
+        peer = self._peer_of.pop(conn)
+        if self._conns.get(peer) is conn:
+            del self._conns[peer]
+        self._haves.pop(conn, None)
+        self._has_layer.pop(conn, None)
+        self._layer_expired.discard(conn)
+        self._ledger.dropped(conn)
+        if self.picker is not None:
+            self.picker.remove_peer(conn)
+        if self._layer_conn == conn:
+            self._layer_conn = None
+
+
+# --- uploads -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Serve(Generic[Conn, Blob]):
+    """Read piece ``index`` of ``blob`` (verified) and queue it on ``conn``; then report
+    ``sent`` or ``read_failed``."""
+
+    conn: Conn
+    blob: Blob
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse(Generic[Conn]):
+    """Send ``rej index reason`` on ``conn``."""
+
+    conn: Conn
+    index: int
+    reason: str
+
+
+@dataclass(order=True)
+class _Upload(Generic[Conn]):
+    sort_key: tuple[int, int, int]  # (-priority, times this piece was sent, arrival)
+    conn: Conn = field(compare=False)
+    index: int = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+@dataclass(slots=True)
+class _Link(Generic[Conn, Blob, Peer]):
+    blob: Blob
+    peer: Peer
+    have: Bitfield  # the peer's, kept current by its session
+    downloading: bool = False  # we download this blob from the peer too: never redirect it
+    queued: int = 0  # piece uploads reserved or queued on the connection
+    parked: list[_Upload[Conn]] = field(default_factory=list)
+    pending: dict[int, _Upload[Conn]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Served(Generic[Conn, Peer]):
+    conns: set[Conn] = field(default_factory=set)
+    sent: dict[int, int] = field(default_factory=dict)  # piece -> times sent
+    claimed: dict[int, Conn] = field(default_factory=dict)  # piece -> first requester
+    redirected: dict[tuple[Peer, int], int] = field(default_factory=dict)
+
+
+class UploadScheduler(Generic[Conn, Blob, Peer]):
+    """Every upload decision of one node, over all blobs and connections.
+
+    Requests of all connections share one queue ordered by priority, then by how often the
+    piece was sent already (never-sent pieces first: a seed's upload is the scarcest resource
+    of a swarm), then by arrival.  A seed refuses (``held by other peers``) a request for a
+    piece it already gives another peer, or already gave and some other peer now holds — a
+    few times per requester and piece, so nobody starves.  At most ``outbox`` pieces are
+    queued per connection, so the choice of what to send next is made as late as possible.
+
+    At most ``slots`` pieces are on their way over all connections together (upload slots,
+    as BitTorrent's unchoke limit): a node whose link is shared by 64 connections would
+    otherwise need 64 piece times before any piece it sends is complete anywhere, and a
+    swarm relays only complete pieces.
+    """
+
+    def __init__(self, outbox: int = OUTBOX_PIECES, max_redirects: int = MAX_REDIRECTS,
+                 slots: int | None = UPLOAD_SLOTS) -> None:
+        self.outbox = outbox
+        self.max_redirects = max_redirects
+        self.slots = slots
+        self.in_flight = 0  # pieces served and not yet sent, over all connections
+        self._links: dict[Conn, _Link[Conn, Blob, Peer]] = {}
+        self._blobs: dict[Blob, _Served[Conn, Peer]] = {}
+        self._queue: list[_Upload[Conn]] = []
+        self._seq = itertools.count()
+
+    def open(self, conn: Conn, blob: Blob, peer: Peer, have: Bitfield) -> None:
+        self._links[conn] = _Link(blob, peer, have)
+        self._blobs.setdefault(blob, _Served()).conns.add(conn)
+
+    def set_downloading(self, conn: Conn, downloading: bool) -> None:
+        """Whether our download job of the blob uses this connection too."""
+        link = self._links.get(conn)
+        if link is not None:
+            link.downloading = downloading
+
+    def close(self, conn: Conn) -> None:
+        """The connection ended: its queued uploads are dropped."""
+        link = self._links.pop(conn, None)
+        if link is None:
+            return
+        self.in_flight -= link.queued  # what it had on its way will not be reported
+        for up in link.pending.values():
+            up.cancelled = True
+        served = self._blobs[link.blob]
+        served.conns.discard(conn)
+        if not served.conns:
+            del self._blobs[link.blob]  # nobody asks about it any more: drop its piece state
+
+    def serving(self, blob: Blob) -> int:
+        """Connections open about ``blob``."""
+        served = self._blobs.get(blob)
+        return len(served.conns) if served else 0
+
+    def wanted(self, conn: Conn, index: int, priority: int) -> Refuse[Conn] | None:
+        """The peer requests a piece: queued, or refused at once (returned)."""
+        link = self._links.get(conn)
+        if link is None:
+            return None
+        served = self._blobs[link.blob]
+        if not link.downloading:
+            owner = served.claimed.get(index)
+            if owner is None or owner not in self._links or owner == conn:
+                served.claimed[index] = conn
+            elif self._may_redirect(served, link, index):
+                return Refuse(conn, index, REJECT_ELSEWHERE)
+        up = _Upload((-priority, served.sent.get(index, 0), next(self._seq)), conn, index)
+        link.pending[index] = up
+        heapq.heappush(self._queue, up)
+        return None
+
+    def cancelled(self, conn: Conn, index: int) -> None:
+        link = self._links.get(conn)
+        if link is not None and index in link.pending:
+            link.pending.pop(index).cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def next(self) -> Serve[Conn, Blob] | Refuse[Conn] | None:
+        """The next upload to start, or a request to refuse; None when nothing can go now."""
+        while self._queue and (self.slots is None or self.in_flight < self.slots):
+            up = heapq.heappop(self._queue)
+            link = self._links.get(up.conn)
+            if up.cancelled or link is None:
+                served = self._blobs.get(link.blob) if link is not None else None
+                if served is not None and served.claimed.get(up.index) == up.conn and \
+                        not served.sent.get(up.index):
+                    del served.claimed[up.index]  # never sent: let the next requester have it
+                continue
+            served = self._blobs[link.blob]
+            sent = served.sent.get(up.index, 0)
+            if sent > up.sort_key[1]:
+                # sent to someone else since it was queued: let never-sent pieces go first
+                up.sort_key = (up.sort_key[0], sent, up.sort_key[2])
+                heapq.heappush(self._queue, up)
+                continue
+            if sent and not link.downloading and self._held_elsewhere(served, up.conn, up.index) \
+                    and self._may_redirect(served, link, up.index):
+                link.pending.pop(up.index, None)
+                return Refuse(up.conn, up.index, REJECT_ELSEWHERE)
+            if link.queued >= self.outbox:
+                link.parked.append(up)
+                continue
+            link.queued += 1
+            self.in_flight += 1
+            link.pending.pop(up.index, None)
+            return Serve(up.conn, link.blob, up.index)
+        return None
+
+    def read_failed(self, conn: Conn) -> None:
+        """A :class:`Serve` could not be read (the adapter refuses the request itself)."""
+        link = self._links.get(conn)
+        if link is not None:
+            link.queued -= 1
+            self.in_flight -= 1
+            self._unpark(link)
+
+    def sent(self, conn: Conn, index: int) -> None:
+        """A served piece was handed to the transport."""
+        link = self._links.get(conn)
+        if link is None:
+            return
+        link.queued -= 1
+        self.in_flight -= 1
+        served = self._blobs[link.blob]
+        served.sent[index] = served.sent.get(index, 0) + 1
+        self._unpark(link)
+
+    def times_sent(self, blob: Blob, index: int) -> int:
+        served = self._blobs.get(blob)
+        return served.sent.get(index, 0) if served else 0
+
+    def _unpark(self, link: _Link[Conn, Blob, Peer]) -> None:
+        for up in link.parked:
+            heapq.heappush(self._queue, up)
+        link.parked.clear()
+
+    def _held_elsewhere(self, served: _Served[Conn, Peer], conn: Conn, index: int) -> bool:
+        return any(index in self._links[other].have for other in served.conns if other != conn)
+
+    def _may_redirect(self, served: _Served[Conn, Peer], link: _Link[Conn, Blob, Peer],
+                      index: int) -> bool:
+        key = (link.peer, index)
+        n = served.redirected.get(key, 0)
+        if n >= self.max_redirects:
+            return False
+        served.redirected[key] = n + 1
+        return True
+
+
+__all__ = [
+    "LAYER",
+    "Announce",
+    "Ban",
+    "Cancel",
+    "Close",
+    "Complete",
+    "Dial",
+    "DownloadAction",
+    "DownloadPolicy",
+    "DownloadScheduler",
+    "Failed",
+    "Flush",
+    "Refuse",
+    "Request",
+    "RequestLayer",
+    "Serve",
+    "StateChanged",
+    "UploadScheduler",
+]

@@ -1,0 +1,176 @@
+"""A flow-level (fluid) network: every node has an upload and a download capacity, and the
+flows crossing a node's link share it max-min fairly.
+
+A flow is one message of known size (a piece) from one node to another.  Its rate is fixed
+between events; rates are recomputed by progressive filling only when a flow starts or ends,
+and only for the flows that share a link with it (the ones whose rates that event changes
+first).  Flows further away keep their rates until an event of their own: capacity is never
+oversubscribed, but a little of it may stay unused until the next event on that link — with
+piece-sized flows such events come every few tens of milliseconds.  Latency is added by the
+caller when it delivers what a finished flow carried.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from blobmesh.sim.engine import Simulator, Timer
+
+_EPS = 1e-9
+_ids = itertools.count()
+
+
+class Flow:
+    """Bytes on their way from ``src`` to ``dst``."""
+
+    __slots__ = ("_hash", "args", "dst", "on_done", "rate", "remaining", "since", "size", "src",
+                 "timer")
+
+    def __init__(self, src: int, dst: int, size: float, on_done: Callable[..., None],
+                 args: tuple[Any, ...]) -> None:
+        self.src = src
+        self.dst = dst
+        self.size = size
+        self.remaining = size
+        self.rate = 0.0
+        self.since = 0.0
+        self.on_done = on_done
+        self.args = args
+        self.timer: Timer | None = None
+        self._hash = next(_ids)  # a deterministic hash: sets of flows iterate the same per seed
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class FlowNetwork:
+    """Nodes with capacities (bytes/s) and the flows between them."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self._cap: list[float] = []  # link 2i: node i's uplink, 2i+1: its downlink
+        self._used: list[float] = []
+        self._flows: list[dict[Flow, None]] = []
+        self.bytes_sent: list[float] = []  # per node, of finished and aborted flows
+        self.reallocations = 0
+
+    def add_node(self, up: float, down: float) -> int:
+        """A node with these capacities (bytes/s); returns its index."""
+        if up <= 0 or down <= 0:
+            raise ValueError("link capacities must be positive")
+        self._cap += [up, down]
+        self._used += [0.0, 0.0]
+        self._flows += [{}, {}]
+        self.bytes_sent.append(0.0)
+        return len(self.bytes_sent) - 1
+
+    def up(self, node: int) -> float:
+        return self._cap[2 * node]
+
+    def down(self, node: int) -> float:
+        return self._cap[2 * node + 1]
+
+    def flows_of(self, node: int) -> list[Flow]:
+        """The flows leaving and entering ``node``."""
+        return [*self._flows[2 * node], *self._flows[2 * node + 1]]
+
+    def upload_rate(self, node: int) -> float:
+        return self._used[2 * node]
+
+    def start(self, src: int, dst: int, size: float, on_done: Callable[..., None],
+              *args: Any) -> Flow:
+        """Start sending ``size`` bytes; ``on_done(*args)`` when the last byte left."""
+        flow = Flow(src, dst, max(size, 1.0), on_done, args)
+        flow.since = self.sim.now
+        self._flows[2 * src][flow] = None
+        self._flows[2 * dst + 1][flow] = None
+        self._reallocate((2 * src, 2 * dst + 1))
+        return flow
+
+    def abort(self, flow: Flow) -> None:
+        """Stop a flow (its node crashed, its connection closed); ``on_done`` is not called."""
+        if flow not in self._flows[2 * flow.src]:
+            return
+        self._settle(flow)
+        self.bytes_sent[flow.src] += flow.size - flow.remaining
+        self._remove(flow)
+        self._reallocate((2 * flow.src, 2 * flow.dst + 1))
+
+    def _settle(self, flow: Flow) -> None:
+        now = self.sim.now
+        flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.since))
+        flow.since = now
+
+    def _remove(self, flow: Flow) -> None:
+        if flow.timer is not None:
+            flow.timer.cancel()
+        for link in (2 * flow.src, 2 * flow.dst + 1):
+            del self._flows[link][flow]
+            self._used[link] = max(0.0, self._used[link] - flow.rate)
+
+    def _finished(self, flow: Flow) -> None:
+        flow.timer = None
+        self.bytes_sent[flow.src] += flow.size
+        self._remove(flow)
+        self._reallocate((2 * flow.src, 2 * flow.dst + 1))
+        flow.on_done(*flow.args)
+
+    def _reallocate(self, seeds: tuple[int, int]) -> None:
+        """Progressive filling of the flows on the ``seeds`` links (see the module doc)."""
+        flows = self._flows
+        affected = dict.fromkeys(itertools.chain(flows[seeds[0]], flows[seeds[1]]))
+        if not affected:
+            return
+        self.reallocations += 1
+        cap, used = self._cap, self._used
+        residual: dict[int, float] = {}
+        count: dict[int, int] = {}
+        for f in affected:
+            self._settle(f)
+            for link in (2 * f.src, 2 * f.dst + 1):
+                if link not in residual:
+                    residual[link] = cap[link] - used[link]
+                    count[link] = 0
+                residual[link] += f.rate
+                count[link] += 1
+        heap = [(residual[link] / n, link) for link, n in count.items()]
+        heapq.heapify(heap)
+        rates: dict[Flow, float] = {}
+        while heap:
+            share, link = heapq.heappop(heap)
+            n = count[link]
+            if n == 0:
+                continue
+            current = max(0.0, residual[link]) / n
+            if current > share + _EPS:
+                heapq.heappush(heap, (current, link))  # stale: its share grew since pushed
+                continue
+            for f in flows[link]:
+                if f in affected and f not in rates:
+                    rates[f] = current
+                    for other in (2 * f.src, 2 * f.dst + 1):
+                        residual[other] -= current
+                        count[other] -= 1
+            count[link] = 0
+        now = self.sim.now
+        for f, rate in rates.items():
+            if abs(rate - f.rate) <= _EPS * max(1.0, rate) and f.timer is not None:
+                continue
+            delta = rate - f.rate
+            used[2 * f.src] += delta
+            used[2 * f.dst + 1] += delta
+            f.rate = rate
+            if f.timer is not None:
+                f.timer.cancel()
+                f.timer = None
+            if rate > 0:
+                f.timer = self.sim.at(now + f.remaining / rate, self._finished, f)
+
+
+__all__ = ["Flow", "FlowNetwork"]

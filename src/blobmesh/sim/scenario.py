@@ -1,0 +1,214 @@
+"""One simulated distribution: a source, N targets, their links and faults, and its result.
+
+:func:`run` builds the fleet from a :class:`Scenario` (every random draw from its seed), runs
+it until every honest target holds the blob (or ``max_time``), and returns a :class:`Result`
+with the Kumar–Ross bound of the same links.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from blobmesh.distribution.scheduler import DownloadPolicy
+from blobmesh.sim.bounds import kumar_ross
+from blobmesh.sim.engine import Simulator
+from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
+
+MBIT = 1e6 / 8  # bytes/s
+MiB = 1 << 20
+Links = Literal["homogeneous", "heterogeneous"]
+
+
+@dataclass(slots=True)
+class Scenario:
+    """Everything a run depends on (rates in Mbit/s, times in seconds)."""
+
+    nodes: int = 100  # targets, besides the source
+    size: int = 32 * MiB
+    piece_size: int = 1 * MiB
+    seed: int = 0
+    links: Links = "homogeneous"
+    rate_mbit: float = 100.0  # every link (homogeneous); the fast ones (heterogeneous)
+    slow_rate_mbit: float = 20.0  # heterogeneous: half the targets have these links
+    latency_ms: float = 0.5  # one way from a node to the switch (jittered ±50 %)
+    join_spread: float = 0.2  # targets learn of the distribution within this time
+    crash_fraction: float = 0.0  # of the targets, crashing once during the transfer
+    restart_after: float = 5.0
+    starved_fraction: float = 0.0  # of the targets, whose timers fire late
+    timer_lag: float = 2.0
+    liar_fraction: float = 0.0  # of the targets, serving corrupt pieces
+    max_connections: int = 64
+    policy: DownloadPolicy = field(default_factory=DownloadPolicy)
+    max_time: float = 3600.0
+
+
+@dataclass(slots=True)
+class Result:
+    """What one run measured (JSON-ready through :meth:`to_json`)."""
+
+    scenario: Scenario
+    nodes: int
+    t_all_s: float  # when the last honest target completed (inf if some never did)
+    bound_s: float
+    ratio: float
+    p50_ratio: float
+    p99_ratio: float
+    completed: int
+    source_copies: float  # bytes the source uploaded, in copies of the blob
+    source_ctrl_msgs_per_s: float  # control messages into the source, per second of t_all
+    source_notes_per_s: float  # of which progress notifications
+    source_dials: int  # connection attempts the source received
+    ctrl_bytes_per_s_node_p50: float  # control bytes in + out per node and second
+    ctrl_bytes_per_s_node_max: float
+    status_ops: int  # dist/status ops published (each gossiped to every node)
+    bans: int
+    crashes: int
+    failures: int
+    events: int
+    wall_s: float
+    mem_per_node_kib: float
+    finish_times: list[float] = field(repr=False)
+    series_t: list[float] = field(repr=False)
+    series_source_up: list[float] = field(repr=False)  # bytes/s
+    ctrl_msgs_per_node: list[int] = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary (no time series): one flat object plus the scenario."""
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("scenario", "finish_times", "series_t", "series_source_up",
+                            "ctrl_msgs_per_node")}
+        sc = asdict(self.scenario)
+        out["scenario"] = sc
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def _specs(sc: Scenario, sim: Simulator) -> list[NodeSpec]:
+    rng = sim.rng
+    fast = sc.rate_mbit * MBIT
+    slow = sc.slow_rate_mbit * MBIT
+
+    def latency() -> float:
+        return sc.latency_ms / 1000 * rng.uniform(0.5, 1.5)
+
+    specs = [NodeSpec(fast, fast, latency())]  # the source
+    targets = list(range(sc.nodes))
+    rng.shuffle(targets)
+    n_crash = round(sc.crash_fraction * sc.nodes)
+    n_starved = round(sc.starved_fraction * sc.nodes)
+    n_liar = round(sc.liar_fraction * sc.nodes)
+    crashers = set(targets[:n_crash])
+    starved = set(targets[n_crash:n_crash + n_starved])
+    liars = set(targets[n_crash + n_starved:n_crash + n_starved + n_liar])
+    bound_guess = sc.size / fast
+    for i in range(sc.nodes):
+        rate = slow if sc.links == "heterogeneous" and i % 2 else fast
+        join = rng.uniform(0, sc.join_spread)
+        specs.append(NodeSpec(
+            rate, rate, latency(), join_at=join,
+            liar=i in liars, timer_lag=sc.timer_lag if i in starved else 0.0,
+            crash_at=join + rng.uniform(0.2, 0.8) * bound_guess if i in crashers else None,
+            restart_after=sc.restart_after))
+    return specs
+
+
+def same_order_for_all(n: int, sim: Simulator) -> Callable[[SimNode], Callable[[], Iterable[int]]]:
+    """Today's peer source: the source first, then every target in node-id order — one order
+    that every target shares (``DistributionService`` resolves the scope sorted by id)."""
+    order = list(range(1, n + 1))
+    sim.rng.shuffle(order)  # node ids are random, so id order is a random permutation
+
+    def for_node(_node: SimNode) -> Callable[[], Iterable[int]]:
+        return lambda: itertools.chain((SOURCE,), order)
+
+    return for_node
+
+
+def _rss_kib() -> float:
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
+        sample_every: float = 0.1) -> Result:
+    """Run one scenario; ``progress(now, completed, targets)`` about every virtual second."""
+    if sc.nodes < 1:
+        raise ValueError("need at least one target")
+    wall0 = time.perf_counter()
+    rss0 = _rss_kib()
+    sim = Simulator(sc.seed)
+    pieces = max(1, -(-sc.size // sc.piece_size))
+    wide = Swarmwide(pieces, sc.piece_size, sc.size, sc.policy, sc.max_connections)
+    specs = _specs(sc, sim)
+    world = World(sim, wide, specs, same_order_for_all(sc.nodes, sim))
+    world.on_all_done = sim.stop
+    for node in world.nodes:
+        sim.at(node.spec.join_at, node.join)
+        if node.spec.crash_at is not None:
+            sim.at(node.spec.crash_at, node.crash)
+
+    series_t: list[float] = []
+    series_up: list[float] = []
+    source = world.nodes[SOURCE]
+    last = [0.0, 0.0]  # time, source bytes sent
+
+    def sample() -> None:
+        now = sim.now
+        sent = world.net.bytes_sent[source.net_id] + sum(
+            f.size - f.remaining + f.rate * (now - f.since)
+            for f in world.net.flows_of(source.net_id) if f.src == source.net_id)
+        if now > last[0]:
+            series_t.append(now)
+            series_up.append((sent - last[1]) / (now - last[0]))
+        last[0], last[1] = now, sent
+        if world.completed < world.honest_targets:
+            sim.after(sample_every, sample)
+
+    sim.after(sample_every, sample)
+    sim.run(until=sc.max_time,
+            on_tick=(lambda now: progress(now, world.completed, world.honest_targets))
+            if progress else None)
+    rss1 = _rss_kib()
+    return _result(sc, world, sim, time.perf_counter() - wall0,
+                   max(0.0, rss1 - rss0) / (sc.nodes + 1), series_t, series_up)
+
+
+def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: float,
+            series_t: list[float], series_up: list[float]) -> Result:
+    source = world.nodes[SOURCE]
+    honest = [n for n in world.nodes[1:] if not n.spec.liar]
+    finish = sorted(n.outcome.done_at if n.outcome.done_at is not None else float("inf")
+                    for n in honest)
+    t_all = finish[-1]
+    targets = world.nodes[1:]
+    bound = kumar_ross(sc.size, source.spec.up, [n.spec.down for n in targets],
+                       [n.spec.up for n in targets])
+    horizon = t_all if t_all != float("inf") else sim.now
+    per_node = [(n.traffic.bytes_in + n.traffic.bytes_out) / max(horizon, 1e-9)
+                for n in world.nodes]
+    q = statistics.quantiles(finish, n=100, method="inclusive") if len(finish) > 1 \
+        else [finish[0]] * 99
+    return Result(
+        scenario=sc, nodes=sc.nodes, t_all_s=t_all, bound_s=bound, ratio=t_all / bound,
+        p50_ratio=statistics.median(finish) / bound, p99_ratio=q[98] / bound,
+        completed=sum(1 for t in finish if t != float("inf")),
+        source_copies=world.net.bytes_sent[source.net_id] / sc.size,
+        source_ctrl_msgs_per_s=source.traffic.msgs_in / max(horizon, 1e-9),
+        source_notes_per_s=source.traffic.notes_in / max(horizon, 1e-9),
+        source_dials=source.traffic.dials_in,
+        ctrl_bytes_per_s_node_p50=statistics.median(per_node),
+        ctrl_bytes_per_s_node_max=max(per_node),
+        status_ops=world.status_ops,
+        bans=sum(n.outcome.bans for n in world.nodes),
+        crashes=sum(n.outcome.crashes for n in world.nodes),
+        failures=sum(n.outcome.failures for n in world.nodes),
+        events=sim.events_run, wall_s=wall, mem_per_node_kib=mem_kib,
+        finish_times=finish, series_t=series_t, series_source_up=series_up,
+        ctrl_msgs_per_node=[n.traffic.msgs_in + n.traffic.msgs_out for n in world.nodes])
+
+
+__all__ = ["Result", "Scenario", "run", "same_order_for_all"]

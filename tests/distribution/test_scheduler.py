@@ -1,0 +1,185 @@
+"""The swarm's sans-I/O schedulers, driven with a fake clock (no sockets, no sleeps)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from blobmesh.distribution.scheduler import (
+    Announce,
+    Ban,
+    Cancel,
+    Close,
+    Complete,
+    Dial,
+    DownloadPolicy,
+    DownloadScheduler,
+    Failed,
+    Flush,
+    Refuse,
+    Request,
+    RequestLayer,
+    Serve,
+    StateChanged,
+    UploadScheduler,
+)
+from blobmesh.store import Bitfield
+
+
+def bf(size: int, indices: list[int] | None = None) -> Bitfield:
+    b = Bitfield(size)
+    b.update(range(size) if indices is None else indices)
+    return b
+
+
+def job(pieces: int = 8, peers: list[int] | None = None, **policy: object
+        ) -> DownloadScheduler[str, int]:
+    names = [1, 2, 3] if peers is None else peers
+    return DownloadScheduler[str, int](pieces, 0, lambda: names, 0.0,
+                                       DownloadPolicy(**policy),  # type: ignore[arg-type]
+                                       rng=random.Random(1))
+
+
+def requests(actions: Sequence[object], conn: str | None = None) -> list[int]:
+    return [a.index for a in actions if isinstance(a, Request) and conn in (None, a.conn)]
+
+
+def test_dials_up_to_max_peers_and_retries_only_after_peer_retry() -> None:
+    j = job(peers=[0, 1, 2, 3], max_peers=2, peer_retry=1.0)
+    first = j.handle_timer(0.0)
+    assert first == [Dial(1), Dial(2)]  # never itself (0), at most max_peers at once
+    assert j.dial_ended(1, 0.1) == [Dial(3)]  # failed: the next candidate
+    assert j.dial_ended(2, 0.2) == []  # 1 and 2 wait for peer_retry; 3 is dialing
+    assert j.get_timer() == 1.0
+    assert j.handle_timer(1.0) == [Dial(1)]
+
+
+def test_asks_one_peer_for_the_layer_then_pipelines_rarest_first() -> None:
+    j = job(pieces=4, peers=[], pipeline=2, seed_pipeline=1)
+    assert j.attach("a", 1, bf(4, [0, 1]), has_layer=False, outbound=True, now=0.0) == []
+    out = j.attach("s", 2, bf(4), has_layer=True, outbound=True, now=0.0)
+    assert out == [RequestLayer("s")]
+    assert j.layer_arrived("s", True, 0.1) == []
+    out = j.start(Bitfield(4), 0.1)
+    assert sorted(requests(out, "a")) == [0, 1]  # the downloader first, full pipeline
+    assert len(requests(out, "s")) == 1 and requests(out, "s")[0] in (2, 3)  # seed: 1
+
+
+def test_a_piece_from_one_peer_cancels_its_end_game_twin_and_is_announced() -> None:
+    j = job(pieces=1, peers=[])
+    j.attach("a", 1, bf(1), False, True, 0.0)
+    j.attach("b", 2, bf(1), False, True, 0.0)
+    out = j.start(Bitfield(1), 0.0)
+    assert len(requests(out)) == 2  # one piece left: end game asks both
+    assert j.piece_arrived("a", 0, 0.5)
+    out = j.piece_written("a", 0, True, 0.5)
+    assert Cancel("b", 0) in out and Announce(0) in out and out[-1] == Complete()
+    assert j.done and j.get_timer() is None
+
+
+def test_a_corrupt_piece_bans_its_sender_and_its_requests_go_elsewhere() -> None:
+    j = job(pieces=5, peers=[], pipeline=4)
+    j.attach("a", 1, bf(5, [0, 1]), False, True, 0.0)
+    assert sorted(requests(j.start(Bitfield(5), 0.0))) == [0, 1]
+    assert sorted(requests(j.attach("b", 2, bf(5, [0, 1, 2, 3]), False, True, 0.0))) == [2, 3]
+    out = j.piece_corrupt("a", 0, 1.0)
+    assert Ban(1, "bad-data", "sent a corrupt piece 0") in out
+    assert Close("a", "sent a corrupt piece 0") in out
+    assert sorted(requests(out, "b")) == [0, 1]  # what a owed is asked of b at once
+    assert 1 in j.banned and not j.owns("a")
+    assert j.attach("a2", 1, bf(5), False, True, 2.0) == [Close("a2", "banned")]
+
+
+def test_unanswered_requests_expire_then_the_peer_is_banned() -> None:
+    j = job(pieces=4, peers=[], pipeline=2, request_timeout=5.0, request_strikes=2,
+            stall_timeout=100.0, flush_interval=100.0)
+    j.attach("slow", 1, bf(4), False, True, 0.0)
+    j.start(Bitfield(4), 0.0)
+    assert j.handle_timer(4.9) == []
+    out = j.handle_timer(j.get_timer() or 0)
+    assert [a for a in out if isinstance(a, Cancel)] and not any(isinstance(a, Ban) for a in out)
+    assert len(requests(out, "slow")) == 1  # snubbed: one request at a time
+    out = j.handle_timer(j.get_timer() or 0)
+    assert any(isinstance(a, Ban) and a.kind == "unresponsive" for a in out)
+
+
+def test_stall_is_reported_then_fails_and_a_written_piece_clears_it() -> None:
+    j = job(pieces=2, peers=[], stall_timeout=10.0)
+    j.attach("a", 1, bf(2), False, True, 0.0)
+    j.start(Bitfield(2), 0.0)
+    assert [a for a in j.handle_timer(5.0) if isinstance(a, StateChanged)] == \
+        [StateChanged(True, "no progress for 5s from 1 peer(s)")]
+    j.piece_arrived("a", 0, 6.0)
+    assert StateChanged(False, "") in j.piece_written("a", 0, True, 6.0)
+    assert any(isinstance(a, Failed) for a in j.handle_timer(16.0))
+
+
+def test_flushes_every_interval_and_pause_withdraws_what_is_in_flight() -> None:
+    j = job(pieces=4, peers=[], flush_interval=1.0, stall_timeout=100.0)
+    j.attach("a", 1, bf(4), False, True, 0.0)
+    out = j.start(Bitfield(4), 0.0)
+    assert j.get_timer() == 1.0 and Flush() in j.handle_timer(1.0)
+    cancels = j.pause(1.5)
+    assert sorted(c.index for c in cancels if isinstance(c, Cancel)) == sorted(requests(out))
+    assert j.outstanding("a") == 0 and requests(j.peer_has("a", 0, 2.0)) == []
+    assert len(requests(j.resume(3.0))) == len(requests(out))  # the seed's pipeline again
+
+
+def test_duplicate_connections_keep_the_one_dialed_by_the_smaller_id() -> None:
+    j = job(pieces=2, peers=[])  # we are node 0: our outbound connection wins
+    j.attach("in", 5, bf(2), False, outbound=False, now=0.0)
+    assert j.attach("out", 5, bf(2), False, outbound=True, now=0.0)[0] == \
+        Close("in", "duplicate connection")
+    assert j.owns("out") and not j.owns("in")
+
+
+def upload() -> UploadScheduler[str, str, int]:
+    return UploadScheduler[str, str, int](outbox=1, max_redirects=2, slots=2)
+
+
+def test_a_seed_serves_each_piece_to_one_requester_and_redirects_the_others() -> None:
+    u = upload()
+    haves = {c: Bitfield(4) for c in "abc"}
+    for i, c in enumerate("abc"):
+        u.open(c, "blob", i, haves[c])
+    assert u.wanted("a", 0, priority=1) is None
+    assert u.wanted("b", 0, 1) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1) is None  # max_redirects reached: nobody starves
+    assert u.next() == Serve("a", "blob", 0)
+    u.sent("a", 0)
+    haves["a"].add(0)  # a announced it
+    assert u.next() == Serve("b", "blob", 0)
+
+
+def test_never_sent_pieces_first_and_slots_bound_what_is_on_its_way() -> None:
+    u = upload()
+    for i, c in enumerate("abc"):
+        u.open(c, "blob", i, Bitfield(4))
+        u.set_downloading(c, True)  # peers we download from too: no redirects
+    u.wanted("a", 0, 1)
+    assert u.next() == Serve("a", "blob", 0)
+    u.sent("a", 0)
+    u.wanted("b", 0, 1)  # sent once already
+    u.wanted("c", 1, 1)  # never sent: goes first
+    u.wanted("a", 2, 1)
+    assert u.next() == Serve("c", "blob", 1)
+    assert u.next() == Serve("a", "blob", 2)
+    assert u.next() is None and u.in_flight == 2  # two slots, both taken
+    u.close("a")  # its piece will never be reported: the slot is free again
+    assert u.next() == Serve("b", "blob", 0)
+
+
+def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> None:
+    u = UploadScheduler[str, str, int](outbox=1, slots=None)
+    u.open("a", "blob", 1, Bitfield(4))
+    u.set_downloading("a", True)
+    u.wanted("a", 0, 1)
+    u.wanted("a", 1, 1)
+    u.cancelled("a", 1)
+    u.wanted("a", 2, 1)
+    assert u.next() == Serve("a", "blob", 0)
+    assert u.next() is None  # 2 is parked, 1 was cancelled
+    u.sent("a", 0)
+    assert u.next() == Serve("a", "blob", 2)
+    assert u.times_sent("blob", 0) == 1 and u.serving("blob") == 1

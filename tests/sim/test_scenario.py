@@ -1,0 +1,61 @@
+"""Whole simulated distributions: determinism, faults, and the result's figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from blobmesh.sim.scenario import MiB, Scenario, run
+
+
+def small(**kw: object) -> Scenario:
+    base: dict[str, object] = {"nodes": 12, "size": 4 * MiB, "piece_size": 256 * 1024,
+                               "seed": 5, "max_time": 300.0}
+    base.update(kw)
+    return Scenario(**base)  # type: ignore[arg-type]
+
+
+def test_one_seed_one_run_another_seed_another() -> None:
+    a, b, c = run(small()), run(small()), run(small(seed=6))
+    assert a.finish_times == b.finish_times and a.events == b.events
+    assert a.source_copies == b.source_copies
+    assert c.finish_times != a.finish_times
+
+
+def test_every_target_completes_and_the_figures_are_consistent() -> None:
+    r = run(small())
+    assert r.completed == 12 and math.isfinite(r.t_all_s)
+    assert r.t_all_s >= r.bound_s  # nothing beats the bound
+    assert r.ratio == r.t_all_s / r.bound_s and r.p50_ratio <= r.p99_ratio <= r.ratio
+    assert 1.0 <= r.source_copies < 12  # the targets relay
+    assert r.source_dials >= 1 and r.source_ctrl_msgs_per_s > r.source_notes_per_s > 0
+    summary = r.to_json()
+    for key in ("nodes", "t_all_s", "bound_s", "ratio", "p50_ratio", "source_copies",
+                "source_ctrl_msgs_per_s"):
+        assert key in summary
+    json.dumps(summary)  # JSON-ready
+    assert max(r.series_source_up) <= 100e6 / 8 * 1.0001  # the source's link is its limit
+
+
+def test_one_target_gets_it_in_about_the_bound() -> None:
+    r = run(small(nodes=1, latency_ms=0.1, join_spread=0.0))
+    assert 1.0 <= r.ratio < 1.1 and r.source_copies == pytest.approx(1.0, abs=1e-3)
+
+
+def test_crashed_targets_restart_and_resume_from_flushed_pieces() -> None:
+    r = run(small(crash_fraction=0.25, restart_after=2.0))
+    assert r.crashes == 3 and r.completed == 12
+    calm = run(small())
+    assert r.t_all_s > calm.t_all_s  # a crash costs time (2 s down, lost pieces)
+
+
+def test_lying_targets_are_banned_and_the_honest_ones_complete() -> None:
+    r = run(small(liar_fraction=0.25))
+    assert r.completed == 12 - 3 and r.bans >= 1
+
+
+def test_cpu_starved_targets_still_complete() -> None:
+    r = run(small(starved_fraction=0.25, timer_lag=2.0))
+    assert r.completed == 12
