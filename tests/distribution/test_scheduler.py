@@ -45,20 +45,36 @@ def requests(actions: Sequence[object], conn: str | None = None) -> list[int]:
 
 
 def test_dials_up_to_max_peers_and_retries_only_after_peer_retry() -> None:
-    j = job(peers=[0, 1, 2, 3], max_peers=2, peer_retry=1.0)
+    j = job(peers=[9, 0, 1, 2], max_peers=2, peer_retry=1.0)  # 9: the source; we are 0
     first = j.handle_timer(0.0)
-    assert first == [Dial(1), Dial(2)]  # never itself (0), at most max_peers at once
-    assert j.dial_ended(1, 0.1) == [Dial(3)]  # failed: the next candidate
-    assert j.dial_ended(2, 0.2) == []  # 1 and 2 wait for peer_retry; 3 is dialing
+    assert first[0] == Dial(9) and len(first) == 2  # a small scope: all dial the source first
+    assert Dial(0) not in first
+    dialed = {a.peer for a in first if isinstance(a, Dial)}
+    (last,) = {1, 2} - dialed
+    assert j.dial_ended(9, 0.1) == [Dial(last)]  # failed: the next candidate
+    other = (dialed - {9}).pop()
+    assert j.dial_ended(other, 0.2) == []  # the others wait for peer_retry, one is dialing
     assert j.get_timer() == 1.0
-    assert j.handle_timer(1.0) == [Dial(1)]
+    assert j.handle_timer(1.0) != []
+
+
+def test_only_about_source_fanout_targets_dial_the_source_first_and_orders_differ() -> None:
+    peers = [10_000, *range(1, 1001)]
+    firsts = []
+    for seed in range(1000):
+        j = DownloadScheduler[str, int](8, 0, lambda: peers, 0.0, DownloadPolicy(max_peers=1),
+                                        rng=random.Random(seed))
+        firsts.append(j.handle_timer(0.0)[0])
+    assert 15 <= sum(a == Dial(10_000) for a in firsts) <= 50  # source_fanout = 32
+    assert len(set(firsts)) > 500  # not everybody dials the same peer
 
 
 def test_asks_one_peer_for_the_layer_then_pipelines_rarest_first() -> None:
     j = job(pieces=4, peers=[], pipeline=2, seed_pipeline=1)
-    assert j.attach("a", 1, bf(4, [0, 1]), has_layer=False, outbound=True, now=0.0) == []
+    assert j.attach("e", 3, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
     out = j.attach("s", 2, bf(4), has_layer=True, outbound=True, now=0.0)
     assert out == [RequestLayer("s")]
+    assert j.attach("a", 1, bf(4, [0, 1]), has_layer=False, outbound=True, now=0.0) == []
     assert j.layer_arrived("s", True, 0.1) == []
     out = j.start(Bitfield(4), 0.1)
     assert sorted(requests(out, "a")) == [0, 1]  # the downloader first, full pipeline
@@ -183,3 +199,10 @@ def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> 
     u.sent("a", 0)
     assert u.next() == Serve("a", "blob", 2)
     assert u.times_sent("blob", 0) == 1 and u.serving("blob") == 1
+
+
+def test_a_peer_without_the_layer_at_hello_is_asked_once_it_announces_a_piece() -> None:
+    j = job(pieces=4, peers=[])
+    assert j.attach("a", 1, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
+    assert j.peer_has("a", 2, 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
+    assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == []

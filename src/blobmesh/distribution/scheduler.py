@@ -129,9 +129,10 @@ DownloadAction = (Dial[Peer] | Request[Conn] | RequestLayer[Conn] | Cancel[Conn]
 class DownloadPolicy:
     """The knobs of one download job (seconds; see ``SwarmConfig``)."""
 
-    pipeline: int = 16
+    pipeline: int = 4
     seed_pipeline: int = 2  # requests in flight to a peer that holds the whole blob
     max_peers: int = 8
+    source_fanout: int = 32  # targets of a scope expected to dial its source first
     peer_retry: float = 1.0
     stall_timeout: float = 30.0
     flush_interval: float = 1.0
@@ -164,7 +165,10 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._me = me
         self._candidates = candidates
         self._free = free_connections
-        self._rng = rng
+        self._rng = rng or random.Random()
+        self._order: list[Peer] | None = None  # candidates to dial, see _dial_order
+        self._order_at = 0.0
+        self._source_first: bool | None = None
         self._conns: dict[Peer, Conn] = {}  # the one connection kept per peer
         self._peer_of: dict[Conn, Peer] = {}
         self._haves: dict[Conn, Bitfield] = {}  # the peer's bitfield, kept current by its session
@@ -206,6 +210,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
     def start(self, have: Bitfield, now: float) -> list[DownloadAction[Peer, Conn]]:
         """The piece layer is known and the partial blob holds ``have``."""
         self.picker = PiecePicker[Conn](have, rng=self._rng)
+        if self._layer_conn is not None:  # (the layer was found locally meanwhile)
+            self._ledger.withdrawn(self._layer_conn, LAYER)
+            self._layer_conn = None
         for conn, bf in self._haves.items():
             self.picker.add_peer(conn, bf)
         self._last_flush = now
@@ -229,7 +236,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._conns[peer] = conn
         self._peer_of[conn] = peer
         self._haves[conn] = have
-        self._has_layer[conn] = has_layer
+        self._has_layer[conn] = has_layer or have.count() > 0
         if self.picker is not None:
             self.picker.add_peer(conn, have)
         return self._step(now)
@@ -248,6 +255,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
     def peer_has(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
         picker = self.picker
         if picker is None or not self.owns(conn):
+            if self.owns(conn):
+                # it verified a piece, so it holds the layer now, whatever its hello said
+                self._has_layer[conn] = True
             return self._step(now)
         picker.peer_has(conn, index)
         # Every other connection was already given all it could take; news of one piece on
@@ -410,7 +420,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         if want <= 0:
             return
         retry_at: float | None = None
-        for peer in self._candidates():
+        for peer in self._dial_order(now):
             if want <= 0:
                 break
             if peer == self._me or peer in self._conns or peer in self._dialing or \
@@ -426,6 +436,26 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._out.append(Dial(peer))
         if want > 0:
             self._dial_retry_at = retry_at
+
+    def _dial_order(self, now: float) -> list[Peer]:
+        """The candidates in this job's own random order, refreshed every ``peer_retry``.
+
+        Every target is given the same list (the source first, then the scope), so dialing it
+        in order would make every target dial the same few peers, which then refuse all but
+        ``max_connections``.  The first candidate, the source, is dialed first by about
+        ``source_fanout`` targets of the whole scope and last by the others: what it sends
+        reaches the rest through them, and its inbound dials stay bounded as the scope grows.
+        """
+        if self._order is None or now >= self._order_at + self.policy.peer_retry:
+            cands = list(self._candidates())
+            first, rest = cands[:1], cands[1:]
+            self._rng.shuffle(rest)
+            if self._source_first is None:
+                self._source_first = \
+                    self._rng.random() * max(1, len(rest)) < self.policy.source_fanout
+            self._order = first + rest if self._source_first else rest + first
+            self._order_at = now
+        return self._order
 
     def _ask_layer(self, now: float) -> None:
         if self._layer_conn is not None:
