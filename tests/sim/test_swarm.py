@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 from blobmesh.distribution.scheduler import DownloadPolicy
 from blobmesh.sim.engine import Simulator
 from blobmesh.sim.swarm import NodeSpec, Swarmwide, World
@@ -15,7 +13,7 @@ def world(specs: list[NodeSpec], pieces: int = 40, piece: int = 250_000) -> Worl
     sim = Simulator(seed=2)
     wide = Swarmwide(pieces, piece, pieces * piece, DownloadPolicy(flush_interval=0.5))
     everyone = list(range(len(specs)))
-    return World(sim, wide, specs, lambda _node: lambda: itertools.chain(everyone))
+    return World(sim, wide, specs, lambda _node: lambda: everyone)
 
 
 def test_a_crashed_target_restarts_from_its_flushed_pieces_and_completes() -> None:

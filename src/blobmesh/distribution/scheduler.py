@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -151,7 +151,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
     connections the node may open; ``banned`` may be shared with the node's upload side.
     """
 
-    def __init__(self, pieces: int, me: Peer, candidates: Callable[[], Iterable[Peer]],
+    def __init__(self, pieces: int, me: Peer, candidates: Callable[[], Sequence[Peer]],
                  now: float, policy: DownloadPolicy | None = None, *,
                  free_connections: Callable[[], int] | None = None,
                  banned: set[Peer] | None = None, rng: random.Random | None = None) -> None:
@@ -438,7 +438,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._dial_retry_at = retry_at
 
     def _dial_order(self, now: float) -> list[Peer]:
-        """The candidates in this job's own random order, refreshed every ``peer_retry``.
+        """Whom to dial, best first: a random sample of the candidates, drawn again every
+        ``peer_retry`` (so the work does not grow with the size of the scope).
 
         Every target is given the same list (the source first, then the scope), so dialing it
         in order would make every target dial the same few peers, which then refuse all but
@@ -447,12 +448,15 @@ class DownloadScheduler(Generic[Conn, Peer]):
         reaches the rest through them, and its inbound dials stay bounded as the scope grows.
         """
         if self._order is None or now >= self._order_at + self.policy.peer_retry:
-            cands = list(self._candidates())
-            first, rest = cands[:1], cands[1:]
-            self._rng.shuffle(rest)
+            cands = self._candidates()
+            n = len(cands)
+            picks = self._rng.sample(range(1, n), min(n - 1, 4 * self.policy.max_peers)) \
+                if n > 1 else []
+            rest = [cands[i] for i in picks]
             if self._source_first is None:
-                self._source_first = \
-                    self._rng.random() * max(1, len(rest)) < self.policy.source_fanout
+                self._source_first = self._rng.random() * max(1, n - 1) < \
+                    self.policy.source_fanout
+            first = [cands[0]] if n else []
             self._order = first + rest if self._source_first else rest + first
             self._order_at = now
         return self._order

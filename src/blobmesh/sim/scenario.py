@@ -7,11 +7,11 @@ with the Kumar–Ross bound of the same links.
 
 from __future__ import annotations
 
-import itertools
+import gc
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -117,14 +117,15 @@ def _specs(sc: Scenario, sim: Simulator) -> list[NodeSpec]:
     return specs
 
 
-def same_order_for_all(n: int, sim: Simulator) -> Callable[[SimNode], Callable[[], Iterable[int]]]:
-    """Today's peer source: the source first, then every target in node-id order — one order
-    that every target shares (``DistributionService`` resolves the scope sorted by id)."""
+def same_order_for_all(n: int, sim: Simulator) -> Callable[[SimNode], Callable[[], Sequence[int]]]:
+    """The service's peer source: the source first, then every target in node-id order — one
+    list that every target gets (``DistributionService`` resolves the scope sorted by id)."""
     order = list(range(1, n + 1))
     sim.rng.shuffle(order)  # node ids are random, so id order is a random permutation
+    shared = (SOURCE, *order)
 
-    def for_node(_node: SimNode) -> Callable[[], Iterable[int]]:
-        return lambda: itertools.chain((SOURCE,), order)
+    def for_node(_node: SimNode) -> Callable[[], Sequence[int]]:
+        return lambda: shared
 
     return for_node
 
@@ -169,9 +170,15 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
             sim.after(sample_every, sample)
 
     sim.after(sample_every, sample)
-    sim.run(until=sc.max_time,
-            on_tick=(lambda now: progress(now, world.completed, world.honest_targets))
-            if progress else None)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # millions of short-lived objects: full collections would grow with the fleet
+    try:
+        sim.run(until=sc.max_time,
+                on_tick=(lambda now: progress(now, world.completed, world.honest_targets))
+                if progress else None)
+    finally:
+        if gc_was_on:
+            gc.enable()
     rss1 = _rss_kib()
     return _result(sc, world, sim, time.perf_counter() - wall0,
                    max(0.0, rss1 - rss0) / (sc.nodes + 1), series_t, series_up)

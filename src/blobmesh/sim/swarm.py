@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from blobmesh.distribution.scheduler import (
@@ -302,7 +302,7 @@ class SimNode:
                     world.send_next(end)
 
 
-Candidates = Callable[[SimNode], Callable[[], Iterable[int]]]
+Candidates = Callable[[SimNode], Callable[[], Sequence[int]]]
 
 
 class World:
@@ -324,7 +324,7 @@ class World:
     def node_rng(self, node: SimNode) -> random.Random:
         return random.Random(self.sim.rng.getrandbits(64))
 
-    def candidates(self, node: SimNode) -> Callable[[], Iterable[int]]:
+    def candidates(self, node: SimNode) -> Callable[[], Sequence[int]]:
         return self._candidates(node)
 
     def latency(self, a: SimNode, b: SimNode) -> float:
