@@ -29,6 +29,7 @@ from blobmesh.errors import BlobmeshError, InvalidIdError
 from blobmesh.hashing import BlobId
 from blobmesh.node.client import NodeClient
 from blobmesh.node.codec import status_to_json
+from blobmesh.node.logs import FORMATS, LEVELS
 from blobmesh.store import Store, default_home
 
 
@@ -46,19 +47,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
     p = add_command(node_sub, "run", cmd_node_run,
                     "run a node until SIGINT/SIGTERM; prints its ticket first")
-    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="address to listen on; port 0 reuses the port of the last run when "
+                        "free, else picks one (default 127.0.0.1:0)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="TICKET",
                    help="a peer to join through (repeatable)")
     p.add_argument("--group", action="append", default=[], metavar="G",
                    help="a group (formation) this node belongs to (repeatable)")
     p.add_argument("--cap", action="append", default=[], metavar="KEY=VALUE",
                    help="a capability such as gpu=true or mem_gb=64 (repeatable)")
-    p.add_argument("--space", default="blobmesh", metavar="NAME")
+    p.add_argument("--space", default="blobmesh", metavar="NAME",
+                   help="name of the space to join (default blobmesh)")
     p.add_argument("--secret-file", type=Path, metavar="F",
-                   help="file holding the space's shared secret")
-    p.add_argument("--upload-rate", type=float, default=0, metavar="BYTES_PER_S")
-    p.add_argument("--download-rate", type=float, default=0, metavar="BYTES_PER_S")
+                   help="file holding the space's shared secret (at least 16 bytes)")
+    p.add_argument("--upload-rate", type=float, default=0, metavar="BYTES_PER_S",
+                   help="cap on swarm upload bytes per second (default 0: unlimited)")
+    p.add_argument("--download-rate", type=float, default=0, metavar="BYTES_PER_S",
+                   help="cap on swarm download bytes per second (default 0: unlimited)")
     p.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
+    p.add_argument("--log-level", choices=LEVELS, default="info",
+                   help="least severe log records shown on stderr (default info)")
+    p.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
+    p.add_argument("--log-format", choices=FORMATS, default="text",
+                   help="one text line or one JSON object per record (default text)")
 
     add_command(sub, "peers", cmd_peers, "list the peers the running node knows", json_flag=True)
 
@@ -89,7 +100,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                                  groups=args.group, caps=args.cap, space=args.space,
                                  secret_file=args.secret_file, upload_rate=args.upload_rate,
                                  download_rate=args.download_rate, mdns=args.mdns)
-    return run_node_forever(config)
+    level = "debug" if args.verbose else args.log_level
+    return run_node_forever(config, log_level=level, log_format=args.log_format)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:

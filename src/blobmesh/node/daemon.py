@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -17,10 +19,13 @@ from typing import Any
 from blobmesh import __version__
 from blobmesh.distribution.service import DistributionConfig, DistributionService
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
-from blobmesh.errors import BlobmeshError
+from blobmesh.errors import BlobmeshError, InvalidIdError, TransportError
 from blobmesh.hashing import BlobId
 from blobmesh.node.control import ControlServer
+from blobmesh.node.home import MAX_REMEMBERED_PEERS, HomeLock, NodeState
+from blobmesh.node.logs import configure_logging
 from blobmesh.node.metrics import render_metrics
+from blobmesh.node.watch import PeerView, RejoinPolicy, distribution_changes, peer_changes
 from blobmesh.shares import ShareMetrics, load_blob
 from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
@@ -28,10 +33,21 @@ from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
 from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
 from blobmesh.transfer.messages import Selector
-from blobmesh.transport import Endpoint, Identity, NodeId, Ticket, TransportConfig
+from blobmesh.transport import (
+    Address,
+    Endpoint,
+    Identity,
+    NodeId,
+    Ticket,
+    TransportConfig,
+    parse_address,
+)
 from blobmesh.transport.ticket import format_address, parse_listen_address
 
 log = logging.getLogger(__name__)
+
+_PEER_EVENTS = {"joined": "joined", "suspect": "is suspect (not answering probes)",
+                "alive": "answers again", "left": "left", "dead": "is dead (record gone)"}
 
 NODE_FRAME_SIZE = 264 * 1024
 
@@ -79,6 +95,10 @@ class NodeConfig:
     transport: TransportConfig = field(
         default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    want_peers: int = 8
+    """While fewer peers are alive, remembered peers and bootstrap tickets are redialed."""
+    watch_interval: float = 1.0
+    """Seconds between looks at the space and the distributions (logs, remembered peers)."""
 
     @classmethod
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
@@ -108,14 +128,23 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.store = Store(config.home)
-        self.identity = Identity.load_or_create(config.home)
+        self._lock = HomeLock(config.home)
+        self._lock.acquire()  # before anything in the home is opened, the control socket above all
+        try:
+            self.store = Store(config.home)
+            self.identity = Identity.load_or_create(config.home)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.state = NodeState.load(config.home)
+        self.started_at = time.time()
         self._endpoint: Endpoint | None = None
         self._space: Space | None = None
         self._swarm: SwarmEngine | None = None
         self._transfer: TransferManager | None = None
         self._distribution: DistributionService | None = None
         self._control: ControlServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.share_metrics = ShareMetrics()
 
     @property
@@ -145,13 +174,13 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         try:
-            self._endpoint = await Endpoint.start(self.identity, cfg.listen, config=cfg.transport)
+            self._endpoint = await self._listen()
             space_cfg = SpaceConfig(
                 name=cfg.space, secret=cfg.secret, groups=cfg.groups,
                 capabilities=cfg.capabilities,
                 addresses=tuple(format_address(a) for a in self.endpoint.ticket.addrs),
-                seeds=tuple(Seed.from_ticket(t) for t in cfg.bootstrap), mdns=cfg.mdns,
-                timing=cfg.timing)
+                seeds=tuple(Seed.from_ticket(t) for t in self._rejoin_tickets()),
+                mdns=cfg.mdns, timing=cfg.timing)
             self._space = Space(space_cfg, self.identity, self.endpoint,
                                 cfg.home / "space.sqlite",
                                 address_book=endpoint_address_book(
@@ -171,12 +200,115 @@ class Node:
             await self.distribution.start()
             self._control = ControlServer(self, cfg.home / "control.sock")
             await self._control.start()
+            self._spawn(self._watch())
+            log.info("node %s listening on %s, addresses %s", self.identity.node_id,
+                     format_address(self.endpoint.listen_address),
+                     " ".join(format_address(a) for a in self.ticket.addrs))
+            log.info("ticket %s", self.ticket)
         except BaseException:
             await self.aclose()
             raise
 
+    async def _listen(self) -> Endpoint:
+        """Listen where configured; port 0 means the port of the last run if it is free, so
+        tickets handed out before a restart stay valid."""
+        cfg = self.config
+        host, port = cfg.listen
+        endpoint = None
+        if port == 0 and self.state.listen_port:
+            try:
+                endpoint = await Endpoint.start(self.identity, (host, self.state.listen_port),
+                                                config=cfg.transport)
+            except TransportError as exc:
+                log.warning("previous listen port is taken, picking a new one (tickets given "
+                            "out before change): %s", exc)
+        if endpoint is None:
+            endpoint = await Endpoint.start(self.identity, cfg.listen, config=cfg.transport)
+        if self.state.listen_port != endpoint.listen_address[1]:
+            self.state.listen_port = endpoint.listen_address[1]
+            self.state.save(cfg.home)
+        return endpoint
+
+    def _rejoin_tickets(self) -> list[Ticket]:
+        """Bootstrap tickets, then the peers remembered from earlier runs (not this node)."""
+        seen = {self.identity.node_id}
+        out = []
+        for t in [*self.config.bootstrap, *self.state.peers]:
+            if t.node_id not in seen:
+                seen.add(t.node_id)
+                out.append(t)
+        return out
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node task failed", exc_info=task.exception())
+
+    async def _watch(self) -> None:
+        """Log membership and distribution changes, remember peers, redial while alone."""
+        loop = asyncio.get_running_loop()
+        rejoin = RejoinPolicy(self.config.want_peers, now=loop.time())
+        peers: dict[NodeId, PeerView] = {}
+        # what was loaded from earlier runs is history, not news
+        dists = {str(s.handle): s for s in self.distribution.distributions()}
+        me = self.identity.node_id
+        while True:
+            now_peers = self._peer_views(peers)
+            for event, node in peer_changes(peers, now_peers):
+                log.info("peer %s %s", node, _PEER_EVENTS[event])
+            peers = now_peers
+            self._remember_peers()
+            now_dists = {str(s.handle): s for s in self.distribution.distributions()}
+            for line in distribution_changes(dists, now_dists, me):
+                log.info("%s", line)
+            dists = now_dists
+            if loop.time() >= rejoin.get_timer():
+                tickets = self._rejoin_tickets()
+                alive = sum(v.alive and not v.left for v in peers.values())
+                if rejoin.handle_timer(loop.time(), alive, len(tickets)):
+                    for t in tickets:
+                        if not self.space.is_alive(t.node_id):
+                            self.space.add_seed(Seed.from_ticket(t))
+            await asyncio.sleep(self.config.watch_interval)
+
+    def _peer_views(self, before: dict[NodeId, PeerView]) -> dict[NodeId, PeerView]:
+        views = {p.node_id: PeerView(p.alive) for p in self.space.peers(alive_only=False)}
+        for node in before.keys() - views.keys():
+            rec = self.space.peer_store.get(node)
+            if rec is not None and rec.tombstone:
+                views[node] = PeerView(False, left=True)
+        return views
+
+    def _remember_peers(self) -> None:
+        """Keep the tickets of live peers first, then the others remembered, bounded."""
+        fresh: dict[NodeId, Ticket] = {}
+        for p in self.space.peers():
+            addrs: list[Address] = []
+            for a in p.addresses:
+                with contextlib.suppress(InvalidIdError):
+                    addrs.append(parse_address(a))
+            if addrs:
+                fresh[p.node_id] = Ticket.create(p.node_id, addrs)
+        for t in self.state.peers:
+            fresh.setdefault(t.node_id, t)
+        merged = list(fresh.values())[:MAX_REMEMBERED_PEERS]
+        if [str(t) for t in merged] != [str(t) for t in self.state.peers]:
+            self.state.peers = merged
+            self.state.save(self.config.home)
+
     async def aclose(self, *, leave: bool = True) -> None:
         """Stop everything; with ``leave``, first tell the space we are going (best effort)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._control is not None:
             await self._control.aclose()
             self._control = None
@@ -187,6 +319,7 @@ class Node:
             if leave:
                 with contextlib.suppress(BlobmeshError, TimeoutError, OSError):
                     await asyncio.wait_for(self._space.leave(), 3.0)
+                    log.info("left the space")
             await self._space.aclose()
             self._space = None
         if self._transfer is not None:
@@ -199,6 +332,7 @@ class Node:
             await self._endpoint.aclose()
             self._endpoint = None
         self.store.close()
+        self._lock.release()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -216,10 +350,20 @@ class Node:
     # --- views for the control API ---------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
+        """``GET /v1/node``: who this node is, where it listens, what it holds."""
+        blobs = self.store.blobs()
         return {"node": str(self.identity.node_id), "ticket": str(self.ticket),
+                "addresses": [format_address(a) for a in self.ticket.addrs],
+                "listen": format_address(self.endpoint.listen_address),
                 "version": __version__, "space": self.config.space,
                 "groups": list(self.config.groups),
-                "capabilities": dict(self.config.capabilities), "home": str(self.config.home)}
+                "capabilities": dict(self.config.capabilities), "home": str(self.config.home),
+                "pid": os.getpid(), "started_at": self.started_at,
+                "uptime_seconds": time.time() - self.started_at,
+                "peers_alive": len(self.space.peers()),
+                "store": {"blobs": sum(b.complete for b in blobs),
+                          "partial_blobs": sum(not b.complete for b in blobs),
+                          "bytes": sum(b.bytes_present for b in blobs)}}
 
     def peers_json(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.space.peers(alive_only=False)]
@@ -228,13 +372,14 @@ class Node:
         return render_metrics(self)
 
 
-def run_node_forever(config: NodeConfig) -> int:
-    """Run a node until SIGINT/SIGTERM; print its ticket alone on stdout's first line."""
+def run_node_forever(config: NodeConfig, *, log_level: str = "info",
+                     log_format: str = "text") -> int:
+    """Run a node until SIGINT/SIGTERM (both leave the space gracefully); print its ticket
+    alone on stdout's first line."""
     from blobmesh.transport import install_uvloop
 
     install_uvloop()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    configure_logging(log_level, log_format)
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -245,6 +390,7 @@ def run_node_forever(config: NodeConfig) -> int:
             sys.stdout.write(f"{node.ticket}\n")
             sys.stdout.flush()
             await stop.wait()
+            log.info("stopping: leaving the space")
         return 0
 
     return asyncio.run(main())

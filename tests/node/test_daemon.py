@@ -1,0 +1,80 @@
+"""The node daemon as real processes: the home lock, a stable port, rejoin after restarts, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+
+from blobmesh.node.client import NodeClient
+from blobmesh.node.fleet import Fleet
+from blobmesh.store import Store
+from blobmesh.transport import Ticket
+from blobmesh.transport.ticket import format_address
+from tests.util import eventually
+
+pytestmark = pytest.mark.slow
+
+
+async def test_second_node_on_a_home_is_refused_and_the_first_keeps_its_socket(
+        fleet: Fleet) -> None:
+    a = fleet.add()
+    fleet.start()
+    r = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "blobmesh.cli.main", "--home", str(a.home),
+                         "node", "run"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"blobmesh: error: another node (pid {a.proc.pid if a.proc else 0}) is running on "
+        f"home {a.home}"]
+    async with NodeClient(a.home) as client:
+        assert (await client.node())["node"] == a.node_id
+
+
+async def test_restarted_seed_rejoins_with_the_same_command(fleet: Fleet) -> None:
+    x = fleet.add(groups=["edge"])
+    y = fleet.add(groups=["edge"])
+    fleet.start()
+    await fleet.wait_converged(20)
+    ticket = x.ticket
+    fleet.restart(x)
+    assert x.ticket == ticket  # same port: tickets handed out stay valid
+    await fleet.wait_converged(20)  # x redials y, which it remembered; y sees x again
+    fleet.restart(y)  # and the other way round
+    await fleet.wait_converged(20)
+
+    def rejoin_logged() -> bool:  # the node looks at its space once a second
+        logs = x.stderr()
+        left = logs.find(f"peer {y.node_id} left")
+        return left >= 0 and logs.find(f"peer {y.node_id} joined", left) > left
+
+    await eventually(rejoin_logged)
+    logs = x.stderr()
+    assert f"listening on {ticket_address(x.ticket)}" in logs and f"ticket {ticket}" in logs
+
+
+async def test_distribution_events_are_logged(fleet: Fleet) -> None:
+    src = fleet.add()
+    dst = fleet.add()
+    fleet.start()
+    await fleet.wait_converged(20)
+    with Store(src.home) as store:
+        blob = store.add_bytes(os.urandom(300_000)).blob_id
+    async with NodeClient(src.home) as client:
+        handle = (await client.distribute(str(blob), "all", "normal")).handle
+
+        def logged() -> bool:
+            return (f"distribution {handle} completed" in src.stderr()
+                    and f"distribution {handle} received" in dst.stderr())
+
+        await eventually(logged)
+        with pytest.raises(Exception, match="no node other than this one"):
+            await client.distribute(str(blob), "group:nobody", "normal")
+    assert f"distribution {handle} started: blob {blob}" in src.stderr()
+
+
+def ticket_address(ticket: str) -> str:
+    return format_address(Ticket.parse(ticket).addrs[0])
