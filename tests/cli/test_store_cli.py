@@ -59,7 +59,7 @@ def test_add_outputs(cli: Cli, files: list[Path]) -> None:
     assert [line.endswith(str(f)) for line, f in zip(human, files, strict=True)] == [True, True]
     listing = cli.json("add", *files)
     assert isinstance(listing, list)
-    assert [(e["id"], e["size"], e["path"], e["complete"]) for e in listing] == [
+    assert [(e["blob"], e["size"], e["path"], e["complete"]) for e in listing] == [
         (ids[0], len(DATA), str(files[0]), True), (ids[1], 5, str(files[1]), True)]
 
 
@@ -70,24 +70,24 @@ def test_read_commands(cli: Cli, files: list[Path], tmp_path: Path) -> None:
     assert (tmp_path / "out.bin").read_bytes() == DATA
     info = cli.json("info", blob)
     assert isinstance(info, dict)
-    assert (info["id"], info["size"], info["pins"]) == (blob, len(DATA), ["data/latest"])
+    assert (info["blob"], info["size"], info["pins"]) == (blob, len(DATA), ["data/latest"])
     assert f"id: {blob}" in cli.out("info", blob)
     ls = cli.out("ls").splitlines()
     assert len(ls) == 1 and ls[0].startswith(blob) and "pins: data/latest" in ls[0]
     listing = cli.json("ls")
-    assert isinstance(listing, list) and [e["id"] for e in listing] == [blob]
+    assert isinstance(listing, list) and [e["blob"] for e in listing] == [blob]
 
 
 def test_pins_and_gc(cli: Cli, files: list[Path]) -> None:
     kept, dropped = cli.out("add", "-q", *files).split()
     assert cli.out("pin", kept, "keep").strip() == f"pinned {kept} as keep"
     pins = cli.json("pins")
-    assert isinstance(pins, list) and [(p["name"], p["id"]) for p in pins] == [("keep", kept)]
+    assert isinstance(pins, list) and [(p["name"], p["blob"]) for p in pins] == [("keep", kept)]
     assert cli.out("pins").split() == ["keep", kept]
     dry = cli.json("gc", "--dry-run")
     assert isinstance(dry, dict) and dry["deleted"] == [dropped] and dry["dry_run"]
     assert "deleted 1 blob(s)" in cli.out("gc")
-    assert [e["id"] for e in cli.json("ls")] == [kept]
+    assert [e["blob"] for e in cli.json("ls")] == [kept]
     assert cli.out("unpin", "keep").strip() == f"unpinned keep ({kept})"
     report = cli.json("gc")
     assert isinstance(report, dict) and report["deleted"] == [kept]
@@ -105,7 +105,7 @@ def test_fsck(cli: Cli, files: list[Path]) -> None:
     assert cli.run("cat", blob, ok=False).returncode != 0
     report = cli.json("fsck", "--repair")
     assert isinstance(report, dict) and report["repaired"]
-    assert [(p["kind"], p["id"]) for p in report["problems"]] == [("corrupt", blob)]
+    assert [(p["kind"], p["blob"]) for p in report["problems"]] == [("corrupt", blob)]
     assert cli.json("fsck") == {"checked": 0, "bytes_checked": 0, "ok": True,
                                 "repaired": False, "problems": []}
 

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, TypeAlias
 
 from rich.console import Console
@@ -28,11 +29,61 @@ def add_command(sub: Subcommands, name: str, handler: Callable[[argparse.Namespa
     p = sub.add_parser(name, help=help, description=help)
     p.set_defaults(handler=handler)
     if json_flag:
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--json", action="store_true",
+                       help="machine-readable output on stdout (see docs/distribution.md)")
     return p
 
 
-console = Console()
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default unless its help already says it (or it has none worth
+    showing: unset, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS) \
+                or action.option_strings == [] or isinstance(default, bool):
+            return text
+        return f"{text} (default: {default})"
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number of seconds (or such) greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
+
+
+def human_value(v: object) -> str:
+    """A JSON-ish scalar as people write it: ``true``/``false``, not Python's ``True``."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def human_time(ts: float | None) -> str:
+    """Unix seconds as local ISO-8601 with its offset, to the second."""
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def human_duration(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``2h05m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# in a pipe, rich would squeeze tables into 80 columns and cut ids: give them room instead
+console = Console(width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
 
 

@@ -8,20 +8,24 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
 
 from blobmesh import __version__
+from blobmesh.distribution.model import DistributionStatus, Scope
 from blobmesh.distribution.service import DistributionConfig, DistributionService
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
 from blobmesh.errors import BlobmeshError, InvalidIdError, TransportError
 from blobmesh.hashing import BlobId
-from blobmesh.node.control import ControlServer
+from blobmesh.node.control import ControlServer, metrics_app, serve_app
 from blobmesh.node.home import MAX_REMEMBERED_PEERS, HomeLock, NodeState
 from blobmesh.node.logs import configure_logging
 from blobmesh.node.metrics import render_metrics
@@ -43,6 +47,9 @@ from blobmesh.transport import (
     parse_address,
 )
 from blobmesh.transport.ticket import format_address, parse_listen_address
+
+if TYPE_CHECKING:
+    from blobmesh.node.config import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ class NodeConfig:
     transport: TransportConfig = field(
         default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    metrics_listen: Address | None = None
+    """Where to serve ``/metrics`` over TCP for Prometheus (besides the control socket)."""
     want_peers: int = 8
     """While fewer peers are alive, remembered peers and bootstrap tickets are redialed."""
     watch_interval: float = 1.0
@@ -145,6 +154,7 @@ class Node:
         self._distribution: DistributionService | None = None
         self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._http: list[web.AppRunner] = []
         self.share_metrics = ShareMetrics()
 
     @property
@@ -200,6 +210,9 @@ class Node:
             await self.distribution.start()
             self._control = ControlServer(self, cfg.home / "control.sock")
             await self._control.start()
+            if cfg.metrics_listen is not None:
+                where = await self.serve_http(metrics_app(self), cfg.metrics_listen)
+                log.info("metrics on http://%s/metrics", where)
             self._spawn(self._watch())
             log.info("node %s listening on %s, addresses %s", self.identity.node_id,
                      format_address(self.endpoint.listen_address),
@@ -228,6 +241,26 @@ class Node:
             self.state.listen_port = endpoint.listen_address[1]
             self.state.save(cfg.home)
         return endpoint
+
+    async def serve_http(self, app: web.Application, listen: Address) -> str:
+        """Serve ``app`` on TCP at ``listen`` until the node stops; returns ``host:port``.
+
+        The node's HTTP surfaces beyond the control socket attach here: ``/metrics`` for
+        Prometheus, and any other app (a dashboard) given the node."""
+        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:  # bound here, so port 0 works and the bound port is known
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(listen)
+        except OSError as exc:
+            sock.close()
+            raise NodeConfigError(f"cannot listen on {format_address(listen)}: "
+                                  f"{exc.strerror or exc}") from exc
+        runner = serve_app(app)
+        await runner.setup()
+        self._http.append(runner)
+        await web.SockSite(runner, sock).start()
+        return format_address((listen[0], sock.getsockname()[1]))
 
     def _rejoin_tickets(self) -> list[Ticket]:
         """Bootstrap tickets, then the peers remembered from earlier runs (not this node)."""
@@ -267,6 +300,7 @@ class Node:
             for line in distribution_changes(dists, now_dists, me):
                 log.info("%s", line)
             dists = now_dists
+            rejoin.want = self.config.want_peers  # SIGHUP may change it
             if loop.time() >= rejoin.get_timer():
                 tickets = self._rejoin_tickets()
                 alive = sum(v.alive and not v.left for v in peers.values())
@@ -309,6 +343,9 @@ class Node:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for runner in self._http:
+            await runner.cleanup()
+        self._http.clear()
         if self._control is not None:
             await self._control.aclose()
             self._control = None
@@ -365,28 +402,65 @@ class Node:
                           "partial_blobs": sum(not b.complete for b in blobs),
                           "bytes": sum(b.bytes_present for b in blobs)}}
 
+    def apply(self, config: NodeConfig) -> None:
+        """Take what can change while running from ``config``: bootstrap tickets (dialed
+        from the next rejoin round) and the number of peers wanted.  The rest needs a restart."""
+        self.config = replace(self.config, bootstrap=config.bootstrap,
+                              want_peers=config.want_peers)
+
+    def distributions(self, *, active_only: bool = False) -> list[DistributionStatus]:
+        """Distributions known here and not pruned, newest first."""
+        pruned = set(self.state.pruned)
+        return [s for s in self.distribution.distributions()
+                if str(s.handle) not in pruned and not (active_only and s.done)]
+
+    def active_distribution(self, blob_id: BlobId, scope: str) -> DistributionStatus | None:
+        """The active distribution this node started for ``blob_id`` to ``scope``, if any."""
+        want = str(Scope.parse(scope))
+        me = self.identity.node_id
+        return next((s for s in self.distribution.distributions()
+                     if not s.done and s.blob_id == blob_id and str(s.scope) == want
+                     and s.target(me) is None), None)
+
+    def prune_distributions(self) -> list[str]:
+        """Hide every finished distribution from listings; returns their handles."""
+        known = {str(s.handle): s for s in self.distribution.distributions()}
+        gone = [h for h, s in known.items() if s.done and h not in self.state.pruned]
+        # handles the service no longer knows need no hiding: the list stays bounded
+        self.state.pruned = sorted({*gone, *(h for h in self.state.pruned if h in known)})
+        self.state.save(self.config.home)
+        return gone
+
     def peers_json(self) -> list[dict[str, Any]]:
-        return [p.to_json() for p in self.space.peers(alive_only=False)]
+        """``GET /v1/peers``, in the CLI's JSON scheme (times in Unix seconds)."""
+        return [{"node": str(p.node_id), "addresses": list(p.addresses),
+                 "groups": sorted(p.groups), "capabilities": dict(p.capabilities),
+                 "alive": p.alive, "last_seen_at": p.last_seen or None,
+                 "expires_at": p.expires_at / 1000}
+                for p in self.space.peers(alive_only=False)]
 
     def metrics_text(self) -> str:
         return render_metrics(self)
 
 
-def run_node_forever(config: NodeConfig, *, log_level: str = "info",
-                     log_format: str = "text") -> int:
+def run_node_forever(settings: RunSettings,
+                     reload: Callable[[], RunSettings] | None = None) -> int:
     """Run a node until SIGINT/SIGTERM (both leave the space gracefully); print its ticket
-    alone on stdout's first line."""
+    alone on stdout's first line.  SIGHUP calls ``reload`` and applies what can change while
+    running: log level and format, bootstrap tickets, the number of peers wanted."""
     from blobmesh.transport import install_uvloop
 
     install_uvloop()
-    configure_logging(log_level, log_format)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Node(config) as node:
+        async with Node(settings.node) as node:
+            if reload is not None:
+                loop.add_signal_handler(signal.SIGHUP, lambda: _reload(node, reload))
             sys.stdout.write(f"{node.ticket}\n")
             sys.stdout.flush()
             await stop.wait()
@@ -394,3 +468,16 @@ def run_node_forever(config: NodeConfig, *, log_level: str = "info",
         return 0
 
     return asyncio.run(main())
+
+
+def _reload(node: Node, reload: Callable[[], RunSettings]) -> None:
+    try:
+        new = reload()
+    except BlobmeshError as exc:
+        log.warning("SIGHUP: config not reloaded: %s", exc)
+        return
+    configure_logging(new.log_level, new.log_format)
+    node.apply(new.node)
+    log.info("SIGHUP: reloaded %s (log level %s, %d bootstrap ticket(s), want %d peers)",
+             new.config_file or "flags", new.log_level, len(new.node.bootstrap),
+             new.node.want_peers)

@@ -59,6 +59,7 @@ class NodeState:
 
     listen_port: int = 0
     peers: list[Ticket] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)  # finished distributions hidden from lists
 
     @classmethod
     def load(cls, home: Path) -> NodeState:
@@ -71,7 +72,8 @@ class NodeState:
                 with contextlib.suppress(InvalidIdError):
                     peers.append(Ticket.parse(str(text)))
             return cls(listen_port=int(raw.get("listen_port", 0)),
-                       peers=peers[:MAX_REMEMBERED_PEERS])
+                       peers=peers[:MAX_REMEMBERED_PEERS],
+                       pruned=[str(h) for h in raw.get("pruned", [])])
         except FileNotFoundError:
             return cls()
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -84,5 +86,6 @@ class NodeState:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({
             "version": STATE_VERSION, "listen_port": self.listen_port,
-            "peers": [str(t) for t in self.peers[:MAX_REMEMBERED_PEERS]]}, indent=1))
+            "peers": [str(t) for t in self.peers[:MAX_REMEMBERED_PEERS]],
+            "pruned": self.pruned}, indent=1))
         os.replace(tmp, path)
