@@ -155,6 +155,7 @@ class Node:
         self._control: ControlServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: list[web.AppRunner] = []
+        self.metrics_address: str | None = None  # host:port of the TCP /metrics, if served
         self.share_metrics = ShareMetrics()
 
     @property
@@ -211,8 +212,9 @@ class Node:
             self._control = ControlServer(self, cfg.home / "control.sock")
             await self._control.start()
             if cfg.metrics_listen is not None:
-                where = await self.serve_http(metrics_app(self), cfg.metrics_listen)
-                log.info("metrics on http://%s/metrics", where)
+                self.metrics_address = await self.serve_http(metrics_app(self),
+                                                             cfg.metrics_listen)
+                log.info("metrics on http://%s/metrics", self.metrics_address)
             self._spawn(self._watch())
             log.info("node %s listening on %s, addresses %s", self.identity.node_id,
                      format_address(self.endpoint.listen_address),
