@@ -1,0 +1,69 @@
+"""The command line as a whole: every option explained, global options anywhere, completion."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blobmesh.cli.completion_cmds import command_tree
+from blobmesh.cli.main import build_parser, subcommand_parsers
+
+
+def test_every_option_and_argument_has_help() -> None:
+    parser = build_parser()
+    missing = []
+    for p in [parser, *subcommand_parsers(parser)]:
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            if not a.help:
+                missing.append(f"{p.prog} {'/'.join(a.option_strings) or a.dest}")
+    assert missing == []
+
+
+def test_help_shows_defaults() -> None:
+    parser = build_parser()
+    text = {p.prog: " ".join(p.format_help().split()) for p in subcommand_parsers(parser)}
+    assert "(default: 127.0.0.1:0)" in text["blobmesh node run"]
+    assert re.search(r"\(default:? normal\)", text["blobmesh distribute"])
+    assert "(default: 240)" not in text["blobmesh ls"]  # no defaults made up
+    assert re.search(r"--window MIB .* \(default:? \d+\)", text["blobmesh serve"])
+
+
+def test_global_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["--home", "/a", "peers"]).home == Path("/a")
+    assert parser.parse_args(["peers", "--home", "/b", "--json"]).home == Path("/b")
+    assert parser.parse_args(["node", "run", "--home", "/c"]).home == Path("/c")
+    assert parser.parse_args(["peers"]).home is None
+
+
+def test_completion_scripts_know_every_command() -> None:
+    tree = command_tree(build_parser())
+    assert "run" in tree["node"][0] and "--metrics-listen" in tree["node run"][1]
+    for shell in ("bash", "zsh", "fish"):
+        r = subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "completion", shell],
+                           capture_output=True, text=True, timeout=60, check=True)
+        assert "distribute" in r.stdout
+        assert ("-l to" if shell == "fish" else "--to") in r.stdout
+        if shell == "bash":
+            check = subprocess.run(["bash", "-c", r.stdout + """
+COMP_WORDS=(blobmesh node r); COMP_CWORD=2; _blobmesh; echo "${COMPREPLY[@]}"
+COMP_WORDS=(blobmesh distribute f --pr); COMP_CWORD=3; _blobmesh; echo "${COMPREPLY[@]}"
+"""], capture_output=True, text=True, timeout=60)
+            assert check.stdout.splitlines() == ["run", "--priority"], check.stderr
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_accepts_its_script(tmp_path: Path) -> None:
+    script = tmp_path / "blobmesh.fish"
+    script.write_text(subprocess.run(
+        [sys.executable, "-m", "blobmesh.cli.main", "completion", "fish"],
+        capture_output=True, text=True, timeout=60, check=True).stdout)
+    subprocess.run(["fish", "--no-execute", str(script)], check=True, timeout=60)
