@@ -96,6 +96,9 @@ class NodeCollector(Collector):
                      node=str(node.identity.node_id), space=node.config.space)
         yield _gauge("blobmesh_node_start_time_seconds", "when the node started (Unix time)",
                      node.started_at)
+        yield _counter("blobmesh_node_unhandled_errors",
+                       "errors no task owner retrieved (bugs: see the node's log)",
+                       node.unhandled_errors)
         yield from self._store()
         yield from self._swarm()
         yield from self._space()
