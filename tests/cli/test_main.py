@@ -67,3 +67,12 @@ def test_fish_accepts_its_script(tmp_path: Path) -> None:
         [sys.executable, "-m", "blobmesh.cli.main", "completion", "fish"],
         capture_output=True, text=True, timeout=60, check=True).stdout)
     subprocess.run(["fish", "--no-execute", str(script)], check=True, timeout=60)
+
+
+def test_shipped_completion_scripts_are_current() -> None:
+    contrib = Path(__file__).parents[2] / "contrib" / "completions"
+    for shell in ("bash", "zsh", "fish"):
+        r = subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "completion", shell],
+                           capture_output=True, text=True, timeout=60, check=True)
+        assert (contrib / f"blobmesh.{shell}").read_text() == r.stdout, (
+            f"regenerate: blobmesh completion {shell} > contrib/completions/blobmesh.{shell}")
