@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 
@@ -78,3 +79,23 @@ async def test_distribution_events_are_logged(fleet: Fleet) -> None:
 
 def ticket_address(ticket: str) -> str:
     return format_address(Ticket.parse(ticket).addrs[0])
+
+
+async def test_config_file_then_sighup_reloads_it(fleet: Fleet) -> None:
+    a = fleet.add(extra=["--log-level", "info"])
+    a.home.mkdir(parents=True)
+    (a.home / "config.toml").write_text('group = ["from-file"]\nlog_level = "warning"\n')
+    fleet.start()
+    async with NodeClient(a.home) as client:
+        info = await client.node()
+    assert info["groups"] == ["from-file"]  # the file is read
+    assert "listening on" in a.stderr()  # the flag's info level beat the file's warning
+    assert a.proc is not None
+    (a.home / "config.toml").write_text('group = ["from-file"]\nwant_peers = 2\n')
+    a.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "SIGHUP: reloaded" in a.stderr() and "want 2 peers" in a.stderr())
+    (a.home / "config.toml").write_text("want_peers = 'many'\n")
+    a.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "SIGHUP: config not reloaded" in a.stderr())
+    async with NodeClient(a.home) as client:  # still serving
+        assert (await client.node())["node"] == a.node_id
