@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +35,7 @@ from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
+from blobmesh.tasks import TaskOwner
 from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
 from blobmesh.transfer.messages import Selector
 from blobmesh.transport import (
@@ -153,7 +154,7 @@ class Node:
         self._transfer: TransferManager | None = None
         self._distribution: DistributionService | None = None
         self._control: ControlServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("node")
         self._http: list[web.AppRunner] = []
         self.unhandled_errors = 0
         self.metrics_address: str | None = None  # host:port of the TCP /metrics, if served
@@ -216,7 +217,7 @@ class Node:
                 self.metrics_address = await self.serve_http(metrics_app(self),
                                                              cfg.metrics_listen)
                 log.info("metrics on http://%s/metrics", self.metrics_address)
-            self._spawn(self._watch())
+            self._tasks.spawn_restarting(self._watch, name="watch")
             log.info("node %s listening on %s, addresses %s", self.identity.node_id,
                      format_address(self.endpoint.listen_address),
                      " ".join(format_address(a) for a in self.ticket.addrs))
@@ -275,16 +276,6 @@ class Node:
                 out.append(t)
         return out
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("node task failed", exc_info=task.exception())
-
     async def _watch(self) -> None:
         """Log membership and distribution changes, remember peers, redial while alone."""
         loop = asyncio.get_running_loop()
@@ -340,12 +331,7 @@ class Node:
 
     async def aclose(self, *, leave: bool = True) -> None:
         """Stop everything; with ``leave``, first tell the space we are going (best effort)."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.aclose()
         for runner in self._http:
             await runner.cleanup()
         self._http.clear()

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from blobmesh import __version__
 from blobmesh.distribution.model import DistributionState, TargetState
+from blobmesh.tasks import failure_counts
 
 if TYPE_CHECKING:
     from blobmesh.node.daemon import Node
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_DISTRIBUTIONS = 20
 MAX_TARGET_SERIES = 200
+MAX_TASK_SERIES = 50
 
 _SPACE_HELP = {
     "messages_sent": "space protocol messages sent",
@@ -96,6 +98,14 @@ class NodeCollector(Collector):
                      node=str(node.identity.node_id), space=node.config.space)
         yield _gauge("blobmesh_node_start_time_seconds", "when the node started (Unix time)",
                      node.started_at)
+        failures = CounterMetricFamily(
+            "blobmesh_task_failures",
+            f"background tasks that failed, by task (the {MAX_TASK_SERIES} most failing)",
+            labels=["task"])
+        counts = sorted(failure_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+        for task, n in counts[:MAX_TASK_SERIES]:
+            failures.add_metric([task], n)
+        yield failures
         yield _counter("blobmesh_node_unhandled_errors",
                        "errors no task owner retrieved (bugs: see the node's log)",
                        node.unhandled_errors)
