@@ -33,6 +33,8 @@ def test_file_then_flags_override_it(tmp_path: Path) -> None:
     assert cfg.swarm.upload_rate == 5 and cfg.metrics_listen == ("127.0.0.1", 9464)
     assert (settings.log_level, settings.log_format) == ("warning", "json")
     assert settings.config_file == tmp_path / "config.toml"
+    bare = node_settings(tmp_path, args_of(tmp_path, "--metrics-listen", "9100"))
+    assert bare.node.metrics_listen == ("127.0.0.1", 9100)  # loopback unless told otherwise
     verbose = node_settings(tmp_path, args_of(tmp_path, "-v"))
     assert verbose.log_level == "debug"
 

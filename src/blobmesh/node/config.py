@@ -64,8 +64,8 @@ OPTIONS: tuple[Option, ...] = (
            "(0: unlimited)", "BYTES_PER_S"),
     Option("mdns", bool, False, "discover peers on the LAN"),
     Option("metrics_listen", str, None, "also serve /metrics over HTTP for Prometheus at this "
-           "address (e.g. 127.0.0.1:9464; expose it beyond loopback only behind a firewall)",
-           "HOST:PORT"),
+           "address; a bare PORT means 127.0.0.1:PORT (expose it beyond loopback only behind "
+           "a firewall)", "[HOST:]PORT"),
     Option("want_peers", int, 8, "redial remembered peers and bootstrap tickets, backing off, "
            "while fewer peers are alive", "N"),
     Option("log_level", str, "info", "least severe log records shown on stderr",
@@ -172,5 +172,11 @@ def node_settings(home: Path, args: argparse.Namespace) -> RunSettings:
         download_rate=v["download_rate"], mdns=v["mdns"])
     config.want_peers = v["want_peers"]
     if v["metrics_listen"]:
-        config.metrics_listen = parse_listen_address(v["metrics_listen"])
+        config.metrics_listen = parse_listen_address(_loopback_default(v["metrics_listen"]))
     return RunSettings(config, v["log_level"], v["log_format"], path)
+
+
+def _loopback_default(text: str) -> str:
+    """``9464`` and ``:9464`` mean loopback: metrics are not for the whole network."""
+    text = text.strip()
+    return f"127.0.0.1:{text.lstrip(':')}" if text.lstrip(":").isdigit() else text
