@@ -291,10 +291,16 @@ async def test_point_to_point_get_from_a_node_is_for_members(fleet: Fleet, tmp_p
     blob = add_blob(src, 3 * MiB)
     out = tmp_path / "out.bin"
     r = await asyncio.to_thread(cli, member.home, "get", str(blob), "--from", src.ticket,
-                                "-o", str(out))
+                                "-o", str(out), "--json")
     assert r.returncode == 0, r.stderr
+    got = schemas.check(json.loads(r.stdout), schemas.Transferred)
+    assert (got.blob, got.peer, got.total, got.output) == (str(blob), src.node_id, 3 * MiB,
+                                                           str(out))
     with Store(src.home) as store:
         assert out.read_bytes() == store.get_data(blob, LeaseId.new("t"))
+    r = await asyncio.to_thread(cli, member.home, "get", str(blob), "--from", src.ticket,
+                                "--json")
+    assert schemas.check(json.loads(r.stdout), schemas.AlreadyPresent).already_present
     stranger = tmp_path / "stranger"
     r = await asyncio.to_thread(cli, stranger, "get", str(blob), "--from", src.ticket)
     assert r.returncode != 0
