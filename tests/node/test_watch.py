@@ -41,6 +41,8 @@ def test_peer_changes_name_each_transition() -> None:
     assert set(peer_changes(before, after)) == {
         ("suspect", a), ("alive", c), ("left", d), ("joined", e), ("dead", b)}
     assert peer_changes(after, after) == []
+    assert peer_changes({}, {a: PeerView(False)}) == []  # remembered, not answering yet
+    assert peer_changes({a: PeerView(False)}, {a: PeerView(True)}) == [("alive", a)]
     back = peer_changes({d: PeerView(False, left=True)}, {d: PeerView(True)})
     assert back == [("joined", d)]  # a node that left and came back
 

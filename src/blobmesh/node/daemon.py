@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PEER_EVENTS = {"joined": "joined", "suspect": "is suspect (not answering probes)",
-                "alive": "answers again", "left": "left", "dead": "is dead (record gone)"}
+                "alive": "is alive (answers probes)", "left": "left",
+                "dead": "is dead (record gone)"}
 
 NODE_FRAME_SIZE = 264 * 1024
 
@@ -134,7 +135,10 @@ class NodeConfig:
 
 
 class Node:
-    """A running node.  ``async with Node(config) as node: ...``"""
+    """A running node.  ``async with Node(config) as node: ...``
+
+    Constructing one takes its home's lock (:class:`HomeInUseError` if another node holds
+    it); :meth:`aclose` releases it."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config

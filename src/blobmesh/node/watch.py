@@ -56,7 +56,8 @@ def peer_changes(before: Mapping[NodeId, PeerView], after: Mapping[NodeId, PeerV
     """Membership events between two snapshots: ``joined``, ``suspect`` (stopped answering),
     ``alive`` (answers again), ``left`` (said goodbye) and ``dead`` (record gone without one).
 
-    A node in ``after`` with ``left`` set counts as gone."""
+    A node in ``after`` with ``left`` set counts as gone; one first seen not answering (a
+    record remembered from an earlier run) is news only once it answers."""
     events: list[tuple[str, NodeId]] = []
     for node, now in after.items():
         was = before.get(node)
@@ -64,7 +65,8 @@ def peer_changes(before: Mapping[NodeId, PeerView], after: Mapping[NodeId, PeerV
             if was is not None and not was.left:
                 events.append(("left", node))
         elif was is None or was.left:
-            events.append(("joined", node))
+            if now.alive:
+                events.append(("joined", node))
         elif was.alive and not now.alive:
             events.append(("suspect", node))
         elif not was.alive and now.alive:
