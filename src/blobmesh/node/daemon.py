@@ -198,10 +198,12 @@ class Node:
                 addresses=tuple(format_address(a) for a in self.endpoint.ticket.addrs),
                 seeds=tuple(Seed.from_ticket(t) for t in self._rejoin_tickets()),
                 mdns=cfg.mdns, timing=cfg.timing)
+            book = endpoint_address_book(self.endpoint.add_peer_addresses)
             self._space = Space(space_cfg, self.identity, self.endpoint,
-                                cfg.home / "space.sqlite",
-                                address_book=endpoint_address_book(
-                                    self.endpoint.add_peer_addresses))
+                                cfg.home / "space.sqlite", address_book=book)
+            for peer in self.space.peers(alive_only=False):
+                # records kept from earlier runs: dialable now, not only once they change
+                book(peer.node_id, peer.addresses)
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
                                       authorize=self.space.is_member)
