@@ -29,6 +29,7 @@ complete -c blobmesh -n '__fish_use_subcommand' -s h
 complete -c blobmesh -n '__fish_use_subcommand' -l help
 complete -c blobmesh -n '__fish_use_subcommand' -l version
 complete -c blobmesh -n '__fish_use_subcommand' -l home
+complete -c blobmesh -n '__fish_use_subcommand' -l json
 complete -c blobmesh -n '__fish_seen_subcommand_from add' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from add' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from add' -l json

@@ -15,7 +15,7 @@ _blobmesh() {
 _blobmesh_words() {
     local words=""
     case "$1" in
-        "") words="add cat export ls info pin unpin pins gc fsck share unshare load ticket serve get push node peers distribute distributions status cancel bootstrap-server completion -h --help --version --home" ;;
+        "") words="add cat export ls info pin unpin pins gc fsck share unshare load ticket serve get push node peers distribute distributions status cancel bootstrap-server completion -h --help --version --home --json" ;;
         "add") words="-h --help --json -q --quiet --pin --home" ;;
         "bootstrap-server") words="-h --help --listen --max-records --max-spaces --home" ;;
         "cancel") words="-h --help --json --home" ;;

@@ -42,6 +42,12 @@ def test_global_options_go_before_or_after_the_subcommand(tmp_path: Path) -> Non
     assert parser.parse_args(["peers", "--home", "/b", "--json"]).home == Path("/b")
     assert parser.parse_args(["node", "run", "--home", "/c"]).home == Path("/c")
     assert parser.parse_args(["peers"]).home is None
+    r = subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "--home", str(tmp_path),
+                        "--json", "ls"], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "[]\n")
+    r = subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "--json", "cat", "bm1x"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cat has no JSON output" in r.stderr
 
 
 def test_completion_scripts_know_every_command() -> None:

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Store, move and distribute content-addressed blobs.")
     parser.add_argument("--version", action="version", version=f"blobmesh {__version__}")
     parser.add_argument("--home", type=Path, default=None, help=HOME_HELP)
+    parser.add_argument("--json", dest="global_json", action="store_true",
+                        help="machine-readable output, for commands that have it (also "
+                             "accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store_cmds.register(sub)
     share_cmds.register(sub)
@@ -64,6 +67,10 @@ def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.Argumen
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.global_json:
+        if not hasattr(args, "json"):
+            parser.error(f"{args.command} has no JSON output")
+        args.json = True
     handler = args.handler
     try:
         code: int = handler(args)
