@@ -82,3 +82,12 @@ def test_shipped_completion_scripts_are_current() -> None:
                            capture_output=True, text=True, timeout=60, check=True)
         assert (contrib / f"blobmesh.{shell}").read_text() == r.stdout, (
             f"regenerate: blobmesh completion {shell} > contrib/completions/blobmesh.{shell}")
+
+
+def test_human_units_times_and_booleans() -> None:
+    from blobmesh.cli.output import human_bytes, human_duration, human_time, human_value
+
+    assert [human_bytes(n) for n in (5, 2048, 3 * 1024**3)] == ["5 B", "2.0 KiB", "3.0 GiB"]
+    assert [human_duration(s) for s in (42, 187, 7500)] == ["42s", "3m07s", "2h05m"]
+    assert human_time(0).startswith("1970-01-01T") or human_time(0).startswith("1969-12-31T")
+    assert (human_value(True), human_value(False), human_value(3)) == ("true", "false", "3")

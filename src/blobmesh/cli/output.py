@@ -15,10 +15,12 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -99,6 +101,15 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+class IecSpeedColumn(ProgressColumn):
+    """Transfer speed in IEC units (rich's own column is decimal: MB/s beside MiB)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human_bytes(speed)}/s",
+                    style="progress.data.speed")
+
+
 @contextmanager
 def byte_progress(enabled: bool = True) -> Iterator[Progress]:
     """A rich progress display for byte counts (on stderr, so stdout stays scriptable)."""
@@ -106,7 +117,7 @@ def byte_progress(enabled: bool = True) -> Iterator[Progress]:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        IecSpeedColumn(),
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
