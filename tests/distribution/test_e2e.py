@@ -117,7 +117,7 @@ async def test_bad_requests_get_clear_errors(fleet: Fleet) -> None:
 
 async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
     src = fleet.add()
-    slow = fleet.add(extra=["--download-rate", str(4 * MiB)])
+    slow = fleet.add(extra=["--download-rate", str(MiB)])  # 40 s: time for several CLI runs
     fleet.start()
     await fleet.wait_converged(20)
     blob = add_blob(src, 40 * MiB)
@@ -136,9 +136,16 @@ async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
     follower = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "blobmesh.cli.main", "--home", str(src.home), "status",
         waited.handle[:6], "--follow", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    await asyncio.sleep(2)
-    follower.send_signal(signal.SIGINT)  # Ctrl-C
-    _, raw_err = await asyncio.wait_for(follower.communicate(), 30)
+    try:
+        assert follower.stderr is not None
+        first = await asyncio.wait_for(follower.stderr.readline(), 60)
+        assert first.decode().startswith(f"following {waited.handle}; Ctrl-C stops following")
+        follower.send_signal(signal.SIGINT)  # Ctrl-C
+        _, raw_err = await asyncio.wait_for(follower.communicate(), 30)
+    finally:
+        if follower.returncode is None:
+            follower.kill()
+            await follower.wait()
     err = raw_err.decode()
     assert follower.returncode == 130, err
     assert f"stopped following; distribution {waited.handle} goes on" in err

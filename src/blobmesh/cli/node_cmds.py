@@ -270,6 +270,9 @@ async def _follow(node: NodeClient, handle: str, timeout: float | None, live: bo
     """Show progress until done; on Ctrl-C or a timeout say that the distribution goes on
     (with ``as_json``, the last status still goes to stdout)."""
     status = await node.status(handle)
+    if not status.done:
+        err_console.print(f"following {handle}; Ctrl-C stops following, not the distribution",
+                          highlight=False, markup=False, soft_wrap=True)
 
     async def watch() -> None:
         nonlocal status
@@ -290,6 +293,7 @@ async def _follow(node: NodeClient, handle: str, timeout: float | None, live: bo
             f"{status.total} targets completed; it goes on (follow it with: blobmesh status "
             f"{handle} --follow)", handle=handle) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
+        # asyncio.run turns Ctrl-C into our cancellation: the CLI's end, said as such
         if as_json:
             print_json(status_to_json(status))
         raise StoppedFollowingError(

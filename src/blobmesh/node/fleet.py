@@ -100,7 +100,7 @@ class Fleet:
 
     def restart(self, node: FleetNode) -> None:
         """SIGTERM ``node`` (it leaves the space), then start it with the very same command."""
-        self._terminate([node])
+        self.terminate([node])
         self._popen(node)
         self._read_ticket(node)
 
@@ -131,9 +131,10 @@ class Fleet:
 
     def stop(self) -> None:
         """SIGTERM every node (each leaves the space), then wait for them."""
-        self._terminate(self.nodes)
+        self.terminate(self.nodes)
 
-    def _terminate(self, nodes: Sequence[FleetNode]) -> None:
+    def terminate(self, nodes: Sequence[FleetNode]) -> None:
+        """SIGTERM ``nodes`` (each leaves the space) and wait for them to exit."""
         for n in nodes:
             if n.running:
                 assert n.proc is not None
