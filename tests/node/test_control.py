@@ -57,6 +57,8 @@ async def raw_post(home: Path, body: bytes) -> tuple[int, Any]:
     (b"{not json", "malformed request body"),
     (b'{"blob": "bm1x"}', "malformed blob id"),
     (b'{"blob": "bm1' + b"a" * 52 + b'", "priority": "urgent"}', "priority"),
+    (b'{"blob": "bm1' + b"a" * 52 + b'", "share_urls": ["abc"]}', "unsupported share URL"),
+    (b'{"blob": "bm1' + b"a" * 52 + b'", "share_urls": ["http://"]}', "has no host"),
 ])
 async def test_malformed_bodies_are_400_with_a_message(pair: tuple[Node, Node], body: bytes,
                                                       message: str) -> None:

@@ -35,6 +35,7 @@ from blobmesh.distribution.model import DistributionHandle
 from blobmesh.errors import BlobmeshError, BlobNotFoundError, InvalidIdError
 from blobmesh.hashing import BlobId
 from blobmesh.node.codec import status_to_json
+from blobmesh.shares.sources import open_source
 
 if TYPE_CHECKING:
     from blobmesh.node.daemon import Node
@@ -149,6 +150,8 @@ class ControlServer:
     async def post_distribution(self, request: web.Request) -> web.Response:
         body = parse_body(await request.read(), DistributeRequest)
         blob_id = BlobId.parse(body.blob)
+        for url in body.share_urls:  # refused now rather than failing on a target later
+            await open_source(url).aclose()
         if not body.new:
             active = self.node.active_distribution(blob_id, body.scope)
             if active is not None:
