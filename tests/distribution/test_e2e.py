@@ -157,6 +157,8 @@ async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
         assert status.targets[0].state is TargetState.CANCELLED
         final = await wait_done(src, handle, timeout=10)
         assert final.state is DistributionState.CANCELLED
+    again = cli(src.home, "cancel", handle[:8], "--json")  # idempotent, by prefix
+    assert schemas.check(json.loads(again.stdout), schemas.Status).state == "cancelled"
     await asyncio.sleep(1.5)
     with Store(slow.home) as store:
         assert not store.has(blob)
@@ -265,6 +267,8 @@ async def test_cli_drives_a_running_node(fleet: Fleet) -> None:
     assert [schemas.check(d, schemas.Status).handle for d in json.loads(r.stdout)] == [
         final["handle"]]
     assert json.loads(cli(src.home, "distributions", "--active", "--json").stdout) == []
+    shown = json.loads(cli(src.home, "status", final["handle"], "--json").stdout)
+    assert schemas.check(shown, schemas.Status).handle == final["handle"]
     r = cli(src.home, "status", final["handle"][:7])  # a unique prefix
     assert r.returncode == 0 and "completed" in r.stdout and final["handle"] in r.stdout
     r = cli(src.home, "distribute", final["blob"], "--to", "all", "-q")
