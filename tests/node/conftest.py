@@ -14,5 +14,4 @@ from blobmesh.node.fleet import Fleet
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     with Fleet(tmp_path) as f:
         yield f
-    for n in f.nodes:
-        assert "Traceback" not in n.stderr(), n.stderr()
+    assert f.tracebacks() == []

@@ -98,6 +98,11 @@ class Fleet:
         for n in todo:
             self._read_ticket(n)
 
+    def tracebacks(self) -> list[str]:
+        """The logs of nodes that logged a traceback (normal use must not)."""
+        return [f"node {n.index}:\n{n.stderr()}" for n in self.nodes
+                if "Traceback" in n.stderr()]
+
     def restart(self, node: FleetNode) -> None:
         """SIGTERM ``node`` (it leaves the space), then start it with the very same command."""
         self.terminate([node])
