@@ -101,9 +101,8 @@ def serve_app(app: web.Application) -> web.AppRunner:
 
 
 class ControlServer:
-    """Serves the control API of one node on its Unix socket, and ``/metrics`` on TCP when the
-    node is given a metrics address.  Other HTTP surfaces (e.g. a dashboard) attach to the node
-    as apps of their own (``Node.http_apps``)."""
+    """Serves the control API of one node on its Unix socket.  TCP surfaces (``/metrics`` via
+    :func:`metrics_app`, a dashboard) are apps of their own given to ``Node.serve_http``."""
 
     def __init__(self, node: Node, path: Path) -> None:
         self.node = node
