@@ -243,8 +243,8 @@ class Node:
                 endpoint = await Endpoint.start(self.identity, (host, self.state.listen_port),
                                                 config=cfg.transport)
             except TransportError as exc:
-                log.warning("previous listen port is taken, picking a new one (tickets given "
-                            "out before change): %s", exc)
+                log.warning("the port of the last run is taken, picking another (tickets "
+                            "handed out before no longer reach this node): %s", exc)
         if endpoint is None:
             endpoint = await Endpoint.start(self.identity, cfg.listen, config=cfg.transport)
         if self.state.listen_port != endpoint.listen_address[1]:
