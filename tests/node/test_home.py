@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 from blobmesh.errors import HomeInUseError
+from blobmesh.node.daemon import Node, NodeConfig
 from blobmesh.node.home import MAX_REMEMBERED_PEERS, HomeLock, NodeState
 from blobmesh.transport import Identity, Ticket
 
@@ -34,3 +36,19 @@ def test_state_round_trips_and_bad_files_are_ignored(tmp_path: Path) -> None:
     assert NodeState.load(tmp_path) == NodeState()
     (tmp_path / "node-state.json").write_text('{"listen_port": 7, "peers": ["junk"]}')
     assert NodeState.load(tmp_path) == NodeState(listen_port=7)
+
+
+async def test_node_keeps_its_port_and_picks_another_when_it_is_taken(tmp_path: Path) -> None:
+    home = tmp_path / "n"
+    async with Node(NodeConfig(home=home)) as node:
+        port = node.endpoint.listen_address[1]
+    assert NodeState.load(home).listen_port == port
+    async with Node(NodeConfig(home=home)) as node:
+        assert node.endpoint.listen_address[1] == port  # same ticket as before
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        async with Node(NodeConfig(home=home)) as node:
+            moved = node.endpoint.listen_address[1]
+    assert moved != port and NodeState.load(home).listen_port == moved
