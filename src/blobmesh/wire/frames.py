@@ -16,6 +16,7 @@ import msgspec
 
 from blobmesh.errors import ProtocolError
 
+#: The frame-format version (the byte after the length); the protocol version is in the ALPN.
 WIRE_VERSION: Final = 1
 PREFIX: Final = struct.Struct(">IBH")
 LENGTH_SIZE: Final = 4
@@ -27,6 +28,8 @@ MAX_HEADER_SIZE: Final = 1024
 DATA_OVERHEAD: Final = 32
 MAX_PROTOCOL_NAME: Final = 128
 MAX_REASON: Final = 512
+#: Payload bytes a peer may have in flight to us over one connection, all streams together.
+DEFAULT_CONNECTION_WINDOW: Final = 32 * 1024 * 1024
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
 U62 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]
@@ -96,7 +99,17 @@ class GoAway(msgspec.Struct, array_like=True, frozen=True, tag=9):
     reason: Reason
 
 
-Message = Hello | Open | Data | Close | Reset | Credit | Ping | Pong | GoAway
+class ConnectionCredit(msgspec.Struct, array_like=True, frozen=True, tag=10):
+    """The receiver allows ``amount`` more payload bytes on the connection, all streams.
+
+    Each side sends one right after its Hello to grant its initial connection window.
+    """
+
+    amount: U32
+
+
+Message = (Hello | Open | Data | Close | Reset | Credit | Ping | Pong | GoAway
+           | ConnectionCredit)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -177,6 +190,11 @@ class FrameDecoder:
             view = view[n:]
             frames.extend(self.advance(n))
         return frames
+
+    @property
+    def failed(self) -> ProtocolError | None:
+        """The error that made this decoder unusable, if any."""
+        return self._failed
 
     @property
     def buffered(self) -> int:
