@@ -252,20 +252,26 @@ class Connection:
         """Process received bytes; raises :class:`ProtocolError` on anything invalid.
 
         After a ProtocolError the connection is in ERROR (events of earlier frames in the
-        same call are lost; use :meth:`receive_frames` to keep them).
+        same call are lost; :meth:`receive_frames` keeps them).
         """
         self._check_input()
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as exc:
             raise self._fail(exc) from None
-        return self.receive_frames(frames, now)
+        events = self.receive_frames(frames, now)
+        if events and isinstance(end := events[-1], ConnectionTerminated):
+            assert isinstance(end.error, ProtocolError)
+            raise end.error
+        return events
 
     def receive_frames(self, frames: list[Frame], now: float | None = None, *,
                        error: ProtocolError | None = None) -> list[Event]:
         """Process frames from :attr:`decoder`, then ``error`` if decoding failed after them.
 
-        Raises :class:`ProtocolError` (and enters ERROR) on the first invalid frame.
+        The first invalid frame (or ``error``) puts the connection in ERROR and ends the
+        events with :class:`ConnectionTerminated` carrying the :class:`ProtocolError`; the
+        events of the frames before it are kept.  Input in ERROR raises ProtocolError.
         """
         self._check_input()
         if now is not None:
@@ -276,15 +282,11 @@ class Connection:
         try:
             for frame in frames:
                 self._receive(frame, events)
+            if error is not None:
+                raise error
         except ProtocolError as exc:
-            raise self._fail(exc) from None
-        if error is not None:
-            raise self._fail(error)
+            events.append(ConnectionTerminated(self._fail(exc)))
         return events
-
-    def receive_frame(self, frame: Frame) -> list[Event]:
-        """Process one frame (see :meth:`receive_frames`)."""
-        return self.receive_frames([frame])
 
     def _check_input(self) -> None:
         if self.state is State.ERROR:

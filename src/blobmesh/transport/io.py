@@ -1,0 +1,375 @@
+"""TLS socket I/O off the event loop, with exactly one owner per TLS object.
+
+OpenSSL forbids using one ``SSL`` object from two threads at once, so every connection's
+socket belongs to one :class:`IoThread` of an :class:`IoPool`: that thread alone reads,
+writes, and closes it (the event loop only runs the handshake, before handing it over).  A
+thread serves several connections with non-blocking sockets and ``epoll``; ``ssl`` releases
+the GIL while it encrypts and decrypts, so crypto runs beside the event loop.
+
+The event loop and the thread meet in a :class:`Channel`: two send queues (control frames
+are written before bulk data) and a list of received frames, under one lock.  Wakeups are
+batched both ways: the loop wakes a thread only when it had found the channel's queues empty,
+and a thread schedules one loop callback per batch of frames, never one per frame.
+
+Memory stays bounded whatever the peer does: a thread stops reading a connection while the
+loop has not taken :data:`RX_FRAMES_MAX` frames it already delivered, or while more than
+``write_limit`` bytes wait to be written (a peer that floods us with Pings but never reads
+our Pongs is stopped by TCP backpressure, not by our memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from blobmesh.errors import ProtocolError, TransportError
+from blobmesh.wire import Buffer, Frame, FrameDecoder
+
+log = logging.getLogger("blobmesh.transport")
+
+#: Frames delivered to the loop and not yet processed before the thread stops reading.
+RX_FRAMES_MAX = 4096
+#: Bytes read from one connection before the thread turns to its other connections.
+_READ_BUDGET = 4 * 1024 * 1024
+_COALESCE = 64 * 1024  # queued buffers below this are joined into one TLS write
+
+
+class Channel:
+    """The shared state of one connection between the event loop and its I/O thread.
+
+    The loop side calls :meth:`send`, :meth:`take_frames`, :meth:`resume_reading` and
+    :meth:`close`; callbacks run on the loop: ``on_frames()`` when frames (or an error)
+    arrived, ``on_progress()`` after writes when :attr:`want_progress` was set, and
+    ``on_closed()`` once the thread closed the socket.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, decoder: FrameDecoder,
+                 loop: asyncio.AbstractEventLoop, *, write_limit: int,
+                 on_frames: Callable[[], None], on_progress: Callable[[], None],
+                 on_closed: Callable[[], None], name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self._decoder = decoder
+        self._loop = loop
+        self._on_frames = on_frames
+        self._on_progress = on_progress
+        self._on_closed = on_closed
+        self._lock = threading.Lock()
+        # loop -> thread (under _lock)
+        self._control: deque[Buffer] = deque()
+        self._bulk: deque[Buffer] = deque()
+        self._tx_idle = True  # the thread found both queues empty: the next send wakes it
+        self._closing = False
+        self._close_by = 0.0  # monotonic deadline to flush what is queued
+        # thread -> loop (under _lock)
+        self._rx: list[Frame] = []
+        self._rx_error: TransportError | None = None
+        self._rx_scheduled = False
+        self._rx_paused = False
+        #: bytes ever queued (loop) and written (thread); their difference is the backlog
+        self.queued = 0
+        self.written = 0
+        self.write_limit = write_limit
+        self.want_progress = False
+        # thread only
+        self._current: memoryview | None = None  # a write the socket did not take yet
+        self._want_write = False
+        self._reading = True
+        self._more = False  # the last read stopped early: service again without waiting
+        self._broken = False
+        self._done = False
+        self._mask = 0
+        self.fd = sock.fileno()
+        self._thread: IoThread | None = None
+
+    # --- loop side ---------------------------------------------------------------------------
+
+    def send(self, control: list[Buffer], bulk: list[Buffer]) -> None:
+        """Queue buffers for writing (control ones ahead of all bulk ones)."""
+        n = sum(map(len, control)) + sum(map(len, bulk))
+        with self._lock:
+            self._control.extend(control)
+            self._bulk.extend(bulk)
+            self.queued += n
+            kick, self._tx_idle = self._tx_idle, False
+        if kick:
+            self._kick()
+
+    def take_frames(self) -> tuple[list[Frame], TransportError | None]:
+        """The frames received since the last call, and the error that ended reading."""
+        with self._lock:
+            frames, self._rx = self._rx, []
+            self._rx_scheduled = False
+            error = self._rx_error
+            kick = self._rx_paused and error is None
+        if kick:
+            self._kick()  # it may resume reading now
+        return frames, error
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not yet written."""
+        return self.queued - self.written
+
+    def close(self, linger: float) -> None:
+        """Write what is queued for up to ``linger`` seconds, then close the socket."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._close_by = time.monotonic() + linger
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._thread is not None:
+            self._thread.kick(self)
+
+    def _call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # --- thread side -------------------------------------------------------------------------
+
+    def _service(self) -> bool:
+        """Write, then read, as far as the socket allows; True once the socket is closed."""
+        if self._done:
+            return True
+        self._more = False
+        if not self._broken:
+            try:
+                self._write()
+                if self.want_progress:
+                    self.want_progress = False
+                    self._call_soon(self._on_progress)
+                if self._reading:
+                    self._more = self._read()
+            except (OSError, ValueError) as exc:
+                self._broken = True
+                self._reading = self._want_write = False
+                self._deliver([], TransportError(f"connection to {self.name} lost: {exc}"))
+        with self._lock:
+            closing, close_by, idle = self._closing, self._close_by, self._tx_idle
+        if closing and (idle or self._broken or time.monotonic() >= close_by):
+            self._finish()
+            return True
+        return False
+
+    def _write(self) -> None:
+        sock = self.sock
+        while True:
+            buf = self._current
+            if buf is None:
+                buf = self._next_write()
+                if buf is None:
+                    self._want_write = False
+                    return
+            try:
+                n = sock.send(buf)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                self._current = buf  # OpenSSL wants the same buffer again
+                self._want_write = True
+                return
+            self.written += n
+            self._current = buf[n:] if n < len(buf) else None
+
+    def _next_write(self) -> memoryview | None:
+        """The next buffer to write: control first; small buffers joined into one."""
+        with self._lock:
+            queue = self._control or self._bulk
+            if not queue:
+                self._tx_idle = True
+                return None
+            first = queue.popleft()
+            if len(first) >= _COALESCE or not queue or len(queue[0]) >= _COALESCE:
+                return memoryview(first).cast("B")
+            joined = bytearray(first)
+            while queue and len(queue[0]) < _COALESCE and len(joined) < _COALESCE:
+                joined += queue.popleft()
+        return memoryview(joined)
+
+    def _read(self) -> bool:
+        """Read and decode up to the budget; True if more may be readable right now."""
+        if self._rx_paused:
+            with self._lock:
+                self._rx_paused = self._must_pause()
+            if self._rx_paused:
+                return False
+        decoder, sock = self._decoder, self.sock
+        frames: list[Frame] = []
+        budget = _READ_BUDGET
+        error: TransportError | None = None
+        more = False
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(decoder.get_buffer())
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    break
+                if n == 0:
+                    error = TransportError(f"{self.name} closed the connection")
+                    break
+                frames += decoder.advance(n)
+                budget -= n
+                if budget <= 0:
+                    more = True
+                    break
+        except ProtocolError as exc:
+            error = exc
+        if error is None and sock.pending():
+            more = True  # decrypted bytes wait inside OpenSSL, where epoll cannot see them
+        if frames or error is not None:
+            self._deliver(frames, error)
+        if error is not None:
+            self._reading = False
+            return False
+        return more and not self._rx_paused
+
+    def _must_pause(self) -> bool:
+        return len(self._rx) >= RX_FRAMES_MAX or self.queued - self.written > self.write_limit
+
+    def _deliver(self, frames: list[Frame], error: TransportError | None) -> None:
+        with self._lock:
+            self._rx += frames
+            if error is not None and self._rx_error is None:
+                self._rx_error = error
+            schedule = not self._rx_scheduled
+            self._rx_scheduled = True
+            self._rx_paused = self._must_pause()
+        if schedule:
+            self._call_soon(self._on_frames)
+
+    def _wanted_events(self) -> int:
+        mask = selectors.EVENT_READ if self._reading and not self._rx_paused else 0
+        return mask | (selectors.EVENT_WRITE if self._want_write else 0)
+
+    def _finish(self) -> None:
+        self._done = True
+        with contextlib.suppress(OSError):
+            # plain TCP shutdown: a TLS close_notify could block on a peer that stopped reading
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        self.sock.close()
+        self._call_soon(self._on_closed)
+
+
+class IoThread:
+    """One thread that owns the sockets of a set of channels."""
+
+    def __init__(self, name: str) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._kicked: set[Channel] = set()
+        self._wake_pending = False
+        self._stop = False
+        self.channels: set[Channel] = set()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def kick(self, channel: Channel) -> None:
+        """Ask the thread to service ``channel`` soon (one pipe write per batch of kicks)."""
+        with self._lock:
+            self._kicked.add(channel)
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def stop(self) -> None:
+        """Close every socket left and end the thread."""
+        self._stop = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        ready: set[Channel] = set()
+        closing: set[Channel] = set()
+        try:
+            while not self._stop:
+                timeout: float | None = None
+                if ready:
+                    timeout = 0
+                elif closing:
+                    timeout = max(0.0, min(c._close_by for c in closing) - time.monotonic())
+                todo, ready = ready, set()
+                for key, _ in self._selector.select(timeout):
+                    if key.data is None:
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
+                        with self._lock:
+                            todo |= self._kicked
+                            self._kicked.clear()
+                            self._wake_pending = False
+                    else:
+                        todo.add(key.data)
+                todo |= closing
+                for channel in todo:
+                    self._service(channel, ready, closing)
+        finally:
+            for channel in list(self.channels):
+                if not channel._done:
+                    channel._finish()
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _service(self, channel: Channel, ready: set[Channel], closing: set[Channel]) -> None:
+        if channel._service():
+            self.channels.discard(channel)
+            closing.discard(channel)
+            if channel._mask:
+                self._selector.unregister(channel.fd)
+                channel._mask = 0
+            return
+        if channel._closing:
+            closing.add(channel)
+        if channel._more:
+            ready.add(channel)
+        mask = channel._wanted_events()
+        if mask != channel._mask:
+            if not channel._mask:
+                self._selector.register(channel.fd, mask, channel)
+            elif not mask:
+                self._selector.unregister(channel.fd)
+            else:
+                self._selector.modify(channel.fd, mask, channel)
+            channel._mask = mask
+
+
+class IoPool:
+    """A few :class:`IoThread`; each new channel goes to the one with the fewest."""
+
+    def __init__(self, threads: int, name: str = "blobmesh-io") -> None:
+        if threads < 1:
+            raise ValueError("need at least one I/O thread")
+        self._name = name
+        self._size = threads
+        self._threads: list[IoThread] = []
+
+    def attach(self, channel: Channel) -> None:
+        """Hand ``channel`` (and its socket) to a thread; from now on only it touches it."""
+        if len(self._threads) < self._size:  # threads start on first use
+            self._threads.append(IoThread(f"{self._name}-{len(self._threads)}"))
+        thread = min(self._threads, key=lambda t: len(t.channels))
+        thread.channels.add(channel)
+        channel._thread = thread
+        thread.kick(channel)
+
+    def close(self) -> None:
+        """Stop every thread (closing any socket still open)."""
+        for thread in self._threads:
+            thread.stop()
+        self._threads.clear()
