@@ -470,7 +470,7 @@ def test_control_frames_go_ahead_of_bulk() -> None:
     control, rest = a.data_to_send_by_priority()
     first = FrameDecoder().feed(b"".join(bytes(x) for x in control))
     assert [f.message for f in first] == [Data(chat, False), Ping(9)]
-    later = FrameDecoder(MIN_FRAME_SIZE).feed(b"".join(bytes(x) for x in rest))
+    later = FrameDecoder(MIN_FRAME_SIZE).feed(b"".join(bytes(h) + bytes(p) for h, p in rest))
     assert [f.message for f in later] == [Data(bulk, True)] * 3 + [Close(bulk)]
     a.send_data(chat, b"x" * 8000)  # small (under SMALL_MESSAGE): still control
     control, rest = a.data_to_send_by_priority()

@@ -67,7 +67,7 @@ class Channel:
         self._lock = threading.Lock()
         # loop -> thread (under _lock)
         self._control: deque[Buffer] = deque()
-        self._bulk: deque[Buffer] = deque()
+        self._bulk: deque[tuple[bytes, Buffer]] = deque()  # (frame header, payload)
         self._tx_idle = True  # the thread found both queues empty: the next send wakes it
         self._closing = False
         self._close_by = 0.0  # monotonic deadline to flush what is queued
@@ -83,6 +83,7 @@ class Channel:
         self.want_progress = False
         # thread only
         self._current: memoryview | None = None  # a write the socket did not take yet
+        self._payload: Buffer | None = None  # of the bulk frame whose header went out
         self._want_write = False
         self._reading = True
         self._more = False  # the last read stopped early: service again without waiting
@@ -94,9 +95,9 @@ class Channel:
 
     # --- loop side ---------------------------------------------------------------------------
 
-    def send(self, control: list[Buffer], bulk: list[Buffer]) -> None:
-        """Queue buffers for writing (control ones ahead of all bulk ones)."""
-        n = sum(map(len, control)) + sum(map(len, bulk))
+    def send(self, control: list[Buffer], bulk: list[tuple[bytes, Buffer]]) -> None:
+        """Queue buffers for writing: control ones go ahead of bulk frames (never inside one)."""
+        n = sum(map(len, control)) + sum(len(h) + len(p) for h, p in bulk)
         with self._lock:
             self._control.extend(control)
             self._bulk.extend(bulk)
@@ -183,12 +184,21 @@ class Channel:
             self._current = buf[n:] if n < len(buf) else None
 
     def _next_write(self) -> memoryview | None:
-        """The next buffer to write: control first; small buffers joined into one."""
+        """The next buffer to write: the rest of a bulk frame, else control (small buffers
+        joined into one), else the next bulk frame's header."""
+        if (payload := self._payload) is not None:
+            self._payload = None
+            return memoryview(payload).cast("B")
         with self._lock:
-            queue = self._control or self._bulk
+            queue = self._control
             if not queue:
-                self._tx_idle = True
-                return None
+                if not self._bulk:
+                    self._tx_idle = True
+                    return None
+                header, payload = self._bulk.popleft()
+                if payload:
+                    self._payload = payload
+                return memoryview(header)
             first = queue.popleft()
             if len(first) >= _COALESCE or not queue or len(queue[0]) >= _COALESCE:
                 return memoryview(first).cast("B")

@@ -225,7 +225,7 @@ class Connection:
         #: its ProtocolError) to :meth:`receive_frames`.
         self.decoder = FrameDecoder(self.local.max_frame_size)
         self._control: list[Buffer] = []
-        self._bulk: list[Buffer] = []
+        self._bulk: list[tuple[bytes, Buffer]] = []  # (frame header, payload) per frame
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if role is Role.DIALER else 2
         self._peer_last_id = 0  # highest id the peer opened
@@ -414,11 +414,16 @@ class Connection:
     def data_to_send(self, now: float | None = None) -> list[Buffer]:
         """Buffers to write, in order (payloads are the caller's own buffers, uncopied)."""
         control, bulk = self.data_to_send_by_priority(now)
-        return control + bulk if bulk else control
+        for header, payload in bulk:
+            control.append(header)
+            if payload:
+                control.append(payload)
+        return control
 
     def data_to_send_by_priority(self, now: float | None = None,
-                                 ) -> tuple[list[Buffer], list[Buffer]]:
-        """``(control, bulk)``: each in order; control frames may be written before bulk.
+                                 ) -> tuple[list[Buffer], list[tuple[bytes, Buffer]]]:
+        """``(control, bulk)``, each in order; control may be written ahead of bulk, but only
+        between two bulk frames, so bulk comes as ``(header, payload)`` (payload may be empty).
 
         Control holds every frame but Data and Close of bulk streams (those that sent a
         message over :data:`SMALL_MESSAGE` or in several fragments), so pings, credit and
@@ -481,16 +486,22 @@ class Connection:
             self._send_window -= n
         if more or n > SMALL_MESSAGE:
             s.bulk = True
-        out = self._bulk if s.bulk else self._control
-        out.append(frame_header(Data(stream_id, more), n))
-        if data:
-            out.append(data)
+        header = frame_header(Data(stream_id, more), n)
+        if s.bulk:
+            self._bulk.append((header, data))
+        else:
+            self._control.append(header)
+            if data:
+                self._control.append(data)
 
     def close_stream(self, stream_id: int) -> None:
         """Half-close: send nothing more on the stream."""
         s = self._sendable(stream_id)
         s.send_open = False
-        (self._bulk if s.bulk else self._control).append(encode_frame(Close(stream_id)))
+        if s.bulk:
+            self._bulk.append((encode_frame(Close(stream_id)), b""))
+        else:
+            self._control.append(encode_frame(Close(stream_id)))
         self._drop_if_done(stream_id, s)
 
     def reset_stream(self, stream_id: int, reason: str = "") -> None:
