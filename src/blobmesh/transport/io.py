@@ -230,8 +230,8 @@ class Channel:
                     break
                 frames += decoder.advance(n)
                 budget -= n
-                if budget <= 0:
-                    more = True
+                if budget <= 0 or len(frames) >= RX_FRAMES_MAX:
+                    more = True  # a batch the loop can take at once; come back for the rest
                     break
         except ProtocolError as exc:
             error = exc
