@@ -402,6 +402,7 @@ class PeerConnection:
             return
         self._flush()
         self._rearm()
+        self._channel.resume_reading()
 
     def _dispatch(self, event: Event) -> None:
         match event:

@@ -95,7 +95,7 @@ class Endpoint:
         self._io = IoPool(config.io_threads)
         self._closing = False
         self._admitted: set[NodeId] = set()
-        self._handshakes = 0  # accepted sockets before their connection exists
+        self._handshakes: set[object] = set()  # accepted, before their connection exists
         self._unadmitted: set[PeerConnection] = set()  # accepted, peer not admitted yet
         self.refused = 0  # connections refused at accept by the caps
         host, port = listener.getsockname()[:2]
@@ -305,18 +305,19 @@ class Endpoint:
                 await asyncio.sleep(0.1)  # e.g. out of file descriptors: don't spin
                 continue
             cfg = self.config
-            unadmitted = self._handshakes + len(self._unadmitted)
-            if len(self._all) + self._handshakes >= cfg.max_connections or \
+            unadmitted = len(self._handshakes) + len(self._unadmitted)
+            if len(self._all) + len(self._handshakes) >= cfg.max_connections or \
                     unadmitted >= cfg.max_unadmitted:
                 self.refused += 1
                 log.info("refused connection from %s: %d connections, %d not admitted",
-                         addr, len(self._all) + self._handshakes, unadmitted)
+                         addr, len(self._all) + len(self._handshakes), unadmitted)
                 raw.close()
                 continue
-            self._handshakes += 1
-            self._tasks.spawn(self._accept(raw, addr), name=f"accept {addr}")
+            token = object()
+            self._handshakes.add(token)
+            self._tasks.spawn(self._accept(raw, addr, token), name=f"accept {addr}")
 
-    async def _accept(self, raw: socket.socket, addr: Any) -> None:
+    async def _accept(self, raw: socket.socket, addr: Any, token: object) -> None:
         try:
             try:
                 raw.setblocking(False)
@@ -326,14 +327,14 @@ class Endpoint:
                 raw.close()
                 raise
             async with asyncio.timeout(self.config.handshake_timeout):
-                await self._establish(sock, Role.LISTENER, expect=None)
+                await self._establish(sock, Role.LISTENER, expect=None, handshake=token)
         except (TimeoutError, OSError, TransportError) as exc:
             log.info("rejected connection from %s: %s", addr, exc or "handshake timed out")
         finally:
-            self._handshakes -= 1
+            self._handshakes.discard(token)
 
-    async def _establish(self, sock: ssl.SSLSocket, role: Role,
-                         expect: NodeId | None) -> PeerConnection:
+    async def _establish(self, sock: ssl.SSLSocket, role: Role, expect: NodeId | None,
+                         handshake: object = None) -> PeerConnection:
         """TLS handshake on the event loop, identity check, then hand over to threads."""
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -354,6 +355,7 @@ class Endpoint:
                               self.config.timers(admission=admission), self._io,
                               write_buffer=self.config.write_buffer)
         self._all.add(conn)
+        self._handshakes.discard(handshake)  # counted in _all from now on
         if admission:
             self._unadmitted.add(conn)
         self._tasks.spawn(conn.run(), name=f"connection {peer.short()}")

@@ -47,7 +47,7 @@ _COALESCE = 64 * 1024  # queued buffers below this are joined into one TLS write
 class Channel:
     """The shared state of one connection between the event loop and its I/O thread.
 
-    The loop side calls :meth:`send`, :meth:`take_frames`, :meth:`resume_reading` and
+    The loop side calls :meth:`send`, :meth:`take_frames` then :meth:`resume_reading`, and
     :meth:`close`; callbacks run on the loop: ``on_frames()`` when frames (or an error)
     arrived, ``on_progress()`` after writes when :attr:`want_progress` was set, and
     ``on_closed()`` once the thread closed the socket.
@@ -111,11 +111,17 @@ class Channel:
         with self._lock:
             frames, self._rx = self._rx, []
             self._rx_scheduled = False
-            error = self._rx_error
-            kick = self._rx_paused and error is None
+            return frames, self._rx_error
+
+    def resume_reading(self) -> None:
+        """The loop processed what it took (and queued its answers): read on if paused.
+
+        Only now, so that at most one batch of frames has answers not yet counted in the
+        backlog the thread checks before reading more."""
+        with self._lock:
+            kick = self._rx_paused and self._rx_error is None
         if kick:
-            self._kick()  # it may resume reading now
-        return frames, error
+            self._kick()
 
     @property
     def backlog(self) -> int:
