@@ -331,21 +331,22 @@ class PeerConnection:
             self._rearm()
 
     async def wait_writable(self) -> None:
-        """Backpressure: wait while the I/O thread has too much queued."""
-        await self._wait(lambda: self._channel.backlog <= self._high_water)
+        """Backpressure: wait while the I/O thread has more than the high-water mark queued;
+        once it has, wake when half of that is left (one wakeup per many writes)."""
+        channel, high = self._channel, self._high_water
+        await self._wait(lambda: channel.backlog <= high, lambda: channel.queued - high // 2)
 
     async def wait_written(self, offset: int) -> None:
         """Wait until the first ``offset`` bytes ever queued were written."""
-        await self._wait(lambda: self._channel.written >= offset)
+        await self._wait(lambda: self._channel.written >= offset, lambda: offset)
 
-    async def _wait(self, done: Callable[[], bool]) -> None:
+    async def _wait(self, done: Callable[[], bool], wake_at: Callable[[], int]) -> None:
         while not done():
             if self.error is not None:
                 raise self.error
             fut = self._loop.create_future()
             self._progress.append(fut)
-            # set the flag before re-checking: the thread updates `written`, then reads it
-            self._channel.want_progress = True
+            self._channel.wake_at(wake_at())  # before re-checking (see Channel.wake_at)
             if done():
                 break
             await fut

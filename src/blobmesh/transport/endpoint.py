@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import socket
 import ssl
@@ -462,6 +463,24 @@ def advertised_addresses(host: str, port: int) -> list[Address]:
                 addrs.append((addr, port))
     addrs.append(("::1" if host == "::" else "127.0.0.1", port))
     return addrs
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse: big payload buffers then stop costing page
+    faults (a third of a receiver's CPU per GiB otherwise).  Process-wide, like
+    :func:`install_uvloop`; returns whether it applied (glibc only).  Freed memory up to
+    :data:`_MALLOC_TRIM` stays mapped per malloc arena."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    # M_MMAP_THRESHOLD: buffers up to it come from the heap, not from mmap each time
+    return bool(mallopt(-3, _MALLOC_MMAP) and mallopt(-1, _MALLOC_TRIM))  # -1: M_TRIM_THRESHOLD
+
+
+_MALLOC_MMAP = 32 * 1024 * 1024
+_MALLOC_TRIM = 128 * 1024 * 1024
 
 
 def install_uvloop() -> bool:

@@ -39,9 +39,12 @@ log = logging.getLogger("blobmesh.transport")
 
 #: Frames delivered to the loop and not yet processed before the thread stops reading.
 RX_FRAMES_MAX = 4096
-#: Bytes read from one connection before the thread turns to its other connections.
-_READ_BUDGET = 4 * 1024 * 1024
+#: Bytes read from one connection before the thread delivers them and turns to its other
+#: connections: about one large frame, so few payload buffers are alive at once (several
+#: freed together make glibc return the pages, and the next payloads fault them back in).
+_READ_BUDGET = 1024 * 1024
 _COALESCE = 64 * 1024  # queued buffers below this are joined into one TLS write
+_NEVER = 1 << 62
 
 
 class Channel:
@@ -49,7 +52,7 @@ class Channel:
 
     The loop side calls :meth:`send`, :meth:`take_frames` then :meth:`resume_reading`, and
     :meth:`close`; callbacks run on the loop: ``on_frames()`` when frames (or an error)
-    arrived, ``on_progress()`` after writes when :attr:`want_progress` was set, and
+    arrived, ``on_progress()`` once :attr:`written` reaches :meth:`wake_at`'s offset, and
     ``on_closed()`` once the thread closed the socket.
     """
 
@@ -80,7 +83,7 @@ class Channel:
         self.queued = 0
         self.written = 0
         self.write_limit = write_limit
-        self.want_progress = False
+        self._wake_written = _NEVER  # call on_progress once `written` reaches this
         # thread only
         self._current: memoryview | None = None  # a write the socket did not take yet
         self._payload: Buffer | None = None  # of the bulk frame whose header went out
@@ -123,6 +126,12 @@ class Channel:
         if kick:
             self._kick()
 
+    def wake_at(self, written: int) -> None:
+        """Call ``on_progress`` once ``written`` bytes were written (the earliest of all asks).
+
+        Call it before re-checking: the thread updates :attr:`written`, then compares."""
+        self._wake_written = min(self._wake_written, written)
+
     @property
     def backlog(self) -> int:
         """Bytes queued and not yet written."""
@@ -155,8 +164,8 @@ class Channel:
         if not self._broken:
             try:
                 self._write()
-                if self.want_progress:
-                    self.want_progress = False
+                if self.written >= self._wake_written:
+                    self._wake_written = _NEVER
                     self._call_soon(self._on_progress)
                 if self._reading:
                     self._more = self._read()
