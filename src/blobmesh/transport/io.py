@@ -191,9 +191,10 @@ class Channel:
                     return
             try:
                 n = sock.send(buf)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
                 self._current = buf  # OpenSSL wants the same buffer again
-                self._want_write = True
+                # on WantRead the next readable event retries it (services write first)
+                self._want_write = isinstance(exc, ssl.SSLWantWriteError)
                 return
             self.written += n
             self._current = buf[n:] if n < len(buf) else None
@@ -342,7 +343,16 @@ class IoThread:
                         todo.add(key.data)
                 todo |= closing
                 for channel in todo:
-                    self._service(channel, ready, closing)
+                    try:
+                        self._service(channel, ready, closing)
+                    except Exception as exc:  # a bug: fail this connection, keep the others
+                        log.exception("I/O thread failed on the connection to %s", channel.name)
+                        channel._broken = True
+                        channel._reading = channel._want_write = False
+                        if channel._mask:
+                            self._selector.unregister(channel.fd)
+                            channel._mask = 0
+                        channel._deliver([], TransportError(f"I/O failed: {exc!r}"))
         finally:
             for channel in list(self.channels):
                 if not channel._done:

@@ -553,11 +553,6 @@ class Connection:
     def stream_count(self) -> int:
         return len(self._streams)
 
-    @property
-    def pending_input(self) -> int:
-        """Bytes received but not yet decoded (part of a frame)."""
-        return self.decoder.buffered
-
     # --- timers ------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
