@@ -47,10 +47,10 @@ class TransportConfig:
     stream_window: int = 8 * 1024 * 1024
     max_message_size: int = 8 * 1024 * 1024
     max_streams: int = 1024
-    #: payload bytes a peer may have in flight to us on one connection (all streams)
-    connection_window: int = DEFAULT_CONNECTION_WINDOW
     #: bytes queued for a connection's I/O thread before senders wait
     write_buffer: int = 8 * 1024 * 1024
+    #: payload bytes a peer may have in flight to us on one connection (all streams)
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
     #: TLS handshake plus the peer's Hello, for connections we accept
     handshake_timeout: float = 10.0
     max_connections: int = 512
