@@ -248,6 +248,11 @@ class PeerConnection:
         return self._owner.node_id if self.role is Role.DIALER else self.peer
 
     @property
+    def socket_closed(self) -> asyncio.Future[None]:
+        """Done once the I/O thread closed the socket (after :meth:`close` and its linger)."""
+        return self._io_done
+
+    @property
     def queued(self) -> int:
         """Bytes ever handed to the I/O thread."""
         return self._channel.queued

@@ -211,9 +211,12 @@ class Endpoint:
             return
         self._closing = True
         self._listener.close()
-        for conn in list(self._all):
+        conns = list(self._all)
+        for conn in conns:
             conn.retire("shutting down")
             conn.close(TransportError("endpoint closed"))
+        if conns:  # let the I/O threads write the GoAways (they give up after a linger)
+            await asyncio.wait([c.socket_closed for c in conns], timeout=1.0)
         try:
             await self._tasks.aclose()
         finally:
