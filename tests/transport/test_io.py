@@ -11,6 +11,7 @@ from blobmesh.errors import StreamClosedError
 from blobmesh.transport import TransportConfig
 from tests.transport.conftest import EndpointFactory, echo, spawn_peer, stop_peer
 from tests.transport.peer import PATTERN_CHUNK, pattern
+from tests.util import eventually
 
 GiB = 1024 * 1024 * 1024
 
@@ -67,3 +68,15 @@ async def test_threads_do_not_grow_with_connections(endpoints: EndpointFactory) 
     # 2 for the hub, and one each for the others (only one connection each so far)
     assert len(io) <= 2 + len(others)
     assert threading.active_count() - before <= 2 + len(others) + 2  # + asyncio helpers
+
+
+async def test_closed_connections_are_forgotten(endpoints: EndpointFactory) -> None:
+    hub = await endpoints(handlers={"echo": echo})
+    for _ in range(3):
+        ep = await endpoints()
+        s = await ep.open_stream(ep.add_ticket(hub.ticket), "echo")
+        await s.send(b"x")
+        await s.recv()
+        await ep.aclose()
+    await eventually(lambda: not hub._all and not hub._io._owner)
+    assert all(not t.channels for t in hub._io._threads)

@@ -29,7 +29,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from blobmesh.errors import ProtocolError, TransportError
@@ -94,7 +94,7 @@ class Channel:
         self._done = False
         self._mask = 0
         self.fd = sock.fileno()
-        self._thread: IoThread | None = None
+        self._pool: IoPool | None = None
 
     # --- loop side ---------------------------------------------------------------------------
 
@@ -147,8 +147,8 @@ class Channel:
         self._kick()
 
     def _kick(self) -> None:
-        if self._thread is not None:
-            self._thread.kick(self)
+        if self._pool is not None:
+            self._pool.defer_kick(self)
 
     def _call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
@@ -284,6 +284,8 @@ class Channel:
             # plain TCP shutdown: a TLS close_notify could block on a peer that stopped reading
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         self.sock.close()
+        if self._pool is not None:
+            self._call_soon(self._pool.release, self)
         self._call_soon(self._on_closed)
 
 
@@ -304,10 +306,10 @@ class IoThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def kick(self, channel: Channel) -> None:
-        """Ask the thread to service ``channel`` soon (one pipe write per batch of kicks)."""
+    def kick(self, channels: Iterable[Channel]) -> None:
+        """Ask the thread to service ``channels`` soon (one pipe write per batch of kicks)."""
         with self._lock:
-            self._kicked.add(channel)
+            self._kicked.update(channels)
             wake, self._wake_pending = not self._wake_pending, True
         if wake:
             with contextlib.suppress(OSError):
@@ -385,7 +387,11 @@ class IoThread:
 
 
 class IoPool:
-    """A few :class:`IoThread`; each new channel goes to the one with the fewest."""
+    """A few :class:`IoThread`; each new channel goes to the one with the fewest.
+
+    Used from one event loop: the kicks its callbacks ask for are sent to the threads once
+    per loop iteration, so many small sends cost one thread wakeup, not one each.
+    """
 
     def __init__(self, threads: int, name: str = "blobmesh-io") -> None:
         if threads < 1:
@@ -393,6 +399,8 @@ class IoPool:
         self._name = name
         self._size = threads
         self._threads: list[IoThread] = []
+        self._owner: dict[Channel, IoThread] = {}
+        self._deferred: set[Channel] = set()
 
     def attach(self, channel: Channel) -> None:
         """Hand ``channel`` (and its socket) to a thread; from now on only it touches it."""
@@ -400,8 +408,28 @@ class IoPool:
             self._threads.append(IoThread(f"{self._name}-{len(self._threads)}"))
         thread = min(self._threads, key=lambda t: len(t.channels))
         thread.channels.add(channel)
-        channel._thread = thread
-        thread.kick(channel)
+        self._owner[channel] = thread
+        channel._pool = self
+        self.defer_kick(channel)
+
+    def defer_kick(self, channel: Channel) -> None:
+        """Have ``channel``'s thread service it at the end of this loop iteration."""
+        if not self._deferred:
+            channel._loop.call_soon(self._kick_deferred)
+        self._deferred.add(channel)
+
+    def release(self, channel: Channel) -> None:
+        """``channel``'s socket is closed: forget it (on the loop)."""
+        self._owner.pop(channel, None)
+
+    def _kick_deferred(self) -> None:
+        channels, self._deferred = self._deferred, set()
+        by_thread: dict[IoThread, list[Channel]] = {}
+        for channel in channels:
+            if (thread := self._owner.get(channel)) is not None:
+                by_thread.setdefault(thread, []).append(channel)
+        for thread, batch in by_thread.items():
+            thread.kick(batch)
 
     def close(self) -> None:
         """Stop every thread (closing any socket still open)."""
