@@ -469,10 +469,11 @@ def advertised_addresses(host: str, port: int) -> list[Address]:
 
 
 def tune_malloc() -> bool:
-    """Make glibc keep freed memory for reuse: big payload buffers then stop costing page
-    faults (a third of a receiver's CPU per GiB otherwise).  Process-wide, like
-    :func:`install_uvloop`; returns whether it applied (glibc only).  Freed memory up to
-    :data:`_MALLOC_TRIM` stays mapped per malloc arena."""
+    """Make glibc serve payload-sized buffers from its heap and keep some freed memory:
+    received messages then stop costing page faults (measured: ~90k faults and +0.3-0.5 CPU
+    s per GiB received without it, ~3k with it).  Process-wide, like :func:`install_uvloop`;
+    returns whether it applied (glibc only).  Up to 32 MiB of freed memory stays mapped per
+    malloc arena."""
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
@@ -482,8 +483,8 @@ def tune_malloc() -> bool:
     return bool(mallopt(-3, _MALLOC_MMAP) and mallopt(-1, _MALLOC_TRIM))  # -1: M_TRIM_THRESHOLD
 
 
-_MALLOC_MMAP = 32 * 1024 * 1024
-_MALLOC_TRIM = 128 * 1024 * 1024
+_MALLOC_MMAP = 4 * 1024 * 1024
+_MALLOC_TRIM = 32 * 1024 * 1024
 
 
 def install_uvloop() -> bool:
