@@ -419,7 +419,8 @@ class Endpoint:
             log.exception("%s handler for %s failed", stream.protocol, stream.peer.short())
             stream.reset("handler failed")
         else:
-            await stream.finish()
+            with contextlib.suppress(TransportError):  # e.g. the peer reset it meanwhile
+                await stream.finish()
 
 
 async def _handshake(sock: ssl.SSLSocket) -> None:
