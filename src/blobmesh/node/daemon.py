@@ -457,9 +457,10 @@ def run_node_forever(settings: RunSettings,
     """Run a node until SIGINT/SIGTERM (both leave the space gracefully); print its ticket
     alone on stdout's first line.  SIGHUP calls ``reload`` and applies what can change while
     running: log level and format, bootstrap tickets, the number of peers wanted."""
-    from blobmesh.transport import install_uvloop
+    from blobmesh.transport import install_uvloop, tune_malloc
 
     install_uvloop()
+    tune_malloc()
     configure_logging(settings.log_level, settings.log_format)
 
     async def main() -> int:
