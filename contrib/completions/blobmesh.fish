@@ -182,6 +182,9 @@ complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l latency-ms
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l crash
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l starved
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l liars
+complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l pipeline
+complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l seed-pipeline
+complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l upload-slots
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l out
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from status' -s h

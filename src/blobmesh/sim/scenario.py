@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from blobmesh.distribution.scheduler import DownloadPolicy
+from blobmesh.distribution.scheduler import UPLOAD_SLOTS, DownloadPolicy
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
 from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
@@ -44,6 +44,7 @@ class Scenario:
     timer_lag: float = 2.0
     liar_fraction: float = 0.0  # of the targets, serving corrupt pieces
     max_connections: int = 64
+    upload_slots: int | None = UPLOAD_SLOTS  # None: every connection sends at once
     policy: DownloadPolicy = field(default_factory=DownloadPolicy)
     max_time: float = 3600.0
 
@@ -143,7 +144,8 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
     rss0 = _rss_kib()
     sim = Simulator(sc.seed)
     pieces = max(1, -(-sc.size // sc.piece_size))
-    wide = Swarmwide(pieces, sc.piece_size, sc.size, sc.policy, sc.max_connections)
+    wide = Swarmwide(pieces, sc.piece_size, sc.size, sc.policy, sc.max_connections,
+                     sc.upload_slots)
     specs = _specs(sc, sim)
     world = World(sim, wide, specs, same_order_for_all(sc.nodes, sim))
     world.on_all_done = sim.stop

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from blobmesh.distribution.scheduler import (
+    UPLOAD_SLOTS,
     Announce,
     Ban,
     Cancel,
@@ -61,6 +62,7 @@ class Swarmwide:
     size: int
     policy: DownloadPolicy
     max_connections: int = 64
+    upload_slots: int | None = UPLOAD_SLOTS  # see UploadScheduler
     progress_interval: float = 0.25  # the service's progress notes to the source
     retry_backoff: float = 1.0  # a failed job is retried after this (doubling, to 15 s)
     priority: int = 1
@@ -139,7 +141,7 @@ class SimNode:
         self.has_layer = seed
         self.complete = seed
         self.sched: DownloadScheduler[End, int] | None = None
-        self.upload = UploadScheduler[End, int, int]()
+        self.upload = UploadScheduler[End, int, int](slots=world.wide.upload_slots)
         self.ends: dict[End, None] = {}
         self.banned: set[int] = set()
         self.traffic = Traffic()
@@ -170,7 +172,7 @@ class SimNode:
         for end in list(self.ends):
             self.world.close(end, "peer crashed", notify_after=self.world.detect_crash)
         self.sched = None
-        self.upload = UploadScheduler[End, int, int]()
+        self.upload = UploadScheduler[End, int, int](slots=self.world.wide.upload_slots)
         self.have = self.flushed.copy()
         if self._timer is not None:
             self._timer.cancel()
