@@ -206,3 +206,13 @@ def test_a_peer_without_the_layer_at_hello_is_asked_once_it_announces_a_piece() 
     assert j.attach("a", 1, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
     assert j.peer_has("a", 2, 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
     assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == []
+
+
+def test_the_dial_retry_timer_fires_the_retry_despite_float_rounding() -> None:
+    j = DownloadScheduler[str, int](4, 0, lambda: [1], 0.7,
+                                    DownloadPolicy(peer_retry=0.1, stall_timeout=100.0))
+    assert j.handle_timer(0.7) == [Dial(1)]
+    assert j.dial_ended(1, 0.71) == []
+    when = j.get_timer()
+    assert when == 0.7 + 0.1 and when - 0.7 < 0.1  # the sum rounds below the interval
+    assert j.handle_timer(when) == [Dial(1)]  # not an endless timer at the same instant

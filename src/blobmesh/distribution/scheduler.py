@@ -427,7 +427,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
                     peer in self.banned:
                 continue
             last = self._last_dial.get(peer)
-            if last is not None and now - last < p.peer_retry:
+            if last is not None and now < last + p.peer_retry:  # (the timer's own sum)
                 retry_at = min(retry_at or 1e300, last + p.peer_retry)
                 continue
             self._last_dial[peer] = now
@@ -438,26 +438,15 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._dial_retry_at = retry_at
 
     def _dial_order(self, now: float) -> list[Peer]:
-        """Whom to dial, best first: a random sample of the candidates, drawn again every
-        ``peer_retry`` (so the work does not grow with the size of the scope).
-
-        Every target is given the same list (the source first, then the scope), so dialing it
-        in order would make every target dial the same few peers, which then refuse all but
-        ``max_connections``.  The first candidate, the source, is dialed first by about
-        ``source_fanout`` targets of the whole scope and last by the others: what it sends
-        reaches the rest through them, and its inbound dials stay bounded as the scope grows.
-        """
+        """Whom to dial, best first (see :func:`dial_order`), drawn again every
+        ``peer_retry`` so the work does not grow with the size of the scope."""
         if self._order is None or now >= self._order_at + self.policy.peer_retry:
             cands = self._candidates()
-            n = len(cands)
-            picks = self._rng.sample(range(1, n), min(n - 1, 4 * self.policy.max_peers)) \
-                if n > 1 else []
-            rest = [cands[i] for i in picks]
+            order = dial_order(cands, 4 * self.policy.max_peers, self._rng)
             if self._source_first is None:
-                self._source_first = self._rng.random() * max(1, n - 1) < \
-                    self.policy.source_fanout
-            first = [cands[0]] if n else []
-            self._order = first + rest if self._source_first else rest + first
+                self._source_first = dials_source_first(len(cands) - 1,
+                                                        self.policy.source_fanout, self._rng)
+            self._order = order if self._source_first else [*order[1:], *order[:1]]
             self._order_at = now
         return self._order
 
@@ -532,6 +521,31 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self.picker.remove_peer(conn)
         if self._layer_conn == conn:
             self._layer_conn = None
+
+
+def dials_source_first(targets: int, fanout: int, rng: random.Random) -> bool:
+    """Whether this target dials the source before anybody else: about ``fanout`` of the
+    scope's ``targets`` do, the others try it last.
+
+    What the source sends reaches the rest through those few, and its inbound dials stay
+    bounded as the scope grows (every target dialing it first would have it refuse all but
+    ``max_connections`` and be dialed again every ``peer_retry``).
+    """
+    return rng.random() * max(1, targets) < fanout
+
+
+def dial_order(candidates: Sequence[Peer], sample: int, rng: random.Random) -> list[Peer]:
+    """``candidates[0]`` (the source), then a random ``sample`` of the others; a target that
+    does not :func:`dials_source_first` moves the source last.
+
+    Every target is given the same list (the source, then the scope in node-id order), so
+    dialing it in order would make every target dial the same few peers, which then refuse
+    all but ``max_connections``.
+    """
+    n = len(candidates)
+    if n == 0:
+        return []
+    return [candidates[0], *(candidates[i] for i in rng.sample(range(1, n), min(n - 1, sample)))]
 
 
 # --- uploads -------------------------------------------------------------------------------
@@ -753,4 +767,6 @@ __all__ = [
     "Serve",
     "StateChanged",
     "UploadScheduler",
+    "dial_order",
+    "dials_source_first",
 ]
