@@ -131,7 +131,10 @@ def _export_error(exc: OSError, target: Path) -> ExportError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ExportError(f"disk full while exporting to {target}; nothing was left there",
                            path=str(target))
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        return ExportError(f"cannot export to {target}: read-only file system",
+                           path=str(target))
+    if exc.errno in (errno.EACCES, errno.EPERM):
         where = exc.filename or target.parent
         return ExportError(f"permission denied: cannot export to {target} ({where})",
                            path=str(target))

@@ -99,6 +99,10 @@ class Collection:
         if version != VERSION:
             raise InvalidCollectionError(f"unsupported collection version {version}",
                                          version=version)
+        if len(body) >= 7 and body[2] == 0xDD and int.from_bytes(body[3:7]) > MAX_ENTRIES:
+            # an array32 header: refuse an absurd count before decoding anything
+            raise InvalidCollectionError(f"collection claims {int.from_bytes(body[3:7])} "
+                                         f"entries, more than {MAX_ENTRIES}")
         try:
             manifest = _decoder.decode(body)
         except msgspec.DecodeError as exc:
