@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.progress import TaskID
 
+from blobmesh import collection
+from blobmesh.cli import collection_cmds
 from blobmesh.cli.output import (
     add_command,
     byte_progress,
@@ -20,7 +22,7 @@ from blobmesh.cli.output import (
 )
 from blobmesh.errors import BlobmeshError, SourceError
 from blobmesh.hashing import BlobId
-from blobmesh.store import BlobInfo, Store
+from blobmesh.store import BlobInfo, FsckProblem, Store
 
 LARGE_FILE = 16 * 1024 * 1024
 
@@ -36,17 +38,19 @@ def open_store(args: argparse.Namespace) -> Store:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = add_command(sub, "add", cmd_add, "add files to the store", json_flag=True)
+    p = add_command(sub, "add", cmd_add, "add files (or directories, as collections)",
+                    json_flag=True)
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the id of each file")
     p.add_argument("--pin", metavar="NAME", help="pin the (single) added blob under NAME")
 
-    p = add_command(sub, "cat", cmd_cat, "write a blob to stdout (verified)")
-    p.add_argument("blob", metavar="ID")
+    p = add_command(sub, "cat", cmd_cat, "write a blob (or ID/path in a collection) to stdout")
+    p.add_argument("blob", metavar="ID[/PATH]")
 
     p = add_command(sub, "export", cmd_export, "write a blob to a file (verified, atomic)")
     p.add_argument("blob", metavar="ID")
     p.add_argument("path", type=Path, metavar="PATH")
+    p.add_argument("--force", action="store_true", help="replace an existing collection tree")
 
     add_command(sub, "ls", cmd_ls, "list blobs", json_flag=True)
 
@@ -80,6 +84,8 @@ def info_json(info: BlobInfo) -> dict[str, Any]:
 
 def cmd_add(args: argparse.Namespace) -> int:
     paths: list[Path] = args.paths
+    if any(p.is_dir() for p in paths):
+        return collection_cmds.cmd_add_dirs(args)
     for p in paths:
         if not p.is_file():
             raise SourceError(f"no such file: {p}" if not p.exists() else f"not a file: {p}")
@@ -115,6 +121,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    if "/" in args.blob:
+        return collection_cmds.cmd_cat_path(args)
     blob_id = BlobId.parse(args.blob)
     out = sys.stdout.buffer
     with open_store(args) as store, store.get_reader(blob_id, None, verify=True) as reader:
@@ -128,6 +136,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
         info = store.info(blob_id)
+        if collection.is_collection(store, info):
+            return collection_cmds.export_collection(args, store, blob_id)
         with byte_progress(sys.stderr.isatty()) as progress:
             task = progress.add_task("export", total=info.size)
             store.export(blob_id, args.path, progress=lambda n: progress.advance(task, n))
@@ -138,13 +148,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         blobs = store.blobs()
+        colls = collection_cmds.summaries(store, blobs)
     if args.json:
-        print_json([info_json(i) for i in blobs])
+        print_json([{**info_json(i), **({"collection": collection_cmds.summary_json(c)}
+                                         if (c := colls.get(i.blob_id)) else {})}
+                    for i in blobs])
         return 0
     for i in blobs:
         state = "complete" if i.complete else f"partial {i.pieces_present}/{i.pieces_total}"
         pins = f"  pins: {','.join(i.pins)}" if i.pins else ""
-        say(f"{i.blob_id}  {human_bytes(i.size):>10}  {state}{pins}")
+        coll = f"  {collection_cmds.summary_line(c)}" if (c := colls.get(i.blob_id)) else ""
+        say(f"{i.blob_id}  {human_bytes(i.size):>10}  {state}{coll}{pins}")
     return 0
 
 
@@ -152,10 +166,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
         info = store.info(blob_id)
+        coll = collection.is_collection(store, info) and collection.summarize(store, blob_id)
     if args.json:
-        print_json(info_json(info))
+        print_json({**info_json(info), **({"collection": collection_cmds.summary_json(coll)}
+                                          if coll else {})})
         return 0
-    for key, value in info_json(info).items():
+    fields = {**info_json(info), **({"collection": collection_cmds.summary_line(coll)}
+                                    if coll else {})}
+    for key, value in fields.items():
         say(f"{key:>15}: {value}")
     return 0
 
@@ -163,14 +181,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_pin(args: argparse.Namespace) -> int:
     blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
-        store.pin(blob_id, args.name)
+        collection.pin(store, blob_id, args.name)  # a collection's members too
     say(f"pinned {blob_id} as {args.name}")
     return 0
 
 
 def cmd_unpin(args: argparse.Namespace) -> int:
     with open_store(args) as store:
-        blob_id = store.unpin(args.name)
+        blob_id = collection.unpin(store, args.name)
     say(f"unpinned {args.name} ({blob_id})")
     return 0
 
@@ -182,12 +200,14 @@ def cmd_pins(args: argparse.Namespace) -> int:
         print_json([{"name": p.name, "id": str(p.blob_id), "created": p.created} for p in pins])
         return 0
     for p in pins:
-        say(f"{p.name}  {p.blob_id}")
+        if not collection.is_member_pin(p.name):  # they follow their collection's pin
+            say(f"{p.name}  {p.blob_id}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args) as store:
+        collection.protect_pinned(store)  # members of pinned collections stay
         report = store.gc(dry_run=args.dry_run)
     if args.json:
         print_json({"deleted": [str(b) for b in report.deleted],
@@ -205,6 +225,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     with open_store(args) as store, byte_progress(sys.stderr.isatty() and not args.json) as pr:
         task = pr.add_task("fsck", total=None)
         report = store.fsck(repair=args.repair, progress=lambda n: pr.advance(task, n))
+        report.problems += [FsckProblem(p.kind, str(p.collection), p.collection, p.detail)
+                            for p in collection.check(store)]
     if args.json:
         print_json({"checked": report.checked, "bytes_checked": report.bytes_checked,
                     "ok": report.ok, "repaired": report.repaired,

@@ -122,6 +122,11 @@ def _check_pin_name(name: str) -> None:
         raise StoreError(f"a pin name of a collection is 1 to {256 - 65} characters")
 
 
+def is_member_pin(name: str) -> bool:
+    """Whether ``name`` is a member pin some collection pin holds."""
+    return _member_pin_base(name) is not None
+
+
 def _member_pin_base(name: str) -> str | None:
     """The collection pin a member pin belongs to, or None for any other pin."""
     base, sep, suffix = name.rpartition(MEMBER_PIN_SEP)

@@ -132,16 +132,21 @@ def _read_small(src: _Source) -> bytes:
                           path=str(src.path)) from exc
 
 
-def add_tree(store: Store, root: str | os.PathLike[str], *, lease: LeaseId | None = None,
-             progress: Progress | None = None,
+def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
+             lease: LeaseId | None = None, progress: Progress | None = None,
              on_file: Callable[[str], None] | None = None) -> AddedTree:
-    """Add every file under ``root``, then the collection naming them; returns its id.
+    """Add every file under ``root`` (a path or its :func:`scan_tree`), then the collection
+    naming them; returns its id.
 
     Files that change while being read (size or mtime differs after reading) raise
     :class:`SourceChangedError`; the collection is only written once every member is in.
     Small files are read whole and added by a few threads at once, so their commits overlap.
     """
-    scan = scan_tree(root)
+    scan = root if isinstance(root, TreeScan) else scan_tree(root)
+    if store.home.resolve().is_relative_to(scan.root.resolve()):
+        # the store's own files would change under the walk (and grow with every add)
+        raise SourceError(f"{scan.root} contains the store home {store.home}; add a "
+                          "directory outside it", path=str(scan.root))
     # validate paths and links before reading a byte: a bad tree fails fast
     Collection.build([*scan.others, *(File(f.rel, f.size, f.executable, b"\0" * 32)
                                       for f in scan.files)])

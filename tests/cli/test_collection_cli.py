@@ -1,0 +1,49 @@
+"""``add DIR``, ``ls``/``info``, ``cat ID/path``, ``export`` and pins of collections via the
+real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.cli.test_store_cli import Cli, cli  # noqa: F401 - the fixture
+from tests.collection.conftest import make_tree
+
+
+def test_collection_commands(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    tree = make_tree(tmp_path / "tree")
+    cid = cli.out("add", "-q", tree).strip()
+    assert cid.startswith("bm1") and "\n" not in cid
+    human = cli.out("add", tree)
+    assert human.startswith(f"added {cid}") and "0 new blob(s)" in human
+    [listed] = [b for b in cli.json("ls") if "collection" in b]
+    assert listed["id"] == cid
+    assert listed["collection"]["files"] == 5 and listed["collection"]["complete"]
+    assert "collection: 9 entries" in cli.out("ls")
+    assert cli.json("info", cid)["collection"]["members_present"] == 5
+    assert cli.run("cat", f"{cid}/model/config.json").stdout == b'{"layers": 2}'
+    assert cli.run("cat", f"{cid}/bin/cfg").stdout == b'{"layers": 2}'  # in-tree link
+    missing = cli.run("cat", f"{cid}/no/such", ok=False)
+    assert missing.returncode == 1
+    assert missing.stderr.decode().strip() == "blobmesh: error: no 'no/such' in the collection"
+
+    out = tmp_path / "out"
+    cli.run("export", cid, out)
+    assert (out / "bin" / "run.sh").stat().st_mode & 0o111
+    again = cli.run("export", cid, out, ok=False)
+    assert again.returncode == 1 and "already exists (use --force" in again.stderr.decode()
+    assert len(again.stderr.splitlines()) == 1
+    cli.run("export", "--force", cid, out)
+
+    cli.run("pin", cid, "model")
+    assert cli.out("pins").splitlines() == [f"model  {cid}"]  # member pins stay out of sight
+    assert "deleted 0 blob(s)" in cli.out("gc")
+    assert cli.out("fsck").endswith(": ok\n")
+    cli.run("unpin", "model")
+    assert "deleted 6 blob(s)" in cli.out("gc")
+
+
+def test_mixing_files_and_dirs_is_refused(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("x")
+    r = cli.run("add", tmp_path / "d", tmp_path / "f", ok=False)
+    assert r.returncode == 1 and b"not both" in r.stderr and b"Traceback" not in r.stderr
