@@ -63,9 +63,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_command(sub, "peers", cmd_peers, "list the peers the running node knows", json_flag=True)
 
     p = add_command(sub, "distribute", cmd_distribute,
-                    "distribute a file or blob to a scope of nodes",
+                    "distribute a file, directory (as a collection) or blob to a scope of nodes",
             json_flag=True)
     p.add_argument("what", metavar="PATH_OR_ID")
+    p.add_argument("--export", default="", metavar="DIR",
+                   help="a collection: each target writes the tree to DIR when complete")
+    p.add_argument("--export-force", action="store_true",
+                   help="with --export: replace an existing DIR on the targets")
     p.add_argument("--to", required=True, metavar="SCOPE",
                    help="all | group:NAME | node:ID[,ID] | cap:EXPR")
     p.add_argument("--priority", default="normal",
@@ -116,6 +120,14 @@ def _resolve_blob(home: Path, what: str) -> BlobId:
     path = Path(what)
     if not path.exists():
         raise InvalidIdError(f"{what!r} is neither an existing file nor a blob id")
+    if path.is_dir():
+        from blobmesh.collection import add_tree
+
+        with Store(home) as store:
+            added = add_tree(store, path)
+        err_console.print(f"added {path}/ as collection {added.collection_id} "
+                          f"({len(added.collection.entries)} entries)", highlight=False)
+        return added.collection_id
     with Store(home) as store:
         info = store.add_path(path)
     err_console.print(f"added {path} as {info.blob_id}", highlight=False)
@@ -153,7 +165,8 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with NodeClient(home) as node:
             status = await node.distribute(str(blob_id), args.to, args.priority,
-                                           args.share_url)
+                                           args.share_url, export=args.export,
+                                           export_force=args.export_force)
             if not args.wait:
                 if args.json:
                     print_json(status_to_json(status))

@@ -207,8 +207,7 @@ def cmd_pins(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args) as store:
-        collection.protect_pinned(store)  # members of pinned collections stay
-        report = store.gc(dry_run=args.dry_run)
+        report = collection.gc(store, dry_run=args.dry_run)  # keeps pinned trees whole
     if args.json:
         print_json({"deleted": [str(b) for b in report.deleted],
                     "bytes_freed": report.bytes_freed,

@@ -15,7 +15,7 @@ from blobmesh.errors import (
     StoreError,
 )
 from blobmesh.hashing import BlobId
-from blobmesh.store import BlobInfo, Store
+from blobmesh.store import BlobInfo, GcReport, Store
 
 MEMBER_PIN_SEP = "#"
 """A pin ``NAME`` of a collection holds each member ``M`` under ``NAME#<hex of M>``."""
@@ -136,15 +136,14 @@ def _member_pin_base(name: str) -> str | None:
 
 
 def pin_members(store: Store, name: str, collection: Collection) -> int:
-    """Make the member pins of pin ``name`` match ``collection``; returns pins added.
+    """Pin every member of ``collection`` held here under pin ``name``; returns pins added.
 
-    Members not (yet) in the store are skipped: call again once they arrive.
+    Members not (yet) in the store are skipped: call again once they arrive.  Other member
+    pins of ``name`` (e.g. a distribution's pack) are left alone.
     """
     _check_pin_name(name)
     want = {member_pin(name, m): m for m in collection.members()}
     have = {p.name: p.blob_id for p in store.pins() if _member_pin_base(p.name) == name}
-    for stale in have.keys() - want.keys():
-        store.unpin(stale)
     added = 0
     for pin, member in want.items():
         if have.get(pin) == member:
@@ -162,11 +161,11 @@ def pin(store: Store, blob_id: BlobId, name: str) -> Collection | None:
     coll = maybe_collection(store, blob_id)
     if coll is not None:
         _check_pin_name(name)
+    if not any(p.name == name and p.blob_id == blob_id for p in store.pins()):
+        _drop_member_pins(store, name)  # the name may have held another collection
     store.pin(blob_id, name)
     if coll is not None:
         pin_members(store, name, coll)
-    else:
-        _drop_member_pins(store, name)  # the name may have held a collection before
     return coll
 
 
@@ -205,6 +204,17 @@ def protect_pinned(store: Store) -> int:
         if coll is not None:
             added += pin_members(store, p.name, coll)
     return added
+
+
+def gc(store: Store, *, dry_run: bool = False) -> GcReport:
+    """``Store.gc`` that keeps every member of every pinned collection.
+
+    A collection pinned under any name (``blobmesh pin``, a distribution's ``dist/<h>``)
+    first gets member pins for the members it lacks them for; call this rather than
+    ``Store.gc`` wherever collections may live.
+    """
+    protect_pinned(store)
+    return store.gc(dry_run=dry_run)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blobmesh.collection.bulk import add_many
 from blobmesh.collection.manifest import Collection, Dir, Entry, File, Symlink
 from blobmesh.errors import SourceChangedError, SourceError
 from blobmesh.hashing import BlobId
@@ -16,7 +16,7 @@ from blobmesh.store import LeaseId, Progress, Store
 
 SMALL_FILE = 1024 * 1024
 """Files up to this size are read whole and committed in batches."""
-_BATCH_THREADS = 4
+_BATCH_FILES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +140,7 @@ def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
 
     Files that change while being read (size or mtime differs after reading) raise
     :class:`SourceChangedError`; the collection is only written once every member is in.
-    Small files are read whole and added by a few threads at once, so their commits overlap.
+    Small files are read whole and added in batches (:func:`blobmesh.collection.bulk.add_many`).
     """
     scan = root if isinstance(root, TreeScan) else scan_tree(root)
     if store.home.resolve().is_relative_to(scan.root.resolve()):
@@ -153,21 +153,19 @@ def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
     known = {b.blob_id for b in store.blobs() if b.complete}
     ids: dict[str, BlobId] = {}
 
-    def add_small(src: _Source) -> tuple[str, BlobId]:
-        data = _read_small(src)
-        _check_unchanged(src, len(data))
-        info = store.add_bytes(data, lease)
-        if progress:
-            progress(len(data))
-        if on_file:
-            on_file(src.rel)
-        return src.rel, info.blob_id
-
     small = [f for f in scan.files if f.size <= SMALL_FILE]
     large = [f for f in scan.files if f.size > SMALL_FILE]
-    with ThreadPoolExecutor(_BATCH_THREADS, thread_name_prefix="blobmesh-add") as pool:
-        for rel, blob_id in pool.map(add_small, small):
-            ids[rel] = blob_id
+    for start in range(0, len(small), _BATCH_FILES):
+        batch = small[start : start + _BATCH_FILES]
+        datas = [_read_small(src) for src in batch]
+        for src, data in zip(batch, datas, strict=True):
+            _check_unchanged(src, len(data))
+        for src, info in zip(batch, add_many(store, datas, lease), strict=True):
+            ids[src.rel] = info.blob_id
+            if progress:
+                progress(info.size)
+            if on_file:
+                on_file(src.rel)
     for src in large:
         info = store.add_path(src.path, lease, progress)
         _check_unchanged(src, info.size)

@@ -67,9 +67,11 @@ class NodeClient:
         return result
 
     async def distribute(self, blob: str, scope: str, priority: str,
-                         share_urls: list[str] | None = None) -> DistributionStatus:
+                         share_urls: list[str] | None = None, *, export: str = "",
+                         export_force: bool = False) -> DistributionStatus:
         data = await self._request("POST", "/v1/distributions", {
-            "blob": blob, "scope": scope, "priority": priority, "share_urls": share_urls or []})
+            "blob": blob, "scope": scope, "priority": priority, "share_urls": share_urls or [],
+            "export": export, "export_force": export_force})
         return status_from_json(data)
 
     async def distributions(self) -> list[DistributionStatus]:

@@ -5,7 +5,8 @@ Routes (all JSON unless noted):
 
 * ``GET  /v1/node``                          node id, ticket, listen addresses
 * ``GET  /v1/peers``                         peers the space knows
-* ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls"}``
+* ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls",
+  "export", "export_force"}`` (export: a collection's targets materialise it there)
 * ``GET  /v1/distributions``                 every distribution known here
 * ``GET  /v1/distributions/{h}``             one status
 * ``DELETE /v1/distributions/{h}``           cancel
@@ -99,7 +100,8 @@ class ControlServer:
         blob_id = BlobId.parse(str(body.get("blob", "")))
         handle = await self.node.distribution.distribute(
             blob_id, str(body.get("scope", "all")), str(body.get("priority", "normal")),
-            share_urls=[str(u) for u in body.get("share_urls", [])])
+            share_urls=[str(u) for u in body.get("share_urls", [])],
+            export=str(body.get("export", "")), export_force=bool(body.get("export_force")))
         status = await self.node.distribution.status(handle)
         return web.json_response(status_to_json(status), status=201)
 

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from blobmesh import __version__
+from blobmesh.distribution.collection import CollectionDistributor
 from blobmesh.distribution.service import DistributionConfig, DistributionService
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
 from blobmesh.errors import BlobmeshError
@@ -26,6 +27,7 @@ from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
+from blobmesh.store.piece_index import PieceIndex
 from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
 from blobmesh.transfer.messages import Selector
 from blobmesh.transport import Endpoint, Identity, NodeId, Ticket, TransportConfig
@@ -109,6 +111,7 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.store = Store(config.home)
+        self.piece_index = PieceIndex(self.store)
         self.identity = Identity.load_or_create(config.home)
         self._endpoint: Endpoint | None = None
         self._space: Space | None = None
@@ -158,11 +161,14 @@ class Node:
                                     self.endpoint.add_peer_addresses))
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
-                                      authorize=self.space.is_member)
+                                      authorize=self.space.is_member,
+                                      piece_index=self.piece_index)
+            collections = CollectionDistributor(self.swarm)
             self._transfer = TransferManager(self.endpoint, self.store)
             self._transfer.register_voucher_type(
                 MEMBER_VOUCHER, MembersOnly(self.space.is_member))
-            dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares)
+            dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares,
+                               planner=collections.plan, plan_fetcher=collections.fetch)
             self._distribution = DistributionService(self.space, self.swarm, dist_cfg)
             await self.space.start()
             await self.swarm.start()
@@ -198,6 +204,7 @@ class Node:
         if self._endpoint is not None:
             await self._endpoint.aclose()
             self._endpoint = None
+        self.piece_index.close()
         self.store.close()
 
     async def __aenter__(self) -> Node:

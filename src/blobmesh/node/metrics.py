@@ -36,6 +36,8 @@ def render_metrics(node: Node) -> str:
             "piece bytes sent to peers")
     _metric(lines, "blobmesh_swarm_downloaded_bytes_total", "counter", sw.bytes_downloaded,
             "verified piece bytes received from peers")
+    _metric(lines, "blobmesh_swarm_reused_bytes_total", "counter", sw.bytes_reused,
+            "piece bytes copied from identical pieces of local blobs instead of fetched")
     _metric(lines, "blobmesh_swarm_pieces_rejected_total", "counter", sw.pieces_rejected,
             "pieces that failed verification (their senders were banned)")
     _metric(lines, "blobmesh_swarm_connections", "gauge", sw.connections,
