@@ -46,7 +46,7 @@ from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
 
-MEMBER_JOBS = 4
+MEMBER_JOBS = 8
 """Large members fetched at once per target: enough to keep links busy across job ends."""
 _BATCH_BYTES = 64 * 1024 * 1024
 
@@ -179,10 +179,10 @@ class CollectionDistributor:
                 progress.done(member, size)
         lacking = sum(s for m, s in small_members(coll, plan.small_limit)
                       if not self.store.has(m))
-        if plan.pack and 2 * lacking >= plan.pack_size:
-            # most small members are missing: one pack beats many tiny jobs
-            await self._fetch_pack(req, plan, coll, lacking, progress)
-        large = [(m, s) for m, s in members.items() if not self.store.has(m)]
+        # most small members missing: one pack beats many tiny jobs
+        use_pack = bool(plan.pack) and 2 * lacking >= plan.pack_size
+        packed = {m for m, _ in small_members(coll, plan.small_limit)} if use_pack else set()
+        rest = [(m, s) for m, s in members.items() if m not in packed and not self.store.has(m)]
         sem = asyncio.Semaphore(self.member_jobs)
 
         async def one(member: BlobId, size: int) -> None:
@@ -192,8 +192,10 @@ class CollectionDistributor:
                                           progress.job(member),
                                           pin=member_pin(req.pin, member))
 
-        async with asyncio.TaskGroup() as tg:
-            for member, size in large:
+        async with asyncio.TaskGroup() as tg:  # the pack and the members side by side
+            if use_pack:
+                tg.create_task(self._fetch_pack(req, plan, coll, lacking, progress))
+            for member, size in rest:
                 tg.create_task(one(member, size))
         # the pinned collection holds the members (`collection.gc` pins them one by one)
         if plan.export:
