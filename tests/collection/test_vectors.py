@@ -50,7 +50,7 @@ def mp_uint(n: int) -> bytes:
 def transcribe(entries: list[dict[str, Any]]) -> bytes:
     """The spec: MAGIC || [1, [entry...]], entry = ["f", path, size, exec, bin32] |
     ["l", path, target] | ["d", path], sorted by path."""
-    out = VECTORS["magic"].encode() + mp_array(2) + mp_uint(1) + mp_array(len(entries))
+    out: bytes = VECTORS["magic"].encode() + mp_array(2) + mp_uint(1) + mp_array(len(entries))
     for d in sorted(entries, key=lambda d: d["path"].encode()):
         if d["kind"] == "file":
             out += mp_array(5) + mp_str("f") + mp_str(d["path"]) + mp_uint(d["size"])
