@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.cli.test_store_cli import Cli, cli  # noqa: F401 - the fixture
 from tests.collection.conftest import make_tree
 
@@ -47,3 +49,36 @@ def test_mixing_files_and_dirs_is_refused(cli: Cli, tmp_path: Path) -> None:  # 
     (tmp_path / "f").write_text("x")
     r = cli.run("add", tmp_path / "d", tmp_path / "f", ok=False)
     assert r.returncode == 1 and b"not both" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_get_push_share_load_move_whole_trees(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    from tests.transfer.test_cli_integration import Server, free_port
+
+    tree = make_tree(tmp_path / "tree")
+    cid = cli.out("add", "-q", tree).strip()
+    # get: the collection, then every member, exported as a tree
+    server = Server(cli.home, free_port())
+    try:
+        fetcher = Cli(tmp_path / "getter")
+        fetcher.run("get", cid, "--from", server.ticket, "-o", tmp_path / "got")
+        assert (tmp_path / "got" / "model" / "config.json").read_text() == '{"layers": 2}'
+        assert fetcher.json("info", cid)["collection"]["complete"]
+        assert "deleted 0 blob(s)" in fetcher.out("gc")  # held as get/<id>
+        # push: the other way round, to a server that accepts pushes
+        sink = Server(tmp_path / "sink", free_port(), "--accept-push")
+        try:
+            fetcher.run("push", cid, "--to", sink.ticket)
+        finally:
+            sink.stop()
+        assert Cli(tmp_path / "sink").json("info", cid)["collection"]["complete"]
+    finally:
+        server.stop()
+    # share + load through a share directory (file URLs)
+    shares = tmp_path / "shares"
+    assert "with 5 new member blob(s)" in cli.out("share", cid, "--dir", shares)
+    loader = Cli(tmp_path / "loader")
+    loader.run("load", cid, "--url", shares.as_uri())
+    info = loader.json("info", cid)["collection"]
+    assert info["members_present"] == info["members"] == 5
+    assert "deleted 0 blob(s)" in loader.out("gc")

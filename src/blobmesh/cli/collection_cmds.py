@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,12 @@ from blobmesh.cli.output import byte_progress, human_bytes, print_json
 from blobmesh.collection import Collection, File, Summary, Symlink
 from blobmesh.errors import BlobmeshError, CollectionPathNotFoundError, SourceError
 from blobmesh.hashing import BlobId
+from blobmesh.shares import ShareDir, load_blob
 from blobmesh.store import BlobInfo, Store
+from blobmesh.transfer import TransferManager, Voucher
+from blobmesh.transport import NodeId
+
+_CHANNELS = 4
 
 
 def _say(line: str, *, err: bool = False) -> None:
@@ -131,3 +137,64 @@ def export_collection(args: argparse.Namespace, store: Store, blob_id: BlobId) -
                                progress=lambda n: progress.advance(task, n))
     _say(f"exported {blob_id} ({len(coll.entries)} entries) to {args.path}", err=True)
     return 0
+
+
+# --- get / push / share / load of a collection: the collection blob first, then its members --
+
+
+async def transfer_members(mgr: TransferManager, store: Store, peer: NodeId, blob_id: BlobId,
+                           voucher: Voucher, *, pull: bool) -> int:
+    """After the collection blob moved: move its members too (those missing here when
+    pulling), a few channels at a time; returns how many moved.  A plain blob: 0."""
+    coll = await asyncio.to_thread(collection.maybe_collection, store, blob_id)
+    if coll is None:
+        return 0
+    todo = [m for m in coll.members() if not (pull and store.has(m))]
+    sem = asyncio.Semaphore(_CHANNELS)
+
+    async def one(member: BlobId) -> None:
+        async with sem:
+            chid = await (mgr.open_pull(peer, voucher, member) if pull else
+                          mgr.open_push(peer, voucher, member))
+            await mgr.wait(chid)
+
+    async with asyncio.TaskGroup() as tg:
+        for member in todo:
+            tg.create_task(one(member))
+    if pull:  # what came over the network stays until the user unpins it
+        await asyncio.to_thread(collection.pin, store, blob_id, f"get/{blob_id}")
+    return len(todo)
+
+
+def export_any(store: Store, blob_id: BlobId, dest: str | Path) -> None:
+    """Export a collection as its tree, a plain blob as a file."""
+    if collection.maybe_collection(store, blob_id) is not None:
+        collection.export_tree(store, blob_id, dest)
+    else:
+        store.export(blob_id, dest)
+
+
+def share_members(store: Store, share: ShareDir, blob_id: BlobId) -> int:
+    """Share every member of a collection next to it; returns how many were new there."""
+    coll = collection.maybe_collection(store, blob_id)
+    if coll is None:
+        return 0
+    return sum(share.share(store, m).created for m in coll.members())
+
+
+async def load_members(store: Store, blob_id: BlobId, urls: list[str], **options: Any) -> int:
+    """After loading a collection blob: load its missing members from the same shares."""
+    coll = await asyncio.to_thread(collection.maybe_collection, store, blob_id)
+    if coll is None:
+        return 0
+    todo = [m for m in coll.members() if not store.has(m)]
+    sem = asyncio.Semaphore(_CHANNELS)
+
+    async def one(member: BlobId) -> None:
+        async with sem:
+            (await load_blob(store, member, urls, **options)).close()
+
+    async with asyncio.TaskGroup() as tg:
+        for member in todo:
+            tg.create_task(one(member))
+    return len(todo)
