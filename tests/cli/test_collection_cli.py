@@ -82,3 +82,17 @@ def test_get_push_share_load_move_whole_trees(cli: Cli, tmp_path: Path) -> None:
     info = loader.json("info", cid)["collection"]
     assert info["members_present"] == info["members"] == 5
     assert "deleted 0 blob(s)" in loader.out("gc")
+
+
+def test_fsck_reports_missing_members_of_pinned_collections(cli: Cli,  # noqa: F811
+                                                            tmp_path: Path) -> None:
+    from blobmesh.collection import add_tree
+    from blobmesh.store import Store
+
+    with Store(cli.home) as store:
+        cid = add_tree(store, make_tree(tmp_path / "tree")).collection_id
+        store.pin(cid, "only-the-manifest")
+        store.gc()  # a plain Store.gc: the members go
+    r = cli.run("fsck", "--repair", ok=False)
+    assert r.returncode == 1  # nothing to quarantine can bring members back
+    assert f"collection-missing: {cid}: 5 of 5 member blob(s) missing\n" in r.stdout.decode()

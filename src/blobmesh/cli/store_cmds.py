@@ -224,8 +224,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     with open_store(args) as store, byte_progress(sys.stderr.isatty() and not args.json) as pr:
         task = pr.add_task("fsck", total=None)
         report = store.fsck(repair=args.repair, progress=lambda n: pr.advance(task, n))
-        report.problems += [FsckProblem(p.kind, str(p.collection), p.collection, p.detail)
-                            for p in collection.check(store)]
+        # pinned collections must decode and hold every member (no repair can fetch them)
+        unrepairable = [FsckProblem(f"collection-{p.kind}", str(p.collection), p.collection,
+                                    p.detail) for p in collection.check(store)]
+        report.problems += unrepairable
     if args.json:
         print_json({"checked": report.checked, "bytes_checked": report.bytes_checked,
                     "ok": report.ok, "repaired": report.repaired,
@@ -235,8 +237,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     else:
         for p in report.problems:
             what = str(p.blob_id) if p.blob_id else p.path
-            action = " (quarantined)" if args.repair else ""
+            action = " (quarantined)" if args.repair and p not in unrepairable else ""
             say(f"{p.kind}: {what}: {p.detail}{action}")
         say(f"checked {report.checked} blob(s), {human_bytes(report.bytes_checked)}: "
             f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
-    return 0 if report.ok or args.repair else 1
+    return 0 if report.ok or (args.repair and not unrepairable) else 1

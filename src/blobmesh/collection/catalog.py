@@ -220,7 +220,7 @@ def gc(store: Store, *, dry_run: bool = False) -> GcReport:
 @dataclass(frozen=True, slots=True)
 class MemberProblem:
     collection: BlobId
-    kind: str  # "invalid", "missing"
+    kind: str  # "invalid", "missing" (members)
     detail: str
 
 
