@@ -149,8 +149,8 @@ def fill_from_index(index: PieceIndex, partial: PartialBlob) -> Reused:
     """
     layer = partial.layer
     missing = partial.missing()
-    if not missing:
-        return Reused()
+    if not missing or len(layer) == 1:
+        return Reused()  # a one-piece blob's piece is the blob: it would be here by its id
     index.sync()
     pieces = nbytes = 0
     for i in missing:
