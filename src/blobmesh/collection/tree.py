@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from blobmesh.collection.bulk import add_many
 from blobmesh.collection.manifest import Collection, Dir, Entry, File, Symlink
 from blobmesh.errors import SourceChangedError, SourceError
-from blobmesh.hashing import BlobId
+from blobmesh.hashing import BlobId, TreeHasher, hash_bytes
 from blobmesh.store import LeaseId, Progress, Store
 
 SMALL_FILE = 1024 * 1024
 """Files up to this size are read whole and committed in batches."""
 _BATCH_FILES = 256
+_HASH_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,29 @@ def _check_unchanged(src: _Source, added_size: int) -> None:
         raise _changed(src, "modification time")
 
 
+def _hash_file(src: _Source, progress: Progress | None) -> BlobId:
+    def chunks() -> Iterator[bytes]:
+        try:
+            with open(src.path, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    if progress:
+                        progress(len(chunk))
+                    yield chunk
+        except FileNotFoundError:
+            raise _changed(src, "removed") from None
+        except OSError as exc:
+            raise SourceError(f"cannot read {src.path}: {exc.strerror}",
+                              path=str(src.path)) from exc
+
+    hasher = TreeHasher()
+    nbytes = 0
+    for chunk in chunks():
+        hasher.update(chunk)
+        nbytes += len(chunk)
+    _check_unchanged(src, nbytes)
+    return hasher.finalize()[0]
+
+
 def _read_small(src: _Source) -> bytes:
     try:
         with open(src.path, "rb") as f:
@@ -138,7 +162,9 @@ def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
     """Add every file under ``root`` (a path or its :func:`scan_tree`), then the collection
     naming them; returns its id.
 
-    Files that change while being read (size or mtime differs after reading) raise
+    Every file is hashed first and stored only if its blob is not here yet, so a new version
+    of a tree costs writes only for what changed (``progress`` counts the hashing pass).
+    Files that change while being read (size, mtime or content differs between reads) raise
     :class:`SourceChangedError`; the collection is only written once every member is in.
     Small files are read whole and added in batches (:func:`blobmesh.collection.bulk.add_many`).
     """
@@ -153,23 +179,44 @@ def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
     known = {b.blob_id for b in store.blobs() if b.complete}
     ids: dict[str, BlobId] = {}
 
+    def have(blob_id: BlobId) -> bool:
+        """Already stored: no write, no fsync, no commit (only a lease if one is asked)."""
+        if blob_id not in known and not store.has(blob_id):
+            return False
+        if lease is not None:
+            store.lease_by_content(blob_id, lease)
+        return True
+
     small = [f for f in scan.files if f.size <= SMALL_FILE]
     large = [f for f in scan.files if f.size > SMALL_FILE]
     for start in range(0, len(small), _BATCH_FILES):
         batch = small[start : start + _BATCH_FILES]
-        datas = [_read_small(src) for src in batch]
-        for src, data in zip(batch, datas, strict=True):
+        todo: list[tuple[_Source, bytes]] = []
+        for src in batch:
+            data = _read_small(src)
             _check_unchanged(src, len(data))
-        for src, info in zip(batch, add_many(store, datas, lease), strict=True):
+            blob_id = hash_bytes(data)
+            if have(blob_id):
+                ids[src.rel] = blob_id
+            else:
+                todo.append((src, data))
+        for (src, _), info in zip(todo, add_many(store, [d for _, d in todo], lease),
+                                  strict=True):
             ids[src.rel] = info.blob_id
-            if progress:
-                progress(info.size)
-            if on_file:
+        if progress:
+            progress(sum(f.size for f in batch))
+        if on_file:
+            for src in batch:
                 on_file(src.rel)
     for src in large:
-        info = store.add_path(src.path, lease, progress)
-        _check_unchanged(src, info.size)
-        ids[src.rel] = info.blob_id
+        # hashing first (a read) spares a new version's unchanged shards a write and fsync
+        blob_id = _hash_file(src, progress)
+        if not have(blob_id):
+            info = store.add_path(src.path, lease)
+            _check_unchanged(src, info.size)
+            if info.blob_id != blob_id:
+                raise _changed(src, "content")
+        ids[src.rel] = blob_id
         if on_file:
             on_file(src.rel)
     files = [File(f.rel, f.size, f.executable, ids[f.rel].digest) for f in scan.files]
