@@ -101,6 +101,10 @@ async def test_a_hostile_manifest_or_plan_is_refused_before_members_move(
         with pytest.raises(InvalidCollectionError, match="malformed collection plan"):
             await CollectionDistributor(target.engine).fetch(
                 fetch_request(src, bad, b"\xc1", everyone, seen))
+        escape = msgspec.msgpack.encode(CollectionPlan(export="../../../etc", export_force=True))
+        with pytest.raises(InvalidCollectionError, match="must be a relative path"):
+            await CollectionDistributor(target.engine).fetch(
+                fetch_request(src, bad, escape, everyone, seen))
 
 
 def rewrite_pieces(path: Path, every: int) -> int:
@@ -159,9 +163,10 @@ async def test_directory_to_a_fleet_then_v2_moves_only_changed_pieces(
         # the changed pieces, the small file and the new manifest; not the shards again
         assert changed <= m <= 1.2 * changed + 64 * 1024, (m, changed)
 
-    # --export: a target materialises the tree itself once it is complete
-    dest = tmp_path / "exported-by-the-node"
+    # --export: a target materialises the tree itself once it is complete, in its home
     r = cli(src.home, "distribute", str(model), "--to", f"node:{targets[0].node_id}",
-            "--export", str(dest), "--wait")
+            "--export", "models/m", "--wait")
     assert r.returncode == 0, r.stderr
-    assert snapshot(dest) == snapshot(model)
+    assert snapshot(targets[0].home / "exports" / "models" / "m") == snapshot(model)
+    r = cli(src.home, "distribute", str(model), "--to", "group:g", "--export", "/etc")
+    assert r.returncode == 1 and "must be a relative path" in r.stderr

@@ -66,8 +66,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "distribute a file, directory (as a collection) or blob to a scope of nodes",
             json_flag=True)
     p.add_argument("what", metavar="PATH_OR_ID")
-    p.add_argument("--export", default="", metavar="DIR",
-                   help="a collection: each target writes the tree to DIR when complete")
+    p.add_argument("--export", default="", metavar="NAME",
+                   help="a collection: each target writes the tree to HOME/exports/NAME "
+                        "when complete")
     p.add_argument("--export-force", action="store_true",
                    help="with --export: replace an existing DIR on the targets")
     p.add_argument("--to", required=True, metavar="SCOPE",

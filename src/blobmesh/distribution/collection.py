@@ -30,6 +30,7 @@ from blobmesh import collection
 from blobmesh.collection import Collection
 from blobmesh.collection.bulk import add_many
 from blobmesh.collection.catalog import member_pin
+from blobmesh.collection.manifest import check_path
 from blobmesh.collection.tree import SMALL_FILE
 from blobmesh.distribution.model import Priority
 from blobmesh.distribution.swarm import JobProgress, ProgressCallback, SwarmEngine
@@ -51,6 +52,8 @@ MEMBER_JOBS = 4
 job ends.  More made today's swarm stall under load: a peer's serve loop blocked on a full
 stream (its sends wait for credit) cannot read, so two such peers can wait on each other."""
 _BATCH_BYTES = 64 * 1024 * 1024
+EXPORTS = "exports"
+"""Targets export distributed trees under ``HOME/exports`` only."""
 
 
 class CollectionPlan(msgspec.Struct, frozen=True):
@@ -60,7 +63,7 @@ class CollectionPlan(msgspec.Struct, frozen=True):
     pack_size: int = 0
     pack_piece_size: int = 0
     small_limit: int = 0  # members of at most this size are in the pack
-    export: str = ""  # a directory each target materialises the tree into when complete
+    export: str = ""  # each target materialises the tree in HOME/exports/<export>
     export_force: bool = False
     piece_sizes: dict[bytes, int] = {}  # members not at the default piece size for their size
 
@@ -132,6 +135,8 @@ class CollectionDistributor:
             if export:
                 raise CollectionError(f"--export needs a collection; {blob_id} is a plain blob")
             return None
+        if export:
+            export_dir(Path("/"), export)  # the same check every target makes
         missing = [m for m in coll.members() if not self.store.has(m)]
         if missing:
             raise CollectionError(f"collection {blob_id.short()} is not complete here: "
@@ -170,6 +175,7 @@ class CollectionDistributor:
             plan = _dec.decode(req.payload)
         except msgspec.DecodeError as exc:
             raise InvalidCollectionError(f"malformed collection plan: {exc}") from exc
+        dest = export_dir(self.store.home / EXPORTS, plan.export) if plan.export else None
         progress = _TreeProgress(req.progress)
         await self.swarm.download(req.blob_id, req.size, req.piece_size, req.peers,
                                   req.priority, progress.job(req.blob_id), pin=req.pin)
@@ -200,9 +206,10 @@ class CollectionDistributor:
             for member, size in rest:
                 tg.create_task(one(member, size))
         # the pinned collection holds the members (`collection.gc` pins them one by one)
-        if plan.export:
-            await asyncio.to_thread(collection.export_tree, self.store, req.blob_id,
-                                    Path(plan.export), force=plan.export_force)
+        if dest is not None:
+            await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(collection.export_tree, self.store, req.blob_id, dest,
+                                    force=plan.export_force)
 
     async def _fetch_pack(self, req: FetchRequest, plan: CollectionPlan, coll: Collection,
                           lacking: int, progress: _TreeProgress, sem: asyncio.Semaphore
@@ -247,6 +254,20 @@ class CollectionDistributor:
     def _commit(self, batch: list[tuple[BlobId, bytes]]) -> list[tuple[BlobId, int]]:
         add_many(self.store, [data for _, data in batch])
         return [(m, len(d)) for m, d in batch]
+
+
+def export_dir(root: Path, name: str) -> Path:
+    """Where a distribution's ``--export NAME`` goes on a target: under its export root.
+
+    Another node names the directory, so it is a relative path (the rules of a collection
+    path: no ``..``, not absolute) and never leaves ``HOME/exports``.
+    """
+    try:
+        check_path(name)
+    except InvalidCollectionError as exc:
+        raise InvalidCollectionError(f"export directory {name!r} must be a relative path "
+                                     f"under each target's {EXPORTS}/ ({exc})") from exc
+    return root / name
 
 
 def _read_small(store: Store, member: BlobId, size: int) -> bytes:
