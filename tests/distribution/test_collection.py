@@ -21,7 +21,6 @@ from blobmesh.errors import InvalidCollectionError
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.node.client import NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
-from blobmesh.store import Store
 from blobmesh.transport.identity import NodeId
 from tests.collection.test_tree import snapshot
 from tests.distribution.test_e2e import cli, fleet, wait_done  # noqa: F401 - the fixture
@@ -135,38 +134,31 @@ async def test_directory_to_a_fleet_then_v2_moves_only_changed_pieces(
     await fleet.wait_converged(20)
     model = make_model(tmp_path / "model")
 
-    async def distribute(version: str, *extra: str) -> None:
+    async def distribute(*extra: str) -> BlobId:
         r = cli(src.home, "distribute", str(model), "--to", "group:g", "--json", *extra)
         assert r.returncode == 0, r.stderr
         handle = re.search(r'"handle": "(d-[0-9a-f]+)"', r.stdout)
         assert handle is not None
         final = await wait_done(src, handle.group(1), timeout=90)
         assert final.state is DistributionState.COMPLETED, final
-        with Store(src.home) as store:
-            cid = add_tree(store, model).collection_id
-        assert final.blob_id == cid
-        for t in targets:
-            dest = tmp_path / f"{version}-{t.index}"
-            r = cli(t.home, "export", str(cid), str(dest))
-            assert r.returncode == 0, r.stderr
-            assert snapshot(dest) == snapshot(model)
+        return final.blob_id
 
-    await distribute("v1")
+    cid = await distribute()
+    r = cli(targets[0].home, "export", str(cid), str(tmp_path / "v1"))
+    assert r.returncode == 0, r.stderr
+    assert snapshot(tmp_path / "v1") == snapshot(model)
     before = [await downloaded(t) for t in targets]
-    # v2: 10 % of the pieces of every shard rewritten in place, one small file changed
+    # v2: 10 % of the pieces of every shard rewritten in place, one small file changed; each
+    # target materialises it itself once it is complete, in its own home
     changed = sum(rewrite_pieces(shard, every=10)
                   for shard in sorted((model / "shards").iterdir()))
     (model / "tokenizer" / "vocab-007.txt").write_bytes(b"changed")
-    await distribute("v2")
+    v2 = await distribute("--export", "models/m")
+    assert v2 != cid
     moved = [await downloaded(t) - b for t, b in zip(targets, before, strict=True)]
-    for m in moved:
+    for t, m in zip(targets, moved, strict=True):
         # the changed pieces, the small file and the new manifest; not the shards again
         assert changed <= m <= 1.2 * changed + 64 * 1024, (m, changed)
-
-    # --export: a target materialises the tree itself once it is complete, in its home
-    r = cli(src.home, "distribute", str(model), "--to", f"node:{targets[0].node_id}",
-            "--export", "models/m", "--wait")
-    assert r.returncode == 0, r.stderr
-    assert snapshot(targets[0].home / "exports" / "models" / "m") == snapshot(model)
+        assert snapshot(t.home / "exports" / "models" / "m") == snapshot(model)
     r = cli(src.home, "distribute", str(model), "--to", "group:g", "--export", "/etc")
     assert r.returncode == 1 and "must be a relative path" in r.stderr
