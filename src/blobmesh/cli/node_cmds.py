@@ -30,6 +30,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.node.client import NodeClient
 from blobmesh.node.codec import status_to_json
 from blobmesh.store import Store, default_home
+from blobmesh.transport.ticket import parse_listen_address
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -59,6 +60,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--upload-rate", type=float, default=0, metavar="BYTES_PER_S")
     p.add_argument("--download-rate", type=float, default=0, metavar="BYTES_PER_S")
     p.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
+    p.add_argument("--http-listen", metavar="HOST:PORT",
+                   help="serve the web dashboard and the JSON API over HTTP (off by default; "
+                        "a non-loopback address needs the token in HOME/dashboard.token)")
 
     add_command(sub, "peers", cmd_peers, "list the peers the running node knows", json_flag=True)
 
@@ -89,6 +93,10 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                                  groups=args.group, caps=args.cap, space=args.space,
                                  secret_file=args.secret_file, upload_rate=args.upload_rate,
                                  download_rate=args.download_rate, mdns=args.mdns)
+    if args.http_listen:
+        from blobmesh.dashboard import serve_dashboard
+
+        config.services = (serve_dashboard(parse_listen_address(args.http_listen)),)
     return run_node_forever(config)
 
 

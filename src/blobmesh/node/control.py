@@ -39,7 +39,7 @@ def _error(status: int, exc: BaseException) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     from blobmesh.distribution.model import ScopeError
     from blobmesh.distribution.service import UnknownDistributionError
 
@@ -62,17 +62,8 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[_errors])
-        app.add_routes([
-            web.get("/v1/node", self.get_node),
-            web.get("/v1/peers", self.get_peers),
-            web.post("/v1/distributions", self.post_distribution),
-            web.get("/v1/distributions", self.list_distributions),
-            web.get("/v1/distributions/{handle}", self.get_distribution),
-            web.delete("/v1/distributions/{handle}", self.delete_distribution),
-            web.get("/v1/distributions/{handle}/events", self.distribution_events),
-            web.get("/metrics", self.metrics),
-        ])
+        app = web.Application(middlewares=[error_middleware])
+        app.add_routes(self.routes())
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self.path.unlink(missing_ok=True)
@@ -81,6 +72,19 @@ class ControlServer:
             await web.UnixSite(self._runner, str(self.path)).start()
         finally:
             os.umask(old)
+
+    def routes(self) -> list[web.RouteDef]:
+        """The API's routes (to serve them on another listener too, with ``error_middleware``)."""
+        return [
+            web.get("/v1/node", self.get_node),
+            web.get("/v1/peers", self.get_peers),
+            web.post("/v1/distributions", self.post_distribution),
+            web.get("/v1/distributions", self.list_distributions),
+            web.get("/v1/distributions/{handle}", self.get_distribution),
+            web.delete("/v1/distributions/{handle}", self.delete_distribution),
+            web.get("/v1/distributions/{handle}/events", self.distribution_events),
+            web.get("/metrics", self.metrics),
+        ]
 
     async def aclose(self) -> None:
         if self._runner is not None:

@@ -8,11 +8,11 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from blobmesh import __version__
 from blobmesh.distribution.service import DistributionConfig, DistributionService
@@ -60,6 +60,12 @@ class NodeConfigError(BlobmeshError):
     exit_code = 2
 
 
+class NodeService(Protocol):
+    """Something a node runs on top of itself (the dashboard), closed before the node."""
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass(slots=True)
 class NodeConfig:
     """Everything ``blobmesh node run`` takes."""
@@ -79,6 +85,8 @@ class NodeConfig:
     transport: TransportConfig = field(
         default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    # opened once the node runs, in order (for layers above node, e.g. blobmesh.dashboard)
+    services: tuple[Callable[[Node], Awaitable[NodeService]], ...] = ()
 
     @classmethod
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
@@ -116,6 +124,7 @@ class Node:
         self._transfer: TransferManager | None = None
         self._distribution: DistributionService | None = None
         self._control: ControlServer | None = None
+        self._services: list[NodeService] = []
         self.share_metrics = ShareMetrics()
 
     @property
@@ -171,12 +180,16 @@ class Node:
             await self.distribution.start()
             self._control = ControlServer(self, cfg.home / "control.sock")
             await self._control.start()
+            for open_service in cfg.services:
+                self._services.append(await open_service(self))
         except BaseException:
             await self.aclose()
             raise
 
     async def aclose(self, *, leave: bool = True) -> None:
         """Stop everything; with ``leave``, first tell the space we are going (best effort)."""
+        while self._services:
+            await self._services.pop().aclose()
         if self._control is not None:
             await self._control.aclose()
             self._control = None

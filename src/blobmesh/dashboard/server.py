@@ -1,0 +1,317 @@
+"""The dashboard's HTTP listener: the page, its event stream, and the node's JSON API.
+
+One sampler task per node builds a view at most ``interval`` apart (4 per second by default)
+and only while pages are open; every open page's stream sends the latest view when it is
+ready for one, so a slow page skips views instead of queueing them.  A stream of one
+distribution sends only the target rows that changed since its previous message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from blobmesh import __version__
+from blobmesh.dashboard.auth import COOKIE, Policy, is_loopback, load_or_create_token
+from blobmesh.dashboard.model import (
+    EventLog,
+    History,
+    RateMeter,
+    TargetDelta,
+    liveness,
+    summarize,
+    target_rates,
+)
+from blobmesh.distribution.model import DistributionHandle
+from blobmesh.errors import BlobmeshError, StoreError
+from blobmesh.hashing import BlobId
+from blobmesh.node.codec import status_to_json
+from blobmesh.node.control import ControlServer, error_middleware
+from blobmesh.transport.ticket import format_address
+
+if TYPE_CHECKING:
+    from blobmesh.node.daemon import Node
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+URL_FILE = "dashboard.json"
+_STATIC = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
+_STORE_EVERY = 2.0  # seconds between store-usage queries (SQLite)
+_KEEPALIVE = 1.0  # a page hears from the node at least this often (it shows "lost" after 5 s)
+
+
+class DashboardListenError(BlobmeshError):
+    """The dashboard's HTTP address cannot be listened on."""
+
+    exit_code = 2
+
+
+class Dashboard:
+    """Serves the dashboard of ``node`` on ``listen``.  ``await Dashboard.open(node, listen)``"""
+
+    def __init__(self, node: Node, listen: tuple[str, int], *, interval: float = 0.25) -> None:
+        self.node = node
+        self.listen = listen
+        self.interval = interval
+        self.token = load_or_create_token(node.config.home)
+        self.policy = Policy(self.token, is_loopback(listen[0]))
+        self.started = time.time()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._clients = 0
+        self._view: dict[str, Any] = {}
+        self._statuses: dict[str, dict[str, Any]] = {}
+        self._version = 0
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._events = EventLog()
+        self._history = History()
+        self._up, self._down = RateMeter(), RateMeter()
+        self._store: tuple[float, int, int, list[dict[str, Any]]] = (0.0, 0, 0, [])
+        self.frames = 0  # views built (for tests and benchmarks)
+        self.failures = 0  # views that failed to build (logged)
+
+    @classmethod
+    async def open(cls, node: Node, listen: tuple[str, int]) -> Dashboard:
+        dash = cls(node, listen)
+        await dash.start()
+        return dash
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._auth, error_middleware])
+        app.add_routes([
+            web.get("/", self.page),
+            web.get("/static/{name}", self.static),
+            web.get("/dash/v1/view", self.get_view),
+            web.get("/dash/v1/events", self.events),
+            web.get("/v1/pins", self.list_pins),
+            web.post("/v1/pins", self.post_pin),
+            web.delete("/v1/pins/{name}", self.delete_pin),
+            *ControlServer(self.node, self.node.config.home / "control.sock").routes(),
+        ])
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        host = self.listen[0]
+        try:
+            sock = socket.create_server(
+                (host, self.listen[1]),
+                family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise DashboardListenError(f"cannot listen on {format_address(self.listen)}: "
+                                       f"{exc.strerror}") from exc
+        await web.SockSite(self._runner, sock).start()
+        port = sock.getsockname()[1]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.url = f"http://{format_address((shown, port))}/"
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_loop())
+        path = self.node.config.home / URL_FILE
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": self.url, "token": self.token, "pid": os.getpid()}, f)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        self._changed.set()
+        self._wake.set()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        (self.node.config.home / URL_FILE).unlink(missing_ok=True)
+
+    # --- access ----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        decision = self.policy.decide(request.method, request.headers, request.cookies,
+                                      request.query)
+        if not decision.allowed:
+            return web.json_response({"error": decision.reason, "type": "Unauthorized"},
+                                     status=401)
+        resp = await handler(request)
+        if decision.set_cookie and not resp.prepared:
+            resp.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict")
+        return resp
+
+    # --- the page --------------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.Response:
+        return self._asset("index.html", cache="no-cache")
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _STATIC:
+            raise web.HTTPNotFound()
+        # assets are versioned by the package version in the page's URLs
+        return self._asset(name, cache="public, max-age=3600")
+
+    def _asset(self, name: str, cache: str) -> web.Response:
+        data = resources.files("blobmesh.dashboard").joinpath("static", name).read_bytes()
+        if name == "index.html":
+            data = data.replace(b"{{version}}", __version__.encode())
+        return web.Response(body=data, content_type=_STATIC[name], charset="utf-8",
+                            headers={"Cache-Control": cache,
+                                     "X-Content-Type-Options": "nosniff"})
+
+    # --- views -----------------------------------------------------------------------------
+
+    async def get_view(self, request: web.Request) -> web.Response:
+        if not self._view:
+            self._build(time.time())
+        return web.json_response(self._view)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: ``view`` (fleet, distributions, node, new log events) and, with
+        ``?dist=HANDLE``, ``dist`` (that distribution's changed targets and its history)."""
+        handle = request.query.get("dist", "")
+        delta = TargetDelta(str(DistributionHandle.parse(handle))) if handle else None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        self._clients += 1
+        self._wake.set()
+        seen, last_event, sent_at = -1, 0, 0.0
+        try:
+            await resp.write(b"retry: 1000\n\n")
+            while not self._closing:
+                if self._version == seen:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), _KEEPALIVE)
+                    if self._version == seen:
+                        if time.monotonic() - sent_at >= _KEEPALIVE:
+                            await resp.write(b": keepalive\n\n")
+                            sent_at = time.monotonic()
+                        continue
+                seen = self._version
+                view = dict(self._view, events=[e.to_json()
+                                                for e in self._events.since(last_event)])
+                last_event = self._events.last_seq
+                chunks = [_sse("view", view)]
+                if delta is not None and delta.handle in self._statuses:
+                    status = self._statuses[delta.handle]
+                    chunks.append(_sse("dist", {
+                        "t": view["t"], "handle": delta.handle, "summary": summarize(
+                            status, view["t"]), "targets": delta.changed(status["targets"]),
+                        "history": self._history.series(delta.handle)[-120:]}))
+                await resp.write(b"".join(chunks))
+                sent_at = time.monotonic()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the page went away, or the node stops
+        finally:
+            self._clients -= 1
+        return resp
+
+    async def _sample_loop(self) -> None:
+        while True:
+            if self._clients == 0:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = time.monotonic()
+            try:
+                self._build(time.time())
+            except Exception:  # a bad sample must not end the dashboard: log, count, go on
+                self.failures += 1
+                log.exception("dashboard: building a view failed")
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def _build(self, now: float) -> None:
+        node = self.node
+        statuses = [status_to_json(s) for s in node.distribution.distributions()]
+        rows = [summarize(s, now) for s in statuses]
+        down = target_rates(statuses)
+        up_rate = self._up.update(now, node.swarm.bytes_uploaded)
+        down_rate = self._down.update(now, node.swarm.bytes_downloaded)
+        if now - self._store[0] >= _STORE_EVERY:
+            try:
+                blobs = node.store.blobs()
+                self._store = (now, sum(b.bytes_present for b in blobs),
+                               sum(b.complete for b in blobs),
+                               [{"blob": str(b.blob_id), "size": b.size, "pins": list(b.pins)}
+                                for b in blobs if b.complete][:200])
+            except StoreError as exc:
+                log.warning("dashboard: store usage unavailable: %s", exc)
+        me = node.identity.node_id
+        fleet: list[dict[str, Any]] = []
+        for p in node.space.peers(alive_only=False, include_self=True):
+            is_me = p.node_id == me
+            fleet.append({
+                "node": str(p.node_id), "self": is_me, "addresses": list(p.addresses),
+                "groups": sorted(p.groups), "capabilities": dict(p.capabilities),
+                "liveness": liveness(p.alive, now if is_me else p.last_seen, now),
+                "last_seen": now if is_me else p.last_seen,
+                "store_bytes": self._store[1] if is_me else None,
+                "store_blobs": self._store[2] if is_me else None,
+                "up": up_rate if is_me else None,
+                "down": down_rate if is_me else down.get(str(p.node_id), 0.0),
+            })
+        fleet.sort(key=lambda m: (not m["self"], m["node"]))
+        self._events.observe(now, {m["node"]: m["liveness"] for m in fleet if not m["self"]},
+                             statuses)
+        self._history.record(now, rows)
+        self._statuses = {s["handle"]: s for s in statuses}
+        self._view = {
+            "t": now, "node": {**node.describe(), "started": self.started,
+                               "url": self.url, "blobs": self._store[3]},
+            "fleet": fleet, "distributions": rows,
+        }
+        self.frames += 1
+        self._version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # --- pins ------------------------------------------------------------------------------
+
+    async def list_pins(self, request: web.Request) -> web.Response:
+        pins = await asyncio.to_thread(self.node.store.pins)
+        return web.json_response([{"name": p.name, "blob": str(p.blob_id),
+                                   "created": p.created} for p in pins])
+
+    async def post_pin(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("expected a JSON object {\"blob\", \"name\"}")
+        blob_id = BlobId.parse(str(body.get("blob", "")))
+        name = str(body.get("name", ""))
+        await asyncio.to_thread(self.node.store.pin, blob_id, name)
+        self._store = (0.0, *self._store[1:])  # show the new pin at the next view
+        return web.json_response({"name": name, "blob": str(blob_id)}, status=201)
+
+    async def delete_pin(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        blob_id = await asyncio.to_thread(self.node.store.unpin, name)
+        self._store = (0.0, *self._store[1:])
+        return web.json_response({"name": name, "blob": str(blob_id)})
+
+
+def _sse(event: str, obj: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def read_url_file(home: Path) -> dict[str, Any] | None:
+    """What a running node's dashboard wrote about itself (URL, token), if it runs one."""
+    try:
+        data: dict[str, Any] = json.loads((home / URL_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data
