@@ -168,7 +168,7 @@ class History:
     """Aggregate throughput of each distribution over time, one point per ``step`` seconds,
     at most ``points`` kept."""
 
-    def __init__(self, step: float = 1.0, points: int = 600) -> None:
+    def __init__(self, step: float = 0.5, points: int = 1200) -> None:
         self._step = step
         self._points = points
         self._series: dict[str, deque[tuple[float, float]]] = {}

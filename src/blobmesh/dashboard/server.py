@@ -190,6 +190,8 @@ class Dashboard:
         await resp.prepare(request)
         self._clients += 1
         self._wake.set()
+        if not self._view:
+            self._build(time.time())  # the first page need not wait for the sampler
         seen, last_event, sent_at = -1, 0, 0.0
         try:
             await resp.write(b"retry: 1000\n\n")
@@ -212,7 +214,7 @@ class Dashboard:
                     chunks.append(_sse("dist", {
                         "t": view["t"], "handle": delta.handle, "summary": summarize(
                             status, view["t"]), "targets": delta.changed(status["targets"]),
-                        "history": self._history.series(delta.handle)[-120:]}))
+                        "history": self._history.series(delta.handle)[-240:]}))
                 await resp.write(b"".join(chunks))
                 sent_at = time.monotonic()
         except (ConnectionResetError, asyncio.CancelledError):

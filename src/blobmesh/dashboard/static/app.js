@@ -235,6 +235,7 @@ function drawTargets() {
   const box = $("targets");
   const total = state.summary ? state.summary.size : 0;
   $("targets-spacer").style.height = `${state.order.length * ROW}px`;
+  box.style.height = `${Math.min(360, state.order.length * ROW + 2)}px`;
   const first = Math.max(0, Math.floor(box.scrollTop / ROW) - 5);
   const last = Math.min(state.order.length, first + Math.ceil(box.clientHeight / ROW) + 10);
   const rows = [];
