@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blobmesh import __version__
-from blobmesh.cli import net_cmds, node_cmds, share_cmds, space_cmds, store_cmds, transfer_cmds
+from blobmesh.cli import (
+    dashboard_cmds,
+    net_cmds,
+    node_cmds,
+    share_cmds,
+    space_cmds,
+    store_cmds,
+    transfer_cmds,
+)
 from blobmesh.errors import BlobmeshError
 
 
@@ -31,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_cmds.register(sub)
     node_cmds.register(sub)
     space_cmds.register(sub)
+    dashboard_cmds.register(sub)
     return parser
 
 
