@@ -73,6 +73,7 @@ class Dashboard:
         self._sampler: asyncio.Task[None] | None = None
         self._clients = 0
         self._view: dict[str, Any] = {}
+        self._view_bytes = b""
         self._statuses: dict[str, dict[str, Any]] = {}
         self._version = 0
         self._changed = asyncio.Event()
@@ -84,6 +85,7 @@ class Dashboard:
         self._store: tuple[float, int, int, list[dict[str, Any]]] = (0.0, 0, 0, [])
         self.frames = 0  # views built (for tests and benchmarks)
         self.failures = 0  # views that failed to build (logged)
+        self.cpu = 0.0  # CPU seconds spent building and encoding views (benchmarks)
 
     @classmethod
     async def open(cls, node: Node, listen: tuple[str, int]) -> Dashboard:
@@ -181,8 +183,9 @@ class Dashboard:
         return web.json_response(self._view)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: ``view`` (fleet, distributions, node, new log events) and, with
-        ``?dist=HANDLE``, ``dist`` (that distribution's changed targets and its history)."""
+        """Server-sent events: ``view`` (fleet, distributions, node), ``log`` (events new to
+        this stream) and, with ``?dist=HANDLE``, ``dist`` (that distribution's changed target
+        rows and its throughput history)."""
         handle = request.query.get("dist", "")
         delta = TargetDelta(str(DistributionHandle.parse(handle))) if handle else None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -205,23 +208,32 @@ class Dashboard:
                             sent_at = time.monotonic()
                         continue
                 seen = self._version
-                view = dict(self._view, events=[e.to_json()
-                                                for e in self._events.since(last_event)])
-                last_event = self._events.last_seq
-                chunks = [_sse("view", view)]
-                if delta is not None and delta.handle in self._statuses:
-                    status = self._statuses[delta.handle]
-                    chunks.append(_sse("dist", {
-                        "t": view["t"], "handle": delta.handle, "summary": summarize(
-                            status, view["t"]), "targets": delta.changed(status["targets"]),
-                        "history": self._history.series(delta.handle)[-240:]}))
-                await resp.write(b"".join(chunks))
+                message, last_event = self._message(delta, last_event)
+                await resp.write(message)
                 sent_at = time.monotonic()
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the page went away, or the node stops
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self._clients -= 1
         return resp
+
+    def _message(self, delta: TargetDelta | None, last_event: int) -> tuple[bytes, int]:
+        """What one stream sends for the latest view: the view (encoded once for all
+        streams), new log events, and the changes of the distribution it follows."""
+        started = time.thread_time()
+        chunks = [self._view_bytes]
+        if self._events.last_seq > last_event:
+            chunks.append(_sse("log", {"events": [
+                e.to_json() for e in self._events.since(last_event)]}))
+        if delta is not None and delta.handle in self._statuses:
+            status = self._statuses[delta.handle]
+            now = self._view["t"]
+            chunks.append(_sse("dist", {
+                "t": now, "handle": delta.handle, "summary": summarize(status, now),
+                "targets": delta.changed(status["targets"]),
+                "history": self._history.series(delta.handle)[-240:]}))
+        self.cpu += time.thread_time() - started
+        return b"".join(chunks), self._events.last_seq
 
     async def _sample_loop(self) -> None:
         while True:
@@ -238,6 +250,7 @@ class Dashboard:
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
     def _build(self, now: float) -> None:
+        started = time.thread_time()
         node = self.node
         statuses = [status_to_json(s) for s in node.distribution.distributions()]
         rows = [summarize(s, now) for s in statuses]
@@ -276,8 +289,11 @@ class Dashboard:
             "t": now, "node": {**node.describe(), "started": self.started,
                                "url": self.url, "blobs": self._store[3]},
             "fleet": fleet, "distributions": rows,
+            "dashboard": {"clients": self._clients, "frames": self.frames, "cpu": self.cpu},
         }
+        self._view_bytes = _sse("view", self._view)
         self.frames += 1
+        self.cpu += time.thread_time() - started
         self._version += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

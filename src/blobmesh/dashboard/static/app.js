@@ -51,12 +51,16 @@ function connect() {
   const url = "/dash/v1/events" + (state.selected ? `?dist=${encodeURIComponent(state.selected)}` : "");
   const es = new EventSource(url);
   state.source = es;
-  es.addEventListener("open", () => setLost(false));
+  // each new stream starts with the node's whole recent log
+  es.addEventListener("open", () => { state.events = []; setLost(false); });
   es.addEventListener("view", (m) => {
     state.view = JSON.parse(m.data);
-    for (const e of state.view.events) state.events.push(e);
-    if (state.events.length > 200) state.events.splice(0, state.events.length - 200);
     window.__dash.views++;
+    touch();
+  });
+  es.addEventListener("log", (m) => {
+    for (const e of JSON.parse(m.data).events) state.events.push(e);
+    if (state.events.length > 200) state.events.splice(0, state.events.length - 200);
     touch();
   });
   es.addEventListener("dist", (m) => {
