@@ -66,12 +66,14 @@ function connect() {
   es.addEventListener("dist", (m) => {
     const d = JSON.parse(m.data);
     if (d.handle !== state.selected) return;
-    const now = Date.now() / 1000;
+    // the first message of a stream holds every row: only later ones are news
+    const news = es.gotRows === true;
+    es.gotRows = true;
     const fresh = [];
     for (const t of d.targets) {
       if (!state.targets.has(t.node)) state.order.push(t.node);
       state.targets.set(t.node, t);
-      if (t.updated && now - t.updated < 60) fresh.push(t.updated);
+      if (news && t.updated) fresh.push(t.updated);
     }
     if (d.targets.length) state.order.sort();
     state.summary = d.summary;
