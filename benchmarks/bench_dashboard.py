@@ -128,6 +128,8 @@ def main() -> int:
             lat = sorted(x for page in each_page("return window.__dash.latencies")
                          for x in page)
             clients = api(info, "GET", "/dash/v1/view")["dashboard"]["clients"]
+        print(f"run A (pages open): {secs_a:.1f} s, source CPU {cpu_a:.2f} s "
+              f"({100 * cpu_a / secs_a:.1f} % of a core), {clients} streams", flush=True)
         time.sleep(1.0)  # the pages' streams close
         handle_b, t0, cpu0, _ = distribute(info, src, size)
         wait_completed(info, handle_b, args.timeout)
@@ -137,9 +139,7 @@ def main() -> int:
     share_ab = (cpu_a - cpu_b) / secs_a  # the same bytes moved: the same swarm work
     p50 = statistics.median(lat) if lat else float("nan")
     p95 = lat[int(0.95 * (len(lat) - 1))] if lat else float("nan")
-    print(f"{args.targets} targets, {args.size_mb} MiB, {args.pages} pages ({clients} streams)")
-    print(f"run A (pages open): {secs_a:.1f} s, source CPU {cpu_a:.2f} s "
-          f"({100 * cpu_a / secs_a:.1f} % of a core)")
+    print(f"{args.targets} targets, {args.size_mb} MiB, {args.pages} pages")
     print(f"run B (no page):    {secs_b:.1f} s, source CPU {cpu_b:.2f} s "
           f"({100 * cpu_b / secs_b:.1f} % of a core)")
     print(f"dashboard CPU, self-accounted: {100 * share_self:.2f} % of a core "

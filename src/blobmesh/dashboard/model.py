@@ -143,7 +143,7 @@ def target_rates(statuses: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-_ROW_KEYS = ("state", "bytes_done", "rate", "reason")
+_ROW_KEYS = ("state", "bytes_done", "rate", "reason", "peers")
 
 
 class TargetDelta:

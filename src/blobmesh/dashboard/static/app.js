@@ -253,6 +253,7 @@ function drawTargets() {
       el("span", { class: "tstate" }, badge(t.state)),
       el("span", {}, bar(frac), ` ${(100 * frac).toFixed(1)} %`),
       el("span", {}, rate(t.rate)),
+      el("span", { class: "num" }, t.state === "transferring" && t.peers ? String(t.peers) : ""),
       el("span", { title: t.reason }, t.reason));
     r.style.top = `${i * ROW}px`;
     rows.push(r);
