@@ -127,6 +127,8 @@ def main() -> int:
             time.sleep(0.5)
             lat = sorted(x for page in each_page("return window.__dash.latencies")
                          for x in page)
+            stages = [x for page in each_page("return window.__dash.stages") for x in page]
+            draws = each_page("return [window.__dash.draws, window.__dash.drawMs]")
             clients = api(info, "GET", "/dash/v1/view")["dashboard"]["clients"]
         print(f"run A (pages open): {secs_a:.1f} s, source CPU {cpu_a:.2f} s "
               f"({100 * cpu_a / secs_a:.1f} % of a core), {clients} streams", flush=True)
@@ -149,6 +151,13 @@ def main() -> int:
     print(f"update latency event->drawn over {len(lat)} updates: p50 {1000 * p50:.0f} ms, "
           f"p95 {1000 * p95:.0f} ms = {p95 / 0.5:.2f}x the 500 ms goal, "
           f"max {1000 * (lat[-1] if lat else 0):.0f} ms")
+    if stages:
+        parts = ("waiting for the next view", "node -> page", "page received -> painted")
+        print("  p50 of each stage: " + ", ".join(
+            f"{name} {1000 * statistics.median(s[i] for s in stages):.0f} ms"
+            for i, name in enumerate(parts)))
+    n_draws = sum(d[0] for d in draws)
+    print(f"  page draws: {n_draws}, {sum(d[1] for d in draws) / max(1, n_draws):.1f} ms each")
     print(f"load after: {os.getloadavg()}")
     return 0
 

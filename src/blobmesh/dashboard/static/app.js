@@ -10,7 +10,9 @@ const state = {
   events: [], lastMessage: 0, source: null, dirty: false, lost: false,
 };
 // read by the browser tests and the benchmark
-window.__dash = { views: 0, dists: 0, latencies: [], draws: 0 };
+// latencies: a target's update reached the node -> painted here; stages split each into
+// [waited for the next view, view -> received here, received -> painted] (seconds)
+window.__dash = { views: 0, dists: 0, latencies: [], stages: [], draws: 0 };
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -67,15 +69,16 @@ function connect() {
     const d = JSON.parse(m.data);
     if (d.handle !== state.selected) return;
     // the first message of a stream holds every row: only later ones are news
+    const received = Date.now() / 1000;
     const news = es.gotRows === true;
     es.gotRows = true;
     const fresh = [];
     for (const t of d.targets) {
       if (!state.targets.has(t.node)) state.order.push(t.node);
       state.targets.set(t.node, t);
-      if (news && t.updated) fresh.push(t.updated);
+      if (news && t.updated) fresh.push([t.updated, d.t, received]);
     }
-    if (d.targets.length) state.order.sort();
+    if (d.targets.length) { state.order.sort(); state.rowsDirty = true; }
     state.summary = d.summary;
     state.history = d.history;
     window.__dash.dists++;
@@ -102,8 +105,14 @@ function touch(fresh) {
     // the frame after this one is when the update was painted
     requestAnimationFrame(() => {
       const now = Date.now() / 1000;
-      for (const u of drawn) window.__dash.latencies.push(now - u);
-      if (window.__dash.latencies.length > 5000) window.__dash.latencies.splice(0, 1000);
+      for (const [u, t, r] of drawn) {
+        window.__dash.latencies.push(now - u);
+        window.__dash.stages.push([t - u, r - t, now - r]);
+      }
+      if (window.__dash.latencies.length > 5000) {
+        window.__dash.latencies.splice(0, 1000);
+        window.__dash.stages.splice(0, 1000);
+      }
     });
   });
 }
@@ -123,15 +132,28 @@ setInterval(() => {
 
 // --- drawing ------------------------------------------------------------------------------
 
+// a section is rebuilt only when what it shows changed
+const drawn = {};
+function changed(section, value) {
+  const sig = JSON.stringify(value);
+  if (drawn[section] === sig) return false;
+  drawn[section] = sig;
+  return true;
+}
+
 function draw() {
-  window.__dash.draws++;
   if (!state.view) return;
+  const started = performance.now();
+  const v = state.view;
   drawNode();
-  drawFleet();
-  drawDists();
-  drawPins();
+  if (changed("fleet", [v.fleet.map((m) => [m.node, m.liveness, Math.round(m.last_seen), m.store_bytes,
+                                             Math.round(m.up || 0), Math.round(m.down || 0)]), Math.round(v.t)])) drawFleet();
+  if (changed("dists", [v.distributions, state.selected])) drawDists();
+  if (changed("pins", v.node.blobs)) drawPins();
   drawEvents();
   if (state.selected) drawDetail();
+  window.__dash.draws++;
+  window.__dash.drawMs = (window.__dash.drawMs || 0) + performance.now() - started;
 }
 
 function drawNode() {
@@ -233,8 +255,9 @@ function drawDetail() {
       `${s.completed}/${s.targets} completed` + (s.failed ? `, ${s.failed} failed` : "") +
       ` · ${rate(s.rate) || "idle"}` + (s.state === "active" ? ` · ETA ${duration(s.eta)}` : "");
   }
-  drawTargets();
-  drawChart();
+  if (state.rowsDirty) { state.rowsDirty = false; drawTargets(); }
+  const h = state.history;
+  if (changed("chart", [state.selected, h.length, h.length ? h[h.length - 1] : null])) drawChart();
 }
 
 function drawTargets() {
