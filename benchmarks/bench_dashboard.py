@@ -4,8 +4,8 @@
 
 A source node serves the dashboard; ``--targets`` nodes (real processes on loopback) receive
 ``--size-mb`` from it.  Run A: ``--pages`` dashboards are open in headless chromium (one
-browser, each page in its own visible iframe), all following the distribution's detail
-stream.  Run B: the same distribution of another blob with no page open.  Reported:
+browser, each page in its own window), all following the distribution's detail stream.
+Run B: the same distribution of another blob with no page open.  Reported:
 
 * the dashboard's CPU on the node, as a share of one core over run A, two ways: what the
   dashboard itself accounts (building, diffing and encoding views) and the difference of the
@@ -96,23 +96,21 @@ def main() -> int:
         info = read_url_file(src.home)
         assert info is not None
 
-        frames = "".join(f'<iframe src="{info["url"]}" width="560" height="420"></iframe>'
-                         for _ in range(args.pages))
         with chromium() as browser:
-            browser.set_window_size(1800, 1400)
-            # a host page of the dashboard's own origin (chromium keeps other origins'
-            # frames off loopback)
-            browser.get(info["url"] + "static/app.css")
-            browser.execute_script("document.open(); document.write(arguments[0]); "
-                                   "document.close()", frames)
+            # each page in its own window (its own renderer, as separate tabs would be)
+            windows = []
+            for i in range(args.pages):
+                if i:
+                    browser.switch_to.new_window("window")
+                browser.set_window_size(1000, 900)
+                browser.get(info["url"])
+                windows.append(browser.current_window_handle)
 
             def each_page(script: str, *arg: Any) -> list[Any]:
                 out = []
-                for i in range(args.pages):
-                    browser.switch_to.default_content()
-                    browser.switch_to.frame(i)
+                for w in windows:
+                    browser.switch_to.window(w)
                     out.append(browser.execute_script(script, *arg))
-                browser.switch_to.default_content()
                 return out
 
             wait_for(lambda: all(n == args.targets + 1 for n in each_page(

@@ -7,7 +7,7 @@ const LOST_AFTER = 5000;   // ms without a message before the page says the node
 const $ = (id) => document.getElementById(id);
 const state = {
   view: null, selected: null, targets: new Map(), order: [], history: [], summary: null,
-  events: [], lastMessage: 0, source: null, dirty: false, lost: false,
+  events: [], lastMessage: 0, source: null, dirty: false, lost: false, scrollTop: 0,
 };
 // read by the browser tests and the benchmark
 // latencies: a target's update reached the node -> painted here; stages split each into
@@ -244,6 +244,7 @@ function select(handle) {
   $("detail").hidden = !handle;
   $("detail-handle").textContent = handle || "";
   $("targets").scrollTop = 0;
+  state.scrollTop = 0;
   connect();
   if (state.view) draw();
 }
@@ -261,12 +262,15 @@ function drawDetail() {
 }
 
 function drawTargets() {
+  // no layout reads here (they would force a layout of the whole page every draw): the
+  // box's height is ours and its scroll position comes from its scroll events
   const box = $("targets");
   const total = state.summary ? state.summary.size : 0;
+  const height = Math.min(360, state.order.length * ROW + 2);
   $("targets-spacer").style.height = `${state.order.length * ROW}px`;
-  box.style.height = `${Math.min(360, state.order.length * ROW + 2)}px`;
-  const first = Math.max(0, Math.floor(box.scrollTop / ROW) - 5);
-  const last = Math.min(state.order.length, first + Math.ceil(box.clientHeight / ROW) + 10);
+  box.style.height = `${height}px`;
+  const first = Math.max(0, Math.floor(state.scrollTop / ROW) - 5);
+  const last = Math.min(state.order.length, first + Math.ceil(height / ROW) + 10);
   const rows = [];
   for (let i = first; i < last; i++) {
     const t = state.targets.get(state.order[i]);
@@ -348,7 +352,10 @@ $("pin-form").addEventListener("submit", async (ev) => {
 });
 $("detail-close").addEventListener("click", () => select(null));
 $("error-close").addEventListener("click", () => showError(""));
-$("targets").addEventListener("scroll", () => { if (state.selected) drawTargets(); });
+$("targets").addEventListener("scroll", (ev) => {
+  state.scrollTop = ev.target.scrollTop;
+  if (state.selected) drawTargets();
+}, { passive: true });
 $("copy-ticket").addEventListener("click", async () => {
   const t = $("ticket");
   try { await navigator.clipboard.writeText(t.value); }
