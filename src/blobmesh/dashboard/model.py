@@ -99,7 +99,9 @@ class EventLog:
             handle, state = str(d["handle"]), str(d["state"])
             old = self._dists.get(handle)
             if old != state and not quiet:
-                text = (f"distribution {handle} of {str(d['blob'])[:14]}… to {d['scope']} "
+                scope = str(d["scope"])
+                scope = scope if len(scope) <= 40 else scope[:40] + "…"
+                text = (f"distribution {handle} of {str(d['blob'])[:14]}… to {scope} "
                         + ("started" if old is None else state))
                 self.add(now, "error" if state == "finished-with-failures" else "info", text)
             self._dists[handle] = state

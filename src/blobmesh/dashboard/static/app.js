@@ -199,7 +199,7 @@ function drawDists() {
                           class: d.handle === state.selected ? "selected" : "" },
       el("td", {}, el("code", {}, d.handle)),
       el("td", { title: d.blob }, el("code", {}, short(d.blob)), ` ${bytes(d.size)}`),
-      el("td", {}, d.scope),
+      el("td", { title: d.scope }, d.scope),
       el("td", {}, d.priority),
       el("td", {}, badge(d.state)),
       el("td", { class: "num done" }, `${d.completed}/${d.targets}` + (d.failed ? ` (${d.failed} failed)` : "")),
