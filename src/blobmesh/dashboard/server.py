@@ -49,6 +49,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 URL_FILE = "dashboard.json"
 _STATIC = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 _STORE_EVERY = 2.0  # seconds between store-usage queries (SQLite)
+_FLEET_EVERY = 1.0  # seconds between fleet views (O(members), and liveness moves slowly)
 _KEEPALIVE = 1.0  # a page hears from the node at least this often (it shows "lost" after 5 s)
 
 
@@ -74,6 +75,11 @@ class Dashboard:
         self._clients = 0
         self._view: dict[str, Any] = {}
         self._view_bytes = b""
+        self._fleet: list[dict[str, Any]] = []
+        self._fleet_bytes = b""
+        self._fleet_at = 0.0
+        self._fleet_version = 0
+        self._members: dict[str, str] = {}
         self._statuses: dict[str, dict[str, Any]] = {}
         self._version = 0
         self._changed = asyncio.Event()
@@ -180,12 +186,12 @@ class Dashboard:
     async def get_view(self, request: web.Request) -> web.Response:
         if not self._view:
             self._build(time.time())
-        return web.json_response(self._view)
+        return web.json_response({**self._view, "fleet": self._fleet})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: ``view`` (fleet, distributions, node), ``log`` (events new to
-        this stream) and, with ``?dist=HANDLE``, ``dist`` (that distribution's changed target
-        rows and its throughput history)."""
+        """Server-sent events: ``view`` (node, distributions), ``fleet`` (members, at most
+        once a second), ``log`` (events new to this stream) and, with ``?dist=HANDLE``,
+        ``dist`` (that distribution's changed target rows and its throughput history)."""
         handle = request.query.get("dist", "")
         delta = TargetDelta(str(DistributionHandle.parse(handle))) if handle else None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -195,7 +201,7 @@ class Dashboard:
         self._wake.set()
         if not self._view:
             self._build(time.time())  # the first page need not wait for the sampler
-        seen, last_event, sent_at = -1, 0, 0.0
+        seen, last_event, fleet_seen, sent_at = -1, 0, -1, 0.0
         try:
             await resp.write(b"retry: 1000\n\n")
             while not self._closing:
@@ -208,7 +214,7 @@ class Dashboard:
                             sent_at = time.monotonic()
                         continue
                 seen = self._version
-                message, last_event = self._message(delta, last_event)
+                message, last_event, fleet_seen = self._message(delta, last_event, fleet_seen)
                 await resp.write(message)
                 sent_at = time.monotonic()
         except ConnectionResetError:
@@ -217,11 +223,15 @@ class Dashboard:
             self._clients -= 1
         return resp
 
-    def _message(self, delta: TargetDelta | None, last_event: int) -> tuple[bytes, int]:
-        """What one stream sends for the latest view: the view (encoded once for all
-        streams), new log events, and the changes of the distribution it follows."""
+    def _message(self, delta: TargetDelta | None, last_event: int, fleet_seen: int
+                 ) -> tuple[bytes, int, int]:
+        """What one stream sends for the latest view: the view and the fleet if it changed
+        (each encoded once for all streams), new log events, and the changes of the
+        distribution it follows."""
         started = time.thread_time()
         chunks = [self._view_bytes]
+        if self._fleet_version != fleet_seen:
+            chunks.append(self._fleet_bytes)
         if self._events.last_seq > last_event:
             chunks.append(_sse("log", {"events": [
                 e.to_json() for e in self._events.since(last_event)]}))
@@ -233,7 +243,7 @@ class Dashboard:
                 "targets": delta.changed(status["targets"]),
                 "history": self._history.series(delta.handle)[-240:]}))
         self.cpu += time.thread_time() - started
-        return b"".join(chunks), self._events.last_seq
+        return b"".join(chunks), self._events.last_seq, self._fleet_version
 
     async def _sample_loop(self) -> None:
         while True:
@@ -266,9 +276,29 @@ class Dashboard:
                                 for b in blobs if b.complete][:200])
             except StoreError as exc:
                 log.warning("dashboard: store usage unavailable: %s", exc)
-        me = node.identity.node_id
+        if now - self._fleet_at >= _FLEET_EVERY:
+            self._build_fleet(now, down, up_rate, down_rate)
+        self._events.observe(now, self._members, statuses)
+        self._history.record(now, rows)
+        self._statuses = {s["handle"]: s for s in statuses}
+        self._view = {
+            "t": now, "node": {**node.describe(), "started": self.started,
+                               "url": self.url, "blobs": self._store[3]},
+            "distributions": rows,
+            "dashboard": {"clients": self._clients, "frames": self.frames, "cpu": self.cpu},
+        }
+        self._view_bytes = _sse("view", self._view)
+        self.frames += 1
+        self.cpu += time.thread_time() - started
+        self._version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _build_fleet(self, now: float, down: dict[str, float], up_rate: float,
+                     down_rate: float) -> None:
+        me = self.node.identity.node_id
         fleet: list[dict[str, Any]] = []
-        for p in node.space.peers(alive_only=False, include_self=True):
+        for p in self.node.space.peers(alive_only=False, include_self=True):
             is_me = p.node_id == me
             fleet.append({
                 "node": str(p.node_id), "self": is_me, "addresses": list(p.addresses),
@@ -280,23 +310,13 @@ class Dashboard:
                 "up": up_rate if is_me else None,
                 "down": down_rate if is_me else down.get(str(p.node_id), 0.0),
             })
-        fleet.sort(key=lambda m: (not m["self"], m["node"]))
-        self._events.observe(now, {m["node"]: m["liveness"] for m in fleet if not m["self"]},
-                             statuses)
-        self._history.record(now, rows)
-        self._statuses = {s["handle"]: s for s in statuses}
-        self._view = {
-            "t": now, "node": {**node.describe(), "started": self.started,
-                               "url": self.url, "blobs": self._store[3]},
-            "fleet": fleet, "distributions": rows,
-            "dashboard": {"clients": self._clients, "frames": self.frames, "cpu": self.cpu},
-        }
-        self._view_bytes = _sse("view", self._view)
-        self.frames += 1
-        self.cpu += time.thread_time() - started
-        self._version += 1
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        # this node first, then the members in trouble
+        order = {"dead": 0, "suspect": 1, "alive": 2}
+        fleet.sort(key=lambda m: (not m["self"], order[m["liveness"]], m["node"]))
+        self._fleet, self._fleet_at = fleet, now
+        self._members = {m["node"]: m["liveness"] for m in fleet if not m["self"]}
+        self._fleet_bytes = _sse("fleet", {"t": now, "members": fleet})
+        self._fleet_version += 1
 
     # --- pins ------------------------------------------------------------------------------
 

@@ -2,11 +2,12 @@
 "use strict";
 
 const ROW = 24;            // px per target row (virtualised list)
+const PAGE = 50;           // members per page of the fleet table
 const LOST_AFTER = 5000;   // ms without a message before the page says the node is gone
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  view: null, selected: null, targets: new Map(), order: [], history: [], summary: null,
+  view: null, fleet: [], fleetPage: 0, selected: null, targets: new Map(), order: [], history: [], summary: null,
   events: [], lastMessage: 0, source: null, dirty: false, lost: false, scrollTop: 0,
 };
 // read by the browser tests and the benchmark
@@ -60,6 +61,10 @@ function connect() {
     window.__dash.views++;
     touch();
   });
+  es.addEventListener("fleet", (m) => {
+    state.fleet = JSON.parse(m.data).members;
+    touch();
+  });
   es.addEventListener("log", (m) => {
     for (const e of JSON.parse(m.data).events) state.events.push(e);
     if (state.events.length > 200) state.events.splice(0, state.events.length - 200);
@@ -94,6 +99,10 @@ let pendingFresh = [];
 function touch(fresh) {
   state.lastMessage = Date.now();
   if (state.lost) setLost(false);
+  redraw(fresh);
+}
+
+function redraw(fresh) {
   if (fresh) pendingFresh.push(...fresh);
   if (state.dirty) return;
   state.dirty = true;
@@ -133,11 +142,11 @@ setInterval(() => {
 // --- drawing ------------------------------------------------------------------------------
 
 // a section is rebuilt only when what it shows changed
-const drawn = {};
+const shown = {};
 function changed(section, value) {
   const sig = JSON.stringify(value);
-  if (drawn[section] === sig) return false;
-  drawn[section] = sig;
+  if (shown[section] === sig) return false;
+  shown[section] = sig;
   return true;
 }
 
@@ -146,8 +155,7 @@ function draw() {
   const started = performance.now();
   const v = state.view;
   drawNode();
-  if (changed("fleet", [v.fleet.map((m) => [m.node, m.liveness, Math.round(m.last_seen), m.store_bytes,
-                                             Math.round(m.up || 0), Math.round(m.down || 0)]), Math.round(v.t)])) drawFleet();
+  if (changed("fleet", [state.fleet, state.fleetPage])) drawFleet();
   if (changed("dists", [v.distributions, state.selected])) drawDists();
   if (changed("pins", v.node.blobs)) drawPins();
   drawEvents();
@@ -169,7 +177,10 @@ function drawNode() {
 function drawFleet() {
   const now = state.view.t;
   const body = $("fleet").tBodies[0];
-  const rows = state.view.fleet.map((m) => {
+  const pages = Math.max(1, Math.ceil(state.fleet.length / PAGE));
+  state.fleetPage = Math.min(state.fleetPage, pages - 1);
+  const first = state.fleetPage * PAGE;
+  const rows = state.fleet.slice(first, first + PAGE).map((m) => {
     const caps = Object.entries(m.capabilities).map(([k, v]) => `${k}=${v}`).join(", ");
     const heard = m.self ? "this node" : m.last_seen ? `${duration(now - m.last_seen)} ago` : "never";
     return el("tr", { "data-node": m.node, "data-liveness": m.liveness },
@@ -184,7 +195,11 @@ function drawFleet() {
       el("td", { class: "num" }, rate(m.down)));
   });
   body.replaceChildren(...rows);
-  $("fleet-count").textContent = `${state.view.fleet.length} members`;
+  $("fleet-count").textContent = `${state.fleet.length} members`;
+  $("fleet-pager").hidden = pages === 1;
+  $("fleet-range").textContent = `${first + 1}–${Math.min(first + PAGE, state.fleet.length)} of ${state.fleet.length}`;
+  $("fleet-prev").disabled = state.fleetPage === 0;
+  $("fleet-next").disabled = state.fleetPage >= pages - 1;
 }
 
 function drawDists() {
@@ -351,6 +366,8 @@ $("pin-form").addEventListener("submit", async (ev) => {
   if (ok) $("pin-name").value = "";
 });
 $("detail-close").addEventListener("click", () => select(null));
+$("fleet-prev").addEventListener("click", () => { state.fleetPage--; redraw(); });
+$("fleet-next").addEventListener("click", () => { state.fleetPage++; redraw(); });
 $("error-close").addEventListener("click", () => showError(""));
 $("targets").addEventListener("scroll", (ev) => {
   state.scrollTop = ev.target.scrollTop;
