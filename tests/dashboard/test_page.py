@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +13,13 @@ from typing import Any
 
 import pytest
 
-from blobmesh.dashboard import read_url_file
+from blobmesh.dashboard import read_url_file, serve_dashboard
 from blobmesh.hashing import BlobId
+from blobmesh.node.daemon import Node, NodeConfig
 from blobmesh.node.fleet import Fleet, FleetNode
+from blobmesh.space.records import sign_record
 from blobmesh.store import Store
+from blobmesh.transport.identity import Identity
 from tests.dashboard.browser import ARTIFACTS, available, chromium, console_errors, wait_for
 
 pytestmark = [pytest.mark.slow,
@@ -124,3 +128,49 @@ def test_fleet_distribution_cancel_and_a_dead_member_in_the_browser(fleet: Fleet
         fleet.kill(src)
         wait_for(lambda: js("return !document.querySelector('#banner').hidden"), 10,
                  "the lost-node banner")
+
+
+async def test_a_thousand_targets_stay_usable(tmp_path: Path) -> None:
+    """1,000 members (signed records of nodes that never answer) and a distribution to all of
+    them: the page draws a window of the target rows and a page of the fleet."""
+    async with Node(NodeConfig(home=tmp_path / "n",
+                               services=(serve_dashboard(("127.0.0.1", 0)),))) as node:
+        now = int(time.time() * 1000)
+        idents = [Identity.generate() for _ in range(1000)]
+        node.space.add_records([sign_record(i, space=node.config.space, addresses=[],
+                                            groups=["big"], capabilities={}, created_at=now,
+                                            expires_at=now + 600_000) for i in idents])
+        blob = node.store.add_bytes(os.urandom(MiB)).blob_id
+        handle = str(await node.distribution.distribute(blob, "group:big"))
+        last = max(str(i.node_id) for i in idents)
+        info = read_url_file(node.config.home)
+        assert info is not None
+
+        def browse() -> None:
+            with chromium() as page:
+                page.get(info["url"])
+                js = page.execute_script
+                row = f"#dists tr[data-handle='{handle}']"
+                wait_for(lambda: js(f"return !!document.querySelector(\"{row}\")"), 15,
+                         "the distribution")
+                page.find_element("css selector", row).click()
+                wait_for(lambda: js("return document.querySelector('#targets-count')"
+                                    ".textContent.startsWith('1000 targets')"), 15,
+                         "1000 targets")
+                assert js("return document.querySelectorAll('#targets .trow').length") <= 40
+                js("const b = document.querySelector('#targets'); b.scrollTop = b.scrollHeight")
+                wait_for(lambda: js(f"return !!document.querySelector(\"#targets .trow"
+                                    f"[data-node='{last}']\")"), 5, "the last target")
+                assert js("return document.querySelectorAll('#fleet tbody tr').length") == 50
+                assert js("return document.querySelector('#fleet-range').textContent") == \
+                    "1–50 of 1001"
+                page.find_element("id", "fleet-next").click()
+                wait_for(lambda: js("return document.querySelector('#fleet-range')"
+                                    ".textContent") == "51–100 of 1001", 5, "the next page")
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.save_screenshot(str(ARTIFACTS / "dashboard-1000-targets.png"))
+                draws, ms = js("return [window.__dash.draws, window.__dash.drawMs]")
+                assert draws > 0 and ms / draws < 250  # a draw stays interactive (loaded CI)
+                assert console_errors(page) == []
+
+        await asyncio.to_thread(browse)
