@@ -38,6 +38,7 @@ from blobmesh.errors import BlobmeshError, StoreError
 from blobmesh.hashing import BlobId
 from blobmesh.node.codec import status_to_json
 from blobmesh.node.control import ControlServer, error_middleware
+from blobmesh.tasks import TaskOwner
 from blobmesh.transport.ticket import format_address
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Dashboard:
         self.started = time.time()
         self.url = ""
         self._runner: web.AppRunner | None = None
-        self._sampler: asyncio.Task[None] | None = None
+        self._tasks = TaskOwner("dashboard")
         self._clients = 0
         self._view: dict[str, Any] = {}
         self._view_bytes = b""
@@ -90,7 +91,6 @@ class Dashboard:
         self._up, self._down = RateMeter(), RateMeter()
         self._store: tuple[float, int, int, list[dict[str, Any]]] = (0.0, 0, 0, [])
         self.frames = 0  # views built (for tests and benchmarks)
-        self.failures = 0  # views that failed to build (logged)
         self.cpu = 0.0  # CPU seconds spent building and encoding views (benchmarks)
 
     @classmethod
@@ -126,7 +126,7 @@ class Dashboard:
         port = sock.getsockname()[1]
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self.url = f"http://{format_address((shown, port))}/"
-        self._sampler = asyncio.get_running_loop().create_task(self._sample_loop())
+        self._tasks.spawn_restarting(self._sample_loop, name="sampler")
         path = self.node.config.home / URL_FILE
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -137,11 +137,7 @@ class Dashboard:
         self._closing = True
         self._changed.set()
         self._wake.set()
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
-            self._sampler = None
+        await self._tasks.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -252,11 +248,7 @@ class Dashboard:
                 await self._wake.wait()
                 continue
             started = time.monotonic()
-            try:
-                self._build(time.time())
-            except Exception:  # a bad sample must not end the dashboard: log, count, go on
-                self.failures += 1
-                log.exception("dashboard: building a view failed")
+            self._build(time.time())  # a failure is logged and counted, the loop restarted
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
     def _build(self, now: float) -> None:
