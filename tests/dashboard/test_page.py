@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -48,7 +49,10 @@ def api(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
 
 
 def test_fleet_distribution_cancel_and_a_dead_member_in_the_browser(fleet: Fleet) -> None:
-    src = fleet.add(groups=["lab"], extra=["--http-listen", "127.0.0.1:0"])
+    with socket.socket() as s:  # a fixed port, so the restarted node serves the same URL
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = fleet.add(groups=["lab"], extra=["--http-listen", f"127.0.0.1:{port}"])
     fleet.add(groups=["lab"], caps=["gpu=true"])
     slow = fleet.add(extra=["--download-rate", str(16 * MiB)])  # keeps a transfer cancellable
     fleet.start()
@@ -124,10 +128,14 @@ def test_fleet_distribution_cancel_and_a_dead_member_in_the_browser(fleet: Fleet
         page.save_screenshot(str(ARTIFACTS / "dashboard-dead-member.png"))
         assert console_errors(page) == []
 
-        # the node goes away: the page says so
+        # the node goes away: the page says so; it comes back: the page reconnects by itself
         fleet.kill(src)
         wait_for(lambda: js("return !document.querySelector('#banner').hidden"), 10,
                  "the lost-node banner")
+        fleet.start([src])
+        wait_for(lambda: js("return document.querySelector('#banner').hidden && "
+                            "document.querySelector('#ticket').value") == src.ticket, 20,
+                 "the restarted node")
 
 
 async def test_a_thousand_targets_stay_usable(tmp_path: Path) -> None:
