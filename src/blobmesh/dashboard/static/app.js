@@ -258,6 +258,8 @@ function select(handle) {
   state.targets = new Map(); state.order = []; state.history = []; state.summary = null;
   $("detail").hidden = !handle;
   $("detail-handle").textContent = handle || "";
+  $("targets").replaceChildren($("targets-spacer"));
+  rowEls = new Map();
   $("targets").scrollTop = 0;
   state.scrollTop = 0;
   connect();
@@ -276,6 +278,21 @@ function drawDetail() {
   if (changed("chart", [state.selected, h.length, h.length ? h[h.length - 1] : null])) drawChart();
 }
 
+let rowEls = new Map();  // node -> [what it shows, its row element] in the target box
+
+function targetRow(t, i, total) {
+  const frac = t.state === "completed" ? 1 : total ? t.bytes_done / total : 0;
+  const r = el("div", { class: "trow", "data-node": t.node, "data-state": t.state },
+    el("span", { title: t.node }, el("code", {}, short(t.node))),
+    el("span", { class: "tstate" }, badge(t.state)),
+    el("span", {}, bar(frac), ` ${(100 * frac).toFixed(1)} %`),
+    el("span", {}, rate(t.rate)),
+    el("span", { class: "num" }, t.state === "transferring" && t.peers ? String(t.peers) : ""),
+    el("span", { title: t.reason }, t.reason));
+  r.style.top = `${i * ROW}px`;
+  return r;
+}
+
 function drawTargets() {
   // no layout reads here (they would force a layout of the whole page every draw): the
   // box's height is ours and its scroll position comes from its scroll events
@@ -286,21 +303,19 @@ function drawTargets() {
   box.style.height = `${height}px`;
   const first = Math.max(0, Math.floor(state.scrollTop / ROW) - 5);
   const last = Math.min(state.order.length, first + Math.ceil(height / ROW) + 10);
-  const rows = [];
+  // rows are absolutely placed: only the ones that changed are replaced in the DOM
+  const keep = new Map();
   for (let i = first; i < last; i++) {
     const t = state.targets.get(state.order[i]);
-    const frac = t.state === "completed" ? 1 : total ? t.bytes_done / total : 0;
-    const r = el("div", { class: "trow", "data-node": t.node, "data-state": t.state },
-      el("span", { title: t.node }, el("code", {}, short(t.node))),
-      el("span", { class: "tstate" }, badge(t.state)),
-      el("span", {}, bar(frac), ` ${(100 * frac).toFixed(1)} %`),
-      el("span", {}, rate(t.rate)),
-      el("span", { class: "num" }, t.state === "transferring" && t.peers ? String(t.peers) : ""),
-      el("span", { title: t.reason }, t.reason));
-    r.style.top = `${i * ROW}px`;
-    rows.push(r);
+    const sig = [i, total, t.state, t.bytes_done, t.rate, t.peers, t.reason].join("|");
+    const old = rowEls.get(t.node);
+    if (old && old[0] === sig) { keep.set(t.node, old); continue; }
+    const r = targetRow(t, i, total);
+    if (old) old[1].replaceWith(r); else box.append(r);
+    keep.set(t.node, [sig, r]);
   }
-  box.replaceChildren($("targets-spacer"), ...rows);
+  for (const [node, [, e]] of rowEls) if (!keep.has(node)) e.remove();
+  rowEls = keep;
   $("targets-count").textContent = `${state.order.length} targets` +
     (state.order.length > last - first ? ` (showing ${first + 1}–${last}; scroll for more)` : "");
 }
