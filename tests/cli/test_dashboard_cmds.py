@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -94,3 +95,17 @@ def test_top_shows_a_distribution_completing_and_q_quits(fleet: Fleet) -> None:
             time.sleep(0.1)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_http_listen_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "blobmesh.cli.main", "--home", str(tmp_path / "h"), "node",
+             "run", "--http-listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"blobmesh: error: cannot listen on 127.0.0.1:{port}")
+    assert out.stderr.count("\n") == 1
