@@ -104,6 +104,17 @@ def test_fleet_distribution_cancel_and_a_dead_member_in_the_browser(fleet: Fleet
         ARTIFACTS.mkdir(exist_ok=True)
         page.save_screenshot(str(ARTIFACTS / "dashboard.png"))
 
+        # pin and unpin from the page
+        page.find_element("id", "pin-blob").send_keys(str(big))
+        page.find_element("id", "pin-name").send_keys("keep")
+        page.find_element("id", "pin").click()
+        pin_row = "#pins tr[data-pin='keep']"
+        wait_for(lambda: js(f"return !!document.querySelector(\"{pin_row}\")"), 10, "the pin")
+        with Store(src.home) as store:
+            assert "keep" in [p.name for p in store.pins()]
+        page.find_element("css selector", f"{pin_row} button.unpin").click()
+        wait_for(lambda: js(f"return !document.querySelector(\"{pin_row}\")"), 10, "no pin")
+
         # another one, started through the JSON API, cancelled from the page
         second = api(info["url"], info["token"], "POST", "/v1/distributions",
                      {"blob": str(other), "scope": f"node:{slow.node_id}"})["handle"]
