@@ -51,6 +51,7 @@ URL_FILE = "dashboard.json"
 _STATIC = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 _STORE_EVERY = 2.0  # seconds between store-usage queries (SQLite)
 _FLEET_EVERY = 1.0  # seconds between fleet views (O(members), and liveness moves slowly)
+_DISTRIBUTIONS_SHOWN = 200  # the newest ones; a long-lived node keeps every one it saw
 _KEEPALIVE = 1.0  # a page hears from the node at least this often (it shows "lost" after 5 s)
 
 
@@ -124,7 +125,7 @@ class Dashboard:
                                        f"{exc.strerror}") from exc
         await web.SockSite(self._runner, sock).start()
         port = sock.getsockname()[1]
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         self.url = f"http://{format_address((shown, port))}/"
         self._tasks.spawn_restarting(self._sample_loop, name="sampler")
         path = self.node.config.home / URL_FILE
@@ -254,7 +255,8 @@ class Dashboard:
     def _build(self, now: float) -> None:
         started = time.thread_time()
         node = self.node
-        statuses = [status_to_json(s) for s in node.distribution.distributions()]
+        statuses = [status_to_json(s)
+                    for s in node.distribution.distributions()[:_DISTRIBUTIONS_SHOWN]]
         rows = [summarize(s, now) for s in statuses]
         down = target_rates(statuses)
         up_rate = self._up.update(now, node.swarm.bytes_uploaded)
