@@ -280,17 +280,35 @@ function drawDetail() {
 
 let rowEls = new Map();  // node -> [what it shows, its row element] in the target box
 
-function targetRow(t, i, total) {
-  const frac = t.state === "completed" ? 1 : total ? t.bytes_done / total : 0;
-  const r = el("div", { class: "trow", "data-node": t.node, "data-state": t.state },
-    el("span", { title: t.node }, el("code", {}, short(t.node))),
-    el("span", { class: "tstate" }, badge(t.state)),
-    el("span", {}, bar(frac), ` ${(100 * frac).toFixed(1)} %`),
-    el("span", {}, rate(t.rate)),
-    el("span", { class: "num" }, t.state === "transferring" && t.peers ? String(t.peers) : ""),
-    el("span", { title: t.reason }, t.reason));
-  r.style.top = `${i * ROW}px`;
+function targetRow() {
+  const parts = {
+    id: el("code"), badge: el("span", { class: "badge" }), fill: el("i"), pct: el("span"),
+    rate: el("span"), peers: el("span", { class: "num" }), reason: el("span"),
+  };
+  const r = el("div", { class: "trow" }, el("span", {}, parts.id), el("span", { class: "tstate" }, parts.badge),
+    el("span", {}, el("span", { class: "bar" }, parts.fill), parts.pct), parts.rate, parts.peers, parts.reason);
+  r.parts = parts;
   return r;
+}
+
+// fills a row in place (cheaper than building one: a draw touches only what changed)
+function fillRow(r, t, i, total) {
+  const p = r.parts;
+  const frac = t.state === "completed" ? 1 : total ? t.bytes_done / total : 0;
+  r.dataset.node = t.node;
+  r.dataset.state = t.state;
+  r.style.top = `${i * ROW}px`;
+  p.id.textContent = short(t.node);
+  p.id.parentNode.title = t.node;
+  p.badge.textContent = t.state;
+  p.badge.className = `badge ${t.state}`;
+  p.fill.style.width = `${Math.min(100, 100 * frac).toFixed(1)}%`;
+  p.fill.parentNode.className = "bar" + (frac >= 1 ? " done" : "");
+  p.pct.textContent = ` ${(100 * frac).toFixed(1)} %`;
+  p.rate.textContent = rate(t.rate);
+  p.peers.textContent = t.state === "transferring" && t.peers ? String(t.peers) : "";
+  p.reason.textContent = t.reason;
+  p.reason.title = t.reason;
 }
 
 function drawTargets() {
@@ -303,18 +321,20 @@ function drawTargets() {
   box.style.height = `${height}px`;
   const first = Math.max(0, Math.floor(state.scrollTop / ROW) - 5);
   const last = Math.min(state.order.length, first + Math.ceil(height / ROW) + 10);
-  // rows are absolutely placed: only the ones that changed are replaced in the DOM
+  // rows are absolutely placed and reused: a draw refills only the ones that changed
   const keep = new Map();
+  const visible = new Set(state.order.slice(first, last));
+  const spare = [];
+  for (const [node, entry] of rowEls) if (!visible.has(node)) spare.push(entry[1]);
   for (let i = first; i < last; i++) {
     const t = state.targets.get(state.order[i]);
     const sig = [i, total, t.state, t.bytes_done, t.rate, t.peers, t.reason].join("|");
     const old = rowEls.get(t.node);
-    if (old && old[0] === sig) { keep.set(t.node, old); continue; }
-    const r = targetRow(t, i, total);
-    if (old) old[1].replaceWith(r); else box.append(r);
+    const r = old ? old[1] : spare.pop() || box.appendChild(targetRow());
+    if (!old || old[0] !== sig) fillRow(r, t, i, total);
     keep.set(t.node, [sig, r]);
   }
-  for (const [node, [, e]] of rowEls) if (!keep.has(node)) e.remove();
+  for (const r of spare) r.remove();
   rowEls = keep;
   $("targets-count").textContent = `${state.order.length} targets` +
     (state.order.length > last - first ? ` (showing ${first + 1}–${last}; scroll for more)` : "");
