@@ -202,30 +202,53 @@ function drawFleet() {
   $("fleet-next").disabled = state.fleetPage >= pages - 1;
 }
 
+// rows stay in place while their values change, so a click never lands on a replaced row
+const distRows = new Map();  // handle -> {tr, cells, cancel}
+
+function distRow(handle) {
+  const cells = {};
+  const td = (name, attrs) => (cells[name] = el("td", attrs || {}));
+  const cancel = el("button", { type: "button", class: "cancel" }, "cancel");
+  cancel.addEventListener("click", (ev) => { ev.stopPropagation(); cancelDist(handle); });
+  const tr = el("tr", { "data-handle": handle },
+    el("td", {}, el("code", {}, handle)), td("blob"), td("scope"), td("priority"), td("state"),
+    td("done", { class: "num done" }), td("progress"), td("bytes", { class: "num" }),
+    td("rate", { class: "num" }), td("eta", { class: "num" }), el("td", {}, cancel));
+  tr.addEventListener("click", () => select(handle));
+  return { tr, cells, cancel };
+}
+
 function drawDists() {
   const body = $("dists").tBodies[0];
   const list = state.view.distributions.slice(0, 200);
   $("dists-empty").hidden = list.length > 0;
-  body.replaceChildren(...list.map((d) => {
+  const keep = new Set();
+  let prev = null;
+  for (const d of list) {
+    let r = distRows.get(d.handle);
+    if (!r) distRows.set(d.handle, r = distRow(d.handle));
     const frac = d.bytes_total ? d.bytes_done / d.bytes_total : (d.state === "completed" ? 1 : 0);
-    const cancel = el("button", { type: "button", class: "cancel", disabled: d.state !== "active" }, "cancel");
-    cancel.addEventListener("click", (ev) => { ev.stopPropagation(); cancelDist(d.handle); });
-    const tr = el("tr", { "data-handle": d.handle, "data-state": d.state,
-                          class: d.handle === state.selected ? "selected" : "" },
-      el("td", {}, el("code", {}, d.handle)),
-      el("td", { title: d.blob }, el("code", {}, short(d.blob)), ` ${bytes(d.size)}`),
-      el("td", { title: d.scope }, d.scope),
-      el("td", {}, d.priority),
-      el("td", {}, badge(d.state)),
-      el("td", { class: "num done" }, `${d.completed}/${d.targets}` + (d.failed ? ` (${d.failed} failed)` : "")),
-      el("td", {}, bar(frac), el("span", { class: "pct" }, ` ${(100 * frac).toFixed(1)} %`)),
-      el("td", { class: "num" }, `${bytes(d.bytes_done)} / ${bytes(d.bytes_total)}`),
-      el("td", { class: "num" }, rate(d.rate)),
-      el("td", { class: "num" }, d.state === "active" ? duration(d.eta) : ""),
-      el("td", {}, cancel));
-    tr.addEventListener("click", () => select(d.handle));
-    return tr;
-  }));
+    const c = r.cells;
+    r.tr.dataset.state = d.state;
+    r.tr.className = d.handle === state.selected ? "selected" : "";
+    c.blob.title = d.blob;
+    c.blob.replaceChildren(el("code", {}, short(d.blob)), ` ${bytes(d.size)}`);
+    c.scope.textContent = d.scope;
+    c.scope.title = d.scope;
+    c.priority.textContent = d.priority;
+    c.state.replaceChildren(badge(d.state));
+    c.done.textContent = `${d.completed}/${d.targets}` + (d.failed ? ` (${d.failed} failed)` : "");
+    c.progress.replaceChildren(bar(frac), el("span", { class: "pct" }, ` ${(100 * frac).toFixed(1)} %`));
+    c.bytes.textContent = `${bytes(d.bytes_done)} / ${bytes(d.bytes_total)}`;
+    c.rate.textContent = rate(d.rate);
+    c.eta.textContent = d.state === "active" ? duration(d.eta) : "";
+    r.cancel.disabled = d.state !== "active";
+    const at = prev ? prev.nextSibling : body.firstChild;
+    if (at !== r.tr) body.insertBefore(r.tr, at);
+    prev = r.tr;
+    keep.add(d.handle);
+  }
+  for (const [h, r] of distRows) if (!keep.has(h)) { r.tr.remove(); distRows.delete(h); }
   const blobs = $("blob-list");
   const opts = state.view.node.blobs.map((b) => el("option", { value: b.blob }, `${bytes(b.size)} ${b.pins.join(", ")}`));
   if (blobs.childElementCount !== opts.length) blobs.replaceChildren(...opts);
