@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -109,3 +110,12 @@ def test_http_listen_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith(f"blobmesh: error: cannot listen on 127.0.0.1:{port}")
     assert out.stderr.count("\n") == 1
+
+
+def test_dashboard_url_carries_the_token_unless_loopback(tmp_path: Path) -> None:
+    from blobmesh.cli.dashboard_cmds import dashboard_url
+
+    for url, with_token in (("http://10.1.2.3:8080/", True), ("http://127.0.0.1:8080/", False),
+                            ("http://[::1]:8080/", False)):
+        (tmp_path / "dashboard.json").write_text(json.dumps({"url": url, "token": "T" * 20}))
+        assert dashboard_url(tmp_path) == (f"{url}?token={'T' * 20}" if with_token else url)
