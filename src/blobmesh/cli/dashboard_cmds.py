@@ -135,8 +135,9 @@ def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
                   ",".join(f"{k}={v}" for k, v in sorted(node["capabilities"].items())),
                   _rate(me.get("down", 0)))
     for p in sorted(peers, key=lambda p: str(p["node"])):
-        state = liveness(bool(p["alive"]), float(p["last_seen"]), now)
-        heard = f"{now - p['last_seen']:.0f}s ago" if p["last_seen"] else "never"
+        seen = float(p["last_seen_at"] or 0.0)  # null: never heard from
+        state = liveness(bool(p["alive"]), seen, now)
+        heard = f"{now - seen:.0f}s ago" if seen else "never"
         fleet.add_row(p["node"][:16] + "…", f"[{_STYLE[state]}]{state}[/]", heard,
                       " ".join(p["addresses"]), ",".join(p["groups"]),
                       ",".join(f"{k}={v}" for k, v in sorted(p["capabilities"].items())),

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -34,7 +33,7 @@ from blobmesh.dashboard.model import (
     target_rates,
 )
 from blobmesh.distribution.model import DistributionHandle
-from blobmesh.errors import BlobmeshError, StoreError
+from blobmesh.errors import StoreError
 from blobmesh.hashing import BlobId
 from blobmesh.node.codec import status_to_json
 from blobmesh.node.control import ControlServer, error_middleware
@@ -55,12 +54,6 @@ _DISTRIBUTIONS_SHOWN = 200  # the newest ones; a long-lived node keeps every one
 _KEEPALIVE = 1.0  # a page hears from the node at least this often (it shows "lost" after 5 s)
 
 
-class DashboardListenError(BlobmeshError):
-    """The dashboard's HTTP address cannot be listened on."""
-
-    exit_code = 2
-
-
 class Dashboard:
     """Serves the dashboard of ``node`` on ``listen``.  ``await Dashboard.open(node, listen)``"""
 
@@ -70,9 +63,7 @@ class Dashboard:
         self.interval = interval
         self.token = load_or_create_token(node.config.home)
         self.policy = Policy(self.token, is_loopback(listen[0]))
-        self.started = time.time()
         self.url = ""
-        self._runner: web.AppRunner | None = None
         self._tasks = TaskOwner("dashboard")
         self._clients = 0
         self._view: dict[str, Any] = {}
@@ -112,21 +103,11 @@ class Dashboard:
             web.delete("/v1/pins/{name}", self.delete_pin),
             *ControlServer(self.node, self.node.config.home / "control.sock").routes(),
         ])
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        host = self.listen[0]
-        try:
-            sock = socket.create_server(
-                (host, self.listen[1]),
-                family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise DashboardListenError(f"cannot listen on {format_address(self.listen)}: "
-                                       f"{exc.strerror}") from exc
-        await web.SockSite(self._runner, sock).start()
-        port = sock.getsockname()[1]
+        bound = await self.node.serve_http(app, self.listen)  # served until the node stops
+        host, port = bound.rsplit(":", 1)
+        host = host.strip("[]")
         shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-        self.url = f"http://{format_address((shown, port))}/"
+        self.url = f"http://{format_address((shown, int(port)))}/"
         self._tasks.spawn_restarting(self._sample_loop, name="sampler")
         path = self.node.config.home / URL_FILE
         path.unlink(missing_ok=True)
@@ -139,9 +120,6 @@ class Dashboard:
         self._changed.set()
         self._wake.set()
         await self._tasks.aclose()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
         (self.node.config.home / URL_FILE).unlink(missing_ok=True)
 
     # --- access ----------------------------------------------------------------------------
@@ -276,8 +254,7 @@ class Dashboard:
         self._history.record(now, rows)
         self._statuses = {s["handle"]: s for s in statuses}
         self._view = {
-            "t": now, "node": {**node.describe(), "started": self.started,
-                               "url": self.url, "blobs": self._store[3]},
+            "t": now, "node": {**node.describe(), "url": self.url, "blobs": self._store[3]},
             "distributions": rows,
             "dashboard": {"clients": self._clients, "frames": self.frames, "cpu": self.cpu},
         }

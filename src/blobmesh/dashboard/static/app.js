@@ -170,7 +170,7 @@ function drawNode() {
   $("node-id").title = n.node;
   $("node-version").textContent = n.version;
   $("node-space").textContent = n.space;
-  $("node-uptime").textContent = duration(Date.now() / 1000 - n.started);
+  $("node-uptime").textContent = duration(Date.now() / 1000 - n.started_at);
   if ($("ticket").value !== n.ticket) $("ticket").value = n.ticket;
 }
 
