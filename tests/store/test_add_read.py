@@ -18,7 +18,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.store import BlobInfo, LeaseId, Store
-from blobmesh.store import store as store_module
+from blobmesh.store import ingest as store_module
 from tests.store.helpers import flip_byte, payload, truncate
 
 DATA = payload(3 * 1024 * 1024 + 12_345)  # > 1 MiB chunks take the threaded hashing path
@@ -74,7 +74,7 @@ def test_add_every_source(store: Store, tmp_path: Path, adder: Adder, size: int)
 def test_many_chunks_hashed_while_reading(store: Store, tmp_path: Path, adder: Adder,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks: reading the next one overlaps hashing the last (two buffers in turn)."""
-    monkeypatch.setattr(store_module, "CHUNK", store_module._OVERLAP_MIN)
+    monkeypatch.setattr(store_module, "CHUNK", store_module.OVERLAP_MIN)
     info = adder(store, DATA, tmp_path)
     assert info.blob_id == hash_bytes(DATA)
     assert store.read_range(info.blob_id, 0, len(DATA), verify=True) == DATA

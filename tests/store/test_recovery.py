@@ -59,7 +59,7 @@ def test_uncommitted_gc_is_rolled_back_on_open(home: Path) -> None:
         os.replace(pieces, store.layout.trash / f"{pieces.name}~1-a")
         trashed = store.layout.data_path(gone)
         os.replace(trashed, store.layout.trash / f"{trashed.name}~1-a")
-        with store._write() as db:
+        with store.db.write() as db:
             db.execute("DELETE FROM blobs WHERE id=?", (gone.digest,))
     with Store(home) as store:
         assert not any(store.layout.trash.iterdir())

@@ -14,7 +14,7 @@ from typing import Any
 
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.store import LeaseId, Store
-from blobmesh.store import store as store_module
+from blobmesh.store import ingest as store_module
 
 # contents the mixed workers share, so that they add and collect the same blobs at once
 SHARED_SIZES = [0, 10, 100_000, 1_300_000, 3 * 16384 + 7]

@@ -5,16 +5,9 @@ from blobmesh.store.layout import HOME_ENV, default_home
 from blobmesh.store.leases import LeaseId, pid_alive
 from blobmesh.store.partial import PartialBlob
 from blobmesh.store.piece_reader import PieceReader
-from blobmesh.store.store import (
-    BlobInfo,
-    BlobReader,
-    FsckProblem,
-    FsckReport,
-    GcReport,
-    Pin,
-    Progress,
-    Store,
-)
+from blobmesh.store.readers import BlobReader
+from blobmesh.store.store import Store
+from blobmesh.store.types import BlobInfo, FsckProblem, FsckReport, GcReport, Pin, Progress
 
 __all__ = [
     "HOME_ENV",
