@@ -129,7 +129,7 @@ class ControlServer:
         return resp
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.node.metrics_text(),
+        return web.Response(text=await self.node.metrics_text(),
                             content_type="text/plain", charset="utf-8")
 
 

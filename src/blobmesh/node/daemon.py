@@ -224,8 +224,8 @@ class Node:
     def peers_json(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.space.peers(alive_only=False)]
 
-    def metrics_text(self) -> str:
-        return render_metrics(self)
+    async def metrics_text(self) -> str:
+        return render_metrics(self, await self.store.aio.blobs())
 
 
 def run_node_forever(config: NodeConfig) -> int:

@@ -6,6 +6,7 @@ import re
 from typing import TYPE_CHECKING
 
 from blobmesh.distribution.model import DistributionState
+from blobmesh.store import BlobInfo
 
 if TYPE_CHECKING:
     from blobmesh.node.daemon import Node
@@ -20,11 +21,10 @@ def _metric(lines: list[str], name: str, kind: str, value: float, help_text: str
     lines.append(f"{name}{labels} {value}")
 
 
-def render_metrics(node: Node) -> str:
+def render_metrics(node: Node, blobs: list[BlobInfo]) -> str:
     lines: list[str] = []
     _metric(lines, "blobmesh_node_info", "gauge", 1, "node identity",
             f'{{node="{node.identity.node_id}",space="{node.config.space}"}}')
-    blobs = node.store.blobs()
     _metric(lines, "blobmesh_store_blobs", "gauge", sum(b.complete for b in blobs),
             "complete blobs in the store")
     _metric(lines, "blobmesh_store_partial_blobs", "gauge", sum(not b.complete for b in blobs),

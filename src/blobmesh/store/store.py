@@ -2,7 +2,8 @@
 
 :class:`Store` is the synchronous façade over the store's parts: :mod:`~blobmesh.store.db`
 (metadata), :mod:`~blobmesh.store.ingest` (adds, partial blobs), :mod:`~blobmesh.store.readers`,
-:mod:`~blobmesh.store.gc` and :mod:`~blobmesh.store.fsck`.
+:mod:`~blobmesh.store.gc` and :mod:`~blobmesh.store.fsck`.  Async code goes through
+:attr:`Store.aio` (:class:`~blobmesh.store.aio.AsyncStore`), never calling a method here.
 
 Invariants (see ``docs/architecture.md``):
 
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from blobmesh.errors import BlobNotFoundError, PinNotFoundError, StoreError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer
@@ -37,6 +39,9 @@ from blobmesh.store.leases import LeaseId, pid_start_time
 from blobmesh.store.partial import PartialBlob, flush_many
 from blobmesh.store.readers import BlobReader
 from blobmesh.store.types import BlobInfo, FsckReport, GcReport, Pin, Progress
+
+if TYPE_CHECKING:
+    from blobmesh.store.aio import AsyncStore
 
 PARTIAL_GRACE = gc_module.PARTIAL_GRACE
 AddSource = Bytes | str | os.PathLike[str]
@@ -54,6 +59,8 @@ class Store:
             raise StoreError(f"cannot create store home {self.layout.home}: {exc.strerror}",
                              home=str(self.layout.home)) from exc
         self.db = MetaDB(self.layout)
+        self._aio: AsyncStore | None = None
+        self._aio_lock = threading.Lock()
         gc_module.recover(self.db, self.layout)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -62,7 +69,20 @@ class Store:
     def home(self) -> Path:
         return self.layout.home
 
+    @property
+    def aio(self) -> AsyncStore:
+        """This store's async boundary, one per store (made on first use, closed with it)."""
+        with self._aio_lock:
+            if self._aio is None:
+                from blobmesh.store.aio import AsyncStore
+
+                self._aio = AsyncStore(self)
+            return self._aio
+
     def close(self) -> None:
+        """Close the store (after the calls its :attr:`aio` is running)."""
+        if self._aio is not None:
+            self._aio.close()
         self.db.close()
 
     def __enter__(self) -> Store:
