@@ -150,6 +150,28 @@ class MetaDB:
                                  (blob_id.digest,))[0][0])
         return info_from_row(row, pins, nleases)
 
+    def infos(self, blob_ids: Sequence[BlobId]) -> list[BlobInfo]:
+        """:meth:`info` of many blobs in three queries per 500."""
+        out: dict[BlobId, BlobInfo] = {}
+        unique = list(dict.fromkeys(blob_ids))
+        for i in range(0, len(unique), 500):
+            digests = tuple(b.digest for b in unique[i : i + 500])
+            marks = ",".join("?" * len(digests))
+            pins: dict[bytes, list[str]] = {}
+            for name, blob in self.query(f"SELECT name, blob FROM pins WHERE blob IN ({marks})"
+                                         " ORDER BY name", digests):
+                pins.setdefault(bytes(blob), []).append(str(name))
+            counts = {bytes(b): int(n) for b, n in self.query(
+                f"SELECT blob, count(*) FROM leases WHERE blob IN ({marks}) GROUP BY blob",
+                digests)}
+            for row in self.query(_ROW + f" WHERE id IN ({marks})", digests):
+                d = bytes(row[0])
+                out[BlobId(d)] = info_from_row(row, tuple(pins.get(d, ())), counts.get(d, 0))
+        missing = [b for b in unique if b not in out]
+        if missing:
+            raise BlobNotFoundError(f"blob {missing[0]} is not in the store", blob_id=missing[0])
+        return [out[b] for b in blob_ids]
+
     def blobs(self) -> list[BlobInfo]:
         rows = self.query(_ROW + " ORDER BY created, id")
         pins: dict[bytes, list[str]] = {}
@@ -208,10 +230,22 @@ def has_row(db: sqlite3.Connection, blob_id: BlobId) -> bool:
 def add_lease(db: sqlite3.Connection, blob_id: BlobId, lease: LeaseId) -> None:
     # Taking a lease again refreshes its process start time: a row left by a dead process
     # whose pid (and stable consumer name) was reused must not make the new lease look dead.
+    start = _own_start_time() if lease.pid == os.getpid() else pid_start_time(lease.pid)
     db.execute("INSERT INTO leases VALUES (?,?,?,?,?) ON CONFLICT (blob, consumer, pid) "
                "DO UPDATE SET pid_start=excluded.pid_start",
-               (blob_id.digest, lease.consumer, lease.pid, pid_start_time(lease.pid),
-                time.time()))
+               (blob_id.digest, lease.consumer, lease.pid, start, time.time()))
+
+
+_own: tuple[int, int | None] | None = None
+
+
+def _own_start_time() -> int | None:
+    """This process's start time, read once per pid (a fork reads its own)."""
+    global _own
+    pid = os.getpid()
+    if _own is None or _own[0] != pid:
+        _own = (pid, pid_start_time(pid))
+    return _own[1]
 
 
 def require_complete(db: sqlite3.Connection, blob_id: BlobId) -> int:

@@ -191,7 +191,7 @@ class Batch:
                     add_lease(conn, blob_id, lease)
             for d in dirs:
                 fsync_dir(d)  # the renames are durable before the rows are
-            return [db.info(ing.layer.blob_id) for ing in self._ingests if ing.layer]
+            return db.infos([ing.layer.blob_id for ing in self._ingests if ing.layer])
 
 
 def create_partial(db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId) -> None:
