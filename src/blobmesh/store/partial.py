@@ -64,11 +64,6 @@ class PartialBlob:
         Raises :class:`VerificationError` (nothing written) when the data is wrong.
         """
         self.layer.verify_piece(index, data)
-        return self.write_verified(index, data)
-
-    def write_verified(self, index: int, data: Buffer) -> bool:
-        """Write piece ``index`` that the caller has already verified against :attr:`layer`
-        (e.g. while it was received); returns False if it was already present."""
         with self._lock:
             if index in self._have or index in self._pending:
                 return False
