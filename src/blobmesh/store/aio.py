@@ -81,12 +81,20 @@ class AsyncStore:
 
     async def bitfield(self, blob_id: BlobId) -> Bitfield | None:
         """The present pieces, or None when the blob is not here at all."""
-        return await self._run(self._meta, _or_none, self.store.bitfield, blob_id)
+        return await self._run(self._meta, self.store.db.find_bitfield, blob_id)
 
     async def piece_layer(self, blob_id: BlobId) -> PieceLayer | None:
         """The stored piece layer (checked against the id), or None when the blob is not
         here at all."""
-        return await self._run(self._meta, _or_none, self.store.piece_layer, blob_id)
+        return await self._run(self._meta, self._find_layer, blob_id)
+
+    def _find_layer(self, blob_id: BlobId) -> PieceLayer | None:
+        if self.store.db.find_row(blob_id) is None:  # the common case of a new blob: no raise
+            return None
+        try:
+            return self.store.piece_layer(blob_id)
+        except BlobNotFoundError:  # collected in between
+            return None
 
     async def pin(self, blob_id: BlobId, name: str) -> None:
         await self._run(self._meta, self.store.pin, blob_id, name)
@@ -171,13 +179,6 @@ class AsyncStore:
     async def meta(self, fn: Callable[..., T], *args: Any) -> T:
         """Run any other metadata work (a ``Store`` method) on the metadata thread."""
         return await self._run(self._meta, fn, *args)
-
-
-def _or_none(fn: Callable[[BlobId], T], blob_id: BlobId) -> T | None:
-    try:
-        return fn(blob_id)
-    except BlobNotFoundError:
-        return None
 
 
 class GroupCommit(Generic[T, R]):

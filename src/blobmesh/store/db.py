@@ -126,12 +126,17 @@ class MetaDB:
 
     # --- rows ------------------------------------------------------------------------------
 
-    def blob_row(self, blob_id: BlobId) -> tuple[Any, ...]:
-        """(id, size, piece_size, complete, have, created); BlobNotFoundError if absent."""
+    def find_row(self, blob_id: BlobId) -> tuple[Any, ...] | None:
+        """(id, size, piece_size, complete, have, created), or None when absent."""
         rows = self.query(_ROW + " WHERE id=?", (blob_id.digest,))
-        if not rows:
+        return rows[0] if rows else None
+
+    def blob_row(self, blob_id: BlobId) -> tuple[Any, ...]:
+        """:meth:`find_row`, raising BlobNotFoundError when absent."""
+        row = self.find_row(blob_id)
+        if row is None:
             raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
-        return rows[0]
+        return row
 
     def has(self, blob_id: BlobId) -> bool:
         """True when the complete blob is here."""
@@ -141,6 +146,12 @@ class MetaDB:
     def bitfield(self, blob_id: BlobId) -> Bitfield:
         row = self.blob_row(blob_id)
         return Bitfield(piece_count(int(row[1]), int(row[2])), bytes(row[4]))
+
+    def find_bitfield(self, blob_id: BlobId) -> Bitfield | None:
+        """The present pieces, or None when the blob is not here at all."""
+        row = self.find_row(blob_id)
+        return None if row is None else Bitfield(piece_count(int(row[1]), int(row[2])),
+                                                 bytes(row[4]))
 
     def info(self, blob_id: BlobId) -> BlobInfo:
         row = self.blob_row(blob_id)
