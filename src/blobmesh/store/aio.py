@@ -17,6 +17,7 @@ call waits for nothing; under load, batches grow by themselves.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from blobmesh.store.types import BlobInfo, Pin
 if TYPE_CHECKING:
     from blobmesh.store.store import AddSource, Store
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 IO_THREADS = 4
@@ -232,7 +234,10 @@ class GroupCommit(Generic[T, R]):
 
 
 def _settle(fut: asyncio.Future[R], result: R | BaseException) -> None:
-    if fut.done():  # the waiter was cancelled
+    if fut.done():  # the waiter was cancelled: an error must still be seen
+        if isinstance(result, BaseException):
+            log.warning("store batch failed after its caller gave up: %s", result,
+                        exc_info=result)
         return
     if isinstance(result, BaseException):
         fut.set_exception(result)
