@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blobmesh.errors import VerificationError
+from blobmesh.errors import BlobNotFoundError, VerificationError
 from blobmesh.hashing import hash_bytes, hash_stream
 from blobmesh.store import BlobInfo, LeaseId, Store
 from blobmesh.store.store import AddSource
@@ -94,3 +94,25 @@ async def test_calls_after_close_raise(home: Path) -> None:
         await aio.add_bytes(b"late")
     with pytest.raises(RuntimeError):
         await aio.has(hash_bytes(b"late"))
+
+
+async def test_one_failing_flush_does_not_fail_the_batch(store: Store) -> None:
+    piece = 64 * 1024
+    datas = [payload(2 * piece, seed=10 + i) for i in range(2)]
+    layers = [hash_stream([d], piece)[1] for d in datas]
+    aio = store.aio
+    gone, kept = [await aio.begin_partial(layer, LeaseId.new("rx")) for layer in layers]
+    for p, d in ((gone, datas[0]), (kept, datas[1])):
+        await aio.io(p.write_piece, 0, d[:piece])
+    with store.db.write() as conn:  # as fsck --repair quarantining it under its writer
+        conn.execute("DELETE FROM blobs WHERE id=?", (gone.blob_id.digest,))
+    busy = asyncio.ensure_future(aio.meta(time.sleep, 0.3))  # both flushes queue: one batch
+    await asyncio.sleep(0.05)
+    results = await asyncio.gather(aio.flush(gone), aio.flush(kept), return_exceptions=True)
+    await busy
+    assert isinstance(results[0], BlobNotFoundError)
+    assert not isinstance(results[1], BaseException) and set(results[1]) == {0}
+    assert set(store.bitfield(kept.blob_id)) == {0}
+    await aio.close_partial(kept)
+    with pytest.raises(BlobNotFoundError):
+        gone.close()

@@ -17,12 +17,12 @@ call waits for nothing; under load, batches grow by themselves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from blobmesh.errors import BlobNotFoundError, VerificationError
@@ -57,7 +57,7 @@ class AsyncStore:
         self._adds: GroupCommit[tuple[Bytes, LeaseId | None, BlobId | None], BlobInfo] = \
             GroupCommit(self._meta, self._add_batch)
         self._flushes: GroupCommit[PartialBlob, Bitfield] = \
-            GroupCommit(self._meta, store.flush_partials)
+            GroupCommit(self._meta, self._flush_batch)
 
     def close(self) -> None:
         """Finish every call already made; later ones raise (called by ``Store.close``)."""
@@ -67,7 +67,7 @@ class AsyncStore:
     async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any,
                    **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
     # --- metadata (the metadata thread) ----------------------------------------------------
 
@@ -131,6 +131,21 @@ class AsyncStore:
         """Make written pieces durable and present, group-committed with concurrent
         flushes of any partial blob; the present set."""
         return await self._flushes.submit(partial)
+
+    def _flush_batch(self, partials: list[PartialBlob]) -> list[Bitfield | BaseException]:
+        try:
+            return list(self.store.flush_partials(partials))
+        except Exception as exc:
+            if len(partials) == 1:
+                return [exc]
+        # one blob's failure (say, collected under its writer) must not fail the others
+        out: list[Bitfield | BaseException] = []
+        for p in partials:
+            try:
+                out.append(p.flush())
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     async def close_partial(self, partial: PartialBlob) -> None:
         """Flush (group-committed) and close a partial blob."""
