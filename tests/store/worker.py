@@ -119,7 +119,7 @@ def add_die_before_commit(home: str, size: str) -> None:
 def add_many_die_before_commit(home: str, count: str) -> None:
     """Die after the files of an ``add_many`` are all in blobs/, before the one commit."""
     with Store(home) as store:
-        die_on_call(store_module, "fsync_dir", 1)
+        die_on_call(store_module, "sync_dirs", 1)
         store.add_many([random.Random(i).randbytes(20_000 + i) for i in range(int(count))])
 
 
