@@ -198,7 +198,7 @@ class Node:
         if self._endpoint is not None:
             await self._endpoint.aclose()
             self._endpoint = None
-        self.store.close()
+        await asyncio.to_thread(self.store.close)  # waits for store calls still running
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -211,7 +211,7 @@ class Node:
     async def _load_from_shares(self, blob_id: BlobId, urls: Sequence[str]) -> None:
         reader = await load_blob(self.store, blob_id, urls, max_tries=2,
                                  metrics=self.share_metrics)
-        reader.close()
+        await self.store.aio.io(reader.close)
 
     # --- views for the control API ---------------------------------------------------------
 
