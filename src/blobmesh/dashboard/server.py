@@ -81,7 +81,9 @@ class Dashboard:
         self._events = EventLog()
         self._history = History()
         self._up, self._down = RateMeter(), RateMeter()
-        self._store: tuple[float, int, int, list[dict[str, Any]]] = (0.0, 0, 0, [])
+        self._store_at = 0.0
+        self._node_info: dict[str, Any] = {}
+        self._blobs: list[dict[str, Any]] = []
         self.frames = 0  # views built (for tests and benchmarks)
         self.cpu = 0.0  # CPU seconds spent building and encoding views (benchmarks)
 
@@ -160,6 +162,7 @@ class Dashboard:
 
     async def get_view(self, request: web.Request) -> web.Response:
         if not self._view:
+            await self._refresh(time.time())
             self._build(time.time())
         return web.json_response({**self._view, "fleet": self._fleet})
 
@@ -174,8 +177,9 @@ class Dashboard:
         await resp.prepare(request)
         self._clients += 1
         self._wake.set()
-        if not self._view:
-            self._build(time.time())  # the first page need not wait for the sampler
+        if not self._view:  # the first page need not wait for the sampler
+            await self._refresh(time.time())
+            self._build(time.time())
         seen, last_event, fleet_seen, sent_at = -1, 0, -1, 0.0
         try:
             await resp.write(b"retry: 1000\n\n")
@@ -227,8 +231,25 @@ class Dashboard:
                 await self._wake.wait()
                 continue
             started = time.monotonic()
-            self._build(time.time())  # a failure is logged and counted, the loop restarted
+            # a failure is logged and counted by the owner, and the loop restarted
+            await self._refresh(time.time())
+            self._build(time.time())
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def _refresh(self, now: float) -> None:
+        """What comes from the store (off the event loop, through ``store.aio``): at most
+        every ``_STORE_EVERY`` seconds."""
+        if now - self._store_at < _STORE_EVERY:
+            return
+        try:
+            blobs = await self.node.store.aio.blobs()
+            self._node_info = await self.node.describe()
+        except StoreError as exc:
+            log.warning("dashboard: store usage unavailable: %s", exc)
+            return
+        self._store_at = now
+        self._blobs = [{"blob": str(b.blob_id), "size": b.size, "pins": list(b.pins)}
+                       for b in blobs if b.complete][:200]
 
     def _build(self, now: float) -> None:
         started = time.thread_time()
@@ -239,22 +260,13 @@ class Dashboard:
         down = target_rates(statuses)
         up_rate = self._up.update(now, node.swarm.bytes_uploaded)
         down_rate = self._down.update(now, node.swarm.bytes_downloaded)
-        if now - self._store[0] >= _STORE_EVERY:
-            try:
-                blobs = node.store.blobs()
-                self._store = (now, sum(b.bytes_present for b in blobs),
-                               sum(b.complete for b in blobs),
-                               [{"blob": str(b.blob_id), "size": b.size, "pins": list(b.pins)}
-                                for b in blobs if b.complete][:200])
-            except StoreError as exc:
-                log.warning("dashboard: store usage unavailable: %s", exc)
         if now - self._fleet_at >= _FLEET_EVERY:
             self._build_fleet(now, down, up_rate, down_rate)
         self._events.observe(now, self._members, statuses)
         self._history.record(now, rows)
         self._statuses = {s["handle"]: s for s in statuses}
         self._view = {
-            "t": now, "node": {**node.describe(), "url": self.url, "blobs": self._store[3]},
+            "t": now, "node": {**self._node_info, "url": self.url, "blobs": self._blobs},
             "distributions": rows,
             "dashboard": {"clients": self._clients, "frames": self.frames, "cpu": self.cpu},
         }
@@ -268,6 +280,7 @@ class Dashboard:
     def _build_fleet(self, now: float, down: dict[str, float], up_rate: float,
                      down_rate: float) -> None:
         me = self.node.identity.node_id
+        store = self._node_info.get("store", {})
         fleet: list[dict[str, Any]] = []
         for p in self.node.space.peers(alive_only=False, include_self=True):
             is_me = p.node_id == me
@@ -276,8 +289,8 @@ class Dashboard:
                 "groups": sorted(p.groups), "capabilities": dict(p.capabilities),
                 "liveness": liveness(p.alive, now if is_me else p.last_seen, now),
                 "last_seen": now if is_me else p.last_seen,
-                "store_bytes": self._store[1] if is_me else None,
-                "store_blobs": self._store[2] if is_me else None,
+                "store_bytes": store.get("bytes") if is_me else None,
+                "store_blobs": store.get("blobs") if is_me else None,
                 "up": up_rate if is_me else None,
                 "down": down_rate if is_me else down.get(str(p.node_id), 0.0),
             })
@@ -292,7 +305,7 @@ class Dashboard:
     # --- pins ------------------------------------------------------------------------------
 
     async def list_pins(self, request: web.Request) -> web.Response:
-        pins = await asyncio.to_thread(self.node.store.pins)
+        pins = await self.node.store.aio.pins()
         return web.json_response([{"name": p.name, "blob": str(p.blob_id),
                                    "created": p.created} for p in pins])
 
@@ -302,14 +315,14 @@ class Dashboard:
             raise ValueError("expected a JSON object {\"blob\", \"name\"}")
         blob_id = BlobId.parse(str(body.get("blob", "")))
         name = str(body.get("name", ""))
-        await asyncio.to_thread(self.node.store.pin, blob_id, name)
-        self._store = (0.0, *self._store[1:])  # show the new pin at the next view
+        await self.node.store.aio.pin(blob_id, name)
+        self._store_at = 0.0  # show the new pin at the next view
         return web.json_response({"name": name, "blob": str(blob_id)}, status=201)
 
     async def delete_pin(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        blob_id = await asyncio.to_thread(self.node.store.unpin, name)
-        self._store = (0.0, *self._store[1:])
+        blob_id = await self.node.store.aio.unpin(name)
+        self._store_at = 0.0
         return web.json_response({"name": name, "blob": str(blob_id)})
 
 
