@@ -228,3 +228,18 @@ class SourceChangedError(SourceError):
 class ExportError(CollectionError):
     """A tree could not be exported (destination exists, disk full, permission denied);
     nothing was left at the destination."""
+
+
+# --- node ------------------------------------------------------------------------------------
+
+
+class NodeError(BlobmeshError):
+    """A node could not start or be driven as asked."""
+
+
+class HomeInUseError(NodeError):
+    """Another node process holds this home's lock."""
+
+
+class AmbiguousIdError(InvalidIdError):
+    """An id prefix matches more than one blob or distribution."""

@@ -32,7 +32,7 @@ def test_collection_commands(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
     cli.run("export", cid, out)
     assert (out / "bin" / "run.sh").stat().st_mode & 0o111
     again = cli.run("export", cid, out, ok=False)
-    assert again.returncode == 1 and "already exists (use --force" in again.stderr.decode()
+    assert again.returncode == 1 and "exists (use --force" in again.stderr.decode()
     assert len(again.stderr.splitlines()) == 1
     cli.run("export", "--force", cid, out)
 

@@ -18,9 +18,11 @@ from blobmesh.cli.output import (
     console,
     err_console,
     human_bytes,
+    human_time,
+    human_value,
     print_json,
 )
-from blobmesh.errors import BlobmeshError, SourceError
+from blobmesh.errors import AmbiguousIdError, BlobmeshError, InvalidIdError, SourceError
 from blobmesh.hashing import BlobId
 from blobmesh.store import BlobInfo, FsckProblem, Store
 
@@ -40,29 +42,31 @@ def open_store(args: argparse.Namespace) -> Store:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(sub, "add", cmd_add, "add files (or directories, as collections)",
                     json_flag=True)
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="files to add, or directories (each one collection)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the id of each file")
     p.add_argument("--pin", metavar="NAME", help="pin the (single) added blob under NAME")
 
     p = add_command(sub, "cat", cmd_cat, "write a blob (or ID/path in a collection) to stdout")
-    p.add_argument("blob", metavar="ID[/PATH]")
+    p.add_argument("blob", metavar="ID[/PATH]", help=ID_HELP + "; ID/PATH: a file of a collection")
 
-    p = add_command(sub, "export", cmd_export, "write a blob to a file (verified, atomic)")
-    p.add_argument("blob", metavar="ID")
-    p.add_argument("path", type=Path, metavar="PATH")
-    p.add_argument("--force", action="store_true", help="replace an existing collection tree")
+    p = add_command(sub, "export", cmd_export,
+                    "write a blob to a file, a collection to a directory (verified, atomic)")
+    p.add_argument("blob", metavar="ID", help=ID_HELP)
+    p.add_argument("path", type=Path, metavar="PATH", help="file (or directory) to write")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite PATH if it exists")
 
     add_command(sub, "ls", cmd_ls, "list blobs", json_flag=True)
 
     p = add_command(sub, "info", cmd_info, "show one blob", json_flag=True)
-    p.add_argument("blob", metavar="ID")
+    p.add_argument("blob", metavar="ID", help=ID_HELP)
 
     p = add_command(sub, "pin", cmd_pin, "protect a blob from GC under a name")
-    p.add_argument("blob", metavar="ID")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("blob", metavar="ID", help=ID_HELP)
+    p.add_argument("name", metavar="NAME", help="the pin's name (e.g. model/latest)")
 
     p = add_command(sub, "unpin", cmd_unpin, "remove a pin")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the pin's name")
 
     add_command(sub, "pins", cmd_pins, "list pins", json_flag=True)
 
@@ -73,12 +77,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--repair", action="store_true", help="quarantine corrupt and orphaned data")
 
 
+ID_HELP = "a blob id or a unique prefix of one in this store"
+
+
+def resolve_blob(store: Store, text: str) -> BlobId:
+    """A blob id from its text or from a unique prefix (``bm1cr7r``, or ``cr7r``) of one in
+    ``store``."""
+    from blobmesh.node.ids import resolve_prefix
+
+    try:
+        return BlobId.parse(text)
+    except InvalidIdError as exc:
+        malformed = exc
+    prefix = text if text.startswith(BlobId.PREFIX) else BlobId.PREFIX + text
+    try:
+        return BlobId.parse(resolve_prefix(prefix, (str(b.blob_id) for b in store.blobs()),
+                                           "blob"))
+    except AmbiguousIdError:
+        raise
+    except InvalidIdError:
+        raise InvalidIdError(f"{malformed}; nor is it the prefix of a blob in this store",
+                             text=text) from None
+
+
 def info_json(info: BlobInfo) -> dict[str, Any]:
     return {
-        "id": str(info.blob_id), "size": info.size, "piece_size": info.piece_size,
+        "blob": str(info.blob_id), "size": info.size, "piece_size": info.piece_size,
         "complete": info.complete, "pieces_present": info.pieces_present,
         "pieces_total": info.pieces_total, "pins": list(info.pins), "leases": info.leases,
-        "created": info.created,
+        "created_at": info.created,
     }
 
 
@@ -123,18 +150,22 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     if "/" in args.blob:
         return collection_cmds.cmd_cat_path(args)
-    blob_id = BlobId.parse(args.blob)
     out = sys.stdout.buffer
-    with open_store(args) as store, store.get_reader(blob_id, None, verify=True) as reader:
-        while chunk := reader.read(1 << 20):
-            out.write(chunk)
+    with open_store(args) as store:
+        blob_id = resolve_blob(store, args.blob)
+        with store.get_reader(blob_id, None, verify=True) as reader:
+            while chunk := reader.read(1 << 20):
+                out.write(chunk)
     out.flush()
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
+    path: Path = args.path
+    if path.exists() and not args.force:
+        raise BlobmeshError(f"{path} exists (use --force to overwrite it)", path=str(path))
     with open_store(args) as store:
+        blob_id = resolve_blob(store, args.blob)
         info = store.info(blob_id)
         if collection.is_collection(store, info):
             return collection_cmds.export_collection(args, store, blob_id)
@@ -163,24 +194,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
-        info = store.info(blob_id)
-        coll = collection.is_collection(store, info) and collection.summarize(store, blob_id)
+        info = store.info(resolve_blob(store, args.blob))
+        coll = collection.is_collection(store, info) and \
+            collection.summarize(store, info.blob_id)
     if args.json:
         print_json({**info_json(info), **({"collection": collection_cmds.summary_json(coll)}
                                           if coll else {})})
         return 0
-    fields = {**info_json(info), **({"collection": collection_cmds.summary_line(coll)}
-                                    if coll else {})}
-    for key, value in fields.items():
-        say(f"{key:>15}: {value}")
+    rows = {"id": info.blob_id, "size": f"{human_bytes(info.size)} ({info.size} bytes)",
+            "piece size": human_bytes(info.piece_size), "complete": info.complete,
+            "pieces present": info.pieces_present, "pieces total": info.pieces_total,
+            "pins": ", ".join(info.pins) or "-", "leases": info.leases,
+            "created": human_time(info.created)}
+    if coll:
+        rows["collection"] = collection_cmds.summary_line(coll)
+    for key, value in rows.items():
+        say(f"{key:>15}: {human_value(value)}")
     return 0
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
+        blob_id = resolve_blob(store, args.blob)
         collection.pin(store, blob_id, args.name)  # a collection's members too
     say(f"pinned {blob_id} as {args.name}")
     return 0
@@ -197,7 +233,8 @@ def cmd_pins(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         pins = store.pins()
     if args.json:
-        print_json([{"name": p.name, "id": str(p.blob_id), "created": p.created} for p in pins])
+        print_json([{"name": p.name, "blob": str(p.blob_id), "created_at": p.created}
+                    for p in pins])
         return 0
     for p in pins:
         if not collection.is_member_pin(p.name):  # they follow their collection's pin
@@ -232,7 +269,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print_json({"checked": report.checked, "bytes_checked": report.bytes_checked,
                     "ok": report.ok, "repaired": report.repaired,
                     "problems": [{"kind": p.kind, "path": p.path, "detail": p.detail,
-                                  "id": str(p.blob_id) if p.blob_id else None}
+                                  "blob": str(p.blob_id) if p.blob_id else None}
                                  for p in report.problems]})
     else:
         for p in report.problems:

@@ -155,6 +155,7 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
     state: str
     bytes_done: int
     rate: float
+    peers: int = 0  # swarm peers the target is connected to (absent from older nodes)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -272,20 +273,20 @@ class DistributionService:
         """
         scope = Scope.parse(scope) if isinstance(scope, str) else scope
         priority = Priority.parse(priority) if isinstance(priority, str) else priority
-        if not self.store.has(blob_id):
+        if not await self.store.aio.has(blob_id):
             raise BlobNotFoundError(f"blob {blob_id} is not (completely) in this node's store",
                                     blob_id=blob_id)
         targets = self._resolve(scope)
         if not targets:
             raise ScopeError(self._empty_scope_message(scope), scope=str(scope))
-        info = self.store.info(blob_id)
+        info = await self.store.aio.info(blob_id)
         handle = DistributionHandle.new()
-        await asyncio.to_thread(self.store.pin, blob_id, f"dist/{handle}")
+        await self.store.aio.pin(blob_id, f"dist/{handle}")
         try:
             plan = await self.config.planner(blob_id, f"dist/{handle}", export, export_force) \
                 if self.config.planner else None
         except BaseException:
-            await asyncio.to_thread(self.store.unpin, f"dist/{handle}")
+            await self.store.aio.unpin(f"dist/{handle}")
             raise
         request = RequestOp(str(handle), blob_id.digest, info.size, info.piece_size, str(scope),
                             int(priority), self.node_id.digest, time.time(), list(share_urls),
@@ -409,17 +410,18 @@ class DistributionService:
             current = tracked.targets.get(sender)
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
-            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "")
+            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "",
+                             note.peers)
 
     def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
-                    rate: float, reason: str) -> None:
+                    rate: float, reason: str, peers: int = 0) -> None:
         old = tracked.targets.get(node, TargetStatus(node))
         if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
             return  # completed is final: nothing rolls it back
         if tracked.cancelled and not state.final:
             return
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
-                                        reason=reason, updated=time.time())
+                                        reason=reason, peers=peers, updated=time.time())
         self._bump(tracked)
 
     def _bump(self, tracked: _Tracked) -> None:
@@ -446,11 +448,11 @@ class DistributionService:
                 tracked.targets[node] = replace(t, state=TargetState.CANCELLED,
                                                 reason="cancelled", updated=time.time())
         is_source = NodeId(tracked.request.source) == self.node_id
-        if is_source or not self.store.has(tracked.blob_id):
+        if is_source or not await self.store.aio.has(tracked.blob_id):
             # the source's copy is the user's again; a target's partial copy may be collected
             # (a target that completed keeps its pinned copy: nothing is rolled back)
             with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.unpin, f"dist/{tracked.handle}")
+                await self.store.aio.unpin(f"dist/{tracked.handle}")
         self._bump(tracked)
 
     def _snapshot(self, tracked: _Tracked) -> DistributionStatus:
@@ -549,7 +551,8 @@ class DistributionService:
             if now - last_note >= self.config.progress_interval or \
                     p.bytes_done == p.bytes_total:
                 last_note = now
-                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate)
+                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate,
+                           p.peers)
 
         await self._report(handle, TargetState.TRANSFERRING, 0)
         failures = 0
@@ -571,8 +574,8 @@ class DistributionService:
                         await self.config.share_loader(tracked.blob_id, r.share_urls)
                     except BlobmeshError as share_exc:
                         log.warning("share fallback for %s failed: %s", handle, share_exc)
-                    if self.store.has(tracked.blob_id):
-                        await asyncio.to_thread(self.store.pin, tracked.blob_id, pin)
+                    if await self.store.aio.has(tracked.blob_id):
+                        await self.store.aio.pin(tracked.blob_id, pin)
                         break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)
@@ -591,9 +594,9 @@ class DistributionService:
                                   tracked.priority, progress, pin=pin)
 
     def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
-              bytes_done: int, rate: float) -> None:
+              bytes_done: int, rate: float, peers: int) -> None:
         data = NOTIFY_PROGRESS + _enc.encode(ProgressNote(str(handle), str(state), bytes_done,
-                                                          rate))
+                                                          rate, peers))
 
         async def send() -> None:
             with contextlib.suppress(BlobmeshError, OSError):
