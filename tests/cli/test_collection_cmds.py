@@ -18,7 +18,7 @@ def test_collection_commands(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
     human = cli.out("add", tree)
     assert human.startswith(f"added {cid}") and "0 new blob(s)" in human
     [listed] = [b for b in cli.json("ls") if "collection" in b]
-    assert listed["id"] == cid
+    assert listed["blob"] == cid
     assert listed["collection"]["files"] == 5 and listed["collection"]["complete"]
     assert "collection: 9 entries" in cli.out("ls")
     assert cli.json("info", cid)["collection"]["members_present"] == 5

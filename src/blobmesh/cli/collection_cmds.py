@@ -61,7 +61,7 @@ def cmd_add_dirs(args: argparse.Namespace) -> int:
                 _say(f"added {added.collection_id}  {human_bytes(coll.total_size):>10}  "
                      f"{root}/  ({len(coll.entries)} entries; {added.new_blobs} new blob(s), "
                      f"{human_bytes(added.new_bytes)} new)")
-            results.append({"id": str(added.collection_id), "path": str(root),
+            results.append({"blob": str(added.collection_id), "path": str(root),
                             "entries": len(coll.entries),
                             "files": sum(1 for _ in coll.files()),
                             "total_size": coll.total_size, "new_blobs": added.new_blobs,
