@@ -53,9 +53,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="a group (formation) this node belongs to (repeatable)")
     p.add_argument("--cap", action="append", default=[], metavar="KEY=VALUE",
                    help="a capability such as gpu=true or mem_gb=64 (repeatable)")
-    p.add_argument("--space", default="blobmesh", metavar="NAME")
+    p.add_argument("--space", metavar="NAME",
+                   help="the space to join (default: the ticket's, else blobmesh)")
     p.add_argument("--secret-file", type=Path, metavar="F",
-                   help="file holding the space's shared secret")
+                   help="file holding the space's shared secret (default: the ticket's, "
+                        "else one kept in the home, made on first run)")
+    p.add_argument("--open", action="store_true",
+                   help="an open space: no secret, anyone who knows its name may join")
     p.add_argument("--upload-rate", type=float, default=0, metavar="BYTES_PER_S")
     p.add_argument("--download-rate", type=float, default=0, metavar="BYTES_PER_S")
     p.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
@@ -88,7 +92,8 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     config = NodeConfig.from_cli(_home(args), listen=args.listen, bootstrap=args.bootstrap,
                                  groups=args.group, caps=args.cap, space=args.space,
                                  secret_file=args.secret_file, upload_rate=args.upload_rate,
-                                 download_rate=args.download_rate, mdns=args.mdns)
+                                 download_rate=args.download_rate, mdns=args.mdns,
+                                 open_space=args.open)
     return run_node_forever(config)
 
 

@@ -24,6 +24,7 @@ from blobmesh.node.metrics import render_metrics
 from blobmesh.shares import ShareMetrics, load_blob
 from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
+from blobmesh.space.secret import join_secret, space_of
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
 from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
@@ -70,7 +71,8 @@ class NodeConfig:
     groups: tuple[str, ...] = ()
     capabilities: dict[str, CapValue] = field(default_factory=dict)
     space: str = "blobmesh"
-    secret: bytes | None = None
+    secret: bytes | None = None  # None: from a join ticket, kept in the home, or a new one
+    open_space: bool = False  # no secret at all: anyone who knows the space name may join
     mdns: bool = False
     timing: Timing = field(default_factory=Timing)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
@@ -82,8 +84,9 @@ class NodeConfig:
 
     @classmethod
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
-                 caps: list[str], space: str, secret_file: Path | None, upload_rate: float,
-                 download_rate: float, mdns: bool) -> NodeConfig:
+                 caps: list[str], space: str | None, secret_file: Path | None,
+                 upload_rate: float, download_rate: float, mdns: bool,
+                 open_space: bool = False) -> NodeConfig:
         secret = None
         if secret_file is not None:
             try:
@@ -97,9 +100,11 @@ class NodeConfig:
             capabilities = dict(parse_capability(c) for c in caps)
         except ValueError as exc:
             raise NodeConfigError(str(exc)) from exc
-        return cls(home=home, listen=parse_listen_address(listen),
-                   bootstrap=tuple(Ticket.parse(t) for t in bootstrap), groups=tuple(groups),
-                   capabilities=capabilities, space=space, secret=secret, mdns=mdns,
+        tickets = tuple(Ticket.parse(t) for t in bootstrap)
+        return cls(home=home, listen=parse_listen_address(listen), bootstrap=tickets,
+                   groups=tuple(groups), capabilities=capabilities,
+                   space=space or space_of(tickets), secret=secret, open_space=open_space,
+                   mdns=mdns,
                    swarm=SwarmConfig(upload_rate=upload_rate, download_rate=download_rate))
 
 
@@ -108,6 +113,8 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        self._secret = join_secret(config.home, space=config.space, secret=config.secret,
+                                   tickets=config.bootstrap, open_space=config.open_space)
         self.store = Store(config.home)
         self.identity = Identity.load_or_create(config.home)
         self._endpoint: Endpoint | None = None
@@ -140,14 +147,15 @@ class Node:
 
     @property
     def ticket(self) -> Ticket:
-        return self.endpoint.ticket
+        """The join ticket: reach this node and join its space (carries the space secret)."""
+        return self.endpoint.ticket.for_space(self.config.space, self._secret)
 
     async def start(self) -> None:
         cfg = self.config
         try:
             self._endpoint = await Endpoint.start(self.identity, cfg.listen, config=cfg.transport)
             space_cfg = SpaceConfig(
-                name=cfg.space, secret=cfg.secret, groups=cfg.groups,
+                name=cfg.space, secret=self._secret, groups=cfg.groups,
                 capabilities=cfg.capabilities,
                 addresses=tuple(format_address(a) for a in self.endpoint.ticket.addrs),
                 seeds=tuple(Seed.from_ticket(t) for t in cfg.bootstrap), mdns=cfg.mdns,
