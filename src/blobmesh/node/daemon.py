@@ -167,7 +167,8 @@ class Node:
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
                                       authorize=self.space.is_member)
-            self._transfer = TransferManager(self.endpoint, self.store)
+            self._transfer = TransferManager(self.endpoint, self.store,
+                                             admit=self.space.is_member)
             self._transfer.register_voucher_type(
                 MEMBER_VOUCHER, MembersOnly(self.space.is_member))
             dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares)

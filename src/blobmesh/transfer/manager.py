@@ -95,6 +95,9 @@ class TransferConfig:
     verify_reads: bool = True
     """Senders re-verify pieces read from disk, so local rot is never blamed on us."""
     chunk: int = MAX_CHUNK
+    retention: float = 3600.0
+    """Finished (completed, failed, cancelled) channels are forgotten this long after their
+    last update, in memory and in ``transfer.sqlite``."""
 
 
 class _Session:
@@ -137,7 +140,10 @@ class TransferManager:
 
     def __init__(self, network: Network, store: Store, *, db_path: Path | None = None,
                  config: TransferConfig | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 admit: Callable[[NodeId], bool] | None = None) -> None:
+        """``admit(peer)``, if given, decides who may open channels here at all (e.g. members
+        of the node's space); others are refused before their request is read."""
         self.network = network
         self.store = store
         self.config = config or TransferConfig()
@@ -150,6 +156,10 @@ class TransferManager:
         self._dirty: set[ChannelId] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._admit = admit
+        self.refused_unadmitted = 0  # streams refused before reading: peer not admitted
+        self.requests_refused = 0    # requests the validators refused (nothing kept)
+        self.channels_pruned = 0     # finished channel rows deleted after the retention
 
     @property
     def node_id(self) -> NodeId:
@@ -395,7 +405,15 @@ class TransferManager:
             return None
 
     async def _handle_stream(self, stream: Stream) -> None:
-        """Responder: the first message on a new stream is a request."""
+        """Responder: the first message on a new stream is a request.
+
+        Nothing is kept for a peer that is not admitted, nor for a request the validator
+        refuses: a channel enters the table (and ``transfer.sqlite``) only once accepted.
+        """
+        if self._admit is not None and not self._admit(stream.peer):
+            self.refused_unadmitted += 1
+            await self._refuse(_Session(stream), "not admitted to this node's space")
+            return
         try:
             async with asyncio.timeout(self.config.stall_timeout):
                 raw = await stream.recv()
@@ -409,11 +427,25 @@ class TransferManager:
             return
         chid = ChannelId(stream.peer, self.node_id, req.transfer_id)
         try:
-            live = await self._responder_channel(chid, req)
+            live, new = await self._responder_channel(chid, req)
         except BlobmeshError as exc:
             await self._refuse(sess, str(exc))
             return
         step = await self._validate(live, req, sess)
+        if new:
+            if live.ch.terminal:  # refused: answer, keep nothing
+                self.requests_refused += 1
+                if sess.sink is not None:
+                    await asyncio.to_thread(sess.sink.close)
+                with contextlib.suppress(TransportError):
+                    await sess.send(step.send)
+                    await stream.close()
+                self._publish(live.ch, step.events)
+                return
+            if chid in self._live:  # the same id accepted meanwhile on another stream
+                await self._refuse(sess, f"transfer id {chid.transfer_id} is already in use")
+                return
+            self._live[chid] = live
         await self._session(live, sess, step)
 
     async def _refuse(self, sess: _Session, message: str) -> None:
@@ -421,17 +453,15 @@ class TransferManager:
             await sess.send([Error(message)])
             await sess.stream.close()
 
-    async def _responder_channel(self, chid: ChannelId, req: Request) -> _Live:
+    async def _responder_channel(self, chid: ChannelId, req: Request) -> tuple[_Live, bool]:
+        """The channel ``req`` opens or restarts, and whether it is new (not in the table)."""
         live = self._live.get(chid)
         if live is None and req.restart:
             rec = self._db.get(f"{chid.initiator}/{chid.responder}/{chid.transfer_id}")
             if rec is not None:
                 live = self._adopt(rec)
         if live is None:
-            ch = Channel.respond(req, chid.initiator, chid.responder, self.clock)
-            live = _Live(ch)
-            self._live[chid] = live
-            return live
+            return _Live(Channel.respond(req, chid.initiator, chid.responder, self.clock)), True
         if not req.restart:
             raise ProtocolError(f"transfer id {chid.transfer_id} is already in use")
         # the initiator restarts: whatever stream we still have for it is stale
@@ -439,7 +469,7 @@ class TransferManager:
             live.session.stream.reset("replaced by a restart")
             await live.session.ended.wait()
         live.ch.restarted(req)
-        return live
+        return live, False
 
     async def _validate(self, live: _Live, req: Request, sess: _Session) -> Step:
         ch = live.ch
@@ -747,14 +777,27 @@ class TransferManager:
         for live in lives:
             live.saved_status, live.saved_update = live.ch.status, live.ch.rec.updated
 
+    def _prune(self) -> None:
+        """Forget channels that finished more than ``retention`` ago."""
+        cutoff = self.clock() - self.config.retention
+        for cid in [cid for cid, live in self._live.items()
+                    if live.ch.terminal and live.session is None
+                    and live.ch.rec.updated < cutoff]:
+            del self._live[cid]
+        self.channels_pruned += self._db.prune(cutoff)
+
     # --- monitoring ----------------------------------------------------------------------
 
     async def _monitor(self) -> None:
         """Detect stalls and restart stalled channels we initiated, with backoff."""
         c = self.config
+        next_prune = 0.0
         while True:
             await asyncio.sleep(min(c.tick, c.stall_timeout / 4))
             self._save_dirty()
+            if self.clock() >= next_prune:
+                self._prune()
+                next_prune = self.clock() + min(60.0, c.retention / 10)
             for live in list(self._live.values()):
                 ch = live.ch
                 if ch.terminal:
