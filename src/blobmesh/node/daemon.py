@@ -141,6 +141,11 @@ class Node:
         return self._swarm
 
     @property
+    def transfer(self) -> TransferManager:
+        assert self._transfer is not None, "node not started"
+        return self._transfer
+
+    @property
     def distribution(self) -> DistributionService:
         assert self._distribution is not None, "node not started"
         return self._distribution

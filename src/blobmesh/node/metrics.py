@@ -50,5 +50,23 @@ def render_metrics(node: Node) -> str:
     for key, value in sorted(node.space.metrics.snapshot().items()):
         name = "blobmesh_space_" + _NAME.sub("_", key) + "_total"
         _metric(lines, name, "counter", value, f"space counter {key}")
+    _admission_metrics(lines, node)
     lines.extend(node.share_metrics.prometheus_lines())
     return "\n".join(lines) + "\n"
+
+
+def _admission_metrics(lines: list[str], node: Node) -> None:
+    """What strangers and refused requests cost (the space's admission counters are among
+    ``blobmesh_space_*``: admission_accepted, admission_refused, handshake_timeouts...)."""
+    ep, tr = node.endpoint, node.transfer
+    _metric(lines, "blobmesh_transport_connected_peers", "gauge", len(ep.connected_peers()),
+            "peers with a usable connection")
+    # Endpoint.refused comes with the transport's connection caps
+    _metric(lines, "blobmesh_transport_connections_refused_total", "counter",
+            getattr(ep, "refused", 0), "connections refused at accept by the caps")
+    _metric(lines, "blobmesh_transfer_refused_unadmitted_total", "counter",
+            tr.refused_unadmitted, "transfer streams refused: peer not admitted")
+    _metric(lines, "blobmesh_transfer_requests_refused_total", "counter",
+            tr.requests_refused, "transfer requests refused by validation (nothing kept)")
+    _metric(lines, "blobmesh_transfer_channels_pruned_total", "counter", tr.channels_pruned,
+            "finished channels forgotten after the retention window")

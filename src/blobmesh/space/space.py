@@ -299,6 +299,9 @@ class Space:
     async def start(self) -> None:
         """Serve the space protocol and start the background loops."""
         self._net.set_handler(wire.PROTOCOL, self._serve)
+        for rec in self.peer_store.query():  # vouched for when they were stored
+            if rec.node_id != self.node_id:
+                self._mark_admitted(rec.node_id)
         self._tasks.spawn(self._run(), name="loops")
 
     async def aclose(self) -> None:
