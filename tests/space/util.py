@@ -11,7 +11,7 @@ from typing import Any
 
 from blobmesh.space import Limits, Metrics, Seed, Space, SpaceConfig, Timing, admission, wire
 from blobmesh.space.records import sign_record
-from blobmesh.transport.api import Stream, StreamHandler
+from blobmesh.transport.api import Network, Stream, StreamHandler
 from blobmesh.transport.identity import Identity, NodeId
 from blobmesh.transport.memory import MemoryHub, MemoryNode
 
@@ -123,9 +123,15 @@ def full_view(c: Cluster, nodes: list[Node] | None = None) -> bool:
 class RawPeer:
     """A hand-driven client of the space protocol, for feeding a node hostile input."""
 
-    def __init__(self, hub: MemoryHub, cfg: SpaceConfig) -> None:
-        self.identity = Identity.generate()
-        self.node = hub.node(self.identity.node_id)
+    def __init__(self, hub: MemoryHub | None, cfg: SpaceConfig, *,
+                 network: Network | None = None, identity: Identity | None = None) -> None:
+        """On ``hub`` with a new identity, or on any ``network`` (e.g. a TLS endpoint) of
+        ``identity``."""
+        self.identity = identity or Identity.generate()
+        if network is None:
+            assert hub is not None
+            network = hub.node(self.identity.node_id)
+        self.node = network
         self.cfg = cfg
         self.stream: Stream | None = None
 
