@@ -1043,7 +1043,7 @@ class Space:
                 for eff in effects:
                     await self._apply_gossip(peer, eff)
         except AdmissionError as exc:
-            log.info("gossip with %s: %s", peer.short(), exc)
+            self._warn.info("gossip-refused", "gossip with %s: %s", peer.short(), exc)
         except (TransportError, SpaceError, TimeoutError):
             self.metrics.inc("gossip_failures")
         finally:

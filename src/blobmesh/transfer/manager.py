@@ -34,6 +34,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PieceReader, Store
+from blobmesh.tasks import TaskOwner
 from blobmesh.transfer.channel import (
     TERMINAL,
     Channel,
@@ -125,7 +126,7 @@ class _Session:
 class _Live:
     ch: Channel
     session: _Session | None = None
-    runner: asyncio.Task[None] | None = None
+    runner: asyncio.Task[Any] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     next_restart: float = 0.0
     saved_status: Status | None = None
@@ -154,7 +155,7 @@ class TransferManager:
         self._live: dict[ChannelId, _Live] = {}
         self._subscribers: list[Subscriber] = []
         self._dirty: set[ChannelId] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("transfer")
         self._closing = False
         self._admit = admit
         self.refused_unadmitted = 0  # streams refused before reading: peer not admitted
@@ -178,7 +179,7 @@ class TransferManager:
             live = self._adopt(rec)
             await self._apply(live, live.ch.disconnected("process restarted"))
             live.next_restart = self.clock() if resume else float("inf")
-        self._spawn(self._monitor())
+        self._tasks.spawn_restarting(self._monitor, name="monitor")
 
     async def aclose(self) -> None:
         """Stop every session (channels stay resumable) and the monitor."""
@@ -186,12 +187,7 @@ class TransferManager:
         for live in self._live.values():
             if live.session is not None:
                 live.session.stream.reset("shutting down")
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.aclose()
         for live in list(self._live.values()):
             if live.session is not None:
                 await live.session.ended.wait()
@@ -205,16 +201,8 @@ class TransferManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("transfer task failed", exc_info=task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+        return self._tasks.spawn(coro, name="initiator")
 
     # --- registration and events ---------------------------------------------------------
 
