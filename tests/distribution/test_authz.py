@@ -117,8 +117,9 @@ async def test_forged_ops_are_refused_on_every_node(tmp_path: Path) -> None:
             assert not {msgspec.msgpack.decode(r)[0] for r in held} & forged_ids
             (status,) = n.distribution.distributions()
             assert status.handle == handle and status.state is DistributionState.ACTIVE
-            assert {t.node for t in status.targets} <= {b.identity.node_id,
-                                                        c.identity.node_id}
+            # the hostile member is in scope "all" itself; the outsider is nobody
+            assert {t.node for t in status.targets} <= {b.identity.node_id, c.identity.node_id,
+                                                        me.node_id}
             assert all(t.reason != "forged" for t in status.targets)
 
 
