@@ -400,7 +400,8 @@ class TransferManager:
         """
         if self._admit is not None and not self._admit(stream.peer):
             self.refused_unadmitted += 1
-            await self._refuse(_Session(stream), "not admitted to this node's space")
+            await self._refuse(_Session(stream), f"{stream.peer.short()} is not admitted: not "
+                               "a member of this space")
             return
         try:
             async with asyncio.timeout(self.config.stall_timeout):
