@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "else one kept in the home, made on first run)")
     p.add_argument("--open", action="store_true",
                    help="an open space: no secret, anyone who knows its name may join")
+    p.add_argument("--distributor", action="append", default=[], metavar="NODE_ID",
+                   help="accept distributions only from these nodes (repeatable; "
+                        "default: any member)")
     p.add_argument("--upload-rate", type=float, default=0, metavar="BYTES_PER_S")
     p.add_argument("--download-rate", type=float, default=0, metavar="BYTES_PER_S")
     p.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
@@ -93,7 +96,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
                                  groups=args.group, caps=args.cap, space=args.space,
                                  secret_file=args.secret_file, upload_rate=args.upload_rate,
                                  download_rate=args.download_rate, mdns=args.mdns,
-                                 open_space=args.open)
+                                 open_space=args.open, distributors=args.distributor)
     return run_node_forever(config)
 
 

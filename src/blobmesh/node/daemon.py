@@ -86,7 +86,7 @@ class NodeConfig:
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
                  caps: list[str], space: str | None, secret_file: Path | None,
                  upload_rate: float, download_rate: float, mdns: bool,
-                 open_space: bool = False) -> NodeConfig:
+                 open_space: bool = False, distributors: Sequence[str] = ()) -> NodeConfig:
         secret = None
         if secret_file is not None:
             try:
@@ -104,7 +104,8 @@ class NodeConfig:
         return cls(home=home, listen=parse_listen_address(listen), bootstrap=tickets,
                    groups=tuple(groups), capabilities=capabilities,
                    space=space or space_of(tickets), secret=secret, open_space=open_space,
-                   mdns=mdns,
+                   mdns=mdns, distribution=DistributionConfig(distributors=frozenset(
+                       NodeId.parse(d) for d in distributors) if distributors else None),
                    swarm=SwarmConfig(upload_rate=upload_rate, download_rate=download_rate))
 
 
