@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from blobmesh.errors import AdmissionError, TransportError
-from blobmesh.space import Limits, Metrics, Seed, Space, SpaceConfig, admission, wire
+from blobmesh.errors import AdmissionError, InvalidOpError, TransportError
+from blobmesh.space import Limits, Metrics, Op, Seed, Space, SpaceConfig, admission, wire
 from blobmesh.space.bootstrap import BootstrapServer, serve_bootstrap
 from blobmesh.space.records import sign_op, sign_record
 from blobmesh.transport import Endpoint, Identity, NodeId
@@ -233,3 +233,43 @@ async def test_ops_count_only_from_current_members(tmp_path: Path) -> None:
         await asyncio.sleep(0.3)  # gossip rounds: the refused ops went nowhere
         assert [o.raw for o in target.space.ops()] == [ok]
         assert [o.raw for o in other.space.ops()] == [ok]
+
+
+async def test_an_op_refused_before_its_authors_record_arrives_comes_later(
+        tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        target = await c.add()
+        other = await c.add(seed=target)
+        await eventually(lambda: full_view(c), 10)
+        author = RawPeer(c.hub, other.space.config)
+        assert isinstance(await author.connect(other.id), wire.Welcome)
+        await author.join()  # a member at `other`; `target` has not heard of it yet
+        op = sign_op(author.identity, space="default", kind="test",
+                     timestamp=int(time.time() * 1000), payload=b"early", limits=Limits()).raw
+        early = RawPeer(c.hub, target.space.config, network=author.node,
+                        identity=author.identity)
+        assert isinstance(await early.connect(target.id), wire.Welcome)
+        assert isinstance(await early.request(wire.PushOps(1, [op], False)), wire.Ack)
+        assert target.space.metrics["ops_rejected_non_member"] == 1
+        assert isinstance(await author.request(wire.PushOps(2, [op], False)), wire.Ack)
+        # refused while its author was unknown, not lost: it comes with the author's record
+        await eventually(lambda: [o.raw for o in target.space.ops()] == [op], 5)
+
+
+async def test_an_op_depending_on_a_later_one_of_its_batch_is_kept(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        target = await c.add(kinds=("base",))
+
+        def needs_base(op: Op) -> None:
+            if not any(b.payload == op.payload for b in target.space.stored_ops("base")):
+                raise InvalidOpError("no such base")
+
+        target.space.register_op_kind("dep", needs_base)
+        raw = RawPeer(c.hub, target.space.config)
+        assert isinstance(await raw.connect(target.id), wire.Welcome)
+        await raw.join()
+        now = int(time.time() * 1000)
+        dep, base = (sign_op(raw.identity, space="default", kind=k, timestamp=now,
+                             payload=b"x", limits=Limits()).raw for k in ("dep", "base"))
+        assert isinstance(await raw.request(wire.PushOps(1, [dep, base], False)), wire.Ack)
+        assert {o.raw for o in target.space.ops()} == {dep, base}

@@ -276,7 +276,8 @@ class Space:
         self._dialing: dict[NodeId, asyncio.Lock] = {}
         self._inbound: dict[NodeId, int] = {}
         self._handshakes = 0  # inbound handshakes in progress
-        self._rejected: OrderedDict[bytes, float] = OrderedDict()  # op id -> retry after
+        # refused op id -> (do not fetch before, the author who was no member then)
+        self._rejected: OrderedDict[bytes, tuple[float, NodeId | None]] = OrderedDict()
         self._warn = RateLimitedLog(log)
         self._op_rate: dict[NodeId, TokenBucket] = {}
         self._req_rate: dict[NodeId, TokenBucket] = {}
@@ -543,6 +544,8 @@ class Space:
         self._swim.add(rec.node_id)
         self._seeds.pop(rec.node_id, None)
         self._mark_admitted(rec.node_id)  # vouched for by an admitted peer
+        for op_id in [i for i, (_, author) in self._rejected.items() if author == rec.node_id]:
+            del self._rejected[op_id]  # its ops count now: fetch them at the next round
         if self._address_book is not None and rec.addresses:
             self._address_book(rec.node_id, rec.addresses)
 
@@ -678,10 +681,12 @@ class Space:
 
         An op counts only if its author is a current member (``ops_rejected_non_member``
         otherwise): a key that was never admitted cannot get an op stored or relayed, whoever
-        pushes it.
+        pushes it.  An op a validator refused is validated once more after the batch's other
+        ops are stored, since it may depend on one of them (a cancel on its request).
         """
         now = self._now_ms()
         valid: list[Op] = []
+        refused: list[Op] = []
         raws = list(raws)
         ids = {raw: peek_op_id(raw, self.config.limits) for raw in raws}
         missing = set(self.op_store.missing(i.digest for i in ids.values() if i is not None))
@@ -691,38 +696,53 @@ class Space:
                 continue  # held already: no need to verify it again
             try:
                 op = decode_op(raw, space=self.config.name, now_ms=now, limits=self.config.limits)
-                if op.author != self.node_id and not self.is_member(op.author):
-                    self.metrics.inc("ops_rejected_non_member")
-                    raise InvalidOpError(f"author {op.author.short()} is not a member")
-                self._validate(op)
             except InvalidOpError as exc:
-                self.metrics.inc("ops_rejected")
-                if op_id is not None:
-                    self._rejected_now(op_id.digest)
-                log.debug("rejected op from %s: %s", sender, exc)
+                self._refused(op_id.digest if op_id else None, None, exc, sender)
                 continue
-            valid.append(op)
+            if op.author != self.node_id and not self.is_member(op.author):
+                self.metrics.inc("ops_rejected_non_member")
+                self._refused(op.id.digest, op.author, "author is not a member", sender)
+                continue
+            (valid if self._valid(op) else refused).append(op)
         new = self.op_store.insert(valid)
+        if new and refused:
+            again = [op for op in refused if self._valid(op)]
+            refused = [op for op in refused if op not in again]
+            new += self.op_store.insert(again)
+        for op in refused:
+            self._refused(op.id.digest, None, "refused by its kind's validator", sender)
         if new:
             self.inform_ops_stored(new)
             self.metrics.inc("ops_received", len(new))
         return new
 
-    def _rejected_now(self, op_id: bytes) -> None:
-        """Do not fetch ``op_id`` again for a while: peers keep offering ops we refuse (e.g.
-        by an author who left), and each round would fetch them again."""
-        self._rejected[op_id] = time.monotonic() + self.config.timing.rejected_op_ttl
+    def _valid(self, op: Op) -> bool:
+        try:
+            self._validate(op)
+        except InvalidOpError:
+            return False
+        return True
+
+    def _refused(self, op_id: bytes | None, author: NodeId | None, why: object,
+                 sender: NodeId | None) -> None:
+        """Count a refused op; do not fetch it again for a while (peers keep offering ops we
+        refuse, e.g. by an author who left), or until ``author`` becomes a member."""
+        self.metrics.inc("ops_rejected")
+        log.debug("rejected op from %s: %s", sender, why)
+        if op_id is None:
+            return
+        self._rejected[op_id] = (time.monotonic() + self.config.timing.rejected_op_ttl, author)
         self._rejected.move_to_end(op_id)
         while len(self._rejected) > self.config.limits.rejected_ops:
             self._rejected.popitem(last=False)
 
     def _worth_fetching(self, op_id: bytes) -> bool:
-        until = self._rejected.get(op_id)
-        if until is None:
+        entry = self._rejected.get(op_id)
+        if entry is None:
             return True
-        if until > time.monotonic():
+        if entry[0] > time.monotonic():
             return False
-        del self._rejected[op_id]  # retry: the author may have become a member meanwhile
+        del self._rejected[op_id]  # retry: what it depends on may have arrived meanwhile
         return True
 
     # --- notify ------------------------------------------------------------------------------
