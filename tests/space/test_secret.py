@@ -140,6 +140,11 @@ async def test_closed_by_default_ticket_joins_stranger_refused(procs: Procs) -> 
     refused = next(line for line in metrics.splitlines()
                    if line.startswith("blobmesh_space_admission_refused_total"))
     assert float(refused.split()[-1]) >= 1
+    stranger_proc = procs.procs[1]
+    stranger_proc.terminate()
+    err = stranger_proc.communicate(timeout=15)[1].decode()
+    assert "join with the ticket" in err  # told once what went wrong, not once per retry
+    assert err.count("refused us") <= 2 and "Traceback" not in err  # one per 10 s
 
 
 async def test_open_space_needs_open_on_both_sides(procs: Procs) -> None:

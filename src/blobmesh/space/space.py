@@ -1063,7 +1063,11 @@ class Space:
                 for eff in effects:
                     await self._apply_gossip(peer, eff)
         except AdmissionError as exc:
-            self._warn.info("gossip-refused", "gossip with %s: %s", peer.short(), exc)
+            if peer in self._seeds:  # e.g. bootstrapped with a ticket that has no secret
+                self._warn.warning("seed-refused", "%s; join with the ticket the space's "
+                                   "nodes print (it carries the secret)", exc)
+            else:
+                self._warn.info("gossip-refused", "gossip with %s: %s", peer.short(), exc)
         except (TransportError, SpaceError, TimeoutError):
             self.metrics.inc("gossip_failures")
         finally:
