@@ -273,3 +273,23 @@ async def test_an_op_depending_on_a_later_one_of_its_batch_is_kept(tmp_path: Pat
                              payload=b"x", limits=Limits()).raw for k in ("dep", "base"))
         assert isinstance(await raw.request(wire.PushOps(1, [dep, base], False)), wire.Ack)
         assert {o.raw for o in target.space.ops()} == {dep, base}
+
+
+async def test_ops_of_a_member_who_left_are_kept_but_no_longer_relayed(
+        tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        stays = await c.add()
+        leaver = await c.add(seed=stays)
+        await eventually(lambda: full_view(c), 10)
+        op = await leaver.space.publish("test", b"before leaving")
+        await eventually(lambda: stays.space.ops() == [op], 5)
+        await leaver.space.leave()
+        await eventually(lambda: not stays.space.is_member(leaver.id), 5)
+        newcomer = await c.add(seed=stays)
+        await eventually(lambda: newcomer.space.is_member(stays.id), 10)
+        # summaries agree (no endless re-listing of ops one side refuses), nothing relayed
+        await eventually(lambda: stays.space.op_store.digest() ==
+                         newcomer.space.op_store.digest(), 5)
+        await asyncio.sleep(0.3)
+        assert stays.space.ops() == [op] and newcomer.space.ops() == []
+        assert newcomer.space.metrics["ops_rejected"] == 0  # never even offered

@@ -544,12 +544,15 @@ class Space:
         self._swim.add(rec.node_id)
         self._seeds.pop(rec.node_id, None)
         self._mark_admitted(rec.node_id)  # vouched for by an admitted peer
+        self.op_store.set_author_gossipable(rec.node_id.digest, True)  # back, if it had left
         for op_id in [i for i, (_, author) in self._rejected.items() if author == rec.node_id]:
             del self._rejected[op_id]  # its ops count now: fetch them at the next round
         if self._address_book is not None and rec.addresses:
             self._address_book(rec.node_id, rec.addresses)
 
     def _forget_peer(self, node: NodeId) -> None:
+        # no longer a member: its ops stay here but are not relayed any more, by any node
+        self.op_store.set_author_gossipable(node.digest, False)
         self._swim.remove(node)
         self.peer_meta_store.forget([node])
         self._op_rate.pop(node, None)
