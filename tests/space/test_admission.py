@@ -122,8 +122,13 @@ async def test_an_unproven_dialer_receives_nothing_verifiable(tmp_path: Path) ->
 
 async def test_silent_handshakes_are_cut_and_capped(tmp_path: Path) -> None:
     async with tls_space(tmp_path, b"k" * 32, max_handshakes=2) as (ep, space), \
-            await Endpoint.start(Identity.generate()) as stranger:
+            await Endpoint.start(Identity.generate()) as stranger, \
+            await Endpoint.start(Identity.generate()) as member_ep:
         stranger.add_peer_addresses(ep.node_id, ep.ticket.addrs)
+        member_ep.add_peer_addresses(ep.node_id, ep.ticket.addrs)
+        member = RawPeer(None, space.config, network=member_ep, identity=member_ep.identity)
+        assert isinstance(await member.connect(ep.node_id), wire.Welcome)
+        await member.join()
         silent = [await stranger.open_stream(ep.node_id, wire.PROTOCOL) for _ in range(2)]
         for s in silent:  # hello, then never a proof
             await s.send(wire.encode(wire.Hello("s", wire.VERSION, os.urandom(16))))
@@ -135,6 +140,9 @@ async def test_silent_handshakes_are_cut_and_capped(tmp_path: Path) -> None:
         with pytest.raises(TransportError):
             await third.recv()  # reset at once: two handshakes are already in progress
         assert space.metrics["limit_handshakes"] == 1
+        # a member is not held up by the strangers
+        again = RawPeer(None, space.config, network=member_ep, identity=member_ep.identity)
+        assert isinstance(await again.connect(ep.node_id), wire.Welcome)
         t0 = time.monotonic()
         for s in silent:
             with pytest.raises(TransportError):

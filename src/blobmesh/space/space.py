@@ -275,7 +275,7 @@ class Space:
         self._links: OrderedDict[NodeId, _Link] = OrderedDict()
         self._dialing: dict[NodeId, asyncio.Lock] = {}
         self._inbound: dict[NodeId, int] = {}
-        self._handshakes = 0  # inbound handshakes in progress
+        self._handshakes = 0  # inbound handshakes in progress with non-members
         # refused op id -> (do not fetch before, the author who was no member then)
         self._rejected: OrderedDict[bytes, tuple[float, NodeId | None]] = OrderedDict()
         self._warn = RateLimitedLog(log)
@@ -847,8 +847,11 @@ class Space:
             self.metrics.limit("inbound_streams")
             stream.reset("too many streams")
             return
-        if self._handshakes >= self.config.limits.max_handshakes:
-            self.metrics.limit("handshakes")  # strangers cost a constant, whoever they claim
+        # strangers cost a constant, whoever they claim to be; members (vouched for, rate
+        # limited) are not held up by a flood of them
+        stranger = not self.is_member(peer)
+        if stranger and self._handshakes >= self.config.limits.max_handshakes:
+            self.metrics.limit("handshakes")
             stream.reset("busy")
             return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
@@ -856,7 +859,7 @@ class Space:
         assert task is not None
         self._serving.add(task)
         try:
-            self._handshakes += 1
+            self._handshakes += stranger
             try:
                 admitted = await self._accept_handshake(stream)
             except TimeoutError:
@@ -864,7 +867,7 @@ class Space:
                 stream.reset("handshake timed out")
                 return
             finally:
-                self._handshakes -= 1
+                self._handshakes -= stranger
             if admitted:
                 await self._serve_requests(stream)
         except (TransportError, TimeoutError):
