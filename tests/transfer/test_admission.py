@@ -113,7 +113,13 @@ async def test_finished_channels_are_pruned_after_the_retention(tmp_path: Path) 
                     chid = await client.open_pull(r.endpoint.node_id,
                                                   Voucher("pull-only", b""), blob)
                     await client.wait(chid)
-        await eventually(lambda: r.rows() == 3, 5)
-        await eventually(lambda: r.rows() == 0 and r.mgr.channels_pruned == 3, 10)
+        # and one the initiator abandons right after it was accepted
+        stream = await member.open_stream(r.endpoint.node_id, PROTOCOL)
+        await stream.send(encode(Request(7, True, blob.digest, "pull-only", b"")))
+        answer = decode(await stream.recv())
+        assert isinstance(answer, Response) and answer.accepted
+        stream.reset("gone")
+        await eventually(lambda: r.rows() == 4, 5)
+        await eventually(lambda: r.rows() == 0 and r.mgr.channels_pruned == 4, 10)
         assert r.mgr.in_progress_channels() == {}
 

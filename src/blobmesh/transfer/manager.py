@@ -98,7 +98,8 @@ class TransferConfig:
     chunk: int = MAX_CHUNK
     retention: float = 3600.0
     """Finished (completed, failed, cancelled) channels are forgotten this long after their
-    last update, in memory and in ``transfer.sqlite``."""
+    last update, in memory and in ``transfer.sqlite``; a responder channel whose initiator
+    has not come back for this long fails (and is forgotten one retention later)."""
 
 
 class _Session:
@@ -766,9 +767,15 @@ class TransferManager:
         for live in lives:
             live.saved_status, live.saved_update = live.ch.status, live.ch.rec.updated
 
-    def _prune(self) -> None:
-        """Forget channels that finished more than ``retention`` ago."""
+    async def _prune(self) -> None:
+        """Forget channels that finished more than ``retention`` ago; fail responder channels
+        their initiator abandoned that long ago (only the initiator restarts a channel)."""
         cutoff = self.clock() - self.config.retention
+        for live in list(self._live.values()):
+            ch = live.ch
+            if (not ch.is_initiator and not ch.terminal and live.session is None
+                    and ch.rec.updated < cutoff):
+                await self._apply(live, ch.fail("abandoned by the initiator"))
         for cid in [cid for cid, live in self._live.items()
                     if live.ch.terminal and live.session is None
                     and live.ch.rec.updated < cutoff]:
@@ -785,7 +792,7 @@ class TransferManager:
             await asyncio.sleep(min(c.tick, c.stall_timeout / 4))
             self._save_dirty()
             if self.clock() >= next_prune:
-                self._prune()
+                await self._prune()
                 next_prune = self.clock() + min(60.0, c.retention / 10)
             for live in list(self._live.values()):
                 ch = live.ch
