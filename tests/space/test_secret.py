@@ -35,9 +35,11 @@ def test_the_ticket_secret_wins_and_is_kept(tmp_path: Path) -> None:
     assert got == b"t" * 32 == (tmp_path / SECRET_FILE).read_bytes()
     # a restart without the ticket stays in the space
     assert join_secret(tmp_path, space="s", secret=None, tickets=(), open_space=False) == got
-    # a secret file wins over everything
-    assert join_secret(tmp_path, space="s", secret=b"f" * 16, tickets=(ticket,),
+    # a secret file wins over the kept one, and must agree with a ticket's
+    assert join_secret(tmp_path, space="s", secret=b"f" * 16, tickets=(),
                        open_space=False) == b"f" * 16
+    assert join_secret(tmp_path, space="s", secret=b"t" * 32, tickets=(ticket,),
+                       open_space=False) == b"t" * 32
     assert space_of((ticket,)) == "s" and space_of(()) == "blobmesh"
 
 
@@ -48,6 +50,7 @@ def test_the_ticket_secret_wins_and_is_kept(tmp_path: Path) -> None:
     ({"tickets": (ME.for_space("other", b"t" * 32),)}, "space 'other'"),
     ({"tickets": (ME.for_space("s", b"t" * 32), ME.for_space("s", b"u" * 32))},
      "different secrets"),
+    ({"secret": b"f" * 16, "tickets": (ME.for_space("s", b"t" * 32),)}, "another secret"),
 ])
 def test_contradictions_are_config_errors(tmp_path: Path, kw: dict[str, object],
                                           match: str) -> None:

@@ -46,6 +46,9 @@ def join_secret(home: Path, *, space: str, secret: bytes | None, tickets: Sequen
                                    "(a secret file or a closed space's ticket)")
         return None
     if secret is not None:
+        if carried and carried != {secret}:
+            raise SpaceConfigError("the bootstrap ticket carries another secret than the "
+                                   "secret file (drop one of them)")
         return secret
     if len(carried) > 1:
         raise SpaceConfigError("the bootstrap tickets carry different secrets")
