@@ -17,13 +17,13 @@ from blobmesh.errors import AdmissionError, InvalidOpError, TransportError
 from blobmesh.space import Limits, Metrics, Op, Seed, Space, SpaceConfig, admission, wire
 from blobmesh.space.bootstrap import BootstrapServer, serve_bootstrap
 from blobmesh.space.records import sign_op, sign_record
-from blobmesh.transport import Endpoint, Identity, NodeId
-from blobmesh.transport.api import Network
+from blobmesh.transport import Endpoint, Identity, NodeId, TransportConfig
 from blobmesh.transport.memory import MemoryHub
 from tests.space.util import FAST, RawPeer, cluster, config, full_view
 from tests.util import eventually
 
 A, B = Identity.generate().node_id, Identity.generate().node_id
+ADMISSION_TIMEOUT = 1.5
 N1, N2 = b"1" * admission.NONCE_SIZE, b"2" * admission.NONCE_SIZE
 
 
@@ -80,12 +80,14 @@ async def tls_space(tmp_path: Path, secret: bytes | None, **limits: int
                     ) -> AsyncIterator[tuple[Endpoint, Space]]:
     async with AsyncExitStack() as stack:
         ident = Identity.generate()
-        ep = await stack.enter_async_context(await Endpoint.start(ident))
+        ep = await stack.enter_async_context(await Endpoint.start(
+            ident, config=TransportConfig(admission_timeout=ADMISSION_TIMEOUT)))
         timing = dataclasses.replace(FAST, handshake_timeout=0.5)
         cfg = SpaceConfig(name="s", secret=secret, timing=timing,
                           limits=dataclasses.replace(Limits(), **limits))
         space = await stack.enter_async_context(
-            Space(cfg, ident, ep, tmp_path / f"{ident.node_id.short()}.sqlite"))
+            Space(cfg, ident, ep, tmp_path / f"{ident.node_id.short()}.sqlite",
+                  on_admitted=ep.mark_admitted))
         yield ep, space
 
 
@@ -154,42 +156,44 @@ async def test_silent_handshakes_are_cut_and_capped(tmp_path: Path) -> None:
                           wire.Challenge)
 
 
+async def test_the_transport_keeps_members_and_drops_strangers(tmp_path: Path) -> None:
+    async with tls_space(tmp_path, b"k" * 32) as (ep, space), \
+            await Endpoint.start(Identity.generate()) as stranger, \
+            await Endpoint.start(Identity.generate()) as member_ep:
+        for e in (stranger, member_ep):
+            e.add_peer_addresses(ep.node_id, ep.ticket.addrs)
+        member = RawPeer(None, space.config, network=member_ep, identity=member_ep.identity)
+        assert isinstance(await member.connect(ep.node_id), wire.Welcome)
+        await stranger_session(stranger, ep.node_id)  # refused, its connection still open
+        t0 = time.monotonic()
+        await eventually(lambda: ep.node_id not in stranger.connected_peers(), 10)
+        assert time.monotonic() - t0 < ADMISSION_TIMEOUT + 2
+        await asyncio.sleep(max(0.0, ADMISSION_TIMEOUT + 0.5 - (time.monotonic() - t0)))
+        assert isinstance(await member.request(wire.Ping(1)), wire.Ack)  # kept: admitted
+
+
 # --- who is a member ----------------------------------------------------------------------
-
-
-class Recording:
-    """A network that records the peers the space marks admitted."""
-
-    def __init__(self, inner: Network) -> None:
-        self.inner = inner
-        self.admitted: list[NodeId] = []
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def mark_admitted(self, peer: NodeId) -> None:
-        self.admitted.append(peer)
 
 
 async def test_admitted_peers_are_marked_in_the_transport(tmp_path: Path) -> None:
     hub = MemoryHub()
     async with AsyncExitStack() as stack:
         spaces: list[Space] = []
-        nets: list[Recording] = []
+        admitted: list[list[NodeId]] = []
         for i in range(3):
             ident = Identity.generate()
-            net = Recording(hub.node(ident.node_id))
+            marked: list[NodeId] = []
             seeds = (Seed(spaces[0].node_id),) if spaces else ()
             space = await stack.enter_async_context(
-                Space(config(secret=b"k" * 32, seeds=seeds), ident, net,  # type: ignore[arg-type]
-                      tmp_path / f"{i}.sqlite"))
+                Space(config(secret=b"k" * 32, seeds=seeds), ident, hub.node(ident.node_id),
+                      tmp_path / f"{i}.sqlite", on_admitted=marked.append))
             await space.join()
             spaces.append(space)
-            nets.append(net)
+            admitted.append(marked)
         await eventually(lambda: all(len(s.peers()) == 2 for s in spaces), 10)
-        for s, net in zip(spaces, nets, strict=True):
+        for s, marked in zip(spaces, admitted, strict=True):
             # every member is marked, whether we met it or an admitted peer vouched for it
-            assert {p.node_id for p in s.peers()} <= set(net.admitted)
+            assert {p.node_id for p in s.peers()} <= set(marked)
 
 
 async def test_bootstrap_records_of_a_closed_space_are_only_seeds(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ from blobmesh.transport.ticket import format_address, parse_listen_address
 log = logging.getLogger(__name__)
 
 NODE_FRAME_SIZE = 264 * 1024
+ADMISSION_TIMEOUT = 10.0
+"""Seconds an accepted connection may live before its peer passes the space handshake (or is
+vouched for as a member); strangers cost the transport a bounded number of such connections."""
 
 
 MEMBER_VOUCHER = "blobmesh/open"
@@ -79,7 +82,8 @@ class NodeConfig:
     # One 256 KiB piece per frame; 1 MiB frames cost ~2 MiB of buffers per connection, and
     # failure detection keeps a connection to every peer.
     transport: TransportConfig = field(
-        default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
+        default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE,
+                                                admission_timeout=ADMISSION_TIMEOUT))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
 
     @classmethod
@@ -169,7 +173,8 @@ class Node:
             self._space = Space(space_cfg, self.identity, self.endpoint,
                                 cfg.home / "space.sqlite",
                                 address_book=endpoint_address_book(
-                                    self.endpoint.add_peer_addresses))
+                                    self.endpoint.add_peer_addresses),
+                                on_admitted=self.endpoint.mark_admitted)
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
                                       authorize=self.space.is_member)

@@ -240,6 +240,7 @@ class Space:
 
     def __init__(self, config: SpaceConfig, signer: Signer, network: Network,
                  db_path: Path | str, *, address_book: AddressBook | None = None,
+                 on_admitted: Callable[[NodeId], None] | None = None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None
                  ) -> None:
         if network.node_id != signer.node_id:
@@ -253,6 +254,7 @@ class Space:
         self._signer = signer
         self._net = network
         self._address_book = address_book
+        self._on_admitted = on_admitted
         self._clock = clock
         self._rng = rng or random.Random()
         self._db = open_db(db_path)
@@ -911,11 +913,8 @@ class Space:
         self._mark_admitted(peer)
 
     def _mark_admitted(self, peer: NodeId) -> None:
-        # Endpoint.mark_admitted comes with the transport's admission timeout; networks
-        # without one (the in-memory hub) do not gate connections
-        mark = getattr(self._net, "mark_admitted", None)
-        if mark is not None:
-            mark(peer)
+        if self._on_admitted is not None:
+            self._on_admitted(peer)
 
     async def _serve_requests(self, stream: Stream) -> None:
         lim, peer = self.config.limits, stream.peer
