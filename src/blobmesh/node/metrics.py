@@ -61,9 +61,8 @@ def _admission_metrics(lines: list[str], node: Node) -> None:
     ep, tr = node.endpoint, node.transfer
     _metric(lines, "blobmesh_transport_connected_peers", "gauge", len(ep.connected_peers()),
             "peers with a usable connection")
-    # Endpoint.refused comes with the transport's connection caps
-    _metric(lines, "blobmesh_transport_connections_refused_total", "counter",
-            getattr(ep, "refused", 0), "connections refused at accept by the caps")
+    _metric(lines, "blobmesh_transport_connections_refused_total", "counter", ep.refused,
+            "connections refused at accept by the caps (all, and not admitted)")
     _metric(lines, "blobmesh_transfer_refused_unadmitted_total", "counter",
             tr.refused_unadmitted, "transfer streams refused: peer not admitted")
     _metric(lines, "blobmesh_transfer_requests_refused_total", "counter",
