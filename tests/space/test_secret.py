@@ -143,6 +143,10 @@ async def test_closed_by_default_ticket_joins_stranger_refused(procs: Procs) -> 
     refused = next(line for line in metrics.splitlines()
                    if line.startswith("blobmesh_space_admission_refused_total"))
     assert float(refused.split()[-1]) >= 1
+    for name in ("blobmesh_transport_connected_peers", "blobmesh_space_admission_accepted_total",
+                 "blobmesh_transport_connections_refused_total",
+                 "blobmesh_transfer_refused_unadmitted_total"):
+        assert f"\n{name} " in metrics
     stranger_proc = procs.procs[1]
     stranger_proc.terminate()
     err = stranger_proc.communicate(timeout=15)[1].decode()
