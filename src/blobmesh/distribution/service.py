@@ -153,6 +153,7 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
     state: str
     bytes_done: int
     rate: float
+    peers: int = 0  # swarm peers the target is connected to (absent from older nodes)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -417,17 +418,18 @@ class DistributionService:
             current = tracked.targets.get(sender)
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
-            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "")
+            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "",
+                             note.peers)
 
     def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
-                    rate: float, reason: str) -> None:
+                    rate: float, reason: str, peers: int = 0) -> None:
         old = tracked.targets.get(node, TargetStatus(node))
         if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
             return  # completed is final: nothing rolls it back
         if tracked.cancelled and not state.final:
             return
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
-                                        reason=reason, updated=time.time())
+                                        reason=reason, peers=peers, updated=time.time())
         self._bump(tracked)
 
     def _bump(self, tracked: _Tracked) -> None:
@@ -556,7 +558,8 @@ class DistributionService:
             if now - last_note >= self.config.progress_interval or \
                     p.bytes_done == p.bytes_total:
                 last_note = now
-                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate)
+                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate,
+                           p.peers)
 
         await self._report(handle, TargetState.TRANSFERRING, 0)
         failures = 0
@@ -584,9 +587,9 @@ class DistributionService:
         await self._report(handle, TargetState.COMPLETED, r.size)
 
     def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
-              bytes_done: int, rate: float) -> None:
+              bytes_done: int, rate: float, peers: int) -> None:
         data = NOTIFY_PROGRESS + _enc.encode(ProgressNote(str(handle), str(state), bytes_done,
-                                                          rate))
+                                                          rate, peers))
 
         async def send() -> None:
             with contextlib.suppress(BlobmeshError, OSError):
