@@ -24,6 +24,8 @@ complete -c blobmesh -n '__fish_use_subcommand' -a distributions
 complete -c blobmesh -n '__fish_use_subcommand' -a status
 complete -c blobmesh -n '__fish_use_subcommand' -a cancel
 complete -c blobmesh -n '__fish_use_subcommand' -a bootstrap-server
+complete -c blobmesh -n '__fish_use_subcommand' -a dashboard
+complete -c blobmesh -n '__fish_use_subcommand' -a top
 complete -c blobmesh -n '__fish_use_subcommand' -a sim
 complete -c blobmesh -n '__fish_use_subcommand' -a completion
 complete -c blobmesh -n '__fish_use_subcommand' -s h
@@ -54,9 +56,15 @@ complete -c blobmesh -n '__fish_seen_subcommand_from cat' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from completion' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from completion' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from completion' -l home
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -s h
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -l help
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -l print
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l json
+complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l export
+complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l export-force
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l to
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l priority
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l share-url
@@ -129,10 +137,13 @@ complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcomm
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l cap
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l space
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l secret-file
+complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l open
+complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l distributor
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l upload-rate
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l download-rate
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l mdns
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l metrics-listen
+complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l http-listen
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l want-peers
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l log-level
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l log-format
@@ -198,6 +209,10 @@ complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l addr
 complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l id
 complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l home
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -s h
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -l help
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -l interval
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from unpin' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from unpin' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from unpin' -l home

@@ -24,10 +24,12 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from blobmesh.distribution.authz import OpAuthorizer
+from blobmesh.distribution.collection import FetchRequest, PlanFetcher, Planner
 from blobmesh.distribution.model import (
     DistributionHandle,
     DistributionState,
@@ -42,7 +44,9 @@ from blobmesh.distribution.swarm import JobProgress, SwarmEngine
 from blobmesh.errors import (
     BlobmeshError,
     BlobNotFoundError,
+    CollectionError,
     InvalidOpError,
+    NotAuthorizedError,
     StoreError,
     TransferError,
 )
@@ -133,6 +137,8 @@ class RequestOp(msgspec.Struct, frozen=True):
     source: bytes
     created: float
     share_urls: list[str] = []
+    total_size: int = 0  # a collection: bytes of the whole tree (0: just ``size``)
+    plan: bytes = b""  # a collection: its plan (``distribution.collection``), opaque here
 
 
 class StatusOp(msgspec.Struct, frozen=True):
@@ -151,21 +157,28 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
     state: str
     bytes_done: int
     rate: float
+    peers: int = 0  # swarm peers the target is connected to (absent from older nodes)
 
 
 _enc = msgspec.msgpack.Encoder()
-_OP_TYPES: dict[str, type[msgspec.Struct]] = {
-    OP_REQUEST: RequestOp, OP_STATUS: StatusOp, OP_CANCEL: CancelOp}
 
 
-def _payload_validator(payload_type: type[msgspec.Struct]) -> Callable[[OpView], None]:
-    """Reject (before storing or gossiping) an op whose payload does not decode."""
+_P = TypeVar("_P", bound=msgspec.Struct)
+
+
+def _payload_validator(payload_type: type[_P],
+                       authorize: Callable[[NodeId, _P], None] | None = None
+                       ) -> Callable[[OpView], None]:
+    """Reject (before storing or gossiping) an op whose payload does not decode, or that the
+    authorization rules (:mod:`blobmesh.distribution.authz`) refuse."""
 
     def validate(op: OpView) -> None:
         try:
-            msgspec.msgpack.decode(op.payload, type=payload_type)
+            payload = msgspec.msgpack.decode(op.payload, type=payload_type)
         except msgspec.DecodeError as exc:
             raise InvalidOpError(f"malformed {op.kind} payload: {exc}") from exc
+        if authorize is not None:
+            authorize(op.author, payload)
 
     return validate
 
@@ -203,6 +216,9 @@ class DistributionConfig:
     failures_before_reported: int = 2
     unreachable_after: float = 10.0  # seconds of silence before a lost target is reported
     share_loader: ShareLoader | None = None
+    planner: Planner | None = None  # turns a collection into a plan at the source
+    plan_fetcher: PlanFetcher | None = None  # fetches what a plan names at a target
+    distributors: frozenset[NodeId] | None = None  # if set, only they may publish requests
 
 
 class DistributionService:
@@ -219,8 +235,16 @@ class DistributionService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease = LeaseId.new("distribution")
         space.on_notify(self._on_notify)
-        for kind, payload_type in _OP_TYPES.items():
-            space.register_op_kind(kind, _payload_validator(payload_type))
+        self.authz = OpAuthorizer(self.config.distributors)
+        space.register_op_kind(OP_REQUEST,
+                               _payload_validator(RequestOp, self.authz.authorize_request))
+        space.register_op_kind(OP_STATUS, _payload_validator(StatusOp))
+        space.register_op_kind(OP_CANCEL,
+                               _payload_validator(CancelOp, self.authz.authorize_cancel))
+        for op in space.stored_ops(OP_REQUEST):  # so cancels arriving before start() count
+            with contextlib.suppress(msgspec.DecodeError, InvalidOpError):
+                self.authz.authorize_request(
+                    op.author, msgspec.msgpack.decode(op.payload, type=RequestOp))
 
     @property
     def node_id(self) -> NodeId:
@@ -255,25 +279,35 @@ class DistributionService:
 
     async def distribute(self, blob_id: BlobId, scope: Scope | str,
                          priority: Priority | str = Priority.NORMAL, *,
-                         share_urls: Sequence[str] = ()) -> DistributionHandle:
+                         share_urls: Sequence[str] = (), export: str = "",
+                         export_force: bool = False) -> DistributionHandle:
         """Start distributing a blob held here to every node in ``scope``.
 
-        Raises :class:`BlobNotFoundError` if the blob is not complete here, and
-        :class:`ScopeError` if the scope is malformed or names no reachable node.
+        A collection goes with all its members; with ``export`` every target materialises
+        the tree in that directory when complete.  Raises :class:`BlobNotFoundError` if the
+        blob is not complete here, and :class:`ScopeError` if the scope is malformed or names
+        no reachable node.
         """
         scope = Scope.parse(scope) if isinstance(scope, str) else scope
         priority = Priority.parse(priority) if isinstance(priority, str) else priority
-        if not self.store.has(blob_id):
+        if not await self.store.aio.has(blob_id):
             raise BlobNotFoundError(f"blob {blob_id} is not (completely) in this node's store",
                                     blob_id=blob_id)
         targets = self._resolve(scope)
         if not targets:
             raise ScopeError(self._empty_scope_message(scope), scope=str(scope))
-        info = self.store.info(blob_id)
+        info = await self.store.aio.info(blob_id)
         handle = DistributionHandle.new()
-        await asyncio.to_thread(self.store.pin, blob_id, f"dist/{handle}")
+        await self.store.aio.pin(blob_id, f"dist/{handle}")
+        try:
+            plan = await self.config.planner(blob_id, f"dist/{handle}", export, export_force) \
+                if self.config.planner else None
+        except BaseException:
+            await self.store.aio.unpin(f"dist/{handle}")
+            raise
         request = RequestOp(str(handle), blob_id.digest, info.size, info.piece_size, str(scope),
-                            int(priority), self.node_id.digest, time.time(), list(share_urls))
+                            int(priority), self.node_id.digest, time.time(), list(share_urls),
+                            plan.total_size if plan else 0, plan.payload if plan else b"")
         self.swarm.set_priority(blob_id, priority)
         tracked = self._track(request)
         for node in targets:
@@ -290,8 +324,16 @@ class DistributionService:
         return sorted(snaps, key=lambda s: s.started, reverse=True)
 
     async def cancel(self, handle: DistributionHandle) -> DistributionStatus:
-        """Stop pending and in-flight transfers; completed targets keep their copy."""
+        """Stop pending and in-flight transfers; completed targets keep their copy.
+
+        Only the source may cancel (raises :class:`NotAuthorizedError` elsewhere): its cancel
+        op is what every node, and every restart, honours.
+        """
         tracked = self._get(handle)
+        source = NodeId(tracked.request.source)
+        if source != self.node_id:
+            raise NotAuthorizedError(f"only the source of {handle} ({source}) can cancel it; "
+                                     "run cancel on that node", handle=str(handle))
         if not tracked.cancelled:
             await self.space.publish(OP_CANCEL, _enc.encode(CancelOp(str(handle))))
             await self._apply_cancel(tracked)
@@ -363,8 +405,7 @@ class DistributionService:
         try:
             if op.kind == OP_REQUEST:
                 request = msgspec.msgpack.decode(op.payload, type=RequestOp)
-                if NodeId(request.source) != op.author:
-                    raise ValueError("request source is not its author")
+                self.authz.authorize_request(op.author, request)
                 self._track(request)
             elif op.kind == OP_STATUS:
                 st = msgspec.msgpack.decode(op.payload, type=StatusOp)
@@ -393,17 +434,18 @@ class DistributionService:
             current = tracked.targets.get(sender)
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
-            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "")
+            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "",
+                             note.peers)
 
     def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
-                    rate: float, reason: str) -> None:
+                    rate: float, reason: str, peers: int = 0) -> None:
         old = tracked.targets.get(node, TargetStatus(node))
         if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
             return  # completed is final: nothing rolls it back
         if tracked.cancelled and not state.final:
             return
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
-                                        reason=reason, updated=time.time())
+                                        reason=reason, peers=peers, updated=time.time())
         self._bump(tracked)
 
     def _bump(self, tracked: _Tracked) -> None:
@@ -430,11 +472,11 @@ class DistributionService:
                 tracked.targets[node] = replace(t, state=TargetState.CANCELLED,
                                                 reason="cancelled", updated=time.time())
         is_source = NodeId(tracked.request.source) == self.node_id
-        if is_source or not self.store.has(tracked.blob_id):
+        if is_source or not await self.store.aio.has(tracked.blob_id):
             # the source's copy is the user's again; a target's partial copy may be collected
             # (a target that completed keeps its pinned copy: nothing is rolled back)
             with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.unpin, f"dist/{tracked.handle}")
+                await self.store.aio.unpin(f"dist/{tracked.handle}")
         self._bump(tracked)
 
     def _snapshot(self, tracked: _Tracked) -> DistributionStatus:
@@ -448,7 +490,8 @@ class DistributionService:
         else:
             state = DistributionState.ACTIVE
         r = tracked.request
-        return DistributionStatus(tracked.handle, tracked.blob_id, r.size, tracked.scope,
+        return DistributionStatus(tracked.handle, tracked.blob_id, r.total_size or r.size,
+                                  tracked.scope,
                                   tracked.priority, state, targets, r.created,
                                   tracked.finished if state is not DistributionState.ACTIVE
                                   else None)
@@ -532,16 +575,19 @@ class DistributionService:
             if now - last_note >= self.config.progress_interval or \
                     p.bytes_done == p.bytes_total:
                 last_note = now
-                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate)
+                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate,
+                           p.peers)
 
         await self._report(handle, TargetState.TRANSFERRING, 0)
         failures = 0
         backoff = self.config.retry_backoff
         while True:
             try:
-                await self.swarm.download(tracked.blob_id, r.size, r.piece_size, peers,
-                                          tracked.priority, progress, pin=pin)
+                await self._download(tracked, peers, progress, pin)
                 break
+            except CollectionError as exc:  # a bad manifest or export: retrying cannot help
+                await self._report(handle, TargetState.FAILED, 0, str(exc))
+                return
             except (TransferError, StoreError) as exc:
                 failures += 1
                 if failures >= self.config.failures_before_reported:
@@ -552,17 +598,29 @@ class DistributionService:
                         await self.config.share_loader(tracked.blob_id, r.share_urls)
                     except BlobmeshError as share_exc:
                         log.warning("share fallback for %s failed: %s", handle, share_exc)
-                    if self.store.has(tracked.blob_id):
-                        await asyncio.to_thread(self.store.pin, tracked.blob_id, pin)
+                    if await self.store.aio.has(tracked.blob_id):
+                        await self.store.aio.pin(tracked.blob_id, pin)
                         break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)
-        await self._report(handle, TargetState.COMPLETED, r.size)
+        await self._report(handle, TargetState.COMPLETED, r.total_size or r.size)
+
+    async def _download(self, tracked: _Tracked, peers: Callable[[], Iterable[NodeId]],
+                        progress: Callable[[JobProgress], None], pin: str) -> None:
+        r = tracked.request
+        if r.plan and self.config.plan_fetcher is not None:
+            # a collection: the fetcher gets its blob, then the members its plan names
+            await self.config.plan_fetcher(FetchRequest(
+                tracked.blob_id, r.size, r.piece_size, r.plan, peers, tracked.priority,
+                progress, pin))
+            return
+        await self.swarm.download(tracked.blob_id, r.size, r.piece_size, peers,
+                                  tracked.priority, progress, pin=pin)
 
     def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
-              bytes_done: int, rate: float) -> None:
+              bytes_done: int, rate: float, peers: int) -> None:
         data = NOTIFY_PROGRESS + _enc.encode(ProgressNote(str(handle), str(state), bytes_done,
-                                                          rate))
+                                                          rate, peers))
 
         async def send() -> None:
             with contextlib.suppress(BlobmeshError, OSError):

@@ -55,9 +55,15 @@ OPTIONS: tuple[Option, ...] = (
            repeat=True),
     Option("cap", str, [], "a capability such as gpu=true or mem_gb=64 (repeatable)",
            "KEY=VALUE", repeat=True),
-    Option("space", str, "blobmesh", "name of the space to join", "NAME"),
+    Option("space", str, None, "name of the space to join (default: the bootstrap "
+           "ticket's, else blobmesh)", "NAME"),
     Option("secret_file", Path, None, "file holding the space's shared secret (at least 16 "
-           "bytes; keep it mode 0600)", "FILE"),
+           "bytes; keep it mode 0600; default: the ticket's, else one kept in the home, made "
+           "on first run)", "FILE"),
+    Option("open", bool, False, "an open space: no secret, anyone who knows its name may "
+           "join"),
+    Option("distributor", str, [], "accept distributions only from this node (repeatable; "
+           "default: from any member)", "NODE_ID", repeat=True),
     Option("upload_rate", float, 0.0, "cap on swarm upload bytes per second (0: unlimited)",
            "BYTES_PER_S"),
     Option("download_rate", float, 0.0, "cap on swarm download bytes per second "
@@ -66,6 +72,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_listen", str, None, "also serve /metrics over HTTP for Prometheus at this "
            "address; a bare PORT means 127.0.0.1:PORT (expose it beyond loopback only behind "
            "a firewall)", "[HOST:]PORT"),
+    Option("http_listen", str, None, "serve the web dashboard and the JSON API over HTTP here "
+           "(off by default; a non-loopback address needs the token in HOME/dashboard.token)",
+           "HOST:PORT"),
     Option("want_peers", int, 8, "redial remembered peers and bootstrap tickets, backing off, "
            "while fewer peers are alive", "N"),
     Option("log_level", str, "info", "least severe log records shown on stderr",
@@ -169,10 +178,13 @@ def node_settings(home: Path, args: argparse.Namespace) -> RunSettings:
     config = NodeConfig.from_cli(
         home, listen=v["listen"], bootstrap=v["bootstrap"], groups=v["group"], caps=v["cap"],
         space=v["space"], secret_file=v["secret_file"], upload_rate=v["upload_rate"],
-        download_rate=v["download_rate"], mdns=v["mdns"])
+        download_rate=v["download_rate"], mdns=v["mdns"], open_space=v["open"],
+        distributors=v["distributor"])
     config.want_peers = v["want_peers"]
     if v["metrics_listen"]:
         config.metrics_listen = parse_listen_address(_loopback_default(v["metrics_listen"]))
+    if v["http_listen"]:
+        config.http_listen = parse_listen_address(v["http_listen"])
     return RunSettings(config, v["log_level"], v["log_format"], path)
 
 

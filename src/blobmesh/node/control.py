@@ -6,8 +6,9 @@ Routes (all JSON unless noted; the JSON naming scheme is in ``docs/distribution.
 * ``GET  /v1/node``                          node id, ticket, addresses, version, uptime, store
 * ``GET  /v1/peers``                         peers the space knows
 * ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls",
-  "new"}``: 201 with a new distribution, or 200 with the active one for the same blob and
-  scope (unless ``"new": true``)
+  "new", "export", "export_force"}``: 201 with a new distribution, or 200 with the active
+  one for the same blob and scope (unless ``"new": true``); ``export``: a collection's targets
+  write the tree to ``HOME/exports/<export>``
 * ``GET  /v1/distributions[?active=true]``   distributions known here, newest first
 * ``POST /v1/distributions/prune``           hide finished distributions from listings
 * ``GET  /v1/distributions/{h}``             one status
@@ -53,6 +54,8 @@ class DistributeRequest(msgspec.Struct, forbid_unknown_fields=True):
     priority: str = "normal"
     share_urls: list[str] = msgspec.field(default_factory=list)
     new: bool = False
+    export: str = ""  # a collection: targets export it to HOME/exports/<export>
+    export_force: bool = False
 
 
 class BadRequestError(BlobmeshError, ValueError):
@@ -66,7 +69,7 @@ def _error(status: int, exc: BaseException) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     from blobmesh.distribution.model import ScopeError
     from blobmesh.distribution.service import UnknownDistributionError
 
@@ -110,8 +113,13 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors])
-        app.add_routes([
+        app = web.Application(middlewares=[error_middleware])
+        app.add_routes(self.routes())
+        return app
+
+    def routes(self) -> list[web.RouteDef]:
+        """The API's routes (to serve them in another app too, with ``error_middleware``)."""
+        return [
             web.get("/v1/node", self.get_node),
             web.get("/v1/peers", self.get_peers),
             web.post("/v1/distributions", self.post_distribution),
@@ -121,8 +129,7 @@ class ControlServer:
             web.delete("/v1/distributions/{handle}", self.delete_distribution),
             web.get("/v1/distributions/{handle}/events", self.distribution_events),
             web.get("/metrics", self.metrics),
-        ])
-        return app
+        ]
 
     async def start(self) -> None:
         self._runner = serve_app(self.app())
@@ -141,7 +148,7 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
     async def get_node(self, request: web.Request) -> web.Response:
-        return web.json_response(self.node.describe())
+        return web.json_response(await self.node.describe())
 
     async def get_peers(self, request: web.Request) -> web.Response:
         return web.json_response(self.node.peers_json())
@@ -156,7 +163,8 @@ class ControlServer:
             if active is not None:
                 return web.json_response(status_to_json(active), status=200)
         handle = await self.node.distribution.distribute(
-            blob_id, body.scope, body.priority, share_urls=body.share_urls)
+            blob_id, body.scope, body.priority, share_urls=body.share_urls,
+            export=body.export, export_force=body.export_force)
         status = await self.node.distribution.status(handle)
         return web.json_response(status_to_json(status), status=201)
 
@@ -195,20 +203,20 @@ class ControlServer:
         return resp
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return metrics_response(self.node)
+        return await metrics_response(self.node)
 
 
-def metrics_response(node: Node) -> web.Response:
+async def metrics_response(node: Node) -> web.Response:
     from blobmesh.node.metrics import CONTENT_TYPE
 
-    return web.Response(body=node.metrics_text().encode(),
+    return web.Response(body=(await node.metrics_text()).encode(),
                         headers={"Content-Type": CONTENT_TYPE})
 
 
 def metrics_app(node: Node) -> web.Application:
     """``/metrics`` alone, for a TCP listener a stock Prometheus scrapes."""
     async def metrics(request: web.Request) -> web.Response:
-        return metrics_response(node)
+        return await metrics_response(node)
 
     app = web.Application()
     app.add_routes([web.get("/metrics", metrics)])

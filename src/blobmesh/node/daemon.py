@@ -11,15 +11,16 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from blobmesh import __version__
+from blobmesh.distribution.collection import CollectionDistributor
 from blobmesh.distribution.model import DistributionStatus, Scope
 from blobmesh.distribution.service import DistributionConfig, DistributionService
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
@@ -33,8 +34,10 @@ from blobmesh.node.watch import PeerView, RejoinPolicy, distribution_changes, pe
 from blobmesh.shares import ShareMetrics, load_blob
 from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
+from blobmesh.space.secret import join_secret, space_of
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
+from blobmesh.store.piece_index import PieceIndex
 from blobmesh.tasks import TaskOwner
 from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
 from blobmesh.transfer.messages import Selector
@@ -59,6 +62,9 @@ _PEER_EVENTS = {"joined": "joined", "suspect": "is suspect (not answering probes
                 "dead": "is dead (record gone)"}
 
 NODE_FRAME_SIZE = 264 * 1024
+ADMISSION_TIMEOUT = 10.0
+"""Seconds an accepted connection may live before its peer passes the space handshake (or is
+vouched for as a member); strangers cost the transport a bounded number of such connections."""
 
 
 MEMBER_VOUCHER = "blobmesh/open"
@@ -85,6 +91,12 @@ class NodeConfigError(BlobmeshError):
     exit_code = 2
 
 
+class NodeService(Protocol):
+    """Something a node runs on top of itself (the dashboard), closed before the node."""
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass(slots=True)
 class NodeConfig:
     """Everything ``blobmesh node run`` takes."""
@@ -95,14 +107,16 @@ class NodeConfig:
     groups: tuple[str, ...] = ()
     capabilities: dict[str, CapValue] = field(default_factory=dict)
     space: str = "blobmesh"
-    secret: bytes | None = None
+    secret: bytes | None = None  # None: from a join ticket, kept in the home, or a new one
+    open_space: bool = False  # no secret at all: anyone who knows the space name may join
     mdns: bool = False
     timing: Timing = field(default_factory=Timing)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     # One 256 KiB piece per frame; 1 MiB frames cost ~2 MiB of buffers per connection, and
     # failure detection keeps a connection to every peer.
     transport: TransportConfig = field(
-        default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
+        default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE,
+                                                admission_timeout=ADMISSION_TIMEOUT))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     metrics_listen: Address | None = None
     """Where to serve ``/metrics`` over TCP for Prometheus (besides the control socket)."""
@@ -110,11 +124,16 @@ class NodeConfig:
     """While fewer peers are alive, remembered peers and bootstrap tickets are redialed."""
     watch_interval: float = 1.0
     """Seconds between looks at the space and the distributions (logs, remembered peers)."""
+    http_listen: Address | None = None
+    """Where the web dashboard listens (``--http-listen``; the CLI adds it as a service)."""
+    services: tuple[Callable[[Node], Awaitable[NodeService]], ...] = ()
+    """Opened in order once the node runs (layers above node, e.g. ``blobmesh.dashboard``)."""
 
     @classmethod
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
-                 caps: list[str], space: str, secret_file: Path | None, upload_rate: float,
-                 download_rate: float, mdns: bool) -> NodeConfig:
+                 caps: list[str], space: str | None, secret_file: Path | None,
+                 upload_rate: float, download_rate: float, mdns: bool,
+                 open_space: bool = False, distributors: Sequence[str] = ()) -> NodeConfig:
         secret = None
         if secret_file is not None:
             try:
@@ -128,9 +147,12 @@ class NodeConfig:
             capabilities = dict(parse_capability(c) for c in caps)
         except ValueError as exc:
             raise NodeConfigError(str(exc)) from exc
-        return cls(home=home, listen=parse_listen_address(listen),
-                   bootstrap=tuple(Ticket.parse(t) for t in bootstrap), groups=tuple(groups),
-                   capabilities=capabilities, space=space, secret=secret, mdns=mdns,
+        tickets = tuple(Ticket.parse(t) for t in bootstrap)
+        return cls(home=home, listen=parse_listen_address(listen), bootstrap=tickets,
+                   groups=tuple(groups), capabilities=capabilities,
+                   space=space or space_of(tickets), secret=secret, open_space=open_space,
+                   mdns=mdns, distribution=DistributionConfig(distributors=frozenset(
+                       NodeId.parse(d) for d in distributors) if distributors else None),
                    swarm=SwarmConfig(upload_rate=upload_rate, download_rate=download_rate))
 
 
@@ -145,7 +167,10 @@ class Node:
         self._lock = HomeLock(config.home)
         self._lock.acquire()  # before anything in the home is opened, the control socket above all
         try:
+            self._secret = join_secret(config.home, space=config.space, secret=config.secret,
+                                       tickets=config.bootstrap, open_space=config.open_space)
             self.store = Store(config.home)
+            self.piece_index = PieceIndex(self.store)
             self.identity = Identity.load_or_create(config.home)
         except BaseException:
             self._lock.release()
@@ -160,6 +185,7 @@ class Node:
         self._control: ControlServer | None = None
         self._tasks = TaskOwner("node")
         self._http: list[web.AppRunner] = []
+        self._services: list[NodeService] = []
         self.unhandled_errors = 0
         self.metrics_address: str | None = None  # host:port of the TCP /metrics, if served
         self.share_metrics = ShareMetrics()
@@ -180,37 +206,48 @@ class Node:
         return self._swarm
 
     @property
+    def transfer(self) -> TransferManager:
+        assert self._transfer is not None, "node not started"
+        return self._transfer
+
+    @property
     def distribution(self) -> DistributionService:
         assert self._distribution is not None, "node not started"
         return self._distribution
 
     @property
     def ticket(self) -> Ticket:
-        return self.endpoint.ticket
+        """The join ticket: reach this node and join its space (carries the space secret)."""
+        return self.endpoint.ticket.for_space(self.config.space, self._secret)
 
     async def start(self) -> None:
         cfg = self.config
         try:
             self._endpoint = await self._listen()
             space_cfg = SpaceConfig(
-                name=cfg.space, secret=cfg.secret, groups=cfg.groups,
+                name=cfg.space, secret=self._secret, groups=cfg.groups,
                 capabilities=cfg.capabilities,
                 addresses=tuple(format_address(a) for a in self.endpoint.ticket.addrs),
                 seeds=tuple(Seed.from_ticket(t) for t in self._rejoin_tickets()),
                 mdns=cfg.mdns, timing=cfg.timing)
             book = endpoint_address_book(self.endpoint.add_peer_addresses)
             self._space = Space(space_cfg, self.identity, self.endpoint,
-                                cfg.home / "space.sqlite", address_book=book)
+                                cfg.home / "space.sqlite", address_book=book,
+                                on_admitted=self.endpoint.mark_admitted)
             for peer in self.space.peers(alive_only=False):
                 # records kept from earlier runs: dialable now, not only once they change
                 book(peer.node_id, peer.addresses)
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
-                                      authorize=self.space.is_member)
-            self._transfer = TransferManager(self.endpoint, self.store)
+                                      authorize=self.space.is_member,
+                                      piece_index=self.piece_index)
+            collections = CollectionDistributor(self.swarm)
+            self._transfer = TransferManager(self.endpoint, self.store,
+                                             admit=self.space.is_member)
             self._transfer.register_voucher_type(
                 MEMBER_VOUCHER, MembersOnly(self.space.is_member))
-            dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares)
+            dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares,
+                               planner=collections.plan, plan_fetcher=collections.fetch)
             self._distribution = DistributionService(self.space, self.swarm, dist_cfg)
             await self.space.start()
             await self.swarm.start()
@@ -224,6 +261,8 @@ class Node:
                                                              cfg.metrics_listen)
                 log.info("metrics on http://%s/metrics", self.metrics_address)
             self._tasks.spawn_restarting(self._watch, name="watch")
+            for open_service in cfg.services:
+                self._services.append(await open_service(self))
             log.info("node %s listening on %s, addresses %s", self.identity.node_id,
                      format_address(self.endpoint.listen_address),
                      " ".join(format_address(a) for a in self.ticket.addrs))
@@ -337,6 +376,8 @@ class Node:
 
     async def aclose(self, *, leave: bool = True) -> None:
         """Stop everything; with ``leave``, first tell the space we are going (best effort)."""
+        while self._services:
+            await self._services.pop().aclose()
         await self._tasks.aclose()
         for runner in self._http:
             await runner.cleanup()
@@ -363,7 +404,8 @@ class Node:
         if self._endpoint is not None:
             await self._endpoint.aclose()
             self._endpoint = None
-        self.store.close()
+        await asyncio.to_thread(self.store.close)  # waits for store calls still running
+        self.piece_index.close()
         self._lock.release()
 
     async def __aenter__(self) -> Node:
@@ -377,13 +419,13 @@ class Node:
     async def _load_from_shares(self, blob_id: BlobId, urls: Sequence[str]) -> None:
         reader = await load_blob(self.store, blob_id, urls, max_tries=2,
                                  metrics=self.share_metrics)
-        reader.close()
+        await self.store.aio.io(reader.close)
 
     # --- views for the control API ---------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """``GET /v1/node``: who this node is, where it listens, what it holds."""
-        blobs = self.store.blobs()
+        blobs = await self.store.aio.blobs()
         return {"node": str(self.identity.node_id), "ticket": str(self.ticket),
                 "addresses": [format_address(a) for a in self.ticket.addrs],
                 "listen": format_address(self.endpoint.listen_address),
@@ -448,8 +490,8 @@ class Node:
                  "expires_at": p.expires_at / 1000}
                 for p in self.space.peers(alive_only=False)]
 
-    def metrics_text(self) -> str:
-        return render_metrics(self)
+    async def metrics_text(self) -> str:
+        return render_metrics(self, await self.store.aio.blobs())
 
 
 def run_node_forever(settings: RunSettings,

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from blobmesh import __version__
 from blobmesh.distribution.model import DistributionState, TargetState
+from blobmesh.store import BlobInfo
 from blobmesh.tasks import failure_counts
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ _SPACE_HELP = {
     "fetch_abandoned": "op ids given up after every attempt",
     "bootstrap_failures": "failed requests to bootstrap servers",
     "admission_refused": "handshakes refused by admission (secret, allowlist)",
+    "admission_accepted": "handshakes that admitted a peer (either direction)",
+    "handshake_timeouts": "inbound handshakes cut for taking too long",
+    "ops_rejected_non_member": "ops refused because their author is not a member",
 }
 
 _SHARE_HELP = {
@@ -87,8 +91,9 @@ def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
 class NodeCollector(Collector):
     """Reads the node's state at scrape time."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, blobs: list[BlobInfo]) -> None:
         self.node = node
+        self.blobs = blobs  # read off the event loop by the caller (store.aio)
 
     def collect(self) -> Iterator[Metric]:
         node = self.node
@@ -112,11 +117,12 @@ class NodeCollector(Collector):
         yield from self._store()
         yield from self._swarm()
         yield from self._space()
+        yield from self._admission()
         yield from self._distributions()
         yield from self._shares()
 
     def _store(self) -> Iterator[Metric]:
-        blobs = self.node.store.blobs()
+        blobs = self.blobs
         yield _gauge("blobmesh_store_blobs", "complete blobs in the store",
                      sum(b.complete for b in blobs))
         yield _gauge("blobmesh_store_partial_blobs", "partial blobs in the store",
@@ -130,6 +136,8 @@ class NodeCollector(Collector):
                        sw.bytes_uploaded)
         yield _counter("blobmesh_swarm_downloaded_bytes",
                        "verified piece bytes received from peers", sw.bytes_downloaded)
+        yield _counter("blobmesh_swarm_reused_bytes", "piece bytes copied from identical "
+                       "pieces of local blobs instead of fetched", sw.bytes_reused)
         yield _counter("blobmesh_swarm_pieces_rejected",
                        "pieces that failed verification (their senders were banned)",
                        sw.pieces_rejected)
@@ -151,6 +159,24 @@ class NodeCollector(Collector):
                 help_text = _SPACE_HELP.get(key, "space counter " + key.replace("_", " "))
                 yield _counter("blobmesh_space_" + key, help_text, value)
         yield limits
+
+    def _admission(self) -> Iterator[Metric]:
+        """What strangers and refused requests cost (the space's own admission counters are
+        ``blobmesh_space_admission_*``, ``handshake_timeouts``, ``limit_hits{handshakes}``)."""
+        ep, tr = self.node.endpoint, self.node.transfer
+        yield _gauge("blobmesh_transport_connected_peers", "peers with a usable connection",
+                     len(ep.connected_peers()))
+        yield _counter("blobmesh_transport_connections_refused",
+                       "connections refused at accept by the caps (all, and not admitted)",
+                       ep.refused)
+        yield _counter("blobmesh_transfer_refused_unadmitted",
+                       "transfer streams refused: peer not admitted", tr.refused_unadmitted)
+        yield _counter("blobmesh_transfer_requests_refused",
+                       "transfer requests refused by validation (nothing kept)",
+                       tr.requests_refused)
+        yield _counter("blobmesh_transfer_channels_pruned",
+                       "finished channels forgotten after the retention window",
+                       tr.channels_pruned)
 
     def _distributions(self) -> Iterator[Metric]:
         dists = self.node.distribution.distributions()
@@ -196,7 +222,7 @@ class NodeCollector(Collector):
                            getattr(sm, f.name))
 
 
-def render_metrics(node: Node) -> str:
+def render_metrics(node: Node, blobs: list[BlobInfo]) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(node))
+    registry.register(NodeCollector(node, blobs))
     return generate_latest(registry).decode()

@@ -34,6 +34,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PieceReader, Store
+from blobmesh.tasks import TaskOwner
 from blobmesh.transfer.channel import (
     TERMINAL,
     Channel,
@@ -95,6 +96,10 @@ class TransferConfig:
     verify_reads: bool = True
     """Senders re-verify pieces read from disk, so local rot is never blamed on us."""
     chunk: int = MAX_CHUNK
+    retention: float = 3600.0
+    """Finished (completed, failed, cancelled) channels are forgotten this long after their
+    last update, in memory and in ``transfer.sqlite``; a responder channel whose initiator
+    has not come back for this long fails (and is forgotten one retention later)."""
 
 
 class _Session:
@@ -122,7 +127,7 @@ class _Session:
 class _Live:
     ch: Channel
     session: _Session | None = None
-    runner: asyncio.Task[None] | None = None
+    runner: asyncio.Task[Any] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     next_restart: float = 0.0
     saved_status: Status | None = None
@@ -137,9 +142,13 @@ class TransferManager:
 
     def __init__(self, network: Network, store: Store, *, db_path: Path | None = None,
                  config: TransferConfig | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 admit: Callable[[NodeId], bool] | None = None) -> None:
+        """``admit(peer)``, if given, decides who may open channels here at all (e.g. members
+        of the node's space); others are refused before their request is read."""
         self.network = network
         self.store = store
+        self._lease = LeaseId.new("transfer")  # holds what we receive while we run
         self.config = config or TransferConfig()
         self.clock = clock
         self._db = ChannelDB(db_path or store.home / "transfer.sqlite")
@@ -148,8 +157,12 @@ class TransferManager:
         self._live: dict[ChannelId, _Live] = {}
         self._subscribers: list[Subscriber] = []
         self._dirty: set[ChannelId] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("transfer")
         self._closing = False
+        self._admit = admit
+        self.refused_unadmitted = 0  # streams refused before reading: peer not admitted
+        self.requests_refused = 0    # requests the validators refused (nothing kept)
+        self.channels_pruned = 0     # finished channel rows deleted after the retention
 
     @property
     def node_id(self) -> NodeId:
@@ -168,7 +181,7 @@ class TransferManager:
             live = self._adopt(rec)
             await self._apply(live, live.ch.disconnected("process restarted"))
             live.next_restart = self.clock() if resume else float("inf")
-        self._spawn(self._monitor())
+        self._tasks.spawn_restarting(self._monitor, name="monitor")
 
     async def aclose(self) -> None:
         """Stop every session (channels stay resumable) and the monitor."""
@@ -176,12 +189,7 @@ class TransferManager:
         for live in self._live.values():
             if live.session is not None:
                 live.session.stream.reset("shutting down")
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.aclose()
         for live in list(self._live.values()):
             if live.session is not None:
                 await live.session.ended.wait()
@@ -195,16 +203,8 @@ class TransferManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("transfer task failed", exc_info=task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+        return self._tasks.spawn(coro, name="initiator")
 
     # --- registration and events ---------------------------------------------------------
 
@@ -298,13 +298,13 @@ class TransferManager:
     async def open_pull(self, peer: NodeId, voucher: Voucher, blob_id: BlobId,
                         selector: Selector | None = None) -> ChannelId:
         """Ask ``peer`` to send us (part of) a blob; returns at once with the channel id."""
-        layer = await asyncio.to_thread(self._stored_layer, blob_id)
+        layer = await self.store.aio.piece_layer(blob_id)
         return self._open(peer, True, voucher, blob_id, selector or Selector(), layer)
 
     async def open_push(self, peer: NodeId, voucher: Voucher, blob_id: BlobId,
                         selector: Selector | None = None) -> ChannelId:
         """Offer (part of) a blob we hold to ``peer``; returns at once with the channel id."""
-        layer = await asyncio.to_thread(self._stored_layer, blob_id)
+        layer = await self.store.aio.piece_layer(blob_id)
         if layer is None:
             raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
         return self._open(peer, False, voucher, blob_id, selector or Selector(), layer)
@@ -317,12 +317,6 @@ class TransferManager:
         self._live[chid] = live
         live.runner = self._spawn(self._run_initiator(live))
         return chid
-
-    def _stored_layer(self, blob_id: BlobId) -> PieceLayer | None:
-        try:
-            return self.store.piece_layer(blob_id)
-        except BlobNotFoundError:
-            return None
 
     def _adopt(self, rec: ChannelRecord) -> _Live:
         live = _Live(Channel(rec, self.clock))
@@ -376,7 +370,7 @@ class TransferManager:
         ch.note_restart_attempt()
         have: Bitfield | None = None
         if not ch.is_sender:
-            have = await asyncio.to_thread(self._stored_have, ch.blob_id)
+            have = await self.store.aio.bitfield(ch.blob_id)
         try:
             stream = await self.network.open_stream(ch.id.responder, PROTOCOL)
         except (TransportError, OSError) as exc:
@@ -388,14 +382,17 @@ class TransferManager:
             return
         await self._session(live, _Session(stream), ch.request(have))
 
-    def _stored_have(self, blob_id: BlobId) -> Bitfield | None:
-        try:
-            return self.store.bitfield(blob_id)
-        except BlobNotFoundError:
-            return None
-
     async def _handle_stream(self, stream: Stream) -> None:
-        """Responder: the first message on a new stream is a request."""
+        """Responder: the first message on a new stream is a request.
+
+        Nothing is kept for a peer that is not admitted, nor for a request the validator
+        refuses: a channel enters the table (and ``transfer.sqlite``) only once accepted.
+        """
+        if self._admit is not None and not self._admit(stream.peer):
+            self.refused_unadmitted += 1
+            await self._refuse(_Session(stream), f"{stream.peer.short()} is not admitted: not "
+                               "a member of this space")
+            return
         try:
             async with asyncio.timeout(self.config.stall_timeout):
                 raw = await stream.recv()
@@ -409,11 +406,25 @@ class TransferManager:
             return
         chid = ChannelId(stream.peer, self.node_id, req.transfer_id)
         try:
-            live = await self._responder_channel(chid, req)
+            live, new = await self._responder_channel(chid, req)
         except BlobmeshError as exc:
             await self._refuse(sess, str(exc))
             return
         step = await self._validate(live, req, sess)
+        if new:
+            if live.ch.terminal:  # refused: answer, keep nothing
+                self.requests_refused += 1
+                if sess.sink is not None:
+                    await self.store.aio.io(sess.sink.close)
+                with contextlib.suppress(TransportError):
+                    await sess.send(step.send)
+                    await stream.close()
+                self._publish(live.ch, step.events)
+                return
+            if chid in self._live:  # the same id accepted meanwhile on another stream
+                await self._refuse(sess, f"transfer id {chid.transfer_id} is already in use")
+                return
+            self._live[chid] = live
         await self._session(live, sess, step)
 
     async def _refuse(self, sess: _Session, message: str) -> None:
@@ -421,17 +432,15 @@ class TransferManager:
             await sess.send([Error(message)])
             await sess.stream.close()
 
-    async def _responder_channel(self, chid: ChannelId, req: Request) -> _Live:
+    async def _responder_channel(self, chid: ChannelId, req: Request) -> tuple[_Live, bool]:
+        """The channel ``req`` opens or restarts, and whether it is new (not in the table)."""
         live = self._live.get(chid)
         if live is None and req.restart:
             rec = self._db.get(f"{chid.initiator}/{chid.responder}/{chid.transfer_id}")
             if rec is not None:
                 live = self._adopt(rec)
         if live is None:
-            ch = Channel.respond(req, chid.initiator, chid.responder, self.clock)
-            live = _Live(ch)
-            self._live[chid] = live
-            return live
+            return _Live(Channel.respond(req, chid.initiator, chid.responder, self.clock)), True
         if not req.restart:
             raise ProtocolError(f"transfer id {chid.transfer_id} is already in use")
         # the initiator restarts: whatever stream we still have for it is stale
@@ -439,7 +448,7 @@ class TransferManager:
             live.session.stream.reset("replaced by a restart")
             await live.session.ended.wait()
         live.ch.restarted(req)
-        return live
+        return live, False
 
     async def _validate(self, live: _Live, req: Request, sess: _Session) -> Step:
         ch = live.ch
@@ -462,8 +471,8 @@ class TransferManager:
             return ch.reject(decision.message or "voucher rejected", decision.result)
         paused = decision.verdict is Verdict.PAUSE
         if ch.is_sender:
-            layer = await asyncio.to_thread(self._stored_layer, ch.blob_id)
-            ours = await asyncio.to_thread(self._stored_have, ch.blob_id)
+            layer = await self.store.aio.piece_layer(ch.blob_id)
+            ours = await self.store.aio.bitfield(ch.blob_id)
             if layer is None or ours is None:
                 return ch.reject(f"blob {ch.blob_id} is not here", code="not_found")
             try:
@@ -480,8 +489,7 @@ class TransferManager:
         if await self._takes_whole(ch.layer):
             return ch.accept(ch.layer, Bitfield(1), decision.result, paused)
         try:
-            partial = await asyncio.to_thread(
-                self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
+            partial = await self.store.aio.begin_partial(ch.layer, self._lease)
         except StoreFullError as exc:
             return ch.reject(str(exc), code="unavailable")
         sess.sink = PieceSink(partial)
@@ -494,12 +502,7 @@ class TransferManager:
         """A one-piece blob we hold nothing of is stored whole, skipping the partial blob:
         its piece is its content, and one ``add`` costs far fewer fsyncs than creating,
         writing and flushing a partial blob."""
-        return len(layer) == 1 and await asyncio.to_thread(
-            self._stored_have, layer.blob_id) is None
-
-    def _add_whole(self, layer: PieceLayer, data: bytes) -> None:
-        layer.verify_piece(0, data)
-        self.store.add_bytes(data, LeaseId.new("transfer"))
+        return len(layer) == 1 and await self.store.aio.bitfield(layer.blob_id) is None
 
     async def _session(self, live: _Live, sess: _Session, first: Step) -> None:
         ch = live.ch
@@ -537,7 +540,8 @@ class TransferManager:
         try:
             if sess.sink is not None:
                 # written pieces become present: a restart will not ask for them again
-                await asyncio.to_thread(sess.sink.close)
+                await self.store.aio.flush(sess.sink.partial)
+                await self.store.aio.io(sess.sink.close)
         except BlobmeshError as exc:
             log.warning("closing partial blob of %s: %s", live.ch.id, exc)
         finally:
@@ -575,8 +579,7 @@ class TransferManager:
         ch = live.ch
         assert ch.layer is not None
         chunk = self.config.chunk
-        reader = await asyncio.to_thread(PieceReader, self.store, ch.layer,
-                                         verify=self.config.verify_reads)
+        reader = await self.store.aio.piece_reader(ch.layer, verify=self.config.verify_reads)
         ready: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(READ_AHEAD)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -588,7 +591,7 @@ class TransferManager:
                             part = data if len(data) <= chunk else data[off : off + chunk]
                             await sess.stream.send(encode(Data(index, off, part)))
         finally:
-            await asyncio.to_thread(reader.close)
+            await self.store.aio.io(reader.close)
 
     async def _read_ahead(self, live: _Live, sess: _Session, reader: PieceReader,
                           ready: asyncio.Queue[tuple[int, bytes]]) -> None:
@@ -601,7 +604,7 @@ class TransferManager:
                 continue
             await self._apply(live, ch.piece_queued(index))
             try:
-                data = await asyncio.to_thread(reader.read, index)
+                data = await self.store.aio.io(reader.read, index)
             except (BlobIncompleteError, CorruptBlobError) as exc:
                 await self._apply(live, ch.fail(f"cannot read piece {index}: {exc}", "local"))
                 return
@@ -618,8 +621,7 @@ class TransferManager:
             if await self._takes_whole(ch.layer):
                 await self._write_whole(live, sess, ch.layer)
                 return
-            partial = await asyncio.to_thread(
-                self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
+            partial = await self.store.aio.begin_partial(ch.layer, self._lease)
             sess.sink = PieceSink(partial)
             if partial.layer.piece_size != ch.layer.piece_size:
                 await self._apply(live, ch.fail("a partial copy with another piece size is "
@@ -630,7 +632,7 @@ class TransferManager:
             batch = [await sess.writes.get()]
             while not sess.writes.empty():
                 batch.append(sess.writes.get_nowait())
-            written, bad = await asyncio.to_thread(sink.write, batch)
+            written, bad = await self.store.aio.io(sink.write, batch)
             sess.unflushed += written
             done = set(written)
             sess.unflushed_bytes += sum(len(d) for i, d in batch if i in done)
@@ -646,7 +648,7 @@ class TransferManager:
     async def _write_whole(self, live: _Live, sess: _Session, layer: PieceLayer) -> None:
         index, data = await sess.writes.get()
         try:
-            await asyncio.to_thread(self._add_whole, layer, data)
+            await self.store.aio.add_bytes(data, self._lease, expected=layer.blob_id)
         except VerificationError as exc:
             await self._apply(live, live.ch.bad_data(index, str(exc)))
             return
@@ -663,7 +665,7 @@ class TransferManager:
             if not sess.unflushed or sess.sink is None:
                 continue
             batch, sess.unflushed, sess.unflushed_bytes = sess.unflushed, [], 0
-            have = await asyncio.to_thread(sess.sink.flush)
+            have = await self.store.aio.flush(sess.sink.partial)
             await self._apply(live, live.ch.pieces_verified([i for i in batch if i in have]))
 
     # --- applying steps ------------------------------------------------------------------
@@ -747,14 +749,33 @@ class TransferManager:
         for live in lives:
             live.saved_status, live.saved_update = live.ch.status, live.ch.rec.updated
 
+    async def _prune(self) -> None:
+        """Forget channels that finished more than ``retention`` ago; fail responder channels
+        their initiator abandoned that long ago (only the initiator restarts a channel)."""
+        cutoff = self.clock() - self.config.retention
+        for live in list(self._live.values()):
+            ch = live.ch
+            if (not ch.is_initiator and not ch.terminal and live.session is None
+                    and ch.rec.updated < cutoff):
+                await self._apply(live, ch.fail("abandoned by the initiator"))
+        for cid in [cid for cid, live in self._live.items()
+                    if live.ch.terminal and live.session is None
+                    and live.ch.rec.updated < cutoff]:
+            del self._live[cid]
+        self.channels_pruned += self._db.prune(cutoff)
+
     # --- monitoring ----------------------------------------------------------------------
 
     async def _monitor(self) -> None:
         """Detect stalls and restart stalled channels we initiated, with backoff."""
         c = self.config
+        next_prune = 0.0
         while True:
             await asyncio.sleep(min(c.tick, c.stall_timeout / 4))
             self._save_dirty()
+            if self.clock() >= next_prune:
+                await self._prune()
+                next_prune = self.clock() + min(60.0, c.retention / 10)
             for live in list(self._live.values()):
                 ch = live.ch
                 if ch.terminal:
