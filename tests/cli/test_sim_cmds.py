@@ -34,8 +34,7 @@ def test_human_output_and_bad_arguments() -> None:
     assert b"Traceback" not in bad.stderr
 
 
-def test_importing_the_simulator_loads_no_plotting_and_no_event_loop() -> None:
-    code = ("import sys, blobmesh.sim; "
-            "print(sorted(m for m in ('matplotlib', 'asyncio', 'socket') if m in sys.modules))")
+def test_importing_the_simulator_loads_no_plotting() -> None:
+    code = "import sys, blobmesh.sim; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
-    assert out.stdout.strip() == b"[]"
+    assert out.stdout.strip() == b"False"
