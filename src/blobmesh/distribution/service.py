@@ -39,6 +39,7 @@ from blobmesh.distribution.model import (
     ScopeError,
     TargetState,
     TargetStatus,
+    progress_note_interval,
 )
 from blobmesh.distribution.swarm import JobProgress, SwarmEngine
 from blobmesh.errors import (
@@ -210,6 +211,7 @@ ShareLoader = Callable[[BlobId, Sequence[str]], Awaitable[None]]
 @dataclass(slots=True)
 class DistributionConfig:
     progress_interval: float = 0.25  # seconds between progress notifications per target
+    source_notes_per_s: float = 200.0  # ... stretched so all targets send about this many
     resolve_interval: float = 1.0  # how often scopes are re-resolved (late joiners)
     retry_backoff: float = 1.0
     retry_backoff_max: float = 15.0
@@ -564,6 +566,9 @@ class DistributionService:
         handle = tracked.handle
         pin = f"dist/{handle}"
         last_note = 0.0
+        every = progress_note_interval(len(self._resolve(tracked.scope)),
+                                       self.config.progress_interval,
+                                       self.config.source_notes_per_s)
 
         def peers() -> Iterable[NodeId]:
             others = [n for n in self._resolve(tracked.scope) if n != source]
@@ -572,7 +577,7 @@ class DistributionService:
         def progress(p: JobProgress) -> None:
             nonlocal last_note
             now = time.monotonic()
-            if now - last_note >= self.config.progress_interval or \
+            if now - last_note >= every or \
                     p.bytes_done == p.bytes_total:
                 last_note = now
                 self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate,

@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from blobmesh.distribution.model import progress_note_interval
 from blobmesh.distribution.scheduler import UPLOAD_SLOTS, DownloadPolicy
+from blobmesh.distribution.service import DistributionConfig
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
 from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
@@ -144,8 +146,11 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
     rss0 = _rss_kib()
     sim = Simulator(sc.seed)
     pieces = max(1, -(-sc.size // sc.piece_size))
+    service = DistributionConfig()
     wide = Swarmwide(pieces, sc.piece_size, sc.size, sc.policy, sc.max_connections,
-                     sc.upload_slots)
+                     sc.upload_slots,
+                     progress_note_interval(sc.nodes, service.progress_interval,
+                                            service.source_notes_per_s))
     specs = _specs(sc, sim)
     world = World(sim, wide, specs, same_order_for_all(sc.nodes, sim))
     world.on_all_done = sim.stop
