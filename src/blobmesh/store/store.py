@@ -705,6 +705,11 @@ class Store:
 
         return run_fsck(self, repair=repair, progress=progress)
 
+    def quarantine(self, blob_id: BlobId) -> None:
+        """Move a blob found corrupt out of the store (into ``quarantine/``) and forget it."""
+        self._quarantine(blob_id, [self.layout.data_path(blob_id),
+                                   self.layout.pieces_path(blob_id)])
+
     def _quarantine(self, blob_id: BlobId, paths: list[Path]) -> None:
         """Move a blob's files out of the store and forget it (caller holds no transaction)."""
         with self._write() as db:
