@@ -69,6 +69,7 @@ OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides 
 MAX_OUTBOX = 8192  # messages queued per connection before it counts as not reading
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
+LAYER = -1  # the piece layer's slot in the request ledger
 
 
 @dataclass(slots=True)
@@ -635,6 +636,7 @@ class DownloadJob:
         self._pin = pin
         self._pending_layer: PieceLayer | None = None
         self._layer_conn: _Conn | None = None  # the connection asked for the piece layer
+        self._layer_expired: set[_Conn] = set()  # ... and those that let it expire
         self._disk_full = False
         self.state = TargetState.TRANSFERRING
         self.reason = ""
@@ -690,6 +692,7 @@ class DownloadJob:
         if self._conns.get(conn.peer) is conn:
             del self._conns[conn.peer]
         self._hellos.pop(conn, None)
+        self._layer_expired.discard(conn)
         self._ledger.dropped(conn)
         if self._picker is not None:
             self._picker.remove_peer(conn)
@@ -776,6 +779,7 @@ class DownloadJob:
         self._report()
 
     def _on_layer(self, conn: _Conn, raw: bytes) -> None:
+        self._ledger.answered(conn, LAYER, time.monotonic())
         if self._layer_conn is conn:
             self._layer_conn = None
         if self._layer is not None or self._pending_layer is not None:
@@ -874,6 +878,11 @@ class DownloadJob:
         for exp in self._ledger.handle_timer(now):
             self.engine.requests_expired += len(exp.indices)
             for index in exp.indices:
+                if index == LAYER:
+                    self._layer_expired.add(exp.conn)
+                    if self._layer_conn is exp.conn:
+                        self._layer_conn = None
+                    continue
                 exp.conn.push(exp.conn.session.cancel(index))
                 if self._picker is not None:
                     self._picker.failed(exp.conn, index)
@@ -888,11 +897,13 @@ class DownloadJob:
     def _ask_layer(self) -> None:
         if self._layer_conn is not None:
             return
-        for conn, hello in self._hellos.items():
-            if hello.has_layer and not conn.closed:
-                self._layer_conn = conn
-                conn.push(conn.session.request_layer())
-                return
+        # a connection that let a layer request expire is asked again only if nobody else can
+        candidates = [c for c, hello in self._hellos.items() if hello.has_layer and not c.closed]
+        candidates.sort(key=lambda c: c in self._layer_expired)
+        if candidates:
+            conn = self._layer_conn = candidates[0]
+            conn.push(conn.session.request_layer())
+            self._ledger.sent(conn, LAYER, time.monotonic())
 
     def _fill_pipelines(self) -> None:
         picker = self._picker
