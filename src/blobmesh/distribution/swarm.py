@@ -70,6 +70,7 @@ MAX_OUTBOX = 8192  # messages queued per connection before it counts as not read
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
 LAYER = -1  # the piece layer's slot in the request ledger
+DISK_HEADROOM = 1 << 20  # free bytes kept for metadata when pieces fill a disk
 
 
 @dataclass(slots=True)
@@ -146,7 +147,8 @@ class _Conn:
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout``) until everything queued was handed to the stream."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
 
     async def run_writer(self, send_timeout: float,
                          on_piece_sent: Callable[[_Conn, int, int], None]) -> None:
@@ -159,7 +161,8 @@ class _Conn:
                 continue
             message, piece = self._outbox.popleft()
             try:
-                await asyncio.wait_for(self.stream.send(message), send_timeout)
+                async with asyncio.timeout(send_timeout):
+                    await self.stream.send(message)
             except TimeoutError:
                 self.close(f"{NOT_READING}: nothing read for {send_timeout:g}s")
                 return
@@ -304,7 +307,8 @@ class SwarmEngine:
             stream.reset("not a member of this space")
             return
         try:
-            first = await asyncio.wait_for(stream.recv(), HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await stream.recv()
             msg = peek_hello(first)
             blob_id = BlobId(msg.blob)
         except (TransportError, ProtocolError, BlobmeshError, TimeoutError) as exc:
@@ -334,9 +338,9 @@ class SwarmEngine:
         try:
             event = session.receive(first)
             have = job.have_bitfield() if job else self.store.bitfield(blob_id)
-            await asyncio.wait_for(
-                stream.send(session.hello(have, layer is not None, int(self._prio(blob_id)))),
-                HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                await stream.send(session.hello(have, layer is not None,
+                                                int(self._prio(blob_id))))
         except (ProtocolError, TransportError, StoreError, TimeoutError) as exc:
             stream.reset(str(exc) or "hello timed out")
             self._serving.get(blob_id, set()).discard(conn)
@@ -640,6 +644,7 @@ class DownloadJob:
         self._disk_full = False
         self.state = TargetState.TRANSFERRING
         self.reason = ""
+        self._ban_note = ""
         self.last_ban: BadPeerDataError | None = None
 
     # --- state visible to the engine -------------------------------------------------------
@@ -833,9 +838,13 @@ class DownloadJob:
                                 f"no progress for {idle:.0f}s from {len(self._conns)} peer(s)")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.25)
+                # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel)
+                async with asyncio.timeout(0.25):
+                    await self._wake.wait()
 
     def _set_state(self, state: TargetState, reason: str = "") -> None:
+        if state is TargetState.TRANSFERRING and not reason:
+            reason = self._ban_note  # moving, though some peer had to be banned
         if (state, reason) != (self.state, self.reason):
             self.state, self.reason = state, reason
             self._report(force=True)
@@ -853,11 +862,19 @@ class DownloadJob:
         self._set_state(TargetState.WAITING_DISK, "disk full")
 
     async def _wait_for_disk(self) -> None:
-        """Until the store's filesystem has room for a few pieces again."""
+        """Until the store's filesystem has room for a few pieces again.
+
+        Meanwhile the pieces written so far are made durable (a restart keeps them).
+        """
         home = self.engine.store.home
+        flushed = False
         while True:
+            if not flushed and self._partial is not None:
+                with contextlib.suppress(StoreError, OSError):  # no room for the metadata yet
+                    await asyncio.to_thread(self._partial.flush)
+                    flushed = True
             free = (await asyncio.to_thread(shutil.disk_usage, home)).free
-            if free >= 4 * self.piece_size + (1 << 20):
+            if free >= 4 * self.piece_size + DISK_HEADROOM:
                 break
             await asyncio.sleep(self.engine.config.disk_retry)
         log.info("swarm %s: disk space is back; resuming", self.blob_id.short())
@@ -926,7 +943,7 @@ class DownloadJob:
             return  # a late copy nobody needs any more, or one we cannot store now
         await self.engine.down_bucket.take(len(data))
         try:
-            wrote = await asyncio.to_thread(partial.write_piece, index, data)
+            wrote = await asyncio.to_thread(self._write_piece, partial, index, data)
         except VerificationError:
             self.engine.pieces_rejected += 1
             self._ban(conn, f"sent a corrupt piece {index}")
@@ -952,6 +969,14 @@ class DownloadJob:
         self._report()
         self._wake.set()
 
+    def _write_piece(self, partial: PartialBlob, index: int, data: bytes) -> bool:
+        """Write a piece (in a worker thread), leaving room for the store's metadata: a
+        disk filled to the last byte could not even record the pieces already written."""
+        if shutil.disk_usage(self.engine.store.home).free < len(data) + DISK_HEADROOM:
+            raise StoreFullError(f"disk full writing {self.blob_id.short()}",
+                                 blob_id=self.blob_id)
+        return partial.write_piece(index, data)
+
     def _ban(self, conn: _Conn, why: str, kind: str = "bad-data") -> None:
         if kind == "bad-data":
             self.last_ban = BadPeerDataError(f"peer {conn.peer} {why}", peer=conn.peer,
@@ -961,6 +986,10 @@ class DownloadJob:
             self._picker.ban(conn)
         self.engine.ban(self.blob_id, conn.peer, kind, why)
         conn.close(why)
+        n = len(self.banned)
+        self._ban_note = f"banned {n} peer(s), last {conn.peer.short()}: {why}"
+        if self.state is TargetState.TRANSFERRING:
+            self._set_state(TargetState.TRANSFERRING)
 
     def _dial_more(self) -> None:
         cfg = self.engine.config
@@ -989,10 +1018,10 @@ class DownloadJob:
             stream = await self.engine.network.open_stream(peer, PROTOCOL)
             session = SwarmSession(self.blob_id, self.size, self.piece_size)
             conn = _Conn(stream, session, outbound=True)
-            await asyncio.wait_for(
-                stream.send(session.hello(self.have_bitfield(), self._layer is not None,
-                                          int(self.priority))), HELLO_TIMEOUT)
-            event = session.receive(await asyncio.wait_for(stream.recv(), HELLO_TIMEOUT))
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                await stream.send(session.hello(self.have_bitfield(), self._layer is not None,
+                                                int(self.priority)))
+                event = session.receive(await stream.recv())
         except (TransportError, ProtocolError, TimeoutError) as exc:
             log.debug("swarm %s: dial %s failed: %s", self.blob_id.short(), peer.short(),
                       exc or "timeout")
