@@ -16,19 +16,17 @@ from blobmesh.distribution.model import Priority
 from blobmesh.distribution.peerwire import (
     PROTOCOL,
     LayerWanted,
-    PieceWanted,
     SwarmSession,
-    peek_hello,
 )
-from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
+from blobmesh.distribution.swarm import BanKind, SwarmConfig, SwarmEngine
 from blobmesh.errors import TransferError
 from blobmesh.hashing import BlobId
 from blobmesh.store import Bitfield, LeaseId, Store
 from blobmesh.tasks import TaskOwner
 from blobmesh.transport import Endpoint, Identity, Stream
-from blobmesh.transport.api import Network
 from blobmesh.transport.identity import NodeId
 from blobmesh.transport.memory import MemoryHub
+from tests.distribution.hostile import HostilePeer
 from tests.util import eventually
 
 MiB = 1024 * 1024
@@ -211,51 +209,6 @@ async def test_non_members_get_nothing(tmp_path: Path) -> None:
 # --- hostile peers over the real TLS transport --------------------------------------------------
 
 
-class HostilePeer:
-    """An admitted peer speaking the real swarm protocol, badly.
-
-    ``black-hole``: claims every piece and the layer, accepts requests, never answers them.
-    ``non-reader``: asks every node for every piece and then never reads a byte.
-    """
-
-    def __init__(self, network: Network, mode: str) -> None:
-        self.network = network
-        self.mode = mode
-        self.streams: list[Stream] = []
-        self.requests = 0
-        network.set_handler(PROTOCOL, self._on_stream)
-
-    def _hello(self, session: SwarmSession) -> bytes:
-        have = Bitfield.full(session.pieces) if self.mode == "black-hole" \
-            else Bitfield(session.pieces)
-        return session.hello(have, self.mode == "black-hole", int(Priority.NORMAL))
-
-    async def _on_stream(self, stream: Stream) -> None:
-        first = await stream.recv()
-        hello = peek_hello(first)
-        session = SwarmSession(BlobId(hello.blob), hello.size, hello.piece_size)
-        session.receive(first)
-        await stream.send(self._hello(session))
-        await self._misbehave(stream, session)
-
-    async def attack(self, peer: NodeId, blob: BlobId, size: int, piece_size: int) -> None:
-        stream = await self.network.open_stream(peer, PROTOCOL)
-        session = SwarmSession(blob, size, piece_size)
-        await stream.send(self._hello(session))
-        session.receive(await stream.recv())
-        await self._misbehave(stream, session)
-
-    async def _misbehave(self, stream: Stream, session: SwarmSession) -> None:
-        self.streams.append(stream)
-        if self.mode == "non-reader":
-            for index in range(session.pieces):
-                await stream.send(session.request(index))
-            await asyncio.Event().wait()  # never reads again
-        while True:  # a black hole: takes every request, answers none
-            if isinstance(session.receive(await stream.recv()), PieceWanted):
-                self.requests += 1
-
-
 @asynccontextmanager
 async def tls_swarm(tmp_path: Path, n: int, config: SwarmConfig
                     ) -> AsyncIterator[tuple[list[Peer], Endpoint]]:
@@ -295,25 +248,25 @@ async def test_a_hostile_peer_does_not_stall_the_others(tmp_path: Path, mode: st
             t0 = time.monotonic()
             await asyncio.wait_for(asyncio.gather(*(
                 p.engine.download(blob, len(data), piece_size, lambda: everyone)
-                for p in peers[1:])), 20)
+                for p in peers[1:])), 28)
             elapsed = time.monotonic() - t0
         for p in peers[1:]:
             assert p.store.get_data(blob, LeaseId.new("c")) == data
         # before: a black hole held its requests until the 30 s stall timeout, a non-reader
         # blocked every upload worker of the source for good
-        assert elapsed < 12, elapsed
+        assert elapsed < 20, elapsed  # ~2 s on an idle machine
         if mode == "black-hole":
             assert hostile.requests > 0
             assert sum(p.engine.requests_expired for p in peers[1:]) > 0
             reasons = [p.engine.ban_reasons.get(blob, {}).get(hostile_ep.node_id, "")
                        for p in peers[1:]]
             assert any("answered none of its requests" in r for r in reasons), reasons
-            assert sum(p.engine.bans["unresponsive"] for p in peers[1:]) >= 1
+            assert sum(p.engine.bans[BanKind.UNRESPONSIVE] for p in peers[1:]) >= 1
         else:
             await eventually(lambda: hostile_ep.node_id in peers[0].engine.banned.get(blob, ()),
                              10)
             assert "does not read" in peers[0].engine.ban_reasons[blob][hostile_ep.node_id]
-            assert peers[0].engine.bans["not-reading"] == 1
+            assert peers[0].engine.bans[BanKind.NOT_READING] == 1
 
 
 async def test_a_closed_connections_layer_request_is_reissued_at_once(tmp_path: Path) -> None:

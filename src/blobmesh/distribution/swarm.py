@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import heapq
 import itertools
 import logging
@@ -71,6 +72,14 @@ HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
 LAYER = -1  # the piece layer's slot in the request ledger
 DISK_HEADROOM = 1 << 20  # free bytes kept for metadata when pieces fill a disk
+
+
+class BanKind(enum.StrEnum):
+    """Why a peer was banned for a blob (the label of the ban metric)."""
+
+    BAD_DATA = "bad-data"  # a piece or piece layer that failed verification
+    UNRESPONSIVE = "unresponsive"  # let its requests expire again and again
+    NOT_READING = "not-reading"  # read nothing we sent for ``send_timeout``
 
 
 @dataclass(slots=True)
@@ -243,9 +252,10 @@ class SwarmEngine:
         self.pieces_rejected = 0
         self.connections_refused = 0
         self.requests_expired = 0  # requests re-issued elsewhere after their deadline
+        self.protocol_errors = 0  # connections ended because a peer broke the protocol
         self.banned: dict[BlobId, set[NodeId]] = {}
         self.ban_reasons: dict[BlobId, dict[NodeId, str]] = {}
-        self.bans: collections.Counter[str] = collections.Counter()  # by kind
+        self.bans: collections.Counter[BanKind] = collections.Counter()
         self.corrupt: dict[BlobId, str] = {}  # local copies found corrupt (and quarantined)
         self._serving: dict[BlobId, set[_Conn]] = {}
         self._sent_count: dict[BlobId, dict[int, int]] = {}
@@ -273,8 +283,8 @@ class SwarmEngine:
         """Serve requests for ``blob_id`` at ``priority`` (e.g. as a distribution's source)."""
         self._priorities[blob_id] = priority
 
-    def ban(self, blob_id: BlobId, peer: NodeId, kind: str, why: str) -> None:
-        """Refuse ``peer`` for ``blob_id`` from now on (``kind`` labels the metric)."""
+    def ban(self, blob_id: BlobId, peer: NodeId, kind: BanKind, why: str) -> None:
+        """Refuse ``peer`` for ``blob_id`` from now on."""
         if peer in self.banned.get(blob_id, ()):
             return
         self.banned.setdefault(blob_id, set()).add(peer)
@@ -398,12 +408,17 @@ class SwarmEngine:
                     await conn.drain(1.0)
                     return
         except (TransportError, ProtocolError) as exc:
-            log.debug("swarm %s: connection to %s ended: %s", blob_id.short(), conn.peer.short(),
-                      exc)
+            if isinstance(exc, ProtocolError):
+                self.protocol_errors += 1
+                log.info("swarm %s: %s broke the protocol: %s", blob_id.short(),
+                         conn.peer.short(), exc)
+            else:
+                log.debug("swarm %s: connection to %s ended: %s", blob_id.short(),
+                          conn.peer.short(), exc)
             conn.close(str(exc))
         finally:
             if conn.close_reason.startswith(NOT_READING):
-                self.ban(blob_id, conn.peer, "not-reading", conn.close_reason)
+                self.ban(blob_id, conn.peer, BanKind.NOT_READING, conn.close_reason)
             serving = self._serving.get(blob_id, set())
             serving.discard(conn)
             if not serving:
@@ -905,7 +920,7 @@ class DownloadJob:
                     self._picker.failed(exp.conn, index)
             if exp.ban:
                 self._ban(exp.conn, f"answered none of its requests for {timeout:g}s, "
-                                    f"{exp.strikes} times in a row", kind="unresponsive")
+                                    f"{exp.strikes} times in a row", BanKind.UNRESPONSIVE)
             else:
                 log.debug("swarm %s: %s missed a deadline (%d request(s) re-issued)",
                           self.blob_id.short(), exp.conn.peer.short(), len(exp.indices))
@@ -977,8 +992,8 @@ class DownloadJob:
                                  blob_id=self.blob_id)
         return partial.write_piece(index, data)
 
-    def _ban(self, conn: _Conn, why: str, kind: str = "bad-data") -> None:
-        if kind == "bad-data":
+    def _ban(self, conn: _Conn, why: str, kind: BanKind = BanKind.BAD_DATA) -> None:
+        if kind is BanKind.BAD_DATA:
             self.last_ban = BadPeerDataError(f"peer {conn.peer} {why}", peer=conn.peer,
                                              blob_id=self.blob_id)
         self._forget(conn)
@@ -1075,4 +1090,4 @@ class DownloadJob:
             self.engine.store.advise_lease_dropped(self._lease, self.blob_id)
 
 
-__all__ = ["DownloadJob", "JobProgress", "PriorityGate", "SwarmConfig", "SwarmEngine"]
+__all__ = ["BanKind", "DownloadJob", "JobProgress", "PriorityGate", "SwarmConfig", "SwarmEngine"]

@@ -6,6 +6,7 @@ import re
 from typing import TYPE_CHECKING
 
 from blobmesh.distribution.model import DistributionState
+from blobmesh.distribution.swarm import BanKind
 
 if TYPE_CHECKING:
     from blobmesh.node.daemon import Node
@@ -42,6 +43,16 @@ def render_metrics(node: Node) -> str:
             "open swarm connections")
     _metric(lines, "blobmesh_swarm_connections_refused_total", "counter",
             sw.connections_refused, "incoming swarm connections refused at the limit")
+    _metric(lines, "blobmesh_swarm_requests_expired_total", "counter", sw.requests_expired,
+            "piece requests re-issued elsewhere after their deadline")
+    _metric(lines, "blobmesh_swarm_protocol_errors_total", "counter", sw.protocol_errors,
+            "swarm connections reset because the peer broke the protocol")
+    _metric(lines, "blobmesh_swarm_corrupt_copies_total", "counter", len(sw.corrupt),
+            "local copies found corrupt and quarantined")
+    lines.append("# HELP blobmesh_swarm_peers_banned_total peers banned for a blob, by reason")
+    lines.append("# TYPE blobmesh_swarm_peers_banned_total counter")
+    for kind in BanKind:
+        lines.append(f'blobmesh_swarm_peers_banned_total{{reason="{kind}"}} {sw.bans[kind]}')
     dists = node.distribution.distributions()
     _metric(lines, "blobmesh_distributions_active", "gauge",
             sum(d.state is DistributionState.ACTIVE for d in dists), "active distributions")
