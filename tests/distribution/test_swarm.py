@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -210,7 +210,7 @@ async def test_non_members_get_nothing(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def tls_swarm(tmp_path: Path, n: int, config: SwarmConfig
+async def tls_swarm(tmp_path: Path, n: int, config: SwarmConfig, source_upload_rate: float
                     ) -> AsyncIterator[tuple[list[Peer], Endpoint]]:
     """``n`` engines and one more endpoint (for a hostile peer), all on loopback TLS."""
     async with AsyncExitStack() as stack:
@@ -223,7 +223,8 @@ async def tls_swarm(tmp_path: Path, n: int, config: SwarmConfig
         peers = []
         for i, ep in enumerate(endpoints[:n]):
             store = stack.enter_context(Store(tmp_path / f"n{i}"))
-            engine = SwarmEngine(store, ep, config)
+            engine = SwarmEngine(store, ep, replace(config, upload_rate=source_upload_rate)
+                                 if i == 0 else config)
             await engine.start()
             stack.push_async_callback(engine.aclose)
             peers.append(Peer(ep.node_id, store, engine))
@@ -236,7 +237,10 @@ HOSTILE = SwarmConfig(stall_timeout=30, request_timeout=0.3, send_timeout=2.0)
 
 @pytest.mark.parametrize("mode", ["black-hole", "non-reader"])
 async def test_a_hostile_peer_does_not_stall_the_others(tmp_path: Path, mode: str) -> None:
-    async with tls_swarm(tmp_path, 4, HOSTILE) as (peers, hostile_ep):
+    # a slow source: the others keep asking the black hole (it claims to be a seed) for
+    # pieces nobody else has yet, long enough for its deadlines to expire three times
+    source_rate = 4 * MiB if mode == "black-hole" else 0
+    async with tls_swarm(tmp_path, 4, HOSTILE, source_rate) as (peers, hostile_ep):
         blob, data, piece_size = seed(peers[0], 16 * MiB)
         hostile = HostilePeer(hostile_ep, mode)
         everyone = [hostile_ep.node_id, *(p.node_id for p in peers)]

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
+UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
 MAX_OUTBOX = 8192  # messages queued per connection before it counts as not reading
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
@@ -123,8 +124,10 @@ class _Conn:
     """One stream with one peer about one blob.
 
     Everything we send goes through a bounded outbox drained by the connection's own writer
-    task, so a peer that does not read blocks nobody but itself, and is dropped once a send
-    waits longer than ``send_timeout``.
+    task, so a peer that does not read blocks nobody but itself.  A downloading peer
+    acknowledges each piece we send with its ``have`` (or withdraws it with ``cancel``); at
+    most ``UNACKED_BYTES`` of pieces go unacknowledged, and a peer that leaves a send or a
+    piece unacknowledged for ``send_timeout`` does not read: it is dropped.
     """
 
     def __init__(self, stream: Stream, session: SwarmSession, outbound: bool) -> None:
@@ -141,6 +144,17 @@ class _Conn:
         self._drained.set()
         self.pieces_queued = 0  # reserved or queued piece uploads
         self.parked: list[_Upload] = []  # uploads waiting for room in the outbox
+        self.unacked: dict[int, float] = {}  # pieces sent, not yet announced: index -> when
+        self.max_unacked = max(OUTBOX_PIECES, UNACKED_BYTES // session.piece_size)
+
+    def upload_room(self) -> bool:
+        """Whether another piece may be queued for this peer now."""
+        return self.pieces_queued < OUTBOX_PIECES and \
+            self.pieces_queued + len(self.unacked) < self.max_unacked
+
+    def acked(self, index: int) -> bool:
+        """The peer announced (or withdrew) ``index``; True if that freed upload room."""
+        return self.unacked.pop(index, None) is not None
 
     def push(self, message: bytes, piece: int = -1) -> None:
         """Queue a message; never waits.  A peer that lets the queue overflow is dropped."""
@@ -166,7 +180,13 @@ class _Conn:
             if not self._outbox:
                 self._drained.set()
                 self._ready.clear()
-                await self._ready.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(send_timeout / 4):
+                        await self._ready.wait()
+                if self.unacked and \
+                        time.monotonic() - min(self.unacked.values()) > send_timeout:
+                    self.close(f"{NOT_READING}: no piece acknowledged for {send_timeout:g}s")
+                    return
                 continue
             message, piece = self._outbox.popleft()
             try:
@@ -381,6 +401,8 @@ class SwarmEngine:
                 raw = await conn.stream.recv()
                 event = conn.session.receive(raw)
                 job = conn.job
+                if isinstance(event, PeerHas) and conn.acked(event.index):
+                    self._unpark(conn)  # and on to the job, below
                 if isinstance(event, PieceWanted):
                     if self._redirect_now(conn, blob_id, event.index):
                         conn.push(conn.session.reject(event.index, REJECT_ELSEWHERE))
@@ -394,6 +416,8 @@ class SwarmEngine:
                 elif isinstance(event, WantCancelled):
                     if event.index in pending:
                         pending.pop(event.index).cancelled = True
+                    if conn.acked(event.index):
+                        self._unpark(conn)
                 elif isinstance(event, LayerWanted):
                     layer = self.layer_for(blob_id)
                     if layer is not None:
@@ -525,13 +549,15 @@ class SwarmEngine:
             if self._redirect(conn, up.blob_id, up.index):
                 conn.push(conn.session.reject(up.index, REJECT_ELSEWHERE))
                 continue
-            if conn.pieces_queued >= OUTBOX_PIECES:
+            if not conn.upload_room():
                 conn.parked.append(up)
                 continue
             conn.pieces_queued += 1  # reserved across the awaits below
             try:
                 data = await asyncio.to_thread(self._read_piece, up.blob_id, up.index)
-            except (StoreError, CorruptBlobError) as exc:
+            except (StoreError, CorruptBlobError, OSError) as exc:
+                # OSError: the file was closed under the read (the blob was dropped or its
+                # download finished): the peer asks again elsewhere or here
                 conn.pieces_queued -= 1
                 conn.push(conn.session.reject(up.index, str(exc)))
                 if isinstance(exc, CorruptBlobError):
@@ -544,9 +570,14 @@ class SwarmEngine:
         """A connection's writer handed a piece to the transport: account, unpark."""
         blob_id = conn.session.blob_id
         conn.pieces_queued -= 1
+        if index not in conn.session.peer_have:
+            conn.unacked[index] = time.monotonic()
         self.bytes_uploaded += nbytes
         counts = self._sent_count.setdefault(blob_id, {})
         counts[index] = counts.get(index, 0) + 1
+        self._unpark(conn)
+
+    def _unpark(self, conn: _Conn) -> None:
         if conn.parked:
             for up in conn.parked:
                 heapq.heappush(self._uploads, up)
