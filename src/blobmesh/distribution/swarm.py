@@ -72,6 +72,7 @@ MAX_OUTBOX = 8192  # messages queued per connection before it counts as not read
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
 LAYER = -1  # the piece layer's slot in the request ledger
+LAYER_ASKS = 3  # peers asked for the piece layer at once
 DISK_HEADROOM = 1 << 20  # free bytes kept for metadata when pieces fill a disk
 
 
@@ -685,7 +686,7 @@ class DownloadJob:
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
         self._pending_layer: PieceLayer | None = None
-        self._layer_conn: _Conn | None = None  # the connection asked for the piece layer
+        self._layer_conns: set[_Conn] = set()  # the connections asked for the piece layer
         self._layer_expired: set[_Conn] = set()  # ... and those that let it expire
         self._disk_full = False
         self.state = TargetState.TRANSFERRING
@@ -747,8 +748,7 @@ class DownloadJob:
         self._ledger.dropped(conn)
         if self._picker is not None:
             self._picker.remove_peer(conn)
-        if self._layer_conn is conn:
-            self._layer_conn = None
+        self._layer_conns.discard(conn)
         self._wake.set()
 
     async def on_event(self, conn: _Conn, event: Event) -> None:
@@ -820,6 +820,9 @@ class DownloadJob:
         store = self.engine.store
         partial = await asyncio.to_thread(store.begin_partial, layer, self._lease)
         self._layer, self._partial = layer, partial
+        for conn in self._layer_conns:  # the other answers are no longer owed
+            self._ledger.withdrawn(conn, LAYER)
+        self._layer_conns.clear()
         if self._pin is not None:
             await asyncio.to_thread(store.pin, self.blob_id, self._pin)
         have = partial.have
@@ -831,8 +834,7 @@ class DownloadJob:
 
     def _on_layer(self, conn: _Conn, raw: bytes) -> None:
         self._ledger.answered(conn, LAYER, time.monotonic())
-        if self._layer_conn is conn:
-            self._layer_conn = None
+        self._layer_conns.discard(conn)
         if self._layer is not None or self._pending_layer is not None:
             return
         try:
@@ -943,8 +945,7 @@ class DownloadJob:
             for index in exp.indices:
                 if index == LAYER:
                     self._layer_expired.add(exp.conn)
-                    if self._layer_conn is exp.conn:
-                        self._layer_conn = None
+                    self._layer_conns.discard(exp.conn)
                     continue
                 exp.conn.push(exp.conn.session.cancel(index))
                 if self._picker is not None:
@@ -958,13 +959,14 @@ class DownloadJob:
             self._wake.set()
 
     def _ask_layer(self) -> None:
-        if self._layer_conn is not None:
-            return
+        """Ask up to ``LAYER_ASKS`` peers at once (it is small; the first valid one wins), so
+        one that never answers costs no deadline."""
         # a connection that let a layer request expire is asked again only if nobody else can
-        candidates = [c for c, hello in self._hellos.items() if hello.has_layer and not c.closed]
+        candidates = [c for c, hello in self._hellos.items() if hello.has_layer and
+                      not c.closed and c not in self._layer_conns]
         candidates.sort(key=lambda c: c in self._layer_expired)
-        if candidates:
-            conn = self._layer_conn = candidates[0]
+        for conn in candidates[:LAYER_ASKS - len(self._layer_conns)]:
+            self._layer_conns.add(conn)
             conn.push(conn.session.request_layer())
             self._ledger.sent(conn, LAYER, time.monotonic())
 
