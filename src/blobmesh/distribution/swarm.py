@@ -495,7 +495,8 @@ class SwarmEngine:
         key = (conn.peer, index)
         if counts.get(key, 0) >= MAX_REDIRECTS:
             return False
-        holders = any(index in other.session.peer_have
+        # a peer we sent it to and that has not announced it yet holds it all but
+        holders = any(index in other.session.peer_have or index in other.unacked
                       for other in self._serving.get(blob_id, ()) if other is not conn)
         if holders:
             counts[key] = counts.get(key, 0) + 1
