@@ -250,8 +250,10 @@ async def test_a_hostile_peer_does_not_stall_the_others(tmp_path: Path, mode: st
                             name="attack")
                 await eventually(lambda: peers[0].engine.connections == 1, 5)
             t0 = time.monotonic()
+            said: set[str] = set()  # the reasons the targets' status gave
             await asyncio.wait_for(asyncio.gather(*(
-                p.engine.download(blob, len(data), piece_size, lambda: everyone)
+                p.engine.download(blob, len(data), piece_size, lambda: everyone,
+                                  progress=lambda jp: said.add(jp.reason))
                 for p in peers[1:])), 28)
             elapsed = time.monotonic() - t0
         for p in peers[1:]:
@@ -266,6 +268,8 @@ async def test_a_hostile_peer_does_not_stall_the_others(tmp_path: Path, mode: st
                        for p in peers[1:]]
             assert any("answered none of its requests" in r for r in reasons), reasons
             assert sum(p.engine.bans[BanKind.UNRESPONSIVE] for p in peers[1:]) >= 1
+            short = hostile_ep.node_id.short()
+            assert any(f"last {short}: answered none" in r for r in said), said
         else:
             await eventually(lambda: hostile_ep.node_id in peers[0].engine.banned.get(blob, ()),
                              10)
