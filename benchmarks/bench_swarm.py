@@ -209,9 +209,8 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
                         failures[str(t.node)] = t.reason
 
             async def follow() -> None:
-                # A loaded machine can make the space think a target died: it is marked
-                # failed (the distribution looks done) and comes back.  Keep following
-                # until every target holds the blob.
+                # Keep following until every real target holds the blob (an event stream
+                # may end early, and a hostile member never completes).
                 while status.completed < targets:
                     async for s in client.events(str(status.handle)):
                         update(s)
