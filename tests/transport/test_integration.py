@@ -9,14 +9,28 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from blobmesh.errors import ProtocolError, StreamClosedError, TransportError
-from blobmesh.transport import Identity, Stream, TransportConfig
+from blobmesh.transport import Endpoint, Identity, NodeId, Stream, TransportConfig
+from blobmesh.transport.connection import PeerConnection
+from blobmesh.transport.io import RX_FRAMES_MAX
 from blobmesh.transport.tls import make_context
-from blobmesh.wire import WIRE_VERSION, Data, Hello, Open, Settings, encode_frame, frame_header
+from blobmesh.wire import (
+    MIN_FRAME_SIZE,
+    WIRE_VERSION,
+    Data,
+    Hello,
+    Open,
+    Ping,
+    Reset,
+    Settings,
+    encode_frame,
+    frame_header,
+)
 from tests.transport.conftest import (
     EndpointFactory,
     Peer,
@@ -288,3 +302,196 @@ async def test_listener_requires_alpn_and_certificate(
 
     assert await asyncio.wait_for(asyncio.to_thread(attempt), 10) == b""
     assert a.connected_peers() == []
+
+
+# --- hostile peers: bounded memory, deadlines and caps ----------------------------------------
+
+SMALL_BUFFERS = TransportConfig(max_frame_size=MIN_FRAME_SIZE, write_buffer=64 * 1024)
+
+
+def _flood(addr: tuple[str, int], burst: Callable[[int], bytes]) -> tuple[int, bool]:
+    """Send ``burst(i)`` for i = 0, 1... without ever reading; stop once the peer stops
+    reading (a send blocks for a second) or after 20 s.  Returns (bytes sent, blocked)."""
+    sock = _raw_dial(addr)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # our Pongs pile up soon
+    sock.settimeout(1.0)
+    sent = 0
+    deadline = time.monotonic() + 20
+    try:
+        sock.sendall(HELLO)
+        i = 0
+        while time.monotonic() < deadline:
+            data = burst(i)
+            sock.sendall(data)
+            sent += len(data)
+            i += 1
+    except TimeoutError:
+        return sent, True
+    finally:
+        _HELD.append(sock)  # kept open, unread, until the test ends
+    return sent, False
+
+
+_HELD: list[ssl.SSLSocket] = []
+
+
+@pytest.fixture
+def held_sockets() -> Iterator[None]:
+    yield
+    while _HELD:
+        _HELD.pop().close()
+
+
+def _hostile(a: Endpoint, good: NodeId) -> PeerConnection:
+    [conn] = [c for c in a._all if c.peer != good]
+    return conn
+
+
+async def _still_serves(a: Endpoint, node: NodeId) -> None:
+    s = await a.open_stream(node, "echo")
+    await s.send(b"still here")
+    assert await asyncio.wait_for(s.recv(), 10) == b"still here"
+    await s.close()
+
+
+@pytest.mark.usefixtures("held_sockets")
+async def test_ping_flood_never_reading_is_bounded(endpoints: EndpointFactory,
+                                                   peer: Peer) -> None:
+    a = await endpoints(SMALL_BUFFERS)
+    node = a.add_ticket(peer.ticket)
+    await _still_serves(a, node)
+    rss = _rss()
+    pings = encode_frame(Ping(1)) * 50_000  # 300 KB of Pings per burst
+    sent, blocked = await asyncio.to_thread(_flood, a.listen_address, lambda _: pings)
+    assert blocked, f"sent {sent} bytes of Pings and we never stopped reading"
+    conn = _hostile(a, node)
+    channel = conn._channel
+    # + the answers to the batch the loop works on and the one read ahead
+    assert channel.backlog <= channel.write_limit + 2 * RX_FRAMES_MAX * len(encode_frame(Ping(1)))
+    assert len(channel._rx) <= RX_FRAMES_MAX
+    await _still_serves(a, node)  # the other peer is unaffected
+    assert _rss() - rss < 64 * 1024 * 1024
+
+
+@pytest.mark.usefixtures("held_sockets")
+async def test_open_flood_for_unknown_protocol_is_bounded(endpoints: EndpointFactory,
+                                                          peer: Peer) -> None:
+    a = await endpoints(SMALL_BUFFERS)
+    node = a.add_ticket(peer.ticket)
+    rss = _rss()
+    per_burst = 5000
+
+    def opens(i: int) -> bytes:
+        first = 1 + 2 * per_burst * i
+        return b"".join(encode_frame(Open(sid, "nobody-serves-this"))
+                        for sid in range(first, first + 2 * per_burst, 2))
+
+    sent, blocked = await asyncio.to_thread(_flood, a.listen_address, opens)
+    assert blocked, f"sent {sent} bytes of Opens and we never stopped reading"
+    conn = _hostile(a, node)
+    reset = encode_frame(Reset(1, "no handler for 'nobody-serves-this'"))
+    assert conn._channel.backlog <= conn._channel.write_limit + 2 * RX_FRAMES_MAX * len(reset)
+    assert len(conn._streams) == 0  # each was reset at once
+    await _still_serves(a, node)
+    assert _rss() - rss < 64 * 1024 * 1024
+
+
+async def test_slowloris_is_dropped(endpoints: EndpointFactory, peer: Peer,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    a = await endpoints(TransportConfig(keepalive_interval=0.2, keepalive_timeout=0.6))
+    node = a.add_ticket(peer.ticket)
+    frame = encode_frame(Data(1, False), bytes(1000))
+
+    def trickle() -> float:
+        with _raw_dial(a.listen_address) as sock:
+            sock.sendall(HELLO + encode_frame(Open(1, "echo")))
+            started = time.monotonic()
+            try:
+                for byte in frame:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.1)
+            except OSError:
+                pass
+            _read_until_eof(sock)
+            return time.monotonic() - started
+
+    with caplog.at_level(logging.WARNING, logger="blobmesh.transport"):
+        took = await asyncio.wait_for(asyncio.to_thread(trickle), 30)
+    assert took < 5
+    assert any("slowloris" in r.getMessage() for r in caplog.records)
+    await _still_serves(a, node)
+
+
+async def test_handshake_deadline_for_a_peer_sending_no_hello(
+        endpoints: EndpointFactory) -> None:
+    a = await endpoints(TransportConfig(handshake_timeout=0.5))
+
+    def silent() -> float:
+        with _raw_dial(a.listen_address) as sock:  # TLS completes, then nothing
+            started = time.monotonic()
+            _read_until_eof(sock)
+            return time.monotonic() - started
+
+    assert await asyncio.wait_for(asyncio.to_thread(silent), 10) < 3
+    await eventually(lambda: not a._all)
+
+
+def _try_connect(addr: tuple[str, int]) -> ssl.SSLSocket | None:
+    """A raw TLS connection that sent its Hello and got ours; None if refused."""
+    try:
+        sock = _raw_dial(addr)
+        sock.settimeout(15)
+        sock.sendall(HELLO)
+        if not sock.recv(1):
+            sock.close()
+            return None
+    except TimeoutError:
+        raise
+    except OSError:  # reset or EOF during the handshake: refused
+        return None
+    _HELD.append(sock)
+    return sock
+
+
+@pytest.mark.usefixtures("held_sockets")
+async def test_connection_cap(endpoints: EndpointFactory, peer: Peer) -> None:
+    a = await endpoints(TransportConfig(max_connections=3), handlers={"echo": echo})
+    node = a.add_ticket(peer.ticket)
+    await _still_serves(a, node)  # a dialed: 1 of 3
+    got = [await asyncio.to_thread(_try_connect, a.listen_address) for _ in range(4)]
+    assert [s is not None for s in got] == [True, True, False, False]
+    assert a.refused == 2
+    await _still_serves(a, node)
+
+
+@pytest.mark.usefixtures("held_sockets")
+async def test_admission_timeout_and_unadmitted_cap(endpoints: EndpointFactory) -> None:
+    cfg = TransportConfig(admission_timeout=1.0, max_unadmitted=2, keepalive_interval=0.3,
+                          keepalive_timeout=5)
+    a = await endpoints(cfg, handlers={"echo": echo})
+    admitted = await endpoints()
+    s = await admitted.open_stream(admitted.add_ticket(a.ticket), "echo")
+    await s.send(b"1")
+    assert await s.recv() == b"1"
+    a.mark_admitted(admitted.node_id)  # the space would do this
+    strangers = [await asyncio.to_thread(_try_connect, a.listen_address) for _ in range(2)]
+    assert all(strangers)
+    assert await asyncio.to_thread(_try_connect, a.listen_address) is None  # over the cap
+    assert a.refused == 1
+    for sock in strangers:  # both closed by the deadline, whatever they do
+        assert sock is not None
+        t0 = time.monotonic()
+        await asyncio.to_thread(_read_until_eof, sock)
+        assert time.monotonic() - t0 < 3
+    await eventually(lambda: len(a._all) == 1)
+    await s.send(b"2")  # the admitted peer's connection outlived the deadline
+    assert await s.recv() == b"2"
+    assert await asyncio.to_thread(_try_connect, a.listen_address) is not None  # room again
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

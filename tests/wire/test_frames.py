@@ -9,6 +9,7 @@ import pytest
 from blobmesh.errors import ProtocolError
 from blobmesh.wire import (
     Close,
+    ConnectionCredit,
     Credit,
     Data,
     Frame,
@@ -23,7 +24,7 @@ from blobmesh.wire import (
     encode_frame,
     frame_header,
 )
-from blobmesh.wire.frames import LENGTH_SIZE, MIN_FRAME_SIZE, PREFIX
+from blobmesh.wire.frames import DIRECT_PAYLOAD, LENGTH_SIZE, MIN_FRAME_SIZE, PREFIX
 
 VECTORS: list[tuple[Message, bytes, str]] = [
     # length, version, header length, msgpack header, payload
@@ -122,3 +123,36 @@ def test_malformed(wire: bytes, reason: str) -> None:
 def test_limits_validated() -> None:
     with pytest.raises(ValueError):
         FrameDecoder(100)
+
+
+def test_connection_credit_vector() -> None:
+    wire = bytes.fromhex("0000000a 01 0007 920ace02000000".replace(" ", ""))
+    assert encode_frame(ConnectionCredit(32 * 1024 * 1024)) == wire
+    assert FrameDecoder().feed(wire) == [Frame(ConnectionCredit(32 * 1024 * 1024))]
+
+
+def test_large_payload_received_straight_into_its_bytes() -> None:
+    """Like a TLS socket: 16 KiB records into get_buffer(); the payload is never copied."""
+    payloads = [bytes([i]) * (DIRECT_PAYLOAD + 1000 * i) for i in range(3)] + [b"tiny"]
+    wire = b"".join(encode_frame(Data(1, i < 3), p) for i, p in enumerate(payloads))
+    dec = FrameDecoder()
+    got: list[Frame] = []
+    pos = 0
+    while pos < len(wire):
+        buf = dec.get_buffer()
+        n = min(len(buf), 16384, len(wire) - pos)
+        buf[:n] = wire[pos:pos + n]
+        got += dec.advance(n)
+        pos += n
+        assert dec.buffered <= DIRECT_PAYLOAD + 3000 + 64
+    assert [f.payload for f in got] == payloads
+    assert all(type(f.payload) is bytes for f in got)
+    assert dec.buffered == 0
+    first = encode_frame(Data(1, False), payloads[0])
+    dec.advance(_put(dec, first[:16384]))
+    assert len(dec.get_buffer()) == len(first) - 16384  # exactly the rest of that payload
+
+
+def _put(dec: FrameDecoder, data: bytes) -> int:
+    dec.get_buffer()[:len(data)] = data
+    return len(data)

@@ -230,9 +230,10 @@ class Node:
 
 def run_node_forever(config: NodeConfig) -> int:
     """Run a node until SIGINT/SIGTERM; print its ticket alone on stdout's first line."""
-    from blobmesh.transport import install_uvloop
+    from blobmesh.transport import install_uvloop, tune_malloc
 
     install_uvloop()
+    tune_malloc()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
 

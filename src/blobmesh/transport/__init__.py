@@ -2,7 +2,7 @@
 
 from blobmesh.errors import DialTimeoutError, IdentityError
 from blobmesh.transport.api import Network, Stream, StreamHandler
-from blobmesh.transport.endpoint import Endpoint, TransportConfig, install_uvloop
+from blobmesh.transport.endpoint import Endpoint, TransportConfig, install_uvloop, tune_malloc
 from blobmesh.transport.identity import Identity, NodeId, verify_signature
 from blobmesh.transport.ticket import Address, Ticket, format_address, parse_address
 
@@ -21,5 +21,6 @@ __all__ = [
     "format_address",
     "install_uvloop",
     "parse_address",
+    "tune_malloc",
     "verify_signature",
 ]

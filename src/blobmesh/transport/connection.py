@@ -1,54 +1,59 @@
-"""One TLS connection to a peer: blocking-socket I/O threads around the wire state machine.
+"""One TLS connection to a peer: the wire state machine on the event loop, its socket on an
+I/O thread (:mod:`blobmesh.transport.io`).
 
-asyncio's SSL transport moves about half of what blocking ``ssl`` sockets do on the same
-machine (both encrypt in C, but the former copies through memory BIOs on the event loop's
-thread).  So each connection runs a reader thread (``recv_into`` straight into the frame
-decoder's buffer, decoding there) and a writer thread (``sendall`` of whole frames, payloads
-uncopied); ``ssl`` releases the GIL while it encrypts, decrypts and waits.  Threads hand work
-to the event loop in batches, one ``call_soon_threadsafe`` per batch.  The
-:class:`~blobmesh.wire.Connection` state machine itself lives on the event loop only.
+The :class:`~blobmesh.wire.Connection` core lives on the event loop only and decides
+everything (frames, credit, keepalive, idleness, admission deadline: one ``call_at`` re-armed
+from its ``get_timer()``); the I/O thread that owns the TLS socket only moves bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import ssl
-import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from blobmesh.errors import ProtocolError, StreamClosedError, TransportError
 from blobmesh.transport.identity import NodeId
+from blobmesh.transport.io import Channel, IoPool
 from blobmesh.wire import (
     DATA_OVERHEAD,
-    Buffer,
     Connection,
+    ConnectionTerminated,
     CreditAvailable,
     Event,
-    Frame,
-    FrameDecoder,
     GoAwayReceived,
     HelloReceived,
     MessageReceived,
-    PongReceived,
     Role,
     Settings,
     StreamEnded,
     StreamOpened,
     StreamReset,
+    Timers,
 )
-
-if TYPE_CHECKING:
-    from blobmesh.transport.endpoint import Endpoint
 
 log = logging.getLogger("blobmesh.transport")
 
-_COALESCE = 64 * 1024  # buffers below this are joined into one write
-_DRAIN_NONCE = 0  # the Ping after our GoAway; keepalive nonces count from 1
+_LINGER = 0.5  # seconds a closing connection may spend writing its last frames
+
+
+class ConnectionOwner(Protocol):
+    """What a :class:`PeerConnection` tells the endpoint that owns it."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    def serve_stream(self, stream: TlsStream) -> None:
+        """The peer opened ``stream``: run its handler (or reset it)."""
+
+    def connection_unusable(self, conn: PeerConnection) -> None:
+        """``conn`` takes no new streams (GoAway)."""
+
+    def connection_closed(self, conn: PeerConnection) -> None:
+        """``conn`` is closed."""
 
 
 class TlsStream:
@@ -94,6 +99,10 @@ class TlsStream:
         most = conn.peer_settings.max_frame_size - DATA_OVERHEAD
         frame = -(-size // max(1, -(-size // most)))
         async with self._send_lock:
+            # the connection window for all of it first, so a begun message always finishes
+            while not conn.reserve(self, size):
+                self._credit.clear()
+                await self._credit.wait()
             off = 0
             while True:
                 self._check_sendable()
@@ -173,6 +182,8 @@ class TlsStream:
     def _fail(self, error: TransportError) -> None:
         if self._error is None:
             self._error = error
+        while self._inbox:  # nobody will read these: free the connection window
+            self._conn.consumed(self.stream_id, len(self._inbox.popleft()))
         self._readable.set()
         self._credit.set()
 
@@ -184,46 +195,35 @@ class TlsStream:
 class PeerConnection:
     """A connected, authenticated TLS socket to ``peer`` plus its streams.
 
-    The owning :class:`Endpoint` runs :meth:`run` as a task: it supervises keepalive and idle
-    time, and on exit stops the I/O threads and closes the socket.
+    The owning endpoint runs :meth:`run` as a task: it returns once the connection is closed
+    and its I/O thread has closed the socket.
     """
 
-    def __init__(self, endpoint: Endpoint, sock: ssl.SSLSocket, peer: NodeId, role: Role,
-                 settings: Settings) -> None:
-        self._endpoint = endpoint
+    def __init__(self, owner: ConnectionOwner, sock: ssl.SSLSocket, peer: NodeId, role: Role,
+                 settings: Settings, timers: Timers, io: IoPool, *, write_buffer: int) -> None:
+        self._owner = owner
         self._loop = asyncio.get_running_loop()
-        self._sock = sock
         self.peer = peer
         self.role = role
-        self._wire = Connection(role, settings)
+        self._wire = Connection(role, settings, timers=timers, now=self._loop.time())
         self._streams: dict[int, TlsStream] = {}
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self.error: TransportError | None = None
         self._closed = asyncio.Event()
-        self.retired = False  # no new streams from us; close once drained
-        self._drained = False  # its Pong came back: no Open can still be in flight
-        self._last_rx = self._last_busy = self._loop.time()
-        # reader thread -> loop
-        self._decoder = FrameDecoder(settings.max_frame_size)
-        self._rx_lock = threading.Lock()
-        self._rx_frames: list[Frame] = []
-        self._rx_scheduled = False
-        # loop -> writer thread
-        self._tx_cond = threading.Condition()
-        self._tx: deque[Buffer] = deque()
-        self._tx_stop = False
-        self.queued = 0  # bytes handed to the writer (loop side)
-        self._written = 0  # bytes the writer finished (written by the writer thread)
-        self._want_progress = False
+        self._io_done: asyncio.Future[None] = self._loop.create_future()
+        self._last_rx = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._progress: list[asyncio.Future[None]] = []
-        self._high_water = max(2 * settings.max_frame_size, endpoint.config.write_buffer)
-        self._reader_done: asyncio.Future[None] = self._loop.create_future()
-        self._writer_done: asyncio.Future[None] = self._loop.create_future()
-        sock.setblocking(True)
+        self._high_water = max(2 * settings.max_frame_size, write_buffer)
+        self._channel = Channel(
+            sock, self._wire.decoder, self._loop,
+            write_limit=self._high_water + 2 * settings.max_frame_size,
+            on_frames=self._on_frames, on_progress=self._wake_progress,
+            on_closed=lambda: resolve_future(self._io_done), name=peer.short())
         self._flush()  # our Hello
-        for target, name in ((self._read_loop, "rx"), (self._write_loop, "tx")):
-            threading.Thread(target=target, name=f"blobmesh-{name}-{peer.short()}",
-                             daemon=True).start()
+        io.attach(self._channel)
+        self._rearm()
 
     # --- state -----------------------------------------------------------------------------
 
@@ -240,12 +240,22 @@ class PeerConnection:
     @property
     def usable(self) -> bool:
         """Open, not retired, and the peer accepts new streams."""
-        return (self.error is None and not self.retired and not self._wire.goaway_received
+        return (self.error is None and not self._wire.goaway_received
                 and not self._wire.goaway_sent)
 
     @property
     def dialer(self) -> NodeId:
-        return self._endpoint.node_id if self.role is Role.DIALER else self.peer
+        return self._owner.node_id if self.role is Role.DIALER else self.peer
+
+    @property
+    def socket_closed(self) -> asyncio.Future[None]:
+        """Done once the I/O thread closed the socket (after :meth:`close` and its linger)."""
+        return self._io_done
+
+    @property
+    def queued(self) -> int:
+        """Bytes ever handed to the I/O thread."""
+        return self._channel.queued
 
     def open_stream(self, protocol: str) -> TlsStream:
         if self.error is not None:
@@ -258,32 +268,50 @@ class PeerConnection:
 
     def retire(self, reason: str) -> None:
         """Stop using this connection for new streams; it closes once its streams finish."""
-        if self.error is not None or self.retired:
-            return
-        self.retired = True
-        self._wire.send_goaway(reason)
-        self._wire.send_ping(_DRAIN_NONCE)
-        self._flush()
+        if self.error is None:
+            self._wire.retire(reason)
+            self._flush()
+            self._rearm()
+
+    def mark_admitted(self) -> None:
+        """The peer was admitted: no admission deadline for this connection any more."""
+        self._wire.mark_admitted()
 
     def close(self, error: TransportError) -> None:
         """Fail every stream with ``error`` and let :meth:`run` tear the connection down."""
         if self.error is not None:
             return
         self.error = error
+        if self._timer is not None:
+            self._timer.cancel()
         if not self.ready.done():
             self.ready.set_exception(error)
             self.ready.exception()  # the dialer may have stopped waiting; don't warn
-        for stream in self._streams.values():
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
             stream._fail(error)
-        self._streams.clear()
         self._wake_progress()
         self._closed.set()
-        self._endpoint._connection_closed(self)
+        self._channel.close(_LINGER)
+        self._owner.connection_closed(self)
+
+    async def run(self) -> None:
+        """Wait until closed (by either side, an error or a timer) and the socket is shut."""
+        try:
+            await self._closed.wait()
+        finally:
+            if self.error is None:
+                self.close(TransportError("endpoint closed", peer=self.peer))
+            await asyncio.shield(self._io_done)
 
     # --- used by TlsStream -----------------------------------------------------------------
 
     def wire_budget(self, stream_id: int) -> int:
         return self._wire.send_budget(stream_id)
+
+    def reserve(self, stream: TlsStream, size: int) -> bool:
+        stream._check_sendable()
+        return self._wire.reserve(stream.stream_id, size)
 
     def send_data(self, stream_id: int, data: memoryview, *, more: bool) -> None:
         self._wire.send_data(stream_id, data, more=more)
@@ -305,24 +333,25 @@ class PeerConnection:
             self._wire.reset_stream(stream.stream_id, reason)
             self._flush()
             self._streams.pop(stream.stream_id, None)
-            self._touch()
+            self._rearm()
 
     async def wait_writable(self) -> None:
-        """Backpressure: wait while the writer thread has too much queued."""
-        await self._wait(lambda: self.queued - self._written <= self._high_water)
+        """Backpressure: wait while the I/O thread has more than the high-water mark queued;
+        once it has, wake when half of that is left (one wakeup per many writes)."""
+        channel, high = self._channel, self._high_water
+        await self._wait(lambda: channel.backlog <= high, lambda: channel.queued - high // 2)
 
     async def wait_written(self, offset: int) -> None:
-        """Wait until the writer has written the first ``offset`` bytes ever queued."""
-        await self._wait(lambda: self._written >= offset)
+        """Wait until the first ``offset`` bytes ever queued were written."""
+        await self._wait(lambda: self._channel.written >= offset, lambda: offset)
 
-    async def _wait(self, done: Callable[[], bool]) -> None:
+    async def _wait(self, done: Callable[[], bool], wake_at: Callable[[], int]) -> None:
         while not done():
             if self.error is not None:
                 raise self.error
             fut = self._loop.create_future()
             self._progress.append(fut)
-            # set the flag before re-checking: the writer updates _written, then reads it
-            self._want_progress = True
+            self._channel.wake_at(wake_at())  # before re-checking (see Channel.wake_at)
             if done():
                 break
             await fut
@@ -336,44 +365,68 @@ class PeerConnection:
     # --- event loop side -------------------------------------------------------------------
 
     def _flush(self) -> None:
-        out = self._wire.data_to_send()
-        if not out or self.error is not None:
-            return
-        self.queued += sum(len(b) for b in out)
-        with self._tx_cond:
-            self._tx.extend(out)
-            self._tx_cond.notify()
+        control, bulk = self._wire.data_to_send_by_priority(self._loop.time())
+        if (control or bulk) and self.error is None:
+            self._channel.send(control, bulk)
 
-    def _on_frames(self) -> None:
-        with self._rx_lock:
-            frames, self._rx_frames = self._rx_frames, []
-            self._rx_scheduled = False
+    def _rearm(self) -> None:
+        """Schedule the core's next deadline (a timer firing early just re-arms)."""
+        when = self._wire.get_timer()
+        if when is None or self.error is not None:
+            return
+        if self._timer is not None:
+            if self._timer_at is not None and self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
         if self.error is not None:
             return
-        self._last_rx = self._loop.time()
-        for frame in frames:
-            try:
-                events = self._wire.receive_frame(frame)
-            except ProtocolError as exc:
-                self._protocol_error(exc)
-                return
-            for event in events:
-                self._dispatch(event)
+        for event in self._wire.handle_timer(self._loop.time()):
+            self._dispatch(event)
         self._flush()
+        self._rearm()
+
+    def _on_frames(self) -> None:
+        frames, error = self._channel.take_frames()
+        if self.error is not None:
+            return
+        now = self._loop.time()
+        if frames:
+            self._last_rx = now
+        events = self._wire.receive_frames(
+            frames, now, error=error if isinstance(error, ProtocolError) else None)
+        for event in events:
+            self._dispatch(event)
+        if self.error is not None:
+            return
+        if error is not None:
+            self.close(TransportError(str(error), peer=self.peer))
+            return
+        self._flush()
+        self._rearm()
+        self._channel.resume_reading()
 
     def _dispatch(self, event: Event) -> None:
         match event:
             case MessageReceived(stream_id, data):
                 if (s := self._streams.get(stream_id)) is not None:
                     s._on_message(data)
+                else:
+                    self._wire.consumed(stream_id, len(data))
+            case CreditAvailable(0):
+                for s in self._streams.values():
+                    s._on_credit()
             case CreditAvailable(stream_id):
                 if (s := self._streams.get(stream_id)) is not None:
                     s._on_credit()
             case StreamOpened(stream_id, protocol):
                 stream = TlsStream(self, stream_id, protocol)
                 self._streams[stream_id] = stream
-                self._touch()
-                self._endpoint._serve(stream)
+                self._owner.serve_stream(stream)
             case StreamEnded(stream_id):
                 if (s := self._streams.get(stream_id)) is not None:
                     s._on_eof()
@@ -383,149 +436,26 @@ class PeerConnection:
                     s._fail(TransportError(
                         f"stream reset by {self.peer.short()}{': ' + reason if reason else ''}",
                         peer=self.peer))
-                    self._touch()
-            case PongReceived(nonce):
-                if nonce == _DRAIN_NONCE and self.retired:
-                    self._drained = True
             case GoAwayReceived():
-                self._endpoint._connection_unusable(self)
+                self._owner.connection_unusable(self)
             case HelloReceived():
                 if not self.ready.done():
                     self.ready.set_result(None)
+            case ConnectionTerminated(error):
+                if isinstance(error, ProtocolError):
+                    self._protocol_error(error)
+                else:
+                    self.close(type(error)(f"{self.peer.short()} {error}", peer=self.peer))
 
     def _forget_if_done(self, stream: TlsStream) -> None:
         if stream.done:
             self._streams.pop(stream.stream_id, None)
-            self._touch()
-
-    def _touch(self) -> None:
-        self._last_busy = self._loop.time()
+            self._rearm()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.warning("closing connection to %s: protocol error: %s", self.peer, exc)
         self.close(ProtocolError(f"protocol error from {self.peer.short()}: {exc}",
                                  peer=self.peer))
-
-    def _on_reader_done(self, error: TransportError) -> None:
-        if isinstance(error, ProtocolError):
-            self._protocol_error(error)
-        else:
-            self.close(error)
-
-    async def run(self) -> None:
-        """Supervise keepalive and idleness until closed, then release threads and socket."""
-        cfg = self._endpoint.config
-        tick = min(cfg.keepalive_interval, cfg.idle_timeout) / 2
-        nonce = 0
-        try:
-            while self.error is None:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(tick):
-                        await self._closed.wait()
-                if self.error is not None:
-                    break
-                now = self._loop.time()
-                if now - self._last_rx > cfg.keepalive_timeout:
-                    self.close(TransportError(
-                        f"{self.peer.short()} silent for {cfg.keepalive_timeout:g}s",
-                        peer=self.peer))
-                    break
-                if now - self._last_rx >= cfg.keepalive_interval:
-                    nonce += 1
-                    self._wire.send_ping(nonce)
-                    self._flush()
-                if self._streams:
-                    self._touch()
-                elif self._drained:
-                    self.close(TransportError("connection retired", peer=self.peer))
-                elif now - self._last_busy >= cfg.idle_timeout:
-                    self.retire("idle")
-        finally:
-            if self.error is None:
-                self.close(TransportError("endpoint closed", peer=self.peer))
-            await self._teardown()
-
-    async def _teardown(self) -> None:
-        with self._tx_cond:
-            self._tx_stop = True
-            self._tx_cond.notify()
-        # let the writer flush a GoAway, but a peer that stopped reading can't hold us up
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await asyncio.shield(self._writer_done)
-        with contextlib.suppress(OSError):
-            # socket.shutdown, not SSLSocket's, which would detach the SSL object under
-            # the threads' feet; this wakes both threads with EOF/EPIPE
-            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
-        await asyncio.shield(asyncio.gather(self._writer_done, self._reader_done))
-        self._sock.close()
-
-    # --- threads ---------------------------------------------------------------------------
-
-    def _call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
-            self._loop.call_soon_threadsafe(callback, *args)
-
-    def _read_loop(self) -> None:
-        decoder = self._decoder
-        sock = self._sock
-        error: TransportError
-        try:
-            while True:
-                n = sock.recv_into(decoder.get_buffer())
-                if n == 0:
-                    error = TransportError(f"{self.peer.short()} closed the connection",
-                                           peer=self.peer)
-                    break
-                frames = decoder.advance(n)
-                if frames:
-                    with self._rx_lock:
-                        self._rx_frames.extend(frames)
-                        if self._rx_scheduled:
-                            continue
-                        self._rx_scheduled = True
-                    self._call_soon(self._on_frames)
-        except ProtocolError as exc:
-            error = exc
-        except (OSError, ValueError) as exc:
-            error = TransportError(f"connection to {self.peer.short()} lost: {exc}",
-                                   peer=self.peer)
-        self._call_soon(self._on_reader_done, error)
-        self._call_soon(resolve_future, self._reader_done)
-
-    def _write_loop(self) -> None:
-        sock = self._sock
-        try:
-            while True:
-                with self._tx_cond:
-                    while not self._tx and not self._tx_stop:
-                        self._tx_cond.wait()
-                    if not self._tx:
-                        return
-                    batch = list(self._tx)
-                    self._tx.clear()
-                small = bytearray()
-                for buf in batch:
-                    if len(buf) < _COALESCE:
-                        small += buf
-                        continue
-                    if small:
-                        sock.sendall(small)
-                        small.clear()
-                    sock.sendall(buf)
-                if small:
-                    sock.sendall(small)
-                self._written += sum(len(b) for b in batch)
-                del batch
-                if self._want_progress:
-                    self._want_progress = False
-                    self._call_soon(self._wake_progress)
-        except (OSError, ValueError) as exc:
-            self._call_soon(self.close, TransportError(
-                f"connection to {self.peer.short()} lost: {exc}", peer=self.peer))
-        finally:
-            self._call_soon(self._wake_progress)
-            self._call_soon(resolve_future, self._writer_done)
 
 
 def resolve_future(fut: asyncio.Future[None]) -> None:

@@ -8,10 +8,10 @@ for deterministic tests of services and for simulations of many nodes in one pro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 
 from blobmesh.errors import StreamClosedError, TransportError
+from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import StreamHandler
 from blobmesh.transport.identity import NodeId
 
@@ -96,7 +96,7 @@ class MemoryNode:
         self._hub = hub
         self._node_id = node_id
         self._handlers: dict[str, StreamHandler] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner(f"memory-node {node_id.short()}")
         self.online = True
 
     @property
@@ -128,26 +128,21 @@ class MemoryNode:
         async def run() -> None:
             try:
                 await handler(stream)
-            except (TransportError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 stream.reset("handler ended")
                 raise
+            except TransportError:
+                stream.reset("handler ended")  # the stream broke: no failure of ours
             except Exception:
-                stream.reset("handler failed")
+                stream.reset("handler failed")  # logged and counted by the owner
                 raise
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(run(), name=f"handler {stream.protocol}")
 
     async def aclose(self) -> None:
         """Go offline and cancel every handler task this node runs."""
         self.online = False
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await self._tasks.aclose()
 
 
 class MemoryHub:

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from blobmesh.errors import PeerIdentityError
 from blobmesh.transport.identity import Identity, NodeId
 
-ALPN = "blobmesh/1"
+ALPN = "blobmesh/2"  # protocol version 2 (docs/wire.md); frame format 1
 
 _NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 _NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)

@@ -1,14 +1,22 @@
 """The connection state machine: many flow-controlled streams over one byte stream.
 
 Sans-I/O in the style of h2/aioquic: feed it received bytes (:meth:`Connection.feed`) or
-already-decoded frames (:meth:`Connection.receive_frames`) and get :class:`Event` objects
-back; call ``send_*``/``open_stream``/... to act, then write out :meth:`data_to_send`.  It
-never blocks, sleeps or reads a clock; keepalive timing is the I/O layer's job.
+frames from its own :attr:`Connection.decoder` (:meth:`Connection.receive_frames`) and get
+:class:`Event` objects back; call ``send_*``/``open_stream``/... to act, then write out
+:meth:`data_to_send` (control frames first, see :meth:`data_to_send_by_priority`).  It never
+blocks, sleeps or reads a clock: with :class:`Timers`, callers pass ``now`` and run
+:meth:`handle_timer` at :meth:`get_timer` for keepalive, idle, Hello and admission deadlines.
 
-Flow control is per stream and counts payload bytes.  A receiver grants ``stream_window``
-bytes at open and returns credit as the application consumes whole messages, so a stream
-whose reader is slow stops its own sender and no other.  Because a message is delivered only
-when complete, it may not exceed ``max_message_size``, which is at most the window.
+Flow control counts payload bytes, per stream and per connection.  A receiver grants
+``stream_window`` bytes per stream and ``connection_window`` for all streams together, and
+returns credit as the application consumes whole messages, so a stream whose reader is slow
+stops its own sender and no other, and what one peer can make us hold is bounded by one
+number.  A message is delivered only when complete, so it may not exceed
+``max_message_size``, which is at most both windows; a sender reserves connection window for
+a whole multi-frame message before its first fragment (:meth:`Connection.reserve`), so a
+message once begun can always finish.
+
+After a protocol error the connection is in :attr:`State.ERROR` and refuses all input.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ from dataclasses import dataclass, field
 from blobmesh.errors import ProtocolError, TransportError
 from blobmesh.wire.frames import (
     DATA_OVERHEAD,
+    DEFAULT_CONNECTION_WINDOW,
     DEFAULT_MAX_FRAME_SIZE,
     MAX_REASON,
     MIN_FRAME_SIZE,
     Close,
+    ConnectionCredit,
     Credit,
     Data,
     Frame,
@@ -39,6 +49,10 @@ from blobmesh.wire.frames import (
 
 Buffer = bytes | memoryview
 _MAX_CREDIT = 1 << 40  # a peer granting more than this is broken or hostile
+#: A Data fragment up to this size, ending its message, on a stream that never sent a bigger
+#: one travels with the control frames, ahead of bulk data.
+SMALL_MESSAGE = 64 * 1024
+DRAIN_NONCE = 0  # the Ping after our GoAway; keepalive nonces count from 1
 
 
 class Role(enum.Enum):
@@ -46,6 +60,15 @@ class Role(enum.Enum):
 
     DIALER = 1
     LISTENER = 2
+
+
+class State(enum.Enum):
+    """Where a connection is in its life."""
+
+    WAIT_HELLO = 1  # the peer's Hello has not arrived
+    OPEN = 2
+    ERROR = 3  # the peer broke the protocol: all input is refused
+    CLOSED = 4  # a timer ended it (silence, idleness drained, no Hello, not admitted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +79,15 @@ class Settings:
     stream_window: int = 8 * 1024 * 1024
     max_message_size: int = 8 * 1024 * 1024
     max_streams: int = 1024
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
 
     def __post_init__(self) -> None:
         if not MIN_FRAME_SIZE <= self.max_frame_size <= 0xFFFF_FFFF:
             raise ValueError(f"max_frame_size must be in [{MIN_FRAME_SIZE}, 2**32)")
         if not 1 <= self.max_message_size <= self.stream_window <= 0xFFFF_FFFF:
             raise ValueError("need 1 <= max_message_size <= stream_window < 2**32")
+        if not self.max_message_size <= self.connection_window <= 0xFFFF_FFFF:
+            raise ValueError("need max_message_size <= connection_window < 2**32")
         if not 1 <= self.max_streams <= 0xFFFF_FFFF:
             raise ValueError("max_streams must be positive")
 
@@ -71,11 +97,33 @@ class Settings:
 
     @classmethod
     def from_hello(cls, hello: Hello) -> Settings:
+        """The peer's limits (its connection window is not in the Hello: it is granted by the
+        peer's first ConnectionCredit, so ``connection_window`` here is the default)."""
         try:
             return cls(hello.max_frame_size, hello.stream_window, hello.max_message_size,
                        hello.max_streams)
         except ValueError as exc:
             raise ProtocolError(f"peer announced unusable limits: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """Deadlines (seconds) a :class:`Connection` enforces through :meth:`~Connection.get_timer`.
+
+    - ``keepalive_interval``: nothing received for this long: send a Ping;
+    - ``keepalive_timeout``: nothing received for this long: the connection is dead (a
+      ProtocolError when a frame has been trickling in all that time: slowloris);
+    - ``idle_timeout``: no stream for this long: retire (GoAway, drain, close);
+    - ``hello_timeout``: the peer's Hello must arrive within this of the start;
+    - ``admission_timeout``: unless :meth:`~Connection.mark_admitted` is called within this
+      of the start, the connection is closed (None: no such deadline).
+    """
+
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
+    idle_timeout: float = 120.0
+    hello_timeout: float = 10.0
+    admission_timeout: float | None = None
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -121,7 +169,7 @@ class StreamReset:
 
 @dataclass(frozen=True, slots=True)
 class CreditAvailable:
-    """The stream's send window grew."""
+    """The stream's send window grew (``stream_id`` 0: the connection's window grew)."""
 
     stream_id: int
 
@@ -138,8 +186,15 @@ class GoAwayReceived:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """A timer ended the connection; close it (``error`` says why, without the peer's name)."""
+
+    error: TransportError
+
+
 Event = (HelloReceived | StreamOpened | MessageReceived | StreamEnded | StreamReset
-         | CreditAvailable | PongReceived | GoAwayReceived)
+         | CreditAvailable | PongReceived | GoAwayReceived | ConnectionTerminated)
 
 
 @dataclass(slots=True)
@@ -151,46 +206,108 @@ class _Stream:
     unreleased: int = 0  # consumed bytes not yet returned as credit
     parts: list[bytes] = field(default_factory=list)
     partial: int = 0  # bytes of the message being reassembled
+    reserved: int = 0  # connection window reserved for the rest of the message being sent
+    bulk: bool = False  # sent a large message: its frames queue behind control frames
 
 
 class Connection:
     """One side of a blobmesh connection (see the module docstring)."""
 
-    def __init__(self, role: Role, settings: Settings | None = None) -> None:
+    def __init__(self, role: Role, settings: Settings | None = None, *,
+                 timers: Timers | None = None, now: float = 0.0) -> None:
         self.role = role
         self.local = settings or Settings()
         self.peer: Settings | None = None
-        self._decoder = FrameDecoder(self.local.max_frame_size)
-        self._out: list[Buffer] = []
+        self.state = State.WAIT_HELLO
+        self.error: TransportError | None = None  # why it is in ERROR or CLOSED
+        #: The connection's one frame decoder: :meth:`feed` uses it; an I/O layer may instead
+        #: receive into ``decoder.get_buffer()`` and pass ``decoder.advance()``'s frames (or
+        #: its ProtocolError) to :meth:`receive_frames`.
+        self.decoder = FrameDecoder(self.local.max_frame_size)
+        self._control: list[Buffer] = []
+        self._bulk: list[tuple[bytes, Buffer]] = []  # (frame header, payload) per frame
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if role is Role.DIALER else 2
         self._peer_last_id = 0  # highest id the peer opened
+        self._peer_streams = 0  # open streams the peer opened
         self.goaway_sent = False
         self.goaway_received = False
-        self._out.append(encode_frame(self.local.hello()))
+        self.retired = False  # we sent GoAway and the drain Ping
+        self._drained = False  # the drain Pong came back: no Open of the peer is in flight
+        self._send_window = 0  # connection-level credit for what we send
+        self._recv_window = self.local.connection_window  # what the peer may still send
+        self._unreleased = 0  # consumed payload bytes not yet returned as connection credit
+        self._timers = timers
+        self._admitted = timers is None or timers.admission_timeout is None
+        self._now = self._started = self._last_rx = self._ping_at = self._busy_at = now
+        self._had_streams = False  # a stream existed since the clock last advanced
+        self._nonce = DRAIN_NONCE
+        self._control.append(encode_frame(self.local.hello()))
+        self._control.append(encode_frame(ConnectionCredit(self.local.connection_window)))
 
     # --- input -------------------------------------------------------------------------------
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def feed(self, data: bytes | bytearray | memoryview, now: float | None = None,
+             ) -> list[Event]:
         """Process received bytes; raises :class:`ProtocolError` on anything invalid.
 
-        After a ProtocolError the connection is dead (events of earlier frames in the same
-        call are lost; use :meth:`receive_frame` to keep them).
+        After a ProtocolError the connection is in ERROR (events of earlier frames in the
+        same call are lost; :meth:`receive_frames` keeps them).
         """
-        events: list[Event] = []
-        for frame in self._decoder.feed(data):
-            events += self.receive_frame(frame)
+        self._check_input()
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        events = self.receive_frames(frames, now)
+        if events and isinstance(end := events[-1], ConnectionTerminated):
+            assert isinstance(end.error, ProtocolError)
+            raise end.error
         return events
 
-    def receive_frame(self, frame: Frame) -> list[Event]:
-        """Process one frame decoded elsewhere (e.g. by a reader thread's FrameDecoder)."""
+    def receive_frames(self, frames: list[Frame], now: float | None = None, *,
+                       error: ProtocolError | None = None) -> list[Event]:
+        """Process frames from :attr:`decoder`, then ``error`` if decoding failed after them.
+
+        The first invalid frame (or ``error``) puts the connection in ERROR and ends the
+        events with :class:`ConnectionTerminated` carrying the :class:`ProtocolError`; the
+        events of the frames before it are kept.  Input in ERROR raises ProtocolError.
+        """
+        self._check_input()
+        if now is not None:
+            self._observe(now)
+            if frames:
+                self._last_rx = now
         events: list[Event] = []
+        try:
+            for frame in frames:
+                self._receive(frame, events)
+            if error is not None:
+                raise error
+        except ProtocolError as exc:
+            events.append(ConnectionTerminated(self._fail(exc)))
+        return events
+
+    def _check_input(self) -> None:
+        if self.state is State.ERROR:
+            raise ProtocolError(f"input after a protocol error ({self.error})")
+        if self.state is State.CLOSED:
+            raise ProtocolError(f"input after the connection closed ({self.error})")
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self.state = State.ERROR
+        self.error = exc
+        return exc
+
+    def _receive(self, frame: Frame, events: list[Event]) -> None:
         msg = frame.message
         if self.peer is None:
             if not isinstance(msg, Hello):
                 raise ProtocolError(f"expected Hello, got {type(msg).__name__}")
             self.peer = Settings.from_hello(msg)
-            return [HelloReceived(self.peer)]
+            self.state = State.OPEN
+            events.append(HelloReceived(self.peer))
+            return
         match msg:
             case Data():
                 self._on_data(msg, frame.payload, events)
@@ -201,24 +318,31 @@ class Connection:
                     if s.send_credit > _MAX_CREDIT:
                         raise ProtocolError("peer granted an absurd send window")
                     events.append(CreditAvailable(msg.stream_id))
+            case ConnectionCredit():
+                self._send_window += msg.amount
+                if self._send_window > _MAX_CREDIT:
+                    raise ProtocolError("peer granted an absurd connection window")
+                if self._streams:  # else nobody waits (e.g. the initial grant)
+                    events.append(CreditAvailable(0))
             case Open():
                 self._on_open(msg, events)
             case Close():
                 self._on_close(msg, events)
             case Reset():
-                if self._known(msg.stream_id) is not None:
-                    del self._streams[msg.stream_id]
+                if (s := self._known(msg.stream_id)) is not None:
+                    self._forget(msg.stream_id, s)
                     events.append(StreamReset(msg.stream_id, msg.reason))
             case Ping():
-                self._out.append(encode_frame(Pong(msg.nonce)))
+                self._control.append(encode_frame(Pong(msg.nonce)))
             case Pong():
+                if msg.nonce == DRAIN_NONCE and self.retired:
+                    self._drained = True
                 events.append(PongReceived(msg.nonce))
             case GoAway():
                 self.goaway_received = True
                 events.append(GoAwayReceived(msg.reason))
             case Hello():
                 raise ProtocolError("second Hello")
-        return events
 
     def _known(self, stream_id: int) -> _Stream | None:
         """The stream, or None if it existed once (frames racing a reset are dropped)."""
@@ -236,10 +360,11 @@ class Connection:
             raise ProtocolError(f"peer opened invalid stream id {msg.stream_id}")
         self._peer_last_id = msg.stream_id
         # after our GoAway a racing Open is still served: GoAway only asks the peer to stop
-        if sum(1 for sid in self._streams if sid % 2 == peer_parity) >= self.local.max_streams:
-            self._out.append(encode_frame(Reset(msg.stream_id, "too many streams")))
+        if self._peer_streams >= self.local.max_streams:
+            self._control.append(encode_frame(Reset(msg.stream_id, "too many streams")))
             return
         assert self.peer is not None
+        self._peer_streams += 1
         self._streams[msg.stream_id] = _Stream(send_credit=self.peer.stream_window,
                                                recv_credit=self.local.stream_window)
         events.append(StreamOpened(msg.stream_id, msg.protocol))
@@ -257,12 +382,16 @@ class Connection:
         events.append(StreamEnded(msg.stream_id))
 
     def _on_data(self, msg: Data, payload: bytes, events: list[Event]) -> None:
+        n = len(payload)
+        if n > self._recv_window:
+            raise ProtocolError(f"{n} bytes exceed the connection window")
+        self._recv_window -= n
         s = self._known(msg.stream_id)
         if s is None:
+            self._release(n)  # dropped at once: the window is free again
             return
         if not s.recv_open:
             raise ProtocolError(f"data on stream {msg.stream_id} after the peer closed it")
-        n = len(payload)
         if n > s.recv_credit:
             raise ProtocolError(f"stream {msg.stream_id}: {n} bytes exceed the window")
         s.recv_credit -= n
@@ -282,76 +411,209 @@ class Connection:
 
     # --- output ------------------------------------------------------------------------------
 
-    def data_to_send(self) -> list[Buffer]:
+    def data_to_send(self, now: float | None = None) -> list[Buffer]:
         """Buffers to write, in order (payloads are the caller's own buffers, uncopied)."""
-        out, self._out = self._out, []
-        return out
+        control, bulk = self.data_to_send_by_priority(now)
+        for header, payload in bulk:
+            control.append(header)
+            if payload:
+                control.append(payload)
+        return control
+
+    def data_to_send_by_priority(self, now: float | None = None,
+                                 ) -> tuple[list[Buffer], list[tuple[bytes, Buffer]]]:
+        """``(control, bulk)``, each in order; control may be written ahead of bulk, but only
+        between two bulk frames, so bulk comes as ``(header, payload)`` (payload may be empty).
+
+        Control holds every frame but Data and Close of bulk streams (those that sent a
+        message over :data:`SMALL_MESSAGE` or in several fragments), so pings, credit and
+        small messages are not stuck behind megabytes of payload.  Order within a stream is
+        kept: a stream only ever moves from control to bulk.
+        """
+        if now is not None:
+            self._observe(now)
+        control, self._control = self._control, []
+        bulk, self._bulk = self._bulk, []
+        return control, bulk
 
     def open_stream(self, protocol: str) -> int:
         """Open a stream; returns its id.  Needs the peer's Hello first."""
-        if self.peer is None:
-            raise TransportError("cannot open a stream before the peer's Hello")
+        if self.peer is None or self.state is not State.OPEN:
+            raise TransportError("cannot open a stream before the peer's Hello"
+                                 if self.peer is None else "connection is closed")
         if self.goaway_sent or self.goaway_received:
             raise TransportError("connection is going away")
-        ours = self._next_id % 2
-        if sum(1 for sid in self._streams if sid % 2 == ours) >= self.peer.max_streams:
+        ours = len(self._streams) - self._peer_streams
+        if ours >= self.peer.max_streams:
             raise TransportError(f"peer allows at most {self.peer.max_streams} streams")
         stream_id = self._next_id
         self._next_id += 2
-        self._out.append(encode_frame(Open(stream_id, protocol)))
+        self._control.append(encode_frame(Open(stream_id, protocol)))
         self._streams[stream_id] = _Stream(send_credit=self.peer.stream_window,
                                            recv_credit=self.local.stream_window)
         return stream_id
 
     def send_budget(self, stream_id: int) -> int:
-        """How many payload bytes :meth:`send_data` accepts now (window and frame size)."""
+        """How many payload bytes :meth:`send_data` accepts now (windows and frame size)."""
         s = self._sendable(stream_id)
         assert self.peer is not None
-        return min(s.send_credit, self.peer.max_frame_size - DATA_OVERHEAD)
+        window = s.reserved or self._send_window
+        return min(s.send_credit, window, self.peer.max_frame_size - DATA_OVERHEAD)
+
+    def reserve(self, stream_id: int, size: int) -> bool:
+        """Before the first fragment of a ``size``-byte message: take connection window for
+        all of it (so a begun message never waits for window other streams hold).  False:
+        not enough window now; wait for ``CreditAvailable(0)`` and try again."""
+        s = self._sendable(stream_id)
+        if s.reserved:
+            return True
+        if size > self._send_window:
+            return False
+        self._send_window -= size
+        s.reserved = size
+        return True
 
     def send_data(self, stream_id: int, data: Buffer, *, more: bool = False) -> None:
         """Send a message fragment (``more`` = further fragments follow) within the budget."""
-        if len(data) > self.send_budget(stream_id):
-            raise ValueError(f"{len(data)} bytes exceed the send budget of stream {stream_id}")
-        self._streams[stream_id].send_credit -= len(data)
-        self._out.append(frame_header(Data(stream_id, more), len(data)))
-        if data:
-            self._out.append(data)
+        n = len(data)
+        if n > self.send_budget(stream_id):
+            raise ValueError(f"{n} bytes exceed the send budget of stream {stream_id}")
+        s = self._streams[stream_id]
+        s.send_credit -= n
+        if s.reserved:
+            s.reserved -= n
+        else:
+            self._send_window -= n
+        if more or n > SMALL_MESSAGE:
+            s.bulk = True
+        header = frame_header(Data(stream_id, more), n)
+        if s.bulk:
+            self._bulk.append((header, data))
+        else:
+            self._control.append(header)
+            if data:
+                self._control.append(data)
 
     def close_stream(self, stream_id: int) -> None:
         """Half-close: send nothing more on the stream."""
         s = self._sendable(stream_id)
         s.send_open = False
-        self._out.append(encode_frame(Close(stream_id)))
+        if s.bulk:
+            self._bulk.append((encode_frame(Close(stream_id)), b""))
+        else:
+            self._control.append(encode_frame(Close(stream_id)))
         self._drop_if_done(stream_id, s)
 
     def reset_stream(self, stream_id: int, reason: str = "") -> None:
         """Abort the stream both ways (no-op if it is already gone)."""
-        if self._streams.pop(stream_id, None) is not None:
-            self._out.append(encode_frame(Reset(stream_id, reason[:MAX_REASON])))
+        s = self._streams.get(stream_id)
+        if s is not None:
+            self._forget(stream_id, s)
+            self._control.append(encode_frame(Reset(stream_id, reason[:MAX_REASON])))
 
     def consumed(self, stream_id: int, n: int) -> None:
-        """The application took ``n`` bytes of messages; return credit in batches."""
+        """The application took (or dropped) ``n`` bytes of messages; return credit in batches.
+
+        Call it for every delivered message, also after its stream is gone: the connection
+        window is only freed here.
+        """
+        self._release(n)
         s = self._streams.get(stream_id)
         if s is None or not s.recv_open:
             return
         s.unreleased += n
         if s.unreleased >= max(1, self.local.stream_window // 4):
             s.recv_credit += s.unreleased
-            self._out.append(encode_frame(Credit(stream_id, s.unreleased)))
+            self._control.append(encode_frame(Credit(stream_id, s.unreleased)))
             s.unreleased = 0
 
     def send_ping(self, nonce: int) -> None:
-        self._out.append(encode_frame(Ping(nonce)))
+        self._control.append(encode_frame(Ping(nonce)))
 
     def send_goaway(self, reason: str = "") -> None:
         """Refuse new streams from now on (open ones continue)."""
         if not self.goaway_sent:
             self.goaway_sent = True
-            self._out.append(encode_frame(GoAway(reason[:MAX_REASON])))
+            self._control.append(encode_frame(GoAway(reason[:MAX_REASON])))
+
+    def retire(self, reason: str) -> None:
+        """GoAway, then a Ping whose Pong proves no Open of the peer is still in flight; the
+        connection ends (:class:`ConnectionTerminated` at the next timer) once that Pong is
+        back and no stream is open."""
+        if self.retired or self.state is not State.OPEN:
+            return
+        self.retired = True
+        self.send_goaway(reason)
+        self.send_ping(DRAIN_NONCE)
+
+    def mark_admitted(self) -> None:
+        """The peer was admitted: cancel the admission deadline."""
+        self._admitted = True
 
     def stream_count(self) -> int:
         return len(self._streams)
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must run next (None: no timers, or the connection ended)."""
+        t = self._timers
+        if t is None or self.state in (State.ERROR, State.CLOSED):
+            return None
+        if self.peer is None:
+            return self._started + t.hello_timeout
+        when = min(self._last_rx + t.keepalive_timeout,
+                   max(self._last_rx, self._ping_at) + t.keepalive_interval)
+        if not self._admitted and t.admission_timeout is not None:
+            when = min(when, self._started + t.admission_timeout)
+        if self.retired:
+            if self._drained and not self._streams:
+                return self._now
+        elif not self._streams and not self._had_streams:
+            when = min(when, self._busy_at + t.idle_timeout)
+        return when
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Act on every deadline that passed: Ping, retire, or :class:`ConnectionTerminated`."""
+        t = self._timers
+        if t is None or self.state in (State.ERROR, State.CLOSED):
+            return []
+        self._observe(now)
+        if self.peer is None:
+            if now >= self._started + t.hello_timeout:
+                return self._terminate(ProtocolError(f"no Hello within {t.hello_timeout:g}s"))
+            return []
+        if now >= self._last_rx + t.keepalive_timeout:
+            if self.decoder.buffered:
+                return self._terminate(ProtocolError(
+                    f"one frame took over {t.keepalive_timeout:g}s to arrive (slowloris)"))
+            return self._terminate(TransportError(f"silent for {t.keepalive_timeout:g}s"))
+        if (not self._admitted and t.admission_timeout is not None
+                and now >= self._started + t.admission_timeout):
+            return self._terminate(TransportError(
+                f"not admitted within {t.admission_timeout:g}s"))
+        if self.retired and self._drained and not self._streams:
+            return self._terminate(TransportError("connection retired"))
+        if now >= max(self._last_rx, self._ping_at) + t.keepalive_interval:
+            self._nonce += 1
+            self.send_ping(self._nonce)
+            self._ping_at = now
+        if not self.retired and not self._streams and now >= self._busy_at + t.idle_timeout:
+            self.retire("idle")
+        return []
+
+    def _observe(self, now: float) -> None:
+        self._now = now
+        if self._streams or self._had_streams:
+            self._busy_at = now
+            self._had_streams = False
+
+    def _terminate(self, error: TransportError) -> list[Event]:
+        self.state = State.ERROR if isinstance(error, ProtocolError) else State.CLOSED
+        self.error = error
+        return [ConnectionTerminated(error)]
+
+    # --- internals ---------------------------------------------------------------------------
 
     def _sendable(self, stream_id: int) -> _Stream:
         s = self._streams.get(stream_id)
@@ -363,7 +625,24 @@ class Connection:
             raise TransportError("no Hello from the peer yet")
         return s
 
+    def _release(self, n: int) -> None:
+        self._unreleased += n
+        if self._unreleased >= max(1, self.local.connection_window // 4):
+            self._recv_window += self._unreleased
+            self._control.append(encode_frame(ConnectionCredit(self._unreleased)))
+            self._unreleased = 0
+
     def _drop_if_done(self, stream_id: int, s: _Stream) -> None:
         if not s.send_open and not s.recv_open:
-            del self._streams[stream_id]
+            self._forget(stream_id, s)
+
+    def _forget(self, stream_id: int, s: _Stream) -> None:
+        del self._streams[stream_id]
+        if (stream_id % 2 == 1) != (self.role is Role.DIALER):
+            self._peer_streams -= 1
+        self._had_streams = True
+        self._send_window += s.reserved  # never sent: ours again
+        if s.partial:
+            self._release(s.partial)  # the half-received message is dropped
+            s.parts.clear()
 

@@ -8,7 +8,9 @@ msgpack header lets the sender write a caller's buffer without copying it.
 
 from __future__ import annotations
 
+import ctypes
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Annotated, Final
 
@@ -16,6 +18,7 @@ import msgspec
 
 from blobmesh.errors import ProtocolError
 
+#: The frame-format version (the byte after the length); the protocol version is in the ALPN.
 WIRE_VERSION: Final = 1
 PREFIX: Final = struct.Struct(">IBH")
 LENGTH_SIZE: Final = 4
@@ -27,6 +30,8 @@ MAX_HEADER_SIZE: Final = 1024
 DATA_OVERHEAD: Final = 32
 MAX_PROTOCOL_NAME: Final = 128
 MAX_REASON: Final = 512
+#: Payload bytes a peer may have in flight to us over one connection, all streams together.
+DEFAULT_CONNECTION_WINDOW: Final = 32 * 1024 * 1024
 
 U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
 U62 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]
@@ -96,7 +101,20 @@ class GoAway(msgspec.Struct, array_like=True, frozen=True, tag=9):
     reason: Reason
 
 
-Message = Hello | Open | Data | Close | Reset | Credit | Ping | Pong | GoAway
+class ConnectionCredit(msgspec.Struct, array_like=True, frozen=True, tag=10):
+    """The receiver allows ``amount`` more payload bytes on the connection, all streams.
+
+    Each side sends one right after its Hello to grant its initial connection window.
+    """
+
+    amount: U32
+
+
+Message = (Hello | Open | Data | Close | Reset | Credit | Ping | Pong | GoAway
+           | ConnectionCredit)
+
+#: Data payloads at least this large are received straight into their own ``bytes`` object.
+DIRECT_PAYLOAD: Final = 64 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -122,13 +140,47 @@ def encode_frame(message: Message, payload: bytes | memoryview = b"") -> bytes:
     return frame_header(message, len(payload)) + payload
 
 
+def _new_bytes(n: int) -> tuple[bytes | bytearray, memoryview]:
+    """A new ``n``-byte object and a writable view of its memory, to fill before anyone else
+    sees it (what C code does with ``PyBytes_FromStringAndSize(NULL, n)``): a received payload
+    lands in the ``bytes`` handed to the application without a copy.  Elsewhere than
+    CPython a bytearray, converted (copied) at the end."""
+    if _BYTES_DATA is None:
+        scratch = bytearray(n)
+        return scratch, memoryview(scratch)
+    obj = _bytes_from_size(None, n)
+    # the ctypes array does not own the memory; ``obj`` stays referenced while it is filled
+    return obj, memoryview((ctypes.c_char * n).from_address(id(obj) + _BYTES_DATA)).cast("B")
+
+
+if sys.implementation.name == "cpython":
+    _bytes_from_size = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _bytes_from_size.restype = ctypes.py_object
+    _bytes_from_size.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+    _BYTES_DATA: int | None = bytes.__basicsize__ - 1  # offset of ob_sval (NUL included)
+else:  # pragma: no cover
+    _BYTES_DATA = None
+
+
+@dataclass(slots=True)
+class _Direct:
+    """A large Data frame whose payload is being received into its own object."""
+
+    message: Message
+    payload: bytes | bytearray
+    target: memoryview
+    filled: int
+
+
 class FrameDecoder:
     """Splits a byte stream into frames, enforcing ``max_frame_size`` before buffering a body.
 
     Bytes go in either with :meth:`feed` or, without a copy, by receiving straight into
-    :meth:`get_buffer` and then calling :meth:`advance`.  Memory stays below twice the largest
-    frame.  Any malformed input raises :class:`ProtocolError`, after which the decoder is
-    unusable.
+    :meth:`get_buffer` and then calling :meth:`advance`; once the header of a Data frame with
+    at least :data:`DIRECT_PAYLOAD` payload bytes is in, :meth:`get_buffer` is the rest of that
+    payload's own ``bytes``, so the socket fills it and nothing copies it again.  Memory stays
+    below twice the largest frame plus that payload.  Any malformed input raises
+    :class:`ProtocolError`, after which the decoder is unusable.
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
@@ -141,9 +193,12 @@ class FrameDecoder:
         self._end = 0
         self._need = LENGTH_SIZE  # bytes from _start until the next frame can be decoded
         self._failed: ProtocolError | None = None
+        self._direct: _Direct | None = None
 
     def get_buffer(self) -> memoryview:
         """Free space to receive into; always at least enough for the pending frame."""
+        if (d := self._direct) is not None:
+            return d.target[d.filled:]
         if len(self._buf) - self._start < self._need or self._end == len(self._buf):
             # move the partial frame to the front; it fits since the buffer holds two frames
             pending = self._end - self._start
@@ -155,6 +210,16 @@ class FrameDecoder:
         """Account for ``n`` bytes written into the last :meth:`get_buffer`; decode frames."""
         if self._failed is not None:
             raise self._failed
+        if (d := self._direct) is not None:
+            if n < 0 or d.filled + n > len(d.target):
+                raise ValueError("advance past the buffer")
+            d.filled += n
+            if d.filled < len(d.target):
+                return []
+            self._direct = None
+            d.target.release()
+            payload = d.payload if isinstance(d.payload, bytes) else bytes(d.payload)
+            return [Frame(d.message, payload)]
         if n < 0 or self._end + n > len(self._buf):
             raise ValueError("advance past the buffer")
         self._end += n
@@ -179,9 +244,14 @@ class FrameDecoder:
         return frames
 
     @property
+    def failed(self) -> ProtocolError | None:
+        """The error that made this decoder unusable, if any."""
+        return self._failed
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet decoded."""
-        return self._end - self._start
+        return self._end - self._start + (self._direct.filled if self._direct else 0)
 
     def _decode(self) -> list[Frame]:
         frames: list[Frame] = []
@@ -195,8 +265,8 @@ class FrameDecoder:
             if length < PREFIX.size - LENGTH_SIZE:
                 raise ProtocolError(f"frame of {length} bytes is too short")
             end = start + LENGTH_SIZE + length
-            if self._end < end:
-                self._need = end - start
+            if self._end - start < PREFIX.size:
+                self._need = PREFIX.size
                 break
             _, version, header_len = PREFIX.unpack_from(buf, start)
             if version != WIRE_VERSION:
@@ -204,20 +274,28 @@ class FrameDecoder:
             header_end = start + PREFIX.size + header_len
             if header_len == 0 or header_len > MAX_HEADER_SIZE or header_end > end:
                 raise ProtocolError(f"bad frame header length {header_len}")
+            complete = self._end >= end
+            if not complete and (end - header_end < DIRECT_PAYLOAD or self._end < header_end):
+                self._need = (end if end - header_end < DIRECT_PAYLOAD else header_end) - start
+                break
             try:
                 message = _decoder.decode(view[start + PREFIX.size:header_end])
             except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
                 # msgspec reports invalid UTF-8 in a str as UnicodeDecodeError
                 raise ProtocolError(f"malformed frame header: {exc}") from exc
-            if header_end < end:
-                if not isinstance(message, Data):
-                    raise ProtocolError(
-                        f"{type(message).__name__} frame carries a payload")
-                frames.append(Frame(message, bytes(view[header_end:end])))
-            else:
-                frames.append(Frame(message))
-            self._start = end
+            if header_end < end and not isinstance(message, Data):
+                raise ProtocolError(f"{type(message).__name__} frame carries a payload")
             self._need = LENGTH_SIZE
+            if not complete:  # the rest of a large payload goes straight into its object
+                payload, target = _new_bytes(end - header_end)
+                got = self._end - header_end
+                target[:got] = view[header_end:self._end]
+                self._direct = _Direct(message, payload, target, got)
+                self._start = self._end = 0
+                return frames
+            frames.append(Frame(message, bytes(view[header_end:end]) if header_end < end
+                                else b""))
+            self._start = end
         if self._start == self._end:
             self._start = self._end = 0
         return frames
