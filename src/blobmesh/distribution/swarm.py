@@ -66,6 +66,7 @@ from blobmesh.transport.identity import NodeId
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
 UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
 MAX_OUTBOX = 8192  # messages queued per connection before it counts as not reading
@@ -146,6 +147,7 @@ class _Conn:
         self.pieces_queued = 0  # reserved or queued piece uploads
         self.parked: list[_Upload] = []  # uploads waiting for room in the outbox
         self.unacked: dict[int, float] = {}  # pieces sent, not yet announced: index -> when
+        self.last_ack = time.monotonic()  # (or when the connection began)
         self.max_unacked = max(OUTBOX_PIECES, UNACKED_BYTES // session.piece_size)
 
     def upload_room(self) -> bool:
@@ -155,7 +157,10 @@ class _Conn:
 
     def acked(self, index: int) -> bool:
         """The peer announced (or withdrew) ``index``; True if that freed upload room."""
-        return self.unacked.pop(index, None) is not None
+        if self.unacked.pop(index, None) is None:
+            return False
+        self.last_ack = time.monotonic()
+        return True
 
     def push(self, message: bytes, piece: int = -1) -> None:
         """Queue a message; never waits.  A peer that lets the queue overflow is dropped."""
@@ -507,13 +512,16 @@ class SwarmEngine:
 
         The first requester of a piece claims it; while that claim is live, other
         requesters are told to get it elsewhere (the claimant will announce it), at most
-        ``MAX_REDIRECTS`` times per requester and piece so nobody starves.
+        ``MAX_REDIRECTS`` times per requester and piece so nobody starves.  A claimant that
+        has acknowledged nothing for ``CLAIM_TTL`` (a peer that does not read, say, having
+        asked for every piece) holds no claim.
         """
         if conn.job is not None:
             return False
         claims = self._claimed.setdefault(blob_id, {})
         owner = claims.get(index)
-        if owner is None or owner.closed or owner is conn:
+        if owner is None or owner.closed or owner is conn or \
+                time.monotonic() - owner.last_ack > CLAIM_TTL:
             claims[index] = conn
             return False
         counts = self._redirected.setdefault(blob_id, {})
