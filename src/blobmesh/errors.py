@@ -196,3 +196,18 @@ class IdentityError(BlobmeshError):
 
 class DialTimeoutError(TransportError):
     """Connecting to a peer (TCP and TLS handshake) did not finish within the dial timeout."""
+
+
+# --- node ------------------------------------------------------------------------------------
+
+
+class NodeError(BlobmeshError):
+    """A node could not start or be driven as asked."""
+
+
+class HomeInUseError(NodeError):
+    """Another node process holds this home's lock."""
+
+
+class AmbiguousIdError(InvalidIdError):
+    """An id prefix matches more than one blob or distribution."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from blobmesh.distribution.model import DistributionState, DistributionStatus, TargetState
-from blobmesh.hashing import BlobId
+from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.node.client import ControlError, NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
 from blobmesh.store import LeaseId, Store
+from tests.cli import schemas
 from tests.util import eventually
 
 pytestmark = pytest.mark.slow
@@ -27,6 +29,8 @@ MiB = 1024 * 1024
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     with Fleet(tmp_path) as f:
         yield f
+    # normal use, cancels and clients that go away included, logs no traceback
+    assert f.tracebacks() == []
 
 
 def add_blob(node: FleetNode, size: int) -> BlobId:
@@ -113,20 +117,48 @@ async def test_bad_requests_get_clear_errors(fleet: Fleet) -> None:
 
 async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
     src = fleet.add()
-    slow = fleet.add(extra=["--download-rate", str(4 * MiB)])
+    slow = fleet.add(extra=["--download-rate", str(MiB)])  # 40 s: time for several CLI runs
     fleet.start()
     await fleet.wait_converged(20)
     blob = add_blob(src, 40 * MiB)
     r = cli(src.home, "distribute", str(blob), "--to", "all", "--wait", "--timeout", "1")
     assert r.returncode != 0
     assert "not finished after 1.0s" in r.stderr and "Traceback" not in r.stderr
+    assert "goes on (follow it with: blobmesh status d-" in r.stderr
+    # the same blob and scope again: the active distribution, its status on stdout at timeout
+    r = cli(src.home, "distribute", str(blob)[:12], "--to", "all", "--wait", "--timeout", "1",
+            "--json")
+    assert r.returncode == 1 and "not finished after 1.0s" in r.stderr
+    waited = schemas.check(json.loads(r.stdout), schemas.Status)
+    assert waited.state == "active" and waited.totals.completed == 0
+    r = cli(src.home, "distribute", str(blob), "--to", "all", "--timeout", "-1")
+    assert r.returncode == 2 and "must be greater than 0" in r.stderr
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "blobmesh.cli.main", "--home", str(src.home), "status",
+        waited.handle[:6], "--follow", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert follower.stderr is not None
+        first = await asyncio.wait_for(follower.stderr.readline(), 60)
+        assert first.decode().startswith(f"following {waited.handle}; Ctrl-C stops following")
+        follower.send_signal(signal.SIGINT)  # Ctrl-C
+        _, raw_err = await asyncio.wait_for(follower.communicate(), 30)
+    finally:
+        if follower.returncode is None:
+            follower.kill()
+            await follower.wait()
+    err = raw_err.decode()
+    assert follower.returncode == 130, err
+    assert f"stopped following; distribution {waited.handle} goes on" in err
     async with NodeClient(src.home) as client:
+        assert [str(d.handle) for d in await client.distributions()] == [waited.handle]
         handle = str((await client.distributions())[0].handle)
         status = await client.cancel(handle)
         assert status.state is DistributionState.CANCELLED
         assert status.targets[0].state is TargetState.CANCELLED
         final = await wait_done(src, handle, timeout=10)
         assert final.state is DistributionState.CANCELLED
+    again = cli(src.home, "cancel", handle[:8], "--json")  # idempotent, by prefix
+    assert schemas.check(json.loads(again.stdout), schemas.Status).state == "cancelled"
     await asyncio.sleep(1.5)
     with Store(slow.home) as store:
         assert not store.has(blob)
@@ -217,6 +249,13 @@ async def test_cli_drives_a_running_node(fleet: Fleet) -> None:
     r = cli(src.home, "peers", "--json")
     assert r.returncode == 0, r.stderr
     peers = json.loads(r.stdout)
+    for p in peers:
+        schemas.check(p, schemas.Peer)
+    r = cli(src.home, "node", "info", "--json")
+    info = schemas.check(json.loads(r.stdout), schemas.NodeInfo)
+    assert info.node == src.node_id and info.ticket == src.ticket and info.peers_alive == 1
+    assert cli(src.home, "ticket").stdout.strip() == src.ticket  # the running node's
+    assert "ticket: " + src.ticket in cli(src.home, "node", "info").stdout
     assert [p["node"] for p in peers if p["node"] != src.node_id] == [dst.node_id]
     mine = next(p for p in peers if p["node"] == dst.node_id)
     assert mine["groups"] == ["g"] and mine["capabilities"] == {"gpu": True}
@@ -225,17 +264,37 @@ async def test_cli_drives_a_running_node(fleet: Fleet) -> None:
     r = cli(src.home, "distribute", str(payload), "--to", "cap:gpu=true", "--wait", "--json")
     assert r.returncode == 0, r.stderr
     final = json.loads(r.stdout)
+    schemas.check(final, schemas.Status)
     assert final["state"] == "completed" and final["totals"]["completed"] == 1
     assert holds(dst, BlobId.parse(final["blob"]))
     r = cli(src.home, "distributions", "--json")
-    assert [d["handle"] for d in json.loads(r.stdout)] == [final["handle"]]
-    r = cli(src.home, "status", final["handle"])
-    assert r.returncode == 0 and "completed" in r.stdout
+    assert [schemas.check(d, schemas.Status).handle for d in json.loads(r.stdout)] == [
+        final["handle"]]
+    assert json.loads(cli(src.home, "distributions", "--active", "--json").stdout) == []
+    shown = json.loads(cli(src.home, "status", final["handle"], "--json").stdout)
+    assert schemas.check(shown, schemas.Status).handle == final["handle"]
+    r = cli(src.home, "status", final["handle"][:7])  # a unique prefix
+    assert r.returncode == 0 and "completed" in r.stdout and final["handle"] in r.stdout
+    r = cli(src.home, "distribute", final["blob"], "--to", "all", "-q")
+    assert r.returncode == 0 and r.stdout.startswith("d-") and len(r.stdout.split()) == 1
+    await wait_done(src, r.stdout.strip())
+    listing = cli(src.home, "distributions").stdout
+    assert all(w in listing for w in ("handle", "state", "eta", final["handle"], "completed"))
+    pruned = schemas.check(json.loads(cli(src.home, "distributions", "prune", "--json").stdout),
+                           schemas.Pruned)
+    assert sorted(pruned.pruned) == sorted([final["handle"], r.stdout.strip()])
+    assert json.loads(cli(src.home, "distributions", "--json").stdout) == []
     r = cli(dst.home, "status", "d-0123456789abcdef")
     assert r.returncode == 1 and r.stderr.startswith("blobmesh: error: unknown distribution")
     fleet.stop()
     r = cli(src.home, "peers")
     assert r.returncode == 1 and "no node is running" in r.stderr
+    fresh = src.home.parent / "fresh.bin"
+    fresh.write_bytes(os.urandom(1000))
+    r = cli(src.home, "distribute", str(fresh), "--to", "all")
+    assert r.returncode == 1 and "no node is running" in r.stderr
+    with Store(src.home) as store:  # nothing was copied for a distribution that cannot run
+        assert str(hash_bytes(fresh.read_bytes())) not in {str(b.blob_id) for b in store.blobs()}
 
 
 async def test_point_to_point_get_from_a_node_is_for_members(fleet: Fleet, tmp_path: Path
@@ -247,10 +306,16 @@ async def test_point_to_point_get_from_a_node_is_for_members(fleet: Fleet, tmp_p
     blob = add_blob(src, 3 * MiB)
     out = tmp_path / "out.bin"
     r = await asyncio.to_thread(cli, member.home, "get", str(blob), "--from", src.ticket,
-                                "-o", str(out))
+                                "-o", str(out), "--json")
     assert r.returncode == 0, r.stderr
+    got = schemas.check(json.loads(r.stdout), schemas.Transferred)
+    assert (got.blob, got.peer, got.total, got.output) == (str(blob), src.node_id, 3 * MiB,
+                                                           str(out))
     with Store(src.home) as store:
         assert out.read_bytes() == store.get_data(blob, LeaseId.new("t"))
+    r = await asyncio.to_thread(cli, member.home, "get", str(blob), "--from", src.ticket,
+                                "--json")
+    assert schemas.check(json.loads(r.stdout), schemas.AlreadyPresent).already_present
     stranger = tmp_path / "stranger"
     r = await asyncio.to_thread(cli, stranger, "get", str(blob), "--from", src.ticket)
     assert r.returncode != 0

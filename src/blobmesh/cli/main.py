@@ -13,17 +13,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blobmesh import __version__
-from blobmesh.cli import net_cmds, node_cmds, share_cmds, space_cmds, store_cmds, transfer_cmds
+from blobmesh.cli import (
+    completion_cmds,
+    net_cmds,
+    node_cmds,
+    share_cmds,
+    space_cmds,
+    store_cmds,
+    transfer_cmds,
+)
+from blobmesh.cli.output import HelpFormatter
 from blobmesh.errors import BlobmeshError
+
+HOME_HELP = "store home directory (default: $BLOBMESH_HOME or the user data dir)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="blobmesh",
+        prog="blobmesh", formatter_class=HelpFormatter,
         description="Store, move and distribute content-addressed blobs.")
     parser.add_argument("--version", action="version", version=f"blobmesh {__version__}")
-    parser.add_argument("--home", type=Path, default=None,
-                        help="store home directory (default: $BLOBMESH_HOME or the user data dir)")
+    parser.add_argument("--home", type=Path, default=None, help=HOME_HELP)
+    parser.add_argument("--json", dest="global_json", action="store_true",
+                        help="machine-readable output, for commands that have it (also "
+                             "accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store_cmds.register(sub)
     share_cmds.register(sub)
@@ -31,12 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_cmds.register(sub)
     node_cmds.register(sub)
     space_cmds.register(sub)
+    completion_cmds.register(sub)
+    for p in subcommand_parsers(parser):
+        p.formatter_class = HelpFormatter
+        # global options are accepted after the subcommand too; SUPPRESS keeps a value
+        # given before it when none is given after
+        p.add_argument("--home", type=Path, default=argparse.SUPPRESS, help=HOME_HELP)
     return parser
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (nested) subcommand parser under ``parser``."""
+    out: list[argparse.ArgumentParser] = []
+    for action in parser._actions:  # argparse offers no public walk of its tree
+        if isinstance(action, argparse._SubParsersAction):
+            for p in dict.fromkeys(action.choices.values()):
+                out.append(p)
+                out.extend(subcommand_parsers(p))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.global_json:
+        if not hasattr(args, "json"):
+            parser.error(f"{args.command} has no JSON output")
+        args.json = True
     handler = args.handler
     try:
         code: int = handler(args)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from pathlib import Path
 
 from blobmesh.store.layout import default_home
 from blobmesh.transport import Address, Identity, Ticket, parse_address
@@ -11,7 +13,8 @@ from blobmesh.transport.endpoint import DEFAULT_PORT, advertised_addresses
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    help = "print this node's ticket (node id + addresses), creating its identity if needed"
+    help = ("print this node's ticket (node id + addresses): the running node's, else one "
+            "built from --addr, creating the identity if needed")
     p = sub.add_parser("ticket", help=help, description=help)
     p.set_defaults(handler=cmd_ticket)
     p.add_argument("--addr", action="append", type=parse_address, metavar="HOST:PORT",
@@ -21,10 +24,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_ticket(args: argparse.Namespace) -> int:
-    identity = Identity.load_or_create(args.home or default_home())
+    home = args.home or default_home()
+    identity = Identity.load_or_create(home)
     if args.id:
         sys.stdout.write(f"{identity.node_id}\n")
         return 0
+    if not args.addr:
+        running = asyncio.run(_running_ticket(home))
+        if running is not None:  # the addresses the node really listens on
+            sys.stdout.write(f"{running}\n")
+            return 0
     addrs: list[Address] = args.addr or advertised_addresses("0.0.0.0", DEFAULT_PORT)
     sys.stdout.write(f"{Ticket.create(identity.node_id, addrs)}\n")
     return 0
+
+
+async def _running_ticket(home: Path) -> str | None:
+    from blobmesh.node.client import NodeClient, NodeNotRunningError
+
+    try:
+        async with NodeClient(home) as node:
+            return str((await node.node())["ticket"])
+    except NodeNotRunningError:
+        return None

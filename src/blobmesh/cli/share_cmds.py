@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from blobmesh.cli.output import byte_progress, human_bytes
-from blobmesh.cli.store_cmds import open_store
+from blobmesh.cli.store_cmds import open_store, resolve_blob
 from blobmesh.errors import InvalidIdError
 from blobmesh.hashing import BlobId
 from blobmesh.shares import ShareDir, load_blob, validate_resource_id
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Publish a blob into a directory any static web server "
                                    "can serve; sharing it again is a no-op.")
     p.set_defaults(handler=cmd_share)
-    p.add_argument("blob", metavar="ID")
+    p.add_argument("blob", metavar="ID", help="a blob id or a unique prefix of one here")
     p.add_argument("--dir", required=True, type=Path, metavar="DIR", help="share directory")
     p.add_argument("--resource", metavar="NAME", help="also publish it under this resource id")
 
@@ -62,8 +62,8 @@ def parse_ref(text: str) -> BlobId | str:
 
 
 def cmd_share(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
+        blob_id = resolve_blob(store, args.blob)
         result = ShareDir(args.dir).share(store, blob_id, args.resource)
     verb = "shared" if result.created else "already shared"
     name = f" as {args.resource}" if args.resource else ""

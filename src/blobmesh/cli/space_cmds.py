@@ -16,10 +16,12 @@ def register(sub: Subcommands) -> None:
     p = add_command(sub, "bootstrap-server", cmd_bootstrap_server,
                     "run a bootstrap server: nodes put their signed record, get a random "
                     "sample back")
-    p.add_argument("--listen", default="127.0.0.1:4920", metavar="HOST:PORT")
+    p.add_argument("--listen", default="127.0.0.1:4920", metavar="HOST:PORT",
+                   help="address to serve on (default 127.0.0.1:4920)")
     p.add_argument("--max-records", type=int, default=10_000, metavar="N",
                    help="records kept per space (default 10000)")
-    p.add_argument("--max-spaces", type=int, default=1000, metavar="N")
+    p.add_argument("--max-spaces", type=int, default=1000, metavar="N",
+                   help="spaces served at most (default 1000)")
 
 
 def cmd_bootstrap_server(args: argparse.Namespace) -> int:

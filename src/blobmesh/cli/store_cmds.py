@@ -16,9 +16,11 @@ from blobmesh.cli.output import (
     console,
     err_console,
     human_bytes,
+    human_time,
+    human_value,
     print_json,
 )
-from blobmesh.errors import BlobmeshError, SourceError
+from blobmesh.errors import AmbiguousIdError, BlobmeshError, InvalidIdError, SourceError
 from blobmesh.hashing import BlobId
 from blobmesh.store import BlobInfo, Store
 
@@ -37,28 +39,29 @@ def open_store(args: argparse.Namespace) -> Store:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_command(sub, "add", cmd_add, "add files to the store", json_flag=True)
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files to add")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the id of each file")
     p.add_argument("--pin", metavar="NAME", help="pin the (single) added blob under NAME")
 
     p = add_command(sub, "cat", cmd_cat, "write a blob to stdout (verified)")
-    p.add_argument("blob", metavar="ID")
+    p.add_argument("blob", metavar="ID", help=ID_HELP)
 
     p = add_command(sub, "export", cmd_export, "write a blob to a file (verified, atomic)")
-    p.add_argument("blob", metavar="ID")
-    p.add_argument("path", type=Path, metavar="PATH")
+    p.add_argument("blob", metavar="ID", help=ID_HELP)
+    p.add_argument("path", type=Path, metavar="PATH", help="file to write")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite PATH if it exists")
 
     add_command(sub, "ls", cmd_ls, "list blobs", json_flag=True)
 
     p = add_command(sub, "info", cmd_info, "show one blob", json_flag=True)
-    p.add_argument("blob", metavar="ID")
+    p.add_argument("blob", metavar="ID", help=ID_HELP)
 
     p = add_command(sub, "pin", cmd_pin, "protect a blob from GC under a name")
-    p.add_argument("blob", metavar="ID")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("blob", metavar="ID", help=ID_HELP)
+    p.add_argument("name", metavar="NAME", help="the pin's name (e.g. model/latest)")
 
     p = add_command(sub, "unpin", cmd_unpin, "remove a pin")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the pin's name")
 
     add_command(sub, "pins", cmd_pins, "list pins", json_flag=True)
 
@@ -69,12 +72,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--repair", action="store_true", help="quarantine corrupt and orphaned data")
 
 
+ID_HELP = "a blob id or a unique prefix of one in this store"
+
+
+def resolve_blob(store: Store, text: str) -> BlobId:
+    """A blob id from its text or from a unique prefix (``bm1cr7r``, or ``cr7r``) of one in
+    ``store``."""
+    from blobmesh.node.ids import resolve_prefix
+
+    try:
+        return BlobId.parse(text)
+    except InvalidIdError as exc:
+        malformed = exc
+    prefix = text if text.startswith(BlobId.PREFIX) else BlobId.PREFIX + text
+    try:
+        return BlobId.parse(resolve_prefix(prefix, (str(b.blob_id) for b in store.blobs()),
+                                           "blob"))
+    except AmbiguousIdError:
+        raise
+    except InvalidIdError:
+        raise InvalidIdError(f"{malformed}; nor is it the prefix of a blob in this store",
+                             text=text) from None
+
+
 def info_json(info: BlobInfo) -> dict[str, Any]:
     return {
-        "id": str(info.blob_id), "size": info.size, "piece_size": info.piece_size,
+        "blob": str(info.blob_id), "size": info.size, "piece_size": info.piece_size,
         "complete": info.complete, "pieces_present": info.pieces_present,
         "pieces_total": info.pieces_total, "pins": list(info.pins), "leases": info.leases,
-        "created": info.created,
+        "created_at": info.created,
     }
 
 
@@ -115,18 +141,22 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
     out = sys.stdout.buffer
-    with open_store(args) as store, store.get_reader(blob_id, None, verify=True) as reader:
-        while chunk := reader.read(1 << 20):
-            out.write(chunk)
+    with open_store(args) as store:
+        blob_id = resolve_blob(store, args.blob)
+        with store.get_reader(blob_id, None, verify=True) as reader:
+            while chunk := reader.read(1 << 20):
+                out.write(chunk)
     out.flush()
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
+    path: Path = args.path
+    if path.exists() and not args.force:
+        raise BlobmeshError(f"{path} exists (use --force to overwrite it)", path=str(path))
     with open_store(args) as store:
+        blob_id = resolve_blob(store, args.blob)
         info = store.info(blob_id)
         with byte_progress(sys.stderr.isatty()) as progress:
             task = progress.add_task("export", total=info.size)
@@ -149,20 +179,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
-        info = store.info(blob_id)
+        info = store.info(resolve_blob(store, args.blob))
     if args.json:
         print_json(info_json(info))
         return 0
-    for key, value in info_json(info).items():
-        say(f"{key:>15}: {value}")
+    rows = {"id": info.blob_id, "size": f"{human_bytes(info.size)} ({info.size} bytes)",
+            "piece size": human_bytes(info.piece_size), "complete": info.complete,
+            "pieces present": info.pieces_present, "pieces total": info.pieces_total,
+            "pins": ", ".join(info.pins) or "-", "leases": info.leases,
+            "created": human_time(info.created)}
+    for key, value in rows.items():
+        say(f"{key:>15}: {human_value(value)}")
     return 0
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    blob_id = BlobId.parse(args.blob)
     with open_store(args) as store:
+        blob_id = resolve_blob(store, args.blob)
         store.pin(blob_id, args.name)
     say(f"pinned {blob_id} as {args.name}")
     return 0
@@ -179,7 +213,8 @@ def cmd_pins(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         pins = store.pins()
     if args.json:
-        print_json([{"name": p.name, "id": str(p.blob_id), "created": p.created} for p in pins])
+        print_json([{"name": p.name, "blob": str(p.blob_id), "created_at": p.created}
+                    for p in pins])
         return 0
     for p in pins:
         say(f"{p.name}  {p.blob_id}")
@@ -209,7 +244,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print_json({"checked": report.checked, "bytes_checked": report.bytes_checked,
                     "ok": report.ok, "repaired": report.repaired,
                     "problems": [{"kind": p.kind, "path": p.path, "detail": p.detail,
-                                  "id": str(p.blob_id) if p.blob_id else None}
+                                  "blob": str(p.blob_id) if p.blob_id else None}
                                  for p in report.problems]})
     else:
         for p in report.problems:

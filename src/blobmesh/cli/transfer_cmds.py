@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from rich.progress import Progress, TaskID
 
 from blobmesh.cli.output import byte_progress, err_console, human_bytes
+from blobmesh.cli.store_cmds import resolve_blob
 from blobmesh.hashing import BlobId
 from blobmesh.store import Store
 from blobmesh.transfer import (
@@ -50,16 +51,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("get", help="fetch a blob from a peer (verified, resumable)",
                        description="Fetch a blob from a peer into the store; an interrupted "
                                    "get resumes where it stopped.")
-    p.add_argument("blob", metavar="ID")
-    p.add_argument("--from", dest="ticket", required=True, metavar="TICKET")
+    p.add_argument("blob", metavar="ID", help="the full id of the blob to fetch")
+    p.add_argument("--from", dest="ticket", required=True, metavar="TICKET",
+                   help="ticket of the peer to fetch from (blobmesh ticket, on it)")
     p.add_argument("-o", "--output", metavar="PATH", help="also export the blob to PATH")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     _window_flag(p)
     p.set_defaults(handler=cmd_get)
 
-    p = sub.add_parser("push", help="send a blob to a peer serving with --accept-push")
-    p.add_argument("blob", metavar="ID")
-    p.add_argument("--to", dest="ticket", required=True, metavar="TICKET")
+    p = sub.add_parser("push", help="send a blob to a peer serving with --accept-push",
+                       description="send a blob to a peer serving with --accept-push")
+    p.add_argument("blob", metavar="ID", help="a blob id or a unique prefix of one here")
+    p.add_argument("--to", dest="ticket", required=True, metavar="TICKET",
+                   help="ticket of the peer to push to")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     _window_flag(p)
     p.set_defaults(handler=cmd_push)
@@ -175,7 +179,11 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace, *, pull: bool) -> int:
-    blob_id = BlobId.parse(args.blob)
+    if pull:
+        blob_id = BlobId.parse(args.blob)  # a blob not here yet: no prefix to resolve
+    else:
+        with Store(args.home) as store:
+            blob_id = resolve_blob(store, args.blob)
     ticket = Ticket.parse(args.ticket)
     out = _Outcome()
 
@@ -252,7 +260,7 @@ def _report_done(args: argparse.Namespace, blob_id: BlobId, ticket: Ticket, out:
     st = out.state
     if st is None:  # the blob was already here
         if args.json:
-            print(json.dumps({"id": str(blob_id), "already_present": True}))
+            print(json.dumps({"blob": str(blob_id), "already_present": True}))
         else:
             print(f"already have {blob_id}" + (f" (exported to {args.output})"
                                                if args.output else ""))
@@ -261,9 +269,10 @@ def _report_done(args: argparse.Namespace, blob_id: BlobId, ticket: Ticket, out:
     rate = moved / out.seconds if out.seconds > 0 else 0.0
     if args.json:
         print(json.dumps({
-            "id": str(blob_id), "peer": str(ticket.node_id), "bytes": moved,
+            "blob": str(blob_id), "peer": str(ticket.node_id), "bytes": moved,
             "total": st.total, "wire_bytes": st.wire_bytes, "restarts": st.restarts,
-            "seconds": round(out.seconds, 3), "output": args.output if pull else None}))
+            "elapsed_seconds": round(out.seconds, 3),
+            "output": args.output if pull else None}))
         return
     verb, prep = ("got", "from") if pull else ("pushed", "to")
     print(f"{verb} {blob_id} ({human_bytes(st.total)}) {prep} {ticket.node_id.short()} in "

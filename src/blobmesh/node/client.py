@@ -46,6 +46,11 @@ class NodeClient:
             await self._session.close()
 
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        data, _ = await self._request_status(method, path, body)
+        return data
+
+    async def _request_status(self, method: str, path: str, body: Any = None
+                              ) -> tuple[Any, int]:
         assert self._session is not None
         try:
             async with self._session.request(method, f"http://node{path}", json=body) as resp:
@@ -53,7 +58,7 @@ class NodeClient:
                 if resp.status >= 400:
                     raise ControlError(str(data.get("error", f"HTTP {resp.status}")),
                                        status=resp.status)
-                return data
+                return data, resp.status
         except aiohttp.ClientConnectionError as exc:
             raise NodeNotRunningError(
                 f"the node of home {self.socket.parent} is not answering ({exc})") from exc
@@ -68,12 +73,36 @@ class NodeClient:
 
     async def distribute(self, blob: str, scope: str, priority: str,
                          share_urls: list[str] | None = None) -> DistributionStatus:
-        data = await self._request("POST", "/v1/distributions", {
-            "blob": blob, "scope": scope, "priority": priority, "share_urls": share_urls or []})
-        return status_from_json(data)
+        status, _ = await self.distribute_or_join(blob, scope, priority, share_urls)
+        return status
 
-    async def distributions(self) -> list[DistributionStatus]:
-        return [status_from_json(d) for d in await self._request("GET", "/v1/distributions")]
+    async def distribute_or_join(self, blob: str, scope: str, priority: str,
+                                 share_urls: list[str] | None = None, *, new: bool = False
+                                 ) -> tuple[DistributionStatus, bool]:
+        """Start a distribution, or (unless ``new``) get the active one for the same blob and
+        scope; the flag says whether a new one was created."""
+        data, code = await self._request_status("POST", "/v1/distributions", {
+            "blob": blob, "scope": scope, "priority": priority,
+            "share_urls": share_urls or [], "new": new})
+        return status_from_json(data), code == 201
+
+    async def distributions(self, *, active: bool = False) -> list[DistributionStatus]:
+        query = "?active=true" if active else ""
+        return [status_from_json(d)
+                for d in await self._request("GET", f"/v1/distributions{query}")]
+
+    async def prune(self) -> list[str]:
+        """Hide finished distributions from listings; returns their handles."""
+        result: list[str] = (await self._request("POST", "/v1/distributions/prune"))["pruned"]
+        return result
+
+    async def resolve_handle(self, text: str) -> str:
+        """A full handle from a unique prefix (``d-3f2``, or ``3f2``) of a known one."""
+        from blobmesh.node.ids import resolve_prefix
+
+        known = [str(s.handle) for s in await self.distributions()]
+        return resolve_prefix(text if text.startswith("d-") else f"d-{text}", known,
+                              "distribution")
 
     async def status(self, handle: str) -> DistributionStatus:
         return status_from_json(await self._request("GET", f"/v1/distributions/{handle}"))

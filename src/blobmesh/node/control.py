@@ -1,37 +1,64 @@
 """The node's local control API: HTTP over a Unix socket in the node's home.
 
 Only processes that can open ``HOME/control.sock`` (file mode 0600) can drive the node.
-Routes (all JSON unless noted):
+Routes (all JSON unless noted; the JSON naming scheme is in ``docs/distribution.md``):
 
-* ``GET  /v1/node``                          node id, ticket, listen addresses
+* ``GET  /v1/node``                          node id, ticket, addresses, version, uptime, store
 * ``GET  /v1/peers``                         peers the space knows
-* ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls"}``
-* ``GET  /v1/distributions``                 every distribution known here
+* ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls",
+  "new"}``: 201 with a new distribution, or 200 with the active one for the same blob and
+  scope (unless ``"new": true``)
+* ``GET  /v1/distributions[?active=true]``   distributions known here, newest first
+* ``POST /v1/distributions/prune``           hide finished distributions from listings
 * ``GET  /v1/distributions/{h}``             one status
 * ``DELETE /v1/distributions/{h}``           cancel
 * ``GET  /v1/distributions/{h}/events``      server-sent events: one status per change
 * ``GET  /metrics``                          Prometheus text format
+
+A malformed request is a 400 with ``{"error": message, "type": ...}``, an unknown handle or
+blob a 404, a refused one a 409; never a 500 for anything a client sends.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from aiohttp import web
 
 from blobmesh.distribution.model import DistributionHandle
 from blobmesh.errors import BlobmeshError, BlobNotFoundError, InvalidIdError
 from blobmesh.hashing import BlobId
 from blobmesh.node.codec import status_to_json
+from blobmesh.shares.sources import open_source
 
 if TYPE_CHECKING:
     from blobmesh.node.daemon import Node
 
+log = logging.getLogger(__name__)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class DistributeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/distributions``."""
+
+    blob: str
+    scope: str = "all"
+    priority: str = "normal"
+    share_urls: list[str] = msgspec.field(default_factory=list)
+    new: bool = False
+
+
+class BadRequestError(BlobmeshError, ValueError):
+    """A control request body or query that does not parse."""
+
+    exit_code = 2
 
 
 def _error(status: int, exc: BaseException) -> web.Response:
@@ -45,37 +72,62 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
     try:
         return await handler(request)
+    except web.HTTPException:
+        raise
     except (InvalidIdError, ScopeError, ValueError, KeyError) as exc:
         if isinstance(exc, UnknownDistributionError | BlobNotFoundError):
             return _error(404, exc)
         return _error(400, exc)
     except BlobmeshError as exc:
         return _error(409, exc)
+    except (ConnectionResetError, ConnectionAbortedError):
+        raise  # the client went away: nothing to answer, nothing to log
+    except Exception as exc:  # a bug: answered and logged, the node keeps serving
+        log.exception("control request %s %s failed", request.method, request.path)
+        return _error(500, exc)
+
+
+def parse_body(raw: bytes, kind: type[DistributeRequest]) -> DistributeRequest:
+    """Decode and type-check a JSON body, or raise :class:`BadRequestError`."""
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BadRequestError(f"malformed request body: {exc}") from None
+
+
+def serve_app(app: web.Application) -> web.AppRunner:
+    """An ``AppRunner`` without access logs (the node logs what matters itself)."""
+    return web.AppRunner(app, access_log=None)
 
 
 class ControlServer:
-    """Serves the control API of one node."""
+    """Serves the control API of one node on its Unix socket.  TCP surfaces (``/metrics`` via
+    :func:`metrics_app`, a dashboard) are apps of their own given to ``Node.serve_http``."""
 
     def __init__(self, node: Node, path: Path) -> None:
         self.node = node
         self.path = path
         self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application(middlewares=[_errors])
         app.add_routes([
             web.get("/v1/node", self.get_node),
             web.get("/v1/peers", self.get_peers),
             web.post("/v1/distributions", self.post_distribution),
             web.get("/v1/distributions", self.list_distributions),
+            web.post("/v1/distributions/prune", self.prune_distributions),
             web.get("/v1/distributions/{handle}", self.get_distribution),
             web.delete("/v1/distributions/{handle}", self.delete_distribution),
             web.get("/v1/distributions/{handle}/events", self.distribution_events),
             web.get("/metrics", self.metrics),
         ])
-        self._runner = web.AppRunner(app, access_log=None)
+        return app
+
+    async def start(self) -> None:
+        self._runner = serve_app(self.app())
         await self._runner.setup()
-        self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)  # a stale socket: the home lock says no node owns it
         old = os.umask(0o177)
         try:
             await web.UnixSite(self._runner, str(self.path)).start()
@@ -95,17 +147,28 @@ class ControlServer:
         return web.json_response(self.node.peers_json())
 
     async def post_distribution(self, request: web.Request) -> web.Response:
-        body: dict[str, Any] = await request.json()
-        blob_id = BlobId.parse(str(body.get("blob", "")))
+        body = parse_body(await request.read(), DistributeRequest)
+        blob_id = BlobId.parse(body.blob)
+        for url in body.share_urls:  # refused now rather than failing on a target later
+            await open_source(url).aclose()
+        if not body.new:
+            active = self.node.active_distribution(blob_id, body.scope)
+            if active is not None:
+                return web.json_response(status_to_json(active), status=200)
         handle = await self.node.distribution.distribute(
-            blob_id, str(body.get("scope", "all")), str(body.get("priority", "normal")),
-            share_urls=[str(u) for u in body.get("share_urls", [])])
+            blob_id, body.scope, body.priority, share_urls=body.share_urls)
         status = await self.node.distribution.status(handle)
         return web.json_response(status_to_json(status), status=201)
 
     async def list_distributions(self, request: web.Request) -> web.Response:
-        return web.json_response([status_to_json(s)
-                                  for s in self.node.distribution.distributions()])
+        active = request.query.get("active", "false")
+        if active not in ("true", "false"):
+            raise BadRequestError(f"active must be true or false, not {active!r}")
+        return web.json_response([status_to_json(s) for s in
+                                  self.node.distributions(active_only=active == "true")])
+
+    async def prune_distributions(self, request: web.Request) -> web.Response:
+        return web.json_response({"pruned": self.node.prune_distributions()})
 
     async def get_distribution(self, request: web.Request) -> web.Response:
         handle = DistributionHandle.parse(request.match_info["handle"])
@@ -122,15 +185,34 @@ class ControlServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        await resp.write(_sse(status_to_json(first)))
-        async for status in updates:
-            await resp.write(_sse(status_to_json(status)))
-        await resp.write_eof()
+        try:
+            await resp.write(_sse(status_to_json(first)))
+            async for status in updates:
+                await resp.write(_sse(status_to_json(status)))
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # a --wait client that stopped following; the distribution goes on
         return resp
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.node.metrics_text(),
-                            content_type="text/plain", charset="utf-8")
+        return metrics_response(self.node)
+
+
+def metrics_response(node: Node) -> web.Response:
+    from blobmesh.node.metrics import CONTENT_TYPE
+
+    return web.Response(body=node.metrics_text().encode(),
+                        headers={"Content-Type": CONTENT_TYPE})
+
+
+def metrics_app(node: Node) -> web.Application:
+    """``/metrics`` alone, for a TCP listener a stock Prometheus scrapes."""
+    async def metrics(request: web.Request) -> web.Response:
+        return metrics_response(node)
+
+    app = web.Application()
+    app.add_routes([web.get("/metrics", metrics)])
+    return app
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

@@ -6,32 +6,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
 
 from blobmesh import __version__
+from blobmesh.distribution.model import DistributionStatus, Scope
 from blobmesh.distribution.service import DistributionConfig, DistributionService
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
-from blobmesh.errors import BlobmeshError
+from blobmesh.errors import BlobmeshError, InvalidIdError, TransportError
 from blobmesh.hashing import BlobId
-from blobmesh.node.control import ControlServer
+from blobmesh.node.control import ControlServer, metrics_app, serve_app
+from blobmesh.node.home import MAX_REMEMBERED_PEERS, HomeLock, NodeState
+from blobmesh.node.logs import configure_logging
 from blobmesh.node.metrics import render_metrics
+from blobmesh.node.watch import PeerView, RejoinPolicy, distribution_changes, peer_changes
 from blobmesh.shares import ShareMetrics, load_blob
 from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
+from blobmesh.tasks import TaskOwner
 from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
 from blobmesh.transfer.messages import Selector
-from blobmesh.transport import Endpoint, Identity, NodeId, Ticket, TransportConfig
+from blobmesh.transport import (
+    Address,
+    Endpoint,
+    Identity,
+    NodeId,
+    Ticket,
+    TransportConfig,
+    parse_address,
+)
 from blobmesh.transport.ticket import format_address, parse_listen_address
 
+if TYPE_CHECKING:
+    from blobmesh.node.config import RunSettings
+
 log = logging.getLogger(__name__)
+
+_PEER_EVENTS = {"joined": "joined", "suspect": "is suspect (not answering probes)",
+                "alive": "is alive (answers probes)", "left": "left",
+                "dead": "is dead (record gone)"}
 
 NODE_FRAME_SIZE = 264 * 1024
 
@@ -79,6 +104,12 @@ class NodeConfig:
     transport: TransportConfig = field(
         default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    metrics_listen: Address | None = None
+    """Where to serve ``/metrics`` over TCP for Prometheus (besides the control socket)."""
+    want_peers: int = 8
+    """While fewer peers are alive, remembered peers and bootstrap tickets are redialed."""
+    watch_interval: float = 1.0
+    """Seconds between looks at the space and the distributions (logs, remembered peers)."""
 
     @classmethod
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
@@ -104,18 +135,33 @@ class NodeConfig:
 
 
 class Node:
-    """A running node.  ``async with Node(config) as node: ...``"""
+    """A running node.  ``async with Node(config) as node: ...``
+
+    Constructing one takes its home's lock (:class:`HomeInUseError` if another node holds
+    it); :meth:`aclose` releases it."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.store = Store(config.home)
-        self.identity = Identity.load_or_create(config.home)
+        self._lock = HomeLock(config.home)
+        self._lock.acquire()  # before anything in the home is opened, the control socket above all
+        try:
+            self.store = Store(config.home)
+            self.identity = Identity.load_or_create(config.home)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.state = NodeState.load(config.home)
+        self.started_at = time.time()
         self._endpoint: Endpoint | None = None
         self._space: Space | None = None
         self._swarm: SwarmEngine | None = None
         self._transfer: TransferManager | None = None
         self._distribution: DistributionService | None = None
         self._control: ControlServer | None = None
+        self._tasks = TaskOwner("node")
+        self._http: list[web.AppRunner] = []
+        self.unhandled_errors = 0
+        self.metrics_address: str | None = None  # host:port of the TCP /metrics, if served
         self.share_metrics = ShareMetrics()
 
     @property
@@ -145,17 +191,19 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         try:
-            self._endpoint = await Endpoint.start(self.identity, cfg.listen, config=cfg.transport)
+            self._endpoint = await self._listen()
             space_cfg = SpaceConfig(
                 name=cfg.space, secret=cfg.secret, groups=cfg.groups,
                 capabilities=cfg.capabilities,
                 addresses=tuple(format_address(a) for a in self.endpoint.ticket.addrs),
-                seeds=tuple(Seed.from_ticket(t) for t in cfg.bootstrap), mdns=cfg.mdns,
-                timing=cfg.timing)
+                seeds=tuple(Seed.from_ticket(t) for t in self._rejoin_tickets()),
+                mdns=cfg.mdns, timing=cfg.timing)
+            book = endpoint_address_book(self.endpoint.add_peer_addresses)
             self._space = Space(space_cfg, self.identity, self.endpoint,
-                                cfg.home / "space.sqlite",
-                                address_book=endpoint_address_book(
-                                    self.endpoint.add_peer_addresses))
+                                cfg.home / "space.sqlite", address_book=book)
+            for peer in self.space.peers(alive_only=False):
+                # records kept from earlier runs: dialable now, not only once they change
+                book(peer.node_id, peer.addresses)
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
                                       authorize=self.space.is_member)
@@ -171,12 +219,128 @@ class Node:
             await self.distribution.start()
             self._control = ControlServer(self, cfg.home / "control.sock")
             await self._control.start()
+            if cfg.metrics_listen is not None:
+                self.metrics_address = await self.serve_http(metrics_app(self),
+                                                             cfg.metrics_listen)
+                log.info("metrics on http://%s/metrics", self.metrics_address)
+            self._tasks.spawn_restarting(self._watch, name="watch")
+            log.info("node %s listening on %s, addresses %s", self.identity.node_id,
+                     format_address(self.endpoint.listen_address),
+                     " ".join(format_address(a) for a in self.ticket.addrs))
+            log.info("ticket %s", self.ticket)
         except BaseException:
             await self.aclose()
             raise
 
+    async def _listen(self) -> Endpoint:
+        """Listen where configured; port 0 means the port of the last run if it is free, so
+        tickets handed out before a restart stay valid."""
+        cfg = self.config
+        host, port = cfg.listen
+        endpoint = None
+        if port == 0 and self.state.listen_port:
+            try:
+                endpoint = await Endpoint.start(self.identity, (host, self.state.listen_port),
+                                                config=cfg.transport)
+            except TransportError as exc:
+                log.warning("the port of the last run is taken, picking another (tickets "
+                            "handed out before no longer reach this node): %s", exc)
+        if endpoint is None:
+            endpoint = await Endpoint.start(self.identity, cfg.listen, config=cfg.transport)
+        if self.state.listen_port != endpoint.listen_address[1]:
+            self.state.listen_port = endpoint.listen_address[1]
+            self.state.save(cfg.home)
+        return endpoint
+
+    async def serve_http(self, app: web.Application, listen: Address) -> str:
+        """Serve ``app`` on TCP at ``listen`` until the node stops; returns ``host:port``.
+
+        The node's HTTP surfaces beyond the control socket attach here: ``/metrics`` for
+        Prometheus, and any other app (a dashboard) given the node."""
+        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:  # bound here, so port 0 works and the bound port is known
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(listen)
+        except OSError as exc:
+            sock.close()
+            raise NodeConfigError(f"cannot listen on {format_address(listen)}: "
+                                  f"{exc.strerror or exc}") from exc
+        runner = serve_app(app)
+        await runner.setup()
+        self._http.append(runner)
+        await web.SockSite(runner, sock).start()
+        return format_address((listen[0], sock.getsockname()[1]))
+
+    def _rejoin_tickets(self) -> list[Ticket]:
+        """Bootstrap tickets, then the peers remembered from earlier runs (not this node)."""
+        seen = {self.identity.node_id}
+        out = []
+        for t in [*self.config.bootstrap, *self.state.peers]:
+            if t.node_id not in seen:
+                seen.add(t.node_id)
+                out.append(t)
+        return out
+
+    async def _watch(self) -> None:
+        """Log membership and distribution changes, remember peers, redial while alone."""
+        loop = asyncio.get_running_loop()
+        rejoin = RejoinPolicy(self.config.want_peers, now=loop.time())
+        peers: dict[NodeId, PeerView] = {}
+        # what was loaded from earlier runs is history, not news
+        dists = {str(s.handle): s for s in self.distribution.distributions()}
+        me = self.identity.node_id
+        while True:
+            now_peers = self._peer_views(peers)
+            for event, node in peer_changes(peers, now_peers):
+                log.info("peer %s %s", node, _PEER_EVENTS[event])
+            peers = now_peers
+            self._remember_peers()
+            now_dists = {str(s.handle): s for s in self.distribution.distributions()}
+            for line in distribution_changes(dists, now_dists, me):
+                log.info("%s", line)
+            dists = now_dists
+            rejoin.want = self.config.want_peers  # SIGHUP may change it
+            if loop.time() >= rejoin.get_timer():
+                tickets = self._rejoin_tickets()
+                alive = sum(v.alive and not v.left for v in peers.values())
+                if rejoin.handle_timer(loop.time(), alive, len(tickets)):
+                    for t in tickets:
+                        if not self.space.is_alive(t.node_id):
+                            self.space.add_seed(Seed.from_ticket(t))
+            await asyncio.sleep(self.config.watch_interval)
+
+    def _peer_views(self, before: dict[NodeId, PeerView]) -> dict[NodeId, PeerView]:
+        views = {p.node_id: PeerView(p.alive) for p in self.space.peers(alive_only=False)}
+        for node in before.keys() - views.keys():
+            rec = self.space.peer_store.get(node)
+            if rec is not None and rec.tombstone:
+                views[node] = PeerView(False, left=True)
+        return views
+
+    def _remember_peers(self) -> None:
+        """Keep the tickets of live peers first, then the others remembered, bounded."""
+        fresh: dict[NodeId, Ticket] = {}
+        for p in self.space.peers():
+            addrs: list[Address] = []
+            for a in p.addresses:
+                with contextlib.suppress(InvalidIdError):
+                    addrs.append(parse_address(a))
+            if addrs:
+                fresh[p.node_id] = Ticket.create(p.node_id, addrs)
+        for t in self.state.peers:
+            fresh.setdefault(t.node_id, t)
+        merged = list(fresh.values())[:MAX_REMEMBERED_PEERS]
+        if [str(t) for t in merged] != [str(t) for t in self.state.peers]:
+            self.state.peers = merged
+            self.state.save(self.config.home)
+
     async def aclose(self, *, leave: bool = True) -> None:
         """Stop everything; with ``leave``, first tell the space we are going (best effort)."""
+        await self._tasks.aclose()
+        for runner in self._http:
+            await runner.cleanup()
+        self._http.clear()
         if self._control is not None:
             await self._control.aclose()
             self._control = None
@@ -187,6 +351,7 @@ class Node:
             if leave:
                 with contextlib.suppress(BlobmeshError, TimeoutError, OSError):
                     await asyncio.wait_for(self._space.leave(), 3.0)
+                    log.info("left the space")
             await self._space.aclose()
             self._space = None
         if self._transfer is not None:
@@ -199,6 +364,7 @@ class Node:
             await self._endpoint.aclose()
             self._endpoint = None
         self.store.close()
+        self._lock.release()
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -216,36 +382,113 @@ class Node:
     # --- views for the control API ---------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
+        """``GET /v1/node``: who this node is, where it listens, what it holds."""
+        blobs = self.store.blobs()
         return {"node": str(self.identity.node_id), "ticket": str(self.ticket),
+                "addresses": [format_address(a) for a in self.ticket.addrs],
+                "listen": format_address(self.endpoint.listen_address),
                 "version": __version__, "space": self.config.space,
                 "groups": list(self.config.groups),
-                "capabilities": dict(self.config.capabilities), "home": str(self.config.home)}
+                "capabilities": dict(self.config.capabilities), "home": str(self.config.home),
+                "pid": os.getpid(), "started_at": self.started_at,
+                "uptime_seconds": time.time() - self.started_at,
+                "peers_alive": len(self.space.peers()),
+                "store": {"blobs": sum(b.complete for b in blobs),
+                          "partial_blobs": sum(not b.complete for b in blobs),
+                          "bytes": sum(b.bytes_present for b in blobs)}}
+
+    def unhandled_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's last resort for an error no task owner retrieved: one ERROR line
+        naming it, counted (``blobmesh_node_unhandled_errors_total``); the traceback at
+        DEBUG, so normal logs stay readable while the bug stays visible."""
+        self.unhandled_errors += 1
+        exc = context.get("exception")
+        where = context.get("task") or context.get("future") or ""
+        name = where.get_name() if isinstance(where, asyncio.Task) else ""
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else ""
+        log.error("unhandled error%s: %s %s", f" in {name}" if name else "",
+                  context.get("message", ""), what)
+        if exc is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("unhandled error details", exc_info=exc)
+
+    def apply(self, config: NodeConfig) -> None:
+        """Take what can change while running from ``config``: bootstrap tickets (dialed
+        from the next rejoin round) and the number of peers wanted.  The rest needs a restart."""
+        self.config = replace(self.config, bootstrap=config.bootstrap,
+                              want_peers=config.want_peers)
+
+    def distributions(self, *, active_only: bool = False) -> list[DistributionStatus]:
+        """Distributions known here and not pruned, newest first."""
+        pruned = set(self.state.pruned)
+        return [s for s in self.distribution.distributions()
+                if str(s.handle) not in pruned and not (active_only and s.done)]
+
+    def active_distribution(self, blob_id: BlobId, scope: str) -> DistributionStatus | None:
+        """The active distribution this node started for ``blob_id`` to ``scope``, if any."""
+        want = str(Scope.parse(scope))
+        me = self.identity.node_id
+        return next((s for s in self.distribution.distributions()
+                     if not s.done and s.blob_id == blob_id and str(s.scope) == want
+                     and s.target(me) is None), None)
+
+    def prune_distributions(self) -> list[str]:
+        """Hide every finished distribution from listings; returns their handles."""
+        known = {str(s.handle): s for s in self.distribution.distributions()}
+        gone = [h for h, s in known.items() if s.done and h not in self.state.pruned]
+        # handles the service no longer knows need no hiding: the list stays bounded
+        self.state.pruned = sorted({*gone, *(h for h in self.state.pruned if h in known)})
+        self.state.save(self.config.home)
+        return gone
 
     def peers_json(self) -> list[dict[str, Any]]:
-        return [p.to_json() for p in self.space.peers(alive_only=False)]
+        """``GET /v1/peers``, in the CLI's JSON scheme (times in Unix seconds)."""
+        return [{"node": str(p.node_id), "addresses": list(p.addresses),
+                 "groups": sorted(p.groups), "capabilities": dict(p.capabilities),
+                 "alive": p.alive, "last_seen_at": p.last_seen or None,
+                 "expires_at": p.expires_at / 1000}
+                for p in self.space.peers(alive_only=False)]
 
     def metrics_text(self) -> str:
         return render_metrics(self)
 
 
-def run_node_forever(config: NodeConfig) -> int:
-    """Run a node until SIGINT/SIGTERM; print its ticket alone on stdout's first line."""
+def run_node_forever(settings: RunSettings,
+                     reload: Callable[[], RunSettings] | None = None) -> int:
+    """Run a node until SIGINT/SIGTERM (both leave the space gracefully); print its ticket
+    alone on stdout's first line.  SIGHUP calls ``reload`` and applies what can change while
+    running: log level and format, bootstrap tickets, the number of peers wanted."""
     from blobmesh.transport import install_uvloop, tune_malloc
 
     install_uvloop()
     tune_malloc()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with Node(config) as node:
+        async with Node(settings.node) as node:
+            loop.set_exception_handler(node.unhandled_error)
+            if reload is not None:
+                loop.add_signal_handler(signal.SIGHUP, lambda: _reload(node, reload))
             sys.stdout.write(f"{node.ticket}\n")
             sys.stdout.flush()
             await stop.wait()
+            log.info("stopping: leaving the space")
         return 0
 
     return asyncio.run(main())
+
+
+def _reload(node: Node, reload: Callable[[], RunSettings]) -> None:
+    try:
+        new = reload()
+    except BlobmeshError as exc:
+        log.warning("SIGHUP: config not reloaded: %s", exc)
+        return
+    configure_logging(new.log_level, new.log_format)
+    node.apply(new.node)
+    log.info("SIGHUP: reloaded %s (log level %s, %d bootstrap ticket(s), want %d peers)",
+             new.config_file or "flags", new.log_level, len(new.node.bootstrap),
+             new.node.want_peers)

@@ -21,6 +21,7 @@ class FleetNode:
     proc: subprocess.Popen[bytes] | None = None
     ticket: str = ""
     logs: list[Path] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)  # of the last start, for restart()
 
     @property
     def node_id(self) -> str:
@@ -31,6 +32,10 @@ class FleetNode:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def stderr(self) -> str:
+        """Everything this node's processes wrote to stderr (their logs), oldest first."""
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
 
 class Fleet:
@@ -56,11 +61,14 @@ class Fleet:
         return node
 
     def _popen(self, node: FleetNode) -> None:
-        cmd = [sys.executable, "-m", "blobmesh.cli.main", "--home", str(node.home),
-               "node", "run", *node.args]
-        seed = next((n for n in self.nodes if n.running and n is not node and n.ticket), None)
-        if seed is not None:
-            cmd += ["--bootstrap", seed.ticket]
+        if not node.cmd:
+            node.cmd = [sys.executable, "-m", "blobmesh.cli.main", "--home", str(node.home),
+                        "node", "run", *node.args]
+            seed = next((n for n in self.nodes if n.running and n is not node and n.ticket),
+                        None)
+            if seed is not None:
+                node.cmd += ["--bootstrap", seed.ticket]
+        cmd = node.cmd
         log_path = self.root / f"node{node.index}.{len(node.logs)}.log"
         node.logs.append(log_path)
         with open(log_path, "wb") as log:
@@ -79,6 +87,8 @@ class Fleet:
     def start(self, nodes: Sequence[FleetNode] | None = None) -> None:
         """Start nodes (all not yet running by default); the first one before the others."""
         todo = [n for n in (nodes or self.nodes) if not n.running]
+        for n in todo:
+            n.cmd = []  # bootstrap from whichever node runs now
         if todo and todo[0].index == 0:
             self._popen(todo[0])
             self._read_ticket(todo[0])
@@ -87,6 +97,17 @@ class Fleet:
             self._popen(n)
         for n in todo:
             self._read_ticket(n)
+
+    def tracebacks(self) -> list[str]:
+        """The logs of nodes that logged a traceback (normal use must not)."""
+        return [f"node {n.index}:\n{n.stderr()}" for n in self.nodes
+                if "Traceback" in n.stderr()]
+
+    def restart(self, node: FleetNode) -> None:
+        """SIGTERM ``node`` (it leaves the space), then start it with the very same command."""
+        self.terminate([node])
+        self._popen(node)
+        self._read_ticket(node)
 
     async def wait_converged(self, timeout: float = 30.0) -> None:
         """Wait until every running node sees every other running node alive in the space."""
@@ -115,11 +136,15 @@ class Fleet:
 
     def stop(self) -> None:
         """SIGTERM every node (each leaves the space), then wait for them."""
-        for n in self.nodes:
+        self.terminate(self.nodes)
+
+    def terminate(self, nodes: Sequence[FleetNode]) -> None:
+        """SIGTERM ``nodes`` (each leaves the space) and wait for them to exit."""
+        for n in nodes:
             if n.running:
                 assert n.proc is not None
                 n.proc.send_signal(signal.SIGTERM)
-        for n in self.nodes:
+        for n in nodes:
             if n.proc is not None:
                 try:
                     n.proc.wait(timeout=15)

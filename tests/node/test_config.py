@@ -1,0 +1,61 @@
+"""``node run`` settings: defaults < HOME/config.toml (or --config) < flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from blobmesh.cli.main import build_parser
+from blobmesh.node.config import OPTIONS, ConfigFileError, node_settings, resolve
+
+
+def args_of(home: Path, *flags: str) -> argparse.Namespace:
+    return build_parser().parse_args(["--home", str(home), "node", "run", *flags])
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    values, path = resolve(tmp_path, args_of(tmp_path))
+    assert path is None and values == {o.key: o.default for o in OPTIONS}
+
+
+def test_file_then_flags_override_it(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        'listen = "127.0.0.1:4919"\ngroup = ["edge", "gpu"]\ncap = ["gpu=true"]\n'
+        'upload_rate = 1000\nmdns = true\nlog_level = "warning"\n'
+        'metrics_listen = "127.0.0.1:9464"\nwant_peers = 3\n')
+    settings = node_settings(tmp_path, args_of(
+        tmp_path, "--group", "core", "--upload-rate", "5", "--log-format", "json"))
+    cfg = settings.node
+    assert cfg.listen == ("127.0.0.1", 4919) and cfg.groups == ("core",)  # a flag replaces
+    assert cfg.capabilities == {"gpu": True} and cfg.mdns and cfg.want_peers == 3
+    assert cfg.swarm.upload_rate == 5 and cfg.metrics_listen == ("127.0.0.1", 9464)
+    assert (settings.log_level, settings.log_format) == ("warning", "json")
+    assert settings.config_file == tmp_path / "config.toml"
+    bare = node_settings(tmp_path, args_of(tmp_path, "--metrics-listen", "9100"))
+    assert bare.node.metrics_listen == ("127.0.0.1", 9100)  # loopback unless told otherwise
+    verbose = node_settings(tmp_path, args_of(tmp_path, "-v"))
+    assert verbose.log_level == "debug"
+
+
+def test_an_explicit_config_file_wins_over_the_home_one(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('space = "home"\n')
+    other = tmp_path / "other.toml"
+    other.write_text('space = "other"\n')
+    cfg = node_settings(tmp_path, args_of(tmp_path, "--config", str(other)))
+    assert cfg.node.space == "other"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('colour = "red"\n', "unknown setting 'colour'"),
+    ("group = 'edge'\n", "group must be a list of strings"),
+    ('upload_rate = "fast"\n', "upload_rate must be a number"),
+    ("want_peers = 2.5\n", "want_peers must be an integer"),
+    ('log_level = "loud"\n', "log_level must be debug or info or warning or error"),
+    ("listen = \n", "config file"),
+])
+def test_bad_files_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(ConfigFileError, match=message):
+        resolve(tmp_path, args_of(tmp_path))

@@ -1,0 +1,129 @@
+"""The control API of two in-process nodes on loopback: input validation, reuse of the active
+distribution, pruning, node info, and ``/metrics`` as a stock Prometheus parses it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from blobmesh import __version__
+from blobmesh.distribution.swarm import SwarmConfig
+from blobmesh.node.client import ControlError, NodeClient
+from blobmesh.node.daemon import Node, NodeConfig
+from blobmesh.node.metrics import MAX_DISTRIBUTIONS
+from blobmesh.space.config import Timing
+from tests.util import eventually
+
+FAST = Timing(gossip_interval=0.2, probe_interval=0.3, maintenance_interval=0.5)
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    a = Node(NodeConfig(home=tmp_path / "a", timing=FAST, metrics_listen=("127.0.0.1", 0),
+                        watch_interval=0.1))
+    await a.start()
+    # a slow target keeps distributions active while a test looks at them
+    b = Node(NodeConfig(home=tmp_path / "b", timing=FAST, bootstrap=(a.ticket,),
+                        groups=("edge",), swarm=SwarmConfig(download_rate=256 * 1024)))
+    try:
+        await b.start()
+        await eventually(lambda: len(a.space.peers()) == 1 and len(b.space.peers()) == 1)
+        yield a, b
+    finally:
+        await b.aclose()
+        await a.aclose()
+
+
+async def raw_post(home: Path, body: bytes) -> tuple[int, Any]:
+    conn = aiohttp.UnixConnector(path=str(home / "control.sock"))
+    async with aiohttp.ClientSession(connector=conn) as s, \
+            s.post("http://node/v1/distributions", data=body,
+                   headers={"Content-Type": "application/json"}) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"[1, 2]", "Expected `object`, got `array`"),
+    (b'{"blob": "bm1x", "share_urls": "abc"}', "Expected `array`, got `str`"),
+    (b'{"scope": "all"}', "missing required field `blob`"),
+    (b'{"blob": 7}', "Expected `str`, got `int`"),
+    (b'{"blob": "bm1x", "colour": "red"}', "unknown field `colour`"),
+    (b"{not json", "malformed request body"),
+    (b'{"blob": "bm1x"}', "malformed blob id"),
+    (b'{"blob": "bm1' + b"a" * 52 + b'", "priority": "urgent"}', "priority"),
+    (b'{"blob": "bm1' + b"a" * 52 + b'", "share_urls": ["abc"]}', "unsupported share URL"),
+    (b'{"blob": "bm1' + b"a" * 52 + b'", "share_urls": ["http://"]}', "has no host"),
+])
+async def test_malformed_bodies_are_400_with_a_message(pair: tuple[Node, Node], body: bytes,
+                                                      message: str) -> None:
+    a, _ = pair
+    status, data = await raw_post(a.config.home, body)
+    assert status == 400, data
+    assert message in data["error"] and data["type"]
+
+
+async def test_same_blob_and_scope_returns_the_active_distribution(
+        pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    blob = a.store.add_bytes(os.urandom(4 * 1024 * 1024)).blob_id
+    async with NodeClient(a.config.home) as client:
+        first, created = await client.distribute_or_join(str(blob), "group:edge", "normal")
+        again, created_again = await client.distribute_or_join(str(blob), "group:edge", "low")
+        other, created_other = await client.distribute_or_join(str(blob), "group:edge",
+                                                               "normal", new=True)
+        assert (created, created_again, created_other) == (True, False, True)
+        assert again.handle == first.handle and other.handle != first.handle
+        active = {str(s.handle) for s in await client.distributions(active=True)}
+        assert active == {str(first.handle), str(other.handle)}
+        assert await client.resolve_handle(str(first.handle)[:8]) == str(first.handle)
+        await client.cancel(str(first.handle))
+        await client.cancel(str(other.handle))
+        await eventually(lambda: not a.distributions(active_only=True))
+        assert sorted(await client.prune()) == sorted([str(first.handle), str(other.handle)])
+        assert await client.distributions() == [] and await client.prune() == []
+        with pytest.raises(ControlError, match="active must be true or false"):
+            await client._request("GET", "/v1/distributions?active=maybe")
+
+
+async def test_node_info(pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    async with NodeClient(a.config.home) as client:
+        info = await client.node()
+    assert info["node"] == str(a.identity.node_id) and info["ticket"] == str(a.ticket)
+    assert info["version"] == __version__ and info["peers_alive"] == 1
+    assert info["uptime_seconds"] >= 0 and info["store"] == {
+        "blobs": 0, "partial_blobs": 0, "bytes": 0}
+
+
+async def test_metrics_parse_for_a_stock_prometheus(pair: tuple[Node, Node]) -> None:
+    a, _ = pair
+    blob = a.store.add_bytes(os.urandom(100_000)).blob_id
+    handles = []
+    async with NodeClient(a.config.home) as client:
+        for _ in range(MAX_DISTRIBUTIONS + 3):  # more than get series
+            handles.append(str((await client.distribute(str(blob), "all", "normal")).handle))
+            await client.cancel(handles[-1])
+        over_socket = await client.metrics()
+    assert a.metrics_address is not None
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://{a.metrics_address}/metrics") as resp:
+        assert resp.status == 200 and resp.content_type == "text/plain"
+        text = await resp.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == {f.name for f in text_string_to_metric_families(over_socket)}
+    for f in families.values():
+        assert f.documentation and f.type in ("counter", "gauge"), f.name
+        assert not f.name.startswith("blobmesh_shares_shares"), f.name
+    assert "# HELP blobmesh_space_gossip_rounds_total" in text
+    info = families["blobmesh_build_info"].samples[0]
+    assert info.labels["version"] == __version__ and info.value == 1
+    series = {s.labels["handle"] for s in families["blobmesh_distribution_bytes_done"].samples}
+    assert len(series) == MAX_DISTRIBUTIONS and series <= set(handles)
+    by_state = {s.labels["state"]: s.value for s in families["blobmesh_distributions"].samples}
+    assert by_state["cancelled"] == MAX_DISTRIBUTIONS + 3

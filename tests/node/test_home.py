@@ -1,0 +1,54 @@
+"""The home lock and the membership state a node persists."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from blobmesh.errors import HomeInUseError
+from blobmesh.node.daemon import Node, NodeConfig
+from blobmesh.node.home import MAX_REMEMBERED_PEERS, HomeLock, NodeState
+from blobmesh.transport import Identity, Ticket
+
+
+def test_one_holder_at_a_time(tmp_path: Path) -> None:
+    first, second = HomeLock(tmp_path / "h"), HomeLock(tmp_path / "h")
+    first.acquire()
+    with pytest.raises(HomeInUseError, match=f"another node \\(pid {os.getpid()}\\) is running"):
+        second.acquire()
+    first.release()
+    second.acquire()  # free again once released (or once the holder dies)
+    second.release()
+
+
+def test_state_round_trips_and_bad_files_are_ignored(tmp_path: Path) -> None:
+    assert NodeState.load(tmp_path) == NodeState()
+    tickets = [Ticket.create(Identity.generate().node_id, [("127.0.0.1", 4000 + i)])
+               for i in range(MAX_REMEMBERED_PEERS + 5)]
+    NodeState(listen_port=4919, peers=tickets, pruned=["d-0123456789abcdef"]).save(tmp_path)
+    back = NodeState.load(tmp_path)
+    assert back.listen_port == 4919 and back.pruned == ["d-0123456789abcdef"]
+    assert [str(t) for t in back.peers] == [str(t) for t in tickets[:MAX_REMEMBERED_PEERS]]
+    (tmp_path / "node-state.json").write_text('{"listen_port": "x"')
+    assert NodeState.load(tmp_path) == NodeState()
+    (tmp_path / "node-state.json").write_text('{"listen_port": 7, "peers": ["junk"]}')
+    assert NodeState.load(tmp_path) == NodeState(listen_port=7)
+
+
+async def test_node_keeps_its_port_and_picks_another_when_it_is_taken(tmp_path: Path) -> None:
+    home = tmp_path / "n"
+    async with Node(NodeConfig(home=home)) as node:
+        port = node.endpoint.listen_address[1]
+    assert NodeState.load(home).listen_port == port
+    async with Node(NodeConfig(home=home)) as node:
+        assert node.endpoint.listen_address[1] == port  # same ticket as before
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        async with Node(NodeConfig(home=home)) as node:
+            moved = node.endpoint.listen_address[1]
+    assert moved != port and NodeState.load(home).listen_port == moved
