@@ -1005,11 +1005,15 @@ class DownloadJob:
             self.engine.pieces_rejected += 1
             self._ban(conn, f"sent a corrupt piece {index}")
             return
-        except StoreFullError:
+        except StoreFullError:  # (an OSError too: first)
             picker.failed(conn, index)
             self._enter_disk_full()
             self._wake.set()
             return
+        except OSError:
+            if self._partial is not partial:
+                return  # the download ended (cancelled, say) under this write
+            raise
         duplicates = picker.received(conn, index)
         if wrote:
             self.bytes_done += len(data)
@@ -1125,9 +1129,10 @@ class DownloadJob:
             conn.push(conn.session.bye("done"))
             await conn.drain(1.0)
             conn.close("done")
-        if self._partial is not None:
+        partial, self._partial = self._partial, None  # pieces still arriving are dropped
+        if partial is not None:
             with contextlib.suppress(OSError, StoreError):
-                await asyncio.to_thread(self._partial.close)
+                await asyncio.to_thread(partial.close)
         with contextlib.suppress(StoreError):
             self.engine.store.advise_lease_dropped(self._lease, self.blob_id)
 
