@@ -8,6 +8,11 @@ RSS is its own).  Each figure is the median of ``--runs``; the three are interle
 noise hits them alike.  The source stays in the page cache for all three (it was just written);
 the copy and the add both pay for writing and fsyncing to the disk of ``--dir``.
 Goal: add >= 0.7 x min(a, b); peak RSS < 150 MiB and flat in blob size.
+
+Then, in a home on tmpfs (``--tmpfs``; the disk is not the limit), the piece path a transfer
+uses: every piece written with ``PartialBlob.write_piece`` (verified, pwrite, flushed) and read
+back with ``PieceReader.read`` (pread, verified), against hashing the same pieces alone; and
+``--small`` 16 KiB blobs added one ``add_bytes`` at a time against one ``add_many``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import blake3
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 READ = 16 * MiB
 
 # Runs in the child: add one file to a fresh store; report seconds and peak RSS (KiB).  The
@@ -86,6 +92,58 @@ def store_add(src: Path, home: Path) -> tuple[float, int]:
     return float(result["seconds"]), int(result["maxrss_kib"]) * 1024
 
 
+def piece_path(src: Path, home: Path) -> dict[str, float]:
+    """GiB/s of writing and reading back every piece of ``src`` through the store, and of
+    only hashing them (the piece-hash ceiling both share)."""
+    from blobmesh.hashing import hash_stream
+    from blobmesh.hashing.tree import choose_piece_size
+    from blobmesh.store import LeaseId, PieceReader, Store
+
+    data = src.read_bytes()
+    layer = hash_stream([data], choose_piece_size(len(data)))[1]
+    pieces = [memoryview(data)[a : a + n] for a, n in map(layer.piece_range, range(len(layer)))]
+    shutil.rmtree(home, ignore_errors=True)
+    out: dict[str, float] = {}
+    with Store(home) as store:
+        t = time.perf_counter()
+        for i, piece in enumerate(pieces):
+            layer.verify_piece(i, piece)
+        out["hash_only_gib_s"] = len(data) / (time.perf_counter() - t) / GiB
+        t = time.perf_counter()
+        with store.begin_partial(layer, LeaseId.new("bench")) as partial:
+            for i, piece in enumerate(pieces):
+                partial.write_piece(i, piece)
+        out["write_pieces_gib_s"] = len(data) / (time.perf_counter() - t) / GiB
+        reader = PieceReader(store, layer, verify=True)
+        t = time.perf_counter()
+        for i in range(len(layer)):
+            reader.read(i)
+        out["read_pieces_gib_s"] = len(data) / (time.perf_counter() - t) / GiB
+        reader.close()
+    shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+def small_adds(home: Path, count: int) -> dict[str, float]:
+    """Blobs/s of 16 KiB blobs added one transaction each, and all in one ``add_many``."""
+    from blobmesh.store import Store
+
+    blobs = [os.urandom(16 * 1024) for _ in range(count)]
+    out: dict[str, float] = {}
+    for name, many in (("add_bytes_per_s", False), ("add_many_per_s", True)):
+        shutil.rmtree(home, ignore_errors=True)
+        with Store(home) as store:
+            t = time.perf_counter()
+            if many:
+                store.add_many(blobs)
+            else:
+                for b in blobs:
+                    store.add_bytes(b)
+            out[name] = count / (time.perf_counter() - t)
+    shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="file size (default 1024)")
@@ -93,6 +151,9 @@ def main() -> None:
     parser.add_argument("--rss-mb", type=int, nargs="*", default=[],
                         help="extra sizes (MiB) to measure the add's peak RSS at, e.g. 4096")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (disk under test)")
+    parser.add_argument("--tmpfs", type=Path, default=Path("/dev/shm"),
+                        help="where the piece-path and small-blob homes go (default /dev/shm)")
+    parser.add_argument("--small", type=int, default=2000, help="16 KiB blobs to add")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
@@ -134,6 +195,13 @@ def main() -> None:
         for mb, peak in sorted(peaks.items()):
             print(f"  peak RSS of add at {mb:6d} MiB: {peak / MiB:6.1f} MiB "
                   f"(goal < 150: {'met' if peak < 150 * MiB else 'NOT met'})")
+        tmp_home = args.tmpfs / f"{work.name}-home"
+        paths = [piece_path(src, tmp_home) for _ in range(args.runs)]
+        print(f"  piece path on {args.tmpfs}, median GiB/s: " + ", ".join(
+            f"{k} {statistics.median(p[k] for p in paths):.2f}" for k in paths[0]))
+        smalls = [small_adds(tmp_home, args.small) for _ in range(args.runs)]
+        print(f"  {args.small} small blobs on {args.tmpfs}, median blobs/s: " + ", ".join(
+            f"{k} {statistics.median(p[k] for p in smalls):.0f}" for k in smalls[0]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

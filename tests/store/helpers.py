@@ -50,7 +50,7 @@ def failing_db(store: Store, monkeypatch: pytest.MonkeyPatch,
 
     db = sqlite3.connect(store.layout.db, isolation_level=None, factory=Failing,
                          check_same_thread=False)
-    monkeypatch.setattr(store, "_db", db)
+    monkeypatch.setattr(store.db, "conn", db)
     return db
 
 

@@ -18,7 +18,8 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.store import BlobInfo, LeaseId, Store
-from blobmesh.store import store as store_module
+from blobmesh.store import ingest as store_module
+from blobmesh.store.store import AddSource
 from tests.store.helpers import flip_byte, payload, truncate
 
 DATA = payload(3 * 1024 * 1024 + 12_345)  # > 1 MiB chunks take the threaded hashing path
@@ -74,7 +75,7 @@ def test_add_every_source(store: Store, tmp_path: Path, adder: Adder, size: int)
 def test_many_chunks_hashed_while_reading(store: Store, tmp_path: Path, adder: Adder,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks: reading the next one overlaps hashing the last (two buffers in turn)."""
-    monkeypatch.setattr(store_module, "CHUNK", store_module._OVERLAP_MIN)
+    monkeypatch.setattr(store_module, "CHUNK", store_module.OVERLAP_MIN)
     info = adder(store, DATA, tmp_path)
     assert info.blob_id == hash_bytes(DATA)
     assert store.read_range(info.blob_id, 0, len(DATA), verify=True) == DATA
@@ -239,3 +240,25 @@ def test_export_is_verified_and_atomic(store: Store, tmp_path: Path) -> None:
     with pytest.raises(CorruptBlobError):
         store.export(blob_id, dest2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "out.bin"]
+
+
+def test_add_many_bytes_and_paths_in_one_commit(store: Store, tmp_path: Path) -> None:
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(payload(1000 * i + 1, seed=i))
+    lease = LeaseId.new("many")
+    sources: list[AddSource] = [DATA, *files, str(files[0]), DATA[:10]]  # dups stored once
+    infos = store.add_many(sources, lease)
+    contents = [DATA, *(f.read_bytes() for f in files), files[0].read_bytes(), DATA[:10]]
+    assert [i.blob_id for i in infos] == [hash_bytes(c) for c in contents]
+    assert len(store.blobs()) == 5 and all(i.complete for i in infos)
+    for info, content in zip(infos, contents, strict=True):
+        assert store.get_data(info.blob_id, lease) == content
+    assert store.fsck().ok and not any(store.layout.tmp.iterdir())
+
+
+def test_add_many_is_all_or_nothing(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such file"):
+        store.add_many([DATA, tmp_path / "missing", b"more"])
+    assert store.blobs() == [] and not any(store.layout.tmp.iterdir())

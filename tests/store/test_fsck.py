@@ -74,7 +74,7 @@ def test_fsck_checks_present_pieces_of_partials(store: Store) -> None:
 
 def test_orphans_are_reported_and_quarantined(store: Store) -> None:
     blob_id = store.add_bytes(DATA).blob_id
-    with store._write() as db:  # the row is gone, the files stay
+    with store.db.write() as db:  # the row is gone, the files stay
         db.execute("DELETE FROM blobs")
     stray = store.layout.blobs / "zz"
     stray.mkdir()

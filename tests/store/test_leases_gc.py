@@ -70,12 +70,12 @@ def test_advise_of_pid_records_the_start_time(store: Store) -> None:
     try:
         lease = LeaseId("remote", child.pid)
         blob_id = store.add_bytes(b"for a child", lease).blob_id
-        with store._lock:  # forget the start time, as for a lease taken before the pid ran
-            store._db.execute("UPDATE leases SET pid_start=NULL")
+        with store.db.lock:  # forget the start time, as for a lease taken before the pid ran
+            store.db.conn.execute("UPDATE leases SET pid_start=NULL")
         store.advise_of_pid(child.pid)
         [(_, got, alive)] = store.leases(blob_id)
         assert (got, alive) == (lease, True)
-        rows = store._query("SELECT pid_start FROM leases")
+        rows = store.db.query("SELECT pid_start FROM leases")
         assert rows == [(pid_start_time(child.pid),)]
         assert _collected(store) == []
     finally:
@@ -87,8 +87,8 @@ def test_advise_of_pid_records_the_start_time(store: Store) -> None:
 
 def test_recycled_pid_does_not_keep_a_lease(store: Store) -> None:
     blob_id = store.add_bytes(b"recycled", LeaseId("old", os.getpid())).blob_id
-    with store._lock:  # the lease was taken by an earlier process with our pid
-        store._db.execute("UPDATE leases SET pid_start=pid_start-1")
+    with store.db.lock:  # the lease was taken by an earlier process with our pid
+        store.db.conn.execute("UPDATE leases SET pid_start=pid_start-1")
     assert not store.leases(blob_id)[0][2]
     report = store.gc()
     assert report.deleted == [blob_id] and report.dead_leases_dropped == 1
@@ -97,8 +97,8 @@ def test_recycled_pid_does_not_keep_a_lease(store: Store) -> None:
 def test_dry_run_changes_nothing(store: Store) -> None:
     """Regression: a dry run dropped the leases of dead processes for real."""
     blob_id = store.add_bytes(b"dry", LeaseId("gone", os.getpid())).blob_id
-    with store._lock:  # the lease belongs to an earlier process with our pid
-        store._db.execute("UPDATE leases SET pid_start=pid_start-1")
+    with store.db.lock:  # the lease belongs to an earlier process with our pid
+        store.db.conn.execute("UPDATE leases SET pid_start=pid_start-1")
     report = store.gc(dry_run=True)
     assert (report.deleted, report.dead_leases_dropped) == ([blob_id], 1)
     assert len(store.leases(blob_id)) == 1 and store.has(blob_id)
@@ -109,8 +109,8 @@ def test_lease_taken_again_after_pid_reuse_is_live(store: Store) -> None:
     """Regression: re-taking a named lease kept the dead previous owner's start time."""
     lease = LeaseId.named("svc")
     blob_id = store.add_bytes(b"reused", lease).blob_id
-    with store._lock:  # as if an earlier process with our pid had taken the same lease
-        store._db.execute("UPDATE leases SET pid_start=pid_start-1")
+    with store.db.lock:  # as if an earlier process with our pid had taken the same lease
+        store.db.conn.execute("UPDATE leases SET pid_start=pid_start-1")
     store.lease_by_content(blob_id, lease)
     assert store.leases(blob_id)[0][2]
     assert _collected(store) == []

@@ -68,6 +68,19 @@ def test_kill_between_move_and_commit(home: Path) -> None:
         _assert_clean(store)
 
 
+def test_kill_during_add_many_before_its_commit(home: Path) -> None:
+    """All files of a 20-blob add_many are in blobs/ when it dies: none of them appears."""
+    Store(home).close()
+    adder = start_worker("add-many-die-before-commit", str(home), "20")
+    assert adder.wait(30) == -signal.SIGKILL
+    moved = [f for sub in (home / "blobs").iterdir() for f in sub.iterdir()]
+    assert len(moved) == 40  # data and piece layer of each: moved in, never committed
+    with Store(home) as store:
+        assert store.blobs() == []
+        assert not any(any(sub.iterdir()) for sub in store.layout.blobs.iterdir())
+        _assert_clean(store)
+
+
 def test_kill_during_gc(home: Path) -> None:
     with Store(home) as store:
         contents = {store.add_bytes(payload(1000 + i, seed=i)).blob_id: payload(1000 + i, seed=i)

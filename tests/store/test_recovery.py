@@ -12,6 +12,7 @@ import pytest
 from blobmesh.errors import StoreError, StoreFullError
 from blobmesh.hashing import hash_bytes
 from blobmesh.store import LeaseId, Store
+from blobmesh.store import ingest as ingest_module
 from tests.store.helpers import failing_db, payload
 
 DATA = payload(2_000_000, seed=5)
@@ -59,7 +60,7 @@ def test_uncommitted_gc_is_rolled_back_on_open(home: Path) -> None:
         os.replace(pieces, store.layout.trash / f"{pieces.name}~1-a")
         trashed = store.layout.data_path(gone)
         os.replace(trashed, store.layout.trash / f"{trashed.name}~1-a")
-        with store._write() as db:
+        with store.db.write() as db:
             db.execute("DELETE FROM blobs WHERE id=?", (gone.digest,))
     with Store(home) as store:
         assert not any(store.layout.trash.iterdir())
@@ -108,6 +109,28 @@ def test_disk_full_leaves_nothing(store: Store, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.undo()
     assert store.blobs() == [] and not any(store.layout.tmp.iterdir())
     assert store.add_bytes(DATA).blob_id == hash_bytes(DATA)
+
+
+@pytest.mark.parametrize("call", [1, 2])  # 1: the temp files, 2: the moves, in the commit
+def test_disk_full_in_a_batch_sync_leaves_nothing(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                  call: int) -> None:
+    real = ingest_module._sync_filesystem
+    calls = 0
+
+    def failing(path: Path) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls >= call:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(ingest_module, "_sync_filesystem", failing)
+    with pytest.raises(StoreFullError, match="disk full"):
+        store.add_many([payload(100 + i, seed=i) for i in range(5)])
+    monkeypatch.undo()
+    assert calls == call
+    assert store.blobs() == [] and store.fsck().ok and not any(store.layout.tmp.iterdir())
+    assert len(store.add_many([payload(100 + i, seed=i) for i in range(5)])) == 5
 
 
 def test_failed_move_in_is_undone(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

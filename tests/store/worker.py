@@ -14,7 +14,7 @@ from typing import Any
 
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.store import LeaseId, Store
-from blobmesh.store import store as store_module
+from blobmesh.store import ingest as store_module
 
 # contents the mixed workers share, so that they add and collect the same blobs at once
 SHARED_SIZES = [0, 10, 100_000, 1_300_000, 3 * 16384 + 7]
@@ -116,6 +116,25 @@ def add_die_before_commit(home: str, size: str) -> None:
         store.add_bytes(random.Random(0).randbytes(int(size)))
 
 
+def add_many_die_before_commit(home: str, count: str) -> None:
+    """Die after the files of an ``add_many`` are all in blobs/, before the one commit."""
+    with Store(home) as store:
+        die_on_call(store_module, "sync_dirs", 1)
+        store.add_many([random.Random(i).randbytes(20_000 + i) for i in range(int(count))])
+
+
+def lock_store(home: str, seconds: str) -> None:
+    """Hold the store's SQLite write lock (as a GC or a big add would) for ``seconds``."""
+    import sqlite3
+
+    db = sqlite3.connect(os.path.join(home, "store.sqlite"), isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    time.sleep(float(seconds))
+    db.execute("ROLLBACK")
+    print("released", flush=True)
+
+
 def gc_die_midway(home: str, moves: str) -> None:
     """Run a GC that dies after ``moves`` file moves into trash, before it commits."""
     with Store(home) as store:
@@ -141,6 +160,8 @@ MODES: dict[str, Callable[..., None]] = {
     "add-slowly": add_slowly,
     "add-die-before-commit": add_die_before_commit,
     "gc-die-midway": gc_die_midway,
+    "add-many-die-before-commit": add_many_die_before_commit,
+    "lock-store": lock_store,
     "gc-loop": gc_loop,
 }
 

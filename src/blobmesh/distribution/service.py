@@ -263,16 +263,16 @@ class DistributionService:
         """
         scope = Scope.parse(scope) if isinstance(scope, str) else scope
         priority = Priority.parse(priority) if isinstance(priority, str) else priority
-        if not self.store.has(blob_id):
+        if not await self.store.aio.has(blob_id):
             raise BlobNotFoundError(f"blob {blob_id} is not (completely) in this node's store",
                                     blob_id=blob_id)
         targets = self._resolve(scope)
         if not targets:
             raise ScopeError(self._empty_scope_message(scope), scope=str(scope))
         await self._verify_source_copy(blob_id)
-        info = self.store.info(blob_id)
+        info = await self.store.aio.info(blob_id)
         handle = DistributionHandle.new()
-        await asyncio.to_thread(self.store.pin, blob_id, f"dist/{handle}")
+        await self.store.aio.pin(blob_id, f"dist/{handle}")
         request = RequestOp(str(handle), blob_id.digest, info.size, info.piece_size, str(scope),
                             int(priority), self.node_id.digest, time.time(), list(share_urls))
         self.swarm.set_priority(blob_id, priority)
@@ -450,11 +450,11 @@ class DistributionService:
                 tracked.targets[node] = replace(t, state=TargetState.CANCELLED,
                                                 reason="cancelled", updated=time.time())
         is_source = NodeId(tracked.request.source) == self.node_id
-        if is_source or not self.store.has(tracked.blob_id):
+        if is_source or not await self.store.aio.has(tracked.blob_id):
             # the source's copy is the user's again; a target's partial copy may be collected
             # (a target that completed keeps its pinned copy: nothing is rolled back)
             with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.unpin, f"dist/{tracked.handle}")
+                await self.store.aio.unpin(f"dist/{tracked.handle}")
         self._bump(tracked)
 
     def _snapshot(self, tracked: _Tracked) -> DistributionStatus:
@@ -595,8 +595,8 @@ class DistributionService:
                         await self.config.share_loader(tracked.blob_id, r.share_urls)
                     except BlobmeshError as share_exc:
                         log.warning("share fallback for %s failed: %s", handle, share_exc)
-                    if self.store.has(tracked.blob_id):
-                        await asyncio.to_thread(self.store.pin, tracked.blob_id, pin)
+                    if await self.store.aio.has(tracked.blob_id):
+                        await self.store.aio.pin(tracked.blob_id, pin)
                         break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)

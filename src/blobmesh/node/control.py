@@ -141,7 +141,7 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
     async def get_node(self, request: web.Request) -> web.Response:
-        return web.json_response(self.node.describe())
+        return web.json_response(await self.node.describe())
 
     async def get_peers(self, request: web.Request) -> web.Response:
         return web.json_response(self.node.peers_json())
@@ -195,20 +195,20 @@ class ControlServer:
         return resp
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return metrics_response(self.node)
+        return await metrics_response(self.node)
 
 
-def metrics_response(node: Node) -> web.Response:
+async def metrics_response(node: Node) -> web.Response:
     from blobmesh.node.metrics import CONTENT_TYPE
 
-    return web.Response(body=node.metrics_text().encode(),
+    return web.Response(body=(await node.metrics_text()).encode(),
                         headers={"Content-Type": CONTENT_TYPE})
 
 
 def metrics_app(node: Node) -> web.Application:
     """``/metrics`` alone, for a TCP listener a stock Prometheus scrapes."""
     async def metrics(request: web.Request) -> web.Response:
-        return metrics_response(node)
+        return await metrics_response(node)
 
     app = web.Application()
     app.add_routes([web.get("/metrics", metrics)])

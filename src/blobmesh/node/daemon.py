@@ -363,7 +363,7 @@ class Node:
         if self._endpoint is not None:
             await self._endpoint.aclose()
             self._endpoint = None
-        self.store.close()
+        await asyncio.to_thread(self.store.close)  # waits for store calls still running
         self._lock.release()
 
     async def __aenter__(self) -> Node:
@@ -377,13 +377,13 @@ class Node:
     async def _load_from_shares(self, blob_id: BlobId, urls: Sequence[str]) -> None:
         reader = await load_blob(self.store, blob_id, urls, max_tries=2,
                                  metrics=self.share_metrics)
-        reader.close()
+        await self.store.aio.io(reader.close)
 
     # --- views for the control API ---------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """``GET /v1/node``: who this node is, where it listens, what it holds."""
-        blobs = self.store.blobs()
+        blobs = await self.store.aio.blobs()
         return {"node": str(self.identity.node_id), "ticket": str(self.ticket),
                 "addresses": [format_address(a) for a in self.ticket.addrs],
                 "listen": format_address(self.endpoint.listen_address),
@@ -448,8 +448,8 @@ class Node:
                  "expires_at": p.expires_at / 1000}
                 for p in self.space.peers(alive_only=False)]
 
-    def metrics_text(self) -> str:
-        return render_metrics(self)
+    async def metrics_text(self) -> str:
+        return render_metrics(self, await self.store.aio.blobs())
 
 
 def run_node_forever(settings: RunSettings,

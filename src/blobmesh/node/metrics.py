@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from blobmesh import __version__
 from blobmesh.distribution.model import DistributionState, TargetState
 from blobmesh.distribution.swarm import BanKind
+from blobmesh.store import BlobInfo
 from blobmesh.tasks import failure_counts
 
 if TYPE_CHECKING:
@@ -88,8 +89,9 @@ def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
 class NodeCollector(Collector):
     """Reads the node's state at scrape time."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, blobs: list[BlobInfo]) -> None:
         self.node = node
+        self.blobs = blobs  # read off the event loop by the caller (store.aio)
 
     def collect(self) -> Iterator[Metric]:
         node = self.node
@@ -117,7 +119,7 @@ class NodeCollector(Collector):
         yield from self._shares()
 
     def _store(self) -> Iterator[Metric]:
-        blobs = self.node.store.blobs()
+        blobs = self.blobs
         yield _gauge("blobmesh_store_blobs", "complete blobs in the store",
                      sum(b.complete for b in blobs))
         yield _gauge("blobmesh_store_partial_blobs", "partial blobs in the store",
@@ -210,7 +212,7 @@ class NodeCollector(Collector):
                            getattr(sm, f.name))
 
 
-def render_metrics(node: Node) -> str:
+def render_metrics(node: Node, blobs: list[BlobInfo]) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(node))
+    registry.register(NodeCollector(node, blobs))
     return generate_latest(registry).decode()

@@ -150,7 +150,7 @@ class _Load:
 
     async def run(self, sources: list[Source], max_tries: int, retry_timeout: float
                   ) -> BlobReader:
-        if self.blob_id is not None and await asyncio.to_thread(self.store.has, self.blob_id):
+        if self.blob_id is not None and await self.store.aio.has(self.blob_id):
             return await self.reader()
         for try_number in range(1, max_tries + 1):
             if try_number > 1:
@@ -179,7 +179,7 @@ class _Load:
         """Fetch every missing piece from ``source``; raises ShareSourceError on any fault."""
         manifest = await self.manifest(source)
         if self.writer is None:
-            if await asyncio.to_thread(self.store.has, manifest.blob_id):
+            if await self.store.aio.has(manifest.blob_id):
                 return
             path = pieces_path(manifest.blob_id)
             raw = await source.read(path, manifest.pieces_bytes)
@@ -188,7 +188,7 @@ class _Load:
                                               manifest.piece_size, raw)
             except VerificationError as exc:
                 raise BadShareDataError(f"{path}: {exc}", path=path) from exc
-            partial = await asyncio.to_thread(self.store.begin_partial, layer, self.lease)
+            partial = await self.store.aio.begin_partial(layer, self.lease)
             self.writer = _PieceWriter(partial)
         writer = self.writer
         layer = writer.partial.layer
@@ -250,7 +250,7 @@ class _Load:
 
     async def reader(self) -> BlobReader:
         assert self.blob_id is not None
-        return await asyncio.to_thread(self.store.get_reader, self.blob_id, self.lease)
+        return await self.store.aio.get_reader(self.blob_id, self.lease)
 
     async def close(self) -> None:
         """Make written pieces durable and present (kept for a resume if incomplete)."""

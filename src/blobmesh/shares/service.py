@@ -52,7 +52,7 @@ class ShareService:
 
         async def job() -> None:
             try:
-                await asyncio.to_thread(share_dir.share, self.store, blob_id, resource_id)
+                await self.store.aio.io(share_dir.share, self.store, blob_id, resource_id)
             except Exception as exc:
                 await self._call(on_complete, exc)
             else:
@@ -83,7 +83,7 @@ class ShareService:
             try:
                 await self._call(on_success, reader)
             finally:
-                await asyncio.to_thread(reader.close)
+                await self.store.aio.io(reader.close)
 
         self._submit(job)
 

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
+from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from blobmesh.errors import VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_piece, piece_count
 from blobmesh.store.bitfield import Bitfield
-from blobmesh.store.layout import blob_id_from_name
+from blobmesh.store.db import MetaDB
+from blobmesh.store.layout import Layout, blob_id_from_name
+from blobmesh.store.types import FsckProblem, FsckReport, Progress
 
-if TYPE_CHECKING:
-    from blobmesh.store.store import FsckReport, Progress, Store
 
-
-def run_fsck(store: Store, *, repair: bool, progress: Progress | None) -> FsckReport:
-    from blobmesh.store.store import FsckProblem, FsckReport
-
+def run_fsck(db: MetaDB, layout: Layout, *, repair: bool,
+             progress: Progress | None) -> FsckReport:
+    """Rehash every present piece; report (and with ``repair`` quarantine) bad data."""
     report = FsckReport(repaired=repair)
-    layout = store.layout
     known: set[BlobId] = set()
-    rows = store._query("SELECT id, size, piece_size, complete, have FROM blobs")
+    rows = db.query("SELECT id, size, piece_size, complete, have FROM blobs")
     for digest, size, piece_size, complete, have_raw in rows:
         blob_id = BlobId(bytes(digest))
         known.add(blob_id)
@@ -29,14 +29,14 @@ def run_fsck(store: Store, *, repair: bool, progress: Progress | None) -> FsckRe
         report.checked += 1
         problem = _check_blob(blob_id, size, piece_size, bool(complete), bytes(have_raw),
                               data_path, pieces_path, report, progress)
-        if problem is None or not store._query("SELECT 1 FROM blobs WHERE id=?", (digest,)):
+        if problem is None or not db.query("SELECT 1 FROM blobs WHERE id=?", (digest,)):
             continue  # healthy, or collected by another process while we looked at it
         report.problems.append(FsckProblem(problem[0], str(data_path), blob_id, problem[1]))
         if repair:
-            store._quarantine(blob_id, [data_path, pieces_path])
+            quarantine(db, layout, blob_id, [data_path, pieces_path])
     for sub in sorted(layout.blobs.iterdir()):
         for f in sorted(sub.iterdir()):
-            if blob_id_from_name(f.name) not in known and _orphan(store, f, repair):
+            if blob_id_from_name(f.name) not in known and _orphan(db, layout, f, repair):
                 report.problems.append(FsckProblem("orphan", str(f), None, "no metadata row"))
     return report
 
@@ -77,20 +77,35 @@ def _check_blob(blob_id: BlobId, size: int, piece_size: int, complete: bool, hav
     return None
 
 
-def _orphan(store: Store, path: Path, repair: bool) -> bool:
+def _orphan(db: MetaDB, layout: Layout, path: Path, repair: bool) -> bool:
     """Whether ``path`` in ``blobs/`` has no row; with ``repair``, move it to quarantine.
 
     Decided under the write lock: an add in another process that is between moving its
     files in and committing its row holds that lock, so it is never mistaken for an orphan.
     """
-    with store._write() as db:
+    with db.write() as conn:
         blob_id = blob_id_from_name(path.name)
-        if blob_id is not None and db.execute(
+        if blob_id is not None and conn.execute(
             "SELECT 1 FROM blobs WHERE id=?", (blob_id.digest,)
         ).fetchone():
             return False
         if not path.exists():
             return False
         if repair:
-            store._move_to_quarantine(path)
+            _move_to_quarantine(layout, path)
         return True
+
+
+def quarantine(db: MetaDB, layout: Layout, blob_id: BlobId, paths: list[Path]) -> None:
+    """Move a blob's files out of the store and forget it (caller holds no transaction)."""
+    with db.write() as conn:
+        for p in paths:
+            _move_to_quarantine(layout, p)
+        conn.execute("DELETE FROM blobs WHERE id=?", (blob_id.digest,))
+
+
+def _move_to_quarantine(layout: Layout, path: Path) -> None:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    with suppress(FileNotFoundError):
+        dest = layout.quarantine / f"{path.name}.{stamp}-{uuid.uuid4().hex[:6]}"
+        os.replace(path, dest)

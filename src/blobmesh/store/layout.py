@@ -1,13 +1,22 @@
-"""Where a store keeps its files under its home directory."""
+"""Where a store keeps its files under its home directory, and who may read them."""
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from blobmesh.errors import StoreFullError
 from blobmesh.hashing import BlobId
 
 HOME_ENV = "BLOBMESH_HOME"
+DIR_MODE = 0o700
+"""The home and its directories: blobs may be private, so only the owner gets in."""
+FILE_MODE = 0o600
+"""Blob data, piece layers and databases."""
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def default_home() -> Path:
@@ -31,8 +40,12 @@ class Layout:
         self.quarantine = home / "quarantine"
 
     def create(self) -> None:
+        """Create the directories, all private to the owner (an existing home is made so)."""
         for d in (self.home, self.blobs, self.tmp, self.trash, self.quarantine):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(DIR_MODE, parents=True, exist_ok=True)
+        for d in (self.home, self.blobs, self.tmp, self.trash, self.quarantine):
+            if d.stat().st_mode & 0o777 != DIR_MODE:
+                d.chmod(DIR_MODE)
 
     def data_path(self, blob_id: BlobId) -> Path:
         h = blob_id.hex
@@ -42,6 +55,20 @@ class Layout:
         h = blob_id.hex
         return self.blobs / h[:2] / f"{h}.pieces"
 
+    def disk_full(self, doing: str) -> StoreFullError:
+        return StoreFullError(f"disk full while {doing} {self.home}; nothing was stored",
+                              home=str(self.home))
+
+    @contextmanager
+    def full_disk(self, doing: str) -> Iterator[None]:
+        """Turn ENOSPC/EDQUOT into :class:`StoreFullError`."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise self.disk_full(doing) from exc
+            raise
+
 
 def blob_id_from_name(name: str) -> BlobId | None:
     """The blob a file in ``blobs/`` (``<hex>`` or ``<hex>.pieces``) belongs to, if any."""
@@ -49,6 +76,23 @@ def blob_id_from_name(name: str) -> BlobId | None:
         return BlobId(bytes.fromhex(name.split(".")[0]))
     except ValueError:
         return None
+
+
+def create_file(path: Path) -> int:
+    """A new file (``O_EXCL``) open for writing, readable by the owner only."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+
+
+def write_file_synced(path: Path, data: bytes) -> None:
+    """Write a whole new file (owner-only) and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        mv = memoryview(data)
+        while mv:
+            mv = mv[os.write(fd, mv):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

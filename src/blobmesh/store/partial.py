@@ -5,38 +5,40 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from contextlib import ExitStack
 
 from blobmesh.errors import BlobIncompleteError, StoreFullError, VerificationError
 from blobmesh.hashing import BlobId, Buffer, PieceLayer
 from blobmesh.store.bitfield import Bitfield
+from blobmesh.store.db import MetaDB
+from blobmesh.store.layout import Layout
 from blobmesh.store.leases import LeaseId
-
-if TYPE_CHECKING:
-    from blobmesh.store.store import Store
 
 FLUSH_BYTES = 32 * 1024 * 1024
 
 
 class PartialBlob:
-    """A writer for one partial blob.
+    """A writer for one partial blob (made by ``Store.begin_partial``).
 
     Every piece is verified against the piece layer before it is written.  Written pieces
     become *present* (visible to readers and to other processes) at :meth:`flush`, after the
     data is durable, so a crash never marks a piece present whose bytes are not on disk.
-    Flushing happens by itself every 32 MiB and on :meth:`close`.
+    Flushing happens by itself every 32 MiB and on :meth:`close`; :func:`flush_many` flushes
+    many writers in one transaction.
     """
 
-    def __init__(self, store: Store, layer: PieceLayer, lease: LeaseId) -> None:
+    def __init__(self, db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId) -> None:
         self.layer = layer
         self.lease = lease
-        self._store = store
+        self._db = db
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush (or close) at a time
         # read-write: pieces written but not yet flushed can already be served to peers
-        self._fd = os.open(store.layout.data_path(layer.blob_id), os.O_RDWR)
+        self._fd = os.open(layout.data_path(layer.blob_id), os.O_RDWR)
         self._pending: dict[int, int] = {}  # written, not yet durable: index -> length
-        self._have = store.bitfield(layer.blob_id)
+        self._pending_bytes = 0
+        self._have = db.bitfield(layer.blob_id)
 
     @property
     def blob_id(self) -> BlobId:
@@ -66,12 +68,11 @@ class PartialBlob:
             if index in self._have or index in self._pending:
                 return False
         start, _ = self.layer.piece_range(index)
+        mv = memoryview(data).cast("B")
         try:
-            mv = memoryview(data)
-            off = start
-            while mv:
-                n = os.pwrite(self._fd, mv, off)
-                mv, off = mv[n:], off + n
+            while mv:  # one pwrite unless the kernel writes short
+                n = os.pwrite(self._fd, mv, start)
+                mv, start = mv[n:], start + n
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFullError(f"disk full writing {self.blob_id.short()}",
@@ -79,7 +80,8 @@ class PartialBlob:
             raise
         with self._lock:
             self._pending[index] = len(data)
-            due = sum(self._pending.values()) >= FLUSH_BYTES
+            self._pending_bytes += len(data)
+            due = self._pending_bytes >= FLUSH_BYTES
         if due:
             self.flush()
         return True
@@ -100,21 +102,23 @@ class PartialBlob:
 
     def flush(self) -> Bitfield:
         """Make written pieces durable and present; returns the present set."""
-        with self._flush_lock:
-            return self._flush()
+        return flush_many(self._db, [self])[0]
 
-    def _flush(self) -> Bitfield:
+    def _sync(self) -> set[int]:
+        """The pending pieces, made durable (caller holds the flush lock)."""
         with self._lock:
             pending = set(self._pending)
         if pending:
             os.fdatasync(self._fd)
-            self._have = self._store._merge_pieces(self.blob_id, pending)
-            with self._lock:
-                for index in pending:  # pieces written meanwhile stay pending
-                    del self._pending[index]
-        else:
-            self._have = self._store.bitfield(self.blob_id)
-        return self._have.copy()
+        return pending
+
+    def _settle(self, pending: set[int], have: Bitfield) -> Bitfield:
+        """``pending`` are present now; pieces written meanwhile stay pending."""
+        with self._lock:
+            self._have = have
+            for index in pending:
+                self._pending_bytes -= self._pending.pop(index)
+        return have.copy()
 
     def close(self) -> None:
         """Flush, then release the file; safe against a concurrent :meth:`flush`."""
@@ -122,7 +126,10 @@ class PartialBlob:
             if self._fd < 0:
                 return
             try:
-                self._flush()
+                pending = self._sync()
+                if pending:
+                    self._settle(pending, self._db.merge_pieces([(self.blob_id,
+                                                                   sorted(pending))])[0])
             finally:
                 os.close(self._fd)
                 self._fd = -1
@@ -134,4 +141,23 @@ class PartialBlob:
         self.close()
 
 
-__all__ = ["PartialBlob", "VerificationError"]
+def flush_many(db: MetaDB, partials: Iterable[PartialBlob]) -> list[Bitfield]:
+    """Flush many writers at once: each one's data is made durable, then one transaction
+    marks every written piece present.  The present sets, in the order given."""
+    given = list(partials)
+    ordered = sorted(set(given), key=id)  # one lock order, whoever flushes what
+    with ExitStack() as locks:
+        for p in ordered:
+            locks.enter_context(p._flush_lock)
+        pending = {p: p._sync() if p._fd >= 0 else set() for p in ordered}
+        todo = [p for p in ordered if pending[p]]
+        haves = db.merge_pieces([(p.blob_id, sorted(pending[p])) for p in todo]) \
+            if todo else []
+        done = {p: p._settle(pending[p], have) for p, have in zip(todo, haves, strict=True)}
+        for p in ordered:
+            if p not in done:  # nothing of ours to add: see what other writers added
+                done[p] = p._settle(set(), db.bitfield(p.blob_id))
+    return [done[p] for p in given]
+
+
+__all__ = ["PartialBlob", "VerificationError", "flush_many"]

@@ -140,6 +140,7 @@ class TransferManager:
                  clock: Callable[[], float] = time.time) -> None:
         self.network = network
         self.store = store
+        self._lease = LeaseId.new("transfer")  # holds what we receive while we run
         self.config = config or TransferConfig()
         self.clock = clock
         self._db = ChannelDB(db_path or store.home / "transfer.sqlite")
@@ -298,13 +299,13 @@ class TransferManager:
     async def open_pull(self, peer: NodeId, voucher: Voucher, blob_id: BlobId,
                         selector: Selector | None = None) -> ChannelId:
         """Ask ``peer`` to send us (part of) a blob; returns at once with the channel id."""
-        layer = await asyncio.to_thread(self._stored_layer, blob_id)
+        layer = await self.store.aio.piece_layer(blob_id)
         return self._open(peer, True, voucher, blob_id, selector or Selector(), layer)
 
     async def open_push(self, peer: NodeId, voucher: Voucher, blob_id: BlobId,
                         selector: Selector | None = None) -> ChannelId:
         """Offer (part of) a blob we hold to ``peer``; returns at once with the channel id."""
-        layer = await asyncio.to_thread(self._stored_layer, blob_id)
+        layer = await self.store.aio.piece_layer(blob_id)
         if layer is None:
             raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
         return self._open(peer, False, voucher, blob_id, selector or Selector(), layer)
@@ -317,12 +318,6 @@ class TransferManager:
         self._live[chid] = live
         live.runner = self._spawn(self._run_initiator(live))
         return chid
-
-    def _stored_layer(self, blob_id: BlobId) -> PieceLayer | None:
-        try:
-            return self.store.piece_layer(blob_id)
-        except BlobNotFoundError:
-            return None
 
     def _adopt(self, rec: ChannelRecord) -> _Live:
         live = _Live(Channel(rec, self.clock))
@@ -376,7 +371,7 @@ class TransferManager:
         ch.note_restart_attempt()
         have: Bitfield | None = None
         if not ch.is_sender:
-            have = await asyncio.to_thread(self._stored_have, ch.blob_id)
+            have = await self.store.aio.bitfield(ch.blob_id)
         try:
             stream = await self.network.open_stream(ch.id.responder, PROTOCOL)
         except (TransportError, OSError) as exc:
@@ -387,12 +382,6 @@ class TransferManager:
             stream.reset("cancelled")
             return
         await self._session(live, _Session(stream), ch.request(have))
-
-    def _stored_have(self, blob_id: BlobId) -> Bitfield | None:
-        try:
-            return self.store.bitfield(blob_id)
-        except BlobNotFoundError:
-            return None
 
     async def _handle_stream(self, stream: Stream) -> None:
         """Responder: the first message on a new stream is a request."""
@@ -462,8 +451,8 @@ class TransferManager:
             return ch.reject(decision.message or "voucher rejected", decision.result)
         paused = decision.verdict is Verdict.PAUSE
         if ch.is_sender:
-            layer = await asyncio.to_thread(self._stored_layer, ch.blob_id)
-            ours = await asyncio.to_thread(self._stored_have, ch.blob_id)
+            layer = await self.store.aio.piece_layer(ch.blob_id)
+            ours = await self.store.aio.bitfield(ch.blob_id)
             if layer is None or ours is None:
                 return ch.reject(f"blob {ch.blob_id} is not here", code="not_found")
             try:
@@ -480,8 +469,7 @@ class TransferManager:
         if await self._takes_whole(ch.layer):
             return ch.accept(ch.layer, Bitfield(1), decision.result, paused)
         try:
-            partial = await asyncio.to_thread(
-                self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
+            partial = await self.store.aio.begin_partial(ch.layer, self._lease)
         except StoreFullError as exc:
             return ch.reject(str(exc), code="unavailable")
         sess.sink = PieceSink(partial)
@@ -494,12 +482,7 @@ class TransferManager:
         """A one-piece blob we hold nothing of is stored whole, skipping the partial blob:
         its piece is its content, and one ``add`` costs far fewer fsyncs than creating,
         writing and flushing a partial blob."""
-        return len(layer) == 1 and await asyncio.to_thread(
-            self._stored_have, layer.blob_id) is None
-
-    def _add_whole(self, layer: PieceLayer, data: bytes) -> None:
-        layer.verify_piece(0, data)
-        self.store.add_bytes(data, LeaseId.new("transfer"))
+        return len(layer) == 1 and await self.store.aio.bitfield(layer.blob_id) is None
 
     async def _session(self, live: _Live, sess: _Session, first: Step) -> None:
         ch = live.ch
@@ -537,7 +520,8 @@ class TransferManager:
         try:
             if sess.sink is not None:
                 # written pieces become present: a restart will not ask for them again
-                await asyncio.to_thread(sess.sink.close)
+                await self.store.aio.flush(sess.sink.partial)
+                await self.store.aio.io(sess.sink.close)
         except BlobmeshError as exc:
             log.warning("closing partial blob of %s: %s", live.ch.id, exc)
         finally:
@@ -575,8 +559,7 @@ class TransferManager:
         ch = live.ch
         assert ch.layer is not None
         chunk = self.config.chunk
-        reader = await asyncio.to_thread(PieceReader, self.store, ch.layer,
-                                         verify=self.config.verify_reads)
+        reader = await self.store.aio.piece_reader(ch.layer, verify=self.config.verify_reads)
         ready: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(READ_AHEAD)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -588,7 +571,7 @@ class TransferManager:
                             part = data if len(data) <= chunk else data[off : off + chunk]
                             await sess.stream.send(encode(Data(index, off, part)))
         finally:
-            await asyncio.to_thread(reader.close)
+            await self.store.aio.io(reader.close)
 
     async def _read_ahead(self, live: _Live, sess: _Session, reader: PieceReader,
                           ready: asyncio.Queue[tuple[int, bytes]]) -> None:
@@ -601,7 +584,7 @@ class TransferManager:
                 continue
             await self._apply(live, ch.piece_queued(index))
             try:
-                data = await asyncio.to_thread(reader.read, index)
+                data = await self.store.aio.io(reader.read, index)
             except (BlobIncompleteError, CorruptBlobError) as exc:
                 await self._apply(live, ch.fail(f"cannot read piece {index}: {exc}", "local"))
                 return
@@ -618,8 +601,7 @@ class TransferManager:
             if await self._takes_whole(ch.layer):
                 await self._write_whole(live, sess, ch.layer)
                 return
-            partial = await asyncio.to_thread(
-                self.store.begin_partial, ch.layer, LeaseId.new("transfer"))
+            partial = await self.store.aio.begin_partial(ch.layer, self._lease)
             sess.sink = PieceSink(partial)
             if partial.layer.piece_size != ch.layer.piece_size:
                 await self._apply(live, ch.fail("a partial copy with another piece size is "
@@ -630,7 +612,7 @@ class TransferManager:
             batch = [await sess.writes.get()]
             while not sess.writes.empty():
                 batch.append(sess.writes.get_nowait())
-            written, bad = await asyncio.to_thread(sink.write, batch)
+            written, bad = await self.store.aio.io(sink.write, batch)
             sess.unflushed += written
             done = set(written)
             sess.unflushed_bytes += sum(len(d) for i, d in batch if i in done)
@@ -646,7 +628,7 @@ class TransferManager:
     async def _write_whole(self, live: _Live, sess: _Session, layer: PieceLayer) -> None:
         index, data = await sess.writes.get()
         try:
-            await asyncio.to_thread(self._add_whole, layer, data)
+            await self.store.aio.add_bytes(data, self._lease, expected=layer.blob_id)
         except VerificationError as exc:
             await self._apply(live, live.ch.bad_data(index, str(exc)))
             return
@@ -663,7 +645,7 @@ class TransferManager:
             if not sess.unflushed or sess.sink is None:
                 continue
             batch, sess.unflushed, sess.unflushed_bytes = sess.unflushed, [], 0
-            have = await asyncio.to_thread(sess.sink.flush)
+            have = await self.store.aio.flush(sess.sink.partial)
             await self._apply(live, live.ch.pieces_verified([i for i in batch if i in have]))
 
     # --- applying steps ------------------------------------------------------------------

@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 
 from blobmesh.errors import StoreFullError, VerificationError
-from blobmesh.store import Bitfield, PartialBlob
+from blobmesh.store import PartialBlob
 
 
 class PieceSink:
     """Writes received pieces into a partial blob from worker threads.
 
-    Writes run in one thread at a time while flushes (``PartialBlob.flush``, safe to call
+    Writes run in one thread at a time while flushes (``AsyncStore.flush``, safe to call
     concurrently) run in another, so one batch's fdatasync overlaps the next batch's hashing
     and writing.  :meth:`close` waits for a write still running in a thread whose task was
     cancelled, and no write starts after it: the blob's descriptor is never used once closed.
@@ -38,12 +38,6 @@ class PieceSink:
                     return written, (index, str(exc))
                 written.append(index)
         return written, None
-
-    def flush(self) -> Bitfield:
-        """Make written pieces durable and present; returns the present set."""
-        if self._closed:
-            return Bitfield(len(self.partial.layer))
-        return self.partial.flush()
 
     def close(self) -> None:
         """Flush and close (after any write still running in a thread)."""

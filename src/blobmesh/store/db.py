@@ -1,0 +1,282 @@
+"""The store's metadata: one SQLite (WAL) database of blobs, leases and pins.
+
+:class:`MetaDB` owns the connection.  Every write goes through :meth:`MetaDB.write`, a
+``BEGIN IMMEDIATE`` transaction that holds SQLite's write lock for its whole body, so file
+moves made inside it cannot interleave with another process's.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from blobmesh.errors import BlobIncompleteError, BlobNotFoundError, StoreError, StoreFullError
+from blobmesh.hashing import BlobId, piece_count
+from blobmesh.store.bitfield import Bitfield
+from blobmesh.store.layout import FILE_MODE, Layout
+from blobmesh.store.leases import LeaseId, pid_alive, pid_start_time
+from blobmesh.store.types import BlobInfo, Pin
+
+Undo = list[Callable[[], object]]
+"""Actions that revert file moves when their write transaction does not commit."""
+
+BUSY_TIMEOUT = 60.0
+"""How long a statement waits for another process's write lock before it fails."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    id BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    piece_size INTEGER NOT NULL,
+    complete INTEGER NOT NULL,
+    have BLOB NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    blob BLOB NOT NULL,
+    consumer TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start INTEGER,
+    created REAL NOT NULL,
+    PRIMARY KEY (blob, consumer, pid)
+);
+CREATE INDEX IF NOT EXISTS leases_pid ON leases(pid);
+CREATE TABLE IF NOT EXISTS pins (
+    name TEXT PRIMARY KEY,
+    blob BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pins_blob ON pins(blob);
+"""
+
+_ROW = "SELECT id, size, piece_size, complete, have, created FROM blobs"
+
+
+class MetaDB:
+    """The metadata database of one store; usable from several threads (one lock)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.lock = threading.RLock()
+        home = str(layout.home)
+        try:
+            self.conn = sqlite3.connect(layout.db, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store database {layout.db}: {exc}",
+                             home=home) from exc
+        for suffix in ("", "-wal", "-shm"):
+            with suppress(FileNotFoundError):
+                os.chmod(f"{layout.db}{suffix}", FILE_MODE)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    @contextmanager
+    def write(self, undo: Undo | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding SQLite's write lock for its whole duration.
+
+        When it does not commit (the body raised, or COMMIT failed, e.g. on a full disk) the
+        ``undo`` actions run newest first while the write lock is still held, so no other
+        process sees files that disagree with the rows.
+        """
+        with self.lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:  # e.g. locked for too long
+                raise self.error(exc) from exc
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                for action in reversed(undo or ()):
+                    with suppress(OSError):
+                        action()
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self.error(exc) from exc
+                raise
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self.lock:
+            try:
+                return list(self.conn.execute(sql, args))
+            except sqlite3.Error as exc:
+                raise self.error(exc) from exc
+
+    def error(self, exc: sqlite3.Error) -> StoreError:
+        """A one-line store error for a failed SQLite statement (e.g. locked for too long)."""
+        home = str(self.layout.home)
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return StoreFullError(f"disk full: cannot update the store database in {home}",
+                                  home=home)
+        return StoreError(f"store database {self.layout.db}: {exc}", home=home)
+
+    # --- rows ------------------------------------------------------------------------------
+
+    def find_row(self, blob_id: BlobId) -> tuple[Any, ...] | None:
+        """(id, size, piece_size, complete, have, created), or None when absent."""
+        rows = self.query(_ROW + " WHERE id=?", (blob_id.digest,))
+        return rows[0] if rows else None
+
+    def blob_row(self, blob_id: BlobId) -> tuple[Any, ...]:
+        """:meth:`find_row`, raising BlobNotFoundError when absent."""
+        row = self.find_row(blob_id)
+        if row is None:
+            raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
+        return row
+
+    def has(self, blob_id: BlobId) -> bool:
+        """True when the complete blob is here."""
+        rows = self.query("SELECT complete FROM blobs WHERE id=?", (blob_id.digest,))
+        return bool(rows and rows[0][0])
+
+    def bitfield(self, blob_id: BlobId) -> Bitfield:
+        row = self.blob_row(blob_id)
+        return Bitfield(piece_count(int(row[1]), int(row[2])), bytes(row[4]))
+
+    def find_bitfield(self, blob_id: BlobId) -> Bitfield | None:
+        """The present pieces, or None when the blob is not here at all."""
+        row = self.find_row(blob_id)
+        return None if row is None else Bitfield(piece_count(int(row[1]), int(row[2])),
+                                                 bytes(row[4]))
+
+    def info(self, blob_id: BlobId) -> BlobInfo:
+        row = self.blob_row(blob_id)
+        pins = tuple(str(r[0]) for r in self.query(
+            "SELECT name FROM pins WHERE blob=? ORDER BY name", (blob_id.digest,)))
+        nleases = int(self.query("SELECT count(*) FROM leases WHERE blob=?",
+                                 (blob_id.digest,))[0][0])
+        return info_from_row(row, pins, nleases)
+
+    def infos(self, blob_ids: Sequence[BlobId]) -> list[BlobInfo]:
+        """:meth:`info` of many blobs in three queries per 500."""
+        out: dict[BlobId, BlobInfo] = {}
+        unique = list(dict.fromkeys(blob_ids))
+        for i in range(0, len(unique), 500):
+            digests = tuple(b.digest for b in unique[i : i + 500])
+            marks = ",".join("?" * len(digests))
+            pins: dict[bytes, list[str]] = {}
+            for name, blob in self.query(f"SELECT name, blob FROM pins WHERE blob IN ({marks})"
+                                         " ORDER BY name", digests):
+                pins.setdefault(bytes(blob), []).append(str(name))
+            counts = {bytes(b): int(n) for b, n in self.query(
+                f"SELECT blob, count(*) FROM leases WHERE blob IN ({marks}) GROUP BY blob",
+                digests)}
+            for row in self.query(_ROW + f" WHERE id IN ({marks})", digests):
+                d = bytes(row[0])
+                out[BlobId(d)] = info_from_row(row, tuple(pins.get(d, ())), counts.get(d, 0))
+        missing = [b for b in unique if b not in out]
+        if missing:
+            raise BlobNotFoundError(f"blob {missing[0]} is not in the store", blob_id=missing[0])
+        return [out[b] for b in blob_ids]
+
+    def blobs(self) -> list[BlobInfo]:
+        rows = self.query(_ROW + " ORDER BY created, id")
+        pins: dict[bytes, list[str]] = {}
+        for name, blob in self.query("SELECT name, blob FROM pins"):
+            pins.setdefault(bytes(blob), []).append(str(name))
+        counts = {bytes(b): int(n) for b, n in
+                  self.query("SELECT blob, count(*) FROM leases GROUP BY blob")}
+        return [info_from_row(r, tuple(sorted(pins.get(bytes(r[0]), []))),
+                              counts.get(bytes(r[0]), 0))
+                for r in rows]
+
+    def pins(self) -> list[Pin]:
+        return [Pin(str(n), BlobId(bytes(b)), float(c))
+                for n, b, c in self.query("SELECT name, blob, created FROM pins ORDER BY name")]
+
+    def leases(self, blob_id: BlobId | None = None) -> list[tuple[BlobId, LeaseId, bool]]:
+        sql = "SELECT blob, consumer, pid, pid_start FROM leases"
+        rows = self.query(sql + " WHERE blob=?", (blob_id.digest,)) if blob_id else \
+            self.query(sql)
+        return [(BlobId(bytes(b)), LeaseId(str(c), int(p)), pid_alive(int(p), s))
+                for b, c, p, s in rows]
+
+    def drop_lease(self, lease: LeaseId, blob_id: BlobId) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM leases WHERE blob=? AND consumer=? AND pid=?",
+                       (blob_id.digest, lease.consumer, lease.pid))
+
+    def merge_pieces(self, updates: Sequence[tuple[BlobId, Sequence[int]]]) -> list[Bitfield]:
+        """Mark pieces present (their data is already durable), many blobs in one
+        transaction; completes each blob that becomes full.  The present sets, in order."""
+        out: list[Bitfield] = []
+        now = time.time()
+        with self.write() as db:
+            for blob_id, indices in updates:
+                row = db.execute("SELECT size, piece_size, have, complete FROM blobs "
+                                 "WHERE id=?", (blob_id.digest,)).fetchone()
+                if row is None:
+                    raise BlobNotFoundError(f"blob {blob_id} vanished while being written",
+                                            blob_id=blob_id)
+                have = Bitfield(piece_count(row[0], row[1]), bytes(row[2]))
+                have.update(indices)
+                complete = 1 if (row[3] or have.is_complete()) else 0
+                db.execute("UPDATE blobs SET have=?, complete=?, updated=? WHERE id=?",
+                           (have.to_bytes(), complete, now, blob_id.digest))
+                out.append(have)
+        return out
+
+
+# --- statements inside a caller's write transaction ----------------------------------------
+
+
+def has_row(db: sqlite3.Connection, blob_id: BlobId) -> bool:
+    return db.execute("SELECT 1 FROM blobs WHERE id=?", (blob_id.digest,)).fetchone() is not None
+
+
+def add_lease(db: sqlite3.Connection, blob_id: BlobId, lease: LeaseId) -> None:
+    # Taking a lease again refreshes its process start time: a row left by a dead process
+    # whose pid (and stable consumer name) was reused must not make the new lease look dead.
+    start = _own_start_time() if lease.pid == os.getpid() else pid_start_time(lease.pid)
+    db.execute("INSERT INTO leases VALUES (?,?,?,?,?) ON CONFLICT (blob, consumer, pid) "
+               "DO UPDATE SET pid_start=excluded.pid_start",
+               (blob_id.digest, lease.consumer, lease.pid, start, time.time()))
+
+
+_own: tuple[int, int | None] | None = None
+
+
+def _own_start_time() -> int | None:
+    """This process's start time, read once per pid (a fork reads its own)."""
+    global _own
+    pid = os.getpid()
+    if _own is None or _own[0] != pid:
+        _own = (pid, pid_start_time(pid))
+    return _own[1]
+
+
+def require_complete(db: sqlite3.Connection, blob_id: BlobId) -> int:
+    """The size of a complete blob; raises if it is missing or partial."""
+    row = db.execute("SELECT complete, size FROM blobs WHERE id=?",
+                     (blob_id.digest,)).fetchone()
+    if row is None:
+        raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
+    if not row[0]:
+        raise BlobIncompleteError(f"blob {blob_id} is only partially present", blob_id=blob_id)
+    return int(row[1])
+
+
+def info_from_row(row: tuple[Any, ...], pins: tuple[str, ...], leases: int) -> BlobInfo:
+    digest, size, piece_size, complete, have_raw, created = row
+    total = piece_count(size, piece_size)
+    have = Bitfield.full(total) if complete else Bitfield(total, bytes(have_raw))
+    present = have.count()
+    nbytes = present * piece_size
+    if total - 1 in have:  # the last piece is short
+        nbytes -= total * piece_size - size
+    return BlobInfo(BlobId(bytes(digest)), size, piece_size, bool(complete), present,
+                    total, float(created), nbytes, pins, leases)

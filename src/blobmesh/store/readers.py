@@ -1,0 +1,176 @@
+"""Reading blobs: seekable verified readers, single pieces and piece layers."""
+
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+from blobmesh.errors import BlobIncompleteError, CorruptBlobError, VerificationError
+from blobmesh.hashing import BlobId, PieceLayer, hash_piece, piece_count
+from blobmesh.store.bitfield import Bitfield
+from blobmesh.store.db import MetaDB, add_lease, require_complete
+from blobmesh.store.ingest import CHUNK
+from blobmesh.store.layout import Layout
+from blobmesh.store.leases import LeaseId
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+
+def piece_layer(db: MetaDB, layout: Layout, blob_id: BlobId) -> PieceLayer:
+    """The stored piece layer, checked against the blob id."""
+    row = db.blob_row(blob_id)
+    try:
+        raw = layout.pieces_path(blob_id).read_bytes()
+    except FileNotFoundError as exc:
+        raise CorruptBlobError(f"piece layer of {blob_id} is missing; run fsck",
+                               blob_id=blob_id) from exc
+    try:
+        return PieceLayer.from_bytes(blob_id, int(row[1]), int(row[2]), raw)
+    except VerificationError as exc:
+        raise CorruptBlobError(f"piece layer of {blob_id} is corrupt; run fsck",
+                               blob_id=blob_id) from exc
+
+
+def open_reader(db: MetaDB, layout: Layout, blob_id: BlobId, lease: LeaseId | None, *,
+                verify: bool) -> BlobReader:
+    """A reader over a complete blob, holding a lease of its own (and recording ``lease``)."""
+    hold = LeaseId.new(f"reader[{lease.consumer if lease else 'once'}]")
+    with db.write() as conn:
+        size = require_complete(conn, blob_id)
+        if lease is not None:
+            add_lease(conn, blob_id, lease)
+        add_lease(conn, blob_id, hold)
+    try:
+        layer = piece_layer(db, layout, blob_id) if verify else None
+        fd = os.open(layout.data_path(blob_id), os.O_RDONLY)
+    except FileNotFoundError as exc:
+        db.drop_lease(hold, blob_id)
+        raise CorruptBlobError(f"data file of {blob_id} is missing; run fsck",
+                               blob_id=blob_id) from exc
+    except BaseException:
+        db.drop_lease(hold, blob_id)
+        raise
+    return BlobReader(db, blob_id, fd, size, layer, hold)
+
+
+def read_piece(db: MetaDB, layout: Layout, blob_id: BlobId, index: int, *,
+               verify: bool) -> bytes:
+    """One present piece (also of a partial blob)."""
+    row = db.blob_row(blob_id)
+    size, piece_size = int(row[1]), int(row[2])
+    if index not in Bitfield(piece_count(size, piece_size), bytes(row[4])):
+        raise BlobIncompleteError(f"piece {index} of {blob_id} is not present",
+                                  blob_id=blob_id, piece=index)
+    start = index * piece_size
+    length = max(0, min(piece_size, size - start))
+    try:
+        fd = os.open(layout.data_path(blob_id), os.O_RDONLY)
+    except FileNotFoundError as exc:
+        db.blob_row(blob_id)  # collected meanwhile: BlobNotFoundError, not corruption
+        raise CorruptBlobError(f"data file of {blob_id} is missing; run fsck",
+                               blob_id=blob_id) from exc
+    try:
+        data = os.pread(fd, length, start)
+    finally:
+        os.close(fd)
+    if verify:
+        layer = piece_layer(db, layout, blob_id)
+        if len(data) != length or hash_piece(data) != layer.hashes[index]:
+            raise CorruptBlobError(f"piece {index} of {blob_id} is corrupt on disk",
+                                   blob_id=blob_id, piece=index)
+    return data
+
+
+class BlobReader(io.RawIOBase):
+    """A seekable, read-only binary file over one complete blob.
+
+    It holds a lease of its own until closed, so the blob cannot be collected under it.  With
+    verification on, each piece is checked against the blob id the first time it is read.
+    """
+
+    def __init__(self, db: MetaDB, blob_id: BlobId, fd: int, size: int,
+                 layer: PieceLayer | None, hold: LeaseId) -> None:
+        super().__init__()
+        self.blob_id = blob_id
+        self.size = size
+        self._db = db
+        self._fd = fd
+        self._pos = 0
+        self._layer = layer
+        self._verified: set[int] = set()
+        self._hold = hold
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        if self.closed:
+            raise ValueError("read from a closed BlobReader")
+        out = memoryview(buffer).cast("B")
+        n = max(0, min(len(out), self.size - self._pos))
+        if n == 0:
+            return 0
+        if self._layer is not None:
+            self._verify_span(self._pos, n)
+        got = os.preadv(self._fd, [out[:n]], self._pos)  # straight into the caller's buffer
+        if got != n:
+            raise CorruptBlobError(f"blob {self.blob_id} is truncated on disk; run fsck",
+                                   blob_id=self.blob_id)
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        out = bytearray()
+        while chunk := self.read(CHUNK):
+            out += chunk
+        return bytes(out)
+
+    def _verify_span(self, start: int, length: int) -> None:
+        layer = self._layer
+        assert layer is not None
+        first, last = start // layer.piece_size, (start + length - 1) // layer.piece_size
+        for i in range(first, last + 1):
+            if i in self._verified:
+                continue
+            off, plen = layer.piece_range(i)
+            data = os.pread(self._fd, plen, off)
+            if len(data) != plen or hash_piece(data) != layer.hashes[i]:
+                raise CorruptBlobError(
+                    f"blob {self.blob_id} is corrupt on disk (piece {i}); run fsck",
+                    blob_id=self.blob_id, piece=i)
+            self._verified.add(i)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+                with suppress(sqlite3.ProgrammingError):  # the store closed first
+                    self._db.drop_lease(self._hold, self.blob_id)
+            finally:
+                super().close()
