@@ -12,12 +12,13 @@ _blobmesh() {
 _blobmesh_words() {
     local words=""
     case "$1" in
-        "") words="add cat export ls info pin unpin pins gc fsck share unshare load ticket serve get push node peers distribute distributions status cancel bootstrap-server completion -h --help --version --home --json" ;;
+        "") words="add cat export ls info pin unpin pins gc fsck share unshare load ticket serve get push node peers distribute distributions status cancel bootstrap-server dashboard top completion -h --help --version --home --json" ;;
         "add") words="-h --help --json -q --quiet --pin --home" ;;
         "bootstrap-server") words="-h --help --listen --max-records --max-spaces --home" ;;
         "cancel") words="-h --help --json --home" ;;
         "cat") words="-h --help --home" ;;
         "completion") words="-h --help --home" ;;
+        "dashboard") words="-h --help --print --home" ;;
         "distribute") words="-h --help --json --to --priority --share-url --new --wait --timeout -q --quiet --home" ;;
         "distributions") words="-h --help --json --active --home" ;;
         "export") words="-h --help -f --force --home" ;;
@@ -29,7 +30,7 @@ _blobmesh_words() {
         "ls") words="-h --help --json --home" ;;
         "node") words="run info -h --help --home" ;;
         "node info") words="-h --help --json --home" ;;
-        "node run") words="-h --help --listen --bootstrap --group --cap --space --secret-file --upload-rate --download-rate --mdns --metrics-listen --want-peers --log-level --log-format --config -v --verbose --home" ;;
+        "node run") words="-h --help --listen --bootstrap --group --cap --space --secret-file --upload-rate --download-rate --mdns --metrics-listen --http-listen --want-peers --log-level --log-format --config -v --verbose --home" ;;
         "peers") words="-h --help --json --home" ;;
         "pin") words="-h --help --home" ;;
         "pins") words="-h --help --json --home" ;;
@@ -38,6 +39,7 @@ _blobmesh_words() {
         "share") words="-h --help --dir --resource --home" ;;
         "status") words="-h --help --json -f --follow --home" ;;
         "ticket") words="-h --help --addr --id --home" ;;
+        "top") words="-h --help --interval --home" ;;
         "unpin") words="-h --help --home" ;;
         "unshare") words="-h --help --dir --home" ;;
     esac

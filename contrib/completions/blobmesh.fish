@@ -24,6 +24,8 @@ complete -c blobmesh -n '__fish_use_subcommand' -a distributions
 complete -c blobmesh -n '__fish_use_subcommand' -a status
 complete -c blobmesh -n '__fish_use_subcommand' -a cancel
 complete -c blobmesh -n '__fish_use_subcommand' -a bootstrap-server
+complete -c blobmesh -n '__fish_use_subcommand' -a dashboard
+complete -c blobmesh -n '__fish_use_subcommand' -a top
 complete -c blobmesh -n '__fish_use_subcommand' -a completion
 complete -c blobmesh -n '__fish_use_subcommand' -s h
 complete -c blobmesh -n '__fish_use_subcommand' -l help
@@ -53,6 +55,10 @@ complete -c blobmesh -n '__fish_seen_subcommand_from cat' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from completion' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from completion' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from completion' -l home
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -s h
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -l help
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -l print
+complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l json
@@ -132,6 +138,7 @@ complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcomm
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l download-rate
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l mdns
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l metrics-listen
+complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l http-listen
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l want-peers
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l log-level
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l log-format
@@ -178,6 +185,10 @@ complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l addr
 complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l id
 complete -c blobmesh -n '__fish_seen_subcommand_from ticket' -l home
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -s h
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -l help
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -l interval
+complete -c blobmesh -n '__fish_seen_subcommand_from top' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from unpin' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from unpin' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from unpin' -l home

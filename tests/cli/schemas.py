@@ -68,6 +68,7 @@ class Target(Strict):
     rate: float
     reason: str
     updated: float
+    peers: int
 
 
 class Totals(Strict):

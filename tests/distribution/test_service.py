@@ -108,6 +108,19 @@ async def test_wait_and_many_progress_subscribers(tmp_path: Path) -> None:
         assert a.store.has(blob)
 
 
+async def test_progress_reports_the_targets_swarm_peers(tmp_path: Path) -> None:
+    slow = {i: SwarmConfig(download_rate=4 * MiB) for i in (1, 2)}
+    async with cluster(tmp_path, [[], [], []], slow) as (src, *_):
+        handle = await src.dist.distribute(add(src, 16 * MiB), "all")
+
+        async def both_peers_seen() -> bool:
+            targets = (await src.dist.status(handle)).targets
+            return all(t.state is TargetState.TRANSFERRING and t.peers == 2 for t in targets)
+
+        await eventually(both_peers_seen, 10)  # the source and the other target
+        await src.dist.cancel(handle)
+
+
 async def test_wait_timeout_carries_status(tmp_path: Path) -> None:
     slow = {1: SwarmConfig(download_rate=2 * MiB)}
     async with cluster(tmp_path, [[], []], slow) as (src, dst):

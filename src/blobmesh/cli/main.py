@@ -15,6 +15,7 @@ from pathlib import Path
 from blobmesh import __version__
 from blobmesh.cli import (
     completion_cmds,
+    dashboard_cmds,
     net_cmds,
     node_cmds,
     share_cmds,
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_cmds.register(sub)
     node_cmds.register(sub)
     space_cmds.register(sub)
+    dashboard_cmds.register(sub)
     completion_cmds.register(sub)
     for p in subcommand_parsers(parser):
         p.formatter_class = HelpFormatter

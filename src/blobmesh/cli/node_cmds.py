@@ -111,7 +111,12 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     from blobmesh.node.daemon import run_node_forever
 
     home = _home(args)
-    return run_node_forever(node_settings(home, args), lambda: node_settings(home, args))
+    settings = node_settings(home, args)
+    if settings.node.http_listen is not None:  # the dashboard is a layer above node
+        from blobmesh.dashboard import serve_dashboard
+
+        settings.node.services = (serve_dashboard(settings.node.http_listen),)
+    return run_node_forever(settings, lambda: node_settings(home, args))
 
 
 def cmd_node_info(args: argparse.Namespace) -> int:

@@ -186,6 +186,7 @@ class TargetStatus:
     rate: float = 0.0  # bytes/s over the last report interval
     reason: str = ""
     updated: float = field(default_factory=time.time)
+    peers: int = 0  # swarm peers it was connected to at its last progress report
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,8 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
     state: str
     bytes_done: int
     rate: float
-    reason: str = ""  # added later: older nodes send four fields and ignore a fifth
+    peers: int = 0  # swarm peers the target is connected to (absent from older nodes)
+    reason: str = ""  # why it is in that state (absent from older nodes)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -413,17 +414,18 @@ class DistributionService:
             current = tracked.targets.get(sender)
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
-            self._set_target(tracked, sender, state, note.bytes_done, note.rate, note.reason)
+            self._set_target(tracked, sender, state, note.bytes_done, note.rate, note.reason,
+                             note.peers)
 
     def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
-                    rate: float, reason: str) -> None:
+                    rate: float, reason: str, peers: int = 0) -> None:
         old = tracked.targets.get(node, TargetStatus(node))
         if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
             return  # completed is final: nothing rolls it back
         if (tracked.cancelled or tracked.gave_up) and not state.final:
             return
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
-                                        reason=reason, updated=time.time())
+                                        reason=reason, peers=peers, updated=time.time())
         self._bump(tracked)
 
     def _bump(self, tracked: _Tracked) -> None:
@@ -575,7 +577,7 @@ class DistributionService:
                     p.bytes_done != p.bytes_total:
                 return
             last_note = now
-            self._note(source, handle, p.state, p.bytes_done, p.rate, p.reason)
+            self._note(source, handle, p.state, p.bytes_done, p.rate, p.peers, p.reason)
 
         await self._report(handle, TargetState.TRANSFERRING, 0)
         backoff = self.config.retry_backoff
@@ -603,9 +605,9 @@ class DistributionService:
         await self._report(handle, TargetState.COMPLETED, r.size)
 
     def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
-              bytes_done: int, rate: float, reason: str = "") -> None:
+              bytes_done: int, rate: float, peers: int, reason: str = "") -> None:
         data = NOTIFY_PROGRESS + _enc.encode(ProgressNote(str(handle), str(state), bytes_done,
-                                                          rate, reason))
+                                                          rate, peers, reason))
 
         async def send() -> None:
             with contextlib.suppress(BlobmeshError, OSError):

@@ -25,7 +25,8 @@ def status_to_json(s: DistributionStatus) -> dict[str, Any]:
         "totals": {"targets": s.total, "completed": s.completed, "failed": s.failed,
                    "bytes_done": s.bytes_done, "bytes_total": s.bytes_total},
         "targets": [{"node": str(t.node), "state": str(t.state), "bytes_done": t.bytes_done,
-                     "rate": t.rate, "reason": t.reason, "updated": t.updated}
+                     "rate": t.rate, "reason": t.reason, "updated": t.updated,
+                     "peers": t.peers}
                     for t in s.targets],
     }
 
@@ -37,5 +38,6 @@ def status_from_json(d: dict[str, Any]) -> DistributionStatus:
         state=DistributionState(d["state"]),
         targets=tuple(TargetStatus(NodeId.parse(t["node"]), TargetState(t["state"]),
                                    int(t["bytes_done"]), float(t["rate"]), str(t["reason"]),
-                                   float(t["updated"])) for t in d["targets"]),
+                                   float(t["updated"]), int(t.get("peers", 0)))
+                      for t in d["targets"]),
         started=float(d["started"]), finished=d["finished"])

@@ -66,6 +66,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_listen", str, None, "also serve /metrics over HTTP for Prometheus at this "
            "address; a bare PORT means 127.0.0.1:PORT (expose it beyond loopback only behind "
            "a firewall)", "[HOST:]PORT"),
+    Option("http_listen", str, None, "serve the web dashboard and the JSON API over HTTP here "
+           "(off by default; a non-loopback address needs the token in HOME/dashboard.token)",
+           "HOST:PORT"),
     Option("want_peers", int, 8, "redial remembered peers and bootstrap tickets, backing off, "
            "while fewer peers are alive", "N"),
     Option("log_level", str, "info", "least severe log records shown on stderr",
@@ -173,6 +176,8 @@ def node_settings(home: Path, args: argparse.Namespace) -> RunSettings:
     config.want_peers = v["want_peers"]
     if v["metrics_listen"]:
         config.metrics_listen = parse_listen_address(_loopback_default(v["metrics_listen"]))
+    if v["http_listen"]:
+        config.http_listen = parse_listen_address(v["http_listen"])
     return RunSettings(config, v["log_level"], v["log_format"], path)
 
 

@@ -66,7 +66,7 @@ def _error(status: int, exc: BaseException) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     from blobmesh.distribution.model import ScopeError
     from blobmesh.distribution.service import UnknownDistributionError
 
@@ -110,8 +110,13 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors])
-        app.add_routes([
+        app = web.Application(middlewares=[error_middleware])
+        app.add_routes(self.routes())
+        return app
+
+    def routes(self) -> list[web.RouteDef]:
+        """The API's routes (to serve them in another app too, with ``error_middleware``)."""
+        return [
             web.get("/v1/node", self.get_node),
             web.get("/v1/peers", self.get_peers),
             web.post("/v1/distributions", self.post_distribution),
@@ -121,8 +126,7 @@ class ControlServer:
             web.delete("/v1/distributions/{handle}", self.delete_distribution),
             web.get("/v1/distributions/{handle}/events", self.distribution_events),
             web.get("/metrics", self.metrics),
-        ])
-        return app
+        ]
 
     async def start(self) -> None:
         self._runner = serve_app(self.app())

@@ -11,11 +11,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -85,6 +85,12 @@ class NodeConfigError(BlobmeshError):
     exit_code = 2
 
 
+class NodeService(Protocol):
+    """Something a node runs on top of itself (the dashboard), closed before the node."""
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass(slots=True)
 class NodeConfig:
     """Everything ``blobmesh node run`` takes."""
@@ -110,6 +116,10 @@ class NodeConfig:
     """While fewer peers are alive, remembered peers and bootstrap tickets are redialed."""
     watch_interval: float = 1.0
     """Seconds between looks at the space and the distributions (logs, remembered peers)."""
+    http_listen: Address | None = None
+    """Where the web dashboard listens (``--http-listen``; the CLI adds it as a service)."""
+    services: tuple[Callable[[Node], Awaitable[NodeService]], ...] = ()
+    """Opened in order once the node runs (layers above node, e.g. ``blobmesh.dashboard``)."""
 
     @classmethod
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
@@ -160,6 +170,7 @@ class Node:
         self._control: ControlServer | None = None
         self._tasks = TaskOwner("node")
         self._http: list[web.AppRunner] = []
+        self._services: list[NodeService] = []
         self.unhandled_errors = 0
         self.metrics_address: str | None = None  # host:port of the TCP /metrics, if served
         self.share_metrics = ShareMetrics()
@@ -224,6 +235,8 @@ class Node:
                                                              cfg.metrics_listen)
                 log.info("metrics on http://%s/metrics", self.metrics_address)
             self._tasks.spawn_restarting(self._watch, name="watch")
+            for open_service in cfg.services:
+                self._services.append(await open_service(self))
             log.info("node %s listening on %s, addresses %s", self.identity.node_id,
                      format_address(self.endpoint.listen_address),
                      " ".join(format_address(a) for a in self.ticket.addrs))
@@ -337,6 +350,8 @@ class Node:
 
     async def aclose(self, *, leave: bool = True) -> None:
         """Stop everything; with ``leave``, first tell the space we are going (best effort)."""
+        while self._services:
+            await self._services.pop().aclose()
         await self._tasks.aclose()
         for runner in self._http:
             await runner.cleanup()
