@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the tests' p
 from tests.space.procs import RunnerProc, wait_for
 
 from blobmesh.space import Limits
-from blobmesh.space.records import sign_op
+from blobmesh.space.records import sign_op, sign_record
 from blobmesh.transport import Identity
 
 # per message, not counted by the space: transport frame header (~10 B) + TLS record (22 B)
@@ -140,8 +140,10 @@ def main() -> None:
         ops = [sign_op(author, space="default", kind="bench", timestamp=now - i,
                        payload=b"%08d" % i + b"." * 120, limits=lim).raw
                for i in range(args.ops)]
+        record = sign_record(author, space="default", addresses=[], groups=[], capabilities={},
+                             created_at=now, expires_at=now + 3_600_000)
         path = tmp / "ops.msgpack"
-        path.write_bytes(msgspec.msgpack.encode(ops))
+        path.write_bytes(msgspec.msgpack.encode(([record], ops)))
         for p in procs:
             p.call(cmd="load", path=str(path), within=300)
         total = held + args.ops

@@ -30,7 +30,7 @@ _blobmesh_words() {
         "ls") words="-h --help --json --home" ;;
         "node") words="run info -h --help --home" ;;
         "node info") words="-h --help --json --home" ;;
-        "node run") words="-h --help --listen --bootstrap --group --cap --space --secret-file --upload-rate --download-rate --mdns --metrics-listen --http-listen --want-peers --log-level --log-format --config -v --verbose --home" ;;
+        "node run") words="-h --help --listen --bootstrap --group --cap --space --secret-file --open --distributor --upload-rate --download-rate --mdns --metrics-listen --http-listen --want-peers --log-level --log-format --config -v --verbose --home" ;;
         "peers") words="-h --help --json --home" ;;
         "pin") words="-h --help --home" ;;
         "pins") words="-h --help --json --home" ;;

@@ -134,6 +134,8 @@ complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcomm
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l cap
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l space
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l secret-file
+complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l open
+complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l distributor
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l upload-rate
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l download-rate
 complete -c blobmesh -n '__fish_seen_subcommand_from node && __fish_seen_subcommand_from run' -l mdns

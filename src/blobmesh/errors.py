@@ -118,8 +118,20 @@ class StreamClosedError(TransportError):
 # --- space (membership, peer records, ops) ---------------------------------------------------
 
 
+class NotAuthorizedError(BlobmeshError):
+    """This node may not do that, e.g. cancel a distribution another node started."""
+
+    exit_code = 2
+
+
 class SpaceError(BlobmeshError):
     """A space (metadata plane) operation failed."""
+
+
+class SpaceConfigError(SpaceError):
+    """A node's space settings contradict each other (e.g. ``--open`` with a secret)."""
+
+    exit_code = 2
 
 
 class AdmissionError(SpaceError):

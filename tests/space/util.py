@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from blobmesh.space import Limits, Metrics, Seed, Space, SpaceConfig, Timing, admission, wire
-from blobmesh.transport.api import Stream, StreamHandler
+from blobmesh.space.records import sign_record
+from blobmesh.transport.api import Network, Stream, StreamHandler
 from blobmesh.transport.identity import Identity, NodeId
 from blobmesh.transport.memory import MemoryHub, MemoryNode
 
@@ -121,9 +123,15 @@ def full_view(c: Cluster, nodes: list[Node] | None = None) -> bool:
 class RawPeer:
     """A hand-driven client of the space protocol, for feeding a node hostile input."""
 
-    def __init__(self, hub: MemoryHub, cfg: SpaceConfig) -> None:
-        self.identity = Identity.generate()
-        self.node = hub.node(self.identity.node_id)
+    def __init__(self, hub: MemoryHub | None, cfg: SpaceConfig, *,
+                 network: Network | None = None, identity: Identity | None = None) -> None:
+        """On ``hub`` with a new identity, or on any ``network`` (e.g. a TLS endpoint) of
+        ``identity``."""
+        self.identity = identity or Identity.generate()
+        if network is None:
+            assert hub is not None
+            network = hub.node(self.identity.node_id)
+        self.node = network
         self.cfg = cfg
         self.stream: Stream | None = None
 
@@ -136,9 +144,16 @@ class RawPeer:
         msg = wire.decode_handshake(await s.recv(), Limits(), Metrics())
         if not isinstance(msg, wire.Challenge):
             return msg
-        proof = admission.proof(self.cfg, b"client", me, target, nonce, msg.nonce)
+        proof = admission.proof(self.cfg, b"dialer", me, target, nonce, msg.nonce)
         await s.send(wire.encode(wire.Auth(proof)))
         return wire.decode_handshake(await s.recv(), Limits(), Metrics())
+
+    async def join(self) -> None:
+        """Push our own signed record: we become a member, so our ops count."""
+        now = int(time.time() * 1000)
+        rec = sign_record(self.identity, space=self.cfg.name, addresses=[], groups=[],
+                          capabilities={}, created_at=now, expires_at=now + 600_000)
+        assert isinstance(await self.request(wire.PushRecords(0, [rec], False)), wire.Ack)
 
     async def request(self, msg: wire.Request) -> wire.Response:
         assert self.stream is not None

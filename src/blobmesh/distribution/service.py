@@ -24,10 +24,11 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from blobmesh.distribution.authz import OpAuthorizer
 from blobmesh.distribution.model import (
     DistributionHandle,
     DistributionState,
@@ -44,6 +45,7 @@ from blobmesh.errors import (
     BlobNotFoundError,
     CorruptBlobError,
     InvalidOpError,
+    NotAuthorizedError,
     StoreError,
     TransferError,
 )
@@ -159,18 +161,24 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
 
 
 _enc = msgspec.msgpack.Encoder()
-_OP_TYPES: dict[str, type[msgspec.Struct]] = {
-    OP_REQUEST: RequestOp, OP_STATUS: StatusOp, OP_CANCEL: CancelOp}
 
 
-def _payload_validator(payload_type: type[msgspec.Struct]) -> Callable[[OpView], None]:
-    """Reject (before storing or gossiping) an op whose payload does not decode."""
+_P = TypeVar("_P", bound=msgspec.Struct)
+
+
+def _payload_validator(payload_type: type[_P],
+                       authorize: Callable[[NodeId, _P], None] | None = None
+                       ) -> Callable[[OpView], None]:
+    """Reject (before storing or gossiping) an op whose payload does not decode, or that the
+    authorization rules (:mod:`blobmesh.distribution.authz`) refuse."""
 
     def validate(op: OpView) -> None:
         try:
-            msgspec.msgpack.decode(op.payload, type=payload_type)
+            payload = msgspec.msgpack.decode(op.payload, type=payload_type)
         except msgspec.DecodeError as exc:
             raise InvalidOpError(f"malformed {op.kind} payload: {exc}") from exc
+        if authorize is not None:
+            authorize(op.author, payload)
 
     return validate
 
@@ -208,6 +216,7 @@ class DistributionConfig:
     retry_backoff_max: float = 15.0
     unreachable_after: float = 10.0  # seconds of silence before a lost target is reported
     share_loader: ShareLoader | None = None
+    distributors: frozenset[NodeId] | None = None  # if set, only they may publish requests
 
 
 class DistributionService:
@@ -224,8 +233,16 @@ class DistributionService:
         self._tasks = TaskOwner("distribution")
         self._lease = LeaseId.new("distribution")
         space.on_notify(self._on_notify)
-        for kind, payload_type in _OP_TYPES.items():
-            space.register_op_kind(kind, _payload_validator(payload_type))
+        self.authz = OpAuthorizer(self.config.distributors)
+        space.register_op_kind(OP_REQUEST,
+                               _payload_validator(RequestOp, self.authz.authorize_request))
+        space.register_op_kind(OP_STATUS, _payload_validator(StatusOp))
+        space.register_op_kind(OP_CANCEL,
+                               _payload_validator(CancelOp, self.authz.authorize_cancel))
+        for op in space.stored_ops(OP_REQUEST):  # so cancels arriving before start() count
+            with contextlib.suppress(msgspec.DecodeError, InvalidOpError):
+                self.authz.authorize_request(
+                    op.author, msgspec.msgpack.decode(op.payload, type=RequestOp))
 
     @property
     def node_id(self) -> NodeId:
@@ -311,8 +328,16 @@ class DistributionService:
         return sorted(snaps, key=lambda s: s.started, reverse=True)
 
     async def cancel(self, handle: DistributionHandle) -> DistributionStatus:
-        """Stop pending and in-flight transfers; completed targets keep their copy."""
+        """Stop pending and in-flight transfers; completed targets keep their copy.
+
+        Only the source may cancel (raises :class:`NotAuthorizedError` elsewhere): its cancel
+        op is what every node, and every restart, honours.
+        """
         tracked = self._get(handle)
+        source = NodeId(tracked.request.source)
+        if source != self.node_id:
+            raise NotAuthorizedError(f"only the source of {handle} ({source}) can cancel it; "
+                                     "run cancel on that node", handle=str(handle))
         if not tracked.cancelled:
             await self.space.publish(OP_CANCEL, _enc.encode(CancelOp(str(handle))))
             await self._apply_cancel(tracked)
@@ -384,8 +409,7 @@ class DistributionService:
         try:
             if op.kind == OP_REQUEST:
                 request = msgspec.msgpack.decode(op.payload, type=RequestOp)
-                if NodeId(request.source) != op.author:
-                    raise ValueError("request source is not its author")
+                self.authz.authorize_request(op.author, request)
                 self._track(request)
             elif op.kind == OP_STATUS:
                 st = msgspec.msgpack.decode(op.payload, type=StatusOp)

@@ -55,9 +55,15 @@ OPTIONS: tuple[Option, ...] = (
            repeat=True),
     Option("cap", str, [], "a capability such as gpu=true or mem_gb=64 (repeatable)",
            "KEY=VALUE", repeat=True),
-    Option("space", str, "blobmesh", "name of the space to join", "NAME"),
+    Option("space", str, None, "name of the space to join (default: the bootstrap "
+           "ticket's, else blobmesh)", "NAME"),
     Option("secret_file", Path, None, "file holding the space's shared secret (at least 16 "
-           "bytes; keep it mode 0600)", "FILE"),
+           "bytes; keep it mode 0600; default: the ticket's, else one kept in the home, made "
+           "on first run)", "FILE"),
+    Option("open", bool, False, "an open space: no secret, anyone who knows its name may "
+           "join"),
+    Option("distributor", str, [], "accept distributions only from this node (repeatable; "
+           "default: from any member)", "NODE_ID", repeat=True),
     Option("upload_rate", float, 0.0, "cap on swarm upload bytes per second (0: unlimited)",
            "BYTES_PER_S"),
     Option("download_rate", float, 0.0, "cap on swarm download bytes per second "
@@ -172,7 +178,8 @@ def node_settings(home: Path, args: argparse.Namespace) -> RunSettings:
     config = NodeConfig.from_cli(
         home, listen=v["listen"], bootstrap=v["bootstrap"], groups=v["group"], caps=v["cap"],
         space=v["space"], secret_file=v["secret_file"], upload_rate=v["upload_rate"],
-        download_rate=v["download_rate"], mdns=v["mdns"])
+        download_rate=v["download_rate"], mdns=v["mdns"], open_space=v["open"],
+        distributors=v["distributor"])
     config.want_peers = v["want_peers"]
     if v["metrics_listen"]:
         config.metrics_listen = parse_listen_address(_loopback_default(v["metrics_listen"]))

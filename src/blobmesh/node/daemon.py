@@ -33,6 +33,7 @@ from blobmesh.node.watch import PeerView, RejoinPolicy, distribution_changes, pe
 from blobmesh.shares import ShareMetrics, load_blob
 from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
 from blobmesh.space.predicate import parse_capability
+from blobmesh.space.secret import join_secret, space_of
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
 from blobmesh.tasks import TaskOwner
@@ -59,6 +60,9 @@ _PEER_EVENTS = {"joined": "joined", "suspect": "is suspect (not answering probes
                 "dead": "is dead (record gone)"}
 
 NODE_FRAME_SIZE = 264 * 1024
+ADMISSION_TIMEOUT = 10.0
+"""Seconds an accepted connection may live before its peer passes the space handshake (or is
+vouched for as a member); strangers cost the transport a bounded number of such connections."""
 
 
 MEMBER_VOUCHER = "blobmesh/open"
@@ -101,14 +105,16 @@ class NodeConfig:
     groups: tuple[str, ...] = ()
     capabilities: dict[str, CapValue] = field(default_factory=dict)
     space: str = "blobmesh"
-    secret: bytes | None = None
+    secret: bytes | None = None  # None: from a join ticket, kept in the home, or a new one
+    open_space: bool = False  # no secret at all: anyone who knows the space name may join
     mdns: bool = False
     timing: Timing = field(default_factory=Timing)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     # One 256 KiB piece per frame; 1 MiB frames cost ~2 MiB of buffers per connection, and
     # failure detection keeps a connection to every peer.
     transport: TransportConfig = field(
-        default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE))
+        default_factory=lambda: TransportConfig(max_frame_size=NODE_FRAME_SIZE,
+                                                admission_timeout=ADMISSION_TIMEOUT))
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     metrics_listen: Address | None = None
     """Where to serve ``/metrics`` over TCP for Prometheus (besides the control socket)."""
@@ -123,8 +129,9 @@ class NodeConfig:
 
     @classmethod
     def from_cli(cls, home: Path, *, listen: str, bootstrap: list[str], groups: list[str],
-                 caps: list[str], space: str, secret_file: Path | None, upload_rate: float,
-                 download_rate: float, mdns: bool) -> NodeConfig:
+                 caps: list[str], space: str | None, secret_file: Path | None,
+                 upload_rate: float, download_rate: float, mdns: bool,
+                 open_space: bool = False, distributors: Sequence[str] = ()) -> NodeConfig:
         secret = None
         if secret_file is not None:
             try:
@@ -138,9 +145,12 @@ class NodeConfig:
             capabilities = dict(parse_capability(c) for c in caps)
         except ValueError as exc:
             raise NodeConfigError(str(exc)) from exc
-        return cls(home=home, listen=parse_listen_address(listen),
-                   bootstrap=tuple(Ticket.parse(t) for t in bootstrap), groups=tuple(groups),
-                   capabilities=capabilities, space=space, secret=secret, mdns=mdns,
+        tickets = tuple(Ticket.parse(t) for t in bootstrap)
+        return cls(home=home, listen=parse_listen_address(listen), bootstrap=tickets,
+                   groups=tuple(groups), capabilities=capabilities,
+                   space=space or space_of(tickets), secret=secret, open_space=open_space,
+                   mdns=mdns, distribution=DistributionConfig(distributors=frozenset(
+                       NodeId.parse(d) for d in distributors) if distributors else None),
                    swarm=SwarmConfig(upload_rate=upload_rate, download_rate=download_rate))
 
 
@@ -155,6 +165,8 @@ class Node:
         self._lock = HomeLock(config.home)
         self._lock.acquire()  # before anything in the home is opened, the control socket above all
         try:
+            self._secret = join_secret(config.home, space=config.space, secret=config.secret,
+                                       tickets=config.bootstrap, open_space=config.open_space)
             self.store = Store(config.home)
             self.identity = Identity.load_or_create(config.home)
         except BaseException:
@@ -191,34 +203,42 @@ class Node:
         return self._swarm
 
     @property
+    def transfer(self) -> TransferManager:
+        assert self._transfer is not None, "node not started"
+        return self._transfer
+
+    @property
     def distribution(self) -> DistributionService:
         assert self._distribution is not None, "node not started"
         return self._distribution
 
     @property
     def ticket(self) -> Ticket:
-        return self.endpoint.ticket
+        """The join ticket: reach this node and join its space (carries the space secret)."""
+        return self.endpoint.ticket.for_space(self.config.space, self._secret)
 
     async def start(self) -> None:
         cfg = self.config
         try:
             self._endpoint = await self._listen()
             space_cfg = SpaceConfig(
-                name=cfg.space, secret=cfg.secret, groups=cfg.groups,
+                name=cfg.space, secret=self._secret, groups=cfg.groups,
                 capabilities=cfg.capabilities,
                 addresses=tuple(format_address(a) for a in self.endpoint.ticket.addrs),
                 seeds=tuple(Seed.from_ticket(t) for t in self._rejoin_tickets()),
                 mdns=cfg.mdns, timing=cfg.timing)
             book = endpoint_address_book(self.endpoint.add_peer_addresses)
             self._space = Space(space_cfg, self.identity, self.endpoint,
-                                cfg.home / "space.sqlite", address_book=book)
+                                cfg.home / "space.sqlite", address_book=book,
+                                on_admitted=self.endpoint.mark_admitted)
             for peer in self.space.peers(alive_only=False):
                 # records kept from earlier runs: dialable now, not only once they change
                 book(peer.node_id, peer.addresses)
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
                                       authorize=self.space.is_member)
-            self._transfer = TransferManager(self.endpoint, self.store)
+            self._transfer = TransferManager(self.endpoint, self.store,
+                                             admit=self.space.is_member)
             self._transfer.register_voucher_type(
                 MEMBER_VOUCHER, MembersOnly(self.space.is_member))
             dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares)

@@ -58,6 +58,9 @@ _SPACE_HELP = {
     "fetch_abandoned": "op ids given up after every attempt",
     "bootstrap_failures": "failed requests to bootstrap servers",
     "admission_refused": "handshakes refused by admission (secret, allowlist)",
+    "admission_accepted": "handshakes that admitted a peer (either direction)",
+    "handshake_timeouts": "inbound handshakes cut for taking too long",
+    "ops_rejected_non_member": "ops refused because their author is not a member",
 }
 
 _SHARE_HELP = {
@@ -115,6 +118,7 @@ class NodeCollector(Collector):
         yield from self._store()
         yield from self._swarm()
         yield from self._space()
+        yield from self._admission()
         yield from self._distributions()
         yield from self._shares()
 
@@ -167,6 +171,24 @@ class NodeCollector(Collector):
                 help_text = _SPACE_HELP.get(key, "space counter " + key.replace("_", " "))
                 yield _counter("blobmesh_space_" + key, help_text, value)
         yield limits
+
+    def _admission(self) -> Iterator[Metric]:
+        """What strangers and refused requests cost (the space's own admission counters are
+        ``blobmesh_space_admission_*``, ``handshake_timeouts``, ``limit_hits{handshakes}``)."""
+        ep, tr = self.node.endpoint, self.node.transfer
+        yield _gauge("blobmesh_transport_connected_peers", "peers with a usable connection",
+                     len(ep.connected_peers()))
+        yield _counter("blobmesh_transport_connections_refused",
+                       "connections refused at accept by the caps (all, and not admitted)",
+                       ep.refused)
+        yield _counter("blobmesh_transfer_refused_unadmitted",
+                       "transfer streams refused: peer not admitted", tr.refused_unadmitted)
+        yield _counter("blobmesh_transfer_requests_refused",
+                       "transfer requests refused by validation (nothing kept)",
+                       tr.requests_refused)
+        yield _counter("blobmesh_transfer_channels_pruned",
+                       "finished channels forgotten after the retention window",
+                       tr.channels_pruned)
 
     def _distributions(self) -> Iterator[Metric]:
         dists = self.node.distribution.distributions()

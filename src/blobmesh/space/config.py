@@ -43,6 +43,8 @@ class Limits:
     max_seeds: int = 256                  # seeds not yet known as peers (config, LAN)
     max_pushes: int = 4096                # background pushes in flight (beyond: left to gossip)
     max_inbound_per_link: int = 16        # requests served concurrently per peer link
+    max_handshakes: int = 64              # inbound handshakes in progress (strangers included)
+    rejected_ops: int = 4096              # rejected op ids not fetched again for a while
     fetch_queue: int = 20_000             # op ids waiting to be fetched
     fetch_batch: int = 256                # ids per fetch request
     fetch_attempts: int = 5
@@ -68,6 +70,8 @@ class Timing:
     indirect_timeout: float = 1.0         # indirect (ping-req) deadline after the direct one
     indirect_probes: int = 3              # k helpers for ping-req
     request_timeout: float = 3.0
+    handshake_timeout: float = 3.0        # a peer that has not proved the secret by then is cut
+    rejected_op_ttl: float = 30.0         # a rejected op id is not fetched again for this long
     record_ttl: float = 3600.0            # own record validity
     republish_margin: float = 0.5         # re-sign after this fraction of the ttl
     maintenance_interval: float = 2.0
@@ -86,7 +90,8 @@ class SpaceConfig:
     """What a node needs to take part in one space.
 
     ``secret`` and/or ``allowlist`` form the admission rule: a peer must prove the secret (HMAC
-    bound to both node ids and fresh nonces) and, with an allowlist, be on it.
+    bound to both node ids and fresh nonces, the dialer first) and, with an allowlist, be on
+    it.  No secret means an open space: anyone who knows its name may join.
     """
 
     name: str = "default"

@@ -142,10 +142,12 @@ class Runner:
             op = await space.publish(cmd.get("kind", "test"), cmd.get("payload", "").encode())
             _emit({"published": str(op.id), "t": t0})
         elif name == "load":
-            # the same pre-signed ops into every node here, as if gossip had delivered them
+            # the same pre-signed records (of the ops' authors: only members' ops count) and
+            # ops into every node here, as if gossip had delivered them
             data = await asyncio.to_thread(Path(cmd["path"]).read_bytes)
-            raws = msgspec.msgpack.decode(data, type=list[bytes])
+            records, raws = msgspec.msgpack.decode(data, type=tuple[list[bytes], list[bytes]])
             for _, s in self.nodes:
+                s.add_records(records)
                 s.add_ops(raws)
             _emit({"loaded": len(raws)})
         elif name == "leave":

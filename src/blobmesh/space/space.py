@@ -34,6 +34,7 @@ from blobmesh.errors import (
     SpaceLimitError,
     TransportError,
 )
+from blobmesh.logutil import RateLimitedLog
 from blobmesh.space import admission, wire
 from blobmesh.space.config import CapValue, Seed, SpaceConfig
 from blobmesh.space.fetch import FetchQueue
@@ -70,6 +71,7 @@ from blobmesh.space.store import (
     open_db,
 )
 from blobmesh.space.swim import Alive, FailureDetector, Probe, ProbeVia, Unresponsive
+from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
 from blobmesh.transport.ticket import Address, parse_address
@@ -238,6 +240,7 @@ class Space:
 
     def __init__(self, config: SpaceConfig, signer: Signer, network: Network,
                  db_path: Path | str, *, address_book: AddressBook | None = None,
+                 on_admitted: Callable[[NodeId], None] | None = None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None
                  ) -> None:
         if network.node_id != signer.node_id:
@@ -251,6 +254,7 @@ class Space:
         self._signer = signer
         self._net = network
         self._address_book = address_book
+        self._on_admitted = on_admitted
         self._clock = clock
         self._rng = rng or random.Random()
         self._db = open_db(db_path)
@@ -273,15 +277,18 @@ class Space:
         self._links: OrderedDict[NodeId, _Link] = OrderedDict()
         self._dialing: dict[NodeId, asyncio.Lock] = {}
         self._inbound: dict[NodeId, int] = {}
+        self._handshakes = 0  # inbound handshakes in progress with non-members
+        # refused op id -> (do not fetch before, the author who was no member then)
+        self._rejected: OrderedDict[bytes, tuple[float, NodeId | None]] = OrderedDict()
+        self._warn = RateLimitedLog(log)
         self._op_rate: dict[NodeId, TokenBucket] = {}
         self._req_rate: dict[NodeId, TokenBucket] = {}
         self._seeds: dict[NodeId, Seed] = {}
         self._gossiping: set[NodeId] = set()
         self._news = False  # the last gossip interval brought new records or ops
         self._local: PeerRecord | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner("space")
         self._serving: set[asyncio.Task[Any]] = set()  # inbound stream handlers
-        self._main: asyncio.Task[None] | None = None
         self._closing = False
         self._lan: Any = None
         for rec in self.peer_store:
@@ -295,7 +302,10 @@ class Space:
     async def start(self) -> None:
         """Serve the space protocol and start the background loops."""
         self._net.set_handler(wire.PROTOCOL, self._serve)
-        self._main = asyncio.get_running_loop().create_task(self._run())
+        for rec in self.peer_store.query():  # vouched for when they were stored
+            if rec.node_id != self.node_id:
+                self._mark_admitted(rec.node_id)
+        self._tasks.spawn(self._run(), name="loops")
 
     async def aclose(self) -> None:
         """Stop everything (without a tombstone: call :meth:`leave` first to say goodbye)."""
@@ -306,10 +316,11 @@ class Space:
             await self._lan.aclose()
         for link in list(self._links.values()):
             link.close()
-        tasks = [*self._tasks, *self._serving, *([self._main] if self._main else [])]
-        for task in tasks:
+        await self._tasks.aclose()
+        serving = list(self._serving)
+        for task in serving:
             task.cancel()
-        for task in tasks:
+        for task in serving:
             with contextlib.suppress(BaseException):
                 await task
         for sub in list(self._subs):
@@ -345,15 +356,11 @@ class Space:
                 log.exception("space loop step failed")
                 self.metrics.inc("loop_errors")
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("space task failed: %r", task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        if self._tasks.closing:
+            coro.close()
+            return
+        self._tasks.spawn(coro, name=name)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -395,8 +402,9 @@ class Space:
     async def join(self) -> PeerRecord:
         """Sign our record, announce it to seeds, bootstrap servers and peers, pull theirs."""
         rec = self._sign_local(tombstone=False)
+        await self._bootstrap_tick()  # in a closed space its records are seeds to sync with
         seeds = list(self._seeds)  # the sync moves seeds whose record arrives into the peers
-        await asyncio.gather(self._bootstrap_tick(), self._sync_seeds())
+        await self._sync_seeds()
         # seeds know the most peers: let them relay our record to the ones we do not know
         self._announce("records", [rec.raw], exclude=None, prefer=seeds)
         if self.config.mdns:
@@ -470,10 +478,13 @@ class Space:
         return self.peer_meta_store.peek(node)
 
     def add_records(self, raws: Iterable[bytes], sender: NodeId | None = None) -> list[PeerRecord]:
-        """Verify and store signed records (from gossip, bootstrap, LAN, or injected by hand).
+        """Verify and store signed records (from admitted peers, or injected by hand).
 
-        Invalid ones are counted (``records_rejected``) and skipped; returns those that were new
-        or replaced an older record.
+        A stored record makes its node a member: callers vouch for where records came from
+        (records from bootstrap servers of a closed space are only hints, see
+        :meth:`_hint_records`).  Invalid ones and nodes off the allowlist are counted
+        (``records_rejected``) and skipped; returns those that were new or replaced an older
+        record.
         """
         changed: list[PeerRecord] = []
         now = self._now_ms()
@@ -493,6 +504,9 @@ class Space:
                 continue
             if rec.node_id == self.node_id:
                 continue  # only we speak for ourselves
+            if not admission.admits(self.config, rec.node_id):
+                self.metrics.inc("records_rejected")
+                continue
             result = self.peer_store.put(rec)
             if result in (PutResult.NEW, PutResult.REPLACED):
                 changed.append(rec)
@@ -503,6 +517,27 @@ class Space:
             self._news = True
         return changed
 
+    def _hint_records(self, raws: Iterable[bytes]) -> None:
+        """Records from a bootstrap server, which anyone may write to.
+
+        In an open space they are records like any other.  In a closed one nothing in a record
+        proves its node knows the secret, so a verified record we do not hold only becomes a
+        seed: its node is a member once it passes the handshake with us (or an admitted peer
+        vouches for its record).
+        """
+        if self.config.secret is None:
+            self.add_records(raws)
+            return
+        for raw in raws:
+            try:
+                rec = decode_record(raw, space=self.config.name, now_ms=self._now_ms(),
+                                    limits=self.config.limits)
+            except InvalidRecordError:
+                self.metrics.inc("records_rejected")
+                continue
+            if not rec.tombstone and self.peer_store.get(rec.node_id) is None:
+                self.add_seed(Seed(rec.node_id, rec.addresses))
+
     def _record_changed(self, rec: PeerRecord) -> None:
         if rec.tombstone:
             self.metrics.inc("peers_left")
@@ -510,10 +545,16 @@ class Space:
             return
         self._swim.add(rec.node_id)
         self._seeds.pop(rec.node_id, None)
+        self._mark_admitted(rec.node_id)  # vouched for by an admitted peer
+        self.op_store.set_author_gossipable(rec.node_id.digest, True)  # back, if it had left
+        for op_id in [i for i, (_, author) in self._rejected.items() if author == rec.node_id]:
+            del self._rejected[op_id]  # its ops count now: fetch them at the next round
         if self._address_book is not None and rec.addresses:
             self._address_book(rec.node_id, rec.addresses)
 
     def _forget_peer(self, node: NodeId) -> None:
+        # no longer a member: its ops stay here but are not relayed any more, by any node
+        self.op_store.set_author_gossipable(node.digest, False)
         self._swim.remove(node)
         self.peer_meta_store.forget([node])
         self._op_rate.pop(node, None)
@@ -543,7 +584,7 @@ class Space:
             self.metrics.limit("pushes")
             return
         for i, p in enumerate(targets):
-            self._spawn(self._push(what, p, raws, relay=i < n))
+            self._spawn(self._push(what, p, raws, relay=i < n), "push")
 
     async def _push(self, what: Literal["records", "ops"], peer: NodeId, raws: list[bytes],
                     relay: bool) -> bool:
@@ -641,9 +682,16 @@ class Space:
     watch_ops = subscribe
 
     def add_ops(self, raws: Iterable[bytes], sender: NodeId | None = None) -> list[Op]:
-        """Verify, validate and store signed ops; returns those that were new."""
+        """Verify, validate and store signed ops; returns those that were new.
+
+        An op counts only if its author is a current member (``ops_rejected_non_member``
+        otherwise): a key that was never admitted cannot get an op stored or relayed, whoever
+        pushes it.  An op a validator refused is validated once more after the batch's other
+        ops are stored, since it may depend on one of them (a cancel on its request).
+        """
         now = self._now_ms()
         valid: list[Op] = []
+        refused: list[Op] = []
         raws = list(raws)
         ids = {raw: peek_op_id(raw, self.config.limits) for raw in raws}
         missing = set(self.op_store.missing(i.digest for i in ids.values() if i is not None))
@@ -653,17 +701,54 @@ class Space:
                 continue  # held already: no need to verify it again
             try:
                 op = decode_op(raw, space=self.config.name, now_ms=now, limits=self.config.limits)
-                self._validate(op)
             except InvalidOpError as exc:
-                self.metrics.inc("ops_rejected")
-                log.debug("rejected op from %s: %s", sender, exc)
+                self._refused(op_id.digest if op_id else None, None, exc, sender)
                 continue
-            valid.append(op)
+            if op.author != self.node_id and not self.is_member(op.author):
+                self.metrics.inc("ops_rejected_non_member")
+                self._refused(op.id.digest, op.author, "author is not a member", sender)
+                continue
+            (valid if self._valid(op) else refused).append(op)
         new = self.op_store.insert(valid)
+        if new and refused:
+            again = [op for op in refused if self._valid(op)]
+            refused = [op for op in refused if op not in again]
+            new += self.op_store.insert(again)
+        for op in refused:
+            self._refused(op.id.digest, None, "refused by its kind's validator", sender)
         if new:
             self.inform_ops_stored(new)
             self.metrics.inc("ops_received", len(new))
         return new
+
+    def _valid(self, op: Op) -> bool:
+        try:
+            self._validate(op)
+        except InvalidOpError:
+            return False
+        return True
+
+    def _refused(self, op_id: bytes | None, author: NodeId | None, why: object,
+                 sender: NodeId | None) -> None:
+        """Count a refused op; do not fetch it again for a while (peers keep offering ops we
+        refuse, e.g. by an author who left), or until ``author`` becomes a member."""
+        self.metrics.inc("ops_rejected")
+        log.debug("rejected op from %s: %s", sender, why)
+        if op_id is None:
+            return
+        self._rejected[op_id] = (time.monotonic() + self.config.timing.rejected_op_ttl, author)
+        self._rejected.move_to_end(op_id)
+        while len(self._rejected) > self.config.limits.rejected_ops:
+            self._rejected.popitem(last=False)
+
+    def _worth_fetching(self, op_id: bytes) -> bool:
+        entry = self._rejected.get(op_id)
+        if entry is None:
+            return True
+        if entry[0] > time.monotonic():
+            return False
+        del self._rejected[op_id]  # retry: what it depends on may have arrived meanwhile
+        return True
 
     # --- notify ------------------------------------------------------------------------------
 
@@ -710,9 +795,7 @@ class Space:
                     _, old = self._links.popitem(last=False)
                     self.metrics.limit("links")
                     old.close()
-                link.reader = asyncio.get_running_loop().create_task(link.read_loop())
-                self._tasks.add(link.reader)
-                link.reader.add_done_callback(self._task_done)
+                link.reader = self._tasks.spawn(link.read_loop(), name="link")
                 return link
         finally:
             if not lock.locked():
@@ -721,29 +804,22 @@ class Space:
     async def _dial(self, peer: NodeId) -> _Link:
         c = self.config
         stream = await self._net.open_stream(peer, wire.PROTOCOL)
+        hs = admission.DialerHandshake(c, self.node_id, peer, os.urandom(admission.NONCE_SIZE))
         try:
-            async with asyncio.timeout(c.timing.request_timeout):
-                nonce = os.urandom(admission.NONCE_SIZE)
-                await stream.send(wire.encode(wire.Hello(c.name, wire.VERSION, nonce)))
+            async with asyncio.timeout(c.timing.handshake_timeout):
+                await stream.send(wire.encode(hs.hello()))
                 msg = wire.decode_handshake(await stream.recv(), c.limits, self.metrics)
-                if isinstance(msg, wire.Refused):
-                    raise AdmissionError(f"{peer.short()} refused us: {msg.reason}", peer=peer)
-                if not isinstance(msg, wire.Challenge):
-                    raise ProtocolError("expected a handshake challenge")
-                want = admission.proof(c, b"server", peer, self.node_id, nonce, msg.nonce)
-                if not admission.check_proof(want, msg.proof) or not admission.admits(c, peer):
-                    self.metrics.inc("admission_refused")
-                    raise AdmissionError(f"{peer.short()} is not admitted to space {c.name!r}",
-                                         peer=peer)
-                mine = admission.proof(c, b"client", self.node_id, peer, nonce, msg.nonce)
-                await stream.send(wire.encode(wire.Auth(mine)))
-                msg = wire.decode_handshake(await stream.recv(), c.limits, self.metrics)
-                if not isinstance(msg, wire.Welcome):
-                    reason = msg.reason if isinstance(msg, wire.Refused) else "bad handshake"
-                    raise AdmissionError(f"{peer.short()} refused us: {reason}", peer=peer)
+                await stream.send(wire.encode(hs.on_challenge(msg)))
+                hs.on_welcome(wire.decode_handshake(await stream.recv(), c.limits,
+                                                    self.metrics))
+        except AdmissionError:
+            self.metrics.inc("admission_refused")
+            stream.reset("handshake failed")
+            raise
         except BaseException:
             stream.reset("handshake failed")
             raise
+        self._admitted(peer)
         return _Link(self, stream)
 
     def _dial_failed(self, peer: NodeId) -> None:
@@ -773,12 +849,28 @@ class Space:
             self.metrics.limit("inbound_streams")
             stream.reset("too many streams")
             return
+        # strangers cost a constant, whoever they claim to be; members (vouched for, rate
+        # limited) are not held up by a flood of them
+        stranger = not self.is_member(peer)
+        if stranger and self._handshakes >= self.config.limits.max_handshakes:
+            self.metrics.limit("handshakes")
+            stream.reset("busy")
+            return
         self._inbound[peer] = self._inbound.get(peer, 0) + 1
         task = asyncio.current_task()
         assert task is not None
         self._serving.add(task)
         try:
-            if await self._accept_handshake(stream):
+            self._handshakes += stranger
+            try:
+                admitted = await self._accept_handshake(stream)
+            except TimeoutError:
+                self.metrics.inc("handshake_timeouts")
+                stream.reset("handshake timed out")
+                return
+            finally:
+                self._handshakes -= stranger
+            if admitted:
                 await self._serve_requests(stream)
         except (TransportError, TimeoutError):
             stream.reset("protocol error")
@@ -792,35 +884,37 @@ class Space:
     async def _accept_handshake(self, stream: Stream) -> bool:
         c = self.config
         peer = stream.peer
-        async with asyncio.timeout(c.timing.request_timeout):
-            hello = wire.decode_handshake(await stream.recv(), c.limits, self.metrics)
-            refusal = None
-            if not isinstance(hello, wire.Hello):
-                refusal = "expected hello"
-            elif hello.space != c.name:
-                refusal = "wrong space"
-            elif hello.version != wire.VERSION:
-                refusal = f"unsupported version {hello.version}"
-            elif not admission.admits(c, peer):
-                refusal = "not on the allowlist"
-            if refusal is not None or not isinstance(hello, wire.Hello):
-                return await self._refuse(stream, refusal or "")
-            nonce = os.urandom(admission.NONCE_SIZE)
-            proof = admission.proof(c, b"server", self.node_id, peer, hello.nonce, nonce)
-            await stream.send(wire.encode(wire.Challenge(nonce, proof)))
-            auth = wire.decode_handshake(await stream.recv(), c.limits, self.metrics)
-            want = admission.proof(c, b"client", peer, self.node_id, hello.nonce, nonce)
-            if not isinstance(auth, wire.Auth) or not admission.check_proof(want, auth.proof):
-                return await self._refuse(stream, "bad proof")
-            await stream.send(wire.encode(wire.Welcome()))
+        hs = admission.AcceptorHandshake(c, self.node_id, peer,
+                                         os.urandom(admission.NONCE_SIZE))
+        async with asyncio.timeout(c.timing.handshake_timeout):
+            challenge = hs.on_hello(
+                wire.decode_handshake(await stream.recv(), c.limits, self.metrics))
+            if isinstance(challenge, wire.Refused):
+                return await self._refuse(stream, challenge)
+            await stream.send(wire.encode(challenge))
+            welcome = hs.on_auth(
+                wire.decode_handshake(await stream.recv(), c.limits, self.metrics))
+            if isinstance(welcome, wire.Refused):
+                return await self._refuse(stream, welcome)
+            await stream.send(wire.encode(welcome))
+        self._admitted(peer)
         return True
 
-    async def _refuse(self, stream: Stream, reason: str) -> bool:
+    async def _refuse(self, stream: Stream, refusal: wire.Refused) -> bool:
         self.metrics.inc("admission_refused")
-        log.info("refused %s: %s", stream.peer.short(), reason)
-        await stream.send(wire.encode(wire.Refused(reason)))
+        self._warn.warning("refused", "refused %s: %s", stream.peer.short(), refusal.reason)
+        await stream.send(wire.encode(refusal))
         await stream.close()
         return False
+
+    def _admitted(self, peer: NodeId) -> None:
+        """``peer`` proved the secret (either direction): the transport may keep it."""
+        self.metrics.inc("admission_accepted")
+        self._mark_admitted(peer)
+
+    def _mark_admitted(self, peer: NodeId) -> None:
+        if self._on_admitted is not None:
+            self._on_admitted(peer)
 
     async def _serve_requests(self, stream: Stream) -> None:
         lim, peer = self.config.limits, stream.peer
@@ -974,7 +1068,11 @@ class Space:
                 for eff in effects:
                     await self._apply_gossip(peer, eff)
         except AdmissionError as exc:
-            log.info("gossip with %s: %s", peer.short(), exc)
+            if peer in self._seeds:  # e.g. bootstrapped with a ticket that has no secret
+                self._warn.warning("seed-refused", "%s; join with the ticket the space's "
+                                   "nodes print (it carries the secret)", exc)
+            else:
+                self._warn.info("gossip-refused", "gossip with %s: %s", peer.short(), exc)
         except (TransportError, SpaceError, TimeoutError):
             self.metrics.inc("gossip_failures")
         finally:
@@ -991,9 +1089,11 @@ class Space:
                 if raws:
                     await self._push("records", peer, raws, relay=False)
             case WantOps():
-                self._news = True
-                self._fetch.add(eff.ids, peer)
-                self._fetch_wake.set()
+                wanted = [i for i in eff.ids if self._worth_fetching(i)]
+                if wanted:
+                    self._news = True
+                    self._fetch.add(wanted, peer)
+                    self._fetch_wake.set()
             case OfferOps():
                 raws = list(self.op_store.get_raw(eff.ids).values())
                 await self._push("ops", peer, raws, relay=False)
@@ -1007,7 +1107,7 @@ class Space:
                     await self._fetch_wake.wait()
             self._fetch_wake.clear()
             for peer, ids in self._fetch.due(self._mono()):
-                self._spawn(self._fetch_from(peer, ids))
+                self._spawn(self._fetch_from(peer, ids), "fetch")
 
     async def _fetch_from(self, peer: NodeId, ids: list[bytes]) -> None:
         try:
@@ -1045,9 +1145,9 @@ class Space:
                 if eff.target not in self._links:
                     self._swim.set_deadline(eff.target, eff.seq,
                                             self._mono() + self.config.timing.request_timeout)
-                self._spawn(self._probe(eff.target, eff.seq, (eff.target,), direct=True))
+                self._spawn(self._probe(eff.target, eff.seq, (eff.target,), direct=True), "probe")
             case ProbeVia():
-                self._spawn(self._probe(eff.target, eff.seq, eff.via, direct=False))
+                self._spawn(self._probe(eff.target, eff.seq, eff.via, direct=False), "probe")
             case Unresponsive():
                 self.metrics.inc("peers_unresponsive")
                 meta = self.peer_meta_store.get(eff.target)
@@ -1142,7 +1242,7 @@ class Space:
             try:
                 if self._local is not None:
                     await client.put(self.config.name, self._local.raw)
-                self.add_records(await client.sample(self.config.name))
+                self._hint_records(await client.sample(self.config.name))
             except SpaceError as exc:
                 self.metrics.inc("bootstrap_failures")
                 log.info("bootstrap %s: %s", url, exc)

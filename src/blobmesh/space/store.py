@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS ops (
 CREATE INDEX IF NOT EXISTS ops_kind_ts ON ops (kind, ts);
 CREATE INDEX IF NOT EXISTS ops_ts ON ops (ts);
 CREATE INDEX IF NOT EXISTS ops_bucket ON ops (gossip, bucket, id);
+CREATE INDEX IF NOT EXISTS ops_author ON ops (author, gossip);
 """
 
 
@@ -246,6 +247,18 @@ class OpStore:
                                  [(i.digest,) for i in ids])
         self._buckets = None
         self._digest = None
+
+    def set_author_gossipable(self, author: bytes, gossipable: bool) -> int:
+        """Let an author's stored ops in or out of gossip summaries (it joined or left, so
+        every node's summaries agree on who counts); how many changed."""
+        flag = int(gossipable)
+        with self._db:
+            n = self._db.execute("UPDATE ops SET gossip = ? WHERE author = ? AND gossip = ?",
+                                 (flag, author, 1 - flag)).rowcount
+        if n:
+            self._buckets = None
+            self._digest = None
+        return n
 
     def missing(self, ids: Iterable[bytes]) -> list[bytes]:
         """The ids of ``ids`` we do not hold."""

@@ -17,7 +17,8 @@ from blobmesh.space.config import Limits
 from blobmesh.space.metrics import Metrics
 
 PROTOCOL = "blobmesh/space/1"
-VERSION = 1
+VERSION = 2
+"""Handshake version: 2 has the dialer prove first (see :mod:`blobmesh.space.admission`)."""
 
 
 class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
@@ -34,16 +35,15 @@ class Hello(_Msg, tag="hello"):
 
 
 class Challenge(_Msg, tag="challenge"):
-    nonce: bytes
-    proof: bytes
+    nonce: bytes  # nothing derived from the secret: the dialer has not proved anything yet
 
 
 class Auth(_Msg, tag="auth"):
-    proof: bytes
+    proof: bytes  # the dialer's
 
 
 class Welcome(_Msg, tag="welcome"):
-    pass
+    proof: bytes  # the acceptor's, sent only once the dialer's proof checked out
 
 
 class Refused(_Msg, tag="refused"):

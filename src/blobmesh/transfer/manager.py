@@ -34,6 +34,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PieceReader, Store
+from blobmesh.tasks import TaskOwner
 from blobmesh.transfer.channel import (
     TERMINAL,
     Channel,
@@ -95,6 +96,10 @@ class TransferConfig:
     verify_reads: bool = True
     """Senders re-verify pieces read from disk, so local rot is never blamed on us."""
     chunk: int = MAX_CHUNK
+    retention: float = 3600.0
+    """Finished (completed, failed, cancelled) channels are forgotten this long after their
+    last update, in memory and in ``transfer.sqlite``; a responder channel whose initiator
+    has not come back for this long fails (and is forgotten one retention later)."""
 
 
 class _Session:
@@ -122,7 +127,7 @@ class _Session:
 class _Live:
     ch: Channel
     session: _Session | None = None
-    runner: asyncio.Task[None] | None = None
+    runner: asyncio.Task[Any] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     next_restart: float = 0.0
     saved_status: Status | None = None
@@ -137,7 +142,10 @@ class TransferManager:
 
     def __init__(self, network: Network, store: Store, *, db_path: Path | None = None,
                  config: TransferConfig | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 admit: Callable[[NodeId], bool] | None = None) -> None:
+        """``admit(peer)``, if given, decides who may open channels here at all (e.g. members
+        of the node's space); others are refused before their request is read."""
         self.network = network
         self.store = store
         self._lease = LeaseId.new("transfer")  # holds what we receive while we run
@@ -149,8 +157,12 @@ class TransferManager:
         self._live: dict[ChannelId, _Live] = {}
         self._subscribers: list[Subscriber] = []
         self._dirty: set[ChannelId] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("transfer")
         self._closing = False
+        self._admit = admit
+        self.refused_unadmitted = 0  # streams refused before reading: peer not admitted
+        self.requests_refused = 0    # requests the validators refused (nothing kept)
+        self.channels_pruned = 0     # finished channel rows deleted after the retention
 
     @property
     def node_id(self) -> NodeId:
@@ -169,7 +181,7 @@ class TransferManager:
             live = self._adopt(rec)
             await self._apply(live, live.ch.disconnected("process restarted"))
             live.next_restart = self.clock() if resume else float("inf")
-        self._spawn(self._monitor())
+        self._tasks.spawn_restarting(self._monitor, name="monitor")
 
     async def aclose(self) -> None:
         """Stop every session (channels stay resumable) and the monitor."""
@@ -177,12 +189,7 @@ class TransferManager:
         for live in self._live.values():
             if live.session is not None:
                 live.session.stream.reset("shutting down")
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.aclose()
         for live in list(self._live.values()):
             if live.session is not None:
                 await live.session.ended.wait()
@@ -196,16 +203,8 @@ class TransferManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("transfer task failed", exc_info=task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+        return self._tasks.spawn(coro, name="initiator")
 
     # --- registration and events ---------------------------------------------------------
 
@@ -384,7 +383,16 @@ class TransferManager:
         await self._session(live, _Session(stream), ch.request(have))
 
     async def _handle_stream(self, stream: Stream) -> None:
-        """Responder: the first message on a new stream is a request."""
+        """Responder: the first message on a new stream is a request.
+
+        Nothing is kept for a peer that is not admitted, nor for a request the validator
+        refuses: a channel enters the table (and ``transfer.sqlite``) only once accepted.
+        """
+        if self._admit is not None and not self._admit(stream.peer):
+            self.refused_unadmitted += 1
+            await self._refuse(_Session(stream), f"{stream.peer.short()} is not admitted: not "
+                               "a member of this space")
+            return
         try:
             async with asyncio.timeout(self.config.stall_timeout):
                 raw = await stream.recv()
@@ -398,11 +406,25 @@ class TransferManager:
             return
         chid = ChannelId(stream.peer, self.node_id, req.transfer_id)
         try:
-            live = await self._responder_channel(chid, req)
+            live, new = await self._responder_channel(chid, req)
         except BlobmeshError as exc:
             await self._refuse(sess, str(exc))
             return
         step = await self._validate(live, req, sess)
+        if new:
+            if live.ch.terminal:  # refused: answer, keep nothing
+                self.requests_refused += 1
+                if sess.sink is not None:
+                    await self.store.aio.io(sess.sink.close)
+                with contextlib.suppress(TransportError):
+                    await sess.send(step.send)
+                    await stream.close()
+                self._publish(live.ch, step.events)
+                return
+            if chid in self._live:  # the same id accepted meanwhile on another stream
+                await self._refuse(sess, f"transfer id {chid.transfer_id} is already in use")
+                return
+            self._live[chid] = live
         await self._session(live, sess, step)
 
     async def _refuse(self, sess: _Session, message: str) -> None:
@@ -410,17 +432,15 @@ class TransferManager:
             await sess.send([Error(message)])
             await sess.stream.close()
 
-    async def _responder_channel(self, chid: ChannelId, req: Request) -> _Live:
+    async def _responder_channel(self, chid: ChannelId, req: Request) -> tuple[_Live, bool]:
+        """The channel ``req`` opens or restarts, and whether it is new (not in the table)."""
         live = self._live.get(chid)
         if live is None and req.restart:
             rec = self._db.get(f"{chid.initiator}/{chid.responder}/{chid.transfer_id}")
             if rec is not None:
                 live = self._adopt(rec)
         if live is None:
-            ch = Channel.respond(req, chid.initiator, chid.responder, self.clock)
-            live = _Live(ch)
-            self._live[chid] = live
-            return live
+            return _Live(Channel.respond(req, chid.initiator, chid.responder, self.clock)), True
         if not req.restart:
             raise ProtocolError(f"transfer id {chid.transfer_id} is already in use")
         # the initiator restarts: whatever stream we still have for it is stale
@@ -428,7 +448,7 @@ class TransferManager:
             live.session.stream.reset("replaced by a restart")
             await live.session.ended.wait()
         live.ch.restarted(req)
-        return live
+        return live, False
 
     async def _validate(self, live: _Live, req: Request, sess: _Session) -> Step:
         ch = live.ch
@@ -729,14 +749,33 @@ class TransferManager:
         for live in lives:
             live.saved_status, live.saved_update = live.ch.status, live.ch.rec.updated
 
+    async def _prune(self) -> None:
+        """Forget channels that finished more than ``retention`` ago; fail responder channels
+        their initiator abandoned that long ago (only the initiator restarts a channel)."""
+        cutoff = self.clock() - self.config.retention
+        for live in list(self._live.values()):
+            ch = live.ch
+            if (not ch.is_initiator and not ch.terminal and live.session is None
+                    and ch.rec.updated < cutoff):
+                await self._apply(live, ch.fail("abandoned by the initiator"))
+        for cid in [cid for cid, live in self._live.items()
+                    if live.ch.terminal and live.session is None
+                    and live.ch.rec.updated < cutoff]:
+            del self._live[cid]
+        self.channels_pruned += self._db.prune(cutoff)
+
     # --- monitoring ----------------------------------------------------------------------
 
     async def _monitor(self) -> None:
         """Detect stalls and restart stalled channels we initiated, with backoff."""
         c = self.config
+        next_prune = 0.0
         while True:
             await asyncio.sleep(min(c.tick, c.stall_timeout / 4))
             self._save_dirty()
+            if self.clock() >= next_prune:
+                await self._prune()
+                next_prune = self.clock() + min(60.0, c.retention / 10)
             for live in list(self._live.values()):
                 ch = live.ch
                 if ch.terminal:

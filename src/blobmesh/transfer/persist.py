@@ -58,6 +58,15 @@ class ChannelDB:
             "ORDER BY updated", done).fetchall()
         return [_decoder.decode(r[0]) for r in rows]
 
+    def prune(self, before: float) -> int:
+        """Delete finished channels last updated before ``before``; how many were."""
+        done = tuple(s.value for s in TERMINAL)
+        with self._db:
+            cur = self._db.execute(
+                f"DELETE FROM channels WHERE status IN ({','.join('?' * len(done))}) "
+                "AND updated < ?", (*done, before))
+        return cur.rowcount
+
     def get(self, key: str) -> ChannelRecord | None:
         row = self._db.execute("SELECT record FROM channels WHERE key=?", (key,)).fetchone()
         return None if row is None else _decoder.decode(row[0])

@@ -1,4 +1,4 @@
-"""Tickets: everything needed to reach a node, as one printable string."""
+"""Tickets: everything needed to reach a node (and join its space), as one printable string."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import binascii
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Annotated, ClassVar
 
 import msgspec
@@ -18,6 +18,8 @@ from blobmesh.transport.identity import NodeId
 
 Address = tuple[str, int]
 MAX_ADDRESSES = 16
+MAX_SECRET = 256
+MAX_SPACE_NAME = 256
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?", re.IGNORECASE)
 
@@ -28,7 +30,21 @@ class _TicketV1(msgspec.Struct, array_like=True, frozen=True):
     addrs: Annotated[list[tuple[str, int]], msgspec.Meta(max_length=MAX_ADDRESSES)]
 
 
-_decoder = msgspec.msgpack.Decoder(_TicketV1)
+class _TicketV2(msgspec.Struct, array_like=True, frozen=True):
+    version: int
+    node: Annotated[bytes, msgspec.Meta(min_length=DIGEST_SIZE, max_length=DIGEST_SIZE)]
+    addrs: Annotated[list[tuple[str, int]], msgspec.Meta(max_length=MAX_ADDRESSES)]
+    space: Annotated[str, msgspec.Meta(max_length=MAX_SPACE_NAME)]
+    secret: Annotated[bytes, msgspec.Meta(max_length=MAX_SECRET)] | None
+
+
+class _Version(msgspec.Struct, array_like=True, frozen=True):
+    version: int
+
+
+_version_decoder = msgspec.msgpack.Decoder(_Version)
+_decoders: dict[int, msgspec.msgpack.Decoder[_TicketV1] | msgspec.msgpack.Decoder[_TicketV2]] = {
+    1: msgspec.msgpack.Decoder(_TicketV1), 2: msgspec.msgpack.Decoder(_TicketV2)}
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -81,10 +97,16 @@ def format_address(addr: Address) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """A node id plus the addresses it listens on; text form ``bmt1`` + base32(msgpack)."""
+    """A node id plus the addresses it listens on; text form ``bmt1`` + base32(msgpack).
+
+    A node's join ticket also names its space and carries the space's secret (version 2), so
+    whoever holds the ticket can join and nobody else can: treat it like a password.
+    """
 
     node_id: NodeId
     addrs: tuple[Address, ...]
+    space: str | None = None
+    secret: bytes | None = field(default=None, repr=False)
     PREFIX: ClassVar[str] = "bmt1"
 
     @classmethod
@@ -97,8 +119,18 @@ class Ticket:
             raise InvalidIdError(f"a ticket holds at most {MAX_ADDRESSES} addresses")
         return cls(node_id, checked)
 
+    def for_space(self, space: str, secret: bytes | None) -> Ticket:
+        """This ticket as a join ticket of ``space`` (open if ``secret`` is None)."""
+        if len(space) > MAX_SPACE_NAME or (secret is not None and len(secret) > MAX_SECRET):
+            raise InvalidIdError("space name or secret too long for a ticket")
+        return replace(self, space=space, secret=secret)
+
     def __str__(self) -> str:
-        raw = _encoder.encode(_TicketV1(1, self.node_id.digest, list(self.addrs)))
+        if self.space is None:
+            raw = _encoder.encode(_TicketV1(1, self.node_id.digest, list(self.addrs)))
+        else:
+            raw = _encoder.encode(_TicketV2(2, self.node_id.digest, list(self.addrs),
+                                            self.space, self.secret))
         return self.PREFIX + encode_b32(raw)
 
     @classmethod
@@ -120,12 +152,18 @@ class Ticket:
         if encode_b32(raw) != body:
             raise InvalidIdError("malformed ticket: non-canonical base32", text=text)
         try:
-            t = _decoder.decode(raw)
+            version = _version_decoder.decode(raw).version
+            decoder = _decoders.get(version)
+            if decoder is None:
+                raise InvalidIdError(f"unsupported ticket version {version}", text=text)
+            t = decoder.decode(raw)
         except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
             raise InvalidIdError(f"malformed ticket: {exc}", text=text) from exc
-        if t.version != 1:
-            raise InvalidIdError(f"unsupported ticket version {t.version}", text=text)
-        return cls.create(NodeId(t.node), t.addrs)
+        ticket = cls.create(NodeId(t.node), t.addrs)
+        return ticket.for_space(t.space, t.secret) if isinstance(t, _TicketV2) else ticket
 
     def __repr__(self) -> str:
-        return f"Ticket({self.node_id.short()}, {', '.join(map(format_address, self.addrs))})"
+        space = f", space {self.space}" + (" (closed)" if self.secret else " (open)") \
+            if self.space is not None else ""
+        return (f"Ticket({self.node_id.short()}, "
+                f"{', '.join(map(format_address, self.addrs))}{space})")

@@ -1,0 +1,67 @@
+"""Which ``dist/*`` ops a node accepts: the authorization rules of distributions (sans-I/O).
+
+The space stores and relays an op only if its author is a current member; on top of that a
+validator raising here keeps an op out of the op store, so it is neither applied nor gossiped:
+
+- ``dist/request`` must be signed by the source it names, and, when the node is configured with
+  an allowlist of distributors, by one of them.  A handle belongs to the first source seen
+  with it: another member cannot take over a distribution by reusing its handle.
+- ``dist/status`` speaks only for its author: it carries no node field, so a target's state is
+  whatever that target signed.
+- ``dist/cancel`` is accepted only from the distribution's source; a cancel for a request not
+  known here yet is refused for now, and gossip offers it again once the request arrived.
+  Being an op, a cancel is honoured by every node and after every restart.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from blobmesh.errors import InvalidOpError
+from blobmesh.transport.identity import NodeId
+
+
+class RequestFacts(Protocol):
+    @property
+    def handle(self) -> str: ...
+
+    @property
+    def source(self) -> bytes: ...
+
+
+class CancelFacts(Protocol):
+    @property
+    def handle(self) -> str: ...
+
+
+class OpAuthorizer:
+    """Remembers each distribution's source and applies the rules above."""
+
+    def __init__(self, distributors: frozenset[NodeId] | None = None) -> None:
+        self.distributors = distributors
+        self._sources: dict[str, NodeId] = {}  # one per accepted request, so max_ops bound it
+
+    def source_of(self, handle: str) -> NodeId | None:
+        return self._sources.get(handle)
+
+    def authorize_request(self, author: NodeId, request: RequestFacts) -> None:
+        try:
+            source = NodeId(request.source)
+        except ValueError as exc:
+            raise InvalidOpError(f"dist/request names a malformed source: {exc}") from exc
+        if source != author:
+            raise InvalidOpError(f"dist/request signed by {author.short()} names another "
+                                 f"source ({source.short()})")
+        if self.distributors is not None and author not in self.distributors:
+            raise InvalidOpError(f"{author.short()} is not an allowed distributor")
+        known = self._sources.setdefault(request.handle, source)
+        if known != source:
+            raise InvalidOpError(f"distribution {request.handle} belongs to {known.short()}")
+
+    def authorize_cancel(self, author: NodeId, cancel: CancelFacts) -> None:
+        source = self._sources.get(cancel.handle)
+        if source is None:
+            raise InvalidOpError(f"dist/cancel of {cancel.handle}, unknown here (yet)")
+        if source != author:
+            raise InvalidOpError(f"dist/cancel of {cancel.handle} by {author.short()}: only "
+                                 f"its source {source.short()} may cancel it")
