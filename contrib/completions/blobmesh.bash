@@ -19,7 +19,7 @@ _blobmesh_words() {
         "cat") words="-h --help --home" ;;
         "completion") words="-h --help --home" ;;
         "dashboard") words="-h --help --print --home" ;;
-        "distribute") words="-h --help --json --to --priority --share-url --new --wait --timeout -q --quiet --home" ;;
+        "distribute") words="-h --help --json --export --export-force --to --priority --share-url --new --wait --timeout -q --quiet --home" ;;
         "distributions") words="-h --help --json --active --home" ;;
         "export") words="-h --help -f --force --home" ;;
         "fsck") words="-h --help --json --repair --home" ;;

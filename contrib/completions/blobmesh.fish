@@ -62,6 +62,8 @@ complete -c blobmesh -n '__fish_seen_subcommand_from dashboard' -l home
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l json
+complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l export
+complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l export-force
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l to
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l priority
 complete -c blobmesh -n '__fish_seen_subcommand_from distribute' -l share-url

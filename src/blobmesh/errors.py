@@ -210,6 +210,38 @@ class DialTimeoutError(TransportError):
     """Connecting to a peer (TCP and TLS handshake) did not finish within the dial timeout."""
 
 
+# --- collections (trees of blobs) ------------------------------------------------------------
+
+
+class CollectionError(BlobmeshError):
+    """A collection (a directory tree of blobs) could not be built, read or exported."""
+
+
+class InvalidCollectionError(CollectionError, VerificationError):
+    """A collection manifest is malformed or unsafe (``..``, absolute or NUL paths, duplicate
+    or case-clashing paths, escaping symlinks, absurd counts or sizes); nothing was written."""
+
+
+class NotACollectionError(CollectionError):
+    """The blob is not a collection manifest."""
+
+
+class CollectionPathNotFoundError(CollectionError, KeyError):
+    """No entry with this path is in the collection."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SourceChangedError(SourceError):
+    """A file changed (size or modification time) while it was being added."""
+
+
+class ExportError(CollectionError):
+    """A tree could not be exported (destination exists, disk full, permission denied);
+    nothing was left at the destination."""
+
+
 # --- node ------------------------------------------------------------------------------------
 
 

@@ -125,7 +125,7 @@ def test_fsck(cli: Cli, files: list[Path]) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["add", "/nonexistent/file"], "no such file: /nonexistent/file"),
-    (["add", "{tmp}"], "not a file"),
+    (["add", "{tmp}"], "contains the store home"),
     (["add", "-q", "--json", "{a}"], "exclude each other"),
     (["cat", "bm1xyz"], "malformed blob id 'bm1xyz'"),
     (["info", "zz" + "a" * 53], "must start with 'bm1'"),

@@ -64,8 +64,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_command(sub, "peers", cmd_peers, "list the peers the running node knows", json_flag=True)
 
     p = add_command(sub, "distribute", cmd_distribute,
-                    "distribute a file or blob to a scope of nodes", json_flag=True)
-    p.add_argument("what", metavar="PATH_OR_ID", help="a file (added first) or a blob id prefix")
+                    "distribute a file, directory (as a collection) or blob to a scope of nodes",
+                    json_flag=True)
+    p.add_argument("what", metavar="PATH_OR_ID",
+                   help="a file or directory (added first) or a blob id prefix")
+    p.add_argument("--export", default="", metavar="NAME",
+                   help="a collection: each target writes the tree to HOME/exports/NAME "
+                        "when complete")
+    p.add_argument("--export-force", action="store_true",
+                   help="with --export: replace an existing tree there on the targets")
     p.add_argument("--to", required=True, metavar="SCOPE",
                    help="all | group:NAME | node:ID[,ID] | cap:EXPR (quote it: "
                         "'cap:gpu=true,mem_gb>=16')")
@@ -232,7 +239,8 @@ def cmd_distribute(args: argparse.Namespace) -> int:
             await node.node()  # a running node first: no copy into the store for nothing
             blob_id = await asyncio.to_thread(_blob_for, home, args.what, args.quiet)
             status, created = await node.distribute_or_join(
-                str(blob_id), args.to, args.priority, args.share_url, new=args.new)
+                str(blob_id), args.to, args.priority, args.share_url, new=args.new,
+                export=args.export, export_force=args.export_force)
             handle = str(status.handle)
             if args.quiet:
                 print(handle, flush=True)
@@ -264,6 +272,15 @@ def _blob_for(home: Path, what: str, quiet: bool) -> BlobId:
             except InvalidIdError:
                 raise InvalidIdError(f"{what!r} is neither an existing file nor a blob id "
                                      "(or unique prefix of one) in this store") from None
+        if path.is_dir():  # a directory goes as a collection
+            from blobmesh.collection import add_tree
+
+            added = add_tree(store, path)
+            if not quiet:
+                err_console.print(f"added {path}/ as collection {added.collection_id} "
+                                  f"({len(added.collection.entries)} entries)",
+                                  highlight=False, markup=False)
+            return added.collection_id
         info = store.add_path(path)
     if not quiet:
         err_console.print(f"added {path} as {info.blob_id}", highlight=False, markup=False)

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from blobmesh import collection
+from blobmesh.cli.collection_cmds import load_members, share_members
 from blobmesh.cli.output import byte_progress, human_bytes
 from blobmesh.cli.store_cmds import open_store, resolve_blob
 from blobmesh.errors import InvalidIdError
@@ -64,10 +66,13 @@ def parse_ref(text: str) -> BlobId | str:
 def cmd_share(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         blob_id = resolve_blob(store, args.blob)
-        result = ShareDir(args.dir).share(store, blob_id, args.resource)
-    verb = "shared" if result.created else "already shared"
+        share = ShareDir(args.dir)
+        result = share.share(store, blob_id, args.resource)
+        members = share_members(store, share, blob_id)  # a collection: its members too
+    verb = "shared" if result.created or members else "already shared"
     name = f" as {args.resource}" if args.resource else ""
-    print(f"{verb} {blob_id}{name} in {args.dir}")
+    print(f"{verb} {blob_id}{name} in {args.dir}"
+          + (f" with {members} new member blob(s)" if members else ""))
     return 0
 
 
@@ -87,10 +92,13 @@ def cmd_load(args: argparse.Namespace) -> int:
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        reader = asyncio.run(load_blob(
-            store, ref, args.url, max_tries=args.tries, retry_timeout=args.retry_timeout,
-            deadline=deadline, stall_timeout=args.stall_timeout, progress=advance))
+        options = {"max_tries": args.tries, "retry_timeout": args.retry_timeout,
+                   "deadline": deadline, "stall_timeout": args.stall_timeout}
+        reader = asyncio.run(load_blob(store, ref, args.url, progress=advance, **options))
         reader.close()
+        # a collection: its members from the same shares, then it is pinned like a get
+        if asyncio.run(load_members(store, reader.blob_id, args.url, **options)):
+            collection.pin(store, reader.blob_id, f"load/{reader.blob_id}")
     if args.quiet:
         print(reader.blob_id)
     else:

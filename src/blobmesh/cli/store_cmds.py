@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.progress import TaskID
 
+from blobmesh import collection
+from blobmesh.cli import collection_cmds
 from blobmesh.cli.output import (
     add_command,
     byte_progress,
@@ -22,7 +24,7 @@ from blobmesh.cli.output import (
 )
 from blobmesh.errors import AmbiguousIdError, BlobmeshError, InvalidIdError, SourceError
 from blobmesh.hashing import BlobId
-from blobmesh.store import BlobInfo, Store
+from blobmesh.store import BlobInfo, FsckProblem, Store
 
 LARGE_FILE = 16 * 1024 * 1024
 
@@ -38,17 +40,20 @@ def open_store(args: argparse.Namespace) -> Store:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = add_command(sub, "add", cmd_add, "add files to the store", json_flag=True)
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files to add")
+    p = add_command(sub, "add", cmd_add, "add files (or directories, as collections)",
+                    json_flag=True)
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="files to add, or directories (each one collection)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the id of each file")
     p.add_argument("--pin", metavar="NAME", help="pin the (single) added blob under NAME")
 
-    p = add_command(sub, "cat", cmd_cat, "write a blob to stdout (verified)")
-    p.add_argument("blob", metavar="ID", help=ID_HELP)
+    p = add_command(sub, "cat", cmd_cat, "write a blob (or ID/path in a collection) to stdout")
+    p.add_argument("blob", metavar="ID[/PATH]", help=ID_HELP + "; ID/PATH: a file of a collection")
 
-    p = add_command(sub, "export", cmd_export, "write a blob to a file (verified, atomic)")
+    p = add_command(sub, "export", cmd_export,
+                    "write a blob to a file, a collection to a directory (verified, atomic)")
     p.add_argument("blob", metavar="ID", help=ID_HELP)
-    p.add_argument("path", type=Path, metavar="PATH", help="file to write")
+    p.add_argument("path", type=Path, metavar="PATH", help="file (or directory) to write")
     p.add_argument("-f", "--force", action="store_true", help="overwrite PATH if it exists")
 
     add_command(sub, "ls", cmd_ls, "list blobs", json_flag=True)
@@ -106,6 +111,8 @@ def info_json(info: BlobInfo) -> dict[str, Any]:
 
 def cmd_add(args: argparse.Namespace) -> int:
     paths: list[Path] = args.paths
+    if any(p.is_dir() for p in paths):
+        return collection_cmds.cmd_add_dirs(args)
     for p in paths:
         if not p.is_file():
             raise SourceError(f"no such file: {p}" if not p.exists() else f"not a file: {p}")
@@ -141,6 +148,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    if "/" in args.blob:
+        return collection_cmds.cmd_cat_path(args)
     out = sys.stdout.buffer
     with open_store(args) as store:
         blob_id = resolve_blob(store, args.blob)
@@ -158,6 +167,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         blob_id = resolve_blob(store, args.blob)
         info = store.info(blob_id)
+        if collection.is_collection(store, info):
+            return collection_cmds.export_collection(args, store, blob_id)
         with byte_progress(sys.stderr.isatty()) as progress:
             task = progress.add_task("export", total=info.size)
             store.export(blob_id, args.path, progress=lambda n: progress.advance(task, n))
@@ -168,27 +179,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         blobs = store.blobs()
+        colls = collection_cmds.summaries(store, blobs)
     if args.json:
-        print_json([info_json(i) for i in blobs])
+        print_json([{**info_json(i), **({"collection": collection_cmds.summary_json(c)}
+                                         if (c := colls.get(i.blob_id)) else {})}
+                    for i in blobs])
         return 0
     for i in blobs:
         state = "complete" if i.complete else f"partial {i.pieces_present}/{i.pieces_total}"
         pins = f"  pins: {','.join(i.pins)}" if i.pins else ""
-        say(f"{i.blob_id}  {human_bytes(i.size):>10}  {state}{pins}")
+        coll = f"  {collection_cmds.summary_line(c)}" if (c := colls.get(i.blob_id)) else ""
+        say(f"{i.blob_id}  {human_bytes(i.size):>10}  {state}{coll}{pins}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         info = store.info(resolve_blob(store, args.blob))
+        coll = collection.is_collection(store, info) and \
+            collection.summarize(store, info.blob_id)
     if args.json:
-        print_json(info_json(info))
+        print_json({**info_json(info), **({"collection": collection_cmds.summary_json(coll)}
+                                          if coll else {})})
         return 0
     rows = {"id": info.blob_id, "size": f"{human_bytes(info.size)} ({info.size} bytes)",
             "piece size": human_bytes(info.piece_size), "complete": info.complete,
             "pieces present": info.pieces_present, "pieces total": info.pieces_total,
             "pins": ", ".join(info.pins) or "-", "leases": info.leases,
             "created": human_time(info.created)}
+    if coll:
+        rows["collection"] = collection_cmds.summary_line(coll)
     for key, value in rows.items():
         say(f"{key:>15}: {human_value(value)}")
     return 0
@@ -197,14 +217,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_pin(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         blob_id = resolve_blob(store, args.blob)
-        store.pin(blob_id, args.name)
+        collection.pin(store, blob_id, args.name)  # a collection's members too
     say(f"pinned {blob_id} as {args.name}")
     return 0
 
 
 def cmd_unpin(args: argparse.Namespace) -> int:
     with open_store(args) as store:
-        blob_id = store.unpin(args.name)
+        blob_id = collection.unpin(store, args.name)
     say(f"unpinned {args.name} ({blob_id})")
     return 0
 
@@ -217,13 +237,14 @@ def cmd_pins(args: argparse.Namespace) -> int:
                     for p in pins])
         return 0
     for p in pins:
-        say(f"{p.name}  {p.blob_id}")
+        if not collection.is_member_pin(p.name):  # they follow their collection's pin
+            say(f"{p.name}  {p.blob_id}")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args) as store:
-        report = store.gc(dry_run=args.dry_run)
+        report = collection.gc(store, dry_run=args.dry_run)  # keeps pinned trees whole
     if args.json:
         print_json({"deleted": [str(b) for b in report.deleted],
                     "bytes_freed": report.bytes_freed,
@@ -240,6 +261,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     with open_store(args) as store, byte_progress(sys.stderr.isatty() and not args.json) as pr:
         task = pr.add_task("fsck", total=None)
         report = store.fsck(repair=args.repair, progress=lambda n: pr.advance(task, n))
+        # pinned collections must decode and hold every member (no repair can fetch them)
+        unrepairable = [FsckProblem(f"collection-{p.kind}", str(p.collection), p.collection,
+                                    p.detail) for p in collection.check(store)]
+        report.problems += unrepairable
     if args.json:
         print_json({"checked": report.checked, "bytes_checked": report.bytes_checked,
                     "ok": report.ok, "repaired": report.repaired,
@@ -249,8 +274,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     else:
         for p in report.problems:
             what = str(p.blob_id) if p.blob_id else p.path
-            action = " (quarantined)" if args.repair else ""
+            action = " (quarantined)" if args.repair and p not in unrepairable else ""
             say(f"{p.kind}: {what}: {p.detail}{action}")
         say(f"checked {report.checked} blob(s), {human_bytes(report.bytes_checked)}: "
             f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
-    return 0 if report.ok or args.repair else 1
+    return 0 if report.ok or (args.repair and not unrepairable) else 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from rich.progress import Progress, TaskID
 
+from blobmesh.cli.collection_cmds import export_any, transfer_members
 from blobmesh.cli.output import byte_progress, err_console, human_bytes
 from blobmesh.cli.store_cmds import resolve_blob
 from blobmesh.hashing import BlobId
@@ -191,8 +192,10 @@ def _transfer(args: argparse.Namespace, *, pull: bool) -> int:
         async with _node(args, "127.0.0.1:0", resume=False) as (store, ep, mgr):
             peer = ep.add_ticket(ticket)
             if pull and store.has(blob_id):
+                # a collection held here may still lack members
+                await transfer_members(mgr, store, peer, blob_id, Voucher(VOUCHER), pull=True)
                 if args.output:
-                    await asyncio.to_thread(store.export, blob_id, args.output)
+                    await asyncio.to_thread(export_any, store, blob_id, args.output)
                 return
             chid = _unfinished(mgr, blob_id, peer, pull)
             if chid is not None:
@@ -216,8 +219,10 @@ def _transfer(args: argparse.Namespace, *, pull: bool) -> int:
             if pull:
                 # what came over the network stays until the user unpins it (GC keeps it)
                 await asyncio.to_thread(store.pin, blob_id, f"get/{blob_id}")
+            # a collection: its members follow
+            await transfer_members(mgr, store, peer, blob_id, Voucher(VOUCHER), pull=pull)
             if pull and args.output:
-                await asyncio.to_thread(store.export, blob_id, args.output)
+                await asyncio.to_thread(export_any, store, blob_id, args.output)
 
     _run(main)
     _report_done(args, blob_id, ticket, out, pull)

@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from blobmesh.distribution.authz import OpAuthorizer
+from blobmesh.distribution.collection import FetchRequest, PlanFetcher, Planner
 from blobmesh.distribution.model import (
     DistributionHandle,
     DistributionState,
@@ -43,6 +44,7 @@ from blobmesh.distribution.swarm import JobProgress, SwarmEngine
 from blobmesh.errors import (
     BlobmeshError,
     BlobNotFoundError,
+    CollectionError,
     CorruptBlobError,
     InvalidOpError,
     NotAuthorizedError,
@@ -138,6 +140,8 @@ class RequestOp(msgspec.Struct, frozen=True):
     source: bytes
     created: float
     share_urls: list[str] = []
+    total_size: int = 0  # a collection: bytes of the whole tree (0: just ``size``)
+    plan: bytes = b""  # a collection: its plan (``distribution.collection``), opaque here
 
 
 class StatusOp(msgspec.Struct, frozen=True):
@@ -216,6 +220,8 @@ class DistributionConfig:
     retry_backoff_max: float = 15.0
     unreachable_after: float = 10.0  # seconds of silence before a lost target is reported
     share_loader: ShareLoader | None = None
+    planner: Planner | None = None  # turns a collection into a plan at the source
+    plan_fetcher: PlanFetcher | None = None  # fetches what a plan names at a target
     distributors: frozenset[NodeId] | None = None  # if set, only they may publish requests
 
 
@@ -273,11 +279,14 @@ class DistributionService:
 
     async def distribute(self, blob_id: BlobId, scope: Scope | str,
                          priority: Priority | str = Priority.NORMAL, *,
-                         share_urls: Sequence[str] = ()) -> DistributionHandle:
+                         share_urls: Sequence[str] = (), export: str = "",
+                         export_force: bool = False) -> DistributionHandle:
         """Start distributing a blob held here to every node in ``scope``.
 
-        Raises :class:`BlobNotFoundError` if the blob is not complete here, and
-        :class:`ScopeError` if the scope is malformed or names no reachable node.
+        A collection goes with all its members; with ``export`` every target materialises
+        the tree in that directory when complete.  Raises :class:`BlobNotFoundError` if the
+        blob is not complete here, and :class:`ScopeError` if the scope is malformed or names
+        no reachable node.
         """
         scope = Scope.parse(scope) if isinstance(scope, str) else scope
         priority = Priority.parse(priority) if isinstance(priority, str) else priority
@@ -291,8 +300,15 @@ class DistributionService:
         info = await self.store.aio.info(blob_id)
         handle = DistributionHandle.new()
         await self.store.aio.pin(blob_id, f"dist/{handle}")
+        try:
+            plan = await self.config.planner(blob_id, f"dist/{handle}", export, export_force) \
+                if self.config.planner else None
+        except BaseException:
+            await self.store.aio.unpin(f"dist/{handle}")
+            raise
         request = RequestOp(str(handle), blob_id.digest, info.size, info.piece_size, str(scope),
-                            int(priority), self.node_id.digest, time.time(), list(share_urls))
+                            int(priority), self.node_id.digest, time.time(), list(share_urls),
+                            plan.total_size if plan else 0, plan.payload if plan else b"")
         self.swarm.set_priority(blob_id, priority)
         tracked = self._track(request)
         for node in targets:
@@ -494,7 +510,8 @@ class DistributionService:
         else:
             state = DistributionState.ACTIVE
         r = tracked.request
-        return DistributionStatus(tracked.handle, tracked.blob_id, r.size, tracked.scope,
+        return DistributionStatus(tracked.handle, tracked.blob_id, r.total_size or r.size,
+                                  tracked.scope,
                                   tracked.priority, state, targets, r.created,
                                   tracked.finished if state is not DistributionState.ACTIVE
                                   else None)
@@ -607,9 +624,11 @@ class DistributionService:
         backoff = self.config.retry_backoff
         while True:
             try:
-                await self.swarm.download(tracked.blob_id, r.size, r.piece_size, peers,
-                                          tracked.priority, progress, pin=pin)
+                await self._download(tracked, peers, progress, pin)
                 break
+            except CollectionError as exc:  # a bad manifest or export: retrying cannot help
+                await self._report(handle, TargetState.FAILED, 0, str(exc))
+                return
             except (TransferError, StoreError) as exc:
                 # not final: a distribution is a desired state, this target keeps trying
                 last_state = (TargetState.RETRYING, str(exc))
@@ -626,7 +645,19 @@ class DistributionService:
                         break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)
-        await self._report(handle, TargetState.COMPLETED, r.size)
+        await self._report(handle, TargetState.COMPLETED, r.total_size or r.size)
+
+    async def _download(self, tracked: _Tracked, peers: Callable[[], Iterable[NodeId]],
+                        progress: Callable[[JobProgress], None], pin: str) -> None:
+        r = tracked.request
+        if r.plan and self.config.plan_fetcher is not None:
+            # a collection: the fetcher gets its blob, then the members its plan names
+            await self.config.plan_fetcher(FetchRequest(
+                tracked.blob_id, r.size, r.piece_size, r.plan, peers, tracked.priority,
+                progress, pin))
+            return
+        await self.swarm.download(tracked.blob_id, r.size, r.piece_size, peers,
+                                  tracked.priority, progress, pin=pin)
 
     def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
               bytes_done: int, rate: float, peers: int, reason: str = "") -> None:

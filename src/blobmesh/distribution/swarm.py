@@ -59,6 +59,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PartialBlob, PieceReader, Store
+from blobmesh.store.piece_index import PieceIndex, fill_from_index
 from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
@@ -256,8 +257,10 @@ class SwarmEngine:
     """Serves and downloads blobs over the swarm protocol for one node."""
 
     def __init__(self, store: Store, network: Network, config: SwarmConfig | None = None, *,
-                 authorize: Callable[[NodeId], bool] | None = None) -> None:
+                 authorize: Callable[[NodeId], bool] | None = None,
+                 piece_index: PieceIndex | None = None) -> None:
         self.store = store
+        self.piece_index = piece_index
         self.network = network
         self.config = config or SwarmConfig()
         self._authorize = authorize
@@ -275,6 +278,7 @@ class SwarmEngine:
         self._tasks = TaskOwner("swarm")
         self.bytes_uploaded = 0
         self.bytes_downloaded = 0
+        self.bytes_reused = 0  # piece bytes copied from other local blobs, not fetched
         self.pieces_rejected = 0
         self.connections_refused = 0
         self.requests_expired = 0  # requests re-issued elsewhere after their deadline
@@ -832,6 +836,10 @@ class DownloadJob:
         for conn in self._layer_conns:  # the other answers are no longer owed
             self._ledger.withdrawn(conn, LAYER)
         self._layer_conns.clear()
+        if self.engine.piece_index is not None:
+            # pieces identical to pieces of blobs already here are copied, not fetched
+            reused = await asyncio.to_thread(fill_from_index, self.engine.piece_index, partial)
+            self.engine.bytes_reused += reused.bytes
         if self._pin is not None:
             await asyncio.to_thread(store.pin, self.blob_id, self._pin)
         have = partial.have

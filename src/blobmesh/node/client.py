@@ -72,18 +72,23 @@ class NodeClient:
         return result
 
     async def distribute(self, blob: str, scope: str, priority: str,
-                         share_urls: list[str] | None = None) -> DistributionStatus:
-        status, _ = await self.distribute_or_join(blob, scope, priority, share_urls)
+                         share_urls: list[str] | None = None, *, export: str = "",
+                         export_force: bool = False) -> DistributionStatus:
+        status, _ = await self.distribute_or_join(blob, scope, priority, share_urls,
+                                                  export=export, export_force=export_force)
         return status
 
     async def distribute_or_join(self, blob: str, scope: str, priority: str,
-                                 share_urls: list[str] | None = None, *, new: bool = False
+                                 share_urls: list[str] | None = None, *, new: bool = False,
+                                 export: str = "", export_force: bool = False
                                  ) -> tuple[DistributionStatus, bool]:
         """Start a distribution, or (unless ``new``) get the active one for the same blob and
-        scope; the flag says whether a new one was created."""
+        scope; the flag says whether a new one was created.  ``export``: a collection's
+        targets write the tree to ``HOME/exports/<export>``."""
         data, code = await self._request_status("POST", "/v1/distributions", {
             "blob": blob, "scope": scope, "priority": priority,
-            "share_urls": share_urls or [], "new": new})
+            "share_urls": share_urls or [], "new": new, "export": export,
+            "export_force": export_force})
         return status_from_json(data), code == 201
 
     async def distributions(self, *, active: bool = False) -> list[DistributionStatus]:

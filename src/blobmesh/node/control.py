@@ -6,8 +6,9 @@ Routes (all JSON unless noted; the JSON naming scheme is in ``docs/distribution.
 * ``GET  /v1/node``                          node id, ticket, addresses, version, uptime, store
 * ``GET  /v1/peers``                         peers the space knows
 * ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls",
-  "new"}``: 201 with a new distribution, or 200 with the active one for the same blob and
-  scope (unless ``"new": true``)
+  "new", "export", "export_force"}``: 201 with a new distribution, or 200 with the active
+  one for the same blob and scope (unless ``"new": true``); ``export``: a collection's targets
+  write the tree to ``HOME/exports/<export>``
 * ``GET  /v1/distributions[?active=true]``   distributions known here, newest first
 * ``POST /v1/distributions/prune``           hide finished distributions from listings
 * ``GET  /v1/distributions/{h}``             one status
@@ -53,6 +54,8 @@ class DistributeRequest(msgspec.Struct, forbid_unknown_fields=True):
     priority: str = "normal"
     share_urls: list[str] = msgspec.field(default_factory=list)
     new: bool = False
+    export: str = ""  # a collection: targets export it to HOME/exports/<export>
+    export_force: bool = False
 
 
 class BadRequestError(BlobmeshError, ValueError):
@@ -160,7 +163,8 @@ class ControlServer:
             if active is not None:
                 return web.json_response(status_to_json(active), status=200)
         handle = await self.node.distribution.distribute(
-            blob_id, body.scope, body.priority, share_urls=body.share_urls)
+            blob_id, body.scope, body.priority, share_urls=body.share_urls,
+            export=body.export, export_force=body.export_force)
         status = await self.node.distribution.status(handle)
         return web.json_response(status_to_json(status), status=201)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 
 from blobmesh import __version__
+from blobmesh.distribution.collection import CollectionDistributor
 from blobmesh.distribution.model import DistributionStatus, Scope
 from blobmesh.distribution.service import DistributionConfig, DistributionService
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
@@ -36,6 +37,7 @@ from blobmesh.space.predicate import parse_capability
 from blobmesh.space.secret import join_secret, space_of
 from blobmesh.space.space import Space, endpoint_address_book
 from blobmesh.store import Store
+from blobmesh.store.piece_index import PieceIndex
 from blobmesh.tasks import TaskOwner
 from blobmesh.transfer import AcceptAll, ChannelId, Decision, TransferManager, Voucher
 from blobmesh.transfer.messages import Selector
@@ -168,6 +170,7 @@ class Node:
             self._secret = join_secret(config.home, space=config.space, secret=config.secret,
                                        tickets=config.bootstrap, open_space=config.open_space)
             self.store = Store(config.home)
+            self.piece_index = PieceIndex(self.store)
             self.identity = Identity.load_or_create(config.home)
         except BaseException:
             self._lock.release()
@@ -236,12 +239,15 @@ class Node:
                 book(peer.node_id, peer.addresses)
             # only members of the space get pieces or channels from this node
             self._swarm = SwarmEngine(self.store, self.endpoint, cfg.swarm,
-                                      authorize=self.space.is_member)
+                                      authorize=self.space.is_member,
+                                      piece_index=self.piece_index)
+            collections = CollectionDistributor(self.swarm)
             self._transfer = TransferManager(self.endpoint, self.store,
                                              admit=self.space.is_member)
             self._transfer.register_voucher_type(
                 MEMBER_VOUCHER, MembersOnly(self.space.is_member))
-            dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares)
+            dist_cfg = replace(cfg.distribution, share_loader=self._load_from_shares,
+                               planner=collections.plan, plan_fetcher=collections.fetch)
             self._distribution = DistributionService(self.space, self.swarm, dist_cfg)
             await self.space.start()
             await self.swarm.start()
@@ -399,6 +405,7 @@ class Node:
             await self._endpoint.aclose()
             self._endpoint = None
         await asyncio.to_thread(self.store.close)  # waits for store calls still running
+        self.piece_index.close()
         self._lock.release()
 
     async def __aenter__(self) -> Node:

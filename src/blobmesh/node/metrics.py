@@ -137,6 +137,8 @@ class NodeCollector(Collector):
                        sw.bytes_uploaded)
         yield _counter("blobmesh_swarm_downloaded_bytes",
                        "verified piece bytes received from peers", sw.bytes_downloaded)
+        yield _counter("blobmesh_swarm_reused_bytes", "piece bytes copied from identical "
+                       "pieces of local blobs instead of fetched", sw.bytes_reused)
         yield _counter("blobmesh_swarm_pieces_rejected",
                        "pieces that failed verification (their senders were banned)",
                        sw.pieces_rejected)

@@ -1,0 +1,98 @@
+"""``add DIR``, ``ls``/``info``, ``cat ID/path``, ``export`` and pins of collections via the
+real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_store_cli import Cli, cli  # noqa: F401 - the fixture
+from tests.collection.conftest import make_tree
+
+
+def test_collection_commands(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    tree = make_tree(tmp_path / "tree")
+    cid = cli.out("add", "-q", tree).strip()
+    assert cid.startswith("bm1") and "\n" not in cid
+    human = cli.out("add", tree)
+    assert human.startswith(f"added {cid}") and "0 new blob(s)" in human
+    [listed] = [b for b in cli.json("ls") if "collection" in b]
+    assert listed["blob"] == cid
+    assert listed["collection"]["files"] == 5 and listed["collection"]["complete"]
+    assert "collection: 9 entries" in cli.out("ls")
+    assert cli.json("info", cid)["collection"]["members_present"] == 5
+    assert cli.run("cat", f"{cid}/model/config.json").stdout == b'{"layers": 2}'
+    assert cli.run("cat", f"{cid}/bin/cfg").stdout == b'{"layers": 2}'  # in-tree link
+    missing = cli.run("cat", f"{cid}/no/such", ok=False)
+    assert missing.returncode == 1
+    assert missing.stderr.decode().strip() == "blobmesh: error: no 'no/such' in the collection"
+
+    out = tmp_path / "out"
+    cli.run("export", cid, out)
+    assert (out / "bin" / "run.sh").stat().st_mode & 0o111
+    again = cli.run("export", cid, out, ok=False)
+    assert again.returncode == 1 and "exists (use --force" in again.stderr.decode()
+    assert len(again.stderr.splitlines()) == 1
+    cli.run("export", "--force", cid, out)
+
+    cli.run("pin", cid, "model")
+    assert cli.out("pins").splitlines() == [f"model  {cid}"]  # member pins stay out of sight
+    assert "deleted 0 blob(s)" in cli.out("gc")
+    assert cli.out("fsck").endswith(": ok\n")
+    cli.run("unpin", "model")
+    assert "deleted 6 blob(s)" in cli.out("gc")
+
+
+def test_mixing_files_and_dirs_is_refused(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("x")
+    r = cli.run("add", tmp_path / "d", tmp_path / "f", ok=False)
+    assert r.returncode == 1 and b"not both" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_get_push_share_load_move_whole_trees(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    from tests.transfer.test_cli_integration import Server, free_port
+
+    tree = make_tree(tmp_path / "tree")
+    cid = cli.out("add", "-q", tree).strip()
+    # get: the collection, then every member, exported as a tree
+    server = Server(cli.home, free_port())
+    try:
+        fetcher = Cli(tmp_path / "getter")
+        fetcher.run("get", cid, "--from", server.ticket, "-o", tmp_path / "got")
+        assert (tmp_path / "got" / "model" / "config.json").read_text() == '{"layers": 2}'
+        assert fetcher.json("info", cid)["collection"]["complete"]
+        assert "deleted 0 blob(s)" in fetcher.out("gc")  # held as get/<id>
+        # push: the other way round, to a server that accepts pushes
+        sink = Server(tmp_path / "sink", free_port(), "--accept-push")
+        try:
+            fetcher.run("push", cid, "--to", sink.ticket)
+        finally:
+            sink.stop()
+        assert Cli(tmp_path / "sink").json("info", cid)["collection"]["complete"]
+    finally:
+        server.stop()
+    # share + load through a share directory (file URLs)
+    shares = tmp_path / "shares"
+    assert "with 5 new member blob(s)" in cli.out("share", cid, "--dir", shares)
+    loader = Cli(tmp_path / "loader")
+    loader.run("load", cid, "--url", shares.as_uri())
+    info = loader.json("info", cid)["collection"]
+    assert info["members_present"] == info["members"] == 5
+    assert "deleted 0 blob(s)" in loader.out("gc")
+
+
+def test_fsck_reports_missing_members_of_pinned_collections(cli: Cli,  # noqa: F811
+                                                            tmp_path: Path) -> None:
+    from blobmesh.collection import add_tree
+    from blobmesh.store import Store
+
+    with Store(cli.home) as store:
+        cid = add_tree(store, make_tree(tmp_path / "tree")).collection_id
+        store.pin(cid, "only-the-manifest")
+        store.gc()  # a plain Store.gc: the members go
+    r = cli.run("fsck", "--repair", ok=False)
+    assert r.returncode == 1  # nothing to quarantine can bring members back
+    assert f"collection-missing: {cid}: 5 of 5 member blob(s) missing\n" in r.stdout.decode()
