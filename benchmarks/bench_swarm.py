@@ -4,6 +4,7 @@ libtorrent and a plain HTTP fan-out, in one lab of network namespaces.
     sudo .venv/bin/python benchmarks/bench_swarm.py [--quick] [--runs 3]
         [--size-mb S --targets N] [--rate-mbit 100] [--only blobmesh,libtorrent,http]
         [--lt-tuning super|lan|hps] [--variant NAME=DIR ...]
+        [--hostile black-hole|non-reader ...]
 
 Builds hosts as network namespaces on one switch namespace (``netlab.py``), each link limited
 to ``--rate-mbit`` with ``tbf`` on both ends; measures the real per-link TCP goodput R and uses
@@ -17,6 +18,13 @@ Per blobmesh run it also prints when the first target reported progress, the CPU
 nodes used, and each node's upload in copies of F (source first: ideally 1.00).
 ``--variant NAME=DIR`` adds a system ``blobmesh-NAME`` whose nodes import blobmesh from DIR
 (a patched copy of ``src/``), interleaved with the others in the same lab.
+
+``--hostile MODE`` adds a system ``blobmesh+MODE``: the same run with one more space member
+(``hostile_node.py``) whose swarm is a ``black-hole`` (claims every piece, answers nothing) or
+a ``non-reader`` (asks everyone for everything, reads nothing); goal: <= 1.2x the clean run.
+Every blobmesh run also counts the swarm connections reset for protocol errors (the end-game
+"unsolicited piece" resets of old); with ``--runs`` >= 3 the tail is judged: worst <= 1.1x
+the median.
 """
 
 from __future__ import annotations
@@ -55,6 +63,10 @@ SYSTEMS = ("blobmesh", "libtorrent", "http")
 LT_PORT = 6881
 HTTP_PORT = 8080
 _UPLOADED = re.compile(r"^blobmesh_swarm_uploaded_bytes_total (\S+)$", re.M)
+_RESETS = re.compile(r"^blobmesh_swarm_protocol_errors_total (\S+)$", re.M)
+_EXPIRED = re.compile(r"^blobmesh_swarm_requests_expired_total (\S+)$", re.M)
+_BANNED = re.compile(r"^blobmesh_swarm_peers_banned_total\{.*\} (\S+)$", re.M)
+HOSTILE_NODE = Path(__file__).with_name("hostile_node.py")
 
 
 @dataclass
@@ -69,6 +81,9 @@ class Outcome:
     first_byte: float = 0.0  # seconds until a target first reported progress (start-up)
     finish: list[float] = field(default_factory=list)  # per target, seconds from start
     code: str = ""  # fingerprint of the swarm code a blobmesh run used
+    resets: int = 0  # swarm connections reset for protocol errors, over all nodes
+    expired: int = 0  # piece requests re-issued after their deadline, over all nodes
+    banned: int = 0  # peers banned, over all nodes
 
 
 def file_digest(path: Path) -> str:
@@ -93,6 +108,7 @@ class NetnsFleet(Fleet):
     def __init__(self, root: Path, lab: NetLab, code: Path | None = None) -> None:
         super().__init__(root)
         self.lab = lab
+        self.hostile: dict[int, str] = {}  # node index -> mode (see hostile_node.py)
         self.env = dict(os.environ)
         if code is not None:  # nodes import blobmesh from there (a patched copy of src/)
             self.env["PYTHONPATH"] = os.pathsep.join(
@@ -105,6 +121,9 @@ class NetnsFleet(Fleet):
     def _popen(self, node: FleetNode) -> None:
         cmd = [sys.executable, "-m", "blobmesh.cli.main", "--home", str(node.home),
                "node", "run", *node.args]
+        if node.index in self.hostile:
+            cmd = [sys.executable, str(HOSTILE_NODE), self.hostile[node.index],
+                   "--home", str(node.home), *node.args]
         seed = next((n for n in self.nodes if n.running and n is not node and n.ticket), None)
         if seed is not None:
             cmd += ["--bootstrap", seed.ticket]
@@ -115,13 +134,16 @@ class NetnsFleet(Fleet):
                                          stderr=log, stdin=subprocess.DEVNULL, env=self.env)
 
 
-async def uploaded_bytes(fleet: Fleet) -> list[int]:
+async def node_metrics(fleet: Fleet) -> list[str]:
     out = []
     for node in fleet.nodes:
         async with NodeClient(node.home) as c:
-            m = _UPLOADED.search(await c.metrics())
-            out.append(int(float(m.group(1))) if m else -1)
+            out.append(await c.metrics())
     return out
+
+
+def metric_sum(texts: Sequence[str], pattern: re.Pattern[str]) -> int:
+    return sum(int(float(m)) for text in texts for m in pattern.findall(text))
 
 
 def verify_blob(home: Path, blob: BlobId) -> bool:
@@ -157,10 +179,13 @@ def keep_logs(fleet: Fleet) -> Path:
 
 
 async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
-                       timeout: float, code: Path | None = None) -> Outcome:
+                       timeout: float, code: Path | None = None, hostile: str = "") -> Outcome:
     fleet = NetnsFleet(work, lab, code)
     for _ in range(targets + 1):
         fleet.add_host()
+    if hostile:  # one more member, which is no real target (it never completes)
+        fleet.hostile[fleet.add_host().index] = hostile
+    real_targets = fleet.nodes[1:targets + 1]
     try:
         await asyncio.to_thread(fleet.start)
         await fleet.wait_converged(60)
@@ -184,9 +209,8 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
                         failures[str(t.node)] = t.reason
 
             async def follow() -> None:
-                # A loaded machine can make the space think a target died: it is marked
-                # failed (the distribution looks done) and comes back.  Keep following
-                # until every target holds the blob.
+                # Keep following until every real target holds the blob (an event stream
+                # may end early, and a hostile member never completes).
                 while status.completed < targets:
                     async for s in client.events(str(status.handle)):
                         update(s)
@@ -200,9 +224,10 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
             await asyncio.wait_for(follow(), timeout)
             elapsed = time.perf_counter() - t0
         cpu = cpu_seconds(fleet) - cpu0
-        uploads = await uploaded_bytes(fleet)
+        metrics = await node_metrics(fleet)
+        uploads = [metric_sum([m], _UPLOADED) for m in metrics]
         verified = await asyncio.gather(*(asyncio.to_thread(verify_blob, n.home, blob)
-                                          for n in fleet.nodes[1:]))
+                                          for n in real_targets))
         ok = len(finish) == targets and all(verified)
         notes = [] if ok else [f"{len(finish)}/{targets} completed, {sum(verified)} verified"]
         if failures:
@@ -212,7 +237,9 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
             notes.append(f"node logs kept in {keep_logs(fleet)}")
         return Outcome(elapsed, ok, "; ".join(notes), uploads, cpu=cpu,
                        first_byte=first_byte[0] if first_byte else 0.0,
-                       finish=sorted(finish.values()))
+                       finish=sorted(finish.values()), resets=metric_sum(metrics, _RESETS),
+                       expired=metric_sum(metrics, _EXPIRED),
+                       banned=metric_sum(metrics, _BANNED))
     except BaseException:
         print(f"  (node logs kept in {keep_logs(fleet)})", flush=True)
         raise
@@ -452,6 +479,8 @@ def describe(o: Outcome, size: int) -> str:
     if o.uploads:
         copies = " ".join(f"{u / size:.2f}" for u in o.uploads)
         text += f"  uploaded (copies of F) source,targets: {copies}"
+    if o.uploads:
+        text += f"  resets {o.resets}  expired requests {o.expired}  bans {o.banned}"
     if o.code:
         text += f"  code {o.code}"
     if not o.ok:
@@ -484,7 +513,9 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
             try:
                 if system.startswith("blobmesh"):
                     code = variants.get(system)
-                    out = await run_blobmesh(lab, targets, payload, work, timeout, code)
+                    hostile = system.partition("+")[2]
+                    out = await run_blobmesh(lab, targets, payload, work, timeout, code,
+                                             hostile)
                     out.code = code_fingerprint(code).rsplit(" ", 1)[-1]
                 elif system == "libtorrent":
                     assert torrent is not None
@@ -512,6 +543,19 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
         runs_txt = ", ".join(f"{o.seconds:.2f}" + ("" if o.ok else "!") for o in outs)
         print(f"{system:<15} {med:9.2f} {bound:8.2f} {med / bound:6.2f}  [{runs_txt}]")
     for system in (s for s in medians if s.startswith("blobmesh")):
+        good = [o.seconds for o in results[system] if o.ok]
+        resets = sum(o.resets for o in results[system])
+        tail = f"tail: {system} protocol resets {resets} (goal 0)"
+        if len(good) >= 3:
+            worst = max(good) / statistics.median(good)
+            tail += f"; worst {worst:.2f}x the median " + \
+                ("(goal <= 1.1x: met)" if worst <= 1.1 else "(goal <= 1.1x: MISSED)")
+        print(tail)
+        if "+" in system and "blobmesh" in medians:
+            ratio = medians[system] / medians["blobmesh"]
+            print(f"verdict: {system} {ratio:.2f}x the clean run " +
+                  ("(goal <= 1.2x: met)" if ratio <= 1.2 else "(goal <= 1.2x: MISSED)"))
+            continue
         bm = medians[system]
         verdict = f"verdict: {system} {bm / bound:.2f}x the bound " + \
             ("(goal <= 1.15x: met)" if bm / bound <= 1.15 else "(goal <= 1.15x: MISSED)")
@@ -549,7 +593,7 @@ async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
         print(f"{system} swarm code: {code_fingerprint(code)}", flush=True)
     systems = [s for s in SYSTEMS if s in args.only]
     if "blobmesh" in args.only:
-        systems[1:1] = variants
+        systems[1:1] = [*variants, *(f"blobmesh+{mode}" for mode in args.hostile)]
     for size_mb, targets in args.scenarios:
         await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8, systems, tmp,
                        args.lt_tuning, variants)
@@ -566,6 +610,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                         help="also run blobmesh-NAME: nodes import blobmesh from DIR (A/B a "
                              "patched copy of src/ in the same run)")
+    parser.add_argument("--hostile", action="append", default=[],
+                        choices=("black-hole", "non-reader"),
+                        help="also run blobmesh+MODE: one more member that misbehaves")
     parser.add_argument("--quick", action="store_true", help="32 MiB to 3 targets")
     # super-seeding is libtorrent's best here (256 MiB to 7: ~36 s, against ~50 s for lan
     # and ~56 s for hps), so it is the fair default
@@ -593,7 +640,7 @@ def main() -> None:
         args.scenarios = [(args.size_mb or 256, args.targets or 7)]
     else:
         args.scenarios = [(256, 7), (64, 15)]
-    hosts = 1 + max(t for _, t in args.scenarios)
+    hosts = 1 + max(t for _, t in args.scenarios) + (1 if args.hostile else 0)
     lab = NetLab(hosts=hosts, rate_mbit=args.rate_mbit, prefix=args.lab_prefix)
     # SIGTERM takes the same way out as Ctrl-C: through every finally below
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -78,3 +78,19 @@ def test_random_bytes_only_raise_protocol_error(data: bytes) -> None:
     a, _ = pair()
     with contextlib.suppress(ProtocolError):
         a.receive(data)
+
+
+def test_a_piece_crossing_a_cancel_is_late_not_a_violation() -> None:
+    a, b = pair()
+    b.receive(a.request(1))
+    b.receive(a.request(2))
+    b.receive(a.cancel(1))  # end game: the copy came from elsewhere
+    b.receive(a.cancel(2))
+    # before: "unsolicited piece 1", and the connection was reset
+    assert a.receive(b.piece(1, b"x")) == PieceArrived(1, b"x", late=True)
+    assert a.receive(b.reject(2, "gone")) is None  # a refusal that crossed it: dropped
+    assert a.outstanding == set()
+    with pytest.raises(ProtocolError, match="unsolicited piece 1"):
+        a.receive(b.piece(1, b"x"))  # but only once
+    with pytest.raises(ProtocolError, match="unsolicited piece 3"):
+        a.receive(b.piece(3, b"x"))  # never asked for

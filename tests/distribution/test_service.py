@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +27,11 @@ from blobmesh.distribution.service import (
     UnknownDistributionError,
 )
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
-from blobmesh.errors import BlobNotFoundError
+from blobmesh.errors import BlobNotFoundError, CorruptBlobError
 from blobmesh.hashing import BlobId
 from blobmesh.space import Seed, Space, SpaceConfig
-from blobmesh.store import Store
+from blobmesh.store import LeaseId, Store
+from blobmesh.tasks import failure_counts
 from blobmesh.transport.identity import Identity
 from blobmesh.transport.memory import MemoryHub
 from tests.space.util import FAST
@@ -46,8 +50,8 @@ class Member:
 
 @asynccontextmanager
 async def cluster(tmp_path: Path, groups: list[list[str]],
-                  swarm_configs: dict[int, SwarmConfig] | None = None
-                  ) -> AsyncIterator[list[Member]]:
+                  swarm_configs: dict[int, SwarmConfig] | None = None,
+                  store_homes: dict[int, Path] | None = None) -> AsyncIterator[list[Member]]:
     hub = MemoryHub()
     members: list[Member] = []
     async with AsyncExitStack() as stack:
@@ -57,7 +61,7 @@ async def cluster(tmp_path: Path, groups: list[list[str]],
             net = hub.node(ident.node_id)
             seeds = (Seed(first.node_id),) if first else ()
             first = first or ident
-            store = stack.enter_context(Store(tmp_path / f"n{i}"))
+            store = stack.enter_context(Store((store_homes or {}).get(i, tmp_path / f"n{i}")))
             space = Space(SpaceConfig(name="t", groups=tuple(g), seeds=seeds, timing=FAST),
                           ident, net, tmp_path / f"n{i}" / "space.sqlite")
             swarm = SwarmEngine(store, net, (swarm_configs or {}).get(i, SwarmConfig()))
@@ -154,3 +158,114 @@ async def test_malformed_distribution_ops_are_rejected(tmp_path: Path) -> None:
         with pytest.raises(InvalidOpError):
             await src.space.publish("dist/request", b"\x93garbage")
         assert dst.dist.distributions() == []
+
+
+@contextmanager
+def small_tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` mounted at ``path`` (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_disk_full_target_waits_says_so_once_and_resumes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # the target's store on a small disk of its own (its space database is elsewhere)
+    with small_tmpfs(tmp_path / "n1-store", 24) as home:
+        filler = home / "filler"
+        async with cluster(tmp_path, [[], []], store_homes={1: home}) as (src, dst):
+            free = shutil.disk_usage(filler.parent).free
+            filler.write_bytes(b"\0" * (free - 6 * MiB))  # room for about 6 of the 16 MiB
+            failures = dict(failure_counts())
+            blob = add(src, 16 * MiB)
+            handle = await src.dist.distribute(blob, "all")
+
+            async def target_waits_for_disk() -> bool:
+                t = (await src.dist.status(handle)).targets[0]
+                return t.state is TargetState.WAITING_DISK and t.reason == "disk full"
+
+            # before: "transferring" for minutes, a traceback flood, StoreFullError escaping
+            await eventually(target_waits_for_disk, 20)
+            # its verified pieces are kept (made durable while it waits)
+            await eventually(lambda: dst.store.info(blob).pieces_present > 0, 5)
+            filler.unlink()
+            final = await src.dist.wait_for_completion(handle, 30)
+            assert final.state is DistributionState.COMPLETED
+            assert dst.store.get_data(blob, LeaseId.new("t")) == src.store.get_data(
+                blob, LeaseId.new("t"))
+            assert failure_counts() == failures  # no task died of it
+    full_lines = [r for r in caplog.records if "disk full" in r.getMessage()]
+    assert len(full_lines) == 1, [r.getMessage() for r in full_lines]
+    assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def corrupt(store: Store, blob: BlobId, offset: int) -> None:
+    path = store.layout.data_path(blob)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def test_distribute_refuses_and_quarantines_a_corrupt_blob(tmp_path: Path) -> None:
+    async with cluster(tmp_path, [[], []]) as (src, _):
+        blob = add(src, 4 * MiB)
+        corrupt(src.store, blob, 3 * MiB)
+        # before: accepted; its targets stalled at 63/64 pieces with "no progress"
+        with pytest.raises(CorruptBlobError, match="quarantined"):
+            await src.dist.distribute(blob, "all")
+        assert not src.store.has(blob) and src.dist.distributions() == []
+
+
+async def test_a_source_copy_that_rots_while_served_fails_the_distribution(
+        tmp_path: Path) -> None:
+    slow = {1: SwarmConfig(download_rate=2 * MiB, stall_timeout=30)}
+    async with cluster(tmp_path, [[], []], slow) as (src, dst):
+        blob = add(src, 8 * MiB)
+        handle = await src.dist.distribute(blob, "all")
+        corrupt(src.store, blob, 8 * MiB - 100)  # the last piece rots after the check
+        # reported on the source, and quarantined: nobody is sent rotten data
+        await eventually(lambda: blob in src.swarm.corrupt and not src.store.has(blob), 20)
+        final = await src.dist.wait_for_completion(handle, 20)
+        assert final.state is DistributionState.FINISHED_WITH_FAILURES
+        assert "source's copy is corrupt" in final.targets[0].reason
+        assert not dst.store.has(blob)
+
+
+async def test_a_target_with_a_corrupt_copy_does_not_count_as_completed(tmp_path: Path) -> None:
+    async with cluster(tmp_path, [[], []]) as (src, dst):
+        data = os.urandom(4 * MiB)
+        blob = src.store.add_bytes(data).blob_id
+        dst.store.add_bytes(data)
+        corrupt(dst.store, blob, MiB)
+        handle = await src.dist.distribute(blob, "all")
+        final = await src.dist.wait_for_completion(handle, 20)
+        assert final.state is DistributionState.COMPLETED
+        # before: the rotten copy counted as completed; now it was replaced by a good one
+        assert dst.store.get_data(blob, LeaseId.new("t"), verify=True) == data
+        assert blob in dst.swarm.corrupt
+
+
+async def test_a_queued_target_says_why(tmp_path: Path) -> None:
+    slow = {1: SwarmConfig(download_rate=4 * MiB, stall_timeout=30)}
+    async with cluster(tmp_path, [[], []], slow) as (src, dst):
+        low = await src.dist.distribute(add(src, 16 * MiB), "all", "low")
+        await eventually(lambda: dst.swarm.downloading() != [], 10)
+        high = await src.dist.distribute(add(src, 8 * MiB), "all", "critical")
+
+        async def low_is_queued() -> bool:
+            t = (await src.dist.status(low)).targets[0]
+            return t.state is TargetState.QUEUED and "higher-priority" in t.reason
+
+        await eventually(low_is_queued, 10)
+        assert (await src.dist.wait_for_completion(high, 20)).state is \
+            DistributionState.COMPLETED
+        assert (await src.dist.wait_for_completion(low, 30)).state is \
+            DistributionState.COMPLETED

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from blobmesh.distribution.model import Priority
-from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
+from blobmesh.distribution.peerwire import (
+    PROTOCOL,
+    LayerWanted,
+    SwarmSession,
+)
+from blobmesh.distribution.swarm import BanKind, SwarmConfig, SwarmEngine
 from blobmesh.errors import TransferError
 from blobmesh.hashing import BlobId
-from blobmesh.store import LeaseId, Store
+from blobmesh.store import Bitfield, LeaseId, Store
+from blobmesh.tasks import TaskOwner
+from blobmesh.transport import Endpoint, Identity, Stream
 from blobmesh.transport.identity import NodeId
 from blobmesh.transport.memory import MemoryHub
+from tests.distribution.hostile import HostilePeer
+from tests.util import eventually
+
+MiB = 1024 * 1024
 
 
 @dataclass
@@ -192,3 +204,116 @@ async def test_non_members_get_nothing(tmp_path: Path) -> None:
                                       lambda: [nodes[0].node_id])
         assert engines[0].connections_refused >= 1
         assert engines[0].bytes_uploaded == 0
+
+
+# --- hostile peers over the real TLS transport --------------------------------------------------
+
+
+@asynccontextmanager
+async def tls_swarm(tmp_path: Path, n: int, config: SwarmConfig, source_upload_rate: float
+                    ) -> AsyncIterator[tuple[list[Peer], Endpoint]]:
+    """``n`` engines and one more endpoint (for a hostile peer), all on loopback TLS."""
+    async with AsyncExitStack() as stack:
+        endpoints = [await Endpoint.start(Identity.generate()) for _ in range(n + 1)]
+        for ep in endpoints:
+            stack.push_async_callback(ep.aclose)
+            for other in endpoints:
+                if other is not ep:
+                    ep.add_peer_addresses(other.node_id, other.ticket.addrs)
+        peers = []
+        for i, ep in enumerate(endpoints[:n]):
+            store = stack.enter_context(Store(tmp_path / f"n{i}"))
+            engine = SwarmEngine(store, ep, replace(config, upload_rate=source_upload_rate)
+                                 if i == 0 else config)
+            await engine.start()
+            stack.push_async_callback(engine.aclose)
+            peers.append(Peer(ep.node_id, store, engine))
+        yield peers, endpoints[n]
+
+
+# deadlines short enough that the hostile peer is found out during a 16 MiB download
+HOSTILE = SwarmConfig(stall_timeout=30, request_timeout=0.3, send_timeout=2.0)
+
+
+@pytest.mark.parametrize("mode", ["black-hole", "non-reader"])
+async def test_a_hostile_peer_does_not_stall_the_others(tmp_path: Path, mode: str) -> None:
+    # a slow source: the others keep asking the black hole (it claims to be a seed) for
+    # pieces nobody else has yet, long enough for its deadlines to expire three times
+    source_rate = 4 * MiB if mode == "black-hole" else 0
+    async with tls_swarm(tmp_path, 4, HOSTILE, source_rate) as (peers, hostile_ep):
+        blob, data, piece_size = seed(peers[0], 16 * MiB)
+        hostile = HostilePeer(hostile_ep, mode)
+        everyone = [hostile_ep.node_id, *(p.node_id for p in peers)]
+        async with TaskOwner("test") as tasks:
+            if mode == "non-reader":  # it asks the source first, before anybody else
+                tasks.spawn(hostile.attack(peers[0].node_id, blob, len(data), piece_size),
+                            name="attack")
+                await eventually(lambda: peers[0].engine.connections == 1, 5)
+            t0 = time.monotonic()
+            said: set[str] = set()  # the reasons the targets' status gave
+            await asyncio.wait_for(asyncio.gather(*(
+                p.engine.download(blob, len(data), piece_size, lambda: everyone,
+                                  progress=lambda jp: said.add(jp.reason))
+                for p in peers[1:])), 28)
+            elapsed = time.monotonic() - t0
+        for p in peers[1:]:
+            assert p.store.get_data(blob, LeaseId.new("c")) == data
+        # before: a black hole held its requests until the 30 s stall timeout, a non-reader
+        # blocked every upload worker of the source for good
+        assert elapsed < 20, elapsed  # ~2 s on an idle machine
+        if mode == "black-hole":
+            assert hostile.requests > 0
+            assert sum(p.engine.requests_expired for p in peers[1:]) > 0
+            reasons = [p.engine.ban_reasons.get(blob, {}).get(hostile_ep.node_id, "")
+                       for p in peers[1:]]
+            assert any("answered none of its requests" in r for r in reasons), reasons
+            assert sum(p.engine.bans[BanKind.UNRESPONSIVE] for p in peers[1:]) >= 1
+            short = hostile_ep.node_id.short()
+            assert any(f"last {short}: answered none" in r for r in said), said
+        else:
+            await eventually(lambda: hostile_ep.node_id in peers[0].engine.banned.get(blob, ()),
+                             10)
+            assert "does not read" in peers[0].engine.ban_reasons[blob][hostile_ep.node_id]
+            assert peers[0].engine.bans[BanKind.NOT_READING] == 1
+
+
+async def test_a_closed_connections_layer_request_is_reissued_at_once(tmp_path: Path) -> None:
+    """The tail stall: two nodes dial each other, the tie-break closes the connection that
+    carried the piece-layer request, and the job, remembering the peer instead of the
+    connection, never asked again (30 s stall timeout)."""
+    hub = MemoryHub()
+    async with AsyncExitStack() as stack:
+        src_store = stack.enter_context(Store(tmp_path / "src"))
+        dst_store = stack.enter_context(Store(tmp_path / "dst"))
+        nets = [hub.node(nid(i)) for i in (1, 2, 3)]  # source, the other target, us
+        for net in nets:
+            stack.push_async_callback(net.aclose)
+        src = SwarmEngine(src_store, nets[0])
+        dst = SwarmEngine(dst_store, nets[2], SwarmConfig(stall_timeout=30, request_timeout=30))
+        for e in (src, dst):
+            await e.start()
+            stack.push_async_callback(e.aclose)
+        blob, data, piece_size = seed(Peer(nets[0].node_id, src_store, src), 2 * MiB)
+        raw_layer = src_store.piece_layer(blob).to_bytes()
+        available = [nets[1].node_id]  # the source joins once the layer came from the other
+
+        async def other_target(stream: Stream) -> None:
+            # it holds the layer (no pieces yet); our dial reaches it and asks for the layer
+            session = SwarmSession(blob, len(data), piece_size)
+            session.receive(await stream.recv())
+            await stream.send(session.hello(Bitfield(session.pieces), True, 1))
+            while not isinstance(session.receive(await stream.recv()), LayerWanted):
+                pass
+            # ... while it dials us too: our id is larger, so both keep its connection
+            back = await nets[1].open_stream(nets[2].node_id, PROTOCOL)
+            s2 = SwarmSession(blob, len(data), piece_size)
+            await back.send(s2.hello(Bitfield(s2.pieces), True, 1))
+            s2.receive(await back.recv())
+            while True:
+                if isinstance(s2.receive(await back.recv()), LayerWanted):
+                    await back.send(s2.layer(raw_layer))
+                    available.append(nets[0].node_id)
+
+        nets[1].set_handler(PROTOCOL, other_target)
+        await asyncio.wait_for(dst.download(blob, len(data), piece_size, lambda: available), 10)
+        assert dst_store.get_data(blob, LeaseId.new("c")) == data

@@ -129,8 +129,15 @@ def _compile_predicate(expr: str) -> CapabilityMatcher:
 
 
 class TargetState(enum.StrEnum):
+    """Where one target stands.  Only ``completed``, ``failed`` and ``cancelled`` are final;
+    every other state says why the target is not moving (``reason``) and may change back."""
+
     PENDING = "pending"
     TRANSFERRING = "transferring"
+    QUEUED = "queued"  # waiting while a higher-priority distribution runs
+    STALLED = "stalled"  # no progress for a while (no peer provides, node unreachable...)
+    RETRYING = "retrying"  # the last attempt failed; trying again after a back-off
+    WAITING_DISK = "waiting-for-disk"  # the target's disk is full; keeps what it has
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -124,8 +124,11 @@ class PieceWanted:
 
 @dataclass(frozen=True, slots=True)
 class PieceArrived:
+    """A piece we asked for; ``late``: we had cancelled the request (it crossed the cancel)."""
+
     index: int
     data: bytes
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +156,9 @@ class SwarmSession:
 
     Enforces the protocol: ``hello`` first (for the same blob, size and piece size), piece
     indices in range, pieces only in answer to our requests, a layer only when asked for.
-    Violations raise :class:`ProtocolError`, after which the session must be dropped.
+    Violations raise :class:`ProtocolError`, after which the session must be dropped.  A
+    piece (or refusal) of a request we cancelled is no violation: it crossed the ``cancel``
+    on the wire, so it is delivered as ``PieceArrived(late=True)`` (or dropped, if refused).
     """
 
     def __init__(self, blob_id: BlobId, size: int, piece_size: int, *,
@@ -169,6 +174,7 @@ class SwarmSession:
         self.peer_have = Bitfield(self.pieces)
         self.sent_hello = False
         self._requested: set[int] = set()
+        self._cancelled: set[int] = set()  # answers to these may still be on the wire
         self._layer_asked = False
 
     # --- outgoing --------------------------------------------------------------------------
@@ -191,6 +197,7 @@ class SwarmSession:
     def request(self, index: int) -> bytes:
         self._check_index(index)
         self._requested.add(index)
+        self._cancelled.discard(index)
         return _encoder.encode(Request(index))
 
     def piece(self, index: int, data: bytes) -> bytes:
@@ -200,7 +207,9 @@ class SwarmSession:
         return _encoder.encode(Reject(index, reason[:200]))
 
     def cancel(self, index: int) -> bytes:
-        self._requested.discard(index)
+        if index in self._requested:
+            self._requested.discard(index)
+            self._cancelled.add(index)
         return _encoder.encode(Cancel(index))
 
     def bye(self, reason: str) -> bytes:
@@ -208,7 +217,8 @@ class SwarmSession:
 
     # --- incoming --------------------------------------------------------------------------
 
-    def receive(self, raw: bytes) -> Event:
+    def receive(self, raw: bytes) -> Event | None:
+        """The event a received message means; None for a refusal that crossed a cancel."""
         msg = _decode(raw)
         if self.peer_hello is None and not isinstance(msg, Hello | Bye):
             raise ProtocolError(f"swarm peer sent {type(msg).__name__} before hello")
@@ -233,16 +243,22 @@ class SwarmSession:
                 return PieceWanted(index)
             case Piece(index=index, data=data):
                 self._check_index(index)
-                if index not in self._requested:
-                    raise ProtocolError(f"unsolicited piece {index}")
-                self._requested.discard(index)
                 if len(data) > self.max_piece_size:
                     raise ProtocolError(f"piece {index} is oversized")
-                return PieceArrived(index, data)
+                if index in self._requested:
+                    self._requested.discard(index)
+                    return PieceArrived(index, data)
+                if index in self._cancelled:
+                    self._cancelled.discard(index)
+                    return PieceArrived(index, data, late=True)
+                raise ProtocolError(f"unsolicited piece {index}")
             case Reject(index=index, reason=reason):
                 self._check_index(index)
-                self._requested.discard(index)
-                return PieceRefused(index, reason)
+                if index in self._requested:
+                    self._requested.discard(index)
+                    return PieceRefused(index, reason)
+                self._cancelled.discard(index)
+                return None
             case Cancel(index=index):
                 self._check_index(index)
                 return WantCancelled(index)

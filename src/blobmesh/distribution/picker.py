@@ -28,6 +28,9 @@ class PiecePicker(Generic[Peer]):
       flight: then *end game* allows a second request for the same piece from another peer,
       so the last pieces do not wait on one slow peer;
     * a banned peer (sent bad data) is never asked again.
+
+    The swarm keys it by connection, not node id: a request belongs to the connection it was
+    sent on, and :meth:`remove_peer` hands back exactly what that connection owed.
     """
 
     def __init__(self, have: Bitfield, *, endgame_copies: int = 2,

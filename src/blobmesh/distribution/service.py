@@ -46,6 +46,7 @@ from blobmesh.errors import (
     BlobmeshError,
     BlobNotFoundError,
     CollectionError,
+    CorruptBlobError,
     InvalidOpError,
     NotAuthorizedError,
     StoreError,
@@ -53,6 +54,7 @@ from blobmesh.errors import (
 )
 from blobmesh.hashing import BlobId
 from blobmesh.store import LeaseId
+from blobmesh.tasks import TaskOwner
 from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ OP_REQUEST = "dist/request"
 OP_STATUS = "dist/status"
 OP_CANCEL = "dist/cancel"
 NOTIFY_PROGRESS = b"dp"
+UNREACHABLE = "node unreachable"
 
 
 class DistributionTimeoutError(BlobmeshError, TimeoutError):
@@ -159,6 +162,7 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
     bytes_done: int
     rate: float
     peers: int = 0  # swarm peers the target is connected to (absent from older nodes)
+    reason: str = ""  # why it is in that state (absent from older nodes)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -195,6 +199,7 @@ class _Tracked:
     priority: Priority
     targets: dict[NodeId, TargetStatus] = field(default_factory=dict)
     cancelled: bool = False
+    gave_up: str = ""  # why no target can complete any more (final failure)
     finished: float | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     version: int = 0
@@ -215,7 +220,6 @@ class DistributionConfig:
     resolve_interval: float = 1.0  # how often scopes are re-resolved (late joiners)
     retry_backoff: float = 1.0
     retry_backoff_max: float = 15.0
-    failures_before_reported: int = 2
     unreachable_after: float = 10.0  # seconds of silence before a lost target is reported
     share_loader: ShareLoader | None = None
     planner: Planner | None = None  # turns a collection into a plan at the source
@@ -234,7 +238,7 @@ class DistributionService:
         self.config = config or DistributionConfig()
         self._tracked: dict[DistributionHandle, _Tracked] = {}
         self._jobs: dict[DistributionHandle, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("distribution")
         self._lease = LeaseId.new("distribution")
         space.on_notify(self._on_notify)
         self.authz = OpAuthorizer(self.config.distributors)
@@ -260,21 +264,17 @@ class DistributionService:
         for kind in (OP_STATUS, OP_CANCEL):
             for op in self.space.stored_ops(kind):
                 self._on_op(op)
-        self._spawn(self._watch())
-        self._spawn(self._reconcile())
+        self._tasks.spawn_restarting(self._watch, name="watch")
+        self._tasks.spawn_restarting(self._reconcile, name="reconcile")
 
-    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[object, object, None], name: str = "op") -> None:
+        if self._tasks.closing:
+            coro.close()
+        else:
+            self._tasks.spawn(coro, name=name)
 
     async def aclose(self) -> None:
-        tasks = [*self._tasks, *self._jobs.values()]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await self._tasks.aclose()  # the receive jobs too
         self._jobs.clear()
 
     # --- the API ---------------------------------------------------------------------------
@@ -298,6 +298,7 @@ class DistributionService:
         targets = self._resolve(scope)
         if not targets:
             raise ScopeError(self._empty_scope_message(scope), scope=str(scope))
+        await self._verify_source_copy(blob_id)
         info = await self.store.aio.info(blob_id)
         handle = DistributionHandle.new()
         await self.store.aio.pin(blob_id, f"dist/{handle}")
@@ -316,6 +317,25 @@ class DistributionService:
             tracked.targets.setdefault(node, TargetStatus(node))
         await self.space.publish(OP_REQUEST, _enc.encode(request))
         return handle
+
+    async def _verify_source_copy(self, blob_id: BlobId) -> None:
+        """Rehash the blob before anyone is sent it; a corrupt copy is quarantined."""
+        lease = self._lease
+
+        def verify() -> None:
+            with self.store.get_reader(blob_id, lease, verify=True) as reader:
+                while reader.read(4 << 20):
+                    pass
+
+        try:
+            await asyncio.to_thread(verify)
+        except CorruptBlobError as exc:
+            log.error("refusing to distribute %s: %s; quarantined", blob_id.short(), exc)
+            with contextlib.suppress(StoreError):
+                await asyncio.to_thread(self.store.quarantine, blob_id)
+            raise CorruptBlobError(f"blob {blob_id} is corrupt in this node's store "
+                                   f"(quarantined; add it again): {exc}",
+                                   blob_id=blob_id) from exc
 
     async def status(self, handle: DistributionHandle) -> DistributionStatus:
         return self._snapshot(self._get(handle))
@@ -436,7 +456,7 @@ class DistributionService:
             current = tracked.targets.get(sender)
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
-            self._set_target(tracked, sender, state, note.bytes_done, note.rate, "",
+            self._set_target(tracked, sender, state, note.bytes_done, note.rate, note.reason,
                              note.peers)
 
     def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
@@ -444,7 +464,7 @@ class DistributionService:
         old = tracked.targets.get(node, TargetStatus(node))
         if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
             return  # completed is final: nothing rolls it back
-        if tracked.cancelled and not state.final:
+        if (tracked.cancelled or tracked.gave_up) and not state.final:
             return
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
                                         reason=reason, peers=peers, updated=time.time())
@@ -534,11 +554,23 @@ class DistributionService:
         silent_since = time.time() - self.config.unreachable_after
         for node, t in list(tracked.targets.items()):
             # failure detection can flap on a saturated link: only a target that is both
-            # missing from the space and silent for a while is reported unreachable
-            if not t.state.final and node not in alive and t.updated < silent_since:
-                tracked.targets[node] = replace(t, state=TargetState.FAILED, rate=0.0,
-                                                reason="node unreachable", updated=time.time())
+            # missing from the space and silent for a while is reported unreachable; it is
+            # stalled, not failed: it resumes from its verified pieces when it returns
+            if not t.state.final and node not in alive and t.updated < silent_since and \
+                    t.reason != UNREACHABLE:
+                tracked.targets[node] = replace(t, state=TargetState.STALLED, rate=0.0,
+                                                reason=UNREACHABLE, updated=time.time())
                 changed = True
+        corrupt = self.swarm.corrupt.get(tracked.blob_id)
+        if corrupt and not tracked.gave_up and not self.store.has(tracked.blob_id) and \
+                not any(t.state is TargetState.COMPLETED for t in tracked.targets.values()):
+            # our copy rotted and nobody else holds the blob: nothing can finish any more
+            tracked.gave_up = f"the source's copy is corrupt (quarantined): {corrupt}"
+            for node, t in list(tracked.targets.items()):
+                if not t.state.final:
+                    tracked.targets[node] = replace(t, state=TargetState.FAILED, rate=0.0,
+                                                    reason=tracked.gave_up, updated=time.time())
+            changed = True
         if changed:
             self._bump(tracked)
 
@@ -549,7 +581,8 @@ class DistributionService:
         return scope.matches(me.node_id, tuple(me.groups), me.capabilities)
 
     def _start_jobs(self) -> None:
-        loop = asyncio.get_running_loop()
+        if self._tasks.closing:
+            return
         for handle, tracked in self._tracked.items():
             if tracked.cancelled or handle in self._jobs:
                 continue
@@ -557,7 +590,8 @@ class DistributionService:
                 continue
             if not self._me_in_scope(tracked.scope):
                 continue
-            self._jobs[handle] = loop.create_task(self._receive(tracked))
+            self._jobs[handle] = self._tasks.spawn(self._receive(tracked),
+                                                   name=f"receive-{handle}")
 
     async def _receive(self, tracked: _Tracked) -> None:
         """This node is a target: get the blob, reporting progress, retrying while active."""
@@ -574,17 +608,23 @@ class DistributionService:
             others = [n for n in self._resolve(tracked.scope) if n != source]
             return [source, *others]
 
+        last_state = (TargetState.TRANSFERRING, "")
+        bytes_done = 0
+
         def progress(p: JobProgress) -> None:
-            nonlocal last_note
+            nonlocal last_note, last_state, bytes_done
             now = time.monotonic()
-            if now - last_note >= every or \
-                    p.bytes_done == p.bytes_total:
-                last_note = now
-                self._note(source, handle, TargetState.TRANSFERRING, p.bytes_done, p.rate,
-                           p.peers)
+            bytes_done = p.bytes_done
+            if (p.state, p.reason) != last_state:
+                # a state change is also a status op: it carries the reason to every node
+                last_state = (p.state, p.reason)
+                self._spawn(self._report(handle, p.state, p.bytes_done, p.reason))
+            elif now - last_note < every and p.bytes_done != p.bytes_total:
+                return
+            last_note = now
+            self._note(source, handle, p.state, p.bytes_done, p.rate, p.peers, p.reason)
 
         await self._report(handle, TargetState.TRANSFERRING, 0)
-        failures = 0
         backoff = self.config.retry_backoff
         while True:
             try:
@@ -594,9 +634,10 @@ class DistributionService:
                 await self._report(handle, TargetState.FAILED, 0, str(exc))
                 return
             except (TransferError, StoreError) as exc:
-                failures += 1
-                if failures >= self.config.failures_before_reported:
-                    await self._report(handle, TargetState.FAILED, 0, str(exc))
+                # not final: a distribution is a desired state, this target keeps trying
+                last_state = (TargetState.RETRYING, str(exc))
+                await self._report(handle, TargetState.RETRYING, bytes_done,
+                                   f"{exc}; retrying in {backoff:g}s")
                 if r.share_urls and self.config.share_loader is not None:
                     # no peer could provide it: fall back on the distribution's shares
                     try:
@@ -623,9 +664,9 @@ class DistributionService:
                                   tracked.priority, progress, pin=pin)
 
     def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
-              bytes_done: int, rate: float, peers: int) -> None:
+              bytes_done: int, rate: float, peers: int, reason: str = "") -> None:
         data = NOTIFY_PROGRESS + _enc.encode(ProgressNote(str(handle), str(state), bytes_done,
-                                                          rate, peers))
+                                                          rate, peers, reason))
 
         async def send() -> None:
             with contextlib.suppress(BlobmeshError, OSError):

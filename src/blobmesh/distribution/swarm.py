@@ -3,26 +3,33 @@
 One :class:`SwarmEngine` per node.  It answers every incoming ``blobmesh-swarm/1`` stream for
 a blob it holds (complete or partial) and runs :class:`DownloadJob` s, each of which talks to
 several peers, picks pieces rarest first with a pipeline per peer, verifies every piece before
-it is stored, and bans a peer that sends bad data.  Uploads from all peers share one priority
-queue, and downloads pass a priority gate, so higher-priority work gets bandwidth first.
+it is stored, and bans a peer that sends bad data or leaves its requests unanswered.  Uploads
+from all peers share one priority queue, and downloads pass a priority gate, so
+higher-priority work gets bandwidth first; every connection has its own send queue, so a peer
+that does not read holds up nobody else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import enum
 import heapq
 import itertools
 import logging
+import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 
-from blobmesh.distribution.model import Priority
+from blobmesh.distribution.model import Priority, TargetState
 from blobmesh.distribution.peerwire import (
     PROTOCOL,
     REJECT_ELSEWHERE,
+    Event,
     LayerArrived,
     LayerWanted,
     PeerHas,
@@ -37,6 +44,7 @@ from blobmesh.distribution.peerwire import (
 )
 from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.ratelimit import TokenBucket
+from blobmesh.distribution.requests import RequestLedger
 from blobmesh.errors import (
     BadPeerDataError,
     BlobmeshError,
@@ -44,6 +52,7 @@ from blobmesh.errors import (
     CorruptBlobError,
     ProtocolError,
     StoreError,
+    StoreFullError,
     TransferError,
     TransportError,
     VerificationError,
@@ -51,12 +60,30 @@ from blobmesh.errors import (
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PartialBlob, PieceReader, Store
 from blobmesh.store.piece_index import PieceIndex, fill_from_index
+from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
+OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
+UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
+MAX_OUTBOX = 8192  # messages queued per connection before it counts as not reading
+HELLO_TIMEOUT = 10.0
+NOT_READING = "peer does not read"
+LAYER = -1  # the piece layer's slot in the request ledger
+LAYER_ASKS = 3  # peers asked for the piece layer at once
+DISK_HEADROOM = 1 << 20  # free bytes kept for metadata when pieces fill a disk
+
+
+class BanKind(enum.StrEnum):
+    """Why a peer was banned for a blob (the label of the ban metric)."""
+
+    BAD_DATA = "bad-data"  # a piece or piece layer that failed verification
+    UNRESPONSIVE = "unresponsive"  # let its requests expire again and again
+    NOT_READING = "not-reading"  # read nothing we sent for ``send_timeout``
 
 
 @dataclass(slots=True)
@@ -65,13 +92,17 @@ class SwarmConfig:
 
     pipeline: int = 16  # requests in flight per peer
     max_peers_per_blob: int = 8
-    upload_workers: int = 4
+    upload_workers: int = 4  # disk reads in parallel; sends are per connection
     upload_rate: float = 0.0
     download_rate: float = 0.0
     max_connections: int = 64  # swarm connections over all blobs, in and out
     peer_retry: float = 1.0  # seconds before dialing a peer that failed again
     stall_timeout: float = 30.0
     flush_interval: float = 1.0  # make received pieces durable (and resumable) this often
+    request_timeout: float = 6.0  # a connection answering none of its requests this long
+    request_strikes: int = 3  # ... this many times in a row is banned for the blob
+    send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
+    disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
 
 
 @dataclass(slots=True)
@@ -84,6 +115,8 @@ class JobProgress:
     pieces_total: int
     peers: int
     rate: float
+    state: TargetState = TargetState.TRANSFERRING
+    reason: str = ""
 
 
 PeerSource = Callable[[], Iterable[NodeId]]
@@ -91,7 +124,14 @@ ProgressCallback = Callable[[JobProgress], None]
 
 
 class _Conn:
-    """One stream with one peer about one blob."""
+    """One stream with one peer about one blob.
+
+    Everything we send goes through a bounded outbox drained by the connection's own writer
+    task, so a peer that does not read blocks nobody but itself.  A downloading peer
+    acknowledges each piece we send with its ``have`` (or withdraws it with ``cancel``); at
+    most ``UNACKED_BYTES`` of pieces go unacknowledged, and a peer that leaves a send or a
+    piece unacknowledged for ``send_timeout`` does not read: it is dropped.
+    """
 
     def __init__(self, stream: Stream, session: SwarmSession, outbound: bool) -> None:
         self.stream = stream
@@ -99,16 +139,83 @@ class _Conn:
         self.outbound = outbound
         self.peer = stream.peer
         self.job: DownloadJob | None = None
-        self._send_lock = asyncio.Lock()
         self.closed = False
+        self.close_reason = ""
+        self._outbox: deque[tuple[bytes, int]] = deque()  # (message, piece index or -1)
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.pieces_queued = 0  # reserved or queued piece uploads
+        self.parked: list[_Upload] = []  # uploads waiting for room in the outbox
+        self.unacked: dict[int, float] = {}  # pieces sent, not yet announced: index -> when
+        self.last_ack = time.monotonic()  # (or when the connection began)
+        self.max_unacked = max(OUTBOX_PIECES, UNACKED_BYTES // session.piece_size)
 
-    async def send(self, message: bytes) -> None:
-        async with self._send_lock:
-            await self.stream.send(message)
+    def upload_room(self) -> bool:
+        """Whether another piece may be queued for this peer now."""
+        return self.pieces_queued < OUTBOX_PIECES and \
+            self.pieces_queued + len(self.unacked) < self.max_unacked
+
+    def acked(self, index: int) -> bool:
+        """The peer announced (or withdrew) ``index``; True if that freed upload room."""
+        if self.unacked.pop(index, None) is None:
+            return False
+        self.last_ack = time.monotonic()
+        return True
+
+    def push(self, message: bytes, piece: int = -1) -> None:
+        """Queue a message; never waits.  A peer that lets the queue overflow is dropped."""
+        if self.closed:
+            return
+        if len(self._outbox) >= MAX_OUTBOX:
+            self.close(f"{NOT_READING}: send queue full")
+            return
+        self._outbox.append((message, piece))
+        self._drained.clear()
+        self._ready.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until everything queued was handed to the stream."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
+
+    async def run_writer(self, send_timeout: float,
+                         on_piece_sent: Callable[[_Conn, int, int], None]) -> None:
+        """Send the outbox in order until the connection closes."""
+        while not self.closed:
+            if not self._outbox:
+                self._drained.set()
+                self._ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(send_timeout / 4):
+                        await self._ready.wait()
+                if self.unacked and \
+                        time.monotonic() - min(self.unacked.values()) > send_timeout:
+                    self.close(f"{NOT_READING}: no piece acknowledged for {send_timeout:g}s")
+                    return
+                continue
+            message, piece = self._outbox.popleft()
+            try:
+                async with asyncio.timeout(send_timeout):
+                    await self.stream.send(message)
+            except TimeoutError:
+                self.close(f"{NOT_READING}: nothing read for {send_timeout:g}s")
+                return
+            except TransportError as exc:
+                self.close(str(exc))
+                return
+            if piece >= 0:
+                on_piece_sent(self, piece, len(message))
+        self._drained.set()
 
     def close(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
+            self.close_reason = reason
+            self._outbox.clear()
+            self._ready.set()
+            self._drained.set()
             self.stream.reset(reason)
 
 
@@ -168,14 +275,18 @@ class SwarmEngine:
         self._seq = itertools.count()
         self._up_bucket = TokenBucket(self.config.upload_rate)
         self.down_bucket = TokenBucket(self.config.download_rate)
-        self._workers: list[asyncio.Task[None]] = []
-        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("swarm")
         self.bytes_uploaded = 0
         self.bytes_downloaded = 0
         self.bytes_reused = 0  # piece bytes copied from other local blobs, not fetched
         self.pieces_rejected = 0
         self.connections_refused = 0
+        self.requests_expired = 0  # requests re-issued elsewhere after their deadline
+        self.protocol_errors = 0  # connections ended because a peer broke the protocol
         self.banned: dict[BlobId, set[NodeId]] = {}
+        self.ban_reasons: dict[BlobId, dict[NodeId, str]] = {}
+        self.bans: collections.Counter[BanKind] = collections.Counter()
+        self.corrupt: dict[BlobId, str] = {}  # local copies found corrupt (and quarantined)
         self._serving: dict[BlobId, set[_Conn]] = {}
         self._sent_count: dict[BlobId, dict[int, int]] = {}
         self._redirected: dict[BlobId, dict[tuple[NodeId, int], int]] = {}
@@ -184,31 +295,38 @@ class SwarmEngine:
         network.set_handler(PROTOCOL, self._on_stream)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._workers = [loop.create_task(self._upload_worker())
-                         for _ in range(self.config.upload_workers)]
+        for i in range(self.config.upload_workers):
+            self._tasks.spawn_restarting(self._upload_worker, name=f"upload-{i}")
 
     async def aclose(self) -> None:
-        tasks = [*self._workers, *self._conn_tasks]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
-        self._workers.clear()
+        await self._tasks.aclose()
         with self._readers_lock:
             readers, self._readers = list(self._readers.values()), {}
         for reader in readers:
             reader.close()
 
-    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._conn_tasks.add(task)
-        task.add_done_callback(self._conn_tasks.discard)
+    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = self._tasks.spawn(coro, name=name)
+        return task
 
     def set_priority(self, blob_id: BlobId, priority: Priority) -> None:
         """Serve requests for ``blob_id`` at ``priority`` (e.g. as a distribution's source)."""
         self._priorities[blob_id] = priority
+
+    def ban(self, blob_id: BlobId, peer: NodeId, kind: BanKind, why: str) -> None:
+        """Refuse ``peer`` for ``blob_id`` from now on."""
+        if peer in self.banned.get(blob_id, ()):
+            return
+        self.banned.setdefault(blob_id, set()).add(peer)
+        self.ban_reasons.setdefault(blob_id, {})[peer] = why
+        self.bans[kind] += 1
+        log.warning("swarm %s: banning %s: %s", blob_id.short(), peer.short(), why)
+        for conn in list(self._serving.get(blob_id, ())):
+            if conn.peer == peer:
+                conn.close(f"banned: {why}")
+
+    def is_banned(self, blob_id: BlobId, peer: NodeId) -> bool:
+        return peer in self.banned.get(blob_id, ())
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -229,11 +347,16 @@ class SwarmEngine:
             stream.reset("not a member of this space")
             return
         try:
-            first = await stream.recv()
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await stream.recv()
             msg = peek_hello(first)
             blob_id = BlobId(msg.blob)
-        except (TransportError, ProtocolError, BlobmeshError) as exc:
-            stream.reset(f"bad hello: {exc}")
+        except (TransportError, ProtocolError, BlobmeshError, TimeoutError) as exc:
+            stream.reset(f"bad hello: {exc or 'timeout'}")
+            return
+        if self.is_banned(blob_id, stream.peer):
+            self.connections_refused += 1
+            stream.reset("banned: " + self.ban_reasons.get(blob_id, {}).get(stream.peer, ""))
             return
         job = self._jobs.get(blob_id)
         layer = self.layer_for(blob_id)
@@ -255,37 +378,44 @@ class SwarmEngine:
         try:
             event = session.receive(first)
             have = job.have_bitfield() if job else self.store.bitfield(blob_id)
-            await conn.send(session.hello(have, layer is not None, int(self._prio(blob_id))))
-        except (ProtocolError, TransportError, StoreError) as exc:
-            stream.reset(str(exc))
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                await stream.send(session.hello(have, layer is not None,
+                                                int(self._prio(blob_id))))
+        except (ProtocolError, TransportError, StoreError, TimeoutError) as exc:
+            stream.reset(str(exc) or "hello timed out")
             self._serving.get(blob_id, set()).discard(conn)
             return
         assert isinstance(event, PeerHello)
-        if job is not None:
-            job.attach(conn, event)
-        await self._serve(conn, blob_id)
+        await self._serve(conn, blob_id, event)
 
     def _prio(self, blob_id: BlobId) -> Priority:
         job = self._jobs.get(blob_id)
         return job.priority if job else self._priorities.get(blob_id, Priority.NORMAL)
 
-    async def _serve(self, conn: _Conn, blob_id: BlobId) -> None:
-        """Read a connection until it ends, dispatching events to uploads and the job.
+    async def _serve(self, conn: _Conn, blob_id: BlobId, hello: PeerHello) -> None:
+        """Run a connection until it ends: its writer, and its reader dispatching events to
+        uploads and the download job.
 
         A connection outlives the download job that opened it: once we hold the blob we keep
         serving the peer until it holds it too.
         """
         pending: dict[int, _Upload] = {}
         self._serving.setdefault(blob_id, set()).add(conn)
+        writer = self._spawn(conn.run_writer(self.config.send_timeout, self._piece_sent),
+                             name=f"send-{conn.peer.short()}")
+        job = self._jobs.get(blob_id)
+        if job is not None:
+            job.attach(conn, hello)
         try:
-            while True:
+            while not conn.closed:
                 raw = await conn.stream.recv()
                 event = conn.session.receive(raw)
                 job = conn.job
+                if isinstance(event, PeerHas) and conn.acked(event.index):
+                    self._unpark(conn)  # and on to the job, below
                 if isinstance(event, PieceWanted):
                     if self._redirect_now(conn, blob_id, event.index):
-                        await conn.send(conn.session.reject(event.index,
-                                                            REJECT_ELSEWHERE))
+                        conn.push(conn.session.reject(event.index, REJECT_ELSEWHERE))
                         continue
                     sent = self._sent_count.get(blob_id, {}).get(event.index, 0)
                     up = _Upload((-int(self._prio(blob_id)), sent, next(self._seq)), conn,
@@ -296,22 +426,33 @@ class SwarmEngine:
                 elif isinstance(event, WantCancelled):
                     if event.index in pending:
                         pending.pop(event.index).cancelled = True
+                    if conn.acked(event.index):
+                        self._unpark(conn)
                 elif isinstance(event, LayerWanted):
                     layer = self.layer_for(blob_id)
                     if layer is not None:
-                        await conn.send(conn.session.layer(layer.to_bytes()))
+                        conn.push(conn.session.layer(layer.to_bytes()))
                 elif isinstance(event, PeerLeft):
                     return
                 elif job is not None:
-                    await job.on_event(conn, event)
+                    if event is not None:
+                        await job.on_event(conn, event)
                 elif conn.session.peer_complete and self.store.has(blob_id):
-                    await conn.send(conn.session.bye("both complete"))
+                    conn.push(conn.session.bye("both complete"))
+                    await conn.drain(1.0)
                     return
         except (TransportError, ProtocolError) as exc:
-            log.debug("swarm %s: connection to %s ended: %s", blob_id.short(), conn.peer.short(),
-                      exc)
+            if isinstance(exc, ProtocolError):
+                self.protocol_errors += 1
+                log.info("swarm %s: %s broke the protocol: %s", blob_id.short(),
+                         conn.peer.short(), exc)
+            else:
+                log.debug("swarm %s: connection to %s ended: %s", blob_id.short(),
+                          conn.peer.short(), exc)
             conn.close(str(exc))
         finally:
+            if conn.close_reason.startswith(NOT_READING):
+                self.ban(blob_id, conn.peer, BanKind.NOT_READING, conn.close_reason)
             serving = self._serving.get(blob_id, set())
             serving.discard(conn)
             if not serving:
@@ -319,8 +460,11 @@ class SwarmEngine:
             for up in pending.values():
                 up.cancelled = True
             if conn.job is not None:
-                conn.job.detach(conn, "stream ended")
+                conn.job.detach(conn, conn.close_reason or "stream ended")
             conn.close("stream ended")
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     def _forget_blob(self, blob_id: BlobId) -> None:
         """Drop the per-piece seed state of a blob nobody is connected about any more."""
@@ -330,6 +474,9 @@ class SwarmEngine:
         self._redirected.pop(blob_id, None)
         if blob_id not in self._jobs:
             self._layers.pop(blob_id, None)
+        self._close_reader(blob_id)
+
+    def _close_reader(self, blob_id: BlobId) -> None:
         with self._readers_lock:
             reader = self._readers.pop(blob_id, None)
         if reader is not None:
@@ -357,7 +504,8 @@ class SwarmEngine:
         key = (conn.peer, index)
         if counts.get(key, 0) >= MAX_REDIRECTS:
             return False
-        holders = any(index in other.session.peer_have
+        # a peer we sent it to and that has not announced it yet holds it all but
+        holders = any(index in other.session.peer_have or index in other.unacked
                       for other in self._serving.get(blob_id, ()) if other is not conn)
         if holders:
             counts[key] = counts.get(key, 0) + 1
@@ -368,13 +516,16 @@ class SwarmEngine:
 
         The first requester of a piece claims it; while that claim is live, other
         requesters are told to get it elsewhere (the claimant will announce it), at most
-        ``MAX_REDIRECTS`` times per requester and piece so nobody starves.
+        ``MAX_REDIRECTS`` times per requester and piece so nobody starves.  A claimant that
+        has acknowledged nothing for ``CLAIM_TTL`` (a peer that does not read, say, having
+        asked for every piece) holds no claim.
         """
         if conn.job is not None:
             return False
         claims = self._claimed.setdefault(blob_id, {})
         owner = claims.get(index)
-        if owner is None or owner.closed or owner is conn:
+        if owner is None or owner.closed or owner is conn or \
+                time.monotonic() - owner.last_ack > CLAIM_TTL:
             claims[index] = conn
             return False
         counts = self._redirected.setdefault(blob_id, {})
@@ -386,14 +537,20 @@ class SwarmEngine:
         return True
 
     async def _upload_worker(self) -> None:
+        """Pick the most urgent upload, read and verify it, queue it on its connection.
+
+        Never waits on a peer: an upload whose connection already has ``OUTBOX_PIECES``
+        queued is parked on that connection until its writer catches up.
+        """
         while True:
             while not self._uploads:
                 self._upload_ready.clear()
                 await self._upload_ready.wait()
             up = heapq.heappop(self._uploads)
-            if up.cancelled or up.conn.closed:
+            conn = up.conn
+            if up.cancelled or conn.closed:
                 claims = self._claimed.get(up.blob_id, {})
-                if claims.get(up.index) is up.conn and \
+                if claims.get(up.index) is conn and \
                         not self._sent_count.get(up.blob_id, {}).get(up.index):
                     del claims[up.index]  # never sent: let the next requester have it
                 continue
@@ -403,25 +560,43 @@ class SwarmEngine:
                 up.sort_key = (up.sort_key[0], sent, up.sort_key[2])
                 heapq.heappush(self._uploads, up)
                 continue
-            if self._redirect(up.conn, up.blob_id, up.index):
-                with contextlib.suppress(TransportError):
-                    await up.conn.send(up.conn.session.reject(up.index, REJECT_ELSEWHERE))
+            if self._redirect(conn, up.blob_id, up.index):
+                conn.push(conn.session.reject(up.index, REJECT_ELSEWHERE))
                 continue
+            if not conn.upload_room():
+                conn.parked.append(up)
+                continue
+            conn.pieces_queued += 1  # reserved across the awaits below
             try:
                 data = await asyncio.to_thread(self._read_piece, up.blob_id, up.index)
-            except (StoreError, CorruptBlobError) as exc:
-                with contextlib.suppress(TransportError):
-                    await up.conn.send(up.conn.session.reject(up.index, str(exc)))
+            except (StoreError, CorruptBlobError, OSError) as exc:
+                # OSError: the file was closed under the read (the blob was dropped or its
+                # download finished): the peer asks again elsewhere or here
+                conn.pieces_queued -= 1
+                conn.push(conn.session.reject(up.index, str(exc)))
+                if isinstance(exc, CorruptBlobError):
+                    await self._on_corrupt(up.blob_id, exc)
                 continue
             await self._up_bucket.take(len(data))
-            try:
-                await up.conn.send(up.conn.session.piece(up.index, data))
-            except TransportError:
-                up.conn.closed = True
-                continue
-            self.bytes_uploaded += len(data)
-            counts = self._sent_count.setdefault(up.blob_id, {})
-            counts[up.index] = counts.get(up.index, 0) + 1
+            conn.push(conn.session.piece(up.index, data), up.index)
+
+    def _piece_sent(self, conn: _Conn, index: int, nbytes: int) -> None:
+        """A connection's writer handed a piece to the transport: account, unpark."""
+        blob_id = conn.session.blob_id
+        conn.pieces_queued -= 1
+        if index not in conn.session.peer_have:
+            conn.unacked[index] = time.monotonic()
+        self.bytes_uploaded += nbytes
+        counts = self._sent_count.setdefault(blob_id, {})
+        counts[index] = counts.get(index, 0) + 1
+        self._unpark(conn)
+
+    def _unpark(self, conn: _Conn) -> None:
+        if conn.parked:
+            for up in conn.parked:
+                heapq.heappush(self._uploads, up)
+            conn.parked.clear()
+            self._upload_ready.set()
 
     def _read_piece(self, blob_id: BlobId, index: int) -> bytes:
         """Read a piece to upload (in a worker thread), verified: never pass on data that
@@ -444,6 +619,18 @@ class SwarmEngine:
                                    blob_id=blob_id, piece=index)
         return data
 
+    async def _on_corrupt(self, blob_id: BlobId, exc: CorruptBlobError) -> None:
+        """Our complete copy rotted: report it once and quarantine it (nobody is sent it)."""
+        if blob_id in self.corrupt or blob_id in self._jobs:
+            return  # a partial copy is repaired by its own download job
+        self.corrupt[blob_id] = str(exc)
+        log.error("swarm %s: the local copy is corrupt (%s); quarantining it", blob_id.short(),
+                  exc)
+        self._close_reader(blob_id)
+        self._layers.pop(blob_id, None)
+        with contextlib.suppress(StoreError):
+            await asyncio.to_thread(self.store.quarantine, blob_id)
+
     # --- downloading -----------------------------------------------------------------------
 
     async def download(self, blob_id: BlobId, size: int, piece_size: int, peers: PeerSource,
@@ -458,9 +645,7 @@ class SwarmEngine:
         at every await.  Concurrent calls for one blob share one job.
         """
         if pin is not None and self.store.has(blob_id):
-            self.store.pin(blob_id, pin)
-        if self.store.has(blob_id):
-            return
+            await asyncio.to_thread(self.store.pin, blob_id, pin)
         job = self._jobs.get(blob_id)
         if job is not None:
             await job.done.wait()
@@ -477,7 +662,12 @@ class SwarmEngine:
 
 
 class DownloadJob:
-    """Downloads one blob from several peers at once."""
+    """Downloads one blob from several peers at once.
+
+    Requests belong to connections: the picker and the request ledger are keyed by
+    :class:`_Conn`, so when a connection closes (say, the loser of a duplicate-connection
+    tie-break) exactly its requests, the piece layer's included, are asked again at once.
+    """
 
     def __init__(self, engine: SwarmEngine, blob_id: BlobId, size: int, piece_size: int,
                  peers: PeerSource, priority: Priority, progress: ProgressCallback | None,
@@ -487,18 +677,20 @@ class DownloadJob:
         self.size = size
         self.piece_size = piece_size
         self.priority = priority
+        cfg = engine.config
         self._peer_source = peers
         self._progress = progress
-        self._conns: dict[NodeId, _Conn] = {}
+        self._conns: dict[NodeId, _Conn] = {}  # the one connection kept per peer
+        self._hellos: dict[_Conn, PeerHello] = {}
         self._dialing: set[NodeId] = set()
         self._last_dial: dict[NodeId, float] = {}
         self._partial: PartialBlob | None = None
         self._layer: PieceLayer | None = None
-        self._picker: PiecePicker[NodeId] | None = None
+        self._picker: PiecePicker[_Conn] | None = None
+        self._ledger = RequestLedger[_Conn](cfg.request_timeout, cfg.request_strikes)
         self._wake = asyncio.Event()
         self.done = asyncio.Event()
         self.error: BaseException | None = None
-        self.banned: set[NodeId] = set()
         self.bytes_done = 0
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
@@ -506,9 +698,13 @@ class DownloadJob:
         self._last_flush = time.monotonic()
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
-        self._hellos: dict[NodeId, PeerHello] = {}
         self._pending_layer: PieceLayer | None = None
-        self._layer_asked_from: NodeId | None = None
+        self._layer_conns: set[_Conn] = set()  # the connections asked for the piece layer
+        self._layer_expired: set[_Conn] = set()  # ... and those that let it expire
+        self._disk_full = False
+        self.state = TargetState.TRANSFERRING
+        self.reason = ""
+        self._ban_note = ""
         self.last_ban: BadPeerDataError | None = None
 
     # --- state visible to the engine -------------------------------------------------------
@@ -516,6 +712,10 @@ class DownloadJob:
     @property
     def partial(self) -> PartialBlob | None:
         return self._partial
+
+    @property
+    def banned(self) -> set[NodeId]:
+        return self.engine.banned.get(self.blob_id, set())
 
     def have_bitfield(self) -> Bitfield:
         if self._picker is not None:
@@ -525,7 +725,7 @@ class DownloadJob:
 
     def attach(self, conn: _Conn, hello: PeerHello) -> None:
         if conn.peer in self.banned:
-            conn.close("banned for bad data")
+            conn.close("banned")
             return
         old = self._conns.get(conn.peer)
         if old is not None and old is not conn:
@@ -540,9 +740,9 @@ class DownloadJob:
             self._forget(old)
         self._conns[conn.peer] = conn
         conn.job = self
-        self._hellos[conn.peer] = hello
+        self._hellos[conn] = hello
         if self._picker is not None:
-            self._picker.add_peer(conn.peer, hello.have)
+            self._picker.add_peer(conn, conn.session.peer_have)
         self._wake.set()
 
     def detach(self, conn: _Conn, reason: str) -> None:
@@ -552,26 +752,33 @@ class DownloadJob:
         self._wake.set()
 
     def _forget(self, conn: _Conn) -> None:
+        """Drop a connection; whatever it owed us (pieces, the layer) is asked elsewhere."""
         conn.job = None
-        self._conns.pop(conn.peer, None)
-        self._hellos.pop(conn.peer, None)
+        if self._conns.get(conn.peer) is conn:
+            del self._conns[conn.peer]
+        self._hellos.pop(conn, None)
+        self._layer_expired.discard(conn)
+        self._ledger.dropped(conn)
         if self._picker is not None:
-            self._picker.remove_peer(conn.peer)
+            self._picker.remove_peer(conn)
+        self._layer_conns.discard(conn)
+        self._wake.set()
 
-    async def on_event(self, conn: _Conn, event: object) -> None:
+    async def on_event(self, conn: _Conn, event: Event) -> None:
         if self._conns.get(conn.peer) is not conn:
             return
         if isinstance(event, LayerArrived):
             self._on_layer(conn, event.raw)
         elif isinstance(event, PeerHas):
             if self._picker is not None:
-                self._picker.peer_has(conn.peer, event.index)
+                self._picker.peer_has(conn, event.index)
             self._wake.set()
         elif isinstance(event, PieceRefused):
+            self._ledger.answered(conn, event.index, time.monotonic())
             if self._picker is not None:
-                self._picker.failed(conn.peer, event.index)
+                self._picker.failed(conn, event.index)
                 if event.reason == REJECT_ELSEWHERE:
-                    self._picker.defer(conn.peer, event.index)
+                    self._picker.defer(conn, event.index)
             self._wake.set()
         elif isinstance(event, PieceArrived):
             await self._on_piece(conn, event.index, event.data)
@@ -583,13 +790,15 @@ class DownloadJob:
         try:
             await self.engine.gate.enter(self, self.priority)
             if store.has(self.blob_id):
+                await self._check_local_copy()
+            if store.has(self.blob_id):
                 return
             try:
                 layer = await asyncio.to_thread(store.piece_layer, self.blob_id)
             except BlobNotFoundError:
                 layer = None
             if layer is not None:
-                await self._start_with_layer(layer)
+                self._pending_layer = layer
             await self._loop()
         except BaseException as exc:
             self.error = exc
@@ -599,26 +808,51 @@ class DownloadJob:
             await self.engine.gate.leave(self)
             self.done.set()
 
-    async def _start_with_layer(self, layer: PieceLayer) -> None:
-        self._layer = layer
+    async def _check_local_copy(self) -> None:
+        """A copy that is already here counts only once it verifies; a rotten one goes."""
         store = self.engine.store
-        self._partial = await asyncio.to_thread(store.begin_partial, layer, self._lease)
+
+        def verify() -> None:
+            with store.get_reader(self.blob_id, self._lease, verify=True) as reader:
+                while reader.read(4 << 20):
+                    pass
+
+        try:
+            await asyncio.to_thread(verify)
+        except CorruptBlobError as exc:
+            log.error("swarm %s: the local copy is corrupt (%s); quarantined, downloading it "
+                      "again", self.blob_id.short(), exc)
+            self.engine.corrupt[self.blob_id] = str(exc)
+            with contextlib.suppress(StoreError):
+                await asyncio.to_thread(store.quarantine, self.blob_id)
+            if self._pin is not None:
+                with contextlib.suppress(StoreError):
+                    await asyncio.to_thread(store.unpin, self._pin)
+
+    async def _start_with_layer(self, layer: PieceLayer) -> None:
+        store = self.engine.store
+        partial = await asyncio.to_thread(store.begin_partial, layer, self._lease)
+        self._layer, self._partial = layer, partial
+        for conn in self._layer_conns:  # the other answers are no longer owed
+            self._ledger.withdrawn(conn, LAYER)
+        self._layer_conns.clear()
         if self.engine.piece_index is not None:
             # pieces identical to pieces of blobs already here are copied, not fetched
-            reused = await asyncio.to_thread(fill_from_index, self.engine.piece_index,
-                                             self._partial)
+            reused = await asyncio.to_thread(fill_from_index, self.engine.piece_index, partial)
             self.engine.bytes_reused += reused.bytes
         if self._pin is not None:
             await asyncio.to_thread(store.pin, self.blob_id, self._pin)
-        have = self._partial.have
-        self._picker = PiecePicker[NodeId](have)
+        have = partial.have
+        self._picker = PiecePicker[_Conn](have)
         self.bytes_done = sum(layer.piece_range(i)[1] for i in have)
-        for peer, hello in self._hellos.items():
-            self._picker.add_peer(peer, hello.have)
+        for conn in self._conns.values():
+            self._picker.add_peer(conn, conn.session.peer_have)
         self._report()
 
     def _on_layer(self, conn: _Conn, raw: bytes) -> None:
-        if self._layer is not None:
+        self._ledger.answered(conn, LAYER, time.monotonic())
+        self._layer_conns.discard(conn)
+        if self._layer is not None or self._pending_layer is not None:
             return
         try:
             layer = PieceLayer.from_bytes(self.blob_id, self.size, self.piece_size, raw)
@@ -629,98 +863,202 @@ class DownloadJob:
         self._wake.set()
 
     async def _loop(self) -> None:
+        cfg = self.engine.config
         while True:
-            if self._pending_layer is not None and self._layer is None:
-                await self._start_with_layer(self._pending_layer)
-            if self._picker is not None and self._picker.complete:
-                await self._finish()
-                return
+            now = time.monotonic()
+            try:
+                if self._pending_layer is not None and self._layer is None:
+                    await self._start_with_layer(self._pending_layer)
+                if self._picker is not None and self._picker.complete:
+                    await self._finish()
+                    return
+                if self._partial is not None and now - self._last_flush > cfg.flush_interval:
+                    # bound what a crash can lose to about one interval of verified pieces
+                    self._last_flush = now
+                    await asyncio.to_thread(self._partial.flush)
+            except StoreFullError:
+                self._enter_disk_full()
             self._dial_more()
-            if self._layer is None:
-                await self._ask_layer()
+            self._expire_requests(now)
+            if self._disk_full:
+                await self._wait_for_disk()
+            elif self._layer is None:
+                self._ask_layer()
             else:
                 if self.engine.gate.blocked(self.priority):
+                    self._set_state(TargetState.QUEUED,
+                                    "waiting for a higher-priority distribution")
                     await self.engine.gate.wait_turn(self.priority)
-                await self._fill_pipelines()
-            if time.monotonic() - self._last_progress > self.engine.config.stall_timeout:
+                    self._last_progress = time.monotonic()  # queued time is no stall
+                    self._set_state(TargetState.TRANSFERRING)
+                self._fill_pipelines()
+            idle = time.monotonic() - self._last_progress
+            if idle > cfg.stall_timeout:
                 raise TransferError(
-                    f"no progress on {self.blob_id.short()} for "
-                    f"{self.engine.config.stall_timeout:.0f}s from {len(self._conns)} peer(s)",
-                    blob_id=self.blob_id)
-            if self._partial is not None and \
-                    time.monotonic() - self._last_flush > self.engine.config.flush_interval:
-                # bound what a crash can lose to about one interval of verified pieces
-                self._last_flush = time.monotonic()
-                await asyncio.to_thread(self._partial.flush)
+                    f"no progress on {self.blob_id.short()} for {cfg.stall_timeout:.0f}s "
+                    f"from {len(self._conns)} peer(s)", blob_id=self.blob_id)
+            if idle > min(5.0, cfg.stall_timeout / 2) and \
+                    self.state is TargetState.TRANSFERRING:
+                self._set_state(TargetState.STALLED,
+                                f"no progress for {idle:.0f}s from {len(self._conns)} peer(s)")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.25)
+                # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel)
+                async with asyncio.timeout(0.25):
+                    await self._wake.wait()
 
-    async def _ask_layer(self) -> None:
-        if self._layer_asked_from in self._conns:
+    def _set_state(self, state: TargetState, reason: str = "") -> None:
+        if state is TargetState.TRANSFERRING and not reason:
+            reason = self._ban_note  # moving, though some peer had to be banned
+        if (state, reason) != (self.state, self.reason):
+            self.state, self.reason = state, reason
+            self._report(force=True)
+
+    def _enter_disk_full(self) -> None:
+        if self._disk_full:
             return
-        for peer, hello in self._hellos.items():
-            if hello.has_layer:
-                conn = self._conns[peer]
-                self._layer_asked_from = peer
-                with contextlib.suppress(TransportError):
-                    await conn.send(conn.session.request_layer())
-                return
+        self._disk_full = True
+        kept = self._picker.have.count() if self._picker is not None else 0
+        log.warning("swarm %s: disk full; keeping %d verified piece(s), waiting for space",
+                    self.blob_id.short(), kept)
+        for conn in self._conns.values():  # what is still in flight could not be stored
+            for index in conn.session.outstanding:
+                self._withdraw(conn, index)
+        self._set_state(TargetState.WAITING_DISK, "disk full")
 
-    async def _fill_pipelines(self) -> None:
+    async def _wait_for_disk(self) -> None:
+        """Until the store's filesystem has room for a few pieces again.
+
+        Meanwhile the pieces written so far are made durable (a restart keeps them).
+        """
+        home = self.engine.store.home
+        flushed = False
+        while True:
+            if not flushed and self._partial is not None:
+                with contextlib.suppress(StoreError, OSError):  # no room for the metadata yet
+                    await asyncio.to_thread(self._partial.flush)
+                    flushed = True
+            free = (await asyncio.to_thread(shutil.disk_usage, home)).free
+            if free >= 4 * self.piece_size + DISK_HEADROOM:
+                break
+            await asyncio.sleep(self.engine.config.disk_retry)
+        log.info("swarm %s: disk space is back; resuming", self.blob_id.short())
+        self._disk_full = False
+        self._last_progress = time.monotonic()  # waiting for disk is no stall
+        self._set_state(TargetState.TRANSFERRING)
+
+    def _withdraw(self, conn: _Conn, index: int) -> None:
+        """Cancel our request (a piece already on its way is then taken or dropped)."""
+        conn.push(conn.session.cancel(index))
+        self._ledger.withdrawn(conn, index)
+        if self._picker is not None:
+            self._picker.failed(conn, index)
+
+    def _expire_requests(self, now: float) -> None:
+        """Requests a connection did not answer in time are asked elsewhere."""
+        timeout = self.engine.config.request_timeout
+        for exp in self._ledger.handle_timer(now):
+            self.engine.requests_expired += len(exp.indices)
+            for index in exp.indices:
+                if index == LAYER:
+                    self._layer_expired.add(exp.conn)
+                    self._layer_conns.discard(exp.conn)
+                    continue
+                exp.conn.push(exp.conn.session.cancel(index))
+                if self._picker is not None:
+                    self._picker.failed(exp.conn, index)
+            if exp.ban:
+                self._ban(exp.conn, f"answered none of its requests for {timeout:g}s, "
+                                    f"{exp.strikes} times in a row", BanKind.UNRESPONSIVE)
+            else:
+                log.debug("swarm %s: %s missed a deadline (%d request(s) re-issued)",
+                          self.blob_id.short(), exp.conn.peer.short(), len(exp.indices))
+            self._wake.set()
+
+    def _ask_layer(self) -> None:
+        """Ask up to ``LAYER_ASKS`` peers at once (it is small; the first valid one wins), so
+        one that never answers costs no deadline."""
+        # a connection that let a layer request expire is asked again only if nobody else can
+        candidates = [c for c, hello in self._hellos.items() if hello.has_layer and
+                      not c.closed and c not in self._layer_conns]
+        candidates.sort(key=lambda c: c in self._layer_expired)
+        for conn in candidates[:LAYER_ASKS - len(self._layer_conns)]:
+            self._layer_conns.add(conn)
+            conn.push(conn.session.request_layer())
+            self._ledger.sent(conn, LAYER, time.monotonic())
+
+    def _fill_pipelines(self) -> None:
         picker = self._picker
         assert picker is not None
+        now = time.monotonic()
+        pipeline = self.engine.config.pipeline
         # downloading peers first: what they can give need not cost a seed's upload
         conns = sorted(self._conns.values(), key=lambda c: c.session.peer_complete)
         for conn in conns:
-            room = self.engine.config.pipeline - len(conn.session.outstanding)
-            for index in picker.pick(conn.peer, room):
-                try:
-                    await conn.send(conn.session.request(index))
-                except TransportError:
-                    picker.failed(conn.peer, index)
-                    break
+            if conn.closed:
+                continue
+            for index in picker.pick(conn, self._ledger.room(conn, pipeline)):
+                conn.push(conn.session.request(index))
+                self._ledger.sent(conn, index, now)
 
     async def _on_piece(self, conn: _Conn, index: int, data: bytes) -> None:
         picker, partial = self._picker, self._partial
-        if picker is None or partial is None:
-            return
+        self._ledger.answered(conn, index, time.monotonic())
+        if picker is None or partial is None or index in picker.have or self._disk_full:
+            return  # a late copy nobody needs any more, or one we cannot store now
         await self.engine.down_bucket.take(len(data))
         try:
-            wrote = await asyncio.to_thread(partial.write_piece, index, data)
+            wrote = await asyncio.to_thread(self._write_piece, partial, index, data)
         except VerificationError:
             self.engine.pieces_rejected += 1
             self._ban(conn, f"sent a corrupt piece {index}")
             return
-        duplicates = picker.received(conn.peer, index)
+        except StoreFullError:  # (an OSError too: first)
+            picker.failed(conn, index)
+            self._enter_disk_full()
+            self._wake.set()
+            return
+        except OSError:
+            if self._partial is not partial:
+                return  # the download ended (cancelled, say) under this write
+            raise
+        duplicates = picker.received(conn, index)
         if wrote:
             self.bytes_done += len(data)
             self.engine.bytes_downloaded += len(data)
             self._last_progress = time.monotonic()
-        for peer in duplicates:
-            other = self._conns.get(peer)
-            if other is not None:
-                with contextlib.suppress(TransportError):
-                    await other.send(other.session.cancel(index))
-        for other in list(self._conns.values()):
-            with contextlib.suppress(TransportError):
-                await other.send(other.session.have(index))
+            if self.state is TargetState.STALLED:
+                self._set_state(TargetState.TRANSFERRING)
+        for other in duplicates:
+            if not other.closed:
+                other.push(other.session.cancel(index))
+                self._ledger.withdrawn(other, index)
+        for other in self._conns.values():
+            other.push(other.session.have(index))
         self._report()
         self._wake.set()
 
-    def _ban(self, conn: _Conn, why: str) -> None:
-        self.banned.add(conn.peer)
-        self.engine.banned.setdefault(self.blob_id, set()).add(conn.peer)
-        if self._picker is not None:
-            self._picker.ban(conn.peer)
-        log.warning("swarm %s: banning %s: %s", self.blob_id.short(), conn.peer.short(), why)
-        self.last_ban = BadPeerDataError(f"peer {conn.peer} {why}", peer=conn.peer,
-                                         blob_id=self.blob_id)
-        conn.close(why)
+    def _write_piece(self, partial: PartialBlob, index: int, data: bytes) -> bool:
+        """Write a piece (in a worker thread), leaving room for the store's metadata: a
+        disk filled to the last byte could not even record the pieces already written."""
+        if shutil.disk_usage(self.engine.store.home).free < len(data) + DISK_HEADROOM:
+            raise StoreFullError(f"disk full writing {self.blob_id.short()}",
+                                 blob_id=self.blob_id)
+        return partial.write_piece(index, data)
+
+    def _ban(self, conn: _Conn, why: str, kind: BanKind = BanKind.BAD_DATA) -> None:
+        if kind is BanKind.BAD_DATA:
+            self.last_ban = BadPeerDataError(f"peer {conn.peer} {why}", peer=conn.peer,
+                                             blob_id=self.blob_id)
         self._forget(conn)
-        if self._layer_asked_from == conn.peer:
-            self._layer_asked_from = None
-        self._wake.set()
+        if self._picker is not None:
+            self._picker.ban(conn)
+        self.engine.ban(self.blob_id, conn.peer, kind, why)
+        conn.close(why)
+        n = len(self.banned)
+        self._ban_note = f"banned {n} peer(s), last {conn.peer.short()}: {why}"
+        if self.state is TargetState.TRANSFERRING:
+            self._set_state(TargetState.TRANSFERRING)
 
     def _dial_more(self) -> None:
         cfg = self.engine.config
@@ -730,17 +1068,18 @@ class DownloadJob:
             return
         now = time.monotonic()
         me = self.engine.network.node_id
+        banned = self.banned
         for peer in self._peer_source():
             if want <= 0:
                 break
             if peer == me or peer in self._conns or peer in self._dialing or \
-                    peer in self.banned or \
+                    peer in banned or \
                     now - self._last_dial.get(peer, -1e9) < cfg.peer_retry:
                 continue
             self._last_dial[peer] = now
             self._dialing.add(peer)
             want -= 1
-            self.engine._spawn(self._dial(peer))
+            self.engine._spawn(self._dial(peer), name=f"dial-{peer.short()}")
 
     async def _dial(self, peer: NodeId) -> None:
         conn: _Conn | None = None
@@ -748,20 +1087,23 @@ class DownloadJob:
             stream = await self.engine.network.open_stream(peer, PROTOCOL)
             session = SwarmSession(self.blob_id, self.size, self.piece_size)
             conn = _Conn(stream, session, outbound=True)
-            await conn.send(session.hello(self.have_bitfield(), self._layer is not None,
-                                          int(self.priority)))
-            event = session.receive(await stream.recv())
-        except (TransportError, ProtocolError) as exc:
-            log.debug("swarm %s: dial %s failed: %s", self.blob_id.short(), peer.short(), exc)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                await stream.send(session.hello(self.have_bitfield(), self._layer is not None,
+                                                int(self.priority)))
+                event = session.receive(await stream.recv())
+        except (TransportError, ProtocolError, TimeoutError) as exc:
+            log.debug("swarm %s: dial %s failed: %s", self.blob_id.short(), peer.short(),
+                      exc or "timeout")
             if conn is not None:
-                conn.close(str(exc))
+                conn.close(str(exc) or "hello timed out")
             return
         finally:
             self._dialing.discard(peer)
             self._wake.set()
-        assert isinstance(event, PeerHello)
-        self.attach(conn, event)
-        await self.engine._serve(conn, self.blob_id)
+        if not isinstance(event, PeerHello):
+            conn.close("expected hello")
+            return
+        await self.engine._serve(conn, self.blob_id, event)
 
     async def _finish(self) -> None:
         partial = self._partial
@@ -779,10 +1121,12 @@ class DownloadJob:
         if now - t0 >= 0.5:
             self.rate = (self.bytes_done - b0) / (now - t0)
             self._rate_mark = (now, self.bytes_done)
-        if self._progress is not None and self._picker is not None:
+        if self._progress is not None:
+            picker = self._picker
             self._progress(JobProgress(self.bytes_done, self.size,
-                                       self._picker.have.count(), self._picker.have.size,
-                                       len(self._conns), self.rate))
+                                       picker.have.count() if picker else 0,
+                                       picker.have.size if picker else 0,
+                                       len(self._conns), self.rate, self.state, self.reason))
 
     async def _shutdown(self) -> None:
         complete = self.engine.store.has(self.blob_id)
@@ -790,14 +1134,15 @@ class DownloadJob:
             self._forget(conn)
             if complete and not conn.session.peer_complete:
                 continue  # keep seeding to a peer that still downloads
-            with contextlib.suppress(TransportError, TimeoutError):
-                await asyncio.wait_for(conn.send(conn.session.bye("done")), 1.0)
+            conn.push(conn.session.bye("done"))
+            await conn.drain(1.0)
             conn.close("done")
-        if self._partial is not None:
+        partial, self._partial = self._partial, None  # pieces still arriving are dropped
+        if partial is not None:
             with contextlib.suppress(OSError, StoreError):
-                await asyncio.to_thread(self._partial.close)
+                await asyncio.to_thread(partial.close)
         with contextlib.suppress(StoreError):
             self.engine.store.advise_lease_dropped(self._lease, self.blob_id)
 
 
-__all__ = ["DownloadJob", "JobProgress", "PriorityGate", "SwarmConfig", "SwarmEngine"]
+__all__ = ["BanKind", "DownloadJob", "JobProgress", "PriorityGate", "SwarmConfig", "SwarmEngine"]

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from blobmesh import __version__
 from blobmesh.distribution.model import DistributionState, TargetState
+from blobmesh.distribution.swarm import BanKind
 from blobmesh.store import BlobInfo
 from blobmesh.tasks import failure_counts
 
@@ -145,6 +146,19 @@ class NodeCollector(Collector):
         yield _counter("blobmesh_swarm_connections_refused",
                        "incoming swarm connections refused at the limit",
                        sw.connections_refused)
+        yield _counter("blobmesh_swarm_requests_expired",
+                       "piece requests re-issued elsewhere after their deadline",
+                       sw.requests_expired)
+        yield _counter("blobmesh_swarm_protocol_errors",
+                       "swarm connections reset because the peer broke the protocol",
+                       sw.protocol_errors)
+        yield _counter("blobmesh_swarm_corrupt_copies",
+                       "local copies found corrupt and quarantined", len(sw.corrupt))
+        bans = CounterMetricFamily("blobmesh_swarm_peers_banned",
+                                   "peers banned for a blob, by reason", labels=["reason"])
+        for kind in BanKind:
+            bans.add_metric([str(kind)], sw.bans[kind])
+        yield bans
 
     def _space(self) -> Iterator[Metric]:
         space = self.node.space

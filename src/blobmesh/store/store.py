@@ -293,3 +293,8 @@ class Store:
     def fsck(self, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
         """Rehash every present piece; report (and with ``repair`` quarantine) bad data."""
         return fsck_module.run_fsck(self.db, self.layout, repair=repair, progress=progress)
+
+    def quarantine(self, blob_id: BlobId) -> None:
+        """Move a blob found corrupt out of the store (into ``quarantine/``) and forget it."""
+        fsck_module.quarantine(self.db, self.layout, blob_id,
+                               [self.layout.data_path(blob_id), self.layout.pieces_path(blob_id)])
