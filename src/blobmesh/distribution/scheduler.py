@@ -38,6 +38,7 @@ LAYER = -1  # the piece layer's slot in the request ledger
 MAX_REDIRECTS = 3
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
 UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
+SOURCE_FANOUT = 32  # targets of a scope expected to dial its source first (dials_source_first)
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class DownloadPolicy:
     pipeline: int = 4
     seed_pipeline: int = 2  # requests in flight to a peer that holds the whole blob
     max_peers: int = 8
-    source_fanout: int = 32  # targets of a scope expected to dial its source first
+    source_fanout: int = SOURCE_FANOUT
     peer_retry: float = 1.0
     stall_timeout: float = 30.0
     flush_interval: float = 1.0
@@ -166,9 +167,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._candidates = candidates
         self._free = free_connections
         self._rng = rng or random.Random()
-        self._order: list[Peer] | None = None  # candidates to dial, see _dial_order
-        self._order_at = 0.0
-        self._source_first: bool | None = None
+        self._plan = DialPlan[Peer](candidates, self.policy.peer_retry,
+                                    4 * self.policy.max_peers, self.policy.source_fanout,
+                                    self._rng)
         self._conns: dict[Peer, Conn] = {}  # the one connection kept per peer
         self._peer_of: dict[Conn, Peer] = {}
         self._haves: dict[Conn, Bitfield] = {}  # the peer's bitfield, kept current by its session
@@ -420,7 +421,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         if want <= 0:
             return
         retry_at: float | None = None
-        for peer in self._dial_order(now):
+        for peer in self._plan.order(now):
             if want <= 0:
                 break
             if peer == self._me or peer in self._conns or peer in self._dialing or \
@@ -436,19 +437,6 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._out.append(Dial(peer))
         if want > 0:
             self._dial_retry_at = retry_at
-
-    def _dial_order(self, now: float) -> list[Peer]:
-        """Whom to dial, best first (see :func:`dial_order`), drawn again every
-        ``peer_retry`` so the work does not grow with the size of the scope."""
-        if self._order is None or now >= self._order_at + self.policy.peer_retry:
-            cands = self._candidates()
-            order = dial_order(cands, 4 * self.policy.max_peers, self._rng)
-            if self._source_first is None:
-                self._source_first = dials_source_first(len(cands) - 1,
-                                                        self.policy.source_fanout, self._rng)
-            self._order = order if self._source_first else [*order[1:], *order[:1]]
-            self._order_at = now
-        return self._order
 
     def _ask_layer(self, now: float) -> None:
         if self._layer_conn is not None:
@@ -546,6 +534,34 @@ def dial_order(candidates: Sequence[Peer], sample: int, rng: random.Random) -> l
     if n == 0:
         return []
     return [candidates[0], *(candidates[i] for i in rng.sample(range(1, n), min(n - 1, sample)))]
+
+
+class DialPlan(Generic[Peer]):
+    """Whom one download job dials, best first: :func:`dial_order` of ``candidates()``, the
+    source first only if :func:`dials_source_first`, drawn again every ``refresh`` seconds
+    (so the work does not grow with the size of the scope)."""
+
+    def __init__(self, candidates: Callable[[], Sequence[Peer]], refresh: float, sample: int,
+                 fanout: int, rng: random.Random) -> None:
+        self._candidates = candidates
+        self._refresh = refresh
+        self._sample = sample
+        self._fanout = fanout
+        self._rng = rng
+        self._order: list[Peer] | None = None
+        self._at = 0.0
+        self._source_first: bool | None = None
+
+    def order(self, now: float) -> list[Peer]:
+        if self._order is None or now >= self._at + self._refresh:
+            cands = self._candidates()
+            order = dial_order(cands, self._sample, self._rng)
+            if self._source_first is None:
+                self._source_first = dials_source_first(len(cands) - 1, self._fanout,
+                                                        self._rng)
+            self._order = order if self._source_first else [*order[1:], *order[:1]]
+            self._at = now
+        return self._order
 
 
 # --- uploads -------------------------------------------------------------------------------
@@ -750,12 +766,15 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
 
 __all__ = [
     "LAYER",
+    "SOURCE_FANOUT",
+    "UPLOAD_SLOTS",
     "Announce",
     "Ban",
     "Cancel",
     "Close",
     "Complete",
     "Dial",
+    "DialPlan",
     "DownloadAction",
     "DownloadPolicy",
     "DownloadScheduler",

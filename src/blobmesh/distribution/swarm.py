@@ -18,6 +18,7 @@ import enum
 import heapq
 import itertools
 import logging
+import random
 import shutil
 import threading
 import time
@@ -45,6 +46,7 @@ from blobmesh.distribution.peerwire import (
 from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.ratelimit import TokenBucket
 from blobmesh.distribution.requests import RequestLedger
+from blobmesh.distribution.scheduler import SOURCE_FANOUT, DialPlan
 from blobmesh.errors import (
     BadPeerDataError,
     BlobmeshError,
@@ -678,12 +680,15 @@ class DownloadJob:
         self.piece_size = piece_size
         self.priority = priority
         cfg = engine.config
-        self._peer_source = peers
         self._progress = progress
         self._conns: dict[NodeId, _Conn] = {}  # the one connection kept per peer
         self._hellos: dict[_Conn, PeerHello] = {}
         self._dialing: set[NodeId] = set()
         self._last_dial: dict[NodeId, float] = {}
+        # every target is given the same list: each dials its own sample (see DialPlan)
+        self._dial_plan = DialPlan[NodeId](lambda: list(peers()), cfg.peer_retry,
+                                           4 * cfg.max_peers_per_blob, SOURCE_FANOUT,
+                                           random.Random())
         self._partial: PartialBlob | None = None
         self._layer: PieceLayer | None = None
         self._picker: PiecePicker[_Conn] | None = None
@@ -1069,7 +1074,7 @@ class DownloadJob:
         now = time.monotonic()
         me = self.engine.network.node_id
         banned = self.banned
-        for peer in self._peer_source():
+        for peer in self._dial_plan.order(now):
             if want <= 0:
                 break
             if peer == me or peer in self._conns or peer in self._dialing or \
