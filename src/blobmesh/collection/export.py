@@ -14,6 +14,7 @@ from blobmesh.collection.manifest import Collection, Dir, File, Symlink
 from blobmesh.errors import ExportError
 from blobmesh.hashing import BlobId
 from blobmesh.store import Progress, Store
+from blobmesh.store.layout import fsync_dir
 
 _CHUNK = 4 * 1024 * 1024
 
@@ -52,7 +53,7 @@ def export_tree(store: Store, blob_id: BlobId, dest: str | os.PathLike[str], *,
             _remove(old)
         else:
             os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         _remove(tmp)
         raise _export_error(exc, target) from exc
@@ -81,7 +82,7 @@ def _build(store: Store, coll: Collection, root: Path, progress: Progress | None
     for link in links:
         os.symlink(link.target, root / link.path)
     for d in reversed(dirs):
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def _write_file(store: Store, entry: File, path: Path, progress: Progress | None) -> None:
@@ -109,14 +110,6 @@ def _umask() -> int:
         _UMASK = os.umask(0o022)
         os.umask(_UMASK)
     return _UMASK
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
