@@ -85,20 +85,25 @@ def spawn(role: str, *flags: str) -> tuple[subprocess.Popen[str], str]:
     return proc, proc.stdout.readline().strip()
 
 
+def _discard(sock: socket.socket, size: int) -> None:
+    """Receive ``size`` bytes into one reused buffer (the raw baselines' receive loop)."""
+    buf = memoryview(bytearray(4 * MiB))
+    got = 0
+    while got < size:
+        n = sock.recv_into(buf)
+        if not n:
+            raise ConnectionError("closed early")
+        got += n
+
+
 def pull_raw(port: int, tls: bool, size: int, chunk: int) -> float:
     ctx = make_context(Identity.generate(), server=False) if tls else None
     raw = socket.create_connection(("127.0.0.1", port))
     sock: socket.socket = ctx.wrap_socket(raw) if ctx else raw
-    buf = memoryview(bytearray(4 * MiB))
     with sock:
         started = time.perf_counter()
         sock.sendall(REQUEST.pack(size, chunk))
-        got = 0
-        while got < size:
-            n = sock.recv_into(buf)
-            if not n:
-                raise ConnectionError("closed early")
-            got += n
+        _discard(sock, size)
         elapsed = time.perf_counter() - started
         sock.sendall(b"k")
     return elapsed
@@ -120,16 +125,10 @@ def tls_two_threads(size: int, chunk: int) -> tuple[float, float]:
 
         sender = threading.Thread(target=serve)
         sender.start()
-        buf = memoryview(bytearray(4 * MiB))
         with client_ctx.wrap_socket(socket.create_connection(lsock.getsockname())) as sock:
             cpu = time.process_time()
             started = time.perf_counter()
-            got = 0
-            while got < size:
-                n = sock.recv_into(buf)
-                if not n:
-                    raise ConnectionError("closed early")
-                got += n
+            _discard(sock, size)
             elapsed = time.perf_counter() - started
             sock.sendall(b"k")
             sender.join()
