@@ -133,6 +133,34 @@ def test_concurrent_flushes(store: Store, monkeypatch: pytest.MonkeyPatch) -> No
     partial.close()
 
 
+def test_two_copies_of_a_piece_written_at_once_count_once(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: two threads writing the same piece (an end-game duplicate) both got True,
+    so the swarm counted the piece's bytes twice (progress above the blob's size)."""
+    layer = _layer()
+    partial = store.begin_partial(layer, LeaseId.new("rx"))
+    both_inside = threading.Barrier(2)
+    real_pwrite = os.pwrite
+
+    def meet_then_write(fd: int, data: bytes, offset: int) -> int:
+        # without a claim under the lock both writers get here for the same piece
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_inside.wait(timeout=0.5)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", meet_then_write)
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        partial.write_piece(3, _piece(layer, 3)))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, True]
+    assert 3 in partial.have
+    partial.close()
+
+
 def test_two_writers_share_progress(store: Store) -> None:
     layer = _layer()
     a = store.begin_partial(layer, LeaseId.new("a"))

@@ -38,6 +38,7 @@ class PartialBlob:
         self._fd = os.open(layout.data_path(layer.blob_id), os.O_RDWR)
         self._pending: dict[int, int] = {}  # written, not yet durable: index -> length
         self._pending_bytes = 0
+        self._writing: set[int] = set()  # claimed by a write_piece under way
         self._have = db.bitfield(layer.blob_id)
 
     @property
@@ -65,8 +66,11 @@ class PartialBlob:
         """
         self.layer.verify_piece(index, data)
         with self._lock:
-            if index in self._have or index in self._pending:
+            # claimed under the lock: two copies of one piece (end game) written from two
+            # threads must not both count as new
+            if index in self._have or index in self._pending or index in self._writing:
                 return False
+            self._writing.add(index)
         start, _ = self.layer.piece_range(index)
         mv = memoryview(data).cast("B")
         try:
@@ -74,11 +78,14 @@ class PartialBlob:
                 n = os.pwrite(self._fd, mv, start)
                 mv, start = mv[n:], start + n
         except OSError as exc:
+            with self._lock:
+                self._writing.discard(index)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFullError(f"disk full writing {self.blob_id.short()}",
                                      blob_id=self.blob_id) from exc
             raise
         with self._lock:
+            self._writing.discard(index)
             self._pending[index] = len(data)
             self._pending_bytes += len(data)
             due = self._pending_bytes >= FLUSH_BYTES
