@@ -8,8 +8,9 @@ from blobmesh.space.metrics import Metrics
 from blobmesh.space.predicate import Predicate, parse_capability, parse_predicate
 from blobmesh.space.records import Op, OpId, PeerRecord
 from blobmesh.space.signer import Signer
-from blobmesh.space.space import PeerInfo, Space, Subscription, endpoint_address_book
+from blobmesh.space.space import PeerInfo, Space, endpoint_address_book
 from blobmesh.space.store import PeerMeta
+from blobmesh.space.subscription import Subscription
 
 __all__ = [
     "CapValue",

@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from blobmesh.errors import (
     ProtocolError,
     SpaceError,
     SpaceLimitError,
+    SpaceStorageError,
     TransportError,
 )
 from blobmesh.logutil import RateLimitedLog
@@ -70,6 +71,7 @@ from blobmesh.space.store import (
     PutResult,
     open_db,
 )
+from blobmesh.space.subscription import Subscription
 from blobmesh.space.swim import Alive, FailureDetector, Probe, ProbeVia, Unresponsive
 from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import Network, Stream
@@ -119,46 +121,6 @@ class PeerInfo:
         return {"node": str(self.node_id), "addresses": list(self.addresses),
                 "groups": sorted(self.groups), "capabilities": dict(self.capabilities),
                 "alive": self.alive, "last_seen": self.last_seen, "expires_at": self.expires_at}
-
-
-class Subscription:
-    """An async iterator over new ops of some kinds (or all), bounded.
-
-    If the consumer falls more than ``subscriber_queue`` ops behind, iteration raises
-    :class:`SpaceLimitError` (``limit_subscriber``) instead of silently skipping ops; read the
-    gap back with :meth:`Space.ops`.
-    """
-
-    def __init__(self, space: Space, kinds: frozenset[str] | None, maxsize: int) -> None:
-        self._space = space
-        self.kinds = kinds
-        self._queue: asyncio.Queue[Op | None] = asyncio.Queue(maxsize)
-        self._overflowed = False
-
-    def _offer(self, op: Op) -> None:
-        if self._overflowed:
-            return
-        try:
-            self._queue.put_nowait(op)
-        except asyncio.QueueFull:
-            self._overflowed = True
-            self._space.metrics.limit("subscriber")
-
-    def close(self) -> None:
-        self._space._subs.discard(self)
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(None)
-
-    def __aiter__(self) -> AsyncIterator[Op]:
-        return self
-
-    async def __anext__(self) -> Op:
-        if self._overflowed and self._queue.empty():
-            raise SpaceLimitError("subscriber fell behind; read missed ops with Space.ops()")
-        op = await self._queue.get()
-        if op is None:
-            raise StopAsyncIteration
-        return op
 
 
 class _Link:
@@ -325,7 +287,10 @@ class Space:
                 await task
         for sub in list(self._subs):
             sub.close()
-        self.peer_meta_store.flush()
+        try:
+            self.peer_meta_store.flush()
+        except SpaceStorageError as exc:  # only liveness hints: they are learnt again
+            self._storage_failed(exc)
         self._db.close()
 
     async def __aenter__(self) -> Space:
@@ -361,6 +326,10 @@ class Space:
             coro.close()
             return
         self._tasks.spawn(coro, name=name)
+
+    def _storage_failed(self, exc: SpaceStorageError) -> None:
+        self.metrics.inc("storage_errors")
+        self._warn.warning("storage", "%s", exc)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -635,18 +604,19 @@ class Space:
     async def publish(self, kind: str, payload: bytes) -> Op:
         """Sign, validate and store a new op, then push it to peers at once.
 
-        Raises :class:`InvalidOpError` (unknown kind, oversized, rejected by the validator) or
-        :class:`SpaceLimitError` (op store full).
+        Raises :class:`InvalidOpError` (unknown kind, oversized, rejected by the validator),
+        :class:`SpaceLimitError` (op store full) or :class:`SpaceStorageError` (the database
+        could not be written, e.g. the disk is full: the op was neither stored nor sent).
         """
         c = self.config
         op = sign_op(self._signer, space=c.name, kind=kind, timestamp=self._now_ms(),
                      payload=payload, limits=c.limits)
         self._validate(op)
-        if not self.op_store.insert([op]):
+        if not self.op_store.insert([op], gossip=True):
             if self.op_store.missing([op.id.digest]):
                 raise SpaceLimitError(f"op store full ({c.limits.max_ops} ops)")
             return op
-        self.inform_ops_stored([op])
+        self._offer([op])
         self.metrics.inc("ops_published")
         self._announce("ops", [op.raw], exclude=None)
         return op
@@ -655,10 +625,17 @@ class Space:
         """Let validated, stored ops enter gossip and reach subscribers."""
         ops = list(ops)
         self.op_store.mark_gossipable(op.id for op in ops)
+        self._offer(ops)
+
+    def _offer(self, ops: list[Op]) -> None:
+        if not self._subs:
+            return
+        seqs = self.op_store.seqs(op.id.digest for op in ops)
         for op in ops:
+            seq = seqs.get(op.id.digest)
             for sub in list(self._subs):
-                if sub.kinds is None or op.kind in sub.kinds:
-                    sub._offer(op)
+                if seq is not None and (sub.kinds is None or op.kind in sub.kinds):
+                    sub.offer(seq, op)
 
     def ops(self, kind: str | None = None, since: int = 0, limit: int = 1000) -> list[Op]:
         """Stored ops (of ``kind``) with timestamp >= ``since`` (ms), oldest first."""
@@ -668,14 +645,17 @@ class Space:
         """Every stored op of ``kind``, oldest first (bounded by ``max_ops``)."""
         return self.op_store.query(kind, 0, self.config.limits.max_ops)
 
-    def subscribe(self, kinds: str | Iterable[str] | None = None) -> Subscription:
-        """New ops of ``kinds`` (all if None) as they are stored, local or remote.
+    def subscribe(self, kinds: str | Iterable[str] | None = None, *,
+                  after: int | None = None) -> Subscription:
+        """Ops of ``kinds`` (all if None) as they are stored, local or remote: those stored
+        after the cursor ``after`` (a :attr:`Subscription.cursor`) first, else only new ones.
 
         Call ``close()`` on the subscription when done.
         """
         wanted = None if kinds is None else frozenset([kinds] if isinstance(kinds, str)
                                                       else kinds)
-        sub = Subscription(self, wanted, self.config.limits.subscriber_queue)
+        sub = Subscription(self.op_store, wanted, self.config.limits.subscriber_queue, after,
+                           self.metrics, self._subs.discard)
         self._subs.add(sub)
         return sub
 
@@ -683,6 +663,9 @@ class Space:
 
     def add_ops(self, raws: Iterable[bytes], sender: NodeId | None = None) -> list[Op]:
         """Verify, validate and store signed ops; returns those that were new.
+
+        Raises :class:`SpaceStorageError` if the database could not be written (the ops not
+        stored come back with gossip).
 
         An op counts only if its author is a current member (``ops_rejected_non_member``
         otherwise): a key that was never admitted cannot get an op stored or relayed, whoever
@@ -709,16 +692,18 @@ class Space:
                 self._refused(op.id.digest, op.author, "author is not a member", sender)
                 continue
             (valid if self._valid(op) else refused).append(op)
-        new = self.op_store.insert(valid)
-        if new and refused:
-            again = [op for op in refused if self._valid(op)]
-            refused = [op for op in refused if op not in again]
-            new += self.op_store.insert(again)
+        new = self.op_store.insert(valid, gossip=True)
+        again = [op for op in refused if new and self._valid(op)]
         for op in refused:
-            self._refused(op.id.digest, None, "refused by its kind's validator", sender)
-        if new:
-            self.inform_ops_stored(new)
-            self.metrics.inc("ops_received", len(new))
+            if op not in again:
+                self._refused(op.id.digest, None, "refused by its kind's validator", sender)
+        try:
+            if again:
+                new += self.op_store.insert(again, gossip=True)
+        finally:  # what the first batch stored reaches subscribers even if the second failed
+            if new:
+                self._offer(new)
+                self.metrics.inc("ops_received", len(new))
         return new
 
     def _valid(self, op: Op) -> bool:
@@ -925,7 +910,11 @@ class Space:
 
         async def reply(msg: wire.Request) -> None:
             try:
-                resp = await self._handle(peer, msg)
+                try:
+                    resp = await self._handle(peer, msg)
+                except SpaceStorageError as exc:  # e.g. disk full: the peer tries again later
+                    self._storage_failed(exc)
+                    resp = wire.Busy(msg.rid, 1000)
                 if resp is not None:
                     raw = wire.encode(resp)
                     async with send_lock:
@@ -1067,6 +1056,8 @@ class Space:
                 req, effects = init.on_response(resp)
                 for eff in effects:
                     await self._apply_gossip(peer, eff)
+        except SpaceStorageError as exc:
+            self._storage_failed(exc)
         except AdmissionError as exc:
             if peer in self._seeds:  # e.g. bootstrapped with a ticket that has no secret
                 self._warn.warning("seed-refused", "%s; join with the ticket the space's "
@@ -1120,7 +1111,12 @@ class Space:
             self._fetch.failed(peer, ids, self._mono())
             return
         sent = {i.digest for raw in resp.ops if (i := peek_op_id(raw, self.config.limits))}
-        self.add_ops(resp.ops, sender=peer)
+        try:
+            self.add_ops(resp.ops, sender=peer)
+        except SpaceStorageError as exc:
+            self._storage_failed(exc)
+            self._fetch.failed(peer, ids, self._mono())
+            return
         requested = set(ids)
         missing = {i for i in resp.missing if i in requested}
         # what the peer sent is done with, stored or rejected by validation (then no other
