@@ -10,10 +10,12 @@ Either way gossip will offer it again, because the summaries keep differing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from blobmesh.space.config import Limits
-from blobmesh.space.metrics import Metrics
-from blobmesh.transport.identity import NodeId
+if TYPE_CHECKING:  # annotations only: this module does no I/O and imports none
+    from blobmesh.space.config import Limits
+    from blobmesh.space.metrics import Metrics
+    from blobmesh.transport.identity import NodeId
 
 _MAX_SOURCES = 8
 
@@ -58,6 +60,13 @@ class FetchQueue:
                 w.sources.append(source)
             taken += 1
         return taken
+
+    def next_due(self) -> float | None:
+        """When :meth:`due` would next return a request (None: only after a reply or a new
+        want, since every wanted id is in flight or waits for a busy source)."""
+        times = [w.not_before for w in self._wants.values()
+                 if w.in_flight is None and any(s not in self._busy for s in w.sources)]
+        return min(times, default=None)
 
     def due(self, now: float) -> list[tuple[NodeId, list[bytes]]]:
         """Requests to send now, one per idle source, marking their ids in flight."""

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,9 @@ from blobmesh.errors import (
 from blobmesh.logutil import RateLimitedLog
 from blobmesh.space import admission, wire
 from blobmesh.space.config import CapValue, Seed, SpaceConfig
-from blobmesh.space.fetch import FetchQueue
+from blobmesh.space.dissemination import Action as DisseminationAction
+from blobmesh.space.dissemination import Dissemination, FetchFrom, GossipWith
+from blobmesh.space.driver import Driver
 from blobmesh.space.gossip import (
     ApplyRecords,
     GossipInitiator,
@@ -47,6 +48,9 @@ from blobmesh.space.gossip import (
     SendRecords,
     WantOps,
 )
+from blobmesh.space.links import Links
+from blobmesh.space.membership import Action as MembershipAction
+from blobmesh.space.membership import BootstrapRound, Maintain, Membership, PeerMeta
 from blobmesh.space.metrics import Metrics
 from blobmesh.space.predicate import Predicate, parse_predicate
 from blobmesh.space.ratelimit import TokenBucket
@@ -65,14 +69,13 @@ from blobmesh.space.signer import Signer
 from blobmesh.space.store import (
     LocalAgentStore,
     OpStore,
-    PeerMeta,
     PeerMetaStore,
     PeerStore,
     PutResult,
     open_db,
 )
 from blobmesh.space.subscription import Subscription
-from blobmesh.space.swim import Alive, FailureDetector, Probe, ProbeVia, Unresponsive
+from blobmesh.space.swim import Alive, Probe, ProbeVia, Unresponsive
 from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
@@ -87,8 +90,6 @@ NotifyHandler = Callable[[NodeId, bytes], Awaitable[None] | None]
 AddressBook = Callable[[NodeId, tuple[str, ...]], None]
 """Tells the transport where a node listens (called for seeds and every accepted record)."""
 CapabilityFilter = str | Predicate | Callable[[Mapping[str, CapValue]], bool]
-
-_MAX_INBOUND_STREAMS_PER_PEER = 4
 
 
 def endpoint_address_book(add: Callable[[NodeId, list[Address]], None]) -> AddressBook:
@@ -193,6 +194,28 @@ class _Link:
             self.reader.cancel()
 
 
+class _View:
+    """What the dissemination core reads of the space's membership."""
+
+    def __init__(self, space: Space) -> None:
+        self._s = space
+
+    def alive_peers(self) -> list[NodeId]:
+        s = self._s
+        return [r.node_id for r in s.peer_store.query()
+                if r.node_id != s.node_id and not s._members.is_unresponsive(r.node_id)]
+
+    def seed_ids(self) -> list[NodeId]:
+        return list(self._s._members.seeds)
+
+    def known_records(self) -> int:
+        return len(self._s.peer_store)
+
+    def active(self) -> bool:
+        local = self._s.local_record
+        return local is None or not local.tombstone
+
+
 class Space:
     """One node's membership in one space.
 
@@ -226,36 +249,31 @@ class Space:
         self.op_store = OpStore(self._db, config.name, t.op_bucket_seconds * 1000, lim,
                                 self.metrics)
         self._responder = GossipResponder(self.peer_store, self.op_store, lim, self.metrics)
-        self._fetch = FetchQueue(lim, retry_base=t.fetch_retry_base, retry_max=t.fetch_retry_max,
-                                 metrics=self.metrics)
-        self._fetch_wake = asyncio.Event()
-        self._swim = FailureDetector(
-            probe_interval=t.probe_interval, probe_timeout=t.probe_timeout,
-            indirect_timeout=t.indirect_timeout, indirect_probes=t.indirect_probes,
-            backoff_max=t.unresponsive_backoff_max, rng=self._rng)
+        # the policy: sans-I/O cores, whose timers the driver runs and whose actions we execute
+        self._members = Membership(t, max_seeds=lim.max_seeds,
+                                   bootstrap=bool(config.bootstrap_urls), rng=self._rng,
+                                   metrics=self.metrics)
+        self._dis = Dissemination(t, lim, _View(self), rng=self._rng, metrics=self.metrics)
+        self._conns = Links(t, lim, self.metrics)
+        self._driver: Driver[MembershipAction | DisseminationAction] = Driver(
+            [self._members, self._dis], self._execute, self.metrics)
         self._validators: dict[str, OpValidator | None] = {}
         self._subs: set[Subscription] = set()
         self._notify_handler: NotifyHandler | None = None
-        self._links: OrderedDict[NodeId, _Link] = OrderedDict()
+        self._links: dict[NodeId, _Link] = {}  # in use order: self._conns
         self._dialing: dict[NodeId, asyncio.Lock] = {}
-        self._inbound: dict[NodeId, int] = {}
-        self._handshakes = 0  # inbound handshakes in progress with non-members
-        # refused op id -> (do not fetch before, the author who was no member then)
-        self._rejected: OrderedDict[bytes, tuple[float, NodeId | None]] = OrderedDict()
         self._warn = RateLimitedLog(log)
         self._op_rate: dict[NodeId, TokenBucket] = {}
         self._req_rate: dict[NodeId, TokenBucket] = {}
-        self._seeds: dict[NodeId, Seed] = {}
-        self._gossiping: set[NodeId] = set()
-        self._news = False  # the last gossip interval brought new records or ops
         self._local: PeerRecord | None = None
         self._tasks = TaskOwner("space")
+        self._rounds: set[str] = set()  # maintenance / bootstrap rounds running
         self._serving: set[asyncio.Task[Any]] = set()  # inbound stream handlers
         self._closing = False
         self._lan: Any = None
         for rec in self.peer_store:
             if rec.node_id != self.node_id and not rec.tombstone:
-                self._swim.add(rec.node_id)
+                self._members.joined(rec.node_id)
         for seed in config.seeds:
             self.add_seed(seed)
 
@@ -267,13 +285,17 @@ class Space:
         for rec in self.peer_store.query():  # vouched for when they were stored
             if rec.node_id != self.node_id:
                 self._mark_admitted(rec.node_id)
-        self._tasks.spawn(self._run(), name="loops")
+        now = self._mono()
+        self._members.start(now)
+        self._dis.start(now)
+        self._driver.start()
 
     async def aclose(self) -> None:
         """Stop everything (without a tombstone: call :meth:`leave` first to say goodbye)."""
         if self._closing:
             return
         self._closing = True
+        self._driver.close()
         if self._lan is not None:
             await self._lan.aclose()
         for link in list(self._links.values()):
@@ -300,26 +322,37 @@ class Space:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(self._gossip_period, self._gossip_tick))
-            tg.create_task(self._every(lambda: self.config.timing.probe_interval / 5,
-                                       self._probe_tick))
-            tg.create_task(self._every(lambda: self.config.timing.maintenance_interval,
-                                       self._maintain))
-            tg.create_task(self._every(lambda: self.config.timing.bootstrap_interval,
-                                       self._bootstrap_tick))
-            tg.create_task(self._fetch_loop())
+    def _execute(self, action: MembershipAction | DisseminationAction) -> None:
+        """Carry out what a core decided (called by the driver)."""
+        match action:
+            case Maintain():
+                self._spawn_round("maintain", self._maintain())
+            case BootstrapRound():
+                self._spawn_round("bootstrap", self._bootstrap_tick())
+            case GossipWith():
+                self._spawn(self._gossip_with(action.peer), "gossip")
+            case FetchFrom():
+                self._spawn(self._fetch_from(action.peer, action.ids), "fetch")
+            case _:
+                self._apply_swim(action)
 
-    async def _every(self, period: Callable[[], float],
-                     step: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        while True:
-            await asyncio.sleep(period())
+    def _spawn_round(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        """One round of ``name`` at a time; a failing one is counted, the next one comes."""
+        if name in self._rounds:
+            coro.close()
+            return
+
+        async def run() -> None:
             try:
-                await step()
-            except Exception:  # a failing round must not stop the loop
-                log.exception("space loop step failed")
+                await coro
+            except Exception:
+                log.exception("space %s round failed", name)
                 self.metrics.inc("loop_errors")
+            finally:
+                self._rounds.discard(name)
+
+        self._rounds.add(name)
+        self._spawn(run(), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         if self._tasks.closing:
@@ -346,12 +379,8 @@ class Space:
 
     def add_seed(self, seed: Seed) -> None:
         """Contact ``seed`` (e.g. from a ticket) in the next rounds until we know peers."""
-        if seed.node_id == self.node_id:
+        if seed.node_id == self.node_id or not self._members.add_seed(seed):
             return
-        if seed.node_id not in self._seeds and len(self._seeds) >= self.config.limits.max_seeds:
-            self.metrics.limit("seeds")  # e.g. a flood of spoofed LAN announcements
-            return
-        self._seeds[seed.node_id] = seed
         if self._address_book is not None and seed.addresses:
             self._address_book(seed.node_id, seed.addresses)
 
@@ -372,7 +401,8 @@ class Space:
         """Sign our record, announce it to seeds, bootstrap servers and peers, pull theirs."""
         rec = self._sign_local(tombstone=False)
         await self._bootstrap_tick()  # in a closed space its records are seeds to sync with
-        seeds = list(self._seeds)  # the sync moves seeds whose record arrives into the peers
+        # the sync moves seeds whose record arrives into the peers
+        seeds = list(self._members.seeds)
         await self._sync_seeds()
         # seeds know the most peers: let them relay our record to the ones we do not know
         self._announce("records", [rec.raw], exclude=None, prefer=seeds)
@@ -388,24 +418,15 @@ class Space:
         if self._local is None:
             return
         rec = self._sign_local(tombstone=True)
-        t = self.config.timing
-        peers = self._alive_peers()[: t.publish_fanout]
+        pushes = self._dis.announce("records", [rec.raw], None, in_flight=0)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                await asyncio.gather(
-                    self._bootstrap_put(rec.raw),
-                    *(self._push("records", p, [rec.raw], relay=i < t.relay_fanout)
-                      for i, p in enumerate(peers)))
+                await asyncio.gather(self._bootstrap_put(rec.raw),
+                                     *(self._push(p.what, p.peer, p.raws, p.relay)
+                                       for p in pushes))
 
     async def _sync_seeds(self) -> None:
-        await asyncio.gather(*(self._gossip_with(s) for s in list(self._seeds)))
-
-    def _alive_peers(self) -> list[NodeId]:
-        """Peers worth talking to: live records, not us, not marked unresponsive."""
-        out = [r.node_id for r in self.peer_store.query()
-               if r.node_id != self.node_id and not self._swim.is_unresponsive(r.node_id)]
-        self._rng.shuffle(out)
-        return out
+        await asyncio.gather(*(self._gossip_with(s) for s in list(self._members.seeds)))
 
     def is_member(self, node: NodeId) -> bool:
         """Whether ``node`` holds a current (unexpired, not tombstoned) record in this space,
@@ -416,7 +437,7 @@ class Space:
     def is_alive(self, node: NodeId) -> bool:
         rec = self.peer_store.get(node)
         return (rec is not None and not rec.tombstone and rec.expires_at > self._now_ms()
-                and not self._swim.is_unresponsive(node))
+                and not self._members.is_unresponsive(node))
 
     def peers(self, *, group: str | None = None, capability: CapabilityFilter | None = None,
               alive_only: bool = True, include_self: bool = False) -> list[PeerInfo]:
@@ -431,7 +452,7 @@ class Space:
         for r in self.peer_store.query(group=group, capability=pred):
             if r.expires_at <= now or (r.node_id == self.node_id and not include_self):
                 continue
-            alive = r.node_id == self.node_id or not self._swim.is_unresponsive(r.node_id)
+            alive = r.node_id == self.node_id or not self._members.is_unresponsive(r.node_id)
             if alive_only and not alive:
                 continue
             meta = self.peer_meta_store.peek(r.node_id)
@@ -483,7 +504,8 @@ class Space:
             elif result is PutResult.STALE:
                 self.metrics.inc("records_stale")
         if changed:
-            self._news = True
+            self._dis.news()
+            self._driver.poke()
         return changed
 
     def _hint_records(self, raws: Iterable[bytes]) -> None:
@@ -512,48 +534,35 @@ class Space:
             self.metrics.inc("peers_left")
             self._forget_peer(rec.node_id)
             return
-        self._swim.add(rec.node_id)
-        self._seeds.pop(rec.node_id, None)
+        self._members.joined(rec.node_id)
         self._mark_admitted(rec.node_id)  # vouched for by an admitted peer
         self.op_store.set_author_gossipable(rec.node_id.digest, True)  # back, if it had left
-        for op_id in [i for i, (_, author) in self._rejected.items() if author == rec.node_id]:
-            del self._rejected[op_id]  # its ops count now: fetch them at the next round
+        self._dis.member_joined(rec.node_id)
         if self._address_book is not None and rec.addresses:
             self._address_book(rec.node_id, rec.addresses)
 
     def _forget_peer(self, node: NodeId) -> None:
         # no longer a member: its ops stay here but are not relayed any more, by any node
         self.op_store.set_author_gossipable(node.digest, False)
-        self._swim.remove(node)
+        self._members.left(node)
         self.peer_meta_store.forget([node])
         self._op_rate.pop(node, None)
         self._req_rate.pop(node, None)
-        link = self._links.pop(node, None)
+        self._drop_link(node)
+
+    def _drop_link(self, peer: NodeId) -> None:
+        link = self._links.pop(peer, None)
+        self._conns.closed(peer)
         if link is not None:
             link.close()
 
     def _announce(self, what: Literal["records", "ops"], raws: list[bytes],
                   exclude: NodeId | None, relayers: int | None = None,
                   prefer: Iterable[NodeId] = ()) -> None:
-        """Push new records or ops to up to ``publish_fanout`` peers at once.
-
-        ``relayers`` of them (default ``relay_fanout``) forward what is new to them once to
-        their own peers, reaching nodes we do not know; forwarded pushes are not forwarded
-        again, so an item costs about ``(1 + relay_fanout) * peers`` pushes, never a cascade.
-        Peers in ``prefer`` come first, so they are the relayers.
-        """
-        t = self.config.timing
-        n = t.relay_fanout if relayers is None else relayers
-        first = set(prefer)
-        alive = self._alive_peers()
-        alive.sort(key=lambda p: p not in first)  # stable: the rest stays shuffled
-        targets = [p for p in alive if p != exclude][: t.publish_fanout]
-        if len(self._tasks) + len(targets) > self.config.limits.max_pushes:
-            # a flood of relayed items must not become unbounded work; gossip delivers them
-            self.metrics.limit("pushes")
-            return
-        for i, p in enumerate(targets):
-            self._spawn(self._push(what, p, raws, relay=i < n), "push")
+        """Push new records or ops at once (whom to: :meth:`Dissemination.announce`)."""
+        for p in self._dis.announce(what, raws, exclude, in_flight=len(self._tasks),
+                                    relayers=relayers, prefer=prefer):
+            self._spawn(self._push(p.what, p.peer, p.raws, p.relay), "push")
 
     async def _push(self, what: Literal["records", "ops"], peer: NodeId, raws: list[bytes],
                     relay: bool) -> bool:
@@ -715,25 +724,11 @@ class Space:
 
     def _refused(self, op_id: bytes | None, author: NodeId | None, why: object,
                  sender: NodeId | None) -> None:
-        """Count a refused op; do not fetch it again for a while (peers keep offering ops we
-        refuse, e.g. by an author who left), or until ``author`` becomes a member."""
+        """Count a refused op; dissemination does not fetch it again for a while."""
         self.metrics.inc("ops_rejected")
         log.debug("rejected op from %s: %s", sender, why)
-        if op_id is None:
-            return
-        self._rejected[op_id] = (time.monotonic() + self.config.timing.rejected_op_ttl, author)
-        self._rejected.move_to_end(op_id)
-        while len(self._rejected) > self.config.limits.rejected_ops:
-            self._rejected.popitem(last=False)
-
-    def _worth_fetching(self, op_id: bytes) -> bool:
-        entry = self._rejected.get(op_id)
-        if entry is None:
-            return True
-        if entry[0] > time.monotonic():
-            return False
-        del self._rejected[op_id]  # retry: what it depends on may have arrived meanwhile
-        return True
+        if op_id is not None:
+            self._dis.refused(op_id, author, self._mono())
 
     # --- notify ------------------------------------------------------------------------------
 
@@ -757,7 +752,7 @@ class Space:
             raise SpaceError("space is closed")
         link = self._links.get(peer)
         if link is not None and not link.closed:
-            self._links.move_to_end(peer)
+            self._conns.used(peer)
             return link
         lock = self._dialing.setdefault(peer, asyncio.Lock())
         try:
@@ -766,20 +761,17 @@ class Space:
                 if link is not None and not link.closed:
                     return link
                 meta = self.peer_meta_store.peek(peer)
-                if meta is not None and meta.backoff_until > self._clock():
+                if not Links.may_dial(meta, self._clock()):
                     raise TransportError(f"backing off from {peer.short()}", peer=peer)
                 try:
                     link = await self._dial(peer)
                 except (TransportError, AdmissionError, TimeoutError):
                     self._dial_failed(peer)
                     raise
-                if meta is not None:
-                    meta.failures, meta.backoff_until = 0, 0.0
+                Links.dial_ok(meta)
                 self._links[peer] = link
-                while len(self._links) > self.config.limits.max_links:
-                    _, old = self._links.popitem(last=False)
-                    self.metrics.limit("links")
-                    old.close()
+                for old in self._conns.opened(peer):
+                    self._drop_link(old)
                 link.reader = self._tasks.spawn(link.read_loop(), name="link")
                 return link
         finally:
@@ -809,19 +801,17 @@ class Space:
 
     def _dial_failed(self, peer: NodeId) -> None:
         """Back off exponentially from a peer (or seed) we could not reach or were refused by."""
-        if peer not in self._seeds and self.peer_store.get(peer) is None:
+        if peer not in self._members.seeds and self.peer_store.get(peer) is None:
             return  # keeps meta bounded by peers and seeds
-        t = self.config.timing
-        meta = self.peer_meta_store.get(peer)
-        meta.failures += 1
-        delay = t.probe_interval * 2 ** min(meta.failures - 1, 16)
-        meta.backoff_until = self._clock() + min(t.unresponsive_backoff_max, delay)
+        self._conns.dial_failed(self.peer_meta_store.get(peer), self._clock())
 
     def _link_lost(self, link: _Link) -> None:
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
+            self._conns.closed(link.peer)
         if not self._closing:
-            self._swim.suspect(link.peer)
+            self._members.link_lost(link.peer)
+            self._driver.poke()
 
     # --- serving (server side) ---------------------------------------------------------------
 
@@ -830,23 +820,15 @@ class Space:
         if self._closing:
             stream.reset("closing")
             return
-        if self._inbound.get(peer, 0) >= _MAX_INBOUND_STREAMS_PER_PEER:
-            self.metrics.limit("inbound_streams")
-            stream.reset("too many streams")
-            return
-        # strangers cost a constant, whoever they claim to be; members (vouched for, rate
-        # limited) are not held up by a flood of them
         stranger = not self.is_member(peer)
-        if stranger and self._handshakes >= self.config.limits.max_handshakes:
-            self.metrics.limit("handshakes")
-            stream.reset("busy")
+        refusal = self._conns.admit_stream(peer, stranger=stranger)
+        if refusal is not None:
+            stream.reset(refusal)
             return
-        self._inbound[peer] = self._inbound.get(peer, 0) + 1
         task = asyncio.current_task()
         assert task is not None
         self._serving.add(task)
         try:
-            self._handshakes += stranger
             try:
                 admitted = await self._accept_handshake(stream)
             except TimeoutError:
@@ -854,16 +836,14 @@ class Space:
                 stream.reset("handshake timed out")
                 return
             finally:
-                self._handshakes -= stranger
+                self._conns.handshake_over(stranger=stranger)
             if admitted:
                 await self._serve_requests(stream)
         except (TransportError, TimeoutError):
             stream.reset("protocol error")
         finally:
             self._serving.discard(task)
-            self._inbound[peer] -= 1
-            if not self._inbound[peer]:
-                del self._inbound[peer]
+            if self._conns.stream_closed(peer):
                 self._responder.drop(peer)
 
     async def _accept_handshake(self, stream: Stream) -> bool:
@@ -951,7 +931,7 @@ class Space:
             return  # keeps meta bounded by the live peer store
         meta = self.peer_meta_store.get(peer)
         meta.last_seen = self._clock()
-        for eff in self._swim.heard_from(peer):
+        for eff in self._members.heard_from(peer):
             self._apply_swim(eff)
 
     async def _handle(self, peer: NodeId, msg: wire.Request) -> wire.Response | None:
@@ -1021,25 +1001,10 @@ class Space:
 
     # --- gossip ------------------------------------------------------------------------------
 
-    def _gossip_period(self) -> float:
-        """Jittered interval; a quarter of it while rounds bring news (converging)."""
-        period = self.config.timing.gossip_interval * self._rng.uniform(0.75, 1.25)
-        news, self._news = self._news, False
-        return period / 4 if news else period
-
-    async def _gossip_tick(self) -> None:
-        if self._local is not None and self._local.tombstone:
-            return  # we left
-        peers = self._alive_peers()[: self.config.timing.gossip_fanout]
-        if not peers or len(self.peer_store) <= 1:
-            peers = [*peers, *self._seeds]
-        await asyncio.gather(*(self._gossip_with(p) for p in peers))
-
     async def _gossip_with(self, peer: NodeId) -> None:
         """One anti-entropy round with ``peer``; failures only cost this round."""
-        if peer in self._gossiping:
-            return  # a new session would replace the running one at the peer
-        self._gossiping.add(peer)
+        if not self._dis.begin_round(peer):
+            return
         t = self.config.timing
         init = GossipInitiator(self.peer_store, self.op_store, os.urandom(16), self.config.limits)
         req: wire.Request | None = init.start()
@@ -1059,7 +1024,7 @@ class Space:
         except SpaceStorageError as exc:
             self._storage_failed(exc)
         except AdmissionError as exc:
-            if peer in self._seeds:  # e.g. bootstrapped with a ticket that has no secret
+            if peer in self._members.seeds:  # e.g. bootstrapped with a ticket that has no secret
                 self._warn.warning("seed-refused", "%s; join with the ticket the space's "
                                    "nodes print (it carries the secret)", exc)
             else:
@@ -1067,7 +1032,7 @@ class Space:
         except (TransportError, SpaceError, TimeoutError):
             self.metrics.inc("gossip_failures")
         finally:
-            self._gossiping.discard(peer)
+            self._dis.round_over(peer)
 
     async def _apply_gossip(self, peer: NodeId,
                             eff: ApplyRecords | SendRecords | WantOps | OfferOps) -> None:
@@ -1080,67 +1045,57 @@ class Space:
                 if raws:
                     await self._push("records", peer, raws, relay=False)
             case WantOps():
-                wanted = [i for i in eff.ids if self._worth_fetching(i)]
-                if wanted:
-                    self._news = True
-                    self._fetch.add(wanted, peer)
-                    self._fetch_wake.set()
+                self._dis.want(peer, eff.ids, self._mono())
+                self._driver.poke()
             case OfferOps():
                 raws = list(self.op_store.get_raw(eff.ids).values())
                 await self._push("ops", peer, raws, relay=False)
 
     # --- fetch -------------------------------------------------------------------------------
 
-    async def _fetch_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.timing.fetch_retry_base):
-                    await self._fetch_wake.wait()
-            self._fetch_wake.clear()
-            for peer, ids in self._fetch.due(self._mono()):
-                self._spawn(self._fetch_from(peer, ids), "fetch")
-
     async def _fetch_from(self, peer: NodeId, ids: list[bytes]) -> None:
+        try:
+            await self._fetch_once(peer, ids)
+        finally:
+            self._driver.poke()  # the queue changed: what is due next may have too
+
+    async def _fetch_once(self, peer: NodeId, ids: list[bytes]) -> None:
+        fetch = self._dis.fetch
         try:
             link = await self._link(peer)
             resp = await link.request(wire.Fetch(0, ids), self.config.timing.request_timeout)
         except (TransportError, SpaceError, TimeoutError):
-            self._fetch.failed(peer, ids, self._mono())
+            fetch.failed(peer, ids, self._mono())
             return
         if not isinstance(resp, wire.Ops):
-            self._fetch.failed(peer, ids, self._mono())
+            fetch.failed(peer, ids, self._mono())
             return
         sent = {i.digest for raw in resp.ops if (i := peek_op_id(raw, self.config.limits))}
         try:
             self.add_ops(resp.ops, sender=peer)
         except SpaceStorageError as exc:
             self._storage_failed(exc)
-            self._fetch.failed(peer, ids, self._mono())
+            fetch.failed(peer, ids, self._mono())
             return
         requested = set(ids)
         missing = {i for i in resp.missing if i in requested}
         # what the peer sent is done with, stored or rejected by validation (then no other
         # peer's copy of that id would pass either); what did not fit its reply is asked again
-        self._fetch.received(peer, [i for i in ids if i in sent])
+        fetch.received(peer, [i for i in ids if i in sent])
         if missing:
-            self._fetch.not_found(peer, sorted(missing))
+            fetch.not_found(peer, sorted(missing))
         later = [i for i in ids if i not in sent and i not in missing]
         if later:
-            self._fetch.release(peer, later)
-        self._fetch_wake.set()
+            fetch.release(peer, later)
 
     # --- failure detection -------------------------------------------------------------------
-
-    async def _probe_tick(self) -> None:
-        for eff in self._swim.tick(self._mono()):
-            self._apply_swim(eff)
 
     def _apply_swim(self, eff: Probe | ProbeVia | Unresponsive | Alive) -> None:
         match eff:
             case Probe():
-                if eff.target not in self._links:
-                    self._swim.set_deadline(eff.target, eff.seq,
-                                            self._mono() + self.config.timing.request_timeout)
+                if eff.target not in self._links:  # connecting first: that is not silence
+                    self._set_deadline(eff.target, eff.seq,
+                                       self._mono() + self.config.timing.request_timeout)
                 self._spawn(self._probe(eff.target, eff.seq, (eff.target,), direct=True), "probe")
             case ProbeVia():
                 self._spawn(self._probe(eff.target, eff.seq, eff.via, direct=False), "probe")
@@ -1148,9 +1103,7 @@ class Space:
                 self.metrics.inc("peers_unresponsive")
                 meta = self.peer_meta_store.get(eff.target)
                 meta.unresponsive = True
-                link = self._links.pop(eff.target, None)
-                if link is not None:
-                    link.close()
+                self._drop_link(eff.target)
             case Alive():
                 meta = self.peer_meta_store.get(eff.target)
                 meta.unresponsive = False
@@ -1162,16 +1115,15 @@ class Space:
         if self._recently_heard(target):
             # traffic on the connection already proves life; a ping could queue for
             # seconds behind bulk data on a saturated link and time out for nothing
-            for eff in self._swim.on_ack(target, seq):
-                self._apply_swim(eff)
+            self._acked(target, seq)
             return
         if direct:
             try:
                 await self._link(target)
             except (TransportError, SpaceError, TimeoutError):
-                self._swim.set_deadline(target, seq, self._mono())  # go indirect now
+                self._set_deadline(target, seq, self._mono())  # go indirect now
                 return
-            self._swim.set_deadline(target, seq, self._mono() + t.probe_timeout)
+            self._set_deadline(target, seq, self._mono() + t.probe_timeout)
             acked = await self._ping(target, t.probe_timeout)
         else:
             async def ask(helper: NodeId) -> bool:
@@ -1184,8 +1136,16 @@ class Space:
 
             acked = any(await asyncio.gather(*(ask(h) for h in via)))
         if acked:
-            for eff in self._swim.on_ack(target, seq):
-                self._apply_swim(eff)
+            self._acked(target, seq)
+
+    def _acked(self, target: NodeId, seq: int) -> None:
+        for eff in self._members.acked(target, seq):
+            self._apply_swim(eff)
+        self._driver.poke()
+
+    def _set_deadline(self, target: NodeId, seq: int, deadline: float) -> None:
+        self._members.detector.set_deadline(target, seq, deadline)
+        self._driver.poke()
 
     def _recently_heard(self, target: NodeId) -> bool:
         when = self._net.last_heard(target)
@@ -1212,10 +1172,10 @@ class Space:
         for node in self.peer_store.expire(now):
             self._forget_peer(node)
         self.peer_meta_store.retain(
-            lambda n: n in self._seeds or self.peer_store.get(n) is not None)
+            lambda n: n in self._members.seeds or self.peer_store.get(n) is not None)
         for buckets in (self._op_rate, self._req_rate):
             for n in [n for n in buckets
-                      if n not in self._inbound and self.peer_store.get(n) is None]:
+                      if not self._conns.serving(n) and self.peer_store.get(n) is None]:
                 del buckets[n]
         self.op_store.prune(now - int(t.op_retention * 1000))
         self.peer_meta_store.flush()

@@ -12,7 +12,6 @@ import contextlib
 import enum
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,6 +19,7 @@ import blake3
 
 from blobmesh.errors import InvalidRecordError, SpaceStorageError
 from blobmesh.space.config import CapValue, Limits
+from blobmesh.space.membership import PeerMeta
 from blobmesh.space.metrics import Metrics
 from blobmesh.space.records import Op, OpId, PeerRecord, decode_op, decode_record
 from blobmesh.transport.identity import NodeId
@@ -151,16 +151,6 @@ class PeerStore:
                and (capability is None or capability(r.capabilities))
                and (include is None or include(r.node_id))]
         return sorted(out, key=lambda r: r.node_id)
-
-
-@dataclass(slots=True)
-class PeerMeta:
-    """What we observed of a peer (not signed, never gossiped)."""
-
-    last_seen: float = 0.0  # wall-clock seconds
-    failures: int = 0
-    backoff_until: float = 0.0
-    unresponsive: bool = False
 
 
 class PeerMetaStore:
