@@ -26,7 +26,6 @@ from typing import Any, Literal
 from blobmesh.errors import (
     AdmissionError,
     InvalidIdError,
-    InvalidOpError,
     InvalidRecordError,
     ProtocolError,
     SpaceError,
@@ -52,13 +51,12 @@ from blobmesh.space.links import Links
 from blobmesh.space.membership import Action as MembershipAction
 from blobmesh.space.membership import BootstrapRound, Maintain, Membership, PeerMeta
 from blobmesh.space.metrics import Metrics
+from blobmesh.space.ops import OpLog, OpValidator
 from blobmesh.space.predicate import Predicate, parse_predicate
 from blobmesh.space.ratelimit import TokenBucket
 from blobmesh.space.records import (
     Op,
     PeerRecord,
-    check_kind,
-    decode_op,
     decode_record,
     peek_op_id,
     peek_record,
@@ -74,6 +72,7 @@ from blobmesh.space.store import (
     PutResult,
     open_db,
 )
+from blobmesh.space.streams import Link, accept_handshake, dial_handshake
 from blobmesh.space.subscription import Subscription
 from blobmesh.space.swim import Alive, Probe, ProbeVia, Unresponsive
 from blobmesh.tasks import TaskOwner
@@ -83,8 +82,6 @@ from blobmesh.transport.ticket import Address, parse_address
 
 log = logging.getLogger(__name__)
 
-OpValidator = Callable[[Op], None]
-"""Raises (any exception, ideally :class:`InvalidOpError`) to reject an op of its kind."""
 NotifyHandler = Callable[[NodeId, bytes], Awaitable[None] | None]
 """Called with (sender, data) per notification; may be a plain function or a coroutine one."""
 AddressBook = Callable[[NodeId, tuple[str, ...]], None]
@@ -122,76 +119,6 @@ class PeerInfo:
         return {"node": str(self.node_id), "addresses": list(self.addresses),
                 "groups": sorted(self.groups), "capabilities": dict(self.capabilities),
                 "alive": self.alive, "last_seen": self.last_seen, "expires_at": self.expires_at}
-
-
-class _Link:
-    """Our outgoing stream to one peer, after a successful handshake."""
-
-    def __init__(self, space: Space, stream: Stream) -> None:
-        self._space = space
-        self.stream = stream
-        self.peer = stream.peer
-        self._rid = 0
-        self._waiting: dict[int, asyncio.Future[wire.Response]] = {}
-        self._send_lock = asyncio.Lock()
-        self.closed = False
-        self.reader: asyncio.Task[None] | None = None
-
-    async def send(self, msg: wire.Request) -> int:
-        self._rid += 1
-        msg.rid = self._rid
-        raw = wire.encode(msg)
-        async with self._send_lock:
-            await self.stream.send(raw)
-        self._space.metrics.inc("bytes_sent", len(raw))
-        self._space.metrics.inc("messages_sent")
-        return self._rid
-
-    async def request(self, msg: wire.Request, within: float) -> wire.Response:
-        fut: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
-        self._rid += 1
-        rid = self._rid
-        self._waiting[rid] = fut
-        try:
-            async with asyncio.timeout(within):
-                msg.rid = rid
-                raw = wire.encode(msg)
-                async with self._send_lock:
-                    await self.stream.send(raw)
-                self._space.metrics.inc("bytes_sent", len(raw))
-                self._space.metrics.inc("messages_sent")
-                return await fut
-        finally:
-            self._waiting.pop(rid, None)
-
-    async def read_loop(self) -> None:
-        s = self._space
-        try:
-            while True:
-                raw = await self.stream.recv()
-                s.metrics.inc("bytes_received", len(raw))
-                msg = wire.decode_response(raw, s.config.limits, s.metrics)
-                fut = self._waiting.get(msg.rid)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-        except (TransportError, ProtocolError) as exc:
-            self._fail(exc)
-        except asyncio.CancelledError:
-            self._fail(TransportError("link closed"))
-            raise
-
-    def _fail(self, exc: Exception) -> None:
-        self.closed = True
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._space._link_lost(self)
-
-    def close(self) -> None:
-        self.closed = True
-        self.stream.reset("link closed")
-        if self.reader is not None:
-            self.reader.cancel()
 
 
 class _View:
@@ -257,10 +184,12 @@ class Space:
         self._conns = Links(t, lim, self.metrics)
         self._driver: Driver[MembershipAction | DisseminationAction] = Driver(
             [self._members, self._dis], self._execute, self.metrics)
-        self._validators: dict[str, OpValidator | None] = {}
-        self._subs: set[Subscription] = set()
+        self._ops = OpLog(config, self.op_store, self.metrics, me=self.node_id,
+                          is_member=self.is_member, now_ms=self._now_ms,
+                          on_refused=lambda op_id, author: self._dis.refused(
+                              op_id, author, self._mono()))
         self._notify_handler: NotifyHandler | None = None
-        self._links: dict[NodeId, _Link] = {}  # in use order: self._conns
+        self._links: dict[NodeId, Link] = {}  # in use order: self._conns
         self._dialing: dict[NodeId, asyncio.Lock] = {}
         self._warn = RateLimitedLog(log)
         self._op_rate: dict[NodeId, TokenBucket] = {}
@@ -307,8 +236,7 @@ class Space:
         for task in serving:
             with contextlib.suppress(BaseException):
                 await task
-        for sub in list(self._subs):
-            sub.close()
+        self._ops.close_subscriptions()
         try:
             self.peer_meta_store.flush()
         except SpaceStorageError as exc:  # only liveness hints: they are learnt again
@@ -593,22 +521,7 @@ class Space:
 
     def register_op_kind(self, kind: str, validator: OpValidator | None = None) -> None:
         """Accept ops of ``kind`` (others are rejected), checked by ``validator`` if given."""
-        check_kind(kind)
-        self._validators[kind] = validator
-
-    def _validate(self, op: Op) -> None:
-        if op.kind not in self._validators:
-            raise InvalidOpError(f"unknown op kind {op.kind!r}")
-        validator = self._validators[op.kind]
-        if validator is not None:
-            try:
-                validator(op)
-            except InvalidOpError:
-                raise
-            except Exception as exc:
-                raise InvalidOpError(f"op {op.id.short()} rejected: {exc}") from exc
-        if op.timestamp < self._now_ms() - int(self.config.timing.op_retention * 1000):
-            raise InvalidOpError(f"op {op.id.short()} is older than the retention period")
+        self._ops.register_kind(kind, validator)
 
     async def publish(self, kind: str, payload: bytes) -> Op:
         """Sign, validate and store a new op, then push it to peers at once.
@@ -620,31 +533,14 @@ class Space:
         c = self.config
         op = sign_op(self._signer, space=c.name, kind=kind, timestamp=self._now_ms(),
                      payload=payload, limits=c.limits)
-        self._validate(op)
-        if not self.op_store.insert([op], gossip=True):
-            if self.op_store.missing([op.id.digest]):
-                raise SpaceLimitError(f"op store full ({c.limits.max_ops} ops)")
-            return op
-        self._offer([op])
-        self.metrics.inc("ops_published")
-        self._announce("ops", [op.raw], exclude=None)
+        if self._ops.add_own(op):
+            self.metrics.inc("ops_published")
+            self._announce("ops", [op.raw], exclude=None)
         return op
 
     def inform_ops_stored(self, ops: Iterable[Op]) -> None:
         """Let validated, stored ops enter gossip and reach subscribers."""
-        ops = list(ops)
-        self.op_store.mark_gossipable(op.id for op in ops)
-        self._offer(ops)
-
-    def _offer(self, ops: list[Op]) -> None:
-        if not self._subs:
-            return
-        seqs = self.op_store.seqs(op.id.digest for op in ops)
-        for op in ops:
-            seq = seqs.get(op.id.digest)
-            for sub in list(self._subs):
-                if seq is not None and (sub.kinds is None or op.kind in sub.kinds):
-                    sub.offer(seq, op)
+        self._ops.inform_stored(ops)
 
     def ops(self, kind: str | None = None, since: int = 0, limit: int = 1000) -> list[Op]:
         """Stored ops (of ``kind``) with timestamp >= ``since`` (ms), oldest first."""
@@ -661,74 +557,18 @@ class Space:
 
         Call ``close()`` on the subscription when done.
         """
-        wanted = None if kinds is None else frozenset([kinds] if isinstance(kinds, str)
-                                                      else kinds)
-        sub = Subscription(self.op_store, wanted, self.config.limits.subscriber_queue, after,
-                           self.metrics, self._subs.discard)
-        self._subs.add(sub)
-        return sub
+        return self._ops.subscribe(kinds, after)
 
     watch_ops = subscribe
 
     def add_ops(self, raws: Iterable[bytes], sender: NodeId | None = None) -> list[Op]:
-        """Verify, validate and store signed ops; returns those that were new.
+        """Verify, validate and store signed ops from peers; returns those that were new
+        (see :meth:`OpLog.add`).
 
         Raises :class:`SpaceStorageError` if the database could not be written (the ops not
         stored come back with gossip).
-
-        An op counts only if its author is a current member (``ops_rejected_non_member``
-        otherwise): a key that was never admitted cannot get an op stored or relayed, whoever
-        pushes it.  An op a validator refused is validated once more after the batch's other
-        ops are stored, since it may depend on one of them (a cancel on its request).
         """
-        now = self._now_ms()
-        valid: list[Op] = []
-        refused: list[Op] = []
-        raws = list(raws)
-        ids = {raw: peek_op_id(raw, self.config.limits) for raw in raws}
-        missing = set(self.op_store.missing(i.digest for i in ids.values() if i is not None))
-        for raw in raws:
-            op_id = ids[raw]
-            if op_id is not None and op_id.digest not in missing:
-                continue  # held already: no need to verify it again
-            try:
-                op = decode_op(raw, space=self.config.name, now_ms=now, limits=self.config.limits)
-            except InvalidOpError as exc:
-                self._refused(op_id.digest if op_id else None, None, exc, sender)
-                continue
-            if op.author != self.node_id and not self.is_member(op.author):
-                self.metrics.inc("ops_rejected_non_member")
-                self._refused(op.id.digest, op.author, "author is not a member", sender)
-                continue
-            (valid if self._valid(op) else refused).append(op)
-        new = self.op_store.insert(valid, gossip=True)
-        again = [op for op in refused if new and self._valid(op)]
-        for op in refused:
-            if op not in again:
-                self._refused(op.id.digest, None, "refused by its kind's validator", sender)
-        try:
-            if again:
-                new += self.op_store.insert(again, gossip=True)
-        finally:  # what the first batch stored reaches subscribers even if the second failed
-            if new:
-                self._offer(new)
-                self.metrics.inc("ops_received", len(new))
-        return new
-
-    def _valid(self, op: Op) -> bool:
-        try:
-            self._validate(op)
-        except InvalidOpError:
-            return False
-        return True
-
-    def _refused(self, op_id: bytes | None, author: NodeId | None, why: object,
-                 sender: NodeId | None) -> None:
-        """Count a refused op; dissemination does not fetch it again for a while."""
-        self.metrics.inc("ops_rejected")
-        log.debug("rejected op from %s: %s", sender, why)
-        if op_id is not None:
-            self._dis.refused(op_id, author, self._mono())
+        return self._ops.add(raws, sender)
 
     # --- notify ------------------------------------------------------------------------------
 
@@ -747,7 +587,7 @@ class Space:
 
     # --- links (client side) -----------------------------------------------------------------
 
-    async def _link(self, peer: NodeId) -> _Link:
+    async def _link(self, peer: NodeId) -> Link:
         if self._closing:
             raise SpaceError("space is closed")
         link = self._links.get(peer)
@@ -778,26 +618,17 @@ class Space:
             if not lock.locked():
                 self._dialing.pop(peer, None)
 
-    async def _dial(self, peer: NodeId) -> _Link:
+    async def _dial(self, peer: NodeId) -> Link:
         c = self.config
         stream = await self._net.open_stream(peer, wire.PROTOCOL)
         hs = admission.DialerHandshake(c, self.node_id, peer, os.urandom(admission.NONCE_SIZE))
         try:
-            async with asyncio.timeout(c.timing.handshake_timeout):
-                await stream.send(wire.encode(hs.hello()))
-                msg = wire.decode_handshake(await stream.recv(), c.limits, self.metrics)
-                await stream.send(wire.encode(hs.on_challenge(msg)))
-                hs.on_welcome(wire.decode_handshake(await stream.recv(), c.limits,
-                                                    self.metrics))
+            await dial_handshake(stream, hs, c, self.metrics)
         except AdmissionError:
             self.metrics.inc("admission_refused")
-            stream.reset("handshake failed")
-            raise
-        except BaseException:
-            stream.reset("handshake failed")
             raise
         self._admitted(peer)
-        return _Link(self, stream)
+        return Link(stream, c.limits, self.metrics, self._link_lost)
 
     def _dial_failed(self, peer: NodeId) -> None:
         """Back off exponentially from a peer (or seed) we could not reach or were refused by."""
@@ -805,7 +636,7 @@ class Space:
             return  # keeps meta bounded by peers and seeds
         self._conns.dial_failed(self.peer_meta_store.get(peer), self._clock())
 
-    def _link_lost(self, link: _Link) -> None:
+    def _link_lost(self, link: Link) -> None:
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
             self._conns.closed(link.peer)
@@ -851,26 +682,13 @@ class Space:
         peer = stream.peer
         hs = admission.AcceptorHandshake(c, self.node_id, peer,
                                          os.urandom(admission.NONCE_SIZE))
-        async with asyncio.timeout(c.timing.handshake_timeout):
-            challenge = hs.on_hello(
-                wire.decode_handshake(await stream.recv(), c.limits, self.metrics))
-            if isinstance(challenge, wire.Refused):
-                return await self._refuse(stream, challenge)
-            await stream.send(wire.encode(challenge))
-            welcome = hs.on_auth(
-                wire.decode_handshake(await stream.recv(), c.limits, self.metrics))
-            if isinstance(welcome, wire.Refused):
-                return await self._refuse(stream, welcome)
-            await stream.send(wire.encode(welcome))
+        refusal = await accept_handshake(stream, hs, c, self.metrics)
+        if refusal is not None:
+            self.metrics.inc("admission_refused")
+            self._warn.warning("refused", "refused %s: %s", peer.short(), refusal.reason)
+            return False
         self._admitted(peer)
         return True
-
-    async def _refuse(self, stream: Stream, refusal: wire.Refused) -> bool:
-        self.metrics.inc("admission_refused")
-        self._warn.warning("refused", "refused %s: %s", stream.peer.short(), refusal.reason)
-        await stream.send(wire.encode(refusal))
-        await stream.close()
-        return False
 
     def _admitted(self, peer: NodeId) -> None:
         """``peer`` proved the secret (either direction): the transport may keep it."""
