@@ -1,8 +1,10 @@
-"""The asyncio layer of a space: links to peers, the loops that drive the state machines.
+"""The space's façade: the public API, and the asyncio layer that executes the cores' actions.
 
-Protocol decisions live in the sans-I/O modules (:mod:`~blobmesh.space.gossip`,
-:mod:`~blobmesh.space.swim`, :mod:`~blobmesh.space.fetch`, :mod:`~blobmesh.space.records`);
-this module moves their messages over :class:`~blobmesh.transport.api.Network` streams.
+Decisions live in the sans-I/O cores (:mod:`~blobmesh.space.membership`,
+:mod:`~blobmesh.space.dissemination`, :mod:`~blobmesh.space.links`,
+:mod:`~blobmesh.space.admission`, :mod:`~blobmesh.space.gossip`); their timers run on one
+:class:`~blobmesh.space.driver.Driver`.  This module carries out what they decide (probes,
+gossip rounds, fetches, pushes) over :class:`~blobmesh.transport.api.Network` streams.
 
 Each node keeps at most one outgoing *link* (stream) per peer: it performs the admission
 handshake once, then carries requests matched to responses by request id.  Requests from a peer
