@@ -257,9 +257,9 @@ class Space:
         """Carry out what a core decided (called by the driver)."""
         match action:
             case Maintain():
-                self._spawn_round("maintain", self._maintain())
+                self._spawn_round("maintain", self._maintain)
             case BootstrapRound():
-                self._spawn_round("bootstrap", self._bootstrap_tick())
+                self._spawn_round("bootstrap", self._bootstrap_tick)
             case GossipWith():
                 self._spawn(self._gossip_with(action.peer), "gossip")
             case FetchFrom():
@@ -267,15 +267,14 @@ class Space:
             case _:
                 self._apply_swim(action)
 
-    def _spawn_round(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn_round(self, name: str, step: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """One round of ``name`` at a time; a failing one is counted, the next one comes."""
         if name in self._rounds:
-            coro.close()
             return
 
         async def run() -> None:
             try:
-                await coro
+                await step()
             except Exception:
                 log.exception("space %s round failed", name)
                 self.metrics.inc("loop_errors")
