@@ -246,6 +246,7 @@ class DistributionService:
         self._jobs: dict[DistributionHandle, asyncio.Task[None]] = {}
         self._tasks = TaskOwner("distribution")
         self._lease = LeaseId.new("distribution")
+        self._changed = asyncio.Event()  # any distribution changed (set, then replaced)
         space.notify_handler(NOTIFY_PROGRESS, self._on_progress_note)
         self.authz = OpAuthorizer(self.config.distributors)
         space.register_op_kind(OP_REQUEST,
@@ -388,6 +389,10 @@ class DistributionService:
                 f"{status.total} targets completed", status) from None
         return self._snapshot(tracked)
 
+    async def next_change(self) -> None:
+        """Wait until any distribution known here changes (a target's progress, say)."""
+        await self._changed.wait()
+
     async def subscribe_progress(self, handle: DistributionHandle, *, interval: float = 0.1
                                  ) -> AsyncIterator[DistributionStatus]:
         """Status snapshots as they change (at most one per ``interval``), ending when done."""
@@ -484,6 +489,8 @@ class DistributionService:
         elif not done:
             tracked.finished = None  # a target came back: the distribution is active again
         changed, tracked.changed = tracked.changed, asyncio.Event()
+        changed.set()
+        changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
     async def _apply_cancel(self, tracked: _Tracked) -> None:
