@@ -236,8 +236,8 @@ async def test_members_stats_honest_garbage_and_silent(tmp_path: Path) -> None:
         await eventually(lambda: len(dash.space.peers()) == 3, 20)
         info = read_url_file(dash.config.home)
         assert info is not None
-        cell = "return document.querySelector(\"#fleet tr[data-node='\" + arguments[0] + " \
-               "\"'] td.store\").textContent"
+        cell = "const c = document.querySelector(\"#fleet tr[data-node='\" + arguments[0] + " \
+               "\"'] td.store\"); return c && c.textContent"
 
         def browse() -> None:
             with chromium() as page:

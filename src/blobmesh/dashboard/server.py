@@ -105,6 +105,7 @@ class Dashboard:
         self._history = History()
         self._up, self._down = RateMeter(), RateMeter()
         self._store_at = 0.0
+        self._refreshing = False
         self._node_info: dict[str, Any] = {}
         self._blobs: list[dict[str, Any]] = []
         self._stats = MemberStats()
@@ -291,22 +292,36 @@ class Dashboard:
                 await self._wake.wait()
                 continue
             started = time.monotonic()
+            self._wake.clear()
+            self._refresh_soon(time.time())
             # a failure is logged and counted by the owner, and the loop restarted
-            await self._refresh(time.time())
             self._build(time.time())
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
             # the next view as soon as something changes (not sooner than ``interval`` after
             # this one), and at least once a second for the fleet and the clock
-            self._wake.clear()
             waits = [asyncio.ensure_future(self.node.distribution.next_change()),
                      asyncio.ensure_future(self._wake.wait())]
-            left = _FLEET_EVERY - (time.monotonic() - started)
             try:
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+                left = _FLEET_EVERY - (time.monotonic() - started)
                 await asyncio.wait(waits, timeout=max(0.0, left),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
+
+    def _refresh_soon(self, now: float) -> None:
+        """Refresh from the store in the background (a slow store never delays a view); the
+        view after it carries the news."""
+        if now - self._store_at >= _STORE_EVERY and not self._refreshing:
+            self._refreshing = True
+            self._tasks.spawn(self._refresh_then_wake(now), name="store")
+
+    async def _refresh_then_wake(self, now: float) -> None:
+        try:
+            await self._refresh(now)
+        finally:
+            self._refreshing = False
+            self._wake.set()
 
     async def _refresh(self, now: float) -> None:
         """What comes from the store (off the event loop, through ``store.aio``): at most

@@ -178,7 +178,8 @@ function setLost(lost) {
 
 setInterval(() => {
   if (state.lastMessage && Date.now() - state.lastMessage > LOST_AFTER && !state.lost) setLost(true);
-  if (state.node) drawUptime();
+  // the uptime is redrawn with the next view; only a node that sends none needs a frame for it
+  if (state.node && Date.now() - state.lastMessage > 1000) drawUptime();
 }, 1000);
 
 // --- drawing ------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ setInterval(() => {
 function draw() {
   if (!state.node) return;
   const started = performance.now();
-  if (dirty.node) { drawNode(); drawPins(); }
+  if (dirty.node) { drawNode(); drawPins(); } else drawUptime();
   if (dirty.fleet) drawFleet();
   if (dirty.dists.size || dirty.distOrder || dirty.node) drawDists();
   if (dirty.events) drawEvents();
