@@ -377,8 +377,9 @@ class Dashboard:
         members = sorted(((p, liveness(p.alive, now if p.node_id == me else p.last_seen, now))
                           for p in peers),
                          key=lambda m: (m[0].node_id != me, order[m[1]], str(m[0].node_id)))
+        pages = {s.fleet_page for s in self._streams.values()}
         self._ask([p.node_id for i, (p, _) in enumerate(members)
-                   if p.node_id != me and i // FLEET_PAGE in self._fleet_pages()], now)
+                   if p.node_id != me and i // FLEET_PAGE in pages], now)
         fleet: list[dict[str, Any]] = []
         for p, alive in members:
             is_me = p.node_id == me
@@ -398,9 +399,6 @@ class Dashboard:
         self._members = {m["node"]: m["liveness"] for m in fleet if not m["self"]}
         self._fleet_bytes = _sse("fleet", {"t": now, "members": fleet})
         self._fleet_version += 1
-
-    def _fleet_pages(self) -> set[int]:
-        return {s.fleet_page for s in self._streams.values()}
 
     # --- other members' stats --------------------------------------------------------------
 

@@ -65,6 +65,7 @@ function connect() {
   // each new stream starts with everything: the node, every distribution, the whole log
   es.addEventListener("open", () => {
     state.events = []; dirty.events = "all";
+    state.history = []; es.gotRows = false;
     dirty.distOrder = true;
     setLost(false);
   });
