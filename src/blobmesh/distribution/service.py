@@ -476,6 +476,10 @@ class DistributionService:
             return  # completed is final: nothing rolls it back
         if (tracked.cancelled or tracked.gave_up) and not state.final:
             return
+        if not old.state.final:
+            # notes and status ops travel different paths: an older count arriving after a
+            # newer one must not make progress go backwards (pieces are durable once counted)
+            bytes_done = max(bytes_done, old.bytes_done)
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
                                         reason=reason, peers=peers, sources=sources,
                                         updated=time.time())
