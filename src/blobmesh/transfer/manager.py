@@ -32,7 +32,7 @@ from blobmesh.errors import (
     VerificationError,
     VoucherRejectedError,
 )
-from blobmesh.hashing import BlobId, PieceLayer
+from blobmesh.hashing import BlobId, Buffer, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PieceReader, Store
 from blobmesh.tasks import TaskOwner
 from blobmesh.transfer.channel import (
@@ -112,7 +112,7 @@ class _Session:
         self.over = asyncio.Event()
         self.ended = asyncio.Event()
         self.sink: PieceSink | None = None
-        self.writes: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(QUEUE_PIECES)
+        self.writes: asyncio.Queue[tuple[int, Buffer]] = asyncio.Queue(QUEUE_PIECES)
         self.unflushed: list[int] = []
         self.unflushed_bytes = 0
         self.flush_now = asyncio.Event()
@@ -586,10 +586,11 @@ class TransferManager:
                 tg.create_task(self._read_ahead(live, sess, reader, ready))
                 while True:
                     index, data = await ready.get()
+                    view = memoryview(data)
                     async with sess.send_lock:
-                        for off in range(0, max(len(data), 1), chunk):
-                            part = data if len(data) <= chunk else data[off : off + chunk]
-                            await sess.stream.send(encode(Data(index, off, part)))
+                        for off in range(0, max(len(view), 1), chunk):
+                            await sess.stream.send(encode(Data(index, off,
+                                                               view[off : off + chunk])))
         finally:
             await self.store.aio.io(reader.close)
 
