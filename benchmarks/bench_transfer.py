@@ -7,7 +7,8 @@ between two processes (blocking sockets, the node certificates of the transport)
 that many bytes to a file in ``--dir`` with fsync, and (c) ``blobmesh serve`` in one process
 while a client process pulls the blob into a fresh store in ``--client-dir`` (TLS, every piece
 verified, durable, stored; by default on tmpfs, so the disk is not the limit).  Then the
-client pulls ``--small`` blobs of 16 KiB over one connection (64 channels in flight).
+client pulls ``--small`` blobs of 16 KiB over one connection: batched (``pull_many``, one
+stream) and, for comparison, as 64 channels in flight.
 Each figure is the median of ``--runs``; peak RSS is each process's VmHWM.
 Goal (issue 9): (c) >= 0.5 x (a); >= 2,000 small blobs/s; RSS < 200 MiB per side.
 """
@@ -111,7 +112,8 @@ def fsync_write(work: Path, size: int) -> float:
 # --- (c) blobmesh ----------------------------------------------------------------------------
 
 
-async def _pull(home: str, ticket: str, ids: list[str], parallel: int) -> dict[str, float]:
+async def _pull(home: str, ticket: str, ids: list[str], parallel: int, batched: bool
+                ) -> dict[str, float]:
     from blobmesh.hashing import BlobId
     from blobmesh.store import Store
     from blobmesh.transfer import TransferManager, Voucher
@@ -121,38 +123,43 @@ async def _pull(home: str, ticket: str, ids: list[str], parallel: int) -> dict[s
         ep = await Endpoint.start(Identity.load_or_create(home))
         async with ep, TransferManager(ep, store) as mgr:
             peer = ep.add_ticket(Ticket.parse(ticket))
+            voucher = Voucher("blobmesh/open")
             sem = asyncio.Semaphore(parallel)
 
             async def one(text: str) -> None:
                 async with sem:
-                    chid = await mgr.open_pull(peer, Voucher("blobmesh/open"), BlobId.parse(text))
+                    chid = await mgr.open_pull(peer, voucher, BlobId.parse(text))
                     await mgr.wait(chid)
 
             t = time.perf_counter()
-            async with asyncio.TaskGroup() as tg:
-                for text in ids:
-                    tg.create_task(one(text))
+            if batched:
+                await mgr.pull_many(peer, voucher, [BlobId.parse(text) for text in ids])
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for text in ids:
+                        tg.create_task(one(text))
             seconds = time.perf_counter() - t
     return {"seconds": seconds, "maxrss_kib": vm_hwm_kib()}
 
 
-def pull_client(home: str, ticket: str, ids_file: str, parallel: str) -> None:
-    """Child: pull the blobs listed in ``ids_file`` into ``home``; print seconds and RSS."""
+def pull_client(home: str, ticket: str, ids_file: str, parallel: str, mode: str) -> None:
+    """Child: pull the blobs listed in ``ids_file`` into ``home`` (``mode``: ``batch`` for
+    ``pull_many``, ``channels`` for ``parallel`` channels at a time); print seconds and RSS."""
     from blobmesh.transport import install_uvloop
 
     install_uvloop()
     ids = Path(ids_file).read_text().split()
-    print(json.dumps(asyncio.run(_pull(home, ticket, ids, int(parallel)))))
+    print(json.dumps(asyncio.run(_pull(home, ticket, ids, int(parallel), mode == "batch"))))
 
 
-def run_client(work: Path, client_dir: Path, ticket: str, ids: list[str], parallel: int
-               ) -> dict[str, float]:
+def run_client(work: Path, client_dir: Path, ticket: str, ids: list[str], parallel: int,
+               mode: str = "channels") -> dict[str, float]:
     home = client_dir / f"{work.name}-client"
     shutil.rmtree(home, ignore_errors=True)
     ids_file = work / "ids.txt"
     ids_file.write_text("\n".join(ids))
     out = subprocess.run([sys.executable, __file__, "_pull", str(home), ticket, str(ids_file),
-                          str(parallel)], capture_output=True, check=True, timeout=600)
+                          str(parallel), mode], capture_output=True, check=True, timeout=600)
     result: dict[str, float] = json.loads(out.stdout)
     shutil.rmtree(home, ignore_errors=True)
     return result
@@ -212,6 +219,7 @@ def main() -> None:
     try:
         big, small_ids = prepare(work / "server", size, args.small)
         tls, disk, pulls, smalls, rss_client, rss_server = [], [], [], [], [], []
+        small_channels: list[float] = []
         for _ in range(args.runs):
             tls.append(raw_tls_copy(work, size))
             disk.append(fsync_write(work, size))
@@ -220,9 +228,11 @@ def main() -> None:
                 r = run_client(work, args.client_dir, srv.ticket, [big], 1)
                 pulls.append(size / r["seconds"])
                 rss_client.append(r["maxrss_kib"])
-                s = run_client(work, args.client_dir, srv.ticket, small_ids, 64)
+                s = run_client(work, args.client_dir, srv.ticket, small_ids, 64, "batch")
                 smalls.append(args.small / s["seconds"])
                 rss_client.append(s["maxrss_kib"])
+                s = run_client(work, args.client_dir, srv.ticket, small_ids, 64)
+                small_channels.append(args.small / s["seconds"])
             finally:
                 rss_server.append(srv.stop())
         a, b, c = (statistics.median(x) for x in (tls, disk, pulls))
@@ -232,6 +242,8 @@ def main() -> None:
             "pull_gib_s": round(c / GiB, 3), "pull_vs_raw_tls": round(c / a, 3),
             "pull_vs_min_a_b": round(c / min(a, b), 3),
             "small_blobs_per_s": round(statistics.median(smalls)),
+            "small_blobs_per_s_channels": round(statistics.median(small_channels)),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "peak_rss_mib": {"client": round(max(rss_client) / 1024, 1),
                              "server": round(max(rss_server) / 1024, 1)},
         }
@@ -244,6 +256,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_tls_sender":
         tls_sender(*sys.argv[2:5])
     elif len(sys.argv) > 1 and sys.argv[1] == "_pull":
-        pull_client(*sys.argv[2:6])
+        pull_client(*sys.argv[2:7])
     else:
         main()
