@@ -68,7 +68,7 @@ from blobmesh.transport.identity import NodeId
 log = logging.getLogger(__name__)
 
 READ_AHEAD = 4
-"""Pieces a sender reads ahead of the one it is sending."""
+"""Pieces a sender reads in one trip to an I/O thread (and at most keeps read ahead)."""
 QUEUE_PIECES = 16
 """Received pieces waiting for the writer thread (at most 64 MiB at the largest piece size)."""
 
@@ -631,18 +631,23 @@ class TransferManager:
                           ready: asyncio.Queue[tuple[int, bytes]]) -> None:
         ch = live.ch
         while True:
-            index = ch.next_piece(self.config.window)
-            if index is None:
+            # the pieces the window allows, up to READ_AHEAD, read in one trip to a thread
+            batch: list[int] = []
+            while len(batch) < READ_AHEAD and (i := ch.next_piece(self.config.window)) is not None:
+                batch.append(i)
+                await self._apply(live, ch.piece_queued(i))
+            if not batch:
                 sess.wake.clear()
                 await sess.wake.wait()
                 continue
-            await self._apply(live, ch.piece_queued(index))
             try:
-                data = await self.store.aio.io(reader.read, index)
+                datas = await self.store.aio.io(reader.read_many, batch)
             except (BlobIncompleteError, CorruptBlobError) as exc:
-                await self._apply(live, ch.fail(f"cannot read piece {index}: {exc}", "local"))
+                await self._apply(live, ch.fail(
+                    f"cannot read piece {exc.context.get('piece')}: {exc}", "local"))
                 return
-            await ready.put((index, data))
+            for index, data in zip(batch, datas, strict=True):
+                await ready.put((index, data))
 
     async def _write_loop(self, live: _Live, sess: _Session) -> None:
         ch = live.ch
