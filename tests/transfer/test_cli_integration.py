@@ -236,8 +236,7 @@ def test_collection_get_with_serve_killed_mid_batch_resumes(
     b = tmp_path / "b"
     port = free_port()
     servers.append(Server(a, port))
-    get = subprocess.Popen(cli(b, "get", str(cid), "--from", servers[0].ticket),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    get = start_get_to_interrupt(cli(b, "get", str(cid), "--from", servers[0].ticket))
     wait_for_members(b, get, 500)
     servers[0].kill()
     kept = complete_blobs(b)
@@ -255,8 +254,7 @@ def test_collection_get_killed_mid_batch_completes_on_rerun(
     b = tmp_path / "b"
     srv = Server(a, free_port())
     servers.append(srv)
-    get = subprocess.Popen(cli(b, "get", str(cid), "--from", srv.ticket),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    get = start_get_to_interrupt(cli(b, "get", str(cid), "--from", srv.ticket))
     wait_for_members(b, get, 500)
     get.kill()
     get.wait()
