@@ -69,13 +69,16 @@ def test_only_about_source_fanout_targets_dial_the_source_first_and_orders_diffe
     assert len(set(firsts)) > 500  # not everybody dials the same peer
 
 
-def test_asks_one_peer_for_the_layer_then_pipelines_rarest_first() -> None:
-    j = job(pieces=4, peers=[], pipeline=2, seed_pipeline=1)
+def test_asks_up_to_layer_asks_peers_for_the_layer_then_pipelines_rarest_first() -> None:
+    j = job(pieces=4, peers=[], pipeline=2, seed_pipeline=1, layer_asks=2)
     assert j.attach("e", 3, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
     out = j.attach("s", 2, bf(4), has_layer=True, outbound=True, now=0.0)
     assert out == [RequestLayer("s")]
-    assert j.attach("a", 1, bf(4, [0, 1]), has_layer=False, outbound=True, now=0.0) == []
+    assert j.attach("a", 1, bf(4, [0, 1]), has_layer=False, outbound=True, now=0.0) == \
+        [RequestLayer("a")]  # a second peer at once: one that never answers costs no deadline
+    assert j.attach("b", 4, bf(4), has_layer=True, outbound=True, now=0.0) == []  # two asked
     assert j.layer_arrived("s", True, 0.1) == []
+    assert j.detach("b", 0.1) == []
     out = j.start(Bitfield(4), 0.1)
     assert sorted(requests(out, "a")) == [0, 1]  # the downloader first, full pipeline
     assert len(requests(out, "s")) == 1 and requests(out, "s")[0] in (2, 3)  # seed: 1
@@ -205,7 +208,8 @@ def test_a_peer_without_the_layer_at_hello_is_asked_once_it_announces_a_piece() 
     j = job(pieces=4, peers=[])
     assert j.attach("a", 1, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
     assert j.peer_has("a", 2, 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
-    assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == []
+    assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == \
+        [RequestLayer("b")]  # (up to layer_asks peers are asked at once)
 
 
 def test_the_dial_retry_timer_fires_the_retry_despite_float_rounding() -> None:

@@ -67,10 +67,12 @@ class RequestLayer(Generic[Conn]):
 
 @dataclass(frozen=True, slots=True)
 class Cancel(Generic[Conn]):
-    """Send ``cancel index`` on ``conn`` (a late piece is then taken or dropped)."""
+    """Send ``cancel index`` on ``conn`` (a late piece is then taken or dropped); ``late``:
+    the request missed its deadline and is asked elsewhere."""
 
     conn: Conn
     index: int
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,7 @@ class DownloadPolicy:
     flush_interval: float = 1.0
     request_timeout: float = 6.0
     request_strikes: int = 3
+    layer_asks: int = 3  # peers asked for the piece layer at once (small; the first wins)
 
 
 class DownloadScheduler(Generic[Conn, Peer]):
@@ -162,6 +165,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self.picker: PiecePicker[Conn] | None = None
         self.stalled = False
         self.paused = False  # a higher priority runs, or the disk is full: request nothing
+        self._full = False  # the disk is full: pieces arriving cannot be stored
         self.done = False
         self._me = me
         self._candidates = candidates
@@ -179,7 +183,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._dial_retry_at: float | None = None
         self._ledger = RequestLedger[Conn](self.policy.request_timeout,
                                            self.policy.request_strikes)
-        self._layer_conn: Conn | None = None
+        self._layer_conns: set[Conn] = set()  # asked for the piece layer, not yet answered
         self._layer_expired: set[Conn] = set()
         self._layer_known = False  # a valid layer arrived; ``start`` follows
         self._last_progress = now
@@ -211,9 +215,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
     def start(self, have: Bitfield, now: float) -> list[DownloadAction[Peer, Conn]]:
         """The piece layer is known and the partial blob holds ``have``."""
         self.picker = PiecePicker[Conn](have, rng=self._rng)
-        if self._layer_conn is not None:  # (the layer was found locally meanwhile)
-            self._ledger.withdrawn(self._layer_conn, LAYER)
-            self._layer_conn = None
+        for conn in self._layer_conns:  # the other answers are no longer owed
+            self._ledger.withdrawn(conn, LAYER)
+        self._layer_conns.clear()
         for conn, bf in self._haves.items():
             self.picker.add_peer(conn, bf)
         self._last_flush = now
@@ -284,7 +288,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
             return False
         self._ledger.answered(conn, index, now)
         picker = self.picker
-        return picker is not None and index not in picker.have and not self.paused
+        return picker is not None and index not in picker.have and not self._full
 
     def piece_written(self, conn: Conn, index: int, new: bool,
                       now: float) -> list[DownloadAction[Peer, Conn]]:
@@ -323,8 +327,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
                       now: float) -> list[DownloadAction[Peer, Conn]]:
         """A piece layer arrived; ``valid``: it matches the blob id (``start`` follows)."""
         self._ledger.answered(conn, LAYER, now)
-        if self._layer_conn == conn:
-            self._layer_conn = None
+        self._layer_conns.discard(conn)
         if valid:
             self._layer_known = True
         elif self.owns(conn):
@@ -333,7 +336,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
 
     def pause(self, now: float) -> list[DownloadAction[Peer, Conn]]:
         """Request nothing more, and withdraw what is in flight (the disk is full)."""
-        self.paused = True
+        self.paused = self._full = True
         for conn in list(self._peer_of):
             if self.picker is not None:
                 for index in self.picker.in_flight(conn):
@@ -346,7 +349,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
 
     def resume(self, now: float) -> list[DownloadAction[Peer, Conn]]:
         """Go on after :meth:`pause` or :meth:`hold`; the time paused counts as no stall."""
-        self.paused = False
+        self.paused = self._full = False
         self._last_progress = now
         if self.stalled:
             self.stalled = False
@@ -439,13 +442,17 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._dial_retry_at = retry_at
 
     def _ask_layer(self, now: float) -> None:
-        if self._layer_conn is not None:
+        """Ask up to ``layer_asks`` peers at once, so one that never answers costs no
+        deadline."""
+        room = self.policy.layer_asks - len(self._layer_conns)
+        if room <= 0:
             return
         # a connection that let a layer request expire is asked again only if nobody else can
-        candidates = [c for c, has in self._has_layer.items() if has]
+        candidates = [c for c, has in self._has_layer.items()
+                      if has and c not in self._layer_conns]
         candidates.sort(key=lambda c: c in self._layer_expired)
-        if candidates:
-            conn = self._layer_conn = candidates[0]
+        for conn in candidates[:room]:
+            self._layer_conns.add(conn)
             self._out.append(RequestLayer(conn))
             self._ledger.sent(conn, LAYER, now)
 
@@ -470,10 +477,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
             for index in exp.indices:
                 if index == LAYER:
                     self._layer_expired.add(exp.conn)
-                    if self._layer_conn == exp.conn:
-                        self._layer_conn = None
+                    self._layer_conns.discard(exp.conn)
                     continue
-                self._out.append(Cancel(exp.conn, index))
+                self._out.append(Cancel(exp.conn, index, late=True))
                 if self.picker is not None:
                     self.picker.failed(exp.conn, index)
             if exp.ban and self.owns(exp.conn):
@@ -507,8 +513,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._ledger.dropped(conn)
         if self.picker is not None:
             self.picker.remove_peer(conn)
-        if self._layer_conn == conn:
-            self._layer_conn = None
+        self._layer_conns.discard(conn)
 
 
 def dials_source_first(targets: int, fanout: int, rng: random.Random) -> bool:

@@ -18,7 +18,6 @@ import enum
 import heapq
 import itertools
 import logging
-import random
 import shutil
 import threading
 import time
@@ -43,12 +42,23 @@ from blobmesh.distribution.peerwire import (
     WantCancelled,
     peek_hello,
 )
-from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.ratelimit import TokenBucket
-from blobmesh.distribution.requests import RequestLedger
-from blobmesh.distribution.scheduler import SOURCE_FANOUT, DialPlan
+from blobmesh.distribution.scheduler import (
+    Announce,
+    Ban,
+    Cancel,
+    Close,
+    Complete,
+    Dial,
+    DownloadAction,
+    DownloadPolicy,
+    DownloadScheduler,
+    Flush,
+    Request,
+    RequestLayer,
+    StateChanged,
+)
 from blobmesh.errors import (
-    BadPeerDataError,
     BlobmeshError,
     BlobNotFoundError,
     CorruptBlobError,
@@ -75,8 +85,6 @@ UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s mu
 MAX_OUTBOX = 8192  # messages queued per connection before it counts as not reading
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
-LAYER = -1  # the piece layer's slot in the request ledger
-LAYER_ASKS = 3  # peers asked for the piece layer at once
 DISK_HEADROOM = 1 << 20  # free bytes kept for metadata when pieces fill a disk
 
 
@@ -93,6 +101,9 @@ class SwarmConfig:
     """Node-wide swarm limits (rates in bytes/s, 0 = unlimited)."""
 
     pipeline: int = 16  # requests in flight per peer
+    # ... to a peer holding the whole blob: a request waiting in a seed's queue pins its
+    # piece there while other peers could relay it by now
+    seed_pipeline: int = 4
     max_peers_per_blob: int = 8
     upload_workers: int = 4  # disk reads in parallel; sends are per connection
     upload_rate: float = 0.0
@@ -317,7 +328,7 @@ class SwarmEngine:
 
     def ban(self, blob_id: BlobId, peer: NodeId, kind: BanKind, why: str) -> None:
         """Refuse ``peer`` for ``blob_id`` from now on."""
-        if peer in self.banned.get(blob_id, ()):
+        if peer in self.ban_reasons.get(blob_id, {}):
             return
         self.banned.setdefault(blob_id, set()).add(peer)
         self.ban_reasons.setdefault(blob_id, {})[peer] = why
@@ -666,9 +677,11 @@ class SwarmEngine:
 class DownloadJob:
     """Downloads one blob from several peers at once.
 
-    Requests belong to connections: the picker and the request ledger are keyed by
-    :class:`_Conn`, so when a connection closes (say, the loser of a duplicate-connection
-    tie-break) exactly its requests, the piece layer's included, are asked again at once.
+    Every decision (whom to dial, what to request where, deadlines, end game, bans, stalls,
+    flushes) is the :class:`DownloadScheduler`'s; the job feeds it the events of its
+    connections with the loop's ``now``, executes its actions, and keeps one ``call_at``
+    armed for its timer.  What needs awaiting (the partial blob, flushes, the disk, the
+    priority gate) runs in :meth:`run`, woken by the actions that ask for it.
     """
 
     def __init__(self, engine: SwarmEngine, blob_id: BlobId, size: int, piece_size: int,
@@ -680,37 +693,39 @@ class DownloadJob:
         self.piece_size = piece_size
         self.priority = priority
         cfg = engine.config
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
         self._progress = progress
-        self._conns: dict[NodeId, _Conn] = {}  # the one connection kept per peer
-        self._hellos: dict[_Conn, PeerHello] = {}
-        self._dialing: set[NodeId] = set()
-        self._last_dial: dict[NodeId, float] = {}
-        # every target is given the same list: each dials its own sample (see DialPlan)
-        self._dial_plan = DialPlan[NodeId](lambda: list(peers()), cfg.peer_retry,
-                                           4 * cfg.max_peers_per_blob, SOURCE_FANOUT,
-                                           random.Random())
+        policy = DownloadPolicy(
+            pipeline=cfg.pipeline, seed_pipeline=min(cfg.seed_pipeline, cfg.pipeline),
+            max_peers=cfg.max_peers_per_blob, peer_retry=cfg.peer_retry,
+            stall_timeout=cfg.stall_timeout, flush_interval=cfg.flush_interval,
+            request_timeout=cfg.request_timeout, request_strikes=cfg.request_strikes)
+        self.sched = DownloadScheduler[_Conn, NodeId](
+            max(1, -(-size // piece_size)), engine.network.node_id,
+            lambda: list(peers()), now, policy,
+            free_connections=lambda: cfg.max_connections - engine.connections,
+            banned=engine.banned.setdefault(blob_id, set()))
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._partial: PartialBlob | None = None
         self._layer: PieceLayer | None = None
-        self._picker: PiecePicker[_Conn] | None = None
-        self._ledger = RequestLedger[_Conn](cfg.request_timeout, cfg.request_strikes)
         self._wake = asyncio.Event()
         self.done = asyncio.Event()
         self.error: BaseException | None = None
         self.bytes_done = 0
-        self._rate_mark = (time.monotonic(), 0)
+        self._rate_mark = (now, 0)
         self.rate = 0.0
-        self._last_progress = time.monotonic()
-        self._last_flush = time.monotonic()
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
         self._pending_layer: PieceLayer | None = None
-        self._layer_conns: set[_Conn] = set()  # the connections asked for the piece layer
-        self._layer_expired: set[_Conn] = set()  # ... and those that let it expire
+        self._flush_due = False
+        self._complete = False
+        self._failed = ""
         self._disk_full = False
         self.state = TargetState.TRANSFERRING
         self.reason = ""
         self._ban_note = ""
-        self.last_ban: BadPeerDataError | None = None
 
     # --- state visible to the engine -------------------------------------------------------
 
@@ -718,75 +733,125 @@ class DownloadJob:
     def partial(self) -> PartialBlob | None:
         return self._partial
 
-    @property
-    def banned(self) -> set[NodeId]:
-        return self.engine.banned.get(self.blob_id, set())
-
     def have_bitfield(self) -> Bitfield:
-        if self._picker is not None:
-            return self._picker.have.copy()
-        npieces = max(1, -(-self.size // self.piece_size))
-        return Bitfield(npieces)
+        picker = self.sched.picker
+        return picker.have.copy() if picker is not None else Bitfield(self.sched.pieces)
+
+    # --- events in, actions out ------------------------------------------------------------
 
     def attach(self, conn: _Conn, hello: PeerHello) -> None:
-        if conn.peer in self.banned:
-            conn.close("banned")
-            return
-        old = self._conns.get(conn.peer)
-        if old is not None and old is not conn:
-            # Both sides dialed each other.  Both must keep the same one of the two
-            # connections: the one dialed by the smaller node id.
-            me = self.engine.network.node_id
-            keep_new = conn.outbound == (me < conn.peer)
-            loser = old if keep_new else conn
-            loser.close("duplicate connection")
-            if not keep_new:
-                return
-            self._forget(old)
-        self._conns[conn.peer] = conn
         conn.job = self
-        self._hellos[conn] = hello
-        if self._picker is not None:
-            self._picker.add_peer(conn, conn.session.peer_have)
-        self._wake.set()
+        self._execute(self.sched.attach(conn, conn.peer, conn.session.peer_have,
+                                        hello.has_layer, conn.outbound, self._loop.time()))
+        if not self.sched.owns(conn):
+            conn.job = None
 
     def detach(self, conn: _Conn, reason: str) -> None:
-        if self._conns.get(conn.peer) is conn:
-            self._forget(conn)
+        if self.sched.owns(conn):
             log.debug("swarm %s: lost %s: %s", self.blob_id.short(), conn.peer.short(), reason)
-        self._wake.set()
-
-    def _forget(self, conn: _Conn) -> None:
-        """Drop a connection; whatever it owed us (pieces, the layer) is asked elsewhere."""
         conn.job = None
-        if self._conns.get(conn.peer) is conn:
-            del self._conns[conn.peer]
-        self._hellos.pop(conn, None)
-        self._layer_expired.discard(conn)
-        self._ledger.dropped(conn)
-        if self._picker is not None:
-            self._picker.remove_peer(conn)
-        self._layer_conns.discard(conn)
-        self._wake.set()
+        self._execute(self.sched.detach(conn, self._loop.time()))
 
     async def on_event(self, conn: _Conn, event: Event) -> None:
-        if self._conns.get(conn.peer) is not conn:
-            return
+        sched, now = self.sched, self._loop.time()
         if isinstance(event, LayerArrived):
-            self._on_layer(conn, event.raw)
+            self._execute(sched.layer_arrived(conn, self._on_layer(event.raw), now))
         elif isinstance(event, PeerHas):
-            if self._picker is not None:
-                self._picker.peer_has(conn, event.index)
-            self._wake.set()
+            self._execute(sched.peer_has(conn, event.index, now))
         elif isinstance(event, PieceRefused):
-            self._ledger.answered(conn, event.index, time.monotonic())
-            if self._picker is not None:
-                self._picker.failed(conn, event.index)
-                if event.reason == REJECT_ELSEWHERE:
-                    self._picker.defer(conn, event.index)
-            self._wake.set()
+            self._execute(sched.refused(conn, event.index, event.reason == REJECT_ELSEWHERE,
+                                        now))
         elif isinstance(event, PieceArrived):
             await self._on_piece(conn, event.index, event.data)
+
+    def _on_layer(self, raw: bytes) -> bool:
+        """Whether a piece layer that arrived is valid (a late copy counts as valid)."""
+        if self._layer is not None or self._pending_layer is not None:
+            return True
+        try:
+            self._pending_layer = PieceLayer.from_bytes(self.blob_id, self.size,
+                                                        self.piece_size, raw)
+        except VerificationError:
+            return False
+        self._wake.set()
+        return True
+
+    async def _on_piece(self, conn: _Conn, index: int, data: bytes) -> None:
+        partial = self._partial
+        if not self.sched.piece_arrived(conn, index, self._loop.time()) or partial is None:
+            return  # a late copy nobody needs any more, or one we cannot store now
+        await self.engine.down_bucket.take(len(data))
+        try:
+            wrote = await asyncio.to_thread(self._write_piece, partial, index, data)
+        except VerificationError:
+            self.engine.pieces_rejected += 1
+            self._execute(self.sched.piece_corrupt(conn, index, self._loop.time()))
+            return
+        except StoreFullError:  # (an OSError too: first)
+            self._execute(self.sched.piece_failed(conn, index, self._loop.time()))
+            self._enter_disk_full()
+            return
+        except OSError:
+            if self._partial is not partial:
+                return  # the download ended (cancelled, say) under this write
+            raise
+        if wrote:
+            self.bytes_done += len(data)
+            self.engine.bytes_downloaded += len(data)
+        self._execute(self.sched.piece_written(conn, index, wrote, self._loop.time()))
+        self._report()
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self._execute(self.sched.handle_timer(self._loop.time()))
+
+    def _execute(self, actions: list[DownloadAction[NodeId, _Conn]]) -> None:
+        """Carry out the scheduler's actions, then re-arm its timer."""
+        for a in actions:
+            if isinstance(a, Request):
+                a.conn.push(a.conn.session.request(a.index))
+            elif isinstance(a, Announce):
+                for conn in self.sched.conns():
+                    conn.push(conn.session.have(a.index))
+            elif isinstance(a, Cancel):
+                a.conn.push(a.conn.session.cancel(a.index))
+                if a.late:
+                    self.engine.requests_expired += 1
+            elif isinstance(a, RequestLayer):
+                a.conn.push(a.conn.session.request_layer())
+            elif isinstance(a, Dial):
+                self.engine._spawn(self._dial(a.peer), name=f"dial-{a.peer.short()}")
+            elif isinstance(a, Close):
+                a.conn.close(a.reason)
+            elif isinstance(a, Ban):
+                self._on_ban(a.peer, BanKind(a.kind), a.why)
+            elif isinstance(a, StateChanged):
+                self._set_state(TargetState.STALLED if a.stalled else TargetState.TRANSFERRING,
+                                a.reason)
+            else:  # Flush, Complete, Failed: awaited by ``run``
+                if isinstance(a, Flush):
+                    self._flush_due = True
+                elif isinstance(a, Complete):
+                    self._complete = True
+                else:
+                    self._failed = a.reason
+                self._wake.set()
+        self._arm()
+
+    def _arm(self) -> None:
+        when = self.sched.get_timer()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
+
+    def _on_ban(self, peer: NodeId, kind: BanKind, why: str) -> None:
+        self.engine.ban(self.blob_id, peer, kind, why)
+        self._ban_note = f"banned {len(self.sched.banned)} peer(s), last {peer.short()}: {why}"
+        if self.state is TargetState.TRANSFERRING:
+            self._set_state(TargetState.TRANSFERRING)
 
     # --- the job ---------------------------------------------------------------------------
 
@@ -794,6 +859,8 @@ class DownloadJob:
         store = self.engine.store
         try:
             await self.engine.gate.enter(self, self.priority)
+            for job in self.engine._jobs.values():  # a lower priority may have to wait now
+                job._wake.set()
             if store.has(self.blob_id):
                 await self._check_local_copy()
             if store.has(self.blob_id):
@@ -804,7 +871,7 @@ class DownloadJob:
                 layer = None
             if layer is not None:
                 self._pending_layer = layer
-            await self._loop()
+            await self._drive()
         except BaseException as exc:
             self.error = exc
             raise
@@ -838,9 +905,6 @@ class DownloadJob:
         store = self.engine.store
         partial = await asyncio.to_thread(store.begin_partial, layer, self._lease)
         self._layer, self._partial = layer, partial
-        for conn in self._layer_conns:  # the other answers are no longer owed
-            self._ledger.withdrawn(conn, LAYER)
-        self._layer_conns.clear()
         if self.engine.piece_index is not None:
             # pieces identical to pieces of blobs already here are copied, not fetched
             reused = await asyncio.to_thread(fill_from_index, self.engine.piece_index, partial)
@@ -848,88 +912,61 @@ class DownloadJob:
         if self._pin is not None:
             await asyncio.to_thread(store.pin, self.blob_id, self._pin)
         have = partial.have
-        self._picker = PiecePicker[_Conn](have)
         self.bytes_done = sum(layer.piece_range(i)[1] for i in have)
-        for conn in self._conns.values():
-            self._picker.add_peer(conn, conn.session.peer_have)
+        self._execute(self.sched.start(have, self._loop.time()))
         self._report()
 
-    def _on_layer(self, conn: _Conn, raw: bytes) -> None:
-        self._ledger.answered(conn, LAYER, time.monotonic())
-        self._layer_conns.discard(conn)
-        if self._layer is not None or self._pending_layer is not None:
-            return
-        try:
-            layer = PieceLayer.from_bytes(self.blob_id, self.size, self.piece_size, raw)
-        except VerificationError:
-            self._ban(conn, "sent a piece layer that does not match the blob id")
-            return
-        self._pending_layer = layer
-        self._wake.set()
-
-    async def _loop(self) -> None:
-        cfg = self.engine.config
+    async def _drive(self) -> None:
+        gate = self.engine.gate
+        self._execute(self.sched.handle_timer(self._loop.time()))  # the first dials
         while True:
-            now = time.monotonic()
+            self._wake.clear()
             try:
                 if self._pending_layer is not None and self._layer is None:
                     await self._start_with_layer(self._pending_layer)
-                if self._picker is not None and self._picker.complete:
+                if self._complete:
                     await self._finish()
                     return
-                if self._partial is not None and now - self._last_flush > cfg.flush_interval:
+                if self._flush_due and self._partial is not None:
                     # bound what a crash can lose to about one interval of verified pieces
-                    self._last_flush = now
+                    self._flush_due = False
                     await asyncio.to_thread(self._partial.flush)
             except StoreFullError:
                 self._enter_disk_full()
-            self._dial_more()
-            self._expire_requests(now)
+            if self._failed:
+                raise TransferError(f"{self.blob_id.short()}: {self._failed}",
+                                    blob_id=self.blob_id)
             if self._disk_full:
                 await self._wait_for_disk()
-            elif self._layer is None:
-                self._ask_layer()
-            else:
-                if self.engine.gate.blocked(self.priority):
-                    self._set_state(TargetState.QUEUED,
-                                    "waiting for a higher-priority distribution")
-                    await self.engine.gate.wait_turn(self.priority)
-                    self._last_progress = time.monotonic()  # queued time is no stall
-                    self._set_state(TargetState.TRANSFERRING)
-                self._fill_pipelines()
-            idle = time.monotonic() - self._last_progress
-            if idle > cfg.stall_timeout:
-                raise TransferError(
-                    f"no progress on {self.blob_id.short()} for {cfg.stall_timeout:.0f}s "
-                    f"from {len(self._conns)} peer(s)", blob_id=self.blob_id)
-            if idle > min(5.0, cfg.stall_timeout / 2) and \
-                    self.state is TargetState.TRANSFERRING:
-                self._set_state(TargetState.STALLED,
-                                f"no progress for {idle:.0f}s from {len(self._conns)} peer(s)")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel)
-                async with asyncio.timeout(0.25):
-                    await self._wake.wait()
+                continue
+            if self._layer is not None and gate.blocked(self.priority):
+                self.sched.hold()
+                self._arm()
+                self._set_state(TargetState.QUEUED, "waiting for a higher-priority distribution")
+                await gate.wait_turn(self.priority)
+                self._set_state(TargetState.TRANSFERRING)
+                self._execute(self.sched.resume(self._loop.time()))  # queued time is no stall
+                continue
+            await self._wake.wait()
 
     def _set_state(self, state: TargetState, reason: str = "") -> None:
         if state is TargetState.TRANSFERRING and not reason:
             reason = self._ban_note  # moving, though some peer had to be banned
         if (state, reason) != (self.state, self.reason):
             self.state, self.reason = state, reason
-            self._report(force=True)
+            self._report()
 
     def _enter_disk_full(self) -> None:
         if self._disk_full:
             return
         self._disk_full = True
-        kept = self._picker.have.count() if self._picker is not None else 0
+        picker = self.sched.picker
         log.warning("swarm %s: disk full; keeping %d verified piece(s), waiting for space",
-                    self.blob_id.short(), kept)
-        for conn in self._conns.values():  # what is still in flight could not be stored
-            for index in conn.session.outstanding:
-                self._withdraw(conn, index)
+                    self.blob_id.short(), picker.have.count() if picker is not None else 0)
+        # what is still in flight could not be stored
+        self._execute(self.sched.pause(self._loop.time()))
         self._set_state(TargetState.WAITING_DISK, "disk full")
+        self._wake.set()
 
     async def _wait_for_disk(self) -> None:
         """Until the store's filesystem has room for a few pieces again.
@@ -949,99 +986,8 @@ class DownloadJob:
             await asyncio.sleep(self.engine.config.disk_retry)
         log.info("swarm %s: disk space is back; resuming", self.blob_id.short())
         self._disk_full = False
-        self._last_progress = time.monotonic()  # waiting for disk is no stall
         self._set_state(TargetState.TRANSFERRING)
-
-    def _withdraw(self, conn: _Conn, index: int) -> None:
-        """Cancel our request (a piece already on its way is then taken or dropped)."""
-        conn.push(conn.session.cancel(index))
-        self._ledger.withdrawn(conn, index)
-        if self._picker is not None:
-            self._picker.failed(conn, index)
-
-    def _expire_requests(self, now: float) -> None:
-        """Requests a connection did not answer in time are asked elsewhere."""
-        timeout = self.engine.config.request_timeout
-        for exp in self._ledger.handle_timer(now):
-            self.engine.requests_expired += len(exp.indices)
-            for index in exp.indices:
-                if index == LAYER:
-                    self._layer_expired.add(exp.conn)
-                    self._layer_conns.discard(exp.conn)
-                    continue
-                exp.conn.push(exp.conn.session.cancel(index))
-                if self._picker is not None:
-                    self._picker.failed(exp.conn, index)
-            if exp.ban:
-                self._ban(exp.conn, f"answered none of its requests for {timeout:g}s, "
-                                    f"{exp.strikes} times in a row", BanKind.UNRESPONSIVE)
-            else:
-                log.debug("swarm %s: %s missed a deadline (%d request(s) re-issued)",
-                          self.blob_id.short(), exp.conn.peer.short(), len(exp.indices))
-            self._wake.set()
-
-    def _ask_layer(self) -> None:
-        """Ask up to ``LAYER_ASKS`` peers at once (it is small; the first valid one wins), so
-        one that never answers costs no deadline."""
-        # a connection that let a layer request expire is asked again only if nobody else can
-        candidates = [c for c, hello in self._hellos.items() if hello.has_layer and
-                      not c.closed and c not in self._layer_conns]
-        candidates.sort(key=lambda c: c in self._layer_expired)
-        for conn in candidates[:LAYER_ASKS - len(self._layer_conns)]:
-            self._layer_conns.add(conn)
-            conn.push(conn.session.request_layer())
-            self._ledger.sent(conn, LAYER, time.monotonic())
-
-    def _fill_pipelines(self) -> None:
-        picker = self._picker
-        assert picker is not None
-        now = time.monotonic()
-        pipeline = self.engine.config.pipeline
-        # downloading peers first: what they can give need not cost a seed's upload
-        conns = sorted(self._conns.values(), key=lambda c: c.session.peer_complete)
-        for conn in conns:
-            if conn.closed:
-                continue
-            for index in picker.pick(conn, self._ledger.room(conn, pipeline)):
-                conn.push(conn.session.request(index))
-                self._ledger.sent(conn, index, now)
-
-    async def _on_piece(self, conn: _Conn, index: int, data: bytes) -> None:
-        picker, partial = self._picker, self._partial
-        self._ledger.answered(conn, index, time.monotonic())
-        if picker is None or partial is None or index in picker.have or self._disk_full:
-            return  # a late copy nobody needs any more, or one we cannot store now
-        await self.engine.down_bucket.take(len(data))
-        try:
-            wrote = await asyncio.to_thread(self._write_piece, partial, index, data)
-        except VerificationError:
-            self.engine.pieces_rejected += 1
-            self._ban(conn, f"sent a corrupt piece {index}")
-            return
-        except StoreFullError:  # (an OSError too: first)
-            picker.failed(conn, index)
-            self._enter_disk_full()
-            self._wake.set()
-            return
-        except OSError:
-            if self._partial is not partial:
-                return  # the download ended (cancelled, say) under this write
-            raise
-        duplicates = picker.received(conn, index)
-        if wrote:
-            self.bytes_done += len(data)
-            self.engine.bytes_downloaded += len(data)
-            self._last_progress = time.monotonic()
-            if self.state is TargetState.STALLED:
-                self._set_state(TargetState.TRANSFERRING)
-        for other in duplicates:
-            if not other.closed:
-                other.push(other.session.cancel(index))
-                self._ledger.withdrawn(other, index)
-        for other in self._conns.values():
-            other.push(other.session.have(index))
-        self._report()
-        self._wake.set()
+        self._execute(self.sched.resume(self._loop.time()))  # waiting for disk is no stall
 
     def _write_piece(self, partial: PartialBlob, index: int, data: bytes) -> bool:
         """Write a piece (in a worker thread), leaving room for the store's metadata: a
@@ -1050,41 +996,6 @@ class DownloadJob:
             raise StoreFullError(f"disk full writing {self.blob_id.short()}",
                                  blob_id=self.blob_id)
         return partial.write_piece(index, data)
-
-    def _ban(self, conn: _Conn, why: str, kind: BanKind = BanKind.BAD_DATA) -> None:
-        if kind is BanKind.BAD_DATA:
-            self.last_ban = BadPeerDataError(f"peer {conn.peer} {why}", peer=conn.peer,
-                                             blob_id=self.blob_id)
-        self._forget(conn)
-        if self._picker is not None:
-            self._picker.ban(conn)
-        self.engine.ban(self.blob_id, conn.peer, kind, why)
-        conn.close(why)
-        n = len(self.banned)
-        self._ban_note = f"banned {n} peer(s), last {conn.peer.short()}: {why}"
-        if self.state is TargetState.TRANSFERRING:
-            self._set_state(TargetState.TRANSFERRING)
-
-    def _dial_more(self) -> None:
-        cfg = self.engine.config
-        want = min(cfg.max_peers_per_blob - len(self._conns),
-                   cfg.max_connections - self.engine.connections) - len(self._dialing)
-        if want <= 0:
-            return
-        now = time.monotonic()
-        me = self.engine.network.node_id
-        banned = self.banned
-        for peer in self._dial_plan.order(now):
-            if want <= 0:
-                break
-            if peer == me or peer in self._conns or peer in self._dialing or \
-                    peer in banned or \
-                    now - self._last_dial.get(peer, -1e9) < cfg.peer_retry:
-                continue
-            self._last_dial[peer] = now
-            self._dialing.add(peer)
-            want -= 1
-            self.engine._spawn(self._dial(peer), name=f"dial-{peer.short()}")
 
     async def _dial(self, peer: NodeId) -> None:
         conn: _Conn | None = None
@@ -1103,8 +1014,8 @@ class DownloadJob:
                 conn.close(str(exc) or "hello timed out")
             return
         finally:
-            self._dialing.discard(peer)
-            self._wake.set()
+            if not self.done.is_set():
+                self._execute(self.sched.dial_ended(peer, self._loop.time()))
         if not isinstance(event, PeerHello):
             conn.close("expected hello")
             return
@@ -1118,25 +1029,28 @@ class DownloadJob:
         if not self.engine.store.has(self.blob_id):
             raise TransferError(f"{self.blob_id} incomplete after all pieces arrived",
                                 blob_id=self.blob_id)
-        self._report(force=True)
+        self._report()
 
-    def _report(self, force: bool = False) -> None:
-        now = time.monotonic()
+    def _report(self) -> None:
+        now = self._loop.time()
         t0, b0 = self._rate_mark
         if now - t0 >= 0.5:
             self.rate = (self.bytes_done - b0) / (now - t0)
             self._rate_mark = (now, self.bytes_done)
         if self._progress is not None:
-            picker = self._picker
+            picker = self.sched.picker
             self._progress(JobProgress(self.bytes_done, self.size,
                                        picker.have.count() if picker else 0,
                                        picker.have.size if picker else 0,
-                                       len(self._conns), self.rate, self.state, self.reason))
+                                       self.sched.connections, self.rate, self.state,
+                                       self.reason))
 
     async def _shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         complete = self.engine.store.has(self.blob_id)
-        for conn in list(self._conns.values()):
-            self._forget(conn)
+        for conn in self.sched.conns():
+            conn.job = None
             if complete and not conn.session.peer_complete:
                 continue  # keep seeding to a peer that still downloads
             conn.push(conn.session.bye("done"))
