@@ -160,13 +160,13 @@ def test_a_seed_serves_each_piece_to_one_requester_and_redirects_the_others() ->
     u = upload()
     haves = {c: Bitfield(4) for c in "abc"}
     for i, c in enumerate("abc"):
-        u.open(c, "blob", i, haves[c])
-    assert u.wanted("a", 0, priority=1) is None
-    assert u.wanted("b", 0, 1) == Refuse("b", 0, "held by other peers")
-    assert u.wanted("b", 0, 1) == Refuse("b", 0, "held by other peers")
-    assert u.wanted("b", 0, 1) is None  # max_redirects reached: nobody starves
+        u.open(c, "blob", i, haves[c], 0.0)
+    assert u.wanted("a", 0, priority=1, now=0.0) is None
+    assert u.wanted("b", 0, 1, now=0.0) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1, now=0.0) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1, now=0.0) is None  # max_redirects reached: nobody starves
     assert u.next() == Serve("a", "blob", 0)
-    u.sent("a", 0)
+    u.sent("a", 0, 0.0)
     haves["a"].add(0)  # a announced it
     assert u.next() == Serve("b", "blob", 0)
 
@@ -174,14 +174,14 @@ def test_a_seed_serves_each_piece_to_one_requester_and_redirects_the_others() ->
 def test_never_sent_pieces_first_and_slots_bound_what_is_on_its_way() -> None:
     u = upload()
     for i, c in enumerate("abc"):
-        u.open(c, "blob", i, Bitfield(4))
+        u.open(c, "blob", i, Bitfield(4), 0.0)
         u.set_downloading(c, True)  # peers we download from too: no redirects
-    u.wanted("a", 0, 1)
+    u.wanted("a", 0, 1, now=0.0)
     assert u.next() == Serve("a", "blob", 0)
-    u.sent("a", 0)
-    u.wanted("b", 0, 1)  # sent once already
-    u.wanted("c", 1, 1)  # never sent: goes first
-    u.wanted("a", 2, 1)
+    u.sent("a", 0, 0.0)
+    u.wanted("b", 0, 1, now=0.0)  # sent once already
+    u.wanted("c", 1, 1, now=0.0)  # never sent: goes first
+    u.wanted("a", 2, 1, now=0.0)
     assert u.next() == Serve("c", "blob", 1)
     assert u.next() == Serve("a", "blob", 2)
     assert u.next() is None and u.in_flight == 2  # two slots, both taken
@@ -191,15 +191,15 @@ def test_never_sent_pieces_first_and_slots_bound_what_is_on_its_way() -> None:
 
 def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> None:
     u = UploadScheduler[str, str, int](outbox=1, slots=None)
-    u.open("a", "blob", 1, Bitfield(4))
+    u.open("a", "blob", 1, Bitfield(4), 0.0)
     u.set_downloading("a", True)
-    u.wanted("a", 0, 1)
-    u.wanted("a", 1, 1)
+    u.wanted("a", 0, 1, now=0.0)
+    u.wanted("a", 1, 1, now=0.0)
     u.cancelled("a", 1)
-    u.wanted("a", 2, 1)
+    u.wanted("a", 2, 1, now=0.0)
     assert u.next() == Serve("a", "blob", 0)
     assert u.next() is None  # 2 is parked, 1 was cancelled
-    u.sent("a", 0)
+    u.sent("a", 0, 0.0)
     assert u.next() == Serve("a", "blob", 2)
     assert u.times_sent("blob", 0) == 1 and u.serving("blob") == 1
 
@@ -220,3 +220,31 @@ def test_the_dial_retry_timer_fires_the_retry_despite_float_rounding() -> None:
     when = j.get_timer()
     assert when == 0.7 + 0.1 and when - 0.7 < 0.1  # the sum rounds below the interval
     assert j.handle_timer(when) == [Dial(1)]  # not an endless timer at the same instant
+
+
+def test_unacknowledged_pieces_bound_the_room_and_count_as_held_by_their_receiver() -> None:
+    u = UploadScheduler[str, str, int](outbox=2, slots=None, send_timeout=5.0)
+    u.open("a", "blob", 1, Bitfield(8), 0.0, max_unacked=2)
+    u.open("b", "blob", 2, Bitfield(8), 0.0)
+    for i in range(3):
+        u.wanted("a", i, 1, now=0.0)
+    assert [u.next(), u.next(), u.next()] == [Serve("a", "blob", 0), Serve("a", "blob", 1), None]
+    u.sent("a", 0, 1.0)
+    u.sent("a", 1, 1.0)
+    assert u.next() is None  # two pieces unacknowledged: no room until a's have says so
+    assert u.get_timer() == 6.0
+    assert u.wanted("b", 0, 1, now=3.0) is None  # a's claim lapsed (claim_ttl): queued
+    assert u.next() == Refuse("b", 0, "held by other peers")  # on its way to a: held there
+    assert u.acked("a", 0, 3.0) and not u.acked("a", 0, 3.0)
+    assert u.next() == Serve("a", "blob", 2)
+    assert u.handle_timer(5.9) == []
+    assert u.handle_timer(6.0) == [Close("a", "no piece acknowledged for 5s")]
+
+
+def test_a_claimant_that_acknowledges_nothing_for_claim_ttl_holds_no_claim() -> None:
+    u = UploadScheduler[str, str, int](claim_ttl=2.0)
+    u.open("a", "blob", 1, Bitfield(4), 0.0)
+    u.open("b", "blob", 2, Bitfield(4), 0.0)
+    assert u.wanted("a", 0, 1, now=1.0) is None
+    assert u.wanted("b", 0, 1, now=2.0) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1, now=2.5) is None  # a acknowledged nothing since 0.0

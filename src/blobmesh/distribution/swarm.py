@@ -15,15 +15,12 @@ import asyncio
 import collections
 import contextlib
 import enum
-import heapq
-import itertools
 import logging
 import shutil
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blobmesh.distribution.model import Priority, TargetState
 from blobmesh.distribution.peerwire import (
@@ -54,9 +51,12 @@ from blobmesh.distribution.scheduler import (
     DownloadPolicy,
     DownloadScheduler,
     Flush,
+    Refuse,
     Request,
     RequestLayer,
     StateChanged,
+    UploadScheduler,
+    max_unacked,
 )
 from blobmesh.errors import (
     BlobmeshError,
@@ -78,10 +78,6 @@ from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 3
-CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
-OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
-UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
 MAX_OUTBOX = 8192  # messages queued per connection before it counts as not reading
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
@@ -114,6 +110,9 @@ class SwarmConfig:
     flush_interval: float = 1.0  # make received pieces durable (and resumable) this often
     request_timeout: float = 6.0  # a connection answering none of its requests this long
     request_strikes: int = 3  # ... this many times in a row is banned for the blob
+    # pieces read and queued but not yet taken by the transport, over all connections (None:
+    # only each connection's outbox bounds them; the transport's windows bound the wire)
+    upload_slots: int | None = None
     send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
     disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
 
@@ -140,10 +139,8 @@ class _Conn:
     """One stream with one peer about one blob.
 
     Everything we send goes through a bounded outbox drained by the connection's own writer
-    task, so a peer that does not read blocks nobody but itself.  A downloading peer
-    acknowledges each piece we send with its ``have`` (or withdraws it with ``cancel``); at
-    most ``UNACKED_BYTES`` of pieces go unacknowledged, and a peer that leaves a send or a
-    piece unacknowledged for ``send_timeout`` does not read: it is dropped.
+    task, so a peer that does not read blocks nobody but itself, and the reader never waits
+    for a send.
     """
 
     def __init__(self, stream: Stream, session: SwarmSession, outbound: bool) -> None:
@@ -158,23 +155,6 @@ class _Conn:
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
-        self.pieces_queued = 0  # reserved or queued piece uploads
-        self.parked: list[_Upload] = []  # uploads waiting for room in the outbox
-        self.unacked: dict[int, float] = {}  # pieces sent, not yet announced: index -> when
-        self.last_ack = time.monotonic()  # (or when the connection began)
-        self.max_unacked = max(OUTBOX_PIECES, UNACKED_BYTES // session.piece_size)
-
-    def upload_room(self) -> bool:
-        """Whether another piece may be queued for this peer now."""
-        return self.pieces_queued < OUTBOX_PIECES and \
-            self.pieces_queued + len(self.unacked) < self.max_unacked
-
-    def acked(self, index: int) -> bool:
-        """The peer announced (or withdrew) ``index``; True if that freed upload room."""
-        if self.unacked.pop(index, None) is None:
-            return False
-        self.last_ack = time.monotonic()
-        return True
 
     def push(self, message: bytes, piece: int = -1) -> None:
         """Queue a message; never waits.  A peer that lets the queue overflow is dropped."""
@@ -200,13 +180,7 @@ class _Conn:
             if not self._outbox:
                 self._drained.set()
                 self._ready.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(send_timeout / 4):
-                        await self._ready.wait()
-                if self.unacked and \
-                        time.monotonic() - min(self.unacked.values()) > send_timeout:
-                    self.close(f"{NOT_READING}: no piece acknowledged for {send_timeout:g}s")
-                    return
+                await self._ready.wait()
                 continue
             message, piece = self._outbox.popleft()
             try:
@@ -230,15 +204,6 @@ class _Conn:
             self._ready.set()
             self._drained.set()
             self.stream.reset(reason)
-
-
-@dataclass(order=True)
-class _Upload:
-    sort_key: tuple[int, int, int]  # (-priority, times this piece was sent, arrival)
-    conn: _Conn = field(compare=False)
-    blob_id: BlobId = field(compare=False)
-    index: int = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
 
 
 class PriorityGate:
@@ -283,9 +248,12 @@ class SwarmEngine:
         self._readers: dict[BlobId, PieceReader] = {}  # one open data file per served blob
         self._readers_lock = threading.Lock()
         self._priorities: dict[BlobId, Priority] = {}
-        self._uploads: list[_Upload] = []
+        # the transport's windows bound what is on the wire; see SwarmConfig.upload_slots
+        self.uploads = UploadScheduler[_Conn, BlobId, NodeId](
+            slots=self.config.upload_slots, send_timeout=self.config.send_timeout)
         self._upload_ready = asyncio.Event()
-        self._seq = itertools.count()
+        self._upload_timer: asyncio.TimerHandle | None = None
+        self._upload_timer_at: float | None = None
         self._up_bucket = TokenBucket(self.config.upload_rate)
         self.down_bucket = TokenBucket(self.config.download_rate)
         self._tasks = TaskOwner("swarm")
@@ -301,10 +269,6 @@ class SwarmEngine:
         self.bans: collections.Counter[BanKind] = collections.Counter()
         self.corrupt: dict[BlobId, str] = {}  # local copies found corrupt (and quarantined)
         self._serving: dict[BlobId, set[_Conn]] = {}
-        self._sent_count: dict[BlobId, dict[int, int]] = {}
-        self._redirected: dict[BlobId, dict[tuple[NodeId, int], int]] = {}
-        # seed side: the connection each piece was first queued for
-        self._claimed: dict[BlobId, dict[int, _Conn]] = {}
         network.set_handler(PROTOCOL, self._on_stream)
 
     async def start(self) -> None:
@@ -312,6 +276,8 @@ class SwarmEngine:
             self._tasks.spawn_restarting(self._upload_worker, name=f"upload-{i}")
 
     async def aclose(self) -> None:
+        if self._upload_timer is not None:
+            self._upload_timer.cancel()
         await self._tasks.aclose()
         with self._readers_lock:
             readers, self._readers = list(self._readers.values()), {}
@@ -407,13 +373,16 @@ class SwarmEngine:
 
     async def _serve(self, conn: _Conn, blob_id: BlobId, hello: PeerHello) -> None:
         """Run a connection until it ends: its writer, and its reader dispatching events to
-        uploads and the download job.
+        the upload scheduler and the download job.
 
         A connection outlives the download job that opened it: once we hold the blob we keep
         serving the peer until it holds it too.
         """
-        pending: dict[int, _Upload] = {}
+        loop = asyncio.get_running_loop()
+        uploads = self.uploads
         self._serving.setdefault(blob_id, set()).add(conn)
+        uploads.open(conn, blob_id, conn.peer, conn.session.peer_have, loop.time(),
+                     max_unacked(conn.session.piece_size))
         writer = self._spawn(conn.run_writer(self.config.send_timeout, self._piece_sent),
                              name=f"send-{conn.peer.short()}")
         job = self._jobs.get(blob_id)
@@ -424,23 +393,18 @@ class SwarmEngine:
                 raw = await conn.stream.recv()
                 event = conn.session.receive(raw)
                 job = conn.job
-                if isinstance(event, PeerHas) and conn.acked(event.index):
-                    self._unpark(conn)  # and on to the job, below
+                if isinstance(event, PeerHas):
+                    self._acked(conn, event.index)  # and on to the job, below
                 if isinstance(event, PieceWanted):
-                    if self._redirect_now(conn, blob_id, event.index):
-                        conn.push(conn.session.reject(event.index, REJECT_ELSEWHERE))
-                        continue
-                    sent = self._sent_count.get(blob_id, {}).get(event.index, 0)
-                    up = _Upload((-int(self._prio(blob_id)), sent, next(self._seq)), conn,
-                                 blob_id, event.index)
-                    pending[event.index] = up
-                    heapq.heappush(self._uploads, up)
-                    self._upload_ready.set()
+                    refused = uploads.wanted(conn, event.index, int(self._prio(blob_id)),
+                                             loop.time())
+                    if refused is not None:
+                        conn.push(conn.session.reject(refused.index, refused.reason))
+                    else:
+                        self._upload_ready.set()
                 elif isinstance(event, WantCancelled):
-                    if event.index in pending:
-                        pending.pop(event.index).cancelled = True
-                    if conn.acked(event.index):
-                        self._unpark(conn)
+                    uploads.cancelled(conn, event.index)
+                    self._acked(conn, event.index)
                 elif isinstance(event, LayerWanted):
                     layer = self.layer_for(blob_id)
                     if layer is not None:
@@ -468,10 +432,11 @@ class SwarmEngine:
                 self.ban(blob_id, conn.peer, BanKind.NOT_READING, conn.close_reason)
             serving = self._serving.get(blob_id, set())
             serving.discard(conn)
+            uploads.close(conn)
+            self._upload_ready.set()  # (its upload slots are free again)
+            self._arm_uploads()
             if not serving:
                 self._forget_blob(blob_id)
-            for up in pending.values():
-                up.cancelled = True
             if conn.job is not None:
                 conn.job.detach(conn, conn.close_reason or "stream ended")
             conn.close("stream ended")
@@ -479,12 +444,32 @@ class SwarmEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
+    def _acked(self, conn: _Conn, index: int) -> None:
+        if self.uploads.acked(conn, index, asyncio.get_running_loop().time()):
+            self._upload_ready.set()
+            self._arm_uploads()
+
+    def _arm_uploads(self) -> None:
+        """Keep one ``call_at`` at the upload scheduler's timer (peers that do not read)."""
+        when = self.uploads.get_timer()
+        if when == self._upload_timer_at:
+            return
+        if self._upload_timer is not None:
+            self._upload_timer.cancel()
+        self._upload_timer_at = when
+        self._upload_timer = None if when is None else \
+            asyncio.get_running_loop().call_at(when, self._on_upload_timer)
+
+    def _on_upload_timer(self) -> None:
+        self._upload_timer = self._upload_timer_at = None
+        for close in self.uploads.handle_timer(asyncio.get_running_loop().time()):
+            close.conn.close(f"{NOT_READING}: {close.reason}")
+            self.uploads.close(close.conn)  # (its serve loop ends on its own)
+        self._arm_uploads()
+
     def _forget_blob(self, blob_id: BlobId) -> None:
-        """Drop the per-piece seed state of a blob nobody is connected about any more."""
+        """Drop what was kept for serving a blob nobody is connected about any more."""
         self._serving.pop(blob_id, None)
-        self._claimed.pop(blob_id, None)
-        self._sent_count.pop(blob_id, None)
-        self._redirected.pop(blob_id, None)
         if blob_id not in self._jobs:
             self._layers.pop(blob_id, None)
         self._close_reader(blob_id)
@@ -504,112 +489,40 @@ class SwarmEngine:
         """Open swarm connections, over all blobs."""
         return sum(len(conns) for conns in self._serving.values())
 
-    def _redirect(self, conn: _Conn, blob_id: BlobId, index: int) -> bool:
-        """Whether a seed should send the requester to other holders of this piece.
-
-        A seed's upload is the scarcest resource of a swarm (the lower bound is F/u_s when
-        the targets can relay), so a seed that already sent a piece once points a requester
-        at the peers that hold it — a few times per requester and piece, so nobody starves.
-        """
-        if conn.job is not None or self._sent_count.get(blob_id, {}).get(index, 0) == 0:
-            return False
-        counts = self._redirected.setdefault(blob_id, {})
-        key = (conn.peer, index)
-        if counts.get(key, 0) >= MAX_REDIRECTS:
-            return False
-        # a peer we sent it to and that has not announced it yet holds it all but
-        holders = any(index in other.session.peer_have or index in other.unacked
-                      for other in self._serving.get(blob_id, ()) if other is not conn)
-        if holders:
-            counts[key] = counts.get(key, 0) + 1
-        return holders
-
-    def _redirect_now(self, conn: _Conn, blob_id: BlobId, index: int) -> bool:
-        """A seed refuses at once a piece it already gives another peer.
-
-        The first requester of a piece claims it; while that claim is live, other
-        requesters are told to get it elsewhere (the claimant will announce it), at most
-        ``MAX_REDIRECTS`` times per requester and piece so nobody starves.  A claimant that
-        has acknowledged nothing for ``CLAIM_TTL`` (a peer that does not read, say, having
-        asked for every piece) holds no claim.
-        """
-        if conn.job is not None:
-            return False
-        claims = self._claimed.setdefault(blob_id, {})
-        owner = claims.get(index)
-        if owner is None or owner.closed or owner is conn or \
-                time.monotonic() - owner.last_ack > CLAIM_TTL:
-            claims[index] = conn
-            return False
-        counts = self._redirected.setdefault(blob_id, {})
-        key = (conn.peer, index)
-        n = counts.get(key, 0)
-        if n >= MAX_REDIRECTS:
-            return False
-        counts[key] = n + 1
-        return True
-
     async def _upload_worker(self) -> None:
-        """Pick the most urgent upload, read and verify it, queue it on its connection.
-
-        Never waits on a peer: an upload whose connection already has ``OUTBOX_PIECES``
-        queued is parked on that connection until its writer catches up.
+        """Start the upload the scheduler says goes next: read and verify it, queue it on its
+        connection.  Never waits on a peer (the scheduler parks a connection whose outbox or
+        unacknowledged pieces are full); workers read from disk in parallel.
         """
         while True:
-            while not self._uploads:
+            action = self.uploads.next()
+            if action is None:
                 self._upload_ready.clear()
                 await self._upload_ready.wait()
-            up = heapq.heappop(self._uploads)
-            conn = up.conn
-            if up.cancelled or conn.closed:
-                claims = self._claimed.get(up.blob_id, {})
-                if claims.get(up.index) is conn and \
-                        not self._sent_count.get(up.blob_id, {}).get(up.index):
-                    del claims[up.index]  # never sent: let the next requester have it
                 continue
-            sent = self._sent_count.get(up.blob_id, {}).get(up.index, 0)
-            if sent > up.sort_key[1]:
-                # sent to someone else since it was queued: let never-sent pieces go first
-                up.sort_key = (up.sort_key[0], sent, up.sort_key[2])
-                heapq.heappush(self._uploads, up)
+            conn = action.conn
+            if isinstance(action, Refuse):
+                conn.push(conn.session.reject(action.index, action.reason))
                 continue
-            if self._redirect(conn, up.blob_id, up.index):
-                conn.push(conn.session.reject(up.index, REJECT_ELSEWHERE))
-                continue
-            if not conn.upload_room():
-                conn.parked.append(up)
-                continue
-            conn.pieces_queued += 1  # reserved across the awaits below
             try:
-                data = await asyncio.to_thread(self._read_piece, up.blob_id, up.index)
+                data = await asyncio.to_thread(self._read_piece, action.blob, action.index)
             except (StoreError, CorruptBlobError, OSError) as exc:
                 # OSError: the file was closed under the read (the blob was dropped or its
                 # download finished): the peer asks again elsewhere or here
-                conn.pieces_queued -= 1
-                conn.push(conn.session.reject(up.index, str(exc)))
+                self.uploads.read_failed(conn)
+                conn.push(conn.session.reject(action.index, str(exc)))
                 if isinstance(exc, CorruptBlobError):
-                    await self._on_corrupt(up.blob_id, exc)
+                    await self._on_corrupt(action.blob, exc)
                 continue
             await self._up_bucket.take(len(data))
-            conn.push(conn.session.piece(up.index, data), up.index)
+            conn.push(conn.session.piece(action.index, data), action.index)
 
     def _piece_sent(self, conn: _Conn, index: int, nbytes: int) -> None:
-        """A connection's writer handed a piece to the transport: account, unpark."""
-        blob_id = conn.session.blob_id
-        conn.pieces_queued -= 1
-        if index not in conn.session.peer_have:
-            conn.unacked[index] = time.monotonic()
+        """A connection's writer handed a piece to the transport."""
+        self.uploads.sent(conn, index, asyncio.get_running_loop().time())
         self.bytes_uploaded += nbytes
-        counts = self._sent_count.setdefault(blob_id, {})
-        counts[index] = counts.get(index, 0) + 1
-        self._unpark(conn)
-
-    def _unpark(self, conn: _Conn) -> None:
-        if conn.parked:
-            for up in conn.parked:
-                heapq.heappush(self._uploads, up)
-            conn.parked.clear()
-            self._upload_ready.set()
+        self._upload_ready.set()
+        self._arm_uploads()
 
     def _read_piece(self, blob_id: BlobId, index: int) -> bytes:
         """Read a piece to upload (in a worker thread), verified: never pass on data that
@@ -740,17 +653,23 @@ class DownloadJob:
     # --- events in, actions out ------------------------------------------------------------
 
     def attach(self, conn: _Conn, hello: PeerHello) -> None:
-        conn.job = self
+        self._bind(conn, True)
         self._execute(self.sched.attach(conn, conn.peer, conn.session.peer_have,
                                         hello.has_layer, conn.outbound, self._loop.time()))
         if not self.sched.owns(conn):
-            conn.job = None
+            self._bind(conn, False)
 
     def detach(self, conn: _Conn, reason: str) -> None:
         if self.sched.owns(conn):
             log.debug("swarm %s: lost %s: %s", self.blob_id.short(), conn.peer.short(), reason)
-        conn.job = None
+        self._bind(conn, False)
         self._execute(self.sched.detach(conn, self._loop.time()))
+
+    def _bind(self, conn: _Conn, downloading: bool) -> None:
+        """Route the connection's events to this job (or not); a seed never redirects a
+        peer we download from."""
+        conn.job = self if downloading else None
+        self.engine.uploads.set_downloading(conn, downloading)
 
     async def on_event(self, conn: _Conn, event: Event) -> None:
         sched, now = self.sched, self._loop.time()
@@ -1050,7 +969,7 @@ class DownloadJob:
             self._timer.cancel()
         complete = self.engine.store.has(self.blob_id)
         for conn in self.sched.conns():
-            conn.job = None
+            self._bind(conn, False)
             if complete and not conn.session.peer_complete:
                 continue  # keep seeding to a peer that still downloads
             conn.push(conn.session.bye("done"))
