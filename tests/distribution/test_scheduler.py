@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Sequence
+
+import pytest
 
 from blobmesh.distribution.scheduler import (
     Announce,
@@ -23,7 +27,7 @@ from blobmesh.distribution.scheduler import (
     StateChanged,
     UploadScheduler,
 )
-from blobmesh.store import Bitfield
+from blobmesh.types import Bitfield
 
 
 def bf(size: int, indices: list[int] | None = None) -> Bitfield:
@@ -248,3 +252,13 @@ def test_a_claimant_that_acknowledges_nothing_for_claim_ttl_holds_no_claim() -> 
     assert u.wanted("a", 0, 1, now=1.0) is None
     assert u.wanted("b", 0, 1, now=2.0) == Refuse("b", 0, "held by other peers")
     assert u.wanted("b", 0, 1, now=2.5) is None  # a acknowledged nothing since 0.0
+
+
+@pytest.mark.parametrize("module", ["blobmesh.distribution.scheduler", "blobmesh.sim"])
+def test_importing_a_core_imports_no_io(module: str) -> None:
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in ('sqlite3', 'socket', 'threading', 'asyncio', 'ssl') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

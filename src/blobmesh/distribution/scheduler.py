@@ -23,7 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from blobmesh.distribution.peerwire import REJECT_ELSEWHERE
 from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.requests import RequestLedger
-from blobmesh.store.bitfield import Bitfield
+from blobmesh.types import Bitfield
 
 
 class _Ranked(Hashable, Protocol):

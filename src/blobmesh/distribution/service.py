@@ -39,6 +39,10 @@ from blobmesh.distribution.model import (
     ScopeError,
     TargetState,
     TargetStatus,
+)
+from blobmesh.distribution.progress import (
+    PROGRESS_INTERVAL,
+    SOURCE_NOTES_PER_S,
     progress_note_interval,
 )
 from blobmesh.distribution.swarm import JobProgress, SwarmEngine
@@ -215,8 +219,8 @@ ShareLoader = Callable[[BlobId, Sequence[str]], Awaitable[None]]
 
 @dataclass(slots=True)
 class DistributionConfig:
-    progress_interval: float = 0.25  # seconds between progress notifications per target
-    source_notes_per_s: float = 200.0  # ... stretched so all targets send about this many
+    progress_interval: float = PROGRESS_INTERVAL  # between one target's progress notes
+    source_notes_per_s: float = SOURCE_NOTES_PER_S  # ... stretched: all targets send this many
     resolve_interval: float = 1.0  # how often scopes are re-resolved (late joiners)
     retry_backoff: float = 1.0
     retry_backoff_max: float = 15.0

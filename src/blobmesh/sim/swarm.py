@@ -44,7 +44,7 @@ from blobmesh.distribution.scheduler import (
 )
 from blobmesh.sim.engine import Simulator, Timer
 from blobmesh.sim.network import Flow, FlowNetwork
-from blobmesh.store.bitfield import Bitfield
+from blobmesh.types import Bitfield
 
 # bytes on the wire of each control message (msgpack + the transport's frame and record)
 CTRL_BYTES = 40
