@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 
 
 class Bitfield:
-    __slots__ = ("_bits", "size")
+    __slots__ = ("_bits", "_count", "size")
 
     def __init__(self, size: int, raw: bytes | None = None) -> None:
         if size < 0:
@@ -21,6 +21,8 @@ class Bitfield:
             self._bits = bytearray(raw)
             if size % 8 and self._bits[-1] & (0xFF >> (size % 8)):
                 raise ValueError("bitfield has bits set past its size")
+        # kept current by add and discard: schedulers ask "complete?" on every event
+        self._count = int.from_bytes(self._bits, "big").bit_count()
 
     @classmethod
     def full(cls, size: int) -> Bitfield:
@@ -37,11 +39,15 @@ class Bitfield:
     def add(self, index: int) -> None:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        self._bits[index >> 3] |= 0x80 >> (index & 7)
+        mask = 0x80 >> (index & 7)
+        if not self._bits[index >> 3] & mask:
+            self._bits[index >> 3] |= mask
+            self._count += 1
 
     def discard(self, index: int) -> None:
-        if 0 <= index < self.size:
+        if index in self:
             self._bits[index >> 3] &= ~(0x80 >> (index & 7)) & 0xFF
+            self._count -= 1
 
     def update(self, indices: Iterable[int]) -> None:
         for i in indices:
@@ -66,10 +72,10 @@ class Bitfield:
         return [i for i in range(self.size) if i not in self]
 
     def count(self) -> int:
-        return int.from_bytes(self._bits, "big").bit_count()
+        return self._count
 
     def is_complete(self) -> bool:
-        return self.count() == self.size
+        return self._count == self.size
 
     def to_bytes(self) -> bytes:
         return bytes(self._bits)

@@ -469,7 +469,10 @@ class DownloadScheduler(Generic[Conn, Peer]):
         # A seed's queue is shared by every downloader: a request waiting there pins its
         # piece to the seed while other peers could relay it by now.
         pipeline = p.seed_pipeline if self._haves[conn].is_complete() else p.pipeline
-        for index in self.picker.pick(conn, self._ledger.room(conn, pipeline)):
+        room = self._ledger.room(conn, pipeline)
+        if not room:  # (the common case: a have arrived on a full pipeline)
+            return
+        for index in self.picker.pick(conn, room):
             self._out.append(Request(conn, index))
             self._ledger.sent(conn, index, now)
 
