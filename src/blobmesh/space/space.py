@@ -81,7 +81,8 @@ log = logging.getLogger(__name__)
 OpValidator = Callable[[Op], None]
 """Raises (any exception, ideally :class:`InvalidOpError`) to reject an op of its kind."""
 NotifyHandler = Callable[[NodeId, bytes], Awaitable[None] | None]
-"""Called with (sender, data) per notification; may be a plain function or a coroutine one."""
+"""Called with (sender, data after the handler's prefix) per notification; may be a plain
+function or a coroutine one."""
 AddressBook = Callable[[NodeId, tuple[str, ...]], None]
 """Tells the transport where a node listens (called for seeds and every accepted record)."""
 CapabilityFilter = str | Predicate | Callable[[Mapping[str, CapValue]], bool]
@@ -273,7 +274,7 @@ class Space:
             backoff_max=t.unresponsive_backoff_max, rng=self._rng)
         self._validators: dict[str, OpValidator | None] = {}
         self._subs: set[Subscription] = set()
-        self._notify_handler: NotifyHandler | None = None
+        self._notify_handlers: dict[bytes, NotifyHandler] = {}  # by prefix
         self._links: OrderedDict[NodeId, _Link] = OrderedDict()
         self._dialing: dict[NodeId, asyncio.Lock] = {}
         self._inbound: dict[NodeId, int] = {}
@@ -761,9 +762,18 @@ class Space:
         link = await self._link(peer)
         await link.send(wire.Notify(0, bytes(data)))
 
-    def on_notify(self, handler: NotifyHandler | None) -> None:
-        """Call ``handler(peer, data)`` for each notification received."""
-        self._notify_handler = handler
+    def notify_handler(self, prefix: bytes, handler: NotifyHandler | None) -> None:
+        """Call ``handler(peer, rest)`` for each notification ``prefix + rest`` (``None``
+        unregisters).  Raises ``ValueError`` for an empty prefix or one that starts, or is the
+        start of, another registered prefix: each notification has one handler."""
+        if handler is None:
+            self._notify_handlers.pop(prefix, None)
+            return
+        clash = [p for p in self._notify_handlers
+                 if p != prefix and (p.startswith(prefix) or prefix.startswith(p))]
+        if not prefix or clash:
+            raise ValueError(f"notify prefix {prefix!r} is empty or overlaps {clash}")
+        self._notify_handlers[prefix] = handler
 
     # --- links (client side) -----------------------------------------------------------------
 
@@ -1018,13 +1028,15 @@ class Space:
         if len(data) > self.config.limits.max_notify_bytes:
             self.metrics.limit("notify_bytes")
             return
-        handler = self._notify_handler
-        if handler is None:
+        found = next(((p, h) for p, h in self._notify_handlers.items() if data.startswith(p)),
+                     None)
+        if found is None:
             self.metrics.inc("notify_unhandled")
             return
         self.metrics.inc("notify_received")
+        prefix, handler = found
         try:
-            result = handler(peer, data)
+            result = handler(peer, data[len(prefix):])
             if result is not None:
                 await result
         except Exception:
