@@ -72,7 +72,7 @@ class Result:
     source_dials: int  # connection attempts the source received
     ctrl_bytes_per_s_node_p50: float  # control bytes in + out per node and second
     ctrl_bytes_per_s_node_max: float
-    status_ops: int  # dist/status ops published (each gossiped to every node)
+    status_ops: int  # dist/status ops published (final states only; gossiped to all)
     bans: int
     crashes: int
     failures: int

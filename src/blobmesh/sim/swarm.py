@@ -226,7 +226,7 @@ class SimNode:
             elif isinstance(a, Complete):
                 self._completed()
             elif isinstance(a, StateChanged):
-                world.status_ops += 1
+                self._note(force=True)  # (a state change is noted at once, not an op)
             elif isinstance(a, Failed):
                 self._failed()
         self._arm()
@@ -267,8 +267,8 @@ class SimNode:
                 world.close(end, "done")  # keep seeding to peers that still download
 
     def _failed(self) -> None:
-        self.outcome.failures += 1
-        self.world.status_ops += 1
+        self.outcome.failures += 1  # (retrying is no final state: a note, no op)
+        self._note(force=True)
         self.sched = None
         for end in list(self.ends):
             self.world.close(end, "job failed")
@@ -319,7 +319,7 @@ class World:
         self.detect_crash = detect_crash
         self._candidates = candidates
         self.nodes = [SimNode(self, i, spec, seed=i == SOURCE) for i, spec in enumerate(specs)]
-        self.status_ops = 0  # dist/status ops published (each is gossiped to every node)
+        self.status_ops = 0  # dist/status ops published (final states only; gossiped to all)
         self.completed = 0
         self.honest_targets = sum(1 for n in self.nodes[1:] if not n.spec.liar)
         self.on_all_done: Callable[[], None] | None = None
