@@ -637,6 +637,7 @@ class DownloadJob:
         self._flush_due = False
         self._complete = False
         self._failed = ""
+        self._closing = False  # shutting down: the scheduler's actions are not executed
         self._disk_full = False
         self.state = TargetState.TRANSFERRING
         self.reason = ""
@@ -728,6 +729,8 @@ class DownloadJob:
 
     def _execute(self, actions: list[DownloadAction[NodeId, _Conn]]) -> None:
         """Carry out the scheduler's actions, then re-arm its timer."""
+        if self._closing:
+            return
         for a in actions:
             if isinstance(a, Request):
                 a.conn.push(a.conn.session.request(a.index))
@@ -935,8 +938,7 @@ class DownloadJob:
                 conn.close(str(exc) or "hello timed out")
             return
         finally:
-            if not self.done.is_set():
-                self._execute(self.sched.dial_ended(peer, self._loop.time()))
+            self._execute(self.sched.dial_ended(peer, self._loop.time()))
         if not isinstance(event, PeerHello):
             conn.close("expected hello")
             return
@@ -967,6 +969,7 @@ class DownloadJob:
                                        self.reason))
 
     async def _shutdown(self) -> None:
+        self._closing = True
         if self._timer is not None:
             self._timer.cancel()
         aio = self.engine.store.aio
