@@ -19,7 +19,7 @@ from blobmesh.distribution.peerwire import (
 )
 from blobmesh.errors import ProtocolError
 from blobmesh.hashing import BlobId
-from blobmesh.store import Bitfield
+from blobmesh.types import Bitfield
 
 BLOB = BlobId(b"\x01" * 32)
 SIZE, PIECE = 1_000_000, 262144  # 4 pieces

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from blobmesh.distribution.picker import PiecePicker
-from blobmesh.store import Bitfield
+from blobmesh.types import Bitfield
 
 
 def bf(size: int, indices: list[int]) -> Bitfield:

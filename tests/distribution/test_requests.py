@@ -52,3 +52,16 @@ def test_withdrawn_and_dropped() -> None:
     ledger.withdrawn("a", 1)  # cancelled by us: no answer owed
     assert ledger.dropped("a") == [2]
     assert ledger.handle_timer(10.0) == [] and ledger.dropped("a") == []
+
+
+def test_the_deadline_follows_the_last_answer_and_forgets_idle_connections() -> None:
+    ledger = RequestLedger[str](timeout=5.0)
+    ledger.sent("a", 0, 0.0)
+    ledger.sent("a", 1, 0.0)
+    ledger.sent("b", 0, 1.0)
+    assert ledger.get_timer() == 5.0
+    ledger.answered("a", 0, 3.0)  # a answered: its deadline moves past b's
+    assert ledger.get_timer() == 6.0
+    ledger.answered("b", 0, 4.0)  # b owes nothing: a's is the only deadline
+    assert ledger.get_timer() == 8.0
+    assert [e.conn for e in ledger.handle_timer(8.0)] == ["a"] and ledger.get_timer() is None

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Sequence
+
+import pytest
 
 from blobmesh.distribution.scheduler import (
     Announce,
@@ -23,7 +27,7 @@ from blobmesh.distribution.scheduler import (
     StateChanged,
     UploadScheduler,
 )
-from blobmesh.store import Bitfield
+from blobmesh.types import Bitfield
 
 
 def bf(size: int, indices: list[int] | None = None) -> Bitfield:
@@ -69,13 +73,16 @@ def test_only_about_source_fanout_targets_dial_the_source_first_and_orders_diffe
     assert len(set(firsts)) > 500  # not everybody dials the same peer
 
 
-def test_asks_one_peer_for_the_layer_then_pipelines_rarest_first() -> None:
-    j = job(pieces=4, peers=[], pipeline=2, seed_pipeline=1)
+def test_asks_up_to_layer_asks_peers_for_the_layer_then_pipelines_rarest_first() -> None:
+    j = job(pieces=4, peers=[], pipeline=2, seed_pipeline=1, layer_asks=2)
     assert j.attach("e", 3, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
     out = j.attach("s", 2, bf(4), has_layer=True, outbound=True, now=0.0)
     assert out == [RequestLayer("s")]
-    assert j.attach("a", 1, bf(4, [0, 1]), has_layer=False, outbound=True, now=0.0) == []
+    assert j.attach("a", 1, bf(4, [0, 1]), has_layer=False, outbound=True, now=0.0) == \
+        [RequestLayer("a")]  # a second peer at once: one that never answers costs no deadline
+    assert j.attach("b", 4, bf(4), has_layer=True, outbound=True, now=0.0) == []  # two asked
     assert j.layer_arrived("s", True, 0.1) == []
+    assert j.detach("b", 0.1) == []
     out = j.start(Bitfield(4), 0.1)
     assert sorted(requests(out, "a")) == [0, 1]  # the downloader first, full pipeline
     assert len(requests(out, "s")) == 1 and requests(out, "s")[0] in (2, 3)  # seed: 1
@@ -157,13 +164,13 @@ def test_a_seed_serves_each_piece_to_one_requester_and_redirects_the_others() ->
     u = upload()
     haves = {c: Bitfield(4) for c in "abc"}
     for i, c in enumerate("abc"):
-        u.open(c, "blob", i, haves[c])
-    assert u.wanted("a", 0, priority=1) is None
-    assert u.wanted("b", 0, 1) == Refuse("b", 0, "held by other peers")
-    assert u.wanted("b", 0, 1) == Refuse("b", 0, "held by other peers")
-    assert u.wanted("b", 0, 1) is None  # max_redirects reached: nobody starves
+        u.open(c, "blob", i, haves[c], 0.0)
+    assert u.wanted("a", 0, priority=1, now=0.0) is None
+    assert u.wanted("b", 0, 1, now=0.0) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1, now=0.0) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1, now=0.0) is None  # max_redirects reached: nobody starves
     assert u.next() == Serve("a", "blob", 0)
-    u.sent("a", 0)
+    u.sent("a", 0, 0.0)
     haves["a"].add(0)  # a announced it
     assert u.next() == Serve("b", "blob", 0)
 
@@ -171,14 +178,14 @@ def test_a_seed_serves_each_piece_to_one_requester_and_redirects_the_others() ->
 def test_never_sent_pieces_first_and_slots_bound_what_is_on_its_way() -> None:
     u = upload()
     for i, c in enumerate("abc"):
-        u.open(c, "blob", i, Bitfield(4))
+        u.open(c, "blob", i, Bitfield(4), 0.0)
         u.set_downloading(c, True)  # peers we download from too: no redirects
-    u.wanted("a", 0, 1)
+    u.wanted("a", 0, 1, now=0.0)
     assert u.next() == Serve("a", "blob", 0)
-    u.sent("a", 0)
-    u.wanted("b", 0, 1)  # sent once already
-    u.wanted("c", 1, 1)  # never sent: goes first
-    u.wanted("a", 2, 1)
+    u.sent("a", 0, 0.0)
+    u.wanted("b", 0, 1, now=0.0)  # sent once already
+    u.wanted("c", 1, 1, now=0.0)  # never sent: goes first
+    u.wanted("a", 2, 1, now=0.0)
     assert u.next() == Serve("c", "blob", 1)
     assert u.next() == Serve("a", "blob", 2)
     assert u.next() is None and u.in_flight == 2  # two slots, both taken
@@ -188,15 +195,15 @@ def test_never_sent_pieces_first_and_slots_bound_what_is_on_its_way() -> None:
 
 def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> None:
     u = UploadScheduler[str, str, int](outbox=1, slots=None)
-    u.open("a", "blob", 1, Bitfield(4))
+    u.open("a", "blob", 1, Bitfield(4), 0.0)
     u.set_downloading("a", True)
-    u.wanted("a", 0, 1)
-    u.wanted("a", 1, 1)
+    u.wanted("a", 0, 1, now=0.0)
+    u.wanted("a", 1, 1, now=0.0)
     u.cancelled("a", 1)
-    u.wanted("a", 2, 1)
+    u.wanted("a", 2, 1, now=0.0)
     assert u.next() == Serve("a", "blob", 0)
     assert u.next() is None  # 2 is parked, 1 was cancelled
-    u.sent("a", 0)
+    u.sent("a", 0, 0.0)
     assert u.next() == Serve("a", "blob", 2)
     assert u.times_sent("blob", 0) == 1 and u.serving("blob") == 1
 
@@ -205,7 +212,8 @@ def test_a_peer_without_the_layer_at_hello_is_asked_once_it_announces_a_piece() 
     j = job(pieces=4, peers=[])
     assert j.attach("a", 1, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
     assert j.peer_has("a", 2, 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
-    assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == []
+    assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == \
+        [RequestLayer("b")]  # (up to layer_asks peers are asked at once)
 
 
 def test_the_dial_retry_timer_fires_the_retry_despite_float_rounding() -> None:
@@ -216,3 +224,41 @@ def test_the_dial_retry_timer_fires_the_retry_despite_float_rounding() -> None:
     when = j.get_timer()
     assert when == 0.7 + 0.1 and when - 0.7 < 0.1  # the sum rounds below the interval
     assert j.handle_timer(when) == [Dial(1)]  # not an endless timer at the same instant
+
+
+def test_unacknowledged_pieces_bound_the_room_and_count_as_held_by_their_receiver() -> None:
+    u = UploadScheduler[str, str, int](outbox=2, slots=None, send_timeout=5.0)
+    u.open("a", "blob", 1, Bitfield(8), 0.0, max_unacked=2)
+    u.open("b", "blob", 2, Bitfield(8), 0.0)
+    for i in range(3):
+        u.wanted("a", i, 1, now=0.0)
+    assert [u.next(), u.next(), u.next()] == [Serve("a", "blob", 0), Serve("a", "blob", 1), None]
+    u.sent("a", 0, 1.0)
+    u.sent("a", 1, 1.0)
+    assert u.next() is None  # two pieces unacknowledged: no room until a's have says so
+    assert u.get_timer() == 6.0
+    assert u.wanted("b", 0, 1, now=3.0) is None  # a's claim lapsed (claim_ttl): queued
+    assert u.next() == Refuse("b", 0, "held by other peers")  # on its way to a: held there
+    assert u.acked("a", 0, 3.0) and not u.acked("a", 0, 3.0)
+    assert u.next() == Serve("a", "blob", 2)
+    assert u.handle_timer(5.9) == []
+    assert u.handle_timer(6.0) == [Close("a", "no piece acknowledged for 5s")]
+
+
+def test_a_claimant_that_acknowledges_nothing_for_claim_ttl_holds_no_claim() -> None:
+    u = UploadScheduler[str, str, int](claim_ttl=2.0)
+    u.open("a", "blob", 1, Bitfield(4), 0.0)
+    u.open("b", "blob", 2, Bitfield(4), 0.0)
+    assert u.wanted("a", 0, 1, now=1.0) is None
+    assert u.wanted("b", 0, 1, now=2.0) == Refuse("b", 0, "held by other peers")
+    assert u.wanted("b", 0, 1, now=2.5) is None  # a acknowledged nothing since 0.0
+
+
+@pytest.mark.parametrize("module", ["blobmesh.distribution.scheduler", "blobmesh.sim"])
+def test_importing_a_core_imports_no_io(module: str) -> None:
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in ('sqlite3', 'socket', 'threading', 'asyncio', 'ssl') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

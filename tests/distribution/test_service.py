@@ -25,9 +25,11 @@ from blobmesh.distribution.model import (
 )
 from blobmesh.distribution.service import (
     NOTIFY_PROGRESS,
+    OP_STATUS,
     DistributionService,
     DistributionTimeoutError,
     ProgressNote,
+    StatusOp,
     UnknownDistributionError,
 )
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
@@ -36,7 +38,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.space import Seed, Space, SpaceConfig
 from blobmesh.store import LeaseId, Store
 from blobmesh.tasks import failure_counts
-from blobmesh.transport.identity import Identity
+from blobmesh.transport.identity import Identity, NodeId
 from blobmesh.transport.memory import MemoryHub
 from tests.space.util import FAST
 from tests.util import eventually
@@ -314,3 +316,29 @@ async def test_a_queued_target_says_why(tmp_path: Path) -> None:
             DistributionState.COMPLETED
         assert (await src.dist.wait_for_completion(low, 30)).state is \
             DistributionState.COMPLETED
+
+
+async def test_only_final_target_states_are_ops_and_a_restarted_source_knows_them(
+        tmp_path: Path) -> None:
+    async with cluster(tmp_path, [[], ["g"], ["g"]]) as (src, a, b):
+        blob = add(src, 2 * MiB)
+        handle = await src.dist.distribute(blob, "group:g")
+        await src.dist.wait_for_completion(handle, 20)
+
+        def status_ops() -> list[tuple[NodeId, TargetState]]:
+            return sorted((op.author, TargetState(msgspec.msgpack.decode(
+                op.payload, type=StatusOp).state)) for op in src.space.stored_ops(OP_STATUS))
+
+        # the states in between went to the source as notes: every node's op store holds
+        # one op per target, not one per state change
+        await eventually(lambda: len(status_ops()) == 2, 10)
+        assert status_ops() == sorted([(a.space.node_id, TargetState.COMPLETED),
+                                       (b.space.node_id, TargetState.COMPLETED)])
+        # a source restarted from its op store still knows both completed
+        again = DistributionService(src.space, src.swarm)
+        await again.start()
+        try:
+            st = await again.status(handle)
+            assert [t.state for t in st.targets] == [TargetState.COMPLETED] * 2
+        finally:
+            await again.aclose()

@@ -317,3 +317,20 @@ async def test_a_closed_connections_layer_request_is_reissued_at_once(tmp_path: 
         nets[1].set_handler(PROTOCOL, other_target)
         await asyncio.wait_for(dst.download(blob, len(data), piece_size, lambda: available), 10)
         assert dst_store.get_data(blob, LeaseId.new("c")) == data
+
+
+async def test_many_concurrent_jobs_between_the_same_three_nodes_complete(tmp_path: Path) -> None:
+    """Each node seeds some blobs and downloads all the others at once, over one TLS
+    connection per pair: a reader that waited for its sends (the stream's credit) could not
+    read the other side's requests, and two such peers waited on each other."""
+    async with tls_swarm(tmp_path, 3, SwarmConfig(stall_timeout=20), 0) as (peers, _):
+        blobs = [(i % 3, *seed(peers[i % 3], 3 * MiB + i)) for i in range(12)]
+        everyone = [p.node_id for p in peers]
+        await asyncio.wait_for(asyncio.gather(*(
+            p.engine.download(blob, len(data), piece_size, lambda: everyone)
+            for owner, blob, data, piece_size in blobs
+            for k, p in enumerate(peers) if k != owner)), 60)
+        for owner, blob, data, _ps in blobs:
+            for k, p in enumerate(peers):
+                if k != owner:
+                    assert p.store.get_data(blob, LeaseId.new("c")) == data

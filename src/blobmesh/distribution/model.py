@@ -237,10 +237,3 @@ class DistributionStatus:
 
     def target(self, node: NodeId) -> TargetStatus | None:
         return next((t for t in self.targets if t.node == node), None)
-
-
-def progress_note_interval(targets: int, interval: float, source_budget: float) -> float:
-    """Seconds between one target's progress notes to the source: ``interval``, stretched so
-    that all ``targets`` together send about ``source_budget`` notes per second, whatever
-    the size of the scope (the source's cost must not grow with N)."""
-    return max(interval, targets / source_budget)

@@ -13,7 +13,7 @@ import msgspec
 
 from blobmesh.errors import ProtocolError
 from blobmesh.hashing import DIGEST_SIZE, BlobId
-from blobmesh.store.bitfield import Bitfield
+from blobmesh.types import Bitfield
 
 PROTOCOL = "blobmesh-swarm/1"
 REJECT_ELSEWHERE = "held by other peers"

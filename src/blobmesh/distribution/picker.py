@@ -12,7 +12,7 @@ import random
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-from blobmesh.store.bitfield import Bitfield
+from blobmesh.types import Bitfield
 
 Peer = TypeVar("Peer", bound=Hashable)
 

@@ -10,6 +10,8 @@ Requests belong to connections, not peers, so two connections to one peer never 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -41,11 +43,20 @@ class RequestLedger(Generic[Conn]):
         self.timeout = timeout
         self.max_strikes = max_strikes
         self._tracks: dict[Conn, _Track] = {}
+        # (deadline, seq, conn), lazily pruned: a connection's deadline only moves later, so
+        # an entry is current iff it equals its track's deadline (get_timer per event is O(1))
+        self._deadlines: list[tuple[float, int, Conn]] = []
+        self._seq = itertools.count()
+
+    def _push(self, conn: Conn, track: _Track) -> None:
+        heapq.heappush(self._deadlines, (track.waiting_since + self.timeout, next(self._seq),
+                                         conn))
 
     def sent(self, conn: Conn, index: int, now: float) -> None:
         track = self._tracks.setdefault(conn, _Track())
         if not track.outstanding:
             track.waiting_since = now
+            self._push(conn, track)
         track.outstanding[index] = now
 
     def answered(self, conn: Conn, index: int, now: float) -> None:
@@ -54,8 +65,11 @@ class RequestLedger(Generic[Conn]):
         if track is None:
             return
         track.outstanding.pop(index, None)
+        moved = now != track.waiting_since
         track.waiting_since = now
         track.strikes = 0
+        if track.outstanding and moved:
+            self._push(conn, track)
 
     def withdrawn(self, conn: Conn, index: int) -> None:
         """We cancelled the request ourselves (end game): no answer is owed."""
@@ -84,8 +98,15 @@ class RequestLedger(Generic[Conn]):
 
     def get_timer(self) -> float | None:
         """The next time :meth:`handle_timer` has something to do, or None."""
-        times = [t.waiting_since + self.timeout for t in self._tracks.values() if t.outstanding]
-        return min(times, default=None)
+        heap = self._deadlines
+        while heap:
+            when, _, conn = heap[0]
+            track = self._tracks.get(conn)
+            if track is not None and track.outstanding and \
+                    track.waiting_since + self.timeout == when:
+                return when
+            heapq.heappop(heap)
+        return None
 
     def handle_timer(self, now: float) -> list[Expired[Conn]]:
         """Connections past their deadline; their requests are no longer outstanding."""

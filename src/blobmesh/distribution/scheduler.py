@@ -23,7 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from blobmesh.distribution.peerwire import REJECT_ELSEWHERE
 from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.requests import RequestLedger
-from blobmesh.store.bitfield import Bitfield
+from blobmesh.types import Bitfield
 
 
 class _Ranked(Hashable, Protocol):
@@ -38,6 +38,8 @@ LAYER = -1  # the piece layer's slot in the request ledger
 MAX_REDIRECTS = 3
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
 UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
+CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
+UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
 SOURCE_FANOUT = 32  # targets of a scope expected to dial its source first (dials_source_first)
 
 
@@ -67,10 +69,12 @@ class RequestLayer(Generic[Conn]):
 
 @dataclass(frozen=True, slots=True)
 class Cancel(Generic[Conn]):
-    """Send ``cancel index`` on ``conn`` (a late piece is then taken or dropped)."""
+    """Send ``cancel index`` on ``conn`` (a late piece is then taken or dropped); ``late``:
+    the request missed its deadline and is asked elsewhere."""
 
     conn: Conn
     index: int
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,7 @@ class DownloadPolicy:
     flush_interval: float = 1.0
     request_timeout: float = 6.0
     request_strikes: int = 3
+    layer_asks: int = 3  # peers asked for the piece layer at once (small; the first wins)
 
 
 class DownloadScheduler(Generic[Conn, Peer]):
@@ -162,6 +167,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self.picker: PiecePicker[Conn] | None = None
         self.stalled = False
         self.paused = False  # a higher priority runs, or the disk is full: request nothing
+        self._full = False  # the disk is full: pieces arriving cannot be stored
         self.done = False
         self._me = me
         self._candidates = candidates
@@ -179,7 +185,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._dial_retry_at: float | None = None
         self._ledger = RequestLedger[Conn](self.policy.request_timeout,
                                            self.policy.request_strikes)
-        self._layer_conn: Conn | None = None
+        self._layer_conns: set[Conn] = set()  # asked for the piece layer, not yet answered
         self._layer_expired: set[Conn] = set()
         self._layer_known = False  # a valid layer arrived; ``start`` follows
         self._last_progress = now
@@ -211,9 +217,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
     def start(self, have: Bitfield, now: float) -> list[DownloadAction[Peer, Conn]]:
         """The piece layer is known and the partial blob holds ``have``."""
         self.picker = PiecePicker[Conn](have, rng=self._rng)
-        if self._layer_conn is not None:  # (the layer was found locally meanwhile)
-            self._ledger.withdrawn(self._layer_conn, LAYER)
-            self._layer_conn = None
+        for conn in self._layer_conns:  # the other answers are no longer owed
+            self._ledger.withdrawn(conn, LAYER)
+        self._layer_conns.clear()
         for conn, bf in self._haves.items():
             self.picker.add_peer(conn, bf)
         self._last_flush = now
@@ -284,7 +290,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
             return False
         self._ledger.answered(conn, index, now)
         picker = self.picker
-        return picker is not None and index not in picker.have and not self.paused
+        return picker is not None and index not in picker.have and not self._full
 
     def piece_written(self, conn: Conn, index: int, new: bool,
                       now: float) -> list[DownloadAction[Peer, Conn]]:
@@ -323,8 +329,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
                       now: float) -> list[DownloadAction[Peer, Conn]]:
         """A piece layer arrived; ``valid``: it matches the blob id (``start`` follows)."""
         self._ledger.answered(conn, LAYER, now)
-        if self._layer_conn == conn:
-            self._layer_conn = None
+        self._layer_conns.discard(conn)
         if valid:
             self._layer_known = True
         elif self.owns(conn):
@@ -333,7 +338,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
 
     def pause(self, now: float) -> list[DownloadAction[Peer, Conn]]:
         """Request nothing more, and withdraw what is in flight (the disk is full)."""
-        self.paused = True
+        self.paused = self._full = True
         for conn in list(self._peer_of):
             if self.picker is not None:
                 for index in self.picker.in_flight(conn):
@@ -346,7 +351,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
 
     def resume(self, now: float) -> list[DownloadAction[Peer, Conn]]:
         """Go on after :meth:`pause` or :meth:`hold`; the time paused counts as no stall."""
-        self.paused = False
+        self.paused = self._full = False
         self._last_progress = now
         if self.stalled:
             self.stalled = False
@@ -439,13 +444,17 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._dial_retry_at = retry_at
 
     def _ask_layer(self, now: float) -> None:
-        if self._layer_conn is not None:
+        """Ask up to ``layer_asks`` peers at once, so one that never answers costs no
+        deadline."""
+        room = self.policy.layer_asks - len(self._layer_conns)
+        if room <= 0:
             return
         # a connection that let a layer request expire is asked again only if nobody else can
-        candidates = [c for c, has in self._has_layer.items() if has]
+        candidates = [c for c, has in self._has_layer.items()
+                      if has and c not in self._layer_conns]
         candidates.sort(key=lambda c: c in self._layer_expired)
-        if candidates:
-            conn = self._layer_conn = candidates[0]
+        for conn in candidates[:room]:
+            self._layer_conns.add(conn)
             self._out.append(RequestLayer(conn))
             self._ledger.sent(conn, LAYER, now)
 
@@ -460,7 +469,10 @@ class DownloadScheduler(Generic[Conn, Peer]):
         # A seed's queue is shared by every downloader: a request waiting there pins its
         # piece to the seed while other peers could relay it by now.
         pipeline = p.seed_pipeline if self._haves[conn].is_complete() else p.pipeline
-        for index in self.picker.pick(conn, self._ledger.room(conn, pipeline)):
+        room = self._ledger.room(conn, pipeline)
+        if not room:  # (the common case: a have arrived on a full pipeline)
+            return
+        for index in self.picker.pick(conn, room):
             self._out.append(Request(conn, index))
             self._ledger.sent(conn, index, now)
 
@@ -470,10 +482,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
             for index in exp.indices:
                 if index == LAYER:
                     self._layer_expired.add(exp.conn)
-                    if self._layer_conn == exp.conn:
-                        self._layer_conn = None
+                    self._layer_conns.discard(exp.conn)
                     continue
-                self._out.append(Cancel(exp.conn, index))
+                self._out.append(Cancel(exp.conn, index, late=True))
                 if self.picker is not None:
                     self.picker.failed(exp.conn, index)
             if exp.ban and self.owns(exp.conn):
@@ -507,8 +518,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._ledger.dropped(conn)
         if self.picker is not None:
             self.picker.remove_peer(conn)
-        if self._layer_conn == conn:
-            self._layer_conn = None
+        self._layer_conns.discard(conn)
 
 
 def dials_source_first(targets: int, fanout: int, rng: random.Random) -> bool:
@@ -598,10 +608,13 @@ class _Link(Generic[Conn, Blob, Peer]):
     blob: Blob
     peer: Peer
     have: Bitfield  # the peer's, kept current by its session
+    last_ack: float  # when the peer last acknowledged a piece (or the connection began)
+    max_unacked: int | None
     downloading: bool = False  # we download this blob from the peer too: never redirect it
     queued: int = 0  # piece uploads reserved or queued on the connection
     parked: list[_Upload[Conn]] = field(default_factory=list)
     pending: dict[int, _Upload[Conn]] = field(default_factory=dict)
+    unacked: dict[int, float] = field(default_factory=dict)  # sent, not announced: index -> when
 
 
 @dataclass(slots=True)
@@ -610,6 +623,11 @@ class _Served(Generic[Conn, Peer]):
     sent: dict[int, int] = field(default_factory=dict)  # piece -> times sent
     claimed: dict[int, Conn] = field(default_factory=dict)  # piece -> first requester
     redirected: dict[tuple[Peer, int], int] = field(default_factory=dict)
+
+
+def max_unacked(piece_size: int) -> int:
+    """Pieces a connection may leave unacknowledged (``UNACKED_BYTES`` of them)."""
+    return max(OUTBOX_PIECES, UNACKED_BYTES // piece_size)
 
 
 class UploadScheduler(Generic[Conn, Blob, Peer]):
@@ -622,6 +640,14 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     few times per requester and piece, so nobody starves.  At most ``outbox`` pieces are
     queued per connection, so the choice of what to send next is made as late as possible.
 
+    A downloading peer acknowledges each piece with its ``have`` (or withdraws it with
+    ``cancel``): :meth:`acked`.  At most ``max_unacked`` pieces (per connection, given at
+    :meth:`open`) go unacknowledged; a piece sent and not yet acknowledged counts as held by
+    its receiver; a claimant that acknowledged nothing for ``claim_ttl`` holds no claim (a
+    peer that does not read, having asked for every piece, would have the seed refuse
+    everybody else); and one that leaves a piece unacknowledged for ``send_timeout`` does
+    not read: :meth:`handle_timer` closes it.
+
     At most ``slots`` pieces are on their way over all connections together (upload slots,
     as BitTorrent's unchoke limit): a node whose link is shared by 64 connections would
     otherwise need 64 piece times before any piece it sends is complete anywhere, and a
@@ -629,18 +655,22 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     """
 
     def __init__(self, outbox: int = OUTBOX_PIECES, max_redirects: int = MAX_REDIRECTS,
-                 slots: int | None = UPLOAD_SLOTS) -> None:
+                 slots: int | None = UPLOAD_SLOTS, claim_ttl: float = CLAIM_TTL,
+                 send_timeout: float | None = None) -> None:
         self.outbox = outbox
         self.max_redirects = max_redirects
         self.slots = slots
+        self.claim_ttl = claim_ttl
+        self.send_timeout = send_timeout
         self.in_flight = 0  # pieces served and not yet sent, over all connections
         self._links: dict[Conn, _Link[Conn, Blob, Peer]] = {}
         self._blobs: dict[Blob, _Served[Conn, Peer]] = {}
         self._queue: list[_Upload[Conn]] = []
         self._seq = itertools.count()
 
-    def open(self, conn: Conn, blob: Blob, peer: Peer, have: Bitfield) -> None:
-        self._links[conn] = _Link(blob, peer, have)
+    def open(self, conn: Conn, blob: Blob, peer: Peer, have: Bitfield, now: float,
+             max_unacked: int | None = None) -> None:
+        self._links[conn] = _Link(blob, peer, have, now, max_unacked)
         self._blobs.setdefault(blob, _Served()).conns.add(conn)
 
     def set_downloading(self, conn: Conn, downloading: bool) -> None:
@@ -667,7 +697,8 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
         served = self._blobs.get(blob)
         return len(served.conns) if served else 0
 
-    def wanted(self, conn: Conn, index: int, priority: int) -> Refuse[Conn] | None:
+    def wanted(self, conn: Conn, index: int, priority: int,
+               now: float) -> Refuse[Conn] | None:
         """The peer requests a piece: queued, or refused at once (returned)."""
         link = self._links.get(conn)
         if link is None:
@@ -675,7 +706,8 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
         served = self._blobs[link.blob]
         if not link.downloading:
             owner = served.claimed.get(index)
-            if owner is None or owner not in self._links or owner == conn:
+            claimant = self._links.get(owner) if owner is not None else None
+            if claimant is None or owner == conn or now - claimant.last_ack > self.claim_ttl:
                 served.claimed[index] = conn
             elif self._may_redirect(served, link, index):
                 return Refuse(conn, index, REJECT_ELSEWHERE)
@@ -688,6 +720,15 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
         link = self._links.get(conn)
         if link is not None and index in link.pending:
             link.pending.pop(index).cancelled = True
+
+    def acked(self, conn: Conn, index: int, now: float) -> bool:
+        """The peer announced (or withdrew) ``index``; True if that freed upload room."""
+        link = self._links.get(conn)
+        if link is None or link.unacked.pop(index, None) is None:
+            return False
+        link.last_ack = now
+        self._unpark(link)
+        return True
 
     def has_work(self) -> bool:
         return bool(self._queue)
@@ -714,7 +755,9 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
                     and self._may_redirect(served, link, up.index):
                 link.pending.pop(up.index, None)
                 return Refuse(up.conn, up.index, REJECT_ELSEWHERE)
-            if link.queued >= self.outbox:
+            if link.queued >= self.outbox or (
+                    link.max_unacked is not None and
+                    link.queued + len(link.unacked) >= link.max_unacked):
                 link.parked.append(up)
                 continue
             link.queued += 1
@@ -731,16 +774,34 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
             self.in_flight -= 1
             self._unpark(link)
 
-    def sent(self, conn: Conn, index: int) -> None:
+    def sent(self, conn: Conn, index: int, now: float) -> None:
         """A served piece was handed to the transport."""
         link = self._links.get(conn)
         if link is None:
             return
         link.queued -= 1
         self.in_flight -= 1
+        if index not in link.have:
+            link.unacked[index] = now
         served = self._blobs[link.blob]
         served.sent[index] = served.sent.get(index, 0) + 1
         self._unpark(link)
+
+    def get_timer(self) -> float | None:
+        """When a connection's oldest unacknowledged piece reaches ``send_timeout``."""
+        if self.send_timeout is None:
+            return None
+        oldest = [min(link.unacked.values()) for link in self._links.values() if link.unacked]
+        return min(oldest) + self.send_timeout if oldest else None
+
+    def handle_timer(self, now: float) -> list[Close[Conn]]:
+        """Connections that do not read: the adapter closes them (and :meth:`close` s)."""
+        timeout = self.send_timeout
+        if timeout is None:
+            return []
+        return [Close(conn, f"no piece acknowledged for {timeout:g}s")
+                for conn, link in self._links.items()
+                if link.unacked and now - min(link.unacked.values()) >= timeout]
 
     def times_sent(self, blob: Blob, index: int) -> int:
         served = self._blobs.get(blob)
@@ -752,7 +813,10 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
         link.parked.clear()
 
     def _held_elsewhere(self, served: _Served[Conn, Peer], conn: Conn, index: int) -> bool:
-        return any(index in self._links[other].have for other in served.conns if other != conn)
+        # a peer sent the piece that has not announced it yet holds it all but
+        return any(index in link.have or index in link.unacked
+                   for other in served.conns if other != conn
+                   for link in (self._links[other],))
 
     def _may_redirect(self, served: _Served[Conn, Peer], link: _Link[Conn, Blob, Peer],
                       index: int) -> bool:
@@ -765,8 +829,10 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
 
 
 __all__ = [
+    "CLAIM_TTL",
     "LAYER",
     "SOURCE_FANOUT",
+    "UNACKED_BYTES",
     "UPLOAD_SLOTS",
     "Announce",
     "Ban",
@@ -788,4 +854,5 @@ __all__ = [
     "UploadScheduler",
     "dial_order",
     "dials_source_first",
+    "max_unacked",
 ]

@@ -40,6 +40,10 @@ from blobmesh.distribution.model import (
     ScopeError,
     TargetState,
     TargetStatus,
+)
+from blobmesh.distribution.progress import (
+    PROGRESS_INTERVAL,
+    SOURCE_NOTES_PER_S,
     progress_note_interval,
 )
 from blobmesh.distribution.swarm import JobProgress, SwarmEngine
@@ -221,8 +225,8 @@ ShareLoader = Callable[[BlobId, Sequence[str]], Awaitable[None]]
 
 @dataclass(slots=True)
 class DistributionConfig:
-    progress_interval: float = 0.25  # seconds between progress notifications per target
-    source_notes_per_s: float = 200.0  # ... stretched so all targets send about this many
+    progress_interval: float = PROGRESS_INTERVAL  # between one target's progress notes
+    source_notes_per_s: float = SOURCE_NOTES_PER_S  # ... stretched: all targets send this many
     resolve_interval: float = 1.0  # how often scopes are re-resolved (late joiners)
     retry_backoff: float = 1.0
     retry_backoff_max: float = 15.0
@@ -633,27 +637,25 @@ class DistributionService:
             now = time.monotonic()
             bytes_done = p.bytes_done
             if (p.state, p.reason) != last_state:
-                # a state change is also a status op: it carries the reason to every node
-                last_state = (p.state, p.reason)
-                self._spawn(self._report(handle, p.state, p.bytes_done, p.reason))
+                last_state = (p.state, p.reason)  # a change is noted at once
             elif now - last_note < every and p.bytes_done != p.bytes_total:
                 return
             last_note = now
             self._note(source, handle, p)
 
-        await self._report(handle, TargetState.TRANSFERRING, 0)
+        await self._report(source, handle, TargetState.TRANSFERRING, 0)
         backoff = self.config.retry_backoff
         while True:
             try:
                 await self._download(tracked, peers, progress, pin)
                 break
             except CollectionError as exc:  # a bad manifest or export: retrying cannot help
-                await self._report(handle, TargetState.FAILED, 0, str(exc))
+                await self._report(source, handle, TargetState.FAILED, 0, str(exc))
                 return
             except (TransferError, StoreError) as exc:
                 # not final: a distribution is a desired state, this target keeps trying
                 last_state = (TargetState.RETRYING, str(exc))
-                await self._report(handle, TargetState.RETRYING, bytes_done,
+                await self._report(source, handle, TargetState.RETRYING, bytes_done,
                                    f"{exc}; retrying in {backoff:g}s")
                 if r.share_urls and self.config.share_loader is not None:
                     # no peer could provide it: fall back on the distribution's shares
@@ -666,7 +668,7 @@ class DistributionService:
                         break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)
-        await self._report(handle, TargetState.COMPLETED, r.total_size or r.size)
+        await self._report(source, handle, TargetState.COMPLETED, r.total_size or r.size)
 
     async def _download(self, tracked: _Tracked, peers: Callable[[], Iterable[NodeId]],
                         progress: Callable[[JobProgress], None], pin: str) -> None:
@@ -691,8 +693,18 @@ class DistributionService:
 
         self._spawn(send())
 
-    async def _report(self, handle: DistributionHandle, state: TargetState, bytes_done: int,
-                      reason: str = "") -> None:
+    async def _report(self, source: NodeId, handle: DistributionHandle, state: TargetState,
+                      bytes_done: int, reason: str = "") -> None:
+        """Tell the source; a final state is also a ``dist/status`` op.
+
+        Only final states are ops: an op is gossiped to every node and kept in every op
+        store, so one per state change would cost N ops per distribution everywhere; the
+        states in between reach the source as notes (and again with the next note after a
+        restart of it), the final one survives restarts in the op store.
+        """
+        self._note(source, handle, JobProgress(bytes_done, 0, 0, 0, 0, 0.0, state, reason))
+        if not state.final:
+            return
         payload = _enc.encode(StatusOp(str(handle), str(state), bytes_done, reason))
         try:
             await self.space.publish(OP_STATUS, payload)

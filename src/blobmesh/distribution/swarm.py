@@ -15,16 +15,12 @@ import asyncio
 import collections
 import contextlib
 import enum
-import heapq
-import itertools
 import logging
-import random
 import shutil
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blobmesh.distribution.model import SOURCES_REPORTED, Priority, TargetState
 from blobmesh.distribution.peerwire import (
@@ -43,12 +39,26 @@ from blobmesh.distribution.peerwire import (
     WantCancelled,
     peek_hello,
 )
-from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.ratelimit import TokenBucket
-from blobmesh.distribution.requests import RequestLedger
-from blobmesh.distribution.scheduler import SOURCE_FANOUT, DialPlan
+from blobmesh.distribution.scheduler import (
+    Announce,
+    Ban,
+    Cancel,
+    Close,
+    Complete,
+    Dial,
+    DownloadAction,
+    DownloadPolicy,
+    DownloadScheduler,
+    Flush,
+    Refuse,
+    Request,
+    RequestLayer,
+    StateChanged,
+    UploadScheduler,
+    max_unacked,
+)
 from blobmesh.errors import (
-    BadPeerDataError,
     BlobmeshError,
     BlobNotFoundError,
     CorruptBlobError,
@@ -68,15 +78,9 @@ from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 3
-CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
-OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
-UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
 MAX_OUTBOX = 8192  # messages queued per connection before it counts as not reading
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
-LAYER = -1  # the piece layer's slot in the request ledger
-LAYER_ASKS = 3  # peers asked for the piece layer at once
 DISK_HEADROOM = 1 << 20  # free bytes kept for metadata when pieces fill a disk
 
 
@@ -93,6 +97,9 @@ class SwarmConfig:
     """Node-wide swarm limits (rates in bytes/s, 0 = unlimited)."""
 
     pipeline: int = 16  # requests in flight per peer
+    # ... to a peer holding the whole blob: a request waiting in a seed's queue pins its
+    # piece there while other peers could relay it by now
+    seed_pipeline: int = 4
     max_peers_per_blob: int = 8
     upload_workers: int = 4  # disk reads in parallel; sends are per connection
     upload_rate: float = 0.0
@@ -103,6 +110,9 @@ class SwarmConfig:
     flush_interval: float = 1.0  # make received pieces durable (and resumable) this often
     request_timeout: float = 6.0  # a connection answering none of its requests this long
     request_strikes: int = 3  # ... this many times in a row is banned for the blob
+    # pieces read and queued but not yet taken by the transport, over all connections (None:
+    # only each connection's outbox bounds them; the transport's windows bound the wire)
+    upload_slots: int | None = None
     send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
     disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
 
@@ -130,10 +140,8 @@ class _Conn:
     """One stream with one peer about one blob.
 
     Everything we send goes through a bounded outbox drained by the connection's own writer
-    task, so a peer that does not read blocks nobody but itself.  A downloading peer
-    acknowledges each piece we send with its ``have`` (or withdraws it with ``cancel``); at
-    most ``UNACKED_BYTES`` of pieces go unacknowledged, and a peer that leaves a send or a
-    piece unacknowledged for ``send_timeout`` does not read: it is dropped.
+    task, so a peer that does not read blocks nobody but itself, and the reader never waits
+    for a send.
     """
 
     def __init__(self, stream: Stream, session: SwarmSession, outbound: bool) -> None:
@@ -148,23 +156,6 @@ class _Conn:
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
-        self.pieces_queued = 0  # reserved or queued piece uploads
-        self.parked: list[_Upload] = []  # uploads waiting for room in the outbox
-        self.unacked: dict[int, float] = {}  # pieces sent, not yet announced: index -> when
-        self.last_ack = time.monotonic()  # (or when the connection began)
-        self.max_unacked = max(OUTBOX_PIECES, UNACKED_BYTES // session.piece_size)
-
-    def upload_room(self) -> bool:
-        """Whether another piece may be queued for this peer now."""
-        return self.pieces_queued < OUTBOX_PIECES and \
-            self.pieces_queued + len(self.unacked) < self.max_unacked
-
-    def acked(self, index: int) -> bool:
-        """The peer announced (or withdrew) ``index``; True if that freed upload room."""
-        if self.unacked.pop(index, None) is None:
-            return False
-        self.last_ack = time.monotonic()
-        return True
 
     def push(self, message: bytes, piece: int = -1) -> None:
         """Queue a message; never waits.  A peer that lets the queue overflow is dropped."""
@@ -190,13 +181,7 @@ class _Conn:
             if not self._outbox:
                 self._drained.set()
                 self._ready.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(send_timeout / 4):
-                        await self._ready.wait()
-                if self.unacked and \
-                        time.monotonic() - min(self.unacked.values()) > send_timeout:
-                    self.close(f"{NOT_READING}: no piece acknowledged for {send_timeout:g}s")
-                    return
+                await self._ready.wait()
                 continue
             message, piece = self._outbox.popleft()
             try:
@@ -220,15 +205,6 @@ class _Conn:
             self._ready.set()
             self._drained.set()
             self.stream.reset(reason)
-
-
-@dataclass(order=True)
-class _Upload:
-    sort_key: tuple[int, int, int]  # (-priority, times this piece was sent, arrival)
-    conn: _Conn = field(compare=False)
-    blob_id: BlobId = field(compare=False)
-    index: int = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
 
 
 class PriorityGate:
@@ -273,9 +249,12 @@ class SwarmEngine:
         self._readers: dict[BlobId, PieceReader] = {}  # one open data file per served blob
         self._readers_lock = threading.Lock()
         self._priorities: dict[BlobId, Priority] = {}
-        self._uploads: list[_Upload] = []
+        # the transport's windows bound what is on the wire; see SwarmConfig.upload_slots
+        self.uploads = UploadScheduler[_Conn, BlobId, NodeId](
+            slots=self.config.upload_slots, send_timeout=self.config.send_timeout)
         self._upload_ready = asyncio.Event()
-        self._seq = itertools.count()
+        self._upload_timer: asyncio.TimerHandle | None = None
+        self._upload_timer_at: float | None = None
         self._up_bucket = TokenBucket(self.config.upload_rate)
         self.down_bucket = TokenBucket(self.config.download_rate)
         self._tasks = TaskOwner("swarm")
@@ -291,10 +270,6 @@ class SwarmEngine:
         self.bans: collections.Counter[BanKind] = collections.Counter()
         self.corrupt: dict[BlobId, str] = {}  # local copies found corrupt (and quarantined)
         self._serving: dict[BlobId, set[_Conn]] = {}
-        self._sent_count: dict[BlobId, dict[int, int]] = {}
-        self._redirected: dict[BlobId, dict[tuple[NodeId, int], int]] = {}
-        # seed side: the connection each piece was first queued for
-        self._claimed: dict[BlobId, dict[int, _Conn]] = {}
         network.set_handler(PROTOCOL, self._on_stream)
 
     async def start(self) -> None:
@@ -302,6 +277,8 @@ class SwarmEngine:
             self._tasks.spawn_restarting(self._upload_worker, name=f"upload-{i}")
 
     async def aclose(self) -> None:
+        if self._upload_timer is not None:
+            self._upload_timer.cancel()
         await self._tasks.aclose()
         with self._readers_lock:
             readers, self._readers = list(self._readers.values()), {}
@@ -318,7 +295,7 @@ class SwarmEngine:
 
     def ban(self, blob_id: BlobId, peer: NodeId, kind: BanKind, why: str) -> None:
         """Refuse ``peer`` for ``blob_id`` from now on."""
-        if peer in self.banned.get(blob_id, ()):
+        if peer in self.ban_reasons.get(blob_id, {}):
             return
         self.banned.setdefault(blob_id, set()).add(peer)
         self.ban_reasons.setdefault(blob_id, {})[peer] = why
@@ -333,14 +310,12 @@ class SwarmEngine:
 
     # --- serving ---------------------------------------------------------------------------
 
-    def layer_for(self, blob_id: BlobId) -> PieceLayer | None:
+    async def layer_for(self, blob_id: BlobId) -> PieceLayer | None:
         layer = self._layers.get(blob_id)
         if layer is None:
-            try:
-                layer = self.store.piece_layer(blob_id)
-            except BlobNotFoundError:
-                return None
-            self._layers[blob_id] = layer
+            layer = await self.store.aio.piece_layer(blob_id)
+            if layer is not None:
+                self._layers[blob_id] = layer
         return layer
 
     async def _on_stream(self, stream: Stream) -> None:
@@ -362,7 +337,7 @@ class SwarmEngine:
             stream.reset("banned: " + self.ban_reasons.get(blob_id, {}).get(stream.peer, ""))
             return
         job = self._jobs.get(blob_id)
-        layer = self.layer_for(blob_id)
+        layer = await self.layer_for(blob_id)
         size, piece_size = (layer.size, layer.piece_size) if layer else (msg.size, msg.piece_size)
         if job is None and layer is None:
             stream.reset("blob not here")
@@ -380,7 +355,8 @@ class SwarmEngine:
         self._serving.setdefault(blob_id, set()).add(conn)  # counts before any await
         try:
             event = session.receive(first)
-            have = job.have_bitfield() if job else self.store.bitfield(blob_id)
+            have = job.have_bitfield() if job else \
+                await self.store.aio.bitfield(blob_id) or Bitfield(session.pieces)
             async with asyncio.timeout(HELLO_TIMEOUT):
                 await stream.send(session.hello(have, layer is not None,
                                                 int(self._prio(blob_id))))
@@ -397,13 +373,16 @@ class SwarmEngine:
 
     async def _serve(self, conn: _Conn, blob_id: BlobId, hello: PeerHello) -> None:
         """Run a connection until it ends: its writer, and its reader dispatching events to
-        uploads and the download job.
+        the upload scheduler and the download job.
 
         A connection outlives the download job that opened it: once we hold the blob we keep
         serving the peer until it holds it too.
         """
-        pending: dict[int, _Upload] = {}
+        loop = asyncio.get_running_loop()
+        uploads = self.uploads
         self._serving.setdefault(blob_id, set()).add(conn)
+        uploads.open(conn, blob_id, conn.peer, conn.session.peer_have, loop.time(),
+                     max_unacked(conn.session.piece_size))
         writer = self._spawn(conn.run_writer(self.config.send_timeout, self._piece_sent),
                              name=f"send-{conn.peer.short()}")
         job = self._jobs.get(blob_id)
@@ -414,25 +393,20 @@ class SwarmEngine:
                 raw = await conn.stream.recv()
                 event = conn.session.receive(raw)
                 job = conn.job
-                if isinstance(event, PeerHas) and conn.acked(event.index):
-                    self._unpark(conn)  # and on to the job, below
+                if isinstance(event, PeerHas):
+                    self._acked(conn, event.index)  # and on to the job, below
                 if isinstance(event, PieceWanted):
-                    if self._redirect_now(conn, blob_id, event.index):
-                        conn.push(conn.session.reject(event.index, REJECT_ELSEWHERE))
-                        continue
-                    sent = self._sent_count.get(blob_id, {}).get(event.index, 0)
-                    up = _Upload((-int(self._prio(blob_id)), sent, next(self._seq)), conn,
-                                 blob_id, event.index)
-                    pending[event.index] = up
-                    heapq.heappush(self._uploads, up)
-                    self._upload_ready.set()
+                    refused = uploads.wanted(conn, event.index, int(self._prio(blob_id)),
+                                             loop.time())
+                    if refused is not None:
+                        conn.push(conn.session.reject(refused.index, refused.reason))
+                    else:
+                        self._upload_ready.set()
                 elif isinstance(event, WantCancelled):
-                    if event.index in pending:
-                        pending.pop(event.index).cancelled = True
-                    if conn.acked(event.index):
-                        self._unpark(conn)
+                    uploads.cancelled(conn, event.index)
+                    self._acked(conn, event.index)
                 elif isinstance(event, LayerWanted):
-                    layer = self.layer_for(blob_id)
+                    layer = await self.layer_for(blob_id)
                     if layer is not None:
                         conn.push(conn.session.layer(layer.to_bytes()))
                 elif isinstance(event, PeerLeft):
@@ -440,7 +414,7 @@ class SwarmEngine:
                 elif job is not None:
                     if event is not None:
                         await job.on_event(conn, event)
-                elif conn.session.peer_complete and self.store.has(blob_id):
+                elif conn.session.peer_complete and await self.store.aio.has(blob_id):
                     conn.push(conn.session.bye("both complete"))
                     await conn.drain(1.0)
                     return
@@ -458,10 +432,11 @@ class SwarmEngine:
                 self.ban(blob_id, conn.peer, BanKind.NOT_READING, conn.close_reason)
             serving = self._serving.get(blob_id, set())
             serving.discard(conn)
+            uploads.close(conn)
+            self._upload_ready.set()  # (its upload slots are free again)
+            self._arm_uploads()
             if not serving:
                 self._forget_blob(blob_id)
-            for up in pending.values():
-                up.cancelled = True
             if conn.job is not None:
                 conn.job.detach(conn, conn.close_reason or "stream ended")
             conn.close("stream ended")
@@ -469,12 +444,32 @@ class SwarmEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
+    def _acked(self, conn: _Conn, index: int) -> None:
+        if self.uploads.acked(conn, index, asyncio.get_running_loop().time()):
+            self._upload_ready.set()
+            self._arm_uploads()
+
+    def _arm_uploads(self) -> None:
+        """Keep one ``call_at`` at the upload scheduler's timer (peers that do not read)."""
+        when = self.uploads.get_timer()
+        if when == self._upload_timer_at:
+            return
+        if self._upload_timer is not None:
+            self._upload_timer.cancel()
+        self._upload_timer_at = when
+        self._upload_timer = None if when is None else \
+            asyncio.get_running_loop().call_at(when, self._on_upload_timer)
+
+    def _on_upload_timer(self) -> None:
+        self._upload_timer = self._upload_timer_at = None
+        for close in self.uploads.handle_timer(asyncio.get_running_loop().time()):
+            close.conn.close(f"{NOT_READING}: {close.reason}")
+            self.uploads.close(close.conn)  # (its serve loop ends on its own)
+        self._arm_uploads()
+
     def _forget_blob(self, blob_id: BlobId) -> None:
-        """Drop the per-piece seed state of a blob nobody is connected about any more."""
+        """Drop what was kept for serving a blob nobody is connected about any more."""
         self._serving.pop(blob_id, None)
-        self._claimed.pop(blob_id, None)
-        self._sent_count.pop(blob_id, None)
-        self._redirected.pop(blob_id, None)
         if blob_id not in self._jobs:
             self._layers.pop(blob_id, None)
         self._close_reader(blob_id)
@@ -494,118 +489,49 @@ class SwarmEngine:
         """Open swarm connections, over all blobs."""
         return sum(len(conns) for conns in self._serving.values())
 
-    def _redirect(self, conn: _Conn, blob_id: BlobId, index: int) -> bool:
-        """Whether a seed should send the requester to other holders of this piece.
-
-        A seed's upload is the scarcest resource of a swarm (the lower bound is F/u_s when
-        the targets can relay), so a seed that already sent a piece once points a requester
-        at the peers that hold it — a few times per requester and piece, so nobody starves.
-        """
-        if conn.job is not None or self._sent_count.get(blob_id, {}).get(index, 0) == 0:
-            return False
-        counts = self._redirected.setdefault(blob_id, {})
-        key = (conn.peer, index)
-        if counts.get(key, 0) >= MAX_REDIRECTS:
-            return False
-        # a peer we sent it to and that has not announced it yet holds it all but
-        holders = any(index in other.session.peer_have or index in other.unacked
-                      for other in self._serving.get(blob_id, ()) if other is not conn)
-        if holders:
-            counts[key] = counts.get(key, 0) + 1
-        return holders
-
-    def _redirect_now(self, conn: _Conn, blob_id: BlobId, index: int) -> bool:
-        """A seed refuses at once a piece it already gives another peer.
-
-        The first requester of a piece claims it; while that claim is live, other
-        requesters are told to get it elsewhere (the claimant will announce it), at most
-        ``MAX_REDIRECTS`` times per requester and piece so nobody starves.  A claimant that
-        has acknowledged nothing for ``CLAIM_TTL`` (a peer that does not read, say, having
-        asked for every piece) holds no claim.
-        """
-        if conn.job is not None:
-            return False
-        claims = self._claimed.setdefault(blob_id, {})
-        owner = claims.get(index)
-        if owner is None or owner.closed or owner is conn or \
-                time.monotonic() - owner.last_ack > CLAIM_TTL:
-            claims[index] = conn
-            return False
-        counts = self._redirected.setdefault(blob_id, {})
-        key = (conn.peer, index)
-        n = counts.get(key, 0)
-        if n >= MAX_REDIRECTS:
-            return False
-        counts[key] = n + 1
-        return True
-
     async def _upload_worker(self) -> None:
-        """Pick the most urgent upload, read and verify it, queue it on its connection.
-
-        Never waits on a peer: an upload whose connection already has ``OUTBOX_PIECES``
-        queued is parked on that connection until its writer catches up.
+        """Start the upload the scheduler says goes next: read and verify it, queue it on its
+        connection.  Never waits on a peer (the scheduler parks a connection whose outbox or
+        unacknowledged pieces are full); workers read from disk in parallel.
         """
         while True:
-            while not self._uploads:
+            action = self.uploads.next()
+            if action is None:
                 self._upload_ready.clear()
                 await self._upload_ready.wait()
-            up = heapq.heappop(self._uploads)
-            conn = up.conn
-            if up.cancelled or conn.closed:
-                claims = self._claimed.get(up.blob_id, {})
-                if claims.get(up.index) is conn and \
-                        not self._sent_count.get(up.blob_id, {}).get(up.index):
-                    del claims[up.index]  # never sent: let the next requester have it
                 continue
-            sent = self._sent_count.get(up.blob_id, {}).get(up.index, 0)
-            if sent > up.sort_key[1]:
-                # sent to someone else since it was queued: let never-sent pieces go first
-                up.sort_key = (up.sort_key[0], sent, up.sort_key[2])
-                heapq.heappush(self._uploads, up)
+            conn = action.conn
+            if isinstance(action, Refuse):
+                conn.push(conn.session.reject(action.index, action.reason))
                 continue
-            if self._redirect(conn, up.blob_id, up.index):
-                conn.push(conn.session.reject(up.index, REJECT_ELSEWHERE))
-                continue
-            if not conn.upload_room():
-                conn.parked.append(up)
-                continue
-            conn.pieces_queued += 1  # reserved across the awaits below
             try:
-                data = await asyncio.to_thread(self._read_piece, up.blob_id, up.index)
+                if await self.layer_for(action.blob) is None:
+                    raise BlobNotFoundError(f"blob {action.blob} is not here",
+                                            blob_id=action.blob)
+                data = await self.store.aio.io(self._read_piece, action.blob, action.index)
             except (StoreError, CorruptBlobError, OSError) as exc:
                 # OSError: the file was closed under the read (the blob was dropped or its
                 # download finished): the peer asks again elsewhere or here
-                conn.pieces_queued -= 1
-                conn.push(conn.session.reject(up.index, str(exc)))
+                self.uploads.read_failed(conn)
+                conn.push(conn.session.reject(action.index, str(exc)))
                 if isinstance(exc, CorruptBlobError):
-                    await self._on_corrupt(up.blob_id, exc)
+                    await self._on_corrupt(action.blob, exc)
                 continue
             await self._up_bucket.take(len(data))
-            conn.push(conn.session.piece(up.index, data), up.index)
+            conn.push(conn.session.piece(action.index, data), action.index)
 
     def _piece_sent(self, conn: _Conn, index: int, nbytes: int) -> None:
-        """A connection's writer handed a piece to the transport: account, unpark."""
-        blob_id = conn.session.blob_id
-        conn.pieces_queued -= 1
-        if index not in conn.session.peer_have:
-            conn.unacked[index] = time.monotonic()
+        """A connection's writer handed a piece to the transport."""
+        self.uploads.sent(conn, index, asyncio.get_running_loop().time())
         self.bytes_uploaded += nbytes
-        counts = self._sent_count.setdefault(blob_id, {})
-        counts[index] = counts.get(index, 0) + 1
-        self._unpark(conn)
-
-    def _unpark(self, conn: _Conn) -> None:
-        if conn.parked:
-            for up in conn.parked:
-                heapq.heappush(self._uploads, up)
-            conn.parked.clear()
-            self._upload_ready.set()
+        self._upload_ready.set()
+        self._arm_uploads()
 
     def _read_piece(self, blob_id: BlobId, index: int) -> bytes:
         """Read a piece to upload (in a worker thread), verified: never pass on data that
         rotted on our disk."""
-        layer = self.layer_for(blob_id)
-        if layer is None:
+        layer = self._layers.get(blob_id)
+        if layer is None:  # (quarantined meanwhile)
             raise BlobNotFoundError(f"blob {blob_id} is not here", blob_id=blob_id)
         job = self._jobs.get(blob_id)
         partial = job.partial if job is not None else None
@@ -632,7 +558,7 @@ class SwarmEngine:
         self._close_reader(blob_id)
         self._layers.pop(blob_id, None)
         with contextlib.suppress(StoreError):
-            await asyncio.to_thread(self.store.quarantine, blob_id)
+            await self.store.aio.meta(self.store.quarantine, blob_id)
 
     # --- downloading -----------------------------------------------------------------------
 
@@ -647,8 +573,8 @@ class SwarmEngine:
         :class:`TransferError` (with the reason) when the download stalls; stays cancellable
         at every await.  Concurrent calls for one blob share one job.
         """
-        if pin is not None and self.store.has(blob_id):
-            await asyncio.to_thread(self.store.pin, blob_id, pin)
+        if pin is not None and await self.store.aio.has(blob_id):
+            await self.store.aio.pin(blob_id, pin)
         job = self._jobs.get(blob_id)
         if job is not None:
             await job.done.wait()
@@ -667,9 +593,11 @@ class SwarmEngine:
 class DownloadJob:
     """Downloads one blob from several peers at once.
 
-    Requests belong to connections: the picker and the request ledger are keyed by
-    :class:`_Conn`, so when a connection closes (say, the loser of a duplicate-connection
-    tie-break) exactly its requests, the piece layer's included, are asked again at once.
+    Every decision (whom to dial, what to request where, deadlines, end game, bans, stalls,
+    flushes) is the :class:`DownloadScheduler`'s; the job feeds it the events of its
+    connections with the loop's ``now``, executes its actions, and keeps one ``call_at``
+    armed for its timer.  What needs awaiting (the partial blob, flushes, the disk, the
+    priority gate) runs in :meth:`run`, woken by the actions that ask for it.
     """
 
     def __init__(self, engine: SwarmEngine, blob_id: BlobId, size: int, piece_size: int,
@@ -681,37 +609,40 @@ class DownloadJob:
         self.piece_size = piece_size
         self.priority = priority
         cfg = engine.config
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
         self._progress = progress
-        self._conns: dict[NodeId, _Conn] = {}  # the one connection kept per peer
-        self._hellos: dict[_Conn, PeerHello] = {}
-        self._dialing: set[NodeId] = set()
-        self._last_dial: dict[NodeId, float] = {}
-        # every target is given the same list: each dials its own sample (see DialPlan)
-        self._dial_plan = DialPlan[NodeId](lambda: list(peers()), cfg.peer_retry,
-                                           4 * cfg.max_peers_per_blob, SOURCE_FANOUT,
-                                           random.Random())
+        policy = DownloadPolicy(
+            pipeline=cfg.pipeline, seed_pipeline=min(cfg.seed_pipeline, cfg.pipeline),
+            max_peers=cfg.max_peers_per_blob, peer_retry=cfg.peer_retry,
+            stall_timeout=cfg.stall_timeout, flush_interval=cfg.flush_interval,
+            request_timeout=cfg.request_timeout, request_strikes=cfg.request_strikes)
+        self.sched = DownloadScheduler[_Conn, NodeId](
+            max(1, -(-size // piece_size)), engine.network.node_id,
+            lambda: list(peers()), now, policy,
+            free_connections=lambda: cfg.max_connections - engine.connections,
+            banned=engine.banned.setdefault(blob_id, set()))
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._partial: PartialBlob | None = None
         self._layer: PieceLayer | None = None
-        self._picker: PiecePicker[_Conn] | None = None
-        self._ledger = RequestLedger[_Conn](cfg.request_timeout, cfg.request_strikes)
         self._wake = asyncio.Event()
         self.done = asyncio.Event()
         self.error: BaseException | None = None
         self.bytes_done = 0
-        self._rate_mark = (time.monotonic(), 0)
+        self._rate_mark = (now, 0)
         self.rate = 0.0
-        self._last_progress = time.monotonic()
-        self._last_flush = time.monotonic()
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
         self._pending_layer: PieceLayer | None = None
-        self._layer_conns: set[_Conn] = set()  # the connections asked for the piece layer
-        self._layer_expired: set[_Conn] = set()  # ... and those that let it expire
+        self._flush_due = False
+        self._complete = False
+        self._failed = ""
+        self._closing = False  # shutting down: the scheduler's actions are not executed
         self._disk_full = False
         self.state = TargetState.TRANSFERRING
         self.reason = ""
         self._ban_note = ""
-        self.last_ban: BadPeerDataError | None = None
 
     # --- state visible to the engine -------------------------------------------------------
 
@@ -719,93 +650,148 @@ class DownloadJob:
     def partial(self) -> PartialBlob | None:
         return self._partial
 
-    @property
-    def banned(self) -> set[NodeId]:
-        return self.engine.banned.get(self.blob_id, set())
-
     def have_bitfield(self) -> Bitfield:
-        if self._picker is not None:
-            return self._picker.have.copy()
-        npieces = max(1, -(-self.size // self.piece_size))
-        return Bitfield(npieces)
+        picker = self.sched.picker
+        return picker.have.copy() if picker is not None else Bitfield(self.sched.pieces)
+
+    # --- events in, actions out ------------------------------------------------------------
 
     def attach(self, conn: _Conn, hello: PeerHello) -> None:
-        if conn.peer in self.banned:
-            conn.close("banned")
-            return
-        old = self._conns.get(conn.peer)
-        if old is not None and old is not conn:
-            # Both sides dialed each other.  Both must keep the same one of the two
-            # connections: the one dialed by the smaller node id.
-            me = self.engine.network.node_id
-            keep_new = conn.outbound == (me < conn.peer)
-            loser = old if keep_new else conn
-            loser.close("duplicate connection")
-            if not keep_new:
-                return
-            self._forget(old)
-        self._conns[conn.peer] = conn
-        conn.job = self
-        self._hellos[conn] = hello
-        if self._picker is not None:
-            self._picker.add_peer(conn, conn.session.peer_have)
-        self._wake.set()
+        self._bind(conn, True)
+        self._execute(self.sched.attach(conn, conn.peer, conn.session.peer_have,
+                                        hello.has_layer, conn.outbound, self._loop.time()))
+        if not self.sched.owns(conn):
+            self._bind(conn, False)
 
     def detach(self, conn: _Conn, reason: str) -> None:
-        if self._conns.get(conn.peer) is conn:
-            self._forget(conn)
+        if self.sched.owns(conn):
             log.debug("swarm %s: lost %s: %s", self.blob_id.short(), conn.peer.short(), reason)
-        self._wake.set()
+        self._bind(conn, False)
+        self._execute(self.sched.detach(conn, self._loop.time()))
 
-    def _forget(self, conn: _Conn) -> None:
-        """Drop a connection; whatever it owed us (pieces, the layer) is asked elsewhere."""
-        conn.job = None
-        if self._conns.get(conn.peer) is conn:
-            del self._conns[conn.peer]
-        self._hellos.pop(conn, None)
-        self._layer_expired.discard(conn)
-        self._ledger.dropped(conn)
-        if self._picker is not None:
-            self._picker.remove_peer(conn)
-        self._layer_conns.discard(conn)
-        self._wake.set()
+    def _bind(self, conn: _Conn, downloading: bool) -> None:
+        """Route the connection's events to this job (or not); a seed never redirects a
+        peer we download from."""
+        conn.job = self if downloading else None
+        self.engine.uploads.set_downloading(conn, downloading)
 
     async def on_event(self, conn: _Conn, event: Event) -> None:
-        if self._conns.get(conn.peer) is not conn:
-            return
+        sched, now = self.sched, self._loop.time()
         if isinstance(event, LayerArrived):
-            self._on_layer(conn, event.raw)
+            self._execute(sched.layer_arrived(conn, self._on_layer(event.raw), now))
         elif isinstance(event, PeerHas):
-            if self._picker is not None:
-                self._picker.peer_has(conn, event.index)
-            self._wake.set()
+            self._execute(sched.peer_has(conn, event.index, now))
         elif isinstance(event, PieceRefused):
-            self._ledger.answered(conn, event.index, time.monotonic())
-            if self._picker is not None:
-                self._picker.failed(conn, event.index)
-                if event.reason == REJECT_ELSEWHERE:
-                    self._picker.defer(conn, event.index)
-            self._wake.set()
+            self._execute(sched.refused(conn, event.index, event.reason == REJECT_ELSEWHERE,
+                                        now))
         elif isinstance(event, PieceArrived):
             await self._on_piece(conn, event.index, event.data)
+
+    def _on_layer(self, raw: bytes) -> bool:
+        """Whether a piece layer that arrived is valid (a late copy counts as valid)."""
+        if self._layer is not None or self._pending_layer is not None:
+            return True
+        try:
+            self._pending_layer = PieceLayer.from_bytes(self.blob_id, self.size,
+                                                        self.piece_size, raw)
+        except VerificationError:
+            return False
+        self._wake.set()
+        return True
+
+    async def _on_piece(self, conn: _Conn, index: int, data: bytes) -> None:
+        partial = self._partial
+        if not self.sched.piece_arrived(conn, index, self._loop.time()) or partial is None:
+            return  # a late copy nobody needs any more, or one we cannot store now
+        await self.engine.down_bucket.take(len(data))
+        try:
+            wrote = await self.engine.store.aio.io(self._write_piece, partial, index, data)
+        except VerificationError:
+            self.engine.pieces_rejected += 1
+            self._execute(self.sched.piece_corrupt(conn, index, self._loop.time()))
+            return
+        except StoreFullError:  # (an OSError too: first)
+            self._execute(self.sched.piece_failed(conn, index, self._loop.time()))
+            self._enter_disk_full()
+            return
+        except OSError:
+            if self._partial is not partial:
+                return  # the download ended (cancelled, say) under this write
+            raise
+        if wrote:
+            self.bytes_done += len(data)
+            self.engine.bytes_downloaded += len(data)
+        self._execute(self.sched.piece_written(conn, index, wrote, self._loop.time()))
+        self._report()
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self._execute(self.sched.handle_timer(self._loop.time()))
+
+    def _execute(self, actions: list[DownloadAction[NodeId, _Conn]]) -> None:
+        """Carry out the scheduler's actions, then re-arm its timer."""
+        if self._closing:
+            return
+        for a in actions:
+            if isinstance(a, Request):
+                a.conn.push(a.conn.session.request(a.index))
+            elif isinstance(a, Announce):
+                for conn in self.sched.conns():
+                    conn.push(conn.session.have(a.index))
+            elif isinstance(a, Cancel):
+                a.conn.push(a.conn.session.cancel(a.index))
+                if a.late:
+                    self.engine.requests_expired += 1
+            elif isinstance(a, RequestLayer):
+                a.conn.push(a.conn.session.request_layer())
+            elif isinstance(a, Dial):
+                self.engine._spawn(self._dial(a.peer), name=f"dial-{a.peer.short()}")
+            elif isinstance(a, Close):
+                a.conn.close(a.reason)
+            elif isinstance(a, Ban):
+                self._on_ban(a.peer, BanKind(a.kind), a.why)
+            elif isinstance(a, StateChanged):
+                self._set_state(TargetState.STALLED if a.stalled else TargetState.TRANSFERRING,
+                                a.reason)
+            else:  # Flush, Complete, Failed: awaited by ``run``
+                if isinstance(a, Flush):
+                    self._flush_due = True
+                elif isinstance(a, Complete):
+                    self._complete = True
+                else:
+                    self._failed = a.reason
+                self._wake.set()
+        self._arm()
+
+    def _arm(self) -> None:
+        when = self.sched.get_timer()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
+
+    def _on_ban(self, peer: NodeId, kind: BanKind, why: str) -> None:
+        self.engine.ban(self.blob_id, peer, kind, why)
+        self._ban_note = f"banned {len(self.sched.banned)} peer(s), last {peer.short()}: {why}"
+        if self.state is TargetState.TRANSFERRING:
+            self._set_state(TargetState.TRANSFERRING)
 
     # --- the job ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        store = self.engine.store
+        aio = self.engine.store.aio
         try:
             await self.engine.gate.enter(self, self.priority)
-            if store.has(self.blob_id):
+            for job in self.engine._jobs.values():  # a lower priority may have to wait now
+                job._wake.set()
+            if await aio.has(self.blob_id):
                 await self._check_local_copy()
-            if store.has(self.blob_id):
+            if await aio.has(self.blob_id):
                 return
-            try:
-                layer = await asyncio.to_thread(store.piece_layer, self.blob_id)
-            except BlobNotFoundError:
-                layer = None
-            if layer is not None:
-                self._pending_layer = layer
-            await self._loop()
+            self._pending_layer = await aio.piece_layer(self.blob_id)
+            await self._drive()
         except BaseException as exc:
             self.error = exc
             raise
@@ -817,232 +803,116 @@ class DownloadJob:
     async def _check_local_copy(self) -> None:
         """A copy that is already here counts only once it verifies; a rotten one goes."""
         store = self.engine.store
-
-        def verify() -> None:
-            with store.get_reader(self.blob_id, self._lease, verify=True) as reader:
-                while reader.read(4 << 20):
-                    pass
+        aio = store.aio
 
         try:
-            await asyncio.to_thread(verify)
+            reader = await aio.get_reader(self.blob_id, self._lease, verify=True)
+
+            def verify() -> None:
+                with reader:
+                    while reader.read(4 << 20):
+                        pass
+
+            await aio.io(verify)
         except CorruptBlobError as exc:
             log.error("swarm %s: the local copy is corrupt (%s); quarantined, downloading it "
                       "again", self.blob_id.short(), exc)
             self.engine.corrupt[self.blob_id] = str(exc)
             with contextlib.suppress(StoreError):
-                await asyncio.to_thread(store.quarantine, self.blob_id)
+                await aio.meta(store.quarantine, self.blob_id)
             if self._pin is not None:
                 with contextlib.suppress(StoreError):
-                    await asyncio.to_thread(store.unpin, self._pin)
+                    await aio.unpin(self._pin)
 
     async def _start_with_layer(self, layer: PieceLayer) -> None:
-        store = self.engine.store
-        partial = await asyncio.to_thread(store.begin_partial, layer, self._lease)
+        aio = self.engine.store.aio
+        partial = await aio.begin_partial(layer, self._lease)
         self._layer, self._partial = layer, partial
-        for conn in self._layer_conns:  # the other answers are no longer owed
-            self._ledger.withdrawn(conn, LAYER)
-        self._layer_conns.clear()
+        self.engine._layers[self.blob_id] = layer  # (its pieces are served as they arrive)
         if self.engine.piece_index is not None:
             # pieces identical to pieces of blobs already here are copied, not fetched
-            reused = await asyncio.to_thread(fill_from_index, self.engine.piece_index, partial)
+            reused = await aio.io(fill_from_index, self.engine.piece_index, partial)
             self.engine.bytes_reused += reused.bytes
         if self._pin is not None:
-            await asyncio.to_thread(store.pin, self.blob_id, self._pin)
+            await aio.pin(self.blob_id, self._pin)
         have = partial.have
-        self._picker = PiecePicker[_Conn](have)
         self.bytes_done = sum(layer.piece_range(i)[1] for i in have)
-        for conn in self._conns.values():
-            self._picker.add_peer(conn, conn.session.peer_have)
+        self._execute(self.sched.start(have, self._loop.time()))
         self._report()
 
-    def _on_layer(self, conn: _Conn, raw: bytes) -> None:
-        self._ledger.answered(conn, LAYER, time.monotonic())
-        self._layer_conns.discard(conn)
-        if self._layer is not None or self._pending_layer is not None:
-            return
-        try:
-            layer = PieceLayer.from_bytes(self.blob_id, self.size, self.piece_size, raw)
-        except VerificationError:
-            self._ban(conn, "sent a piece layer that does not match the blob id")
-            return
-        self._pending_layer = layer
-        self._wake.set()
-
-    async def _loop(self) -> None:
-        cfg = self.engine.config
+    async def _drive(self) -> None:
+        gate = self.engine.gate
+        self._execute(self.sched.handle_timer(self._loop.time()))  # the first dials
         while True:
-            now = time.monotonic()
+            self._wake.clear()
             try:
                 if self._pending_layer is not None and self._layer is None:
                     await self._start_with_layer(self._pending_layer)
-                if self._picker is not None and self._picker.complete:
+                if self._complete:
                     await self._finish()
                     return
-                if self._partial is not None and now - self._last_flush > cfg.flush_interval:
+                if self._flush_due and self._partial is not None:
                     # bound what a crash can lose to about one interval of verified pieces
-                    self._last_flush = now
-                    await asyncio.to_thread(self._partial.flush)
+                    self._flush_due = False
+                    await self.engine.store.aio.flush(self._partial)
             except StoreFullError:
                 self._enter_disk_full()
-            self._dial_more()
-            self._expire_requests(now)
+            if self._failed:
+                raise TransferError(f"{self.blob_id.short()}: {self._failed}",
+                                    blob_id=self.blob_id)
             if self._disk_full:
                 await self._wait_for_disk()
-            elif self._layer is None:
-                self._ask_layer()
-            else:
-                if self.engine.gate.blocked(self.priority):
-                    self._set_state(TargetState.QUEUED,
-                                    "waiting for a higher-priority distribution")
-                    await self.engine.gate.wait_turn(self.priority)
-                    self._last_progress = time.monotonic()  # queued time is no stall
-                    self._set_state(TargetState.TRANSFERRING)
-                self._fill_pipelines()
-            idle = time.monotonic() - self._last_progress
-            if idle > cfg.stall_timeout:
-                raise TransferError(
-                    f"no progress on {self.blob_id.short()} for {cfg.stall_timeout:.0f}s "
-                    f"from {len(self._conns)} peer(s)", blob_id=self.blob_id)
-            if idle > min(5.0, cfg.stall_timeout / 2) and \
-                    self.state is TargetState.TRANSFERRING:
-                self._set_state(TargetState.STALLED,
-                                f"no progress for {idle:.0f}s from {len(self._conns)} peer(s)")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel)
-                async with asyncio.timeout(0.25):
-                    await self._wake.wait()
+                continue
+            if self._layer is not None and gate.blocked(self.priority):
+                self.sched.hold()
+                self._arm()
+                self._set_state(TargetState.QUEUED, "waiting for a higher-priority distribution")
+                await gate.wait_turn(self.priority)
+                self._set_state(TargetState.TRANSFERRING)
+                self._execute(self.sched.resume(self._loop.time()))  # queued time is no stall
+                continue
+            await self._wake.wait()
 
     def _set_state(self, state: TargetState, reason: str = "") -> None:
         if state is TargetState.TRANSFERRING and not reason:
             reason = self._ban_note  # moving, though some peer had to be banned
         if (state, reason) != (self.state, self.reason):
             self.state, self.reason = state, reason
-            self._report(force=True)
+            self._report()
 
     def _enter_disk_full(self) -> None:
         if self._disk_full:
             return
         self._disk_full = True
-        kept = self._picker.have.count() if self._picker is not None else 0
+        picker = self.sched.picker
         log.warning("swarm %s: disk full; keeping %d verified piece(s), waiting for space",
-                    self.blob_id.short(), kept)
-        for conn in self._conns.values():  # what is still in flight could not be stored
-            for index in conn.session.outstanding:
-                self._withdraw(conn, index)
+                    self.blob_id.short(), picker.have.count() if picker is not None else 0)
+        # what is still in flight could not be stored
+        self._execute(self.sched.pause(self._loop.time()))
         self._set_state(TargetState.WAITING_DISK, "disk full")
+        self._wake.set()
 
     async def _wait_for_disk(self) -> None:
         """Until the store's filesystem has room for a few pieces again.
 
         Meanwhile the pieces written so far are made durable (a restart keeps them).
         """
+        aio = self.engine.store.aio
         home = self.engine.store.home
         flushed = False
         while True:
             if not flushed and self._partial is not None:
                 with contextlib.suppress(StoreError, OSError):  # no room for the metadata yet
-                    await asyncio.to_thread(self._partial.flush)
+                    await aio.flush(self._partial)
                     flushed = True
-            free = (await asyncio.to_thread(shutil.disk_usage, home)).free
+            free = (await aio.io(shutil.disk_usage, home)).free
             if free >= 4 * self.piece_size + DISK_HEADROOM:
                 break
             await asyncio.sleep(self.engine.config.disk_retry)
         log.info("swarm %s: disk space is back; resuming", self.blob_id.short())
         self._disk_full = False
-        self._last_progress = time.monotonic()  # waiting for disk is no stall
         self._set_state(TargetState.TRANSFERRING)
-
-    def _withdraw(self, conn: _Conn, index: int) -> None:
-        """Cancel our request (a piece already on its way is then taken or dropped)."""
-        conn.push(conn.session.cancel(index))
-        self._ledger.withdrawn(conn, index)
-        if self._picker is not None:
-            self._picker.failed(conn, index)
-
-    def _expire_requests(self, now: float) -> None:
-        """Requests a connection did not answer in time are asked elsewhere."""
-        timeout = self.engine.config.request_timeout
-        for exp in self._ledger.handle_timer(now):
-            self.engine.requests_expired += len(exp.indices)
-            for index in exp.indices:
-                if index == LAYER:
-                    self._layer_expired.add(exp.conn)
-                    self._layer_conns.discard(exp.conn)
-                    continue
-                exp.conn.push(exp.conn.session.cancel(index))
-                if self._picker is not None:
-                    self._picker.failed(exp.conn, index)
-            if exp.ban:
-                self._ban(exp.conn, f"answered none of its requests for {timeout:g}s, "
-                                    f"{exp.strikes} times in a row", BanKind.UNRESPONSIVE)
-            else:
-                log.debug("swarm %s: %s missed a deadline (%d request(s) re-issued)",
-                          self.blob_id.short(), exp.conn.peer.short(), len(exp.indices))
-            self._wake.set()
-
-    def _ask_layer(self) -> None:
-        """Ask up to ``LAYER_ASKS`` peers at once (it is small; the first valid one wins), so
-        one that never answers costs no deadline."""
-        # a connection that let a layer request expire is asked again only if nobody else can
-        candidates = [c for c, hello in self._hellos.items() if hello.has_layer and
-                      not c.closed and c not in self._layer_conns]
-        candidates.sort(key=lambda c: c in self._layer_expired)
-        for conn in candidates[:LAYER_ASKS - len(self._layer_conns)]:
-            self._layer_conns.add(conn)
-            conn.push(conn.session.request_layer())
-            self._ledger.sent(conn, LAYER, time.monotonic())
-
-    def _fill_pipelines(self) -> None:
-        picker = self._picker
-        assert picker is not None
-        now = time.monotonic()
-        pipeline = self.engine.config.pipeline
-        # downloading peers first: what they can give need not cost a seed's upload
-        conns = sorted(self._conns.values(), key=lambda c: c.session.peer_complete)
-        for conn in conns:
-            if conn.closed:
-                continue
-            for index in picker.pick(conn, self._ledger.room(conn, pipeline)):
-                conn.push(conn.session.request(index))
-                self._ledger.sent(conn, index, now)
-
-    async def _on_piece(self, conn: _Conn, index: int, data: bytes) -> None:
-        picker, partial = self._picker, self._partial
-        self._ledger.answered(conn, index, time.monotonic())
-        if picker is None or partial is None or index in picker.have or self._disk_full:
-            return  # a late copy nobody needs any more, or one we cannot store now
-        await self.engine.down_bucket.take(len(data))
-        try:
-            wrote = await asyncio.to_thread(self._write_piece, partial, index, data)
-        except VerificationError:
-            self.engine.pieces_rejected += 1
-            self._ban(conn, f"sent a corrupt piece {index}")
-            return
-        except StoreFullError:  # (an OSError too: first)
-            picker.failed(conn, index)
-            self._enter_disk_full()
-            self._wake.set()
-            return
-        except OSError:
-            if self._partial is not partial:
-                return  # the download ended (cancelled, say) under this write
-            raise
-        duplicates = picker.received(conn, index)
-        if wrote:
-            self.bytes_done += len(data)
-            self.engine.bytes_downloaded += len(data)
-            self._last_progress = time.monotonic()
-            if self.state is TargetState.STALLED:
-                self._set_state(TargetState.TRANSFERRING)
-        for other in duplicates:
-            if not other.closed:
-                other.push(other.session.cancel(index))
-                self._ledger.withdrawn(other, index)
-        for other in self._conns.values():
-            other.push(other.session.have(index))
-        self._report()
-        self._wake.set()
+        self._execute(self.sched.resume(self._loop.time()))  # waiting for disk is no stall
 
     def _write_piece(self, partial: PartialBlob, index: int, data: bytes) -> bool:
         """Write a piece (in a worker thread), leaving room for the store's metadata: a
@@ -1051,41 +921,6 @@ class DownloadJob:
             raise StoreFullError(f"disk full writing {self.blob_id.short()}",
                                  blob_id=self.blob_id)
         return partial.write_piece(index, data)
-
-    def _ban(self, conn: _Conn, why: str, kind: BanKind = BanKind.BAD_DATA) -> None:
-        if kind is BanKind.BAD_DATA:
-            self.last_ban = BadPeerDataError(f"peer {conn.peer} {why}", peer=conn.peer,
-                                             blob_id=self.blob_id)
-        self._forget(conn)
-        if self._picker is not None:
-            self._picker.ban(conn)
-        self.engine.ban(self.blob_id, conn.peer, kind, why)
-        conn.close(why)
-        n = len(self.banned)
-        self._ban_note = f"banned {n} peer(s), last {conn.peer.short()}: {why}"
-        if self.state is TargetState.TRANSFERRING:
-            self._set_state(TargetState.TRANSFERRING)
-
-    def _dial_more(self) -> None:
-        cfg = self.engine.config
-        want = min(cfg.max_peers_per_blob - len(self._conns),
-                   cfg.max_connections - self.engine.connections) - len(self._dialing)
-        if want <= 0:
-            return
-        now = time.monotonic()
-        me = self.engine.network.node_id
-        banned = self.banned
-        for peer in self._dial_plan.order(now):
-            if want <= 0:
-                break
-            if peer == me or peer in self._conns or peer in self._dialing or \
-                    peer in banned or \
-                    now - self._last_dial.get(peer, -1e9) < cfg.peer_retry:
-                continue
-            self._last_dial[peer] = now
-            self._dialing.add(peer)
-            want -= 1
-            self.engine._spawn(self._dial(peer), name=f"dial-{peer.short()}")
 
     async def _dial(self, peer: NodeId) -> None:
         conn: _Conn | None = None
@@ -1104,8 +939,7 @@ class DownloadJob:
                 conn.close(str(exc) or "hello timed out")
             return
         finally:
-            self._dialing.discard(peer)
-            self._wake.set()
+            self._execute(self.sched.dial_ended(peer, self._loop.time()))
         if not isinstance(event, PeerHello):
             conn.close("expected hello")
             return
@@ -1114,33 +948,38 @@ class DownloadJob:
     async def _finish(self) -> None:
         partial = self._partial
         assert partial is not None
-        await asyncio.to_thread(partial.close)
+        await self.engine.store.aio.close_partial(partial)
         self._partial = None
-        if not self.engine.store.has(self.blob_id):
+        if not await self.engine.store.aio.has(self.blob_id):
             raise TransferError(f"{self.blob_id} incomplete after all pieces arrived",
                                 blob_id=self.blob_id)
-        self._report(force=True)
+        self._report()
 
-    def _report(self, force: bool = False) -> None:
-        now = time.monotonic()
+    def _report(self) -> None:
+        now = self._loop.time()
         t0, b0 = self._rate_mark
         if now - t0 >= 0.5:
             self.rate = (self.bytes_done - b0) / (now - t0)
             self._rate_mark = (now, self.bytes_done)
         if self._progress is not None:
-            picker = self._picker
-            busy = sorted((c for c in self._conns.values() if self._ledger.outstanding(c)),
-                          key=self._ledger.outstanding, reverse=True)
+            picker = self.sched.picker
+            busy = sorted((c for c in self.sched.conns() if self.sched.outstanding(c)),
+                          key=self.sched.outstanding, reverse=True)
             self._progress(JobProgress(self.bytes_done, self.size,
                                        picker.have.count() if picker else 0,
                                        picker.have.size if picker else 0,
-                                       len(self._conns), self.rate, self.state, self.reason,
+                                       self.sched.connections, self.rate, self.state,
+                                       self.reason,
                                        tuple(c.peer for c in busy[:SOURCES_REPORTED])))
 
     async def _shutdown(self) -> None:
-        complete = self.engine.store.has(self.blob_id)
-        for conn in list(self._conns.values()):
-            self._forget(conn)
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        aio = self.engine.store.aio
+        complete = await aio.has(self.blob_id)
+        for conn in self.sched.conns():
+            self._bind(conn, False)
             if complete and not conn.session.peer_complete:
                 continue  # keep seeding to a peer that still downloads
             conn.push(conn.session.bye("done"))
@@ -1149,9 +988,9 @@ class DownloadJob:
         partial, self._partial = self._partial, None  # pieces still arriving are dropped
         if partial is not None:
             with contextlib.suppress(OSError, StoreError):
-                await asyncio.to_thread(partial.close)
+                await aio.close_partial(partial)
         with contextlib.suppress(StoreError):
-            self.engine.store.advise_lease_dropped(self._lease, self.blob_id)
+            await aio.advise_lease_dropped(self._lease, self.blob_id)
 
 
 __all__ = ["BanKind", "DownloadJob", "JobProgress", "PriorityGate", "SwarmConfig", "SwarmEngine"]

@@ -15,9 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from blobmesh.distribution.model import progress_note_interval
+from blobmesh.distribution.progress import (
+    PROGRESS_INTERVAL,
+    SOURCE_NOTES_PER_S,
+    progress_note_interval,
+)
 from blobmesh.distribution.scheduler import UPLOAD_SLOTS, DownloadPolicy
-from blobmesh.distribution.service import DistributionConfig
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
 from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
@@ -69,7 +72,7 @@ class Result:
     source_dials: int  # connection attempts the source received
     ctrl_bytes_per_s_node_p50: float  # control bytes in + out per node and second
     ctrl_bytes_per_s_node_max: float
-    status_ops: int  # dist/status ops published (each gossiped to every node)
+    status_ops: int  # dist/status ops published (final states only; gossiped to all)
     bans: int
     crashes: int
     failures: int
@@ -146,11 +149,9 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
     rss0 = _rss_kib()
     sim = Simulator(sc.seed)
     pieces = max(1, -(-sc.size // sc.piece_size))
-    service = DistributionConfig()
     wide = Swarmwide(pieces, sc.piece_size, sc.size, sc.policy, sc.max_connections,
                      sc.upload_slots,
-                     progress_note_interval(sc.nodes, service.progress_interval,
-                                            service.source_notes_per_s))
+                     progress_note_interval(sc.nodes, PROGRESS_INTERVAL, SOURCE_NOTES_PER_S))
     specs = _specs(sc, sim)
     world = World(sim, wide, specs, same_order_for_all(sc.nodes, sim))
     world.on_all_done = sim.stop

@@ -40,10 +40,11 @@ from blobmesh.distribution.scheduler import (
     Serve,
     StateChanged,
     UploadScheduler,
+    max_unacked,
 )
 from blobmesh.sim.engine import Simulator, Timer
 from blobmesh.sim.network import Flow, FlowNetwork
-from blobmesh.store.bitfield import Bitfield
+from blobmesh.types import Bitfield
 
 # bytes on the wire of each control message (msgpack + the transport's frame and record)
 CTRL_BYTES = 40
@@ -225,7 +226,7 @@ class SimNode:
             elif isinstance(a, Complete):
                 self._completed()
             elif isinstance(a, StateChanged):
-                world.status_ops += 1
+                self._note(force=True)  # (a state change is noted at once, not an op)
             elif isinstance(a, Failed):
                 self._failed()
         self._arm()
@@ -266,8 +267,8 @@ class SimNode:
                 world.close(end, "done")  # keep seeding to peers that still download
 
     def _failed(self) -> None:
-        self.outcome.failures += 1
-        self.world.status_ops += 1
+        self.outcome.failures += 1  # (retrying is no final state: a note, no op)
+        self._note(force=True)
         self.sched = None
         for end in list(self.ends):
             self.world.close(end, "job failed")
@@ -318,7 +319,7 @@ class World:
         self.detect_crash = detect_crash
         self._candidates = candidates
         self.nodes = [SimNode(self, i, spec, seed=i == SOURCE) for i, spec in enumerate(specs)]
-        self.status_ops = 0  # dist/status ops published (each is gossiped to every node)
+        self.status_ops = 0  # dist/status ops published (final states only; gossiped to all)
         self.completed = 0
         self.honest_targets = sum(1 for n in self.nodes[1:] if not n.spec.liar)
         self.on_all_done: Callable[[], None] | None = None
@@ -384,7 +385,8 @@ class World:
         ea = End(a, b, b.have.copy())
         ea.other, eb.other = eb, ea
         b.ends[eb] = None
-        b.upload.open(eb, 0, a.index, eb.have)
+        b.upload.open(eb, 0, a.index, eb.have, self.sim.now,
+                      max_unacked(self.wide.piece_size))
         eb.attached = True
         b.traffic.msgs_out += 1
         b.traffic.bytes_out += HELLO_BYTES
@@ -407,7 +409,8 @@ class World:
         a.traffic.msgs_in += 1
         a.traffic.bytes_in += HELLO_BYTES
         a.ends[ea] = None
-        a.upload.open(ea, 0, ea.peer.index, ea.have)
+        a.upload.open(ea, 0, ea.peer.index, ea.have, self.sim.now,
+                      max_unacked(self.wide.piece_size))
         ea.attached = True
         if a.sched is None:
             self.close(ea, "not downloading any more")
@@ -453,13 +456,16 @@ class World:
 
     def on_request(self, end: End, index: int) -> None:
         node = end.node
-        refused = node.upload.wanted(end, index, self.wide.priority)
+        refused = node.upload.wanted(end, index, self.wide.priority, self.sim.now)
         if refused is not None:
             self.ctrl(end, CTRL_BYTES, self.on_refused, refused.index, refused.reason)
         node.pump()
 
     def on_cancel(self, end: End, index: int) -> None:
-        end.node.upload.cancelled(end, index)
+        node = end.node
+        node.upload.cancelled(end, index)
+        if node.upload.acked(end, index, self.sim.now):
+            node.pump()
 
     def on_refused(self, end: End, index: int, reason: str) -> None:
         node = end.node
@@ -470,6 +476,8 @@ class World:
     def on_have(self, end: End, index: int) -> None:
         node = end.node
         end.have.add(index)
+        if node.upload.acked(end, index, self.sim.now):
+            node.pump()
         if node.sched is not None:
             node.execute(node.sched.peer_has(end, index, self.sim.now))
         elif node.complete and end.have.is_complete():
@@ -508,7 +516,7 @@ class World:
         end.flow = None
         end.queue.popleft()
         node = end.node
-        node.upload.sent(end, index)
+        node.upload.sent(end, index, self.sim.now)
         if end.other is not None:
             self.sim.after(self.latency(node, end.peer), self._piece_arrives, end.other,
                            index, node.spec.liar)

@@ -31,7 +31,6 @@ stored once.
 """
 
 from blobmesh.store.aio import AsyncStore
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.layout import HOME_ENV, default_home
 from blobmesh.store.leases import LeaseId, pid_alive
 from blobmesh.store.partial import PartialBlob
@@ -39,6 +38,7 @@ from blobmesh.store.piece_reader import PieceReader
 from blobmesh.store.readers import BlobReader
 from blobmesh.store.store import AddSource, Store
 from blobmesh.store.types import BlobInfo, FsckProblem, FsckReport, GcReport, Pin, Progress
+from blobmesh.types import Bitfield
 
 __all__ = [
     "HOME_ENV",

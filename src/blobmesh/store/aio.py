@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from blobmesh.errors import BlobNotFoundError, CorruptBlobError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_bytes
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.ingest import Bytes
 from blobmesh.store.leases import LeaseId
 from blobmesh.store.partial import PartialBlob
 from blobmesh.store.piece_reader import PieceReader
 from blobmesh.store.readers import BlobReader, read_whole
 from blobmesh.store.types import BlobInfo, Pin
+from blobmesh.types import Bitfield
 
 if TYPE_CHECKING:
     from blobmesh.store.store import AddSource, Store

@@ -17,10 +17,10 @@ from typing import Any
 
 from blobmesh.errors import BlobIncompleteError, BlobNotFoundError, StoreError, StoreFullError
 from blobmesh.hashing import BlobId, piece_count
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.layout import FILE_MODE, Layout
 from blobmesh.store.leases import LeaseId, pid_alive, pid_start_time
 from blobmesh.store.types import BlobInfo, Pin
+from blobmesh.types import Bitfield
 
 Undo = list[Callable[[], object]]
 """Actions that revert file moves when their write transaction does not commit."""

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from blobmesh.errors import VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_piece, piece_count
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.db import MetaDB
 from blobmesh.store.layout import Layout, blob_id_from_name
 from blobmesh.store.types import FsckProblem, FsckReport, Progress
+from blobmesh.types import Bitfield
 
 
 def run_fsck(db: MetaDB, layout: Layout, *, repair: bool,

@@ -26,7 +26,6 @@ from typing import Any, BinaryIO
 
 from blobmesh.errors import SourceError, StoreError
 from blobmesh.hashing import BlobId, PieceLayer, TreeHasher, piece_count
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.db import MetaDB, Undo, add_lease, has_row
 from blobmesh.store.layout import (
     DIR_MODE,
@@ -38,6 +37,7 @@ from blobmesh.store.layout import (
 )
 from blobmesh.store.leases import LeaseId
 from blobmesh.store.types import BlobInfo, Progress
+from blobmesh.types import Bitfield
 
 CHUNK = 16 * 1024 * 1024
 """Large reads and writes; hashing overlaps each in a thread."""

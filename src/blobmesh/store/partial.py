@@ -10,10 +10,10 @@ from contextlib import ExitStack
 
 from blobmesh.errors import BlobIncompleteError, StoreFullError, VerificationError
 from blobmesh.hashing import BlobId, Buffer, PieceLayer
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.db import MetaDB
 from blobmesh.store.layout import Layout
 from blobmesh.store.leases import LeaseId
+from blobmesh.types import Bitfield
 
 FLUSH_BYTES = 32 * 1024 * 1024
 

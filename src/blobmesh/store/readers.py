@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 from blobmesh.errors import BlobIncompleteError, CorruptBlobError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_bytes, hash_piece, piece_count
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.db import MetaDB, add_lease, require_complete
 from blobmesh.store.ingest import CHUNK
 from blobmesh.store.layout import Layout
 from blobmesh.store.leases import LeaseId
+from blobmesh.types import Bitfield
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

@@ -31,7 +31,6 @@ from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import fsck as fsck_module
 from blobmesh.store import gc as gc_module
 from blobmesh.store import readers
-from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.db import MetaDB, add_lease, has_row, require_complete
 from blobmesh.store.ingest import CHUNK, Batch, Bytes, create_partial, open_source
 from blobmesh.store.layout import Layout, default_home
@@ -39,6 +38,7 @@ from blobmesh.store.leases import LeaseId, pid_start_time
 from blobmesh.store.partial import PartialBlob, flush_many
 from blobmesh.store.readers import BlobReader
 from blobmesh.store.types import BlobInfo, FsckReport, GcReport, Pin, Progress
+from blobmesh.types import Bitfield
 
 if TYPE_CHECKING:
     from blobmesh.store.aio import AsyncStore

@@ -1,8 +1,8 @@
-"""Pure policy of the distribution model."""
+"""How often targets report progress to the source."""
 
 from __future__ import annotations
 
-from blobmesh.distribution.model import progress_note_interval
+from blobmesh.distribution.progress import progress_note_interval
 
 
 def test_progress_notes_to_the_source_stay_within_its_budget_at_any_scope_size() -> None:
