@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 OP_REQUEST = "dist/request"
 OP_STATUS = "dist/status"
 OP_CANCEL = "dist/cancel"
+WATCHED = (OP_REQUEST, OP_STATUS, OP_CANCEL)
 NOTIFY_PROGRESS = b"dp"
 UNREACHABLE = "node unreachable"
 
@@ -111,6 +112,16 @@ class OpView(Protocol):
     def payload(self) -> bytes: ...
 
 
+class OpSubscription(Protocol):
+    """A subscription to stored ops that can be resumed from its :attr:`cursor`."""
+
+    cursor: int
+
+    def __aiter__(self) -> AsyncIterator[OpView]: ...
+
+    def close(self) -> None: ...
+
+
 class SpaceLike(Protocol):
     """The subset of :class:`blobmesh.space.Space` distribution uses."""
 
@@ -124,7 +135,8 @@ class SpaceLike(Protocol):
 
     def stored_ops(self, kind: str) -> Sequence[OpView]: ...
 
-    def watch_ops(self, kinds: Sequence[str]) -> AsyncIterator[OpView]: ...
+    def watch_ops(self, kinds: Sequence[str], *, after: int | None = None) -> OpSubscription:
+        """Ops of ``kinds`` as they are stored (after the cursor ``after`` first)."""
 
     async def send_notify(self, peer: NodeId, data: bytes) -> None: ...
 
@@ -251,6 +263,8 @@ class DistributionService:
         self._tasks = TaskOwner("distribution")
         self._lease = LeaseId.new("distribution")
         self._changed = asyncio.Event()  # any distribution changed (set, then replaced)
+        self._watch_sub: OpSubscription | None = None
+        self._watch_cursor: int | None = None  # the last op the watch handled
         space.notify_handler(NOTIFY_PROGRESS, self._on_progress_note)
         self.authz = OpAuthorizer(self.config.distributors)
         space.register_op_kind(OP_REQUEST,
@@ -270,6 +284,10 @@ class DistributionService:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # subscribed before the stored ops are read, so no op falls between the two (ops
+        # stored meanwhile are seen twice: handling an op is idempotent)
+        self._watch_sub = self.space.watch_ops(WATCHED)
+        self._watch_cursor = self._watch_sub.cursor
         for op in self.space.stored_ops(OP_REQUEST):
             self._on_op(op)
         for kind in (OP_STATUS, OP_CANCEL):
@@ -548,9 +566,19 @@ class DistributionService:
     # --- background work -------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        async for op in self.space.watch_ops([OP_REQUEST, OP_STATUS, OP_CANCEL]):
-            self._on_op(op)
-            self._start_jobs()
+        """Handle ops as they arrive; restarted (after an overflow, say) it resumes from
+        the last op handled, so ops stored in the gap are replayed, not lost."""
+        sub = self._watch_sub
+        if sub is None:
+            sub = self._watch_sub = self.space.watch_ops(WATCHED, after=self._watch_cursor)
+        try:
+            async for op in sub:
+                self._on_op(op)
+                self._start_jobs()
+                self._watch_cursor = sub.cursor
+        finally:
+            sub.close()
+            self._watch_sub = None
 
     async def _reconcile(self) -> None:
         """Re-resolve scopes: new matching peers become targets; this node joins if in scope."""
