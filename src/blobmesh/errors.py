@@ -150,6 +150,11 @@ class SpaceLimitError(SpaceError):
     """A configured bound (store size, queue length, rate) was hit; nothing was dropped silently."""
 
 
+class SpaceStorageError(SpaceError, OSError):
+    """The space's database could not be written (e.g. the disk is full); the write was rolled
+    back whole, so what it held is neither stored nor half stored."""
+
+
 class PredicateError(SpaceError, ValueError):
     """A capability predicate expression (e.g. ``gpu=true,mem_gb>=16``) is malformed."""
 

@@ -74,3 +74,19 @@ def test_release_asks_again_without_penalty() -> None:
     q.received(peer, got[:1])
     q.release(peer, got[1:])
     assert q.due(0.0) == [(A, got[1:])] and m["fetch_failures"] == 0
+
+
+def test_next_due_follows_every_change() -> None:
+    q, _ = queue()
+    assert q.next_due() is None
+    q.add(ids(2), A)
+    assert q.next_due() == 0.0
+    (_, got), = q.due(0.0)
+    assert q.next_due() is None  # all in flight
+    q.failed(A, got[:1], now=0.0)  # A idle again: the failed id waits out its backoff
+    assert q.next_due() == 1.0
+    q.add(ids(1, 5), B)
+    assert q.next_due() == 0.0
+    q.received(B, ids(1, 5))
+    q.not_found(A, got[:1])
+    assert q.next_due() is None and len(q) == 1

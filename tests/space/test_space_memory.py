@@ -156,13 +156,27 @@ async def test_notify(tmp_path: Path) -> None:
         await grow(c, 2)
         await eventually(lambda: full_view(c))
         got: asyncio.Queue[tuple[object, bytes]] = asyncio.Queue()
+        plain: list[tuple[object, bytes]] = []
 
         async def handler(peer: object, data: bytes) -> None:
             await got.put((peer, data))
 
-        c.nodes[1].space.on_notify(handler)
+        space = c.nodes[1].space
+        space.notify_handler(b"pi", handler)
+        space.notify_handler(b"x", lambda peer, data: plain.append((peer, data)))
+        for clash in (b"p", b"pin", b""):
+            with pytest.raises(ValueError):
+                space.notify_handler(clash, handler)
         await c.nodes[0].space.send_notify(c.nodes[1].id, b"ping!")
-        assert await asyncio.wait_for(got.get(), 1) == (c.nodes[0].id, b"ping!")
+        assert await asyncio.wait_for(got.get(), 1) == (c.nodes[0].id, b"ng!")
+        await c.nodes[0].space.send_notify(c.nodes[1].id, b"xyz")
+        await c.nodes[0].space.send_notify(c.nodes[1].id, b"nobody's")
+        await eventually(lambda: space.metrics["notify_unhandled"] == 1 and
+                         plain == [(c.nodes[0].id, b"yz")])
+        space.notify_handler(b"x", None)
+        await c.nodes[0].space.send_notify(c.nodes[1].id, b"xyz")
+        await eventually(lambda: space.metrics["notify_unhandled"] == 2)
+        assert plain == [(c.nodes[0].id, b"yz")] and got.empty()
         too_big = b"x" * (Limits().max_notify_bytes + 1)
         with pytest.raises(SpaceLimitError):
             await c.nodes[0].space.send_notify(c.nodes[1].id, too_big)

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
+from blobmesh.errors import SpaceStorageError
 from blobmesh.space import Limits, Metrics
 from blobmesh.space.records import decode_record, sign_op, sign_record
 from blobmesh.space.store import LocalAgentStore, OpStore, PeerStore, PutResult, open_db
@@ -68,3 +72,40 @@ def test_local_agent_store_remembers_creation_time(tmp_path: Path) -> None:
     assert store.last_created_at() == 0
     store.save(decode_record(rec(ident), space="s", now_ms=NOW, limits=LIM))
     assert LocalAgentStore(db, ident.node_id).last_created_at() == NOW
+
+
+def full(db: sqlite3.Connection, spare_pages: int = 1) -> None:
+    """The disk fills up: SQLite's page limit on this connection fails writes the same way
+    (SQLITE_FULL) as a full filesystem."""
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages + spare_pages}")
+
+
+def test_op_store_on_a_full_disk_stores_a_batch_whole_or_not_at_all(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "s.sqlite")
+    store = OpStore(db, "s", 60_000, LIM, Metrics())
+    ident = Identity.generate()
+    ops = [sign_op(ident, space="s", kind="k", timestamp=NOW + i, payload=bytes(3000),
+                   limits=LIM) for i in range(20)]
+    assert store.insert(ops[:1], gossip=True) == ops[:1]
+    full(db)
+    with pytest.raises(SpaceStorageError, match="full"):
+        store.insert(ops[1:], gossip=True)
+    assert len(store) == 1 and store.missing(o.id.digest for o in ops) == \
+        [o.id.digest for o in ops[1:]]  # nothing of the failed batch was kept
+    assert store.last_seq == 1
+    db.execute("PRAGMA max_page_count = 1073741823")  # room again
+    assert store.insert(ops[1:], gossip=True) == ops[1:] and len(store) == 20
+    assert [n for n, _ in store.after(0, None, 100)] == list(range(1, 21))
+
+
+def test_arrival_numbers_are_not_reused_after_the_newest_op_is_pruned(tmp_path: Path) -> None:
+    store = OpStore(open_db(tmp_path / "s.sqlite"), "s", 60_000, LIM, Metrics())
+    ident = Identity.generate()
+    new, old = (sign_op(ident, space="s", kind="k", timestamp=ts, payload=b"", limits=LIM)
+                for ts in (NOW, NOW - 10_000))
+    store.insert([new, old])  # the old op arrived last (e.g. gossiped late)
+    assert store.prune(NOW - 5_000) == 1
+    later = sign_op(ident, space="s", kind="k", timestamp=NOW + 1, payload=b"", limits=LIM)
+    store.insert([later])
+    assert store.after(2, frozenset({"k"}), 10) == [(3, later)]

@@ -256,8 +256,10 @@ async def test_unreachable_peer_gives_up_after_idle_restarts(pair: Pair,
 
 async def test_reset_mid_transfer_restarts_and_resends_only_missing(
         pair: Pair, blob_bytes: bytes) -> None:
-    a = await pair.peer(1)
-    b = await pair.peer(2)
+    # the restart comes from the reset; a stall timeout a loaded machine can reach would add
+    # restarts of its own
+    a = await pair.peer(1, fast_config(stall_timeout=10))
+    b = await pair.peer(2, fast_config(stall_timeout=10))
     bid = add(a.store, blob_bytes)
     events: list[Event] = []
     b.mgr.subscribe(lambda e, s: events.append(e))

@@ -123,7 +123,8 @@ class SpaceLike(Protocol):
 
     async def send_notify(self, peer: NodeId, data: bytes) -> None: ...
 
-    def on_notify(self, handler: Callable[[NodeId, bytes], None]) -> None: ...
+    def notify_handler(self, prefix: bytes,
+                       handler: Callable[[NodeId, bytes], None] | None) -> None: ...
 
     def register_op_kind(self, kind: str, validator: Callable[[Any], None]) -> None: ...
 
@@ -240,7 +241,7 @@ class DistributionService:
         self._jobs: dict[DistributionHandle, asyncio.Task[None]] = {}
         self._tasks = TaskOwner("distribution")
         self._lease = LeaseId.new("distribution")
-        space.on_notify(self._on_notify)
+        space.notify_handler(NOTIFY_PROGRESS, self._on_progress_note)
         self.authz = OpAuthorizer(self.config.distributors)
         space.register_op_kind(OP_REQUEST,
                                _payload_validator(RequestOp, self.authz.authorize_request))
@@ -443,11 +444,9 @@ class DistributionService:
         except (msgspec.DecodeError, ValueError, BlobmeshError) as exc:
             log.warning("ignoring malformed %s op from %s: %s", op.kind, op.author.short(), exc)
 
-    def _on_notify(self, sender: NodeId, data: bytes) -> None:
-        if not data.startswith(NOTIFY_PROGRESS):
-            return
+    def _on_progress_note(self, sender: NodeId, data: bytes) -> None:
         try:
-            note = msgspec.msgpack.decode(data[len(NOTIFY_PROGRESS):], type=ProgressNote)
+            note = msgspec.msgpack.decode(data, type=ProgressNote)
             tracked = self._tracked.get(DistributionHandle(note.handle))
             state = TargetState(note.state)
         except (msgspec.DecodeError, ValueError):
@@ -466,6 +465,10 @@ class DistributionService:
             return  # completed is final: nothing rolls it back
         if (tracked.cancelled or tracked.gave_up) and not state.final:
             return
+        if not old.state.final:
+            # notes and status ops travel different paths: an older count arriving after a
+            # newer one must not make progress go backwards (pieces are durable once counted)
+            bytes_done = max(bytes_done, old.bytes_done)
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
                                         reason=reason, peers=peers, updated=time.time())
         self._bump(tracked)

@@ -16,13 +16,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from blobmesh.errors import AdmissionError, ProtocolError
 from blobmesh.space import wire
-from blobmesh.space.config import SpaceConfig
-from blobmesh.transport.identity import NodeId
+
+if TYPE_CHECKING:  # annotations only: a sans-I/O core (the transport package is I/O)
+    from blobmesh.space.config import SpaceConfig
+    from blobmesh.transport.identity import NodeId
 
 NONCE_SIZE = 16
 _DOMAIN = b"blobmesh/space/handshake/v2"

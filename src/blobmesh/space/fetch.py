@@ -10,10 +10,12 @@ Either way gossip will offer it again, because the summaries keep differing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from blobmesh.space.config import Limits
-from blobmesh.space.metrics import Metrics
-from blobmesh.transport.identity import NodeId
+if TYPE_CHECKING:  # annotations only: this module does no I/O and imports none
+    from blobmesh.space.config import Limits
+    from blobmesh.space.metrics import Metrics
+    from blobmesh.transport.identity import NodeId
 
 _MAX_SOURCES = 8
 
@@ -37,6 +39,9 @@ class FetchQueue:
         self._metrics = metrics
         self._wants: dict[bytes, _Want] = {}
         self._busy: set[NodeId] = set()
+        # next_due() is asked after every event of the space, the queue changes far less often
+        self._next: float | None = None
+        self._next_known = True
 
     def __len__(self) -> int:
         return len(self._wants)
@@ -46,6 +51,7 @@ class FetchQueue:
 
     def add(self, ids: list[bytes], source: NodeId) -> int:
         """Want ``ids`` from ``source``; returns how many were taken (the rest: queue full)."""
+        self._next_known = False
         taken = 0
         for op_id in ids:
             w = self._wants.get(op_id)
@@ -59,8 +65,18 @@ class FetchQueue:
             taken += 1
         return taken
 
+    def next_due(self) -> float | None:
+        """When :meth:`due` would next return a request (None: only after a reply or a new
+        want, since every wanted id is in flight or waits for a busy source)."""
+        if not self._next_known:
+            times = [w.not_before for w in self._wants.values()
+                     if w.in_flight is None and any(s not in self._busy for s in w.sources)]
+            self._next, self._next_known = min(times, default=None), True
+        return self._next
+
     def due(self, now: float) -> list[tuple[NodeId, list[bytes]]]:
         """Requests to send now, one per idle source, marking their ids in flight."""
+        self._next_known = False
         batches: dict[NodeId, list[bytes]] = {}
         for op_id, w in self._wants.items():
             if w.in_flight is not None or w.not_before > now:
@@ -76,12 +92,14 @@ class FetchQueue:
 
     def received(self, source: NodeId, ids: list[bytes]) -> None:
         """``source`` answered; ``ids`` are now held (by us, from any path)."""
+        self._next_known = False
         self._busy.discard(source)
         for op_id in ids:
             self._wants.pop(op_id, None)
 
     def release(self, source: NodeId, ids: list[bytes]) -> None:
         """``source`` answered but had no room for ``ids`` in its reply: ask again, no penalty."""
+        self._next_known = False
         self._busy.discard(source)
         for op_id in ids:
             w = self._wants.get(op_id)
@@ -90,6 +108,7 @@ class FetchQueue:
 
     def not_found(self, source: NodeId, ids: list[bytes]) -> None:
         """``source`` does not have ``ids`` (any more): try other sources."""
+        self._next_known = False
         self._busy.discard(source)
         for op_id in ids:
             w = self._wants.get(op_id)
@@ -104,6 +123,7 @@ class FetchQueue:
 
     def failed(self, source: NodeId, ids: list[bytes], now: float) -> None:
         """The request to ``source`` timed out or broke: back off, rotate sources."""
+        self._next_known = False
         self._busy.discard(source)
         for op_id in ids:
             w = self._wants.get(op_id)

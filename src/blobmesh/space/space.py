@@ -1,8 +1,10 @@
-"""The asyncio layer of a space: links to peers, the loops that drive the state machines.
+"""The space's façade: the public API, and the asyncio layer that executes the cores' actions.
 
-Protocol decisions live in the sans-I/O modules (:mod:`~blobmesh.space.gossip`,
-:mod:`~blobmesh.space.swim`, :mod:`~blobmesh.space.fetch`, :mod:`~blobmesh.space.records`);
-this module moves their messages over :class:`~blobmesh.transport.api.Network` streams.
+Decisions live in the sans-I/O cores (:mod:`~blobmesh.space.membership`,
+:mod:`~blobmesh.space.dissemination`, :mod:`~blobmesh.space.links`,
+:mod:`~blobmesh.space.admission`, :mod:`~blobmesh.space.gossip`); their timers run on one
+:class:`~blobmesh.space.driver.Driver`.  This module carries out what they decide (probes,
+gossip rounds, fetches, pushes) over :class:`~blobmesh.transport.api.Network` streams.
 
 Each node keeps at most one outgoing *link* (stream) per peer: it performs the admission
 handshake once, then carries requests matched to responses by request id.  Requests from a peer
@@ -18,8 +20,7 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,17 +28,19 @@ from typing import Any, Literal
 from blobmesh.errors import (
     AdmissionError,
     InvalidIdError,
-    InvalidOpError,
     InvalidRecordError,
     ProtocolError,
     SpaceError,
     SpaceLimitError,
+    SpaceStorageError,
     TransportError,
 )
 from blobmesh.logutil import RateLimitedLog
 from blobmesh.space import admission, wire
 from blobmesh.space.config import CapValue, Seed, SpaceConfig
-from blobmesh.space.fetch import FetchQueue
+from blobmesh.space.dissemination import Action as DisseminationAction
+from blobmesh.space.dissemination import Dissemination, FetchFrom, GossipWith
+from blobmesh.space.driver import Driver
 from blobmesh.space.gossip import (
     ApplyRecords,
     GossipInitiator,
@@ -46,14 +49,16 @@ from blobmesh.space.gossip import (
     SendRecords,
     WantOps,
 )
+from blobmesh.space.links import Links
+from blobmesh.space.membership import Action as MembershipAction
+from blobmesh.space.membership import BootstrapRound, Maintain, Membership, PeerMeta
 from blobmesh.space.metrics import Metrics
+from blobmesh.space.ops import OpLog, OpValidator
 from blobmesh.space.predicate import Predicate, parse_predicate
 from blobmesh.space.ratelimit import TokenBucket
 from blobmesh.space.records import (
     Op,
     PeerRecord,
-    check_kind,
-    decode_op,
     decode_record,
     peek_op_id,
     peek_record,
@@ -64,13 +69,14 @@ from blobmesh.space.signer import Signer
 from blobmesh.space.store import (
     LocalAgentStore,
     OpStore,
-    PeerMeta,
     PeerMetaStore,
     PeerStore,
     PutResult,
     open_db,
 )
-from blobmesh.space.swim import Alive, FailureDetector, Probe, ProbeVia, Unresponsive
+from blobmesh.space.streams import Link, accept_handshake, dial_handshake
+from blobmesh.space.subscription import Subscription
+from blobmesh.space.swim import Alive, Probe, ProbeVia, Unresponsive
 from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import Network, Stream
 from blobmesh.transport.identity import NodeId
@@ -78,15 +84,12 @@ from blobmesh.transport.ticket import Address, parse_address
 
 log = logging.getLogger(__name__)
 
-OpValidator = Callable[[Op], None]
-"""Raises (any exception, ideally :class:`InvalidOpError`) to reject an op of its kind."""
 NotifyHandler = Callable[[NodeId, bytes], Awaitable[None] | None]
-"""Called with (sender, data) per notification; may be a plain function or a coroutine one."""
+"""Called with (sender, data after the handler's prefix) per notification; may be a plain
+function or a coroutine one."""
 AddressBook = Callable[[NodeId, tuple[str, ...]], None]
 """Tells the transport where a node listens (called for seeds and every accepted record)."""
 CapabilityFilter = str | Predicate | Callable[[Mapping[str, CapValue]], bool]
-
-_MAX_INBOUND_STREAMS_PER_PEER = 4
 
 
 def endpoint_address_book(add: Callable[[NodeId, list[Address]], None]) -> AddressBook:
@@ -121,114 +124,26 @@ class PeerInfo:
                 "alive": self.alive, "last_seen": self.last_seen, "expires_at": self.expires_at}
 
 
-class Subscription:
-    """An async iterator over new ops of some kinds (or all), bounded.
+class _View:
+    """What the dissemination core reads of the space's membership."""
 
-    If the consumer falls more than ``subscriber_queue`` ops behind, iteration raises
-    :class:`SpaceLimitError` (``limit_subscriber``) instead of silently skipping ops; read the
-    gap back with :meth:`Space.ops`.
-    """
+    def __init__(self, space: Space) -> None:
+        self._s = space
 
-    def __init__(self, space: Space, kinds: frozenset[str] | None, maxsize: int) -> None:
-        self._space = space
-        self.kinds = kinds
-        self._queue: asyncio.Queue[Op | None] = asyncio.Queue(maxsize)
-        self._overflowed = False
+    def alive_peers(self) -> list[NodeId]:
+        s = self._s
+        return [r.node_id for r in s.peer_store.query()
+                if r.node_id != s.node_id and not s._members.is_unresponsive(r.node_id)]
 
-    def _offer(self, op: Op) -> None:
-        if self._overflowed:
-            return
-        try:
-            self._queue.put_nowait(op)
-        except asyncio.QueueFull:
-            self._overflowed = True
-            self._space.metrics.limit("subscriber")
+    def seed_ids(self) -> list[NodeId]:
+        return list(self._s._members.seeds)
 
-    def close(self) -> None:
-        self._space._subs.discard(self)
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(None)
+    def known_records(self) -> int:
+        return len(self._s.peer_store)
 
-    def __aiter__(self) -> AsyncIterator[Op]:
-        return self
-
-    async def __anext__(self) -> Op:
-        if self._overflowed and self._queue.empty():
-            raise SpaceLimitError("subscriber fell behind; read missed ops with Space.ops()")
-        op = await self._queue.get()
-        if op is None:
-            raise StopAsyncIteration
-        return op
-
-
-class _Link:
-    """Our outgoing stream to one peer, after a successful handshake."""
-
-    def __init__(self, space: Space, stream: Stream) -> None:
-        self._space = space
-        self.stream = stream
-        self.peer = stream.peer
-        self._rid = 0
-        self._waiting: dict[int, asyncio.Future[wire.Response]] = {}
-        self._send_lock = asyncio.Lock()
-        self.closed = False
-        self.reader: asyncio.Task[None] | None = None
-
-    async def send(self, msg: wire.Request) -> int:
-        self._rid += 1
-        msg.rid = self._rid
-        raw = wire.encode(msg)
-        async with self._send_lock:
-            await self.stream.send(raw)
-        self._space.metrics.inc("bytes_sent", len(raw))
-        self._space.metrics.inc("messages_sent")
-        return self._rid
-
-    async def request(self, msg: wire.Request, within: float) -> wire.Response:
-        fut: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
-        self._rid += 1
-        rid = self._rid
-        self._waiting[rid] = fut
-        try:
-            async with asyncio.timeout(within):
-                msg.rid = rid
-                raw = wire.encode(msg)
-                async with self._send_lock:
-                    await self.stream.send(raw)
-                self._space.metrics.inc("bytes_sent", len(raw))
-                self._space.metrics.inc("messages_sent")
-                return await fut
-        finally:
-            self._waiting.pop(rid, None)
-
-    async def read_loop(self) -> None:
-        s = self._space
-        try:
-            while True:
-                raw = await self.stream.recv()
-                s.metrics.inc("bytes_received", len(raw))
-                msg = wire.decode_response(raw, s.config.limits, s.metrics)
-                fut = self._waiting.get(msg.rid)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-        except (TransportError, ProtocolError) as exc:
-            self._fail(exc)
-        except asyncio.CancelledError:
-            self._fail(TransportError("link closed"))
-            raise
-
-    def _fail(self, exc: Exception) -> None:
-        self.closed = True
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._space._link_lost(self)
-
-    def close(self) -> None:
-        self.closed = True
-        self.stream.reset("link closed")
-        if self.reader is not None:
-            self.reader.cancel()
+    def active(self) -> bool:
+        local = self._s.local_record
+        return local is None or not local.tombstone
 
 
 class Space:
@@ -264,36 +179,33 @@ class Space:
         self.op_store = OpStore(self._db, config.name, t.op_bucket_seconds * 1000, lim,
                                 self.metrics)
         self._responder = GossipResponder(self.peer_store, self.op_store, lim, self.metrics)
-        self._fetch = FetchQueue(lim, retry_base=t.fetch_retry_base, retry_max=t.fetch_retry_max,
-                                 metrics=self.metrics)
-        self._fetch_wake = asyncio.Event()
-        self._swim = FailureDetector(
-            probe_interval=t.probe_interval, probe_timeout=t.probe_timeout,
-            indirect_timeout=t.indirect_timeout, indirect_probes=t.indirect_probes,
-            backoff_max=t.unresponsive_backoff_max, rng=self._rng)
-        self._validators: dict[str, OpValidator | None] = {}
-        self._subs: set[Subscription] = set()
-        self._notify_handler: NotifyHandler | None = None
-        self._links: OrderedDict[NodeId, _Link] = OrderedDict()
+        # the policy: sans-I/O cores, whose timers the driver runs and whose actions we execute
+        self._members = Membership(t, max_seeds=lim.max_seeds,
+                                   bootstrap=bool(config.bootstrap_urls), rng=self._rng,
+                                   metrics=self.metrics)
+        self._dis = Dissemination(t, lim, _View(self), rng=self._rng, metrics=self.metrics)
+        self._conns = Links(t, lim, self.metrics)
+        self._driver: Driver[MembershipAction | DisseminationAction] = Driver(
+            [self._members, self._dis], self._execute, self.metrics)
+        self._ops = OpLog(config, self.op_store, self.metrics, me=self.node_id,
+                          is_member=self.is_member, now_ms=self._now_ms,
+                          on_refused=lambda op_id, author: self._dis.refused(
+                              op_id, author, self._mono()))
+        self._notify_handlers: dict[bytes, NotifyHandler] = {}  # by prefix
+        self._links: dict[NodeId, Link] = {}  # in use order: self._conns
         self._dialing: dict[NodeId, asyncio.Lock] = {}
-        self._inbound: dict[NodeId, int] = {}
-        self._handshakes = 0  # inbound handshakes in progress with non-members
-        # refused op id -> (do not fetch before, the author who was no member then)
-        self._rejected: OrderedDict[bytes, tuple[float, NodeId | None]] = OrderedDict()
         self._warn = RateLimitedLog(log)
         self._op_rate: dict[NodeId, TokenBucket] = {}
         self._req_rate: dict[NodeId, TokenBucket] = {}
-        self._seeds: dict[NodeId, Seed] = {}
-        self._gossiping: set[NodeId] = set()
-        self._news = False  # the last gossip interval brought new records or ops
         self._local: PeerRecord | None = None
         self._tasks = TaskOwner("space")
+        self._rounds: set[str] = set()  # maintenance / bootstrap rounds running
         self._serving: set[asyncio.Task[Any]] = set()  # inbound stream handlers
         self._closing = False
         self._lan: Any = None
         for rec in self.peer_store:
             if rec.node_id != self.node_id and not rec.tombstone:
-                self._swim.add(rec.node_id)
+                self._members.joined(rec.node_id)
         for seed in config.seeds:
             self.add_seed(seed)
 
@@ -305,13 +217,17 @@ class Space:
         for rec in self.peer_store.query():  # vouched for when they were stored
             if rec.node_id != self.node_id:
                 self._mark_admitted(rec.node_id)
-        self._tasks.spawn(self._run(), name="loops")
+        now = self._mono()
+        self._members.start(now)
+        self._dis.start(now)
+        self._driver.start()
 
     async def aclose(self) -> None:
         """Stop everything (without a tombstone: call :meth:`leave` first to say goodbye)."""
         if self._closing:
             return
         self._closing = True
+        self._driver.close()
         if self._lan is not None:
             await self._lan.aclose()
         for link in list(self._links.values()):
@@ -323,9 +239,11 @@ class Space:
         for task in serving:
             with contextlib.suppress(BaseException):
                 await task
-        for sub in list(self._subs):
-            sub.close()
-        self.peer_meta_store.flush()
+        self._ops.close_subscriptions()
+        try:
+            self.peer_meta_store.flush()
+        except SpaceStorageError as exc:  # only liveness hints: they are learnt again
+            self._storage_failed(exc)
         self._db.close()
 
     async def __aenter__(self) -> Space:
@@ -335,32 +253,46 @@ class Space:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(self._gossip_period, self._gossip_tick))
-            tg.create_task(self._every(lambda: self.config.timing.probe_interval / 5,
-                                       self._probe_tick))
-            tg.create_task(self._every(lambda: self.config.timing.maintenance_interval,
-                                       self._maintain))
-            tg.create_task(self._every(lambda: self.config.timing.bootstrap_interval,
-                                       self._bootstrap_tick))
-            tg.create_task(self._fetch_loop())
+    def _execute(self, action: MembershipAction | DisseminationAction) -> None:
+        """Carry out what a core decided (called by the driver)."""
+        match action:
+            case Maintain():
+                self._spawn_round("maintain", self._maintain)
+            case BootstrapRound():
+                self._spawn_round("bootstrap", self._bootstrap_tick)
+            case GossipWith():
+                self._spawn(self._gossip_with(action.peer), "gossip")
+            case FetchFrom():
+                self._spawn(self._fetch_from(action.peer, action.ids), "fetch")
+            case _:
+                self._apply_swim(action)
 
-    async def _every(self, period: Callable[[], float],
-                     step: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        while True:
-            await asyncio.sleep(period())
+    def _spawn_round(self, name: str, step: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """One round of ``name`` at a time; a failing one is counted, the next one comes."""
+        if name in self._rounds:
+            return
+
+        async def run() -> None:
             try:
                 await step()
-            except Exception:  # a failing round must not stop the loop
-                log.exception("space loop step failed")
+            except Exception:
+                log.exception("space %s round failed", name)
                 self.metrics.inc("loop_errors")
+            finally:
+                self._rounds.discard(name)
+
+        self._rounds.add(name)
+        self._spawn(run(), name)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         if self._tasks.closing:
             coro.close()
             return
         self._tasks.spawn(coro, name=name)
+
+    def _storage_failed(self, exc: SpaceStorageError) -> None:
+        self.metrics.inc("storage_errors")
+        self._warn.warning("storage", "%s", exc)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -377,12 +309,8 @@ class Space:
 
     def add_seed(self, seed: Seed) -> None:
         """Contact ``seed`` (e.g. from a ticket) in the next rounds until we know peers."""
-        if seed.node_id == self.node_id:
+        if seed.node_id == self.node_id or not self._members.add_seed(seed):
             return
-        if seed.node_id not in self._seeds and len(self._seeds) >= self.config.limits.max_seeds:
-            self.metrics.limit("seeds")  # e.g. a flood of spoofed LAN announcements
-            return
-        self._seeds[seed.node_id] = seed
         if self._address_book is not None and seed.addresses:
             self._address_book(seed.node_id, seed.addresses)
 
@@ -403,7 +331,8 @@ class Space:
         """Sign our record, announce it to seeds, bootstrap servers and peers, pull theirs."""
         rec = self._sign_local(tombstone=False)
         await self._bootstrap_tick()  # in a closed space its records are seeds to sync with
-        seeds = list(self._seeds)  # the sync moves seeds whose record arrives into the peers
+        # the sync moves seeds whose record arrives into the peers
+        seeds = list(self._members.seeds)
         await self._sync_seeds()
         # seeds know the most peers: let them relay our record to the ones we do not know
         self._announce("records", [rec.raw], exclude=None, prefer=seeds)
@@ -419,24 +348,15 @@ class Space:
         if self._local is None:
             return
         rec = self._sign_local(tombstone=True)
-        t = self.config.timing
-        peers = self._alive_peers()[: t.publish_fanout]
+        pushes = self._dis.announce("records", [rec.raw], None, in_flight=0)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                await asyncio.gather(
-                    self._bootstrap_put(rec.raw),
-                    *(self._push("records", p, [rec.raw], relay=i < t.relay_fanout)
-                      for i, p in enumerate(peers)))
+                await asyncio.gather(self._bootstrap_put(rec.raw),
+                                     *(self._push(p.what, p.peer, p.raws, p.relay)
+                                       for p in pushes))
 
     async def _sync_seeds(self) -> None:
-        await asyncio.gather(*(self._gossip_with(s) for s in list(self._seeds)))
-
-    def _alive_peers(self) -> list[NodeId]:
-        """Peers worth talking to: live records, not us, not marked unresponsive."""
-        out = [r.node_id for r in self.peer_store.query()
-               if r.node_id != self.node_id and not self._swim.is_unresponsive(r.node_id)]
-        self._rng.shuffle(out)
-        return out
+        await asyncio.gather(*(self._gossip_with(s) for s in list(self._members.seeds)))
 
     def is_member(self, node: NodeId) -> bool:
         """Whether ``node`` holds a current (unexpired, not tombstoned) record in this space,
@@ -447,7 +367,7 @@ class Space:
     def is_alive(self, node: NodeId) -> bool:
         rec = self.peer_store.get(node)
         return (rec is not None and not rec.tombstone and rec.expires_at > self._now_ms()
-                and not self._swim.is_unresponsive(node))
+                and not self._members.is_unresponsive(node))
 
     def peers(self, *, group: str | None = None, capability: CapabilityFilter | None = None,
               alive_only: bool = True, include_self: bool = False) -> list[PeerInfo]:
@@ -462,7 +382,7 @@ class Space:
         for r in self.peer_store.query(group=group, capability=pred):
             if r.expires_at <= now or (r.node_id == self.node_id and not include_self):
                 continue
-            alive = r.node_id == self.node_id or not self._swim.is_unresponsive(r.node_id)
+            alive = r.node_id == self.node_id or not self._members.is_unresponsive(r.node_id)
             if alive_only and not alive:
                 continue
             meta = self.peer_meta_store.peek(r.node_id)
@@ -514,7 +434,8 @@ class Space:
             elif result is PutResult.STALE:
                 self.metrics.inc("records_stale")
         if changed:
-            self._news = True
+            self._dis.news()
+            self._driver.poke()
         return changed
 
     def _hint_records(self, raws: Iterable[bytes]) -> None:
@@ -543,48 +464,35 @@ class Space:
             self.metrics.inc("peers_left")
             self._forget_peer(rec.node_id)
             return
-        self._swim.add(rec.node_id)
-        self._seeds.pop(rec.node_id, None)
+        self._members.joined(rec.node_id)
         self._mark_admitted(rec.node_id)  # vouched for by an admitted peer
         self.op_store.set_author_gossipable(rec.node_id.digest, True)  # back, if it had left
-        for op_id in [i for i, (_, author) in self._rejected.items() if author == rec.node_id]:
-            del self._rejected[op_id]  # its ops count now: fetch them at the next round
+        self._dis.member_joined(rec.node_id)
         if self._address_book is not None and rec.addresses:
             self._address_book(rec.node_id, rec.addresses)
 
     def _forget_peer(self, node: NodeId) -> None:
         # no longer a member: its ops stay here but are not relayed any more, by any node
         self.op_store.set_author_gossipable(node.digest, False)
-        self._swim.remove(node)
+        self._members.left(node)
         self.peer_meta_store.forget([node])
         self._op_rate.pop(node, None)
         self._req_rate.pop(node, None)
-        link = self._links.pop(node, None)
+        self._drop_link(node)
+
+    def _drop_link(self, peer: NodeId) -> None:
+        link = self._links.pop(peer, None)
+        self._conns.closed(peer)
         if link is not None:
             link.close()
 
     def _announce(self, what: Literal["records", "ops"], raws: list[bytes],
                   exclude: NodeId | None, relayers: int | None = None,
                   prefer: Iterable[NodeId] = ()) -> None:
-        """Push new records or ops to up to ``publish_fanout`` peers at once.
-
-        ``relayers`` of them (default ``relay_fanout``) forward what is new to them once to
-        their own peers, reaching nodes we do not know; forwarded pushes are not forwarded
-        again, so an item costs about ``(1 + relay_fanout) * peers`` pushes, never a cascade.
-        Peers in ``prefer`` come first, so they are the relayers.
-        """
-        t = self.config.timing
-        n = t.relay_fanout if relayers is None else relayers
-        first = set(prefer)
-        alive = self._alive_peers()
-        alive.sort(key=lambda p: p not in first)  # stable: the rest stays shuffled
-        targets = [p for p in alive if p != exclude][: t.publish_fanout]
-        if len(self._tasks) + len(targets) > self.config.limits.max_pushes:
-            # a flood of relayed items must not become unbounded work; gossip delivers them
-            self.metrics.limit("pushes")
-            return
-        for i, p in enumerate(targets):
-            self._spawn(self._push(what, p, raws, relay=i < n), "push")
+        """Push new records or ops at once (whom to: :meth:`Dissemination.announce`)."""
+        for p in self._dis.announce(what, raws, exclude, in_flight=len(self._tasks),
+                                    relayers=relayers, prefer=prefer):
+            self._spawn(self._push(p.what, p.peer, p.raws, p.relay), "push")
 
     async def _push(self, what: Literal["records", "ops"], peer: NodeId, raws: list[bytes],
                     relay: bool) -> bool:
@@ -615,50 +523,26 @@ class Space:
 
     def register_op_kind(self, kind: str, validator: OpValidator | None = None) -> None:
         """Accept ops of ``kind`` (others are rejected), checked by ``validator`` if given."""
-        check_kind(kind)
-        self._validators[kind] = validator
-
-    def _validate(self, op: Op) -> None:
-        if op.kind not in self._validators:
-            raise InvalidOpError(f"unknown op kind {op.kind!r}")
-        validator = self._validators[op.kind]
-        if validator is not None:
-            try:
-                validator(op)
-            except InvalidOpError:
-                raise
-            except Exception as exc:
-                raise InvalidOpError(f"op {op.id.short()} rejected: {exc}") from exc
-        if op.timestamp < self._now_ms() - int(self.config.timing.op_retention * 1000):
-            raise InvalidOpError(f"op {op.id.short()} is older than the retention period")
+        self._ops.register_kind(kind, validator)
 
     async def publish(self, kind: str, payload: bytes) -> Op:
         """Sign, validate and store a new op, then push it to peers at once.
 
-        Raises :class:`InvalidOpError` (unknown kind, oversized, rejected by the validator) or
-        :class:`SpaceLimitError` (op store full).
+        Raises :class:`InvalidOpError` (unknown kind, oversized, rejected by the validator),
+        :class:`SpaceLimitError` (op store full) or :class:`SpaceStorageError` (the database
+        could not be written, e.g. the disk is full: the op was neither stored nor sent).
         """
         c = self.config
         op = sign_op(self._signer, space=c.name, kind=kind, timestamp=self._now_ms(),
                      payload=payload, limits=c.limits)
-        self._validate(op)
-        if not self.op_store.insert([op]):
-            if self.op_store.missing([op.id.digest]):
-                raise SpaceLimitError(f"op store full ({c.limits.max_ops} ops)")
-            return op
-        self.inform_ops_stored([op])
-        self.metrics.inc("ops_published")
-        self._announce("ops", [op.raw], exclude=None)
+        if self._ops.add_own(op):
+            self.metrics.inc("ops_published")
+            self._announce("ops", [op.raw], exclude=None)
         return op
 
     def inform_ops_stored(self, ops: Iterable[Op]) -> None:
         """Let validated, stored ops enter gossip and reach subscribers."""
-        ops = list(ops)
-        self.op_store.mark_gossipable(op.id for op in ops)
-        for op in ops:
-            for sub in list(self._subs):
-                if sub.kinds is None or op.kind in sub.kinds:
-                    sub._offer(op)
+        self._ops.inform_stored(ops)
 
     def ops(self, kind: str | None = None, since: int = 0, limit: int = 1000) -> list[Op]:
         """Stored ops (of ``kind``) with timestamp >= ``since`` (ms), oldest first."""
@@ -668,87 +552,25 @@ class Space:
         """Every stored op of ``kind``, oldest first (bounded by ``max_ops``)."""
         return self.op_store.query(kind, 0, self.config.limits.max_ops)
 
-    def subscribe(self, kinds: str | Iterable[str] | None = None) -> Subscription:
-        """New ops of ``kinds`` (all if None) as they are stored, local or remote.
+    def subscribe(self, kinds: str | Iterable[str] | None = None, *,
+                  after: int | None = None) -> Subscription:
+        """Ops of ``kinds`` (all if None) as they are stored, local or remote: those stored
+        after the cursor ``after`` (a :attr:`Subscription.cursor`) first, else only new ones.
 
         Call ``close()`` on the subscription when done.
         """
-        wanted = None if kinds is None else frozenset([kinds] if isinstance(kinds, str)
-                                                      else kinds)
-        sub = Subscription(self, wanted, self.config.limits.subscriber_queue)
-        self._subs.add(sub)
-        return sub
+        return self._ops.subscribe(kinds, after)
 
     watch_ops = subscribe
 
     def add_ops(self, raws: Iterable[bytes], sender: NodeId | None = None) -> list[Op]:
-        """Verify, validate and store signed ops; returns those that were new.
+        """Verify, validate and store signed ops from peers; returns those that were new
+        (see :meth:`OpLog.add`).
 
-        An op counts only if its author is a current member (``ops_rejected_non_member``
-        otherwise): a key that was never admitted cannot get an op stored or relayed, whoever
-        pushes it.  An op a validator refused is validated once more after the batch's other
-        ops are stored, since it may depend on one of them (a cancel on its request).
+        Raises :class:`SpaceStorageError` if the database could not be written (the ops not
+        stored come back with gossip).
         """
-        now = self._now_ms()
-        valid: list[Op] = []
-        refused: list[Op] = []
-        raws = list(raws)
-        ids = {raw: peek_op_id(raw, self.config.limits) for raw in raws}
-        missing = set(self.op_store.missing(i.digest for i in ids.values() if i is not None))
-        for raw in raws:
-            op_id = ids[raw]
-            if op_id is not None and op_id.digest not in missing:
-                continue  # held already: no need to verify it again
-            try:
-                op = decode_op(raw, space=self.config.name, now_ms=now, limits=self.config.limits)
-            except InvalidOpError as exc:
-                self._refused(op_id.digest if op_id else None, None, exc, sender)
-                continue
-            if op.author != self.node_id and not self.is_member(op.author):
-                self.metrics.inc("ops_rejected_non_member")
-                self._refused(op.id.digest, op.author, "author is not a member", sender)
-                continue
-            (valid if self._valid(op) else refused).append(op)
-        new = self.op_store.insert(valid)
-        if new and refused:
-            again = [op for op in refused if self._valid(op)]
-            refused = [op for op in refused if op not in again]
-            new += self.op_store.insert(again)
-        for op in refused:
-            self._refused(op.id.digest, None, "refused by its kind's validator", sender)
-        if new:
-            self.inform_ops_stored(new)
-            self.metrics.inc("ops_received", len(new))
-        return new
-
-    def _valid(self, op: Op) -> bool:
-        try:
-            self._validate(op)
-        except InvalidOpError:
-            return False
-        return True
-
-    def _refused(self, op_id: bytes | None, author: NodeId | None, why: object,
-                 sender: NodeId | None) -> None:
-        """Count a refused op; do not fetch it again for a while (peers keep offering ops we
-        refuse, e.g. by an author who left), or until ``author`` becomes a member."""
-        self.metrics.inc("ops_rejected")
-        log.debug("rejected op from %s: %s", sender, why)
-        if op_id is None:
-            return
-        self._rejected[op_id] = (time.monotonic() + self.config.timing.rejected_op_ttl, author)
-        self._rejected.move_to_end(op_id)
-        while len(self._rejected) > self.config.limits.rejected_ops:
-            self._rejected.popitem(last=False)
-
-    def _worth_fetching(self, op_id: bytes) -> bool:
-        entry = self._rejected.get(op_id)
-        if entry is None:
-            return True
-        if entry[0] > time.monotonic():
-            return False
-        del self._rejected[op_id]  # retry: what it depends on may have arrived meanwhile
-        return True
+        return self._ops.add(raws, sender)
 
     # --- notify ------------------------------------------------------------------------------
 
@@ -761,18 +583,27 @@ class Space:
         link = await self._link(peer)
         await link.send(wire.Notify(0, bytes(data)))
 
-    def on_notify(self, handler: NotifyHandler | None) -> None:
-        """Call ``handler(peer, data)`` for each notification received."""
-        self._notify_handler = handler
+    def notify_handler(self, prefix: bytes, handler: NotifyHandler | None) -> None:
+        """Call ``handler(peer, rest)`` for each notification ``prefix + rest`` (``None``
+        unregisters).  Raises ``ValueError`` for an empty prefix or one that starts, or is the
+        start of, another registered prefix: each notification has one handler."""
+        if handler is None:
+            self._notify_handlers.pop(prefix, None)
+            return
+        clash = [p for p in self._notify_handlers
+                 if p != prefix and (p.startswith(prefix) or prefix.startswith(p))]
+        if not prefix or clash:
+            raise ValueError(f"notify prefix {prefix!r} is empty or overlaps {clash}")
+        self._notify_handlers[prefix] = handler
 
     # --- links (client side) -----------------------------------------------------------------
 
-    async def _link(self, peer: NodeId) -> _Link:
+    async def _link(self, peer: NodeId) -> Link:
         if self._closing:
             raise SpaceError("space is closed")
         link = self._links.get(peer)
         if link is not None and not link.closed:
-            self._links.move_to_end(peer)
+            self._conns.used(peer)
             return link
         lock = self._dialing.setdefault(peer, asyncio.Lock())
         try:
@@ -781,62 +612,48 @@ class Space:
                 if link is not None and not link.closed:
                     return link
                 meta = self.peer_meta_store.peek(peer)
-                if meta is not None and meta.backoff_until > self._clock():
+                if not Links.may_dial(meta, self._clock()):
                     raise TransportError(f"backing off from {peer.short()}", peer=peer)
                 try:
                     link = await self._dial(peer)
                 except (TransportError, AdmissionError, TimeoutError):
                     self._dial_failed(peer)
                     raise
-                if meta is not None:
-                    meta.failures, meta.backoff_until = 0, 0.0
+                Links.dial_ok(meta)
                 self._links[peer] = link
-                while len(self._links) > self.config.limits.max_links:
-                    _, old = self._links.popitem(last=False)
-                    self.metrics.limit("links")
-                    old.close()
+                for old in self._conns.opened(peer):
+                    self._drop_link(old)
                 link.reader = self._tasks.spawn(link.read_loop(), name="link")
                 return link
         finally:
             if not lock.locked():
                 self._dialing.pop(peer, None)
 
-    async def _dial(self, peer: NodeId) -> _Link:
+    async def _dial(self, peer: NodeId) -> Link:
         c = self.config
         stream = await self._net.open_stream(peer, wire.PROTOCOL)
         hs = admission.DialerHandshake(c, self.node_id, peer, os.urandom(admission.NONCE_SIZE))
         try:
-            async with asyncio.timeout(c.timing.handshake_timeout):
-                await stream.send(wire.encode(hs.hello()))
-                msg = wire.decode_handshake(await stream.recv(), c.limits, self.metrics)
-                await stream.send(wire.encode(hs.on_challenge(msg)))
-                hs.on_welcome(wire.decode_handshake(await stream.recv(), c.limits,
-                                                    self.metrics))
+            await dial_handshake(stream, hs, c, self.metrics)
         except AdmissionError:
             self.metrics.inc("admission_refused")
-            stream.reset("handshake failed")
-            raise
-        except BaseException:
-            stream.reset("handshake failed")
             raise
         self._admitted(peer)
-        return _Link(self, stream)
+        return Link(stream, c.limits, self.metrics, self._link_lost)
 
     def _dial_failed(self, peer: NodeId) -> None:
         """Back off exponentially from a peer (or seed) we could not reach or were refused by."""
-        if peer not in self._seeds and self.peer_store.get(peer) is None:
+        if peer not in self._members.seeds and self.peer_store.get(peer) is None:
             return  # keeps meta bounded by peers and seeds
-        t = self.config.timing
-        meta = self.peer_meta_store.get(peer)
-        meta.failures += 1
-        delay = t.probe_interval * 2 ** min(meta.failures - 1, 16)
-        meta.backoff_until = self._clock() + min(t.unresponsive_backoff_max, delay)
+        self._conns.dial_failed(self.peer_meta_store.get(peer), self._clock())
 
-    def _link_lost(self, link: _Link) -> None:
+    def _link_lost(self, link: Link) -> None:
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
+            self._conns.closed(link.peer)
         if not self._closing:
-            self._swim.suspect(link.peer)
+            self._members.link_lost(link.peer)
+            self._driver.poke()
 
     # --- serving (server side) ---------------------------------------------------------------
 
@@ -845,23 +662,15 @@ class Space:
         if self._closing:
             stream.reset("closing")
             return
-        if self._inbound.get(peer, 0) >= _MAX_INBOUND_STREAMS_PER_PEER:
-            self.metrics.limit("inbound_streams")
-            stream.reset("too many streams")
-            return
-        # strangers cost a constant, whoever they claim to be; members (vouched for, rate
-        # limited) are not held up by a flood of them
         stranger = not self.is_member(peer)
-        if stranger and self._handshakes >= self.config.limits.max_handshakes:
-            self.metrics.limit("handshakes")
-            stream.reset("busy")
+        refusal = self._conns.admit_stream(peer, stranger=stranger)
+        if refusal is not None:
+            stream.reset(refusal)
             return
-        self._inbound[peer] = self._inbound.get(peer, 0) + 1
         task = asyncio.current_task()
         assert task is not None
         self._serving.add(task)
         try:
-            self._handshakes += stranger
             try:
                 admitted = await self._accept_handshake(stream)
             except TimeoutError:
@@ -869,16 +678,14 @@ class Space:
                 stream.reset("handshake timed out")
                 return
             finally:
-                self._handshakes -= stranger
+                self._conns.handshake_over(stranger=stranger)
             if admitted:
                 await self._serve_requests(stream)
         except (TransportError, TimeoutError):
             stream.reset("protocol error")
         finally:
             self._serving.discard(task)
-            self._inbound[peer] -= 1
-            if not self._inbound[peer]:
-                del self._inbound[peer]
+            if self._conns.stream_closed(peer):
                 self._responder.drop(peer)
 
     async def _accept_handshake(self, stream: Stream) -> bool:
@@ -886,26 +693,13 @@ class Space:
         peer = stream.peer
         hs = admission.AcceptorHandshake(c, self.node_id, peer,
                                          os.urandom(admission.NONCE_SIZE))
-        async with asyncio.timeout(c.timing.handshake_timeout):
-            challenge = hs.on_hello(
-                wire.decode_handshake(await stream.recv(), c.limits, self.metrics))
-            if isinstance(challenge, wire.Refused):
-                return await self._refuse(stream, challenge)
-            await stream.send(wire.encode(challenge))
-            welcome = hs.on_auth(
-                wire.decode_handshake(await stream.recv(), c.limits, self.metrics))
-            if isinstance(welcome, wire.Refused):
-                return await self._refuse(stream, welcome)
-            await stream.send(wire.encode(welcome))
+        refusal = await accept_handshake(stream, hs, c, self.metrics)
+        if refusal is not None:
+            self.metrics.inc("admission_refused")
+            self._warn.warning("refused", "refused %s: %s", peer.short(), refusal.reason)
+            return False
         self._admitted(peer)
         return True
-
-    async def _refuse(self, stream: Stream, refusal: wire.Refused) -> bool:
-        self.metrics.inc("admission_refused")
-        self._warn.warning("refused", "refused %s: %s", stream.peer.short(), refusal.reason)
-        await stream.send(wire.encode(refusal))
-        await stream.close()
-        return False
 
     def _admitted(self, peer: NodeId) -> None:
         """``peer`` proved the secret (either direction): the transport may keep it."""
@@ -925,7 +719,11 @@ class Space:
 
         async def reply(msg: wire.Request) -> None:
             try:
-                resp = await self._handle(peer, msg)
+                try:
+                    resp = await self._handle(peer, msg)
+                except SpaceStorageError as exc:  # e.g. disk full: the peer tries again later
+                    self._storage_failed(exc)
+                    resp = wire.Busy(msg.rid, 1000)
                 if resp is not None:
                     raw = wire.encode(resp)
                     async with send_lock:
@@ -962,7 +760,7 @@ class Space:
             return  # keeps meta bounded by the live peer store
         meta = self.peer_meta_store.get(peer)
         meta.last_seen = self._clock()
-        for eff in self._swim.heard_from(peer):
+        for eff in self._members.heard_from(peer):
             self._apply_swim(eff)
 
     async def _handle(self, peer: NodeId, msg: wire.Request) -> wire.Response | None:
@@ -1018,13 +816,15 @@ class Space:
         if len(data) > self.config.limits.max_notify_bytes:
             self.metrics.limit("notify_bytes")
             return
-        handler = self._notify_handler
-        if handler is None:
+        found = next(((p, h) for p, h in self._notify_handlers.items() if data.startswith(p)),
+                     None)
+        if found is None:
             self.metrics.inc("notify_unhandled")
             return
         self.metrics.inc("notify_received")
+        prefix, handler = found
         try:
-            result = handler(peer, data)
+            result = handler(peer, data[len(prefix):])
             if result is not None:
                 await result
         except Exception:
@@ -1032,25 +832,10 @@ class Space:
 
     # --- gossip ------------------------------------------------------------------------------
 
-    def _gossip_period(self) -> float:
-        """Jittered interval; a quarter of it while rounds bring news (converging)."""
-        period = self.config.timing.gossip_interval * self._rng.uniform(0.75, 1.25)
-        news, self._news = self._news, False
-        return period / 4 if news else period
-
-    async def _gossip_tick(self) -> None:
-        if self._local is not None and self._local.tombstone:
-            return  # we left
-        peers = self._alive_peers()[: self.config.timing.gossip_fanout]
-        if not peers or len(self.peer_store) <= 1:
-            peers = [*peers, *self._seeds]
-        await asyncio.gather(*(self._gossip_with(p) for p in peers))
-
     async def _gossip_with(self, peer: NodeId) -> None:
         """One anti-entropy round with ``peer``; failures only cost this round."""
-        if peer in self._gossiping:
-            return  # a new session would replace the running one at the peer
-        self._gossiping.add(peer)
+        if not self._dis.begin_round(peer):
+            return
         t = self.config.timing
         init = GossipInitiator(self.peer_store, self.op_store, os.urandom(16), self.config.limits)
         req: wire.Request | None = init.start()
@@ -1067,8 +852,10 @@ class Space:
                 req, effects = init.on_response(resp)
                 for eff in effects:
                     await self._apply_gossip(peer, eff)
+        except SpaceStorageError as exc:
+            self._storage_failed(exc)
         except AdmissionError as exc:
-            if peer in self._seeds:  # e.g. bootstrapped with a ticket that has no secret
+            if peer in self._members.seeds:  # e.g. bootstrapped with a ticket that has no secret
                 self._warn.warning("seed-refused", "%s; join with the ticket the space's "
                                    "nodes print (it carries the secret)", exc)
             else:
@@ -1076,7 +863,7 @@ class Space:
         except (TransportError, SpaceError, TimeoutError):
             self.metrics.inc("gossip_failures")
         finally:
-            self._gossiping.discard(peer)
+            self._dis.round_over(peer)
 
     async def _apply_gossip(self, peer: NodeId,
                             eff: ApplyRecords | SendRecords | WantOps | OfferOps) -> None:
@@ -1089,62 +876,57 @@ class Space:
                 if raws:
                     await self._push("records", peer, raws, relay=False)
             case WantOps():
-                wanted = [i for i in eff.ids if self._worth_fetching(i)]
-                if wanted:
-                    self._news = True
-                    self._fetch.add(wanted, peer)
-                    self._fetch_wake.set()
+                self._dis.want(peer, eff.ids, self._mono())
+                self._driver.poke()
             case OfferOps():
                 raws = list(self.op_store.get_raw(eff.ids).values())
                 await self._push("ops", peer, raws, relay=False)
 
     # --- fetch -------------------------------------------------------------------------------
 
-    async def _fetch_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.timing.fetch_retry_base):
-                    await self._fetch_wake.wait()
-            self._fetch_wake.clear()
-            for peer, ids in self._fetch.due(self._mono()):
-                self._spawn(self._fetch_from(peer, ids), "fetch")
-
     async def _fetch_from(self, peer: NodeId, ids: list[bytes]) -> None:
+        try:
+            await self._fetch_once(peer, ids)
+        finally:
+            self._driver.poke()  # the queue changed: what is due next may have too
+
+    async def _fetch_once(self, peer: NodeId, ids: list[bytes]) -> None:
+        fetch = self._dis.fetch
         try:
             link = await self._link(peer)
             resp = await link.request(wire.Fetch(0, ids), self.config.timing.request_timeout)
         except (TransportError, SpaceError, TimeoutError):
-            self._fetch.failed(peer, ids, self._mono())
+            fetch.failed(peer, ids, self._mono())
             return
         if not isinstance(resp, wire.Ops):
-            self._fetch.failed(peer, ids, self._mono())
+            fetch.failed(peer, ids, self._mono())
             return
         sent = {i.digest for raw in resp.ops if (i := peek_op_id(raw, self.config.limits))}
-        self.add_ops(resp.ops, sender=peer)
+        try:
+            self.add_ops(resp.ops, sender=peer)
+        except SpaceStorageError as exc:
+            self._storage_failed(exc)
+            fetch.failed(peer, ids, self._mono())
+            return
         requested = set(ids)
         missing = {i for i in resp.missing if i in requested}
         # what the peer sent is done with, stored or rejected by validation (then no other
         # peer's copy of that id would pass either); what did not fit its reply is asked again
-        self._fetch.received(peer, [i for i in ids if i in sent])
+        fetch.received(peer, [i for i in ids if i in sent])
         if missing:
-            self._fetch.not_found(peer, sorted(missing))
+            fetch.not_found(peer, sorted(missing))
         later = [i for i in ids if i not in sent and i not in missing]
         if later:
-            self._fetch.release(peer, later)
-        self._fetch_wake.set()
+            fetch.release(peer, later)
 
     # --- failure detection -------------------------------------------------------------------
-
-    async def _probe_tick(self) -> None:
-        for eff in self._swim.tick(self._mono()):
-            self._apply_swim(eff)
 
     def _apply_swim(self, eff: Probe | ProbeVia | Unresponsive | Alive) -> None:
         match eff:
             case Probe():
-                if eff.target not in self._links:
-                    self._swim.set_deadline(eff.target, eff.seq,
-                                            self._mono() + self.config.timing.request_timeout)
+                if eff.target not in self._links:  # connecting first: that is not silence
+                    self._set_deadline(eff.target, eff.seq,
+                                       self._mono() + self.config.timing.request_timeout)
                 self._spawn(self._probe(eff.target, eff.seq, (eff.target,), direct=True), "probe")
             case ProbeVia():
                 self._spawn(self._probe(eff.target, eff.seq, eff.via, direct=False), "probe")
@@ -1152,9 +934,7 @@ class Space:
                 self.metrics.inc("peers_unresponsive")
                 meta = self.peer_meta_store.get(eff.target)
                 meta.unresponsive = True
-                link = self._links.pop(eff.target, None)
-                if link is not None:
-                    link.close()
+                self._drop_link(eff.target)
             case Alive():
                 meta = self.peer_meta_store.get(eff.target)
                 meta.unresponsive = False
@@ -1166,16 +946,15 @@ class Space:
         if self._recently_heard(target):
             # traffic on the connection already proves life; a ping could queue for
             # seconds behind bulk data on a saturated link and time out for nothing
-            for eff in self._swim.on_ack(target, seq):
-                self._apply_swim(eff)
+            self._acked(target, seq)
             return
         if direct:
             try:
                 await self._link(target)
             except (TransportError, SpaceError, TimeoutError):
-                self._swim.set_deadline(target, seq, self._mono())  # go indirect now
+                self._set_deadline(target, seq, self._mono())  # go indirect now
                 return
-            self._swim.set_deadline(target, seq, self._mono() + t.probe_timeout)
+            self._set_deadline(target, seq, self._mono() + t.probe_timeout)
             acked = await self._ping(target, t.probe_timeout)
         else:
             async def ask(helper: NodeId) -> bool:
@@ -1188,8 +967,16 @@ class Space:
 
             acked = any(await asyncio.gather(*(ask(h) for h in via)))
         if acked:
-            for eff in self._swim.on_ack(target, seq):
-                self._apply_swim(eff)
+            self._acked(target, seq)
+
+    def _acked(self, target: NodeId, seq: int) -> None:
+        for eff in self._members.acked(target, seq):
+            self._apply_swim(eff)
+        self._driver.poke()
+
+    def _set_deadline(self, target: NodeId, seq: int, deadline: float) -> None:
+        self._members.detector.set_deadline(target, seq, deadline)
+        self._driver.poke()
 
     def _recently_heard(self, target: NodeId) -> bool:
         when = self._net.last_heard(target)
@@ -1216,10 +1003,10 @@ class Space:
         for node in self.peer_store.expire(now):
             self._forget_peer(node)
         self.peer_meta_store.retain(
-            lambda n: n in self._seeds or self.peer_store.get(n) is not None)
+            lambda n: n in self._members.seeds or self.peer_store.get(n) is not None)
         for buckets in (self._op_rate, self._req_rate):
             for n in [n for n in buckets
-                      if n not in self._inbound and self.peer_store.get(n) is None]:
+                      if not self._conns.serving(n) and self.peer_store.get(n) is None]:
                 del buckets[n]
         self.op_store.prune(now - int(t.op_retention * 1000))
         self.peer_meta_store.flush()

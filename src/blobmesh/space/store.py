@@ -8,17 +8,18 @@ the caller, never dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import blake3
 
-from blobmesh.errors import InvalidRecordError
+from blobmesh.errors import InvalidRecordError, SpaceStorageError
 from blobmesh.space.config import CapValue, Limits
+from blobmesh.space.membership import PeerMeta
 from blobmesh.space.metrics import Metrics
 from blobmesh.space.records import Op, OpId, PeerRecord, decode_op, decode_record
 from blobmesh.transport.identity import NodeId
@@ -54,6 +55,18 @@ def open_db(path: Path | str) -> sqlite3.Connection:
     return db
 
 
+@contextlib.contextmanager
+def _write(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction, all or nothing; a failed write (disk full, I/O error) is a
+    :class:`SpaceStorageError`.  The connection autocommits, so a batch needs its own BEGIN."""
+    try:
+        db.execute("BEGIN")
+        with db:
+            yield
+    except sqlite3.OperationalError as exc:
+        raise SpaceStorageError(f"space database: {exc}") from exc
+
+
 class PutResult(enum.Enum):
     NEW = "new"
     REPLACED = "replaced"
@@ -87,10 +100,11 @@ class PeerStore:
         if old is None and len(self._records) >= self._limits.max_peers:
             self._metrics.limit("peer_store")
             return PutResult.REFUSED
+        with _write(self._db):  # first: a record we could not persist is not held either
+            self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
+                             (rec.node_id.digest, rec.created_at, rec.expires_at, rec.raw))
         self._records[rec.node_id] = rec
         self._digest = None
-        self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
-                         (rec.node_id.digest, rec.created_at, rec.expires_at, rec.raw))
         return PutResult.NEW if old is None else PutResult.REPLACED
 
     def get(self, node: NodeId) -> PeerRecord | None:
@@ -109,7 +123,10 @@ class PeerStore:
             del self._records[n]
         if gone:
             self._digest = None
-            self._db.executemany("DELETE FROM peers WHERE node = ?", [(n.digest,) for n in gone])
+            # left in the file if this fails: expired rows are dropped again when it is opened
+            with _write(self._db):
+                self._db.executemany("DELETE FROM peers WHERE node = ?",
+                                     [(n.digest,) for n in gone])
         return gone
 
     def summary(self) -> list[tuple[bytes, int]]:
@@ -134,16 +151,6 @@ class PeerStore:
                and (capability is None or capability(r.capabilities))
                and (include is None or include(r.node_id))]
         return sorted(out, key=lambda r: r.node_id)
-
-
-@dataclass(slots=True)
-class PeerMeta:
-    """What we observed of a peer (not signed, never gossiped)."""
-
-    last_seen: float = 0.0  # wall-clock seconds
-    failures: int = 0
-    backoff_until: float = 0.0
-    unresponsive: bool = False
 
 
 class PeerMetaStore:
@@ -173,7 +180,7 @@ class PeerMetaStore:
         self.forget([n for n in self._meta if not keep(n)])
 
     def flush(self) -> None:
-        with self._db:
+        with _write(self._db):
             self._db.execute("DELETE FROM peer_meta")
             self._db.executemany(
                 "INSERT INTO peer_meta VALUES (?, ?, ?, ?, ?)",
@@ -194,8 +201,9 @@ class LocalAgentStore:
         return int(row[0]) if row else 0
 
     def save(self, rec: PeerRecord) -> None:
-        self._db.execute("INSERT OR REPLACE INTO local_agent VALUES (?, ?, ?)",
-                         (self._node.digest, rec.created_at, rec.raw))
+        with _write(self._db):
+            self._db.execute("INSERT OR REPLACE INTO local_agent VALUES (?, ?, ?)",
+                             (self._node.digest, rec.created_at, rec.raw))
 
 
 class OpStore:
@@ -211,6 +219,9 @@ class OpStore:
         self._buckets: dict[int, tuple[int, bytes]] | None = None
         self._digest: bytes | None = None
         self._count = int(db.execute("SELECT COUNT(*) FROM ops").fetchone()[0])
+        # the rowid is the order of arrival (a subscriber's cursor); assigned here so that
+        # pruning the newest row never lets the next op reuse its number
+        self._seq = int(db.execute("SELECT COALESCE(MAX(rowid), 0) FROM ops").fetchone()[0])
 
     def bucket_of(self, ts: int) -> int:
         return ts // self._bucket_ms
@@ -218,31 +229,65 @@ class OpStore:
     def __len__(self) -> int:
         return self._count
 
-    def insert(self, ops: Iterable[Op]) -> list[Op]:
-        """Store new ops (not yet gossipable); returns those that were new.
+    def insert(self, ops: Iterable[Op], *, gossip: bool = False) -> list[Op]:
+        """Store new ops (gossipable at once only if ``gossip``); returns those that were new.
 
         Stops at ``max_ops`` (``limit_op_store``): the rest stay unstored and will be offered
-        again by gossip once room is made.
+        again by gossip once room is made.  All or none: :class:`SpaceStorageError` if the
+        batch could not be written.
         """
         new: list[Op] = []
-        with self._db:
+        seq = self._seq
+        with _write(self._db):
             for op in ops:
-                if self._count >= self._limits.max_ops:
+                if self._count + len(new) >= self._limits.max_ops:
                     self._metrics.limit("op_store")
                     break
                 cur = self._db.execute(
-                    "INSERT OR IGNORE INTO ops (id, kind, author, ts, bucket, raw) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (op.id.digest, op.kind, op.author.digest, op.timestamp,
-                     self.bucket_of(op.timestamp), op.raw))
+                    "INSERT OR IGNORE INTO ops (rowid, id, kind, author, ts, bucket, gossip, raw)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (seq + 1, op.id.digest, op.kind, op.author.digest, op.timestamp,
+                     self.bucket_of(op.timestamp), int(gossip), op.raw))
                 if cur.rowcount:
-                    self._count += 1
+                    seq += 1
                     new.append(op)
+        self._seq = seq
+        self._count += len(new)
+        if new and gossip:
+            self._buckets = None
+            self._digest = None
         return new
+
+    def seqs(self, ids: Iterable[bytes]) -> dict[bytes, int]:
+        """The arrival number of each stored op among ``ids``."""
+        out: dict[bytes, int] = {}
+        for chunk in _chunks(list(ids), 500):
+            q = f"SELECT id, rowid FROM ops WHERE id IN ({','.join('?' * len(chunk))})"
+            out.update((bytes(i), int(n)) for i, n in self._db.execute(q, chunk))
+        return out
+
+    @property
+    def last_seq(self) -> int:
+        """The arrival number of the newest op stored (0: none yet)."""
+        return self._seq
+
+    def after(self, seq: int, kinds: frozenset[str] | None, limit: int) -> list[tuple[int, Op]]:
+        """Up to ``limit`` stored ops (of ``kinds``) that arrived after ``seq``, in arrival
+        order, each with its arrival number."""
+        if kinds is None:
+            rows = self._db.execute(
+                "SELECT rowid, raw FROM ops WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (seq, limit))
+        else:
+            rows = self._db.execute(
+                f"SELECT rowid, raw FROM ops WHERE rowid > ? AND kind IN "
+                f"({','.join('?' * len(kinds))}) ORDER BY rowid LIMIT ?",
+                (seq, *sorted(kinds), limit))
+        return [(int(n), self._decode(r)) for n, r in rows]
 
     def mark_gossipable(self, ids: Iterable[OpId]) -> None:
         """Let stored ops enter gossip summaries (``inform_ops_stored``)."""
-        with self._db:
+        with _write(self._db):
             self._db.executemany("UPDATE ops SET gossip = 1 WHERE id = ?",
                                  [(i.digest,) for i in ids])
         self._buckets = None
@@ -252,7 +297,7 @@ class OpStore:
         """Let an author's stored ops in or out of gossip summaries (it joined or left, so
         every node's summaries agree on who counts); how many changed."""
         flag = int(gossipable)
-        with self._db:
+        with _write(self._db):
             n = self._db.execute("UPDATE ops SET gossip = ? WHERE author = ? AND gossip = ?",
                                  (flag, author, 1 - flag)).rowcount
         if n:
@@ -285,10 +330,11 @@ class OpStore:
             rows = self._db.execute(
                 "SELECT raw FROM ops WHERE kind = ? AND ts >= ? ORDER BY ts, id LIMIT ?",
                 (kind, since, limit))
+        return [self._decode(r[0]) for r in rows]
+
+    def _decode(self, raw: bytes) -> Op:
         # already verified when stored; decoding again is cheap and keeps one code path
-        big = 1 << 62
-        return [decode_op(r[0], space=self._space, now_ms=big, limits=self._limits)
-                for r in rows]
+        return decode_op(raw, space=self._space, now_ms=1 << 62, limits=self._limits)
 
     def buckets(self) -> dict[int, tuple[int, bytes]]:
         """bucket -> (count, digest of its sorted ids), gossipable ops only; cached."""
@@ -323,7 +369,7 @@ class OpStore:
 
     def prune(self, before_ms: int) -> int:
         """Delete ops older than ``before_ms`` (retention); returns how many."""
-        with self._db:
+        with _write(self._db):
             n = self._db.execute("DELETE FROM ops WHERE ts < ?", (before_ms,)).rowcount
         if n:
             self._count -= n

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from blobmesh.transport.identity import NodeId
+if TYPE_CHECKING:  # node ids are opaque keys here (the transport package is I/O)
+    from blobmesh.transport.identity import NodeId
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +113,25 @@ class FailureDetector:
             self._rng.shuffle(self._order)
         return None
 
+    def get_timer(self) -> float:
+        """When :meth:`tick` has work next: a deadline, a due probe, a suspect to probe.
+
+        Never more than ``probe_interval / 2`` after the last tick, so that only a timer
+        that fires much later than asked counts as starvation.
+        """
+        last = self._last_tick
+        if last is None or self._suspects:
+            return last or 0.0
+        due = [self._next_probe, last + self._interval / 2]
+        due.extend(p.deadline for p in self._pending.values())
+        due.extend(retry for n, (retry, _) in self._down.items() if n not in self._pending)
+        return min(due)
+
     def tick(self, now: float) -> list[Effect]:
         """Advance to ``now``: time out pending probes and start due ones.
 
-        Call it often (every ``probe_interval / 5`` or so); a gap longer than
-        ``probe_interval`` counts as local starvation and postpones pending deadlines.
+        Call it at :meth:`get_timer` (or more often); a gap longer than ``probe_interval``
+        counts as local starvation and postpones pending deadlines.
         """
         out: list[Effect] = []
         if self._last_tick is not None and now - self._last_tick > self._interval:

@@ -8,13 +8,15 @@ looking at it, and any list longer than ``max_elements`` right after decoding, b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from blobmesh.errors import ProtocolError
-from blobmesh.space.config import Limits
-from blobmesh.space.metrics import Metrics
+
+if TYPE_CHECKING:  # annotations only: the handshake core imports this module
+    from blobmesh.space.config import Limits
+    from blobmesh.space.metrics import Metrics
 
 PROTOCOL = "blobmesh/space/1"
 VERSION = 2
