@@ -13,6 +13,10 @@ Run B: the same distribution of another blob with no page open.  Reported:
   socket writes, but also the run-to-run noise of the swarm).  Goal: <= 5 % of one core.
 * update latency, measured in the pages: a target's progress reaches the node (its
   ``updated`` time) -> the frame after the page drew it.  Goal: p95 <= 500 ms.
+* where the machine's CPU went over run A (the browser's processes, the nodes) and the pages'
+  main threads (DevTools metrics: wall time in tasks, their CPU time, script, style, layout):
+  on 2 cores the 16 nodes and the browser compete, and each stage of an update waits for a
+  core as much as it works.
 
 The machine's load average is printed first and last: on a shared machine, scale down
 (``--targets 7``) and say so.
@@ -78,6 +82,44 @@ def wait_completed(info: dict[str, Any], handle: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def renderer_seconds(browser: Any, windows: list[str]) -> dict[str, float]:
+    """Main-thread time of the pages so far (DevTools Performance metrics), summed."""
+    out = dict.fromkeys(RENDERER_METRICS, 0.0)
+    for w in windows:
+        browser.switch_to.window(w)
+        browser.execute_cdp_cmd("Performance.enable", {})
+        got = browser.execute_cdp_cmd("Performance.getMetrics", {})["metrics"]
+        for m in got:
+            if m["name"] in out:
+                out[m["name"]] += float(m["value"])
+    return out
+
+
+RENDERER_METRICS = ("TaskDuration", "ThreadTime", "ScriptDuration", "RecalcStyleDuration",
+                    "LayoutDuration", "LayoutCount")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of ``root``'s descendants (the browser's processes under chromedriver)."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parent[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / TICK
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo.extend(p for p, pp in parent.items() if pp == pid)
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", type=int, default=15)
@@ -116,11 +158,18 @@ def main() -> int:
             wait_for(lambda: all(n == args.targets + 1 for n in each_page(
                 "return document.querySelectorAll('#fleet tbody tr').length")), 60,
                 "every member on every page")
+            renderer0 = renderer_seconds(browser, windows)
+            driver = browser.service.process.pid
+            browser0 = tree_cpu_seconds(driver)
+            nodes0 = sum(cpu_seconds(n) for n in fleet.nodes)
             handle, t0, cpu0, dash0 = distribute(info, src, size)
             each_page("select(arguments[0])", handle)
             wait_completed(info, handle, args.timeout)
+            renderer = {k: v - renderer0[k] for k, v in renderer_seconds(browser, windows).items()}
             secs_a = time.monotonic() - t0
             cpu_a = cpu_seconds(src) - cpu0
+            browser_a = tree_cpu_seconds(driver) - browser0
+            nodes_a = sum(cpu_seconds(n) for n in fleet.nodes) - nodes0
             dash_a = api(info, "GET", "/dash/v1/view")["dashboard"]["cpu"] - dash0
             time.sleep(0.5)
             lat = sorted(x for page in each_page("return window.__dash.latencies")
@@ -156,6 +205,11 @@ def main() -> int:
             for i, name in enumerate(parts)))
     n_draws = sum(d[0] for d in draws)
     print(f"  page draws: {n_draws}, {sum(d[1] for d in draws) / max(1, n_draws):.1f} ms each")
+    cores = os.cpu_count() or 1
+    print(f"  CPU over run A (s): the browser (5 pages) {browser_a:.1f}, "
+          f"the {args.targets + 1} nodes {nodes_a:.1f}, of {cores * secs_a:.1f} on {cores} cores")
+    print("  the pages' main threads over run A, in all (s, counts): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in renderer.items()))
     print(f"load after: {os.getloadavg()}")
     return 0
 

@@ -7,8 +7,11 @@ between two processes (blocking sockets, the node certificates of the transport)
 that many bytes to a file in ``--dir`` with fsync, and (c) ``blobmesh serve`` in one process
 while a client process pulls the blob into a fresh store in ``--client-dir`` (TLS, every piece
 verified, durable, stored; by default on tmpfs, so the disk is not the limit).  Then the
-client pulls ``--small`` blobs of 16 KiB over one connection (64 channels in flight).
-Each figure is the median of ``--runs``; peak RSS is each process's VmHWM.
+client pulls ``--small`` blobs of 16 KiB over one connection: batched (``pull_many``, one
+stream) and, for comparison, as 64 channels in flight.
+Each figure is the median of ``--runs``; peak RSS is each process's VmHWM.  CPU seconds per
+GiB (user + system, both ends, connection setup excluded) say what the pull costs whatever the
+machine's load, against the same for the raw TLS copy.
 Goal (issue 9): (c) >= 0.5 x (a); >= 2,000 small blobs/s; RSS < 200 MiB per side.
 """
 
@@ -59,13 +62,16 @@ def tls_sender(home: str, port: str, size: str) -> None:
         conn, _ = srv.accept()
         with ctx.wrap_socket(conn, server_side=True) as tls:
             buf = os.urandom(MiB)
+            cpu = time.process_time()
             left = int(size)
             while left:
                 left -= tls.send(buf[: min(left, len(buf))])
+            print(time.process_time() - cpu, flush=True)
             tls.recv(1)
 
 
-def raw_tls_copy(work: Path, size: int) -> float:
+def raw_tls_copy(work: Path, size: int) -> tuple[float, float]:
+    """Bytes per second, and the CPU seconds both ends spent (handshakes excluded)."""
     _, ctx = _tls_contexts(work)
     ctx.check_hostname = False
     port = _free_port()
@@ -73,9 +79,9 @@ def raw_tls_copy(work: Path, size: int) -> float:
                               str(size)], stdout=subprocess.PIPE)
     assert child.stdout is not None
     child.stdout.readline()
-    t = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as raw, \
             ctx.wrap_socket(raw, server_hostname="blobmesh") as tls:
+        t, cpu = time.perf_counter(), time.process_time()
         got = 0
         buf = bytearray(MiB)
         while got < size:
@@ -83,11 +89,12 @@ def raw_tls_copy(work: Path, size: int) -> float:
             if not n:
                 break
             got += n
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+        sender_cpu = float(child.stdout.readline())
         tls.send(b"x")
     child.wait(30)
     assert got == size
-    return size / seconds
+    return size / seconds, cpu + sender_cpu
 
 
 # --- (b) fsynced write -----------------------------------------------------------------------
@@ -111,7 +118,8 @@ def fsync_write(work: Path, size: int) -> float:
 # --- (c) blobmesh ----------------------------------------------------------------------------
 
 
-async def _pull(home: str, ticket: str, ids: list[str], parallel: int) -> dict[str, float]:
+async def _pull(home: str, ticket: str, ids: list[str], parallel: int, batched: bool
+                ) -> dict[str, float]:
     from blobmesh.hashing import BlobId
     from blobmesh.store import Store
     from blobmesh.transfer import TransferManager, Voucher
@@ -121,38 +129,43 @@ async def _pull(home: str, ticket: str, ids: list[str], parallel: int) -> dict[s
         ep = await Endpoint.start(Identity.load_or_create(home))
         async with ep, TransferManager(ep, store) as mgr:
             peer = ep.add_ticket(Ticket.parse(ticket))
+            voucher = Voucher("blobmesh/open")
             sem = asyncio.Semaphore(parallel)
 
             async def one(text: str) -> None:
                 async with sem:
-                    chid = await mgr.open_pull(peer, Voucher("blobmesh/open"), BlobId.parse(text))
+                    chid = await mgr.open_pull(peer, voucher, BlobId.parse(text))
                     await mgr.wait(chid)
 
-            t = time.perf_counter()
-            async with asyncio.TaskGroup() as tg:
-                for text in ids:
-                    tg.create_task(one(text))
-            seconds = time.perf_counter() - t
-    return {"seconds": seconds, "maxrss_kib": vm_hwm_kib()}
+            t, cpu = time.perf_counter(), time.process_time()
+            if batched:
+                await mgr.pull_many(peer, voucher, [BlobId.parse(text) for text in ids])
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for text in ids:
+                        tg.create_task(one(text))
+            seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"seconds": seconds, "cpu_s": cpu, "maxrss_kib": vm_hwm_kib()}
 
 
-def pull_client(home: str, ticket: str, ids_file: str, parallel: str) -> None:
-    """Child: pull the blobs listed in ``ids_file`` into ``home``; print seconds and RSS."""
+def pull_client(home: str, ticket: str, ids_file: str, parallel: str, mode: str) -> None:
+    """Child: pull the blobs listed in ``ids_file`` into ``home`` (``mode``: ``batch`` for
+    ``pull_many``, ``channels`` for ``parallel`` channels at a time); print seconds and RSS."""
     from blobmesh.transport import install_uvloop
 
     install_uvloop()
     ids = Path(ids_file).read_text().split()
-    print(json.dumps(asyncio.run(_pull(home, ticket, ids, int(parallel)))))
+    print(json.dumps(asyncio.run(_pull(home, ticket, ids, int(parallel), mode == "batch"))))
 
 
-def run_client(work: Path, client_dir: Path, ticket: str, ids: list[str], parallel: int
-               ) -> dict[str, float]:
+def run_client(work: Path, client_dir: Path, ticket: str, ids: list[str], parallel: int,
+               mode: str = "channels") -> dict[str, float]:
     home = client_dir / f"{work.name}-client"
     shutil.rmtree(home, ignore_errors=True)
     ids_file = work / "ids.txt"
     ids_file.write_text("\n".join(ids))
     out = subprocess.run([sys.executable, __file__, "_pull", str(home), ticket, str(ids_file),
-                          str(parallel)], capture_output=True, check=True, timeout=600)
+                          str(parallel), mode], capture_output=True, check=True, timeout=600)
     result: dict[str, float] = json.loads(out.stdout)
     shutil.rmtree(home, ignore_errors=True)
     return result
@@ -166,6 +179,12 @@ class Server:
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self.proc.stdout is not None
         self.ticket = self.proc.stdout.readline().decode().strip()
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the server has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int:
         rss = vm_hwm_kib(self.proc.pid)
@@ -212,17 +231,25 @@ def main() -> None:
     try:
         big, small_ids = prepare(work / "server", size, args.small)
         tls, disk, pulls, smalls, rss_client, rss_server = [], [], [], [], [], []
+        small_channels: list[float] = []
+        tls_cpu, pull_cpu = [], []  # CPU seconds of both ends per GiB
         for _ in range(args.runs):
-            tls.append(raw_tls_copy(work, size))
+            rate, cpu = raw_tls_copy(work, size)
+            tls.append(rate)
+            tls_cpu.append(cpu * GiB / size)
             disk.append(fsync_write(work, size))
             srv = Server(work / "server")
             try:
+                server_cpu = srv.cpu_s()
                 r = run_client(work, args.client_dir, srv.ticket, [big], 1)
                 pulls.append(size / r["seconds"])
+                pull_cpu.append((r["cpu_s"] + srv.cpu_s() - server_cpu) * GiB / size)
                 rss_client.append(r["maxrss_kib"])
-                s = run_client(work, args.client_dir, srv.ticket, small_ids, 64)
+                s = run_client(work, args.client_dir, srv.ticket, small_ids, 64, "batch")
                 smalls.append(args.small / s["seconds"])
                 rss_client.append(s["maxrss_kib"])
+                s = run_client(work, args.client_dir, srv.ticket, small_ids, 64)
+                small_channels.append(args.small / s["seconds"])
             finally:
                 rss_server.append(srv.stop())
         a, b, c = (statistics.median(x) for x in (tls, disk, pulls))
@@ -231,7 +258,11 @@ def main() -> None:
             "raw_tls_gib_s": round(a / GiB, 3), "fsync_write_gib_s": round(b / GiB, 3),
             "pull_gib_s": round(c / GiB, 3), "pull_vs_raw_tls": round(c / a, 3),
             "pull_vs_min_a_b": round(c / min(a, b), 3),
+            "raw_tls_cpu_s_per_gib": round(statistics.median(tls_cpu), 3),
+            "pull_cpu_s_per_gib": round(statistics.median(pull_cpu), 3),
             "small_blobs_per_s": round(statistics.median(smalls)),
+            "small_blobs_per_s_channels": round(statistics.median(small_channels)),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "peak_rss_mib": {"client": round(max(rss_client) / 1024, 1),
                              "server": round(max(rss_server) / 1024, 1)},
         }
@@ -244,6 +275,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_tls_sender":
         tls_sender(*sys.argv[2:5])
     elif len(sys.argv) > 1 and sys.argv[1] == "_pull":
-        pull_client(*sys.argv[2:6])
+        pull_client(*sys.argv[2:7])
     else:
         main()

@@ -69,6 +69,7 @@ class Target(Strict):
     reason: str
     updated: float
     peers: int
+    sources: list[str]
 
 
 class Totals(Strict):

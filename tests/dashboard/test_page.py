@@ -9,19 +9,24 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from blobmesh.dashboard import read_url_file, serve_dashboard
 from blobmesh.hashing import BlobId
 from blobmesh.node.daemon import Node, NodeConfig
 from blobmesh.node.fleet import Fleet, FleetNode
+from blobmesh.node.stats import STATS_ANSWER, STATS_ASK, StatsAsk
 from blobmesh.space.records import sign_record
+from blobmesh.space.runner import FAST
 from blobmesh.store import Store
-from blobmesh.transport.identity import Identity
+from blobmesh.transport.identity import Identity, NodeId
 from tests.dashboard.browser import ARTIFACTS, available, chromium, console_errors, wait_for
+from tests.util import eventually
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not available(), reason="needs chromium, chromedriver, selenium")]
@@ -90,6 +95,10 @@ def test_fleet_distribution_cancel_and_a_dead_member_in_the_browser(fleet: Fleet
         page.find_element("id", "start").click()
         handle = wait_for(lambda: js("return document.querySelector('#detail-handle')"
                                      ".textContent"), 10, "the new distribution opened")
+        # while the slow target receives, its row names whom from (the source among them)
+        wait_for(lambda: js("return [...document.querySelectorAll('#targets .trow')].some("
+                            "r => r.dataset.sources.split(' ').includes(arguments[0]))",
+                            src.node_id), 20, "the source among a target's source peers")
         row = f"#dists tr[data-handle='{handle}']"
         wait_for(lambda: js(f"const r = document.querySelector(\"{row}\"); return r && "
                             "r.dataset.state === 'completed' && "
@@ -186,10 +195,65 @@ async def test_a_thousand_targets_stay_usable(tmp_path: Path) -> None:
                 page.find_element("id", "fleet-next").click()
                 wait_for(lambda: js("return document.querySelector('#fleet-range')"
                                     ".textContent") == "51–100 of 1001", 5, "the next page")
+                # the node now asks this page's members for their stats (they never answer)
+                wait_for(lambda: js("return [...document.querySelectorAll('#fleet tbody tr')]"
+                                    ".every(r => r.dataset.stats === 'asking')"), 5,
+                         "the second page's members asked")
                 ARTIFACTS.mkdir(exist_ok=True)
                 page.save_screenshot(str(ARTIFACTS / "dashboard-1000-targets.png"))
                 draws, ms = js("return [window.__dash.draws, window.__dash.drawMs]")
                 assert draws > 0 and ms / draws < 250  # a draw stays interactive (loaded CI)
+                assert console_errors(page) == []
+
+        await asyncio.to_thread(browse)
+
+
+async def test_members_stats_honest_garbage_and_silent(tmp_path: Path) -> None:
+    """Store usage of the other members, asked while the page is open: an honest member's
+    shows; one answering garbage and one never answering show as unknown, and an honest one
+    that goes quiet shows when it was last seen."""
+    async with AsyncExitStack() as stack:
+        dash = await stack.enter_async_context(Node(NodeConfig(
+            home=tmp_path / "dash", timing=FAST, services=(serve_dashboard(("127.0.0.1", 0)),))))
+
+        async def member(name: str) -> Node:
+            return await stack.enter_async_context(Node(NodeConfig(
+                home=tmp_path / name, timing=FAST, bootstrap=(dash.ticket,))))
+
+        honest, garbage, silent = await member("honest"), await member("garbage"), \
+            await member("silent")
+        honest.store.add_bytes(os.urandom(3000))
+        silent.space.notify_handler(STATS_ASK, None)
+
+        async def lie(peer: NodeId, data: bytes) -> None:
+            nonce = msgspec.msgpack.decode(data, type=StatsAsk).nonce
+            for junk in ([nonce, -1, 1, 0, 0], [nonce, "9", 1, 0, 0], [nonce, 1.5, 1, 0, 0],
+                         [nonce + 1, 10**15, 1, 0, 0], [nonce, 10**15], "lies"):
+                await garbage.space.send_notify(peer, STATS_ANSWER + msgspec.msgpack.encode(junk))
+            await garbage.space.send_notify(peer, STATS_ANSWER + b"\xc1" * 40)
+
+        garbage.space.notify_handler(STATS_ASK, lie)
+        await eventually(lambda: len(dash.space.peers()) == 3, 20)
+        info = read_url_file(dash.config.home)
+        assert info is not None
+        cell = "const c = document.querySelector(\"#fleet tr[data-node='\" + arguments[0] + " \
+               "\"'] td.store\"); return c && c.textContent"
+
+        def browse() -> None:
+            with chromium() as page:
+                page.get(info["url"])
+                js = page.execute_script
+                wait_for(lambda: js(cell, str(honest.identity.node_id)) == "2.9 KiB (1)", 15,
+                         "the honest member's store")
+                wait_for(lambda: all(js(cell, str(n.identity.node_id)) ==
+                                     "unknown (never answered)" for n in (garbage, silent)),
+                         15, "unknown stats")
+                assert js(cell, str(dash.identity.node_id)) != "—"  # this node's own
+                honest.space.notify_handler(STATS_ASK, None)  # it goes quiet
+                wait_for(lambda: js(cell, str(honest.identity.node_id)).startswith(
+                    "unknown (last seen "), 15, "the quiet member's last answer")
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.save_screenshot(str(ARTIFACTS / "dashboard-member-stats.png"))
                 assert console_errors(page) == []
 
         await asyncio.to_thread(browse)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,8 +18,12 @@ import aiohttp
 import pytest
 
 from blobmesh.dashboard import read_url_file, serve_dashboard
+from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.node.daemon import Node, NodeConfig
 from blobmesh.space.runner import FAST
+from tests.util import eventually
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -110,6 +115,50 @@ async def test_stream_is_coalesced_to_a_few_views_per_second(node: Node) -> None
     fleets = [d for e, d in events if e == "fleet"]
     assert 1 <= len(fleets) <= 2 + 1  # at most once a second
     assert fleets[0]["members"][0]["self"]
+
+
+async def test_views_carry_only_what_changed(node: Node) -> None:
+    url, _ = url_of(node)
+    async with aiohttp.ClientSession() as s, s.get(url + "/dash/v1/events") as r:
+        events = await read_events(r, 2.5)
+    assert events[0][0] == "hello"
+    views = [d for e, d in events if e == "view"]
+    assert views[0]["node"]["ticket"] == str(node.ticket) and views[0]["order"] == []
+    assert all("node" not in v and "order" not in v and v["distributions"] == []
+               for v in views[1:])  # nothing changed since
+    assert [v["v"] for v in views] == sorted(v["v"] for v in views)
+
+
+async def test_a_view_follows_each_change_but_a_few_per_second_at_most(tmp_path: Path) -> None:
+    async with Node(NodeConfig(home=tmp_path / "a", timing=FAST, services=(
+            serve_dashboard(("127.0.0.1", 0)),))) as a, \
+            Node(NodeConfig(home=tmp_path / "b", timing=FAST, bootstrap=(a.ticket,),
+                            swarm=SwarmConfig(download_rate=4 * MiB))) as b:
+        await eventually(lambda: a.space.is_alive(b.identity.node_id), 10)
+        url, _ = url_of(a)
+        blob = a.store.add_bytes(os.urandom(16 * MiB)).blob_id
+        async with aiohttp.ClientSession() as s, s.get(url + "/dash/v1/events") as r:
+            idle = [d for e, d in await read_events(r, 2.0) if e == "view"]
+            handle = await a.distribution.distribute(blob, "all")
+            busy = [d for e, d in await read_events(r, 2.0) if e == "view"]
+            await a.distribution.cancel(handle)
+        assert len(idle) <= 2 + 2  # the first, then one a second while nothing changes
+        assert 6 <= len(busy) <= 2 * 4 + 1  # progress four times a second: a view each
+        assert any(d["handle"] == str(handle) for v in busy for d in v["distributions"])
+
+
+async def test_a_stream_says_which_fleet_page_it_shows(node: Node) -> None:
+    url, _ = url_of(node)
+    async with aiohttp.ClientSession() as s, s.get(url + "/dash/v1/events") as r:
+        stream = (await read_events(r, 0.5))[0][1]["stream"]
+        post = functools.partial(s.post, headers={"Origin": url})
+        async with post(f"{url}/dash/v1/streams/{stream}", json={"fleet_page": 2}) as resp:
+            assert resp.status == 200 and (await resp.json())["fleet_page"] == 2
+        for bad in ({"fleet_page": -1}, {"fleet_page": "2"}, {"fleet_page": True}, [2]):
+            async with post(f"{url}/dash/v1/streams/{stream}", json=bad) as resp:
+                assert resp.status == 400, bad
+        async with post(f"{url}/dash/v1/streams/nosuch", json={"fleet_page": 0}) as resp:
+            assert resp.status == 404
 
 
 NS = f"bmdash{uuid.uuid4().hex[:6]}"

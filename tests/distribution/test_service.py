@@ -12,9 +12,11 @@ from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from blobmesh.distribution.model import (
+    SOURCES_REPORTED,
     DistributionHandle,
     DistributionState,
     Priority,
@@ -22,8 +24,10 @@ from blobmesh.distribution.model import (
     TargetState,
 )
 from blobmesh.distribution.service import (
+    NOTIFY_PROGRESS,
     DistributionService,
     DistributionTimeoutError,
+    ProgressNote,
     UnknownDistributionError,
 )
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
@@ -119,6 +123,47 @@ async def test_progress_reports_the_targets_swarm_peers(tmp_path: Path) -> None:
 
         await eventually(both_peers_seen, 10)  # the source and the other target
         await src.dist.cancel(handle)
+
+
+async def test_progress_names_the_peers_a_target_receives_from(tmp_path: Path) -> None:
+    slow = {i: SwarmConfig(download_rate=4 * MiB) for i in (1, 2)}
+    async with cluster(tmp_path, [[], [], []], slow) as (src, a, b):
+        handle = await src.dist.distribute(add(src, 16 * MiB), "all")
+        ids = {m.space.node_id for m in (src, a, b)}
+
+        async def sources_named() -> bool:
+            targets = (await src.dist.status(handle)).targets
+            return all(t.sources and src.space.node_id in t.sources for t in targets)
+
+        await eventually(sources_named, 10)
+        for t in (await src.dist.status(handle)).targets:
+            assert set(t.sources) <= ids - {t.node} and len(t.sources) <= SOURCES_REPORTED
+        # a note naming more sources than allowed, or a malformed id, is dropped whole (were
+        # one taken, the target would stay failed: a final state)
+        for sources in ([bytes(32)] * (SOURCES_REPORTED + 1), [b"short"]):
+            note = ProgressNote(str(handle), "failed", 1, 1.0, 1, "evil", sources)
+            await a.space.send_notify(src.space.node_id,
+                                      NOTIFY_PROGRESS + msgspec.msgpack.encode(note))
+        await asyncio.sleep(0.3)
+        after = (await src.dist.status(handle)).target(a.space.node_id)
+        assert after is not None and after.state is TargetState.TRANSFERRING
+        await src.dist.cancel(handle)
+
+
+def test_progress_notes_decode_across_versions() -> None:
+    class OldNote(msgspec.Struct, array_like=True):  # a node from before ``sources``
+        handle: str
+        state: str
+        bytes_done: int
+        rate: float
+        peers: int = 0
+        reason: str = ""
+
+    old = msgspec.msgpack.encode(OldNote("d-1", "transferring", 5, 1.0, 2, "r"))
+    assert msgspec.msgpack.decode(old, type=ProgressNote).sources == []
+    new = msgspec.msgpack.encode(ProgressNote("d-1", "transferring", 5, 1.0, 2, "r", [bytes(32)]))
+    assert msgspec.msgpack.decode(new, type=OldNote) == OldNote("d-1", "transferring", 5, 1.0,
+                                                                 2, "r")
 
 
 async def test_wait_timeout_carries_status(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blobmesh.errors import BlobNotFoundError, VerificationError
+from blobmesh.errors import BlobNotFoundError, CorruptBlobError, VerificationError
 from blobmesh.hashing import hash_bytes, hash_stream
 from blobmesh.store import BlobInfo, LeaseId, Store
 from blobmesh.store.store import AddSource
@@ -116,3 +116,40 @@ async def test_one_failing_flush_does_not_fail_the_batch(store: Store) -> None:
     await aio.close_partial(kept)
     with pytest.raises(BlobNotFoundError):
         gone.close()
+
+
+async def test_add_verified_commits_once_and_drops_liars(store: Store,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = store.add_many
+
+    def counting(sources: list[AddSource], lease: LeaseId | None = None) -> list[BlobInfo]:
+        calls.append(len(sources))
+        return real(sources, lease)
+
+    monkeypatch.setattr(store, "add_many", counting)
+    blobs = [payload(5000, seed=i) for i in range(50)]
+    claimed = [hash_bytes(b) for b in blobs]
+    claimed[7] = hash_bytes(b"something else")
+    results = await store.aio.add_verified(list(zip(blobs, claimed, strict=True)),
+                                           LeaseId.new("rx"))
+    assert calls == [49]  # one transaction for every blob that verified
+    assert isinstance(results[7], VerificationError)
+    assert [r.blob_id for r in results if isinstance(r, BlobInfo)] == \
+        [c for i, c in enumerate(claimed) if i != 7]
+    assert not store.has(claimed[7]) and not store.has(hash_bytes(blobs[7]))
+
+
+async def test_read_small_reports_each_blob(store: Store) -> None:
+    blobs = [payload(3000, seed=i) for i in range(3)]
+    ids = [store.add_bytes(b).blob_id for b in blobs]
+    sizes = await store.aio.complete_sizes([*ids, hash_bytes(b"absent")])
+    assert sizes == {i: 3000 for i in ids}
+    path = store.layout.data_path(ids[1])
+    path.chmod(0o600)
+    path.write_bytes(b"x" * 3000)  # rot
+    store.layout.data_path(ids[2]).unlink()
+    got = await store.aio.read_small([(i, sizes[i]) for i in ids], verify=True)
+    assert got[0] == blobs[0]
+    assert isinstance(got[1], CorruptBlobError) and isinstance(got[2], CorruptBlobError)
+    assert (await store.aio.read_small([(ids[1], 3000)], verify=False)) == [b"x" * 3000]

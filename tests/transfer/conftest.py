@@ -11,7 +11,8 @@ import pytest
 
 from blobmesh.hashing import BlobId
 from blobmesh.store import LeaseId, Store
-from blobmesh.transfer import AcceptAll, TransferConfig, TransferManager
+from blobmesh.transfer import AcceptAll, TransferConfig, TransferManager, batch
+from blobmesh.transfer.batch import BATCH_PROTOCOL, BatchMessage
 from blobmesh.transfer.messages import Data, Message, decode
 from blobmesh.transport.api import Stream, StreamHandler
 from blobmesh.transport.identity import NodeId
@@ -112,6 +113,11 @@ class TapStream:
         return self.inner.protocol
 
     async def send(self, message: bytes | memoryview) -> None:
+        if self.protocol == BATCH_PROTOCOL:
+            if self.tap.batch_hook is not None:
+                await self.tap.batch_hook(self, batch.decode(message))
+            await self.inner.send(message)
+            return
         msg = decode(message)
         if isinstance(msg, Data):
             self.tap.data_sent += 1
@@ -131,6 +137,7 @@ class TapStream:
 
 
 Hook = Callable[[TapStream, Message], Awaitable[None]]
+BatchHook = Callable[[TapStream, BatchMessage], Awaitable[None]]
 
 
 class Tap:
@@ -139,6 +146,7 @@ class Tap:
     def __init__(self, inner: MemoryNode) -> None:
         self.inner = inner
         self.hook: Hook | None = None
+        self.batch_hook: BatchHook | None = None
         self.data_sent = 0
         self.pieces_sent: list[int] = []
 

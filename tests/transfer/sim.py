@@ -70,7 +70,7 @@ class Sim:
             (self.to_resp if ch is self.init else self.to_init).extend(step.send)
         for index, data in step.pieces:
             if self.layer.check_piece(index, data):
-                self.store[index] = data
+                self.store[index] = bytes(data)
                 self.apply(ch, ch.pieces_verified([index]))
             else:
                 self.apply(ch, ch.bad_data(index, "hash mismatch"))
@@ -121,8 +121,8 @@ class Sim:
             data = bytes([data[0] ^ 1]) + data[1:]
         queue = self.to_init if self.pull else self.to_resp
         half = length // 2
-        queue.append(Data(i, 0, data[:half]))
-        queue.append(Data(i, half, data[half:]))
+        queue.append(Data(i, 0, memoryview(data)[:half]))
+        queue.append(Data(i, half, memoryview(data)[half:]))
 
     def codes(self) -> list[EventCode]:
         return [e.code for e in self.events]

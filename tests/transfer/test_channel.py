@@ -287,21 +287,21 @@ def test_protocol_violations() -> None:
     sim.accept_request()
     assert sim.resp is not None
     with pytest.raises(ProtocolError):
-        sim.resp.receive(Data(0, 0, b"x"))  # the sender gets no data
+        sim.resp.receive(Data(0, 0, memoryview(b"x")))  # the sender gets no data
     with pytest.raises(ProtocolError):
         sim.init.receive(Complete())  # nothing moved yet
     sim.pump()
     with pytest.raises(ProtocolError):
-        Sim(True).init.receive(Data(0, 0, b"x"))  # data before any response
+        Sim(True).init.receive(Data(0, 0, memoryview(b"x")))  # data before any response
     s = Sim(True)
     s.open()
     s.accept_request()
     i = s.sender.next_piece(s.window)
     assert i is not None
     with pytest.raises(ProtocolError):
-        s.init.receive(Data(99, 0, b"x"))
+        s.init.receive(Data(99, 0, memoryview(b"x")))
     with pytest.raises(ProtocolError):
-        s.init.receive(Data(0, 5, b"x"))  # a piece must start at offset 0
+        s.init.receive(Data(0, 5, memoryview(b"x")))  # a piece must start at offset 0
     with pytest.raises(ProtocolError):
         decode(b"\x81\xa1t\xa4nope")
     assert isinstance(decode(encode(Ack([1, 2]))), Ack)

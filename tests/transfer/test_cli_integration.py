@@ -183,3 +183,86 @@ def test_push_needs_accept_push(tmp_path: Path, blob: tuple[Path, BlobId],
     open_.stop()
     with Store(tmp_path / "d") as sd:
         assert sd.has(bid)
+
+
+MEMBERS = 4000
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, BlobId]:
+    """A home holding a collection of MEMBERS small files (4 KiB each)."""
+    from blobmesh import collection
+
+    src = tmp_path / "tree"
+    src.mkdir()
+    for i in range(MEMBERS):
+        (src / f"f{i:05}").write_bytes(os.urandom(4096))
+    home = tmp_path / "a"
+    with Store(home) as store:
+        return home, collection.add_tree(store, src).collection_id
+
+
+def complete_blobs(home: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{home / 'store.sqlite'}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT count(*) FROM blobs WHERE complete=1").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_for_members(home: Path, proc: subprocess.Popen[bytes], least: int) -> int:
+    deadline = time.monotonic() + 60
+    while (n := complete_blobs(home)) < least:
+        assert proc.poll() is None, "the get ended before the kill"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return n
+
+
+def assert_whole_tree(home: Path, cid: BlobId) -> None:
+    from blobmesh import collection
+
+    with Store(home) as store:
+        members = collection.read_collection(store, cid).members()
+        assert len(members) == MEMBERS
+        for m in members:
+            store.get_data(m, LeaseId.new("t"), verify=True)
+        assert store.fsck().ok
+
+
+def test_collection_get_with_serve_killed_mid_batch_resumes(
+        tmp_path: Path, tree: tuple[Path, BlobId], servers: list[Server]) -> None:
+    a, cid = tree
+    b = tmp_path / "b"
+    port = free_port()
+    servers.append(Server(a, port))
+    get = start_get_to_interrupt(cli(b, "get", str(cid), "--from", servers[0].ticket))
+    wait_for_members(b, get, 500)
+    servers[0].kill()
+    kept = complete_blobs(b)
+    servers.append(Server(a, port))  # back on the same address: the batch resumes
+    _, err = get.communicate(timeout=120)
+    assert get.returncode == 0, err.decode()
+    print(f"serve killed with {kept} of {MEMBERS + 1} blobs stored")
+    assert kept < MEMBERS
+    assert_whole_tree(b, cid)
+
+
+def test_collection_get_killed_mid_batch_completes_on_rerun(
+        tmp_path: Path, tree: tuple[Path, BlobId], servers: list[Server]) -> None:
+    a, cid = tree
+    b = tmp_path / "b"
+    srv = Server(a, free_port())
+    servers.append(srv)
+    get = start_get_to_interrupt(cli(b, "get", str(cid), "--from", srv.ticket))
+    wait_for_members(b, get, 500)
+    get.kill()
+    get.wait()
+    kept = complete_blobs(b)
+    assert kept < MEMBERS
+    with Store(b) as store:
+        assert store.fsck().ok  # a killed batch leaves whole blobs or none
+    done = subprocess.run(cli(b, "get", str(cid), "--from", srv.ticket),
+                          capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert_whole_tree(b, cid)

@@ -35,7 +35,7 @@ layers = st.builds(Layer, st.integers(0, 10**6), st.sampled_from([1, 16384, 3]),
 selectors = st.one_of(st.just(Selector()), st.builds(Selector.piece_set, st.sets(small)))
 
 messages: st.SearchStrategy[Message] = st.one_of(
-    st.builds(Data, small, st.integers(0, 20000), st.binary(max_size=64)),
+    st.builds(Data, small, st.integers(0, 20000), st.binary(max_size=64).map(memoryview)),
     st.builds(Ack, st.lists(small, max_size=5)),
     st.builds(Response, st.booleans(), st.booleans(), st.text(max_size=3), blob,
               st.text(max_size=5), st.none() | layers, st.none() | blob),

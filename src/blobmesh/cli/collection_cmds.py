@@ -145,25 +145,26 @@ def export_collection(args: argparse.Namespace, store: Store, blob_id: BlobId) -
 async def transfer_members(mgr: TransferManager, store: Store, peer: NodeId, blob_id: BlobId,
                            voucher: Voucher, *, pull: bool) -> int:
     """After the collection blob moved: move its members too (those missing here when
-    pulling), a few channels at a time; returns how many moved.  A plain blob: 0."""
+    pulling: small ones batched on one stream, the rest a few channels at a time; pushing,
+    a few channels at a time); returns how many moved.  A plain blob: 0."""
     coll = await asyncio.to_thread(collection.maybe_collection, store, blob_id)
     if coll is None:
         return 0
-    todo = [m for m in coll.members() if not (pull and store.has(m))]
+    if pull:
+        moved = await mgr.pull_many(peer, voucher, coll.members(), channels=_CHANNELS)
+        # what came over the network stays until the user unpins it
+        await asyncio.to_thread(collection.pin, store, blob_id, f"get/{blob_id}")
+        return len(moved)
     sem = asyncio.Semaphore(_CHANNELS)
 
     async def one(member: BlobId) -> None:
         async with sem:
-            chid = await (mgr.open_pull(peer, voucher, member) if pull else
-                          mgr.open_push(peer, voucher, member))
-            await mgr.wait(chid)
+            await mgr.wait(await mgr.open_push(peer, voucher, member))
 
     async with asyncio.TaskGroup() as tg:
-        for member in todo:
+        for member in coll.members():
             tg.create_task(one(member))
-    if pull:  # what came over the network stays until the user unpins it
-        await asyncio.to_thread(collection.pin, store, blob_id, f"get/{blob_id}")
-    return len(todo)
+    return len(coll.members())
 
 
 def export_any(store: Store, blob_id: BlobId, dest: str | Path) -> None:

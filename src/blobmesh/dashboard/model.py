@@ -145,7 +145,38 @@ def target_rates(statuses: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-_ROW_KEYS = ("state", "bytes_done", "rate", "reason", "peers")
+class VersionedRows:
+    """The latest rows by key, each stamped with the version of the view it last changed in,
+    so a stream that has seen version ``seen`` is sent only what changed since."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self._rows: dict[str, Mapping[str, Any]] = {}
+        self._changed: dict[str, int] = {}
+        self.order: list[str] = []
+        self._order_changed = 0
+
+    def update(self, version: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        keys = [str(r[self._key]) for r in rows]
+        for k, r in zip(keys, rows, strict=True):
+            if self._rows.get(k) != r:
+                self._rows[k] = r
+                self._changed[k] = version
+        for k in self._rows.keys() - set(keys):
+            del self._rows[k], self._changed[k]
+        if keys != self.order:
+            self.order, self._order_changed = keys, version
+
+    def since(self, seen: int) -> tuple[list[Mapping[str, Any]], list[str] | None]:
+        """Rows changed after version ``seen`` (in order) and the order if it changed."""
+        rows = [self._rows[k] for k in self.order if self._changed[k] > seen]
+        return rows, self.order if self._order_changed > seen else None
+
+    def rows(self) -> list[Mapping[str, Any]]:
+        return [self._rows[k] for k in self.order]
+
+
+_ROW_KEYS = ("state", "bytes_done", "rate", "reason", "peers", "sources")
 
 
 class TargetDelta:
@@ -188,5 +219,12 @@ class History:
             if r["state"] == "active" or (series and series[-1][1] != 0.0):
                 series.append((round(now, 3), float(r["rate"])))
 
-    def series(self, handle: str) -> list[tuple[float, float]]:
-        return list(self._series.get(handle, ()))
+    def series(self, handle: str, after: float = float("-inf"), last: int = 240
+               ) -> list[tuple[float, float]]:
+        """The newest ``last`` points later than ``after``, oldest first."""
+        out: list[tuple[float, float]] = []
+        for p in reversed(self._series.get(handle, ())):
+            if p[0] <= after or len(out) >= last:
+                break
+            out.append(p)
+        return out[::-1]

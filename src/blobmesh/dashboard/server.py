@@ -1,9 +1,10 @@
 """The dashboard's HTTP listener: the page, its event stream, and the node's JSON API.
 
-One sampler task per node builds a view at most ``interval`` apart (4 per second by default)
-and only while pages are open; every open page's stream sends the latest view when it is
-ready for one, so a slow page skips views instead of queueing them.  A stream of one
-distribution sends only the target rows that changed since its previous message.
+One sampler task per node builds a view as soon as a distribution changes, at most
+``interval`` apart (4 per second by default) and at least once a second, and only while pages
+are open; every open page's stream sends what changed since the view it saw last when it is
+ready for one, so a slow page skips views instead of queueing them.  While pages are open, the
+members they show are asked for their stats (``blobmesh.node.stats``) every 2 s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -28,16 +30,20 @@ from blobmesh.dashboard.model import (
     History,
     RateMeter,
     TargetDelta,
+    VersionedRows,
     liveness,
     summarize,
     target_rates,
 )
+from blobmesh.dashboard.stats import MemberStats
 from blobmesh.distribution.model import DistributionHandle
-from blobmesh.errors import StoreError
+from blobmesh.errors import BlobmeshError, StoreError
 from blobmesh.hashing import BlobId
 from blobmesh.node.codec import status_to_json
 from blobmesh.node.control import ControlServer, error_middleware
+from blobmesh.node.stats import STATS_ANSWER
 from blobmesh.tasks import TaskOwner
+from blobmesh.transport.identity import NodeId
 from blobmesh.transport.ticket import format_address
 
 if TYPE_CHECKING:
@@ -52,6 +58,20 @@ _STORE_EVERY = 2.0  # seconds between store-usage queries (SQLite)
 _FLEET_EVERY = 1.0  # seconds between fleet views (O(members), and liveness moves slowly)
 _DISTRIBUTIONS_SHOWN = 200  # the newest ones; a long-lived node keeps every one it saw
 _KEEPALIVE = 1.0  # a page hears from the node at least this often (it shows "lost" after 5 s)
+FLEET_PAGE = 50  # members per page of the fleet table (app.js PAGE)
+_HISTORY_SENT = 240  # points of a distribution's throughput a stream starts with
+
+
+class _Stream:
+    """One open page's event stream: what it has been sent, and which fleet page it shows."""
+
+    def __init__(self) -> None:
+        self.id = secrets.token_hex(8)
+        self.fleet_page = 0
+        self.seen = -1  # the view version it was last sent
+        self.fleet_seen = -1
+        self.last_event = 0
+        self.history_after = float("-inf")
 
 
 class Dashboard:
@@ -65,9 +85,12 @@ class Dashboard:
         self.policy = Policy(self.token, is_loopback(listen[0]))
         self.url = ""
         self._tasks = TaskOwner("dashboard")
-        self._clients = 0
+        self._streams: dict[str, _Stream] = {}
         self._view: dict[str, Any] = {}
-        self._view_bytes = b""
+        self._rows = VersionedRows("handle")
+        self._node_part: dict[str, Any] = {}
+        self._node_changed = 0
+        self._encoded: dict[int, bytes] = {}  # the view since version V, encoded once for all
         self._fleet: list[dict[str, Any]] = []
         self._fleet_bytes = b""
         self._fleet_at = 0.0
@@ -82,8 +105,11 @@ class Dashboard:
         self._history = History()
         self._up, self._down = RateMeter(), RateMeter()
         self._store_at = 0.0
+        self._refreshing = False
         self._node_info: dict[str, Any] = {}
         self._blobs: list[dict[str, Any]] = []
+        self._stats = MemberStats()
+        self._asking: set[NodeId] = set()  # stats requests being sent
         self.frames = 0  # views built (for tests and benchmarks)
         self.cpu = 0.0  # CPU seconds spent building and encoding views (benchmarks)
 
@@ -100,6 +126,7 @@ class Dashboard:
             web.get("/static/{name}", self.static),
             web.get("/dash/v1/view", self.get_view),
             web.get("/dash/v1/events", self.events),
+            web.post("/dash/v1/streams/{id}", self.post_stream),
             web.get("/v1/pins", self.list_pins),
             web.post("/v1/pins", self.post_pin),
             web.delete("/v1/pins/{name}", self.delete_pin),
@@ -111,13 +138,19 @@ class Dashboard:
         shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         self.url = f"http://{format_address((shown, int(port)))}/"
         self._tasks.spawn_restarting(self._sample_loop, name="sampler")
+        self.node.space.notify_handler(STATS_ANSWER, self._on_stats)
         path = self.node.config.home / URL_FILE
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"url": self.url, "token": self.token, "pid": os.getpid()}, f)
 
+    @property
+    def clients(self) -> int:
+        return len(self._streams)
+
     async def aclose(self) -> None:
+        self.node.space.notify_handler(STATS_ANSWER, None)
         self._closing = True
         self._changed.set()
         self._wake.set()
@@ -164,77 +197,131 @@ class Dashboard:
         if not self._view:
             await self._refresh(time.time())
             self._build(time.time())
-        return web.json_response({**self._view, "fleet": self._fleet})
+        return web.json_response({**self._view, "node": self._node_part,
+                                  "distributions": self._rows.rows(), "fleet": self._fleet})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: ``view`` (node, distributions), ``fleet`` (members, at most
-        once a second), ``log`` (events new to this stream) and, with ``?dist=HANDLE``,
-        ``dist`` (that distribution's changed target rows and its throughput history)."""
+        """Server-sent events: ``hello`` (this stream's id), ``view`` (node, distributions:
+        what changed since this stream's previous view), ``fleet`` (members, at most once a
+        second), ``log`` (events new to this stream) and, with ``?dist=HANDLE``, ``dist``
+        (that distribution's changed target rows and new throughput points)."""
         handle = request.query.get("dist", "")
         delta = TargetDelta(str(DistributionHandle.parse(handle))) if handle else None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        self._clients += 1
+        stream = _Stream()
+        self._streams[stream.id] = stream
         self._wake.set()
         if not self._view:  # the first page need not wait for the sampler
             await self._refresh(time.time())
             self._build(time.time())
-        seen, last_event, fleet_seen, sent_at = -1, 0, -1, 0.0
+        sent_at = 0.0
         try:
-            await resp.write(b"retry: 1000\n\n")
+            await resp.write(b"retry: 1000\n\n" + _sse("hello", {"stream": stream.id}))
             while not self._closing:
-                if self._version == seen:
+                if self._version == stream.seen:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), _KEEPALIVE)
-                    if self._version == seen:
+                    if self._version == stream.seen:
                         if time.monotonic() - sent_at >= _KEEPALIVE:
                             await resp.write(b": keepalive\n\n")
                             sent_at = time.monotonic()
                         continue
-                seen = self._version
-                message, last_event, fleet_seen = self._message(delta, last_event, fleet_seen)
-                await resp.write(message)
+                await resp.write(self._message(stream, delta))
                 sent_at = time.monotonic()
         except ConnectionResetError:
             pass  # the page went away
         finally:
-            self._clients -= 1
+            del self._streams[stream.id]
         return resp
 
-    def _message(self, delta: TargetDelta | None, last_event: int, fleet_seen: int
-                 ) -> tuple[bytes, int, int]:
-        """What one stream sends for the latest view: the view and the fleet if it changed
-        (each encoded once for all streams), new log events, and the changes of the
-        distribution it follows."""
+    async def post_stream(self, request: web.Request) -> web.Response:
+        """``{"fleet_page": N}``: the page of the fleet a stream's page shows (whose members'
+        stats are asked for)."""
+        stream = self._streams.get(request.match_info["id"])
+        if stream is None:
+            raise web.HTTPNotFound()
+        body = await request.json()
+        page = body.get("fleet_page") if isinstance(body, dict) else None
+        if not isinstance(page, int) or isinstance(page, bool) or not 0 <= page < 1 << 20:
+            raise ValueError("expected a JSON object {\"fleet_page\": N}, N >= 0")
+        stream.fleet_page = page
+        self._fleet_at = 0.0  # ask its members at the next view
+        self._wake.set()
+        return web.json_response({"stream": stream.id, "fleet_page": page})
+
+    def _message(self, stream: _Stream, delta: TargetDelta | None) -> bytes:
+        """What one stream sends for the latest view: what changed since the view it saw
+        (encoded once per version seen, for all streams at it), the fleet if it changed, new
+        log events, and the changes of the distribution it follows."""
         started = time.thread_time()
-        chunks = [self._view_bytes]
-        if self._fleet_version != fleet_seen:
+        view = self._encoded.get(stream.seen)
+        if view is None:
+            rows, order = self._rows.since(stream.seen)
+            part: dict[str, Any] = {**self._view, "distributions": rows}
+            if order is not None:
+                part["order"] = order
+            if self._node_changed > stream.seen:
+                part["node"] = self._node_part
+            view = self._encoded[stream.seen] = _sse("view", part)
+        chunks = [view]
+        if self._fleet_version != stream.fleet_seen:
             chunks.append(self._fleet_bytes)
-        if self._events.last_seq > last_event:
+        if self._events.last_seq > stream.last_event:
             chunks.append(_sse("log", {"events": [
-                e.to_json() for e in self._events.since(last_event)]}))
+                e.to_json() for e in self._events.since(stream.last_event)]}))
         if delta is not None and delta.handle in self._statuses:
             status = self._statuses[delta.handle]
             now = self._view["t"]
+            points = self._history.series(delta.handle, stream.history_after, _HISTORY_SENT)
+            if points:
+                stream.history_after = points[-1][0]
             chunks.append(_sse("dist", {
                 "t": now, "handle": delta.handle, "summary": summarize(status, now),
-                "targets": delta.changed(status["targets"]),
-                "history": self._history.series(delta.handle)[-240:]}))
+                "targets": delta.changed(status["targets"]), "history": points}))
+        stream.seen, stream.fleet_seen = self._version, self._fleet_version
+        stream.last_event = self._events.last_seq
         self.cpu += time.thread_time() - started
-        return b"".join(chunks), self._events.last_seq, self._fleet_version
+        return b"".join(chunks)
 
     async def _sample_loop(self) -> None:
         while True:
-            if self._clients == 0:
+            if not self._streams:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             started = time.monotonic()
+            self._wake.clear()
+            self._refresh_soon(time.time())
             # a failure is logged and counted by the owner, and the loop restarted
-            await self._refresh(time.time())
             self._build(time.time())
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+            # the next view as soon as something changes (not sooner than ``interval`` after
+            # this one), and at least once a second for the fleet and the clock
+            waits = [asyncio.ensure_future(self.node.distribution.next_change()),
+                     asyncio.ensure_future(self._wake.wait())]
+            try:
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+                left = _FLEET_EVERY - (time.monotonic() - started)
+                await asyncio.wait(waits, timeout=max(0.0, left),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    def _refresh_soon(self, now: float) -> None:
+        """Refresh from the store in the background (a slow store never delays a view); the
+        view after it carries the news."""
+        if now - self._store_at >= _STORE_EVERY and not self._refreshing:
+            self._refreshing = True
+            self._tasks.spawn(self._refresh_then_wake(now), name="store")
+
+    async def _refresh_then_wake(self, now: float) -> None:
+        try:
+            await self._refresh(now)
+        finally:
+            self._refreshing = False
+            self._wake.set()
 
     async def _refresh(self, now: float) -> None:
         """What comes from the store (off the event loop, through ``store.aio``): at most
@@ -243,11 +330,13 @@ class Dashboard:
             return
         try:
             blobs = await self.node.store.aio.blobs()
-            self._node_info = await self.node.describe()
+            info = await self.node.describe()
         except StoreError as exc:
             log.warning("dashboard: store usage unavailable: %s", exc)
             return
         self._store_at = now
+        info.pop("uptime_seconds", None)  # the page counts it from started_at
+        self._node_info = info
         self._blobs = [{"blob": str(b.blob_id), "size": b.size, "pins": list(b.pins)}
                        for b in blobs if b.complete][:200]
 
@@ -260,20 +349,21 @@ class Dashboard:
         down = target_rates(statuses)
         up_rate = self._up.update(now, node.swarm.bytes_uploaded)
         down_rate = self._down.update(now, node.swarm.bytes_downloaded)
+        self._version += 1
         if now - self._fleet_at >= _FLEET_EVERY:
             self._build_fleet(now, down, up_rate, down_rate)
         self._events.observe(now, self._members, statuses)
         self._history.record(now, rows)
         self._statuses = {s["handle"]: s for s in statuses}
-        self._view = {
-            "t": now, "node": {**self._node_info, "url": self.url, "blobs": self._blobs},
-            "distributions": rows,
-            "dashboard": {"clients": self._clients, "frames": self.frames, "cpu": self.cpu},
-        }
-        self._view_bytes = _sse("view", self._view)
+        self._rows.update(self._version, rows)
+        part = {**self._node_info, "url": self.url, "blobs": self._blobs}
+        if part != self._node_part:
+            self._node_part, self._node_changed = part, self._version
+        self._view = {"t": now, "v": self._version, "dashboard": {
+            "clients": self.clients, "frames": self.frames, "cpu": self.cpu}}
+        self._encoded = {}
         self.frames += 1
         self.cpu += time.thread_time() - started
-        self._version += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -281,26 +371,55 @@ class Dashboard:
                      down_rate: float) -> None:
         me = self.node.identity.node_id
         store = self._node_info.get("store", {})
+        peers = self.node.space.peers(alive_only=False, include_self=True)
+        # this node first, then the members in trouble
+        order = {"dead": 0, "suspect": 1, "alive": 2}
+        members = sorted(((p, liveness(p.alive, now if p.node_id == me else p.last_seen, now))
+                          for p in peers),
+                         key=lambda m: (m[0].node_id != me, order[m[1]], str(m[0].node_id)))
+        pages = {s.fleet_page for s in self._streams.values()}
+        self._ask([p.node_id for i, (p, _) in enumerate(members)
+                   if p.node_id != me and i // FLEET_PAGE in pages], now)
         fleet: list[dict[str, Any]] = []
-        for p in self.node.space.peers(alive_only=False, include_self=True):
+        for p, alive in members:
             is_me = p.node_id == me
+            if is_me:
+                stats = {"store_bytes": store.get("bytes"), "store_blobs": store.get("blobs"),
+                         "up": up_rate, "down": down_rate, "stats": "ok", "stats_seen": now}
+            else:
+                stats = self._stats.row(p.node_id, now)
+                if stats["down"] is None:  # what it reports of the downloads from here
+                    stats["down"] = down.get(str(p.node_id))
             fleet.append({
                 "node": str(p.node_id), "self": is_me, "addresses": list(p.addresses),
                 "groups": sorted(p.groups), "capabilities": dict(p.capabilities),
-                "liveness": liveness(p.alive, now if is_me else p.last_seen, now),
-                "last_seen": now if is_me else p.last_seen,
-                "store_bytes": store.get("bytes") if is_me else None,
-                "store_blobs": store.get("blobs") if is_me else None,
-                "up": up_rate if is_me else None,
-                "down": down_rate if is_me else down.get(str(p.node_id), 0.0),
+                "liveness": alive, "last_seen": now if is_me else p.last_seen, **stats,
             })
-        # this node first, then the members in trouble
-        order = {"dead": 0, "suspect": 1, "alive": 2}
-        fleet.sort(key=lambda m: (not m["self"], order[m["liveness"]], m["node"]))
         self._fleet, self._fleet_at = fleet, now
         self._members = {m["node"]: m["liveness"] for m in fleet if not m["self"]}
         self._fleet_bytes = _sse("fleet", {"t": now, "members": fleet})
         self._fleet_version += 1
+
+    # --- other members' stats --------------------------------------------------------------
+
+    def _ask(self, shown: list[NodeId], now: float) -> None:
+        """Ask the members the pages show for their stats (each at most every 2 s, one
+        request in flight per member)."""
+        for node, data in self._stats.due((n for n in shown if n not in self._asking), now):
+            self._asking.add(node)
+            self._tasks.spawn(self._send_ask(node, data), name="stats-ask")
+
+    async def _send_ask(self, node: NodeId, data: bytes) -> None:
+        try:
+            await self.node.space.send_notify(node, data)
+        except (BlobmeshError, OSError):
+            pass  # it shows as unknown: that is the news
+        finally:
+            self._asking.discard(node)
+
+    def _on_stats(self, sender: NodeId, data: bytes) -> None:
+        if self.node.space.is_member(sender):
+            self._stats.answered(sender, data, time.time())
 
     # --- pins ------------------------------------------------------------------------------
 

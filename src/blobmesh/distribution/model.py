@@ -176,6 +176,10 @@ class DistributionHandle:
         return self.id
 
 
+SOURCES_REPORTED = 8
+"""At most this many source peers a target names in a progress report."""
+
+
 @dataclass(frozen=True, slots=True)
 class TargetStatus:
     """One target's progress."""
@@ -187,6 +191,7 @@ class TargetStatus:
     reason: str = ""
     updated: float = field(default_factory=time.time)
     peers: int = 0  # swarm peers it was connected to at its last progress report
+    sources: tuple[NodeId, ...] = ()  # peers it was receiving from then (most requests first)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,13 +24,14 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import msgspec
 
 from blobmesh.distribution.authz import OpAuthorizer
 from blobmesh.distribution.collection import FetchRequest, PlanFetcher, Planner
 from blobmesh.distribution.model import (
+    SOURCES_REPORTED,
     DistributionHandle,
     DistributionState,
     DistributionStatus,
@@ -164,6 +165,10 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
     rate: float
     peers: int = 0  # swarm peers the target is connected to (absent from older nodes)
     reason: str = ""  # why it is in that state (absent from older nodes)
+    # node ids of the peers it receives from (absent from older nodes); a longer list or a
+    # malformed id makes the whole note malformed
+    sources: Annotated[list[Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]],
+                       msgspec.Meta(max_length=SOURCES_REPORTED)] = []
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -241,6 +246,7 @@ class DistributionService:
         self._jobs: dict[DistributionHandle, asyncio.Task[None]] = {}
         self._tasks = TaskOwner("distribution")
         self._lease = LeaseId.new("distribution")
+        self._changed = asyncio.Event()  # any distribution changed (set, then replaced)
         space.notify_handler(NOTIFY_PROGRESS, self._on_progress_note)
         self.authz = OpAuthorizer(self.config.distributors)
         space.register_op_kind(OP_REQUEST,
@@ -383,6 +389,10 @@ class DistributionService:
                 f"{status.total} targets completed", status) from None
         return self._snapshot(tracked)
 
+    async def next_change(self) -> None:
+        """Wait until any distribution known here changes (a target's progress, say)."""
+        await self._changed.wait()
+
     async def subscribe_progress(self, handle: DistributionHandle, *, interval: float = 0.1
                                  ) -> AsyncIterator[DistributionStatus]:
         """Status snapshots as they change (at most one per ``interval``), ending when done."""
@@ -456,10 +466,11 @@ class DistributionService:
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
             self._set_target(tracked, sender, state, note.bytes_done, note.rate, note.reason,
-                             note.peers)
+                             note.peers, tuple(NodeId(s) for s in note.sources))
 
     def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
-                    rate: float, reason: str, peers: int = 0) -> None:
+                    rate: float, reason: str, peers: int = 0,
+                    sources: tuple[NodeId, ...] = ()) -> None:
         old = tracked.targets.get(node, TargetStatus(node))
         if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
             return  # completed is final: nothing rolls it back
@@ -470,7 +481,8 @@ class DistributionService:
             # newer one must not make progress go backwards (pieces are durable once counted)
             bytes_done = max(bytes_done, old.bytes_done)
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
-                                        reason=reason, peers=peers, updated=time.time())
+                                        reason=reason, peers=peers, sources=sources,
+                                        updated=time.time())
         self._bump(tracked)
 
     def _bump(self, tracked: _Tracked) -> None:
@@ -481,6 +493,8 @@ class DistributionService:
         elif not done:
             tracked.finished = None  # a target came back: the distribution is active again
         changed, tracked.changed = tracked.changed, asyncio.Event()
+        changed.set()
+        changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
     async def _apply_cancel(self, tracked: _Tracked) -> None:
@@ -625,7 +639,7 @@ class DistributionService:
             elif now - last_note < every and p.bytes_done != p.bytes_total:
                 return
             last_note = now
-            self._note(source, handle, p.state, p.bytes_done, p.rate, p.peers, p.reason)
+            self._note(source, handle, p)
 
         await self._report(handle, TargetState.TRANSFERRING, 0)
         backoff = self.config.retry_backoff
@@ -666,10 +680,10 @@ class DistributionService:
         await self.swarm.download(tracked.blob_id, r.size, r.piece_size, peers,
                                   tracked.priority, progress, pin=pin)
 
-    def _note(self, to: NodeId, handle: DistributionHandle, state: TargetState,
-              bytes_done: int, rate: float, peers: int, reason: str = "") -> None:
-        data = NOTIFY_PROGRESS + _enc.encode(ProgressNote(str(handle), str(state), bytes_done,
-                                                          rate, peers, reason))
+    def _note(self, to: NodeId, handle: DistributionHandle, p: JobProgress) -> None:
+        note = ProgressNote(str(handle), str(p.state), p.bytes_done, p.rate, p.peers, p.reason,
+                            [n.digest for n in p.sources])
+        data = NOTIFY_PROGRESS + _enc.encode(note)
 
         async def send() -> None:
             with contextlib.suppress(BlobmeshError, OSError):

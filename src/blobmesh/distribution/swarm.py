@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 
-from blobmesh.distribution.model import Priority, TargetState
+from blobmesh.distribution.model import SOURCES_REPORTED, Priority, TargetState
 from blobmesh.distribution.peerwire import (
     PROTOCOL,
     REJECT_ELSEWHERE,
@@ -119,6 +119,7 @@ class JobProgress:
     rate: float
     state: TargetState = TargetState.TRANSFERRING
     reason: str = ""
+    sources: tuple[NodeId, ...] = ()  # peers with requests in flight, the busiest first
 
 
 PeerSource = Callable[[], Iterable[NodeId]]
@@ -1128,10 +1129,13 @@ class DownloadJob:
             self._rate_mark = (now, self.bytes_done)
         if self._progress is not None:
             picker = self._picker
+            busy = sorted((c for c in self._conns.values() if self._ledger.outstanding(c)),
+                          key=self._ledger.outstanding, reverse=True)
             self._progress(JobProgress(self.bytes_done, self.size,
                                        picker.have.count() if picker else 0,
                                        picker.have.size if picker else 0,
-                                       len(self._conns), self.rate, self.state, self.reason))
+                                       len(self._conns), self.rate, self.state, self.reason,
+                                       tuple(c.peer for c in busy[:SOURCES_REPORTED])))
 
     async def _shutdown(self) -> None:
         complete = self.engine.store.has(self.blob_id)

@@ -25,14 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from blobmesh.errors import BlobNotFoundError, VerificationError
+from blobmesh.errors import BlobNotFoundError, CorruptBlobError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_bytes
 from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.ingest import Bytes
 from blobmesh.store.leases import LeaseId
 from blobmesh.store.partial import PartialBlob
 from blobmesh.store.piece_reader import PieceReader
-from blobmesh.store.readers import BlobReader
+from blobmesh.store.readers import BlobReader, read_whole
 from blobmesh.store.types import BlobInfo, Pin
 
 if TYPE_CHECKING:
@@ -98,6 +98,10 @@ class AsyncStore:
         except BlobNotFoundError:  # collected in between
             return None
 
+    async def complete_sizes(self, blob_ids: Sequence[BlobId]) -> dict[BlobId, int]:
+        """Sizes of those of ``blob_ids`` that are here complete (one query)."""
+        return await self._run(self._meta, self.store.db.complete_sizes, blob_ids)
+
     async def pin(self, blob_id: BlobId, name: str) -> None:
         await self._run(self._meta, self.store.pin, blob_id, name)
 
@@ -160,6 +164,20 @@ class AsyncStore:
         stay unchanged until this returns."""
         return await self._adds.submit((data, lease, expected))
 
+    async def add_verified(self, items: Sequence[tuple[Bytes, BlobId]],
+                           lease: LeaseId | None = None) -> list[BlobInfo | VerificationError]:
+        """Add ``(data, expected id)`` pairs in one transaction (one commit, one sync round),
+        on an I/O thread; an item whose data does not hash to its id is not stored and its
+        slot holds the VerificationError.  A failed commit raises (nothing stored)."""
+        results = await self._run(self._io, self._add_batch,
+                                  [(data, lease, expected) for data, expected in items])
+        out: list[BlobInfo | VerificationError] = []
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, VerificationError):
+                raise r
+            out.append(r)
+        return out
+
     def _add_batch(self, items: list[tuple[Bytes, LeaseId | None, BlobId | None]]
                    ) -> list[BlobInfo | BaseException]:
         out: dict[int, BlobInfo | BaseException] = {}
@@ -187,6 +205,22 @@ class AsyncStore:
         """``Store.add_many`` (one transaction for all) on an I/O thread: hashing large
         inputs does not hold up the metadata thread."""
         return await self._run(self._io, self.store.add_many, list(sources), lease)
+
+    async def read_small(self, blobs: Sequence[tuple[BlobId, int]], *, verify: bool
+                         ) -> list[bytes | CorruptBlobError]:
+        """Whole contents of complete blobs of known sizes (from :meth:`complete_sizes`),
+        without leases, on an I/O thread: one blob's loss or rot is its slot's error."""
+        return await self._run(self._io, self._read_small, blobs, verify)
+
+    def _read_small(self, blobs: Sequence[tuple[BlobId, int]], verify: bool
+                    ) -> list[bytes | CorruptBlobError]:
+        out: list[bytes | CorruptBlobError] = []
+        for blob_id, size in blobs:
+            try:
+                out.append(read_whole(self.store.layout, blob_id, size, verify=verify))
+            except CorruptBlobError as exc:
+                out.append(exc)
+        return out
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run piece-data work on an I/O thread: ``PartialBlob.write_piece``,

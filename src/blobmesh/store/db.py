@@ -183,6 +183,17 @@ class MetaDB:
             raise BlobNotFoundError(f"blob {missing[0]} is not in the store", blob_id=missing[0])
         return [out[b] for b in blob_ids]
 
+    def complete_sizes(self, blob_ids: Sequence[BlobId]) -> dict[BlobId, int]:
+        """Sizes of those of ``blob_ids`` that are here complete (one query per 500)."""
+        out: dict[BlobId, int] = {}
+        unique = list(dict.fromkeys(blob_ids))
+        for i in range(0, len(unique), 500):
+            digests = tuple(b.digest for b in unique[i : i + 500])
+            for d, size in self.query(f"SELECT id, size FROM blobs WHERE complete=1 AND id IN "
+                                      f"({','.join('?' * len(digests))})", digests):
+                out[BlobId(bytes(d))] = int(size)
+        return out
+
     def blobs(self) -> list[BlobInfo]:
         rows = self.query(_ROW + " ORDER BY created, id")
         pins: dict[bytes, list[str]] = {}

@@ -50,6 +50,10 @@ class PieceReader:
                                    blob_id=blob_id, piece=index)
         return data
 
+    def read_many(self, indices: list[int]) -> list[bytes]:
+        """:meth:`read` of each piece, in order (one call for a sender's read-ahead)."""
+        return [self.read(i) for i in indices]
+
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:

@@ -9,7 +9,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from blobmesh.errors import BlobIncompleteError, CorruptBlobError, VerificationError
-from blobmesh.hashing import BlobId, PieceLayer, hash_piece, piece_count
+from blobmesh.hashing import BlobId, PieceLayer, hash_bytes, hash_piece, piece_count
 from blobmesh.store.bitfield import Bitfield
 from blobmesh.store.db import MetaDB, add_lease, require_complete
 from blobmesh.store.ingest import CHUNK
@@ -82,6 +82,23 @@ def read_piece(db: MetaDB, layout: Layout, blob_id: BlobId, index: int, *,
         if len(data) != length or hash_piece(data) != layer.hashes[index]:
             raise CorruptBlobError(f"piece {index} of {blob_id} is corrupt on disk",
                                    blob_id=blob_id, piece=index)
+    return data
+
+
+def read_whole(layout: Layout, blob_id: BlobId, size: int, *, verify: bool) -> bytes:
+    """The content of a complete (small) blob of known ``size``, read without a lease (as a
+    sender's ``PieceReader`` does); CorruptBlobError if its file is missing or, with
+    ``verify``, does not hash to the id."""
+    try:
+        fd = os.open(layout.data_path(blob_id), os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise CorruptBlobError(f"data file of {blob_id} is missing", blob_id=blob_id) from exc
+    try:
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    if len(data) != size or (verify and hash_bytes(data) != blob_id):
+        raise CorruptBlobError(f"{blob_id} is corrupt on disk; run fsck", blob_id=blob_id)
     return data
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from blobmesh.errors import BadPeerDataError, ProtocolError, VerificationError
-from blobmesh.hashing import BlobId, PieceLayer
+from blobmesh.hashing import BlobId, Buffer, PieceLayer
 from blobmesh.store.bitfield import Bitfield
 from blobmesh.transfer.messages import (
     MAX_CHUNK,
@@ -246,7 +246,7 @@ class Step:
 
     send: list[Message] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    pieces: list[tuple[int, bytes]] = field(default_factory=list)
+    pieces: list[tuple[int, Buffer]] = field(default_factory=list)
     """Receiver: complete pieces, unverified, to verify and write."""
     revalidate: Voucher | None = None
     """Responder: a new voucher arrived; run the revalidator."""
@@ -718,7 +718,7 @@ class Channel:
         buf += msg.data
         if len(buf) == length:
             del self._partial[i]
-            self._step.pieces.append((i, bytes(buf)))
+            self._step.pieces.append((i, buf))
 
     def _on_ack(self, msg: Ack) -> None:
         self._require(self.is_sender and self.layer is not None, "unexpected ack")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,11 @@ from blobmesh.errors import (
     VerificationError,
     VoucherRejectedError,
 )
-from blobmesh.hashing import BlobId, PieceLayer
+from blobmesh.hashing import BlobId, Buffer, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PieceReader, Store
 from blobmesh.tasks import TaskOwner
+from blobmesh.transfer.batch import BATCH_PROTOCOL
+from blobmesh.transfer.batching import BatchService, raise_failure
 from blobmesh.transfer.channel import (
     TERMINAL,
     Channel,
@@ -66,7 +68,7 @@ from blobmesh.transport.identity import NodeId
 log = logging.getLogger(__name__)
 
 READ_AHEAD = 4
-"""Pieces a sender reads ahead of the one it is sending."""
+"""Pieces a sender reads in one trip to an I/O thread (and at most keeps read ahead)."""
 QUEUE_PIECES = 16
 """Received pieces waiting for the writer thread (at most 64 MiB at the largest piece size)."""
 
@@ -112,7 +114,7 @@ class _Session:
         self.over = asyncio.Event()
         self.ended = asyncio.Event()
         self.sink: PieceSink | None = None
-        self.writes: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(QUEUE_PIECES)
+        self.writes: asyncio.Queue[tuple[int, Buffer]] = asyncio.Queue(QUEUE_PIECES)
         self.unflushed: list[int] = []
         self.unflushed_bytes = 0
         self.flush_now = asyncio.Event()
@@ -163,6 +165,9 @@ class TransferManager:
         self.refused_unadmitted = 0  # streams refused before reading: peer not admitted
         self.requests_refused = 0    # requests the validators refused (nothing kept)
         self.channels_pruned = 0     # finished channel rows deleted after the retention
+        # batched pulls of small blobs (its counters: blobs_served, refused_unadmitted)
+        self.batches = BatchService(network, store, self._lease, self.config,
+                                     self._validators, self._revalidators, admit)
 
     @property
     def node_id(self) -> NodeId:
@@ -177,6 +182,7 @@ class TransferManager:
         after a process restart); otherwise they wait for :meth:`restart`.
         """
         self.network.set_handler(PROTOCOL, self._handle_stream)
+        self.network.set_handler(BATCH_PROTOCOL, self.batches.serve)
         for rec in self._db.load_active():
             live = self._adopt(rec)
             await self._apply(live, live.ch.disconnected("process restarted"))
@@ -186,6 +192,7 @@ class TransferManager:
     async def aclose(self) -> None:
         """Stop every session (channels stay resumable) and the monitor."""
         self._closing = True
+        self.batches.reset_all("shutting down")
         for live in self._live.values():
             if live.session is not None:
                 live.session.stream.reset("shutting down")
@@ -322,6 +329,32 @@ class TransferManager:
         live = _Live(Channel(rec, self.clock))
         self._live[live.ch.id] = live
         return live
+
+    async def pull_many(self, peer: NodeId, voucher: Voucher, blob_ids: Iterable[BlobId], *,
+                        channels: int = 8) -> list[BlobId]:
+        """Pull every blob of ``blob_ids`` not here yet from ``peer``: small ones over one
+        batch stream (``blobmesh/transfer-batch/1``: no channel, no ``transfer.sqlite`` row,
+        one commit per batch), larger ones through channels, ``channels`` at a time.  Returns
+        the ids it stored.  Whatever verifies is kept; then the first failure is raised:
+        BlobNotFoundError, VoucherRejectedError, BadPeerDataError, a ProtocolError, or a
+        TransferError (a broken-off batch, a failed channel).  Running it again fetches only
+        what is still missing."""
+        ids = list(dict.fromkeys(blob_ids))
+        here = await self.store.aio.complete_sizes(ids)
+        result = await self.batches.pull(peer, voucher, [b for b in ids if b not in here])
+        large = [s.blob_id for s in result.skipped if s.code == "too_large"]
+        sem = asyncio.Semaphore(channels)
+
+        async def one(blob_id: BlobId) -> None:
+            async with sem:
+                await self.wait(await self.open_pull(peer, voucher, blob_id))
+
+        outcomes = await asyncio.gather(*(one(b) for b in large), return_exceptions=True)
+        raise_failure(peer, result)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return result.stored + large
 
     # --- commands ------------------------------------------------------------------------
 
@@ -586,10 +619,11 @@ class TransferManager:
                 tg.create_task(self._read_ahead(live, sess, reader, ready))
                 while True:
                     index, data = await ready.get()
+                    view = memoryview(data)
                     async with sess.send_lock:
-                        for off in range(0, max(len(data), 1), chunk):
-                            part = data if len(data) <= chunk else data[off : off + chunk]
-                            await sess.stream.send(encode(Data(index, off, part)))
+                        for off in range(0, max(len(view), 1), chunk):
+                            await sess.stream.send(encode(Data(index, off,
+                                                               view[off : off + chunk])))
         finally:
             await self.store.aio.io(reader.close)
 
@@ -597,18 +631,23 @@ class TransferManager:
                           ready: asyncio.Queue[tuple[int, bytes]]) -> None:
         ch = live.ch
         while True:
-            index = ch.next_piece(self.config.window)
-            if index is None:
+            # the pieces the window allows, up to READ_AHEAD, read in one trip to a thread
+            batch: list[int] = []
+            while len(batch) < READ_AHEAD and (i := ch.next_piece(self.config.window)) is not None:
+                batch.append(i)
+                await self._apply(live, ch.piece_queued(i))
+            if not batch:
                 sess.wake.clear()
                 await sess.wake.wait()
                 continue
-            await self._apply(live, ch.piece_queued(index))
             try:
-                data = await self.store.aio.io(reader.read, index)
+                datas = await self.store.aio.io(reader.read_many, batch)
             except (BlobIncompleteError, CorruptBlobError) as exc:
-                await self._apply(live, ch.fail(f"cannot read piece {index}: {exc}", "local"))
+                await self._apply(live, ch.fail(
+                    f"cannot read piece {exc.context.get('piece')}: {exc}", "local"))
                 return
-            await ready.put((index, data))
+            for index, data in zip(batch, datas, strict=True):
+                await ready.put((index, data))
 
     async def _write_loop(self, live: _Live, sess: _Session) -> None:
         ch = live.ch

@@ -120,11 +120,14 @@ class Response(_Msg, tag="response"):
 
 
 class Data(_Msg, tag="data"):
-    """Sender -> receiver: bytes of one piece, starting at ``offset`` within it."""
+    """Sender -> receiver: bytes of one piece, starting at ``offset`` within it.
+
+    ``data`` decodes as a view into the received message (no copy of the payload).
+    """
 
     piece: Index
     offset: Index
-    data: bytes
+    data: memoryview
 
 
 class Ack(_Msg, tag="ack"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from blobmesh.errors import StoreFullError, VerificationError
+from blobmesh.hashing import Buffer
 from blobmesh.store import PartialBlob
 
 
@@ -22,7 +23,7 @@ class PieceSink:
         self._write_lock = threading.Lock()
         self._closed = False
 
-    def write(self, batch: list[tuple[int, bytes]]) -> tuple[list[int], tuple[int, str] | None]:
+    def write(self, batch: list[tuple[int, Buffer]]) -> tuple[list[int], tuple[int, str] | None]:
         """Verify and write pieces; stops at the first bad one (returned with the reason).
         Raises StoreFullError when the disk is full."""
         written: list[int] = []
