@@ -42,7 +42,7 @@ from blobmesh.errors import (
     TransferError,
 )
 from blobmesh.hashing import BlobId, choose_piece_size, hash_bytes
-from blobmesh.store import LeaseId, Store
+from blobmesh.store import BlobInfo, LeaseId, Store
 from blobmesh.transport.identity import NodeId
 
 log = logging.getLogger(__name__)
@@ -137,29 +137,29 @@ class CollectionDistributor:
             return None
         if export:
             export_dir(Path("/"), export)  # the same check every target makes
-        missing = [m for m in coll.members() if not self.store.has(m)]
+        infos = {i.blob_id: i for i in await asyncio.to_thread(self.store.blobs)
+                 if i.complete}  # one query off the event loop, not one per member on it
+        missing = [m for m in coll.members() if m not in infos]
         if missing:
             raise CollectionError(f"collection {blob_id.short()} is not complete here: "
                                   f"{len(missing)} member blob(s) missing", blob_id=blob_id)
         small = small_members(coll, self.small_limit)
-        infos = {i.blob_id: i for i in await asyncio.to_thread(self.store.blobs)}
         odd = {m.digest: infos[m].piece_size for m, size in coll.members().items()
                if size > self.small_limit and infos[m].piece_size != choose_piece_size(size)}
         plan = CollectionPlan(small_limit=self.small_limit, export=export,
                               export_force=export_force, piece_sizes=odd)
         pack_id: BlobId | None = None
         if len(small) > 1:
-            info = await asyncio.to_thread(self._build_pack, small)
+            info = await asyncio.to_thread(self._build_pack, [(infos[m], s) for m, s in small])
             pack_id = info[0]
             plan = msgspec.structs.replace(plan, pack=pack_id.digest, pack_size=info[1],
                                            pack_piece_size=info[2])
         if pack_id is not None:
             await asyncio.to_thread(self.store.pin, pack_id, member_pin(pin, pack_id))
             await asyncio.to_thread(self.store.advise_lease_dropped, self._lease, pack_id)
-        manifest_size = self.store.info(blob_id).size
-        return Plan(_enc.encode(plan), tree_size(coll, manifest_size))
+        return Plan(_enc.encode(plan), tree_size(coll, infos[blob_id].size))
 
-    def _build_pack(self, small: list[tuple[BlobId, int]]) -> tuple[BlobId, int, int]:
+    def _build_pack(self, small: list[tuple[BlobInfo, int]]) -> tuple[BlobId, int, int]:
         def contents() -> Iterable[bytes]:
             for member, size in small:
                 yield _read_small(self.store, member, size)
@@ -181,16 +181,15 @@ class CollectionDistributor:
                                   req.priority, progress.job(req.blob_id), pin=req.pin)
         coll = await asyncio.to_thread(collection.read_collection, self.store, req.blob_id)
         members = coll.members()
+        # one thread call, not a query per member on the event loop (thousands of them)
+        present = await asyncio.to_thread(_present, self.store, members)
         progress.expect(tree_size(coll, req.size))
-        for member, size in members.items():
-            if self.store.has(member):
-                progress.done(member, size)
-        lacking = sum(s for m, s in small_members(coll, plan.small_limit)
-                      if not self.store.has(m))
+        progress.done([(m, members[m]) for m in present])
+        lacking = sum(s for m, s in small_members(coll, plan.small_limit) if m not in present)
         # most small members missing: one pack beats many tiny jobs
         use_pack = bool(plan.pack) and 2 * lacking >= plan.pack_size
         packed = {m for m, _ in small_members(coll, plan.small_limit)} if use_pack else set()
-        rest = [(m, s) for m, s in members.items() if m not in packed and not self.store.has(m)]
+        rest = [(m, s) for m, s in members.items() if m not in packed and m not in present]
         sem = asyncio.Semaphore(self.member_jobs)
 
         async def one(member: BlobId, size: int) -> None:
@@ -202,7 +201,8 @@ class CollectionDistributor:
 
         async with asyncio.TaskGroup() as tg:  # the pack and the members side by side
             if use_pack:
-                tg.create_task(self._fetch_pack(req, plan, coll, lacking, progress, sem))
+                tg.create_task(self._fetch_pack(req, plan, coll, lacking, present, progress,
+                                                sem))
             for member, size in rest:
                 tg.create_task(one(member, size))
         # the pinned collection holds the members (`collection.gc` pins them one by one)
@@ -212,8 +212,8 @@ class CollectionDistributor:
                                     force=plan.export_force)
 
     async def _fetch_pack(self, req: FetchRequest, plan: CollectionPlan, coll: Collection,
-                          lacking: int, progress: _TreeProgress, sem: asyncio.Semaphore
-                          ) -> None:
+                          lacking: int, present: set[BlobId], progress: _TreeProgress,
+                          sem: asyncio.Semaphore) -> None:
         pack = BlobId(plan.pack)
         packed = small_members(coll, plan.small_limit)
         if sum(s for _, s in packed) != plan.pack_size:
@@ -223,22 +223,23 @@ class CollectionDistributor:
             await self.swarm.download(pack, plan.pack_size, plan.pack_piece_size, req.peers,
                                       req.priority, progress.job(pack, lacking / plan.pack_size),
                                       pin=member_pin(req.pin, pack))
-        done = await asyncio.to_thread(self._unpack, pack, packed)
+        done = await asyncio.to_thread(self._unpack, pack, packed, present)
         progress.forget(pack)
-        for member, size in done:
-            progress.done(member, size)
+        progress.done(done)
         # the pack served its purpose: its pin goes, GC takes it
         await asyncio.to_thread(_unpin_quietly, self.store, member_pin(req.pin, pack))
 
-    def _unpack(self, pack: BlobId, packed: list[tuple[BlobId, int]]) -> list[tuple[BlobId, int]]:
-        """Slice the pack into members, each checked against its id, committed in batches."""
+    def _unpack(self, pack: BlobId, packed: list[tuple[BlobId, int]], present: set[BlobId]
+                ) -> list[tuple[BlobId, int]]:
+        """Slice the pack into the members not ``present``, each checked against its id,
+        committed in batches."""
         out: list[tuple[BlobId, int]] = []
         with self.store.get_reader(pack, None, verify=True) as reader:
             batch: list[tuple[BlobId, bytes]] = []
             nbytes = 0
             for member, size in packed:
                 data = reader.read(size)
-                if self.store.has(member):
+                if member in present:
                     continue
                 if len(data) != size or hash_bytes(data) != member:
                     raise TransferError(f"pack {pack.short()} does not hold member "
@@ -270,15 +271,19 @@ def export_dir(root: Path, name: str) -> Path:
     return root / name
 
 
-def _read_small(store: Store, member: BlobId, size: int) -> bytes:
+def _read_small(store: Store, member: BlobInfo, size: int) -> bytes:
     """A small member's content, checked against its id (no lease round trips: the member
     is held by the pinned collection)."""
-    npieces = store.info(member).pieces_total
-    data = b"".join(store.read_piece(member, i, verify=False) for i in range(npieces))
-    if len(data) != size or hash_bytes(data) != member:
-        raise CorruptBlobError(f"member {member} is corrupt on disk; run fsck",
-                               blob_id=member)
+    data = b"".join(store.read_piece(member.blob_id, i, verify=False)
+                    for i in range(member.pieces_total))
+    if len(data) != size or hash_bytes(data) != member.blob_id:
+        raise CorruptBlobError(f"member {member.blob_id} is corrupt on disk; run fsck",
+                               blob_id=member.blob_id)
     return data
+
+
+def _present(store: Store, members: Iterable[BlobId]) -> set[BlobId]:
+    return {m for m in members if store.has(m)}
 
 
 def _unpin_quietly(store: Store, name: str) -> None:
@@ -292,37 +297,50 @@ class _TreeProgress:
     def __init__(self, report: ProgressCallback) -> None:
         self._report = report
         self._bytes: dict[BlobId, int] = {}
+        self._done = 0  # the sum of _bytes: thousands of members must not cost a sum each
         self._total = 0
-        self._rates: dict[BlobId, float] = {}
+        self._rates: dict[BlobId, float] = {}  # of the jobs still running
         self._peers = 0
 
     def expect(self, total: int) -> None:
         self._total = total
 
-    def done(self, blob_id: BlobId, nbytes: int) -> None:
-        self._bytes[blob_id] = nbytes
-        self._rates.pop(blob_id, None)
-        self._emit()
+    def done(self, items: Iterable[tuple[BlobId, int]]) -> None:
+        """These blobs are complete here: one report for all of them (none if empty)."""
+        count = 0
+        for blob_id, nbytes in items:
+            self._set(blob_id, nbytes)
+            self._rates.pop(blob_id, None)
+            count += 1
+        if count:
+            self._emit()
 
     def forget(self, blob_id: BlobId) -> None:
-        self._bytes.pop(blob_id, None)
+        self._done -= self._bytes.pop(blob_id, 0)
         self._rates.pop(blob_id, None)
 
     def job(self, blob_id: BlobId, scale: float = 1.0) -> ProgressCallback:
         """A job's callback; its bytes count ``scale`` times (the pack: only what is new)."""
 
         def on(p: JobProgress) -> None:
-            self._bytes[blob_id] = int(p.bytes_done * scale)
-            self._rates[blob_id] = 0.0 if p.bytes_done == p.bytes_total else p.rate
+            self._set(blob_id, int(p.bytes_done * scale))
+            if p.bytes_done == p.bytes_total:
+                self._rates.pop(blob_id, None)
+            else:
+                self._rates[blob_id] = p.rate
             self._peers = max(self._peers, p.peers)
             self._emit()
 
         return on
 
+    def _set(self, blob_id: BlobId, nbytes: int) -> None:
+        self._done += nbytes - self._bytes.get(blob_id, 0)
+        self._bytes[blob_id] = nbytes
+
     def _emit(self) -> None:
-        done = sum(self._bytes.values())
-        total = max(self._total, done)
-        self._report(JobProgress(done, total, 0, 0, self._peers, sum(self._rates.values())))
+        total = max(self._total, self._done)
+        self._report(JobProgress(self._done, total, 0, 0, self._peers,
+                                 sum(self._rates.values())))
 
 
 __all__ = ["CollectionDistributor", "CollectionPlan", "FetchRequest", "Plan", "PlanFetcher",
