@@ -310,12 +310,14 @@ class SwarmEngine:
 
     # --- serving ---------------------------------------------------------------------------
 
-    async def layer_for(self, blob_id: BlobId) -> PieceLayer | None:
+    def layer_for(self, blob_id: BlobId) -> PieceLayer | None:
         layer = self._layers.get(blob_id)
         if layer is None:
-            layer = await self.store.aio.piece_layer(blob_id)
-            if layer is not None:
-                self._layers[blob_id] = layer
+            try:
+                layer = self.store.piece_layer(blob_id)
+            except BlobNotFoundError:
+                return None
+            self._layers[blob_id] = layer
         return layer
 
     async def _on_stream(self, stream: Stream) -> None:
@@ -337,7 +339,7 @@ class SwarmEngine:
             stream.reset("banned: " + self.ban_reasons.get(blob_id, {}).get(stream.peer, ""))
             return
         job = self._jobs.get(blob_id)
-        layer = await self.layer_for(blob_id)
+        layer = self.layer_for(blob_id)
         size, piece_size = (layer.size, layer.piece_size) if layer else (msg.size, msg.piece_size)
         if job is None and layer is None:
             stream.reset("blob not here")
@@ -355,8 +357,7 @@ class SwarmEngine:
         self._serving.setdefault(blob_id, set()).add(conn)  # counts before any await
         try:
             event = session.receive(first)
-            have = job.have_bitfield() if job else \
-                await self.store.aio.bitfield(blob_id) or Bitfield(session.pieces)
+            have = job.have_bitfield() if job else self.store.bitfield(blob_id)
             async with asyncio.timeout(HELLO_TIMEOUT):
                 await stream.send(session.hello(have, layer is not None,
                                                 int(self._prio(blob_id))))
@@ -406,7 +407,7 @@ class SwarmEngine:
                     uploads.cancelled(conn, event.index)
                     self._acked(conn, event.index)
                 elif isinstance(event, LayerWanted):
-                    layer = await self.layer_for(blob_id)
+                    layer = self.layer_for(blob_id)
                     if layer is not None:
                         conn.push(conn.session.layer(layer.to_bytes()))
                 elif isinstance(event, PeerLeft):
@@ -414,7 +415,7 @@ class SwarmEngine:
                 elif job is not None:
                     if event is not None:
                         await job.on_event(conn, event)
-                elif conn.session.peer_complete and await self.store.aio.has(blob_id):
+                elif conn.session.peer_complete and self.store.has(blob_id):
                     conn.push(conn.session.bye("both complete"))
                     await conn.drain(1.0)
                     return
@@ -505,10 +506,7 @@ class SwarmEngine:
                 conn.push(conn.session.reject(action.index, action.reason))
                 continue
             try:
-                if await self.layer_for(action.blob) is None:
-                    raise BlobNotFoundError(f"blob {action.blob} is not here",
-                                            blob_id=action.blob)
-                data = await self.store.aio.io(self._read_piece, action.blob, action.index)
+                data = await asyncio.to_thread(self._read_piece, action.blob, action.index)
             except (StoreError, CorruptBlobError, OSError) as exc:
                 # OSError: the file was closed under the read (the blob was dropped or its
                 # download finished): the peer asks again elsewhere or here
@@ -530,8 +528,8 @@ class SwarmEngine:
     def _read_piece(self, blob_id: BlobId, index: int) -> bytes:
         """Read a piece to upload (in a worker thread), verified: never pass on data that
         rotted on our disk."""
-        layer = self._layers.get(blob_id)
-        if layer is None:  # (quarantined meanwhile)
+        layer = self.layer_for(blob_id)
+        if layer is None:
             raise BlobNotFoundError(f"blob {blob_id} is not here", blob_id=blob_id)
         job = self._jobs.get(blob_id)
         partial = job.partial if job is not None else None
@@ -558,7 +556,7 @@ class SwarmEngine:
         self._close_reader(blob_id)
         self._layers.pop(blob_id, None)
         with contextlib.suppress(StoreError):
-            await self.store.aio.meta(self.store.quarantine, blob_id)
+            await asyncio.to_thread(self.store.quarantine, blob_id)
 
     # --- downloading -----------------------------------------------------------------------
 
@@ -573,8 +571,8 @@ class SwarmEngine:
         :class:`TransferError` (with the reason) when the download stalls; stays cancellable
         at every await.  Concurrent calls for one blob share one job.
         """
-        if pin is not None and await self.store.aio.has(blob_id):
-            await self.store.aio.pin(blob_id, pin)
+        if pin is not None and self.store.has(blob_id):
+            await asyncio.to_thread(self.store.pin, blob_id, pin)
         job = self._jobs.get(blob_id)
         if job is not None:
             await job.done.wait()
@@ -705,7 +703,7 @@ class DownloadJob:
             return  # a late copy nobody needs any more, or one we cannot store now
         await self.engine.down_bucket.take(len(data))
         try:
-            wrote = await self.engine.store.aio.io(self._write_piece, partial, index, data)
+            wrote = await asyncio.to_thread(self._write_piece, partial, index, data)
         except VerificationError:
             self.engine.pieces_rejected += 1
             self._execute(self.sched.piece_corrupt(conn, index, self._loop.time()))
@@ -781,16 +779,21 @@ class DownloadJob:
     # --- the job ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        aio = self.engine.store.aio
+        store = self.engine.store
         try:
             await self.engine.gate.enter(self, self.priority)
             for job in self.engine._jobs.values():  # a lower priority may have to wait now
                 job._wake.set()
-            if await aio.has(self.blob_id):
+            if store.has(self.blob_id):
                 await self._check_local_copy()
-            if await aio.has(self.blob_id):
+            if store.has(self.blob_id):
                 return
-            self._pending_layer = await aio.piece_layer(self.blob_id)
+            try:
+                layer = await asyncio.to_thread(store.piece_layer, self.blob_id)
+            except BlobNotFoundError:
+                layer = None
+            if layer is not None:
+                self._pending_layer = layer
             await self._drive()
         except BaseException as exc:
             self.error = exc
@@ -803,38 +806,34 @@ class DownloadJob:
     async def _check_local_copy(self) -> None:
         """A copy that is already here counts only once it verifies; a rotten one goes."""
         store = self.engine.store
-        aio = store.aio
+
+        def verify() -> None:
+            with store.get_reader(self.blob_id, self._lease, verify=True) as reader:
+                while reader.read(4 << 20):
+                    pass
 
         try:
-            reader = await aio.get_reader(self.blob_id, self._lease, verify=True)
-
-            def verify() -> None:
-                with reader:
-                    while reader.read(4 << 20):
-                        pass
-
-            await aio.io(verify)
+            await asyncio.to_thread(verify)
         except CorruptBlobError as exc:
             log.error("swarm %s: the local copy is corrupt (%s); quarantined, downloading it "
                       "again", self.blob_id.short(), exc)
             self.engine.corrupt[self.blob_id] = str(exc)
             with contextlib.suppress(StoreError):
-                await aio.meta(store.quarantine, self.blob_id)
+                await asyncio.to_thread(store.quarantine, self.blob_id)
             if self._pin is not None:
                 with contextlib.suppress(StoreError):
-                    await aio.unpin(self._pin)
+                    await asyncio.to_thread(store.unpin, self._pin)
 
     async def _start_with_layer(self, layer: PieceLayer) -> None:
-        aio = self.engine.store.aio
-        partial = await aio.begin_partial(layer, self._lease)
+        store = self.engine.store
+        partial = await asyncio.to_thread(store.begin_partial, layer, self._lease)
         self._layer, self._partial = layer, partial
-        self.engine._layers[self.blob_id] = layer  # (its pieces are served as they arrive)
         if self.engine.piece_index is not None:
             # pieces identical to pieces of blobs already here are copied, not fetched
-            reused = await aio.io(fill_from_index, self.engine.piece_index, partial)
+            reused = await asyncio.to_thread(fill_from_index, self.engine.piece_index, partial)
             self.engine.bytes_reused += reused.bytes
         if self._pin is not None:
-            await aio.pin(self.blob_id, self._pin)
+            await asyncio.to_thread(store.pin, self.blob_id, self._pin)
         have = partial.have
         self.bytes_done = sum(layer.piece_range(i)[1] for i in have)
         self._execute(self.sched.start(have, self._loop.time()))
@@ -854,7 +853,7 @@ class DownloadJob:
                 if self._flush_due and self._partial is not None:
                     # bound what a crash can lose to about one interval of verified pieces
                     self._flush_due = False
-                    await self.engine.store.aio.flush(self._partial)
+                    await asyncio.to_thread(self._partial.flush)
             except StoreFullError:
                 self._enter_disk_full()
             if self._failed:
@@ -897,15 +896,14 @@ class DownloadJob:
 
         Meanwhile the pieces written so far are made durable (a restart keeps them).
         """
-        aio = self.engine.store.aio
         home = self.engine.store.home
         flushed = False
         while True:
             if not flushed and self._partial is not None:
                 with contextlib.suppress(StoreError, OSError):  # no room for the metadata yet
-                    await aio.flush(self._partial)
+                    await asyncio.to_thread(self._partial.flush)
                     flushed = True
-            free = (await aio.io(shutil.disk_usage, home)).free
+            free = (await asyncio.to_thread(shutil.disk_usage, home)).free
             if free >= 4 * self.piece_size + DISK_HEADROOM:
                 break
             await asyncio.sleep(self.engine.config.disk_retry)
@@ -948,9 +946,9 @@ class DownloadJob:
     async def _finish(self) -> None:
         partial = self._partial
         assert partial is not None
-        await self.engine.store.aio.close_partial(partial)
+        await asyncio.to_thread(partial.close)
         self._partial = None
-        if not await self.engine.store.aio.has(self.blob_id):
+        if not self.engine.store.has(self.blob_id):
             raise TransferError(f"{self.blob_id} incomplete after all pieces arrived",
                                 blob_id=self.blob_id)
         self._report()
@@ -976,8 +974,7 @@ class DownloadJob:
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
-        aio = self.engine.store.aio
-        complete = await aio.has(self.blob_id)
+        complete = self.engine.store.has(self.blob_id)
         for conn in self.sched.conns():
             self._bind(conn, False)
             if complete and not conn.session.peer_complete:
@@ -988,9 +985,9 @@ class DownloadJob:
         partial, self._partial = self._partial, None  # pieces still arriving are dropped
         if partial is not None:
             with contextlib.suppress(OSError, StoreError):
-                await aio.close_partial(partial)
+                await asyncio.to_thread(partial.close)
         with contextlib.suppress(StoreError):
-            await aio.advise_lease_dropped(self._lease, self.blob_id)
+            self.engine.store.advise_lease_dropped(self._lease, self.blob_id)
 
 
 __all__ = ["BanKind", "DownloadJob", "JobProgress", "PriorityGate", "SwarmConfig", "SwarmEngine"]
