@@ -389,12 +389,15 @@ class TransferManager:
         live.runner = self._spawn(self._run_initiator(live))
 
     async def _stop_runner(self, live: _Live) -> None:
-        if live.session is not None:
-            live.session.stream.reset("restarting")
+        # cancel first, then reset: reset first, the session saw a broken stream, marked the
+        # channel stalled and scheduled a restart of its own beside the one asked for
+        sess = live.session
         if live.runner is not None and not live.runner.done():
             live.runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await live.runner
+        if sess is not None:
+            sess.stream.reset("restarting")
 
     # --- sessions ------------------------------------------------------------------------
 
