@@ -113,15 +113,19 @@ class MembershipScenario:
     nodes: int = 100             # members at the start (all know each other)
     seed: int = 0
     duration: float = 30.0       # virtual time simulated
-    joins: int = 10              # nodes joining, at times spread over the join window
-    join_window: tuple[float, float] = (2.0, 18.0)
-    crash_fraction: float = 0.0  # of the members, crashing once in the crash window
-    crash_window: tuple[float, float] = (2.0, 12.0)
+    joins: int = 10              # nodes joining, spread over the window
+    crash_fraction: float = 0.0  # of the members, crashing once in the window
+    settle: float = 12.0         # the window: from 2 s to this long before the end
     starved_fraction: float = 0.0  # of the members, CPU-starved for the whole run
     starve_lag: tuple[float, float] = (2.0, 5.0)  # how late their timers and messages run
     latency_ms: float = 0.5      # one way from a node to the switch (jittered ±50 %)
     timing: Timing = field(default_factory=Timing)
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """When joins and crashes happen: each has ``settle`` seconds to be seen."""
+        return 2.0, max(2.0, self.duration - self.settle)
 
 
 @dataclass(slots=True)
@@ -586,13 +590,13 @@ class _Fleet:
         for i in order[:n_starved]:
             self.nodes[i].starved = True
         for i in order[n_starved:n_starved + n_crash]:
-            self.sim.at(self.rng.uniform(*sc.crash_window), self._crash, self.nodes[i])
+            self.sim.at(self.rng.uniform(*sc.window), self._crash, self.nodes[i])
         for n in self.nodes:
             start = self.rng.uniform(0, t.probe_interval)  # not all in step
             self.sim.at(start, self._start, n)
         for k in range(sc.joins):
-            at = sc.join_window[0] + (sc.join_window[1] - sc.join_window[0]) * (
-                (k + self.rng.random()) / max(1, sc.joins))
+            first, last = sc.window
+            at = first + (last - first) * (k + self.rng.random()) / sc.joins
             self.sim.at(at, self._join, self.base_n + k)
 
     def _start(self, n: _Node) -> None:
