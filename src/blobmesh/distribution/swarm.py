@@ -632,8 +632,8 @@ class DownloadJob:
         self.bytes_done = 0
         self._rate_mark = (now, 0)
         self.rate = 0.0
-        self._received: collections.Counter[NodeId] = collections.Counter()  # bytes, by peer
-        self._received_mark: dict[NodeId, int] = {}  # ... at the rate mark
+        # bytes received from each peer since the rate mark, and the rates of the last window
+        self._received: collections.Counter[NodeId] = collections.Counter()
         self._peer_rates: dict[NodeId, float] = {}
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
@@ -965,9 +965,8 @@ class DownloadJob:
         if now - t0 >= 0.5:
             self.rate = (self.bytes_done - b0) / (now - t0)
             self._rate_mark = (now, self.bytes_done)
-            self._peer_rates = {p: (n - self._received_mark.get(p, 0)) / (now - t0)
-                                for p, n in self._received.items()}
-            self._received_mark = dict(self._received)
+            self._peer_rates = {p: n / (now - t0) for p, n in self._received.items()}
+            self._received.clear()
         if self._progress is not None:
             picker = self.sched.picker
             busy = sorted((c for c in self.sched.conns() if self.sched.outstanding(c)),
