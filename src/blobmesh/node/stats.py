@@ -183,10 +183,10 @@ class StatsAsker:
     every ``MemberStats.every`` seconds whoever asks; answers from non-members are dropped.
     Times are wall-clock seconds (``stats_seen`` is shown as a time)."""
 
-    def __init__(self, space: Space, tasks: TaskOwner, stats: MemberStats | None = None) -> None:
+    def __init__(self, space: Space, tasks: TaskOwner) -> None:
         self._space = space
         self._tasks = tasks
-        self.stats = stats or MemberStats()
+        self.stats = MemberStats()
         self._asking: set[NodeId] = set()  # requests being sent
 
     def ask(self, shown: Iterable[NodeId], now: float) -> None:
