@@ -227,7 +227,7 @@ def assert_whole_tree(home: Path, cid: BlobId) -> None:
         assert len(members) == MEMBERS
         # every member here (one read-only query), and fsck rehashes every present piece:
         # reading each one through a leased reader cost a write transaction per blob
-        assert set(store.db.complete_sizes(members)) == set(members)
+        assert set(store.db.complete_sizes(list(members))) == set(members)
         assert store.fsck().ok
 
 
