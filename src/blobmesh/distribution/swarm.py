@@ -130,6 +130,8 @@ class JobProgress:
     state: TargetState = TargetState.TRANSFERRING
     reason: str = ""
     sources: tuple[NodeId, ...] = ()  # peers with requests in flight, the busiest first
+    # bytes/s received from each of ``sources`` (same order) over the same window as ``rate``
+    source_rates: tuple[float, ...] = ()
 
 
 PeerSource = Callable[[], Iterable[NodeId]]
@@ -152,19 +154,27 @@ class _Conn:
         self.job: DownloadJob | None = None
         self.closed = False
         self.close_reason = ""
-        self._outbox: deque[tuple[bytes, int]] = deque()  # (message, piece index or -1)
+        # control messages (haves, requests, refusals) go before pieces not yet sent: a
+        # have must not wait behind the piece data we upload to the same peer
+        self._control: deque[bytes] = deque()
+        self._pieces: deque[tuple[bytes, int]] = deque()  # (message, piece index or -1)
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
 
-    def push(self, message: bytes, piece: int = -1) -> None:
-        """Queue a message; never waits.  A peer that lets the queue overflow is dropped."""
+    def push(self, message: bytes, piece: int = -1, *, after_pieces: bool = False) -> None:
+        """Queue a message; never waits.  Pieces (``piece`` >= 0), and messages that must
+        follow them (``after_pieces``: a bye), go in order; other messages go before the
+        pieces not yet sent.  A peer that lets the queue overflow is dropped."""
         if self.closed:
             return
-        if len(self._outbox) >= MAX_OUTBOX:
+        if len(self._control) + len(self._pieces) >= MAX_OUTBOX:
             self.close(f"{NOT_READING}: send queue full")
             return
-        self._outbox.append((message, piece))
+        if piece >= 0 or after_pieces:
+            self._pieces.append((message, piece))
+        else:
+            self._control.append(message)
         self._drained.clear()
         self._ready.set()
 
@@ -176,17 +186,22 @@ class _Conn:
 
     async def run_writer(self, send_timeout: float,
                          on_piece_sent: Callable[[_Conn, int, int], None]) -> None:
-        """Send the outbox in order until the connection closes."""
+        """Send what is queued until the connection closes: control messages first; each
+        piece only once the one before it is written to the socket, so the transport holds
+        little that a later control message would wait behind (its ``flush``)."""
         while not self.closed:
-            if not self._outbox:
+            if self._control:
+                message, piece = self._control.popleft(), -1
+            elif self._pieces:
+                message, piece = self._pieces.popleft()
+            else:
                 self._drained.set()
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            message, piece = self._outbox.popleft()
             try:
                 async with asyncio.timeout(send_timeout):
-                    await self.stream.send(message)
+                    await self.stream.send(message, flush=piece >= 0)
             except TimeoutError:
                 self.close(f"{NOT_READING}: nothing read for {send_timeout:g}s")
                 return
@@ -201,7 +216,8 @@ class _Conn:
         if not self.closed:
             self.closed = True
             self.close_reason = reason
-            self._outbox.clear()
+            self._control.clear()
+            self._pieces.clear()
             self._ready.set()
             self._drained.set()
             self.stream.reset(reason)
@@ -416,7 +432,7 @@ class SwarmEngine:
                     if event is not None:
                         await job.on_event(conn, event)
                 elif conn.session.peer_complete and self.store.has(blob_id):
-                    conn.push(conn.session.bye("both complete"))
+                    conn.push(conn.session.bye("both complete"), after_pieces=True)
                     await conn.drain(1.0)
                     return
         except (TransportError, ProtocolError) as exc:
@@ -630,6 +646,9 @@ class DownloadJob:
         self.bytes_done = 0
         self._rate_mark = (now, 0)
         self.rate = 0.0
+        # bytes received from each peer since the rate mark, and the rates of the last window
+        self._received: collections.Counter[NodeId] = collections.Counter()
+        self._peer_rates: dict[NodeId, float] = {}
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
         self._pending_layer: PieceLayer | None = None
@@ -718,6 +737,7 @@ class DownloadJob:
             raise
         if wrote:
             self.bytes_done += len(data)
+            self._received[conn.peer] += len(data)
             self.engine.bytes_downloaded += len(data)
         self._execute(self.sched.piece_written(conn, index, wrote, self._loop.time()))
         self._report()
@@ -959,16 +979,19 @@ class DownloadJob:
         if now - t0 >= 0.5:
             self.rate = (self.bytes_done - b0) / (now - t0)
             self._rate_mark = (now, self.bytes_done)
+            self._peer_rates = {p: n / (now - t0) for p, n in self._received.items()}
+            self._received.clear()
         if self._progress is not None:
             picker = self.sched.picker
             busy = sorted((c for c in self.sched.conns() if self.sched.outstanding(c)),
                           key=self.sched.outstanding, reverse=True)
+            sources = tuple(c.peer for c in busy[:SOURCES_REPORTED])
             self._progress(JobProgress(self.bytes_done, self.size,
                                        picker.have.count() if picker else 0,
                                        picker.have.size if picker else 0,
                                        self.sched.connections, self.rate, self.state,
-                                       self.reason,
-                                       tuple(c.peer for c in busy[:SOURCES_REPORTED])))
+                                       self.reason, sources,
+                                       tuple(self._peer_rates.get(p, 0.0) for p in sources)))
 
     async def _shutdown(self) -> None:
         self._closing = True
@@ -979,7 +1002,7 @@ class DownloadJob:
             self._bind(conn, False)
             if complete and not conn.session.peer_complete:
                 continue  # keep seeding to a peer that still downloads
-            conn.push(conn.session.bye("done"))
+            conn.push(conn.session.bye("done"), after_pieces=True)
             await conn.drain(1.0)
             conn.close("done")
         partial, self._partial = self._partial, None  # pieces still arriving are dropped
