@@ -26,7 +26,7 @@ from blobmesh.wire import DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, Rol
 log = logging.getLogger("blobmesh.transport")
 
 DEFAULT_PORT = 4919
-NOTSENT_LOWAT = 512 * 1024  # bytes of unsent data a connection's socket holds at most
+NOTSENT_LOWAT = 2 * 1024 * 1024  # bytes of unsent data a connection's socket holds at most
 _REDIALS = 3  # dials for one open_stream whose new connections the peer retires at once
 
 
