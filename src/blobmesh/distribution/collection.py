@@ -28,7 +28,6 @@ import msgspec
 
 from blobmesh import collection
 from blobmesh.collection import Collection
-from blobmesh.collection.bulk import add_many
 from blobmesh.collection.catalog import member_pin
 from blobmesh.collection.manifest import check_path
 from blobmesh.collection.tree import SMALL_FILE
@@ -253,7 +252,7 @@ class CollectionDistributor:
         return out
 
     def _commit(self, batch: list[tuple[BlobId, bytes]]) -> list[tuple[BlobId, int]]:
-        add_many(self.store, [data for _, data in batch])
+        self.store.add_many([data for _, data in batch])
         return [(m, len(d)) for m, d in batch]
 
 
