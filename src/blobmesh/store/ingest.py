@@ -242,7 +242,7 @@ class Batch:
                     add_lease(conn, layer.blob_id, lease)
             if durable:
                 sync_paths(self.layout, durable)  # the files are durable before the rows are
-        return db.infos([layer.blob_id for layer in layers])
+            return db.infos([layer.blob_id for layer in layers])
 
     def _place(self, todo: list[tuple[Ingest | Held, int | None]], undo: Undo) -> list[Path]:
         """Rename or write the files of ``todo`` into ``blobs/`` (inside the transaction);
