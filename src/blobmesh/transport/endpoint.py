@@ -26,6 +26,7 @@ from blobmesh.wire import DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, Rol
 log = logging.getLogger("blobmesh.transport")
 
 DEFAULT_PORT = 4919
+_REDIALS = 3  # dials for one open_stream whose new connections the peer retires at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +180,15 @@ class Endpoint:
         return ticket.node_id
 
     async def open_stream(self, peer: NodeId, protocol: str) -> TlsStream:
-        """Open a stream to ``peer``, reusing the connection to it or dialing one."""
-        conn = await self._connection(peer)
+        """Open a stream to ``peer``, reusing the connection to it or dialing one.
+
+        A connection the peer retires before our stream opens on it (say its idle timer
+        fired while a loaded machine was still finishing our handshake) is dialed anew, a
+        few times, rather than failing the caller with "going away"."""
+        for _ in range(_REDIALS):
+            conn = await self._connection(peer)
+            if conn.usable:
+                break
         return conn.open_stream(protocol)
 
     def last_heard(self, peer: NodeId) -> float | None:
