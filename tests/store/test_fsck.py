@@ -86,19 +86,3 @@ def test_orphans_are_reported_and_quarantined(store: Store) -> None:
     store.fsck(repair=True)
     assert store.fsck().ok
     assert len(list(store.layout.quarantine.iterdir())) == 3
-
-
-def test_a_one_piece_blob_without_a_layer_file_is_checked_by_its_data(store: Store) -> None:
-    """Small adds write no ``.pieces`` file for one piece: the layer is the data's hash."""
-    from blobmesh.errors import CorruptBlobError
-    from blobmesh.hashing import hash_piece
-
-    data = payload(20_000, seed=9)
-    blob_id = store.add_bytes(data).blob_id
-    assert not store.layout.pieces_path(blob_id).exists()
-    assert store.piece_layer(blob_id).hashes == (hash_piece(data),)
-    assert store.read_piece(blob_id, 0) == data and store.fsck().ok
-    flip_byte(store, blob_id, 100)
-    assert [(p.kind, p.blob_id) for p in store.fsck().problems] == [("corrupt", blob_id)]
-    with pytest.raises(CorruptBlobError):
-        store.piece_layer(blob_id)

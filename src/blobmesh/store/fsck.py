@@ -9,7 +9,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from blobmesh.errors import VerificationError
-from blobmesh.hashing import BlobId, PieceLayer, hash_bytes, hash_piece, piece_count, piece_range
+from blobmesh.hashing import BlobId, PieceLayer, hash_piece, piece_count
 from blobmesh.store.db import MetaDB
 from blobmesh.store.layout import Layout, blob_id_from_name
 from blobmesh.store.types import FsckProblem, FsckReport, Progress
@@ -45,14 +45,9 @@ def _check_blob(blob_id: BlobId, size: int, piece_size: int, complete: bool, hav
                 data_path: Path, pieces_path: Path, report: FsckReport,
                 progress: Progress | None) -> tuple[str, str] | None:
     try:
-        raw = pieces_path.read_bytes()
+        layer = PieceLayer.from_bytes(blob_id, size, piece_size, pieces_path.read_bytes())
     except FileNotFoundError:
-        if not (complete and piece_count(size, piece_size) == 1):
-            return ("missing", "piece layer file is missing")
-        raw = None  # a one-piece blob without a layer file: its data must hash to its id
-    try:
-        layer = PieceLayer.from_bytes(blob_id, size, piece_size, raw) if raw is not None \
-            else None
+        return ("missing", "piece layer file is missing")
     except VerificationError as exc:
         return ("corrupt", f"piece layer: {exc}")
     try:
@@ -68,14 +63,13 @@ def _check_blob(blob_id: BlobId, size: int, piece_size: int, complete: bool, hav
     except FileNotFoundError:
         return ("missing", "data file is missing")
     with f:
-        for i in range(have.size) if complete else list(have):
-            off, length = piece_range(size, piece_size, i)
+        for i in range(len(layer)) if complete else list(have):
+            off, length = layer.piece_range(i)
             data = os.pread(f.fileno(), length, off)
             report.bytes_checked += len(data)
             if progress:
                 progress(len(data))
-            if len(data) != length or (hash_bytes(data) != blob_id if layer is None
-                                       else hash_piece(data) != layer.hashes[i]):
+            if len(data) != length or hash_piece(data) != layer.hashes[i]:
                 bad.append(i)
     if bad:
         shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")

@@ -259,15 +259,13 @@ class Batch:
                 move_in(self.layout, layer.blob_id, item.path,
                         item.pieces_path if partial_size is None else None, undo)
             elif partial_size is None:
+                pieces_path = self.layout.pieces_path(layer.blob_id)
                 # any file already there has no row: a leftover, overwritten
                 undo.append(partial(data_path.unlink, missing_ok=True))
                 write_file(data_path, item.data)
-                durable.append(data_path)
-                if len(layer) > 1:  # one piece: its layer is its data's hash, no file
-                    pieces_path = self.layout.pieces_path(layer.blob_id)
-                    undo.append(partial(pieces_path.unlink, missing_ok=True))
-                    write_file(pieces_path, layer.to_bytes())
-                    durable.append(pieces_path)
+                undo.append(partial(pieces_path.unlink, missing_ok=True))
+                write_file(pieces_path, layer.to_bytes())
+                durable += (data_path, pieces_path)
             else:  # replaces the partial's file whole, as a rename does
                 ing = self.new()
                 ing.write(item.data)

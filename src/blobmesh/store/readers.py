@@ -21,18 +21,11 @@ if TYPE_CHECKING:
 
 
 def piece_layer(db: MetaDB, layout: Layout, blob_id: BlobId) -> PieceLayer:
-    """The stored piece layer, checked against the blob id.
-
-    A complete blob of one piece may have no ``.pieces`` file (small adds write none): its
-    layer is the hash of its data, which is read and checked instead.
-    """
+    """The stored piece layer, checked against the blob id."""
     row = db.blob_row(blob_id)
     try:
         raw = layout.pieces_path(blob_id).read_bytes()
     except FileNotFoundError as exc:
-        if row[3] and piece_count(int(row[1]), int(row[2])) == 1:
-            data = read_whole(layout, blob_id, int(row[1]), verify=True)
-            return PieceLayer(blob_id, int(row[1]), int(row[2]), [hash_piece(data)])
         raise CorruptBlobError(f"piece layer of {blob_id} is missing; run fsck",
                                blob_id=blob_id) from exc
     try:
