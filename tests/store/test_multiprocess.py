@@ -6,8 +6,11 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.store import LeaseId, Store
+from blobmesh.store.ingest import HELD_MAX
 from tests.store.helpers import payload, start_worker
 
 
@@ -56,9 +59,10 @@ def test_kill_during_add(home: Path) -> None:
         _assert_clean(store)
 
 
-def test_kill_between_move_and_commit(home: Path) -> None:
+@pytest.mark.parametrize("size", [300_000, HELD_MAX + 1])  # written in place; staged
+def test_kill_between_move_and_commit(home: Path, size: int) -> None:
     with Store(home) as store:
-        adder = start_worker("add-die-before-commit", str(home), "300000")
+        adder = start_worker("add-die-before-commit", str(home), str(size))
         assert adder.wait(30) == -signal.SIGKILL
         assert len(list(store.layout.blobs.iterdir())) == 1  # files moved, row never committed
         assert store.blobs() == []
@@ -68,16 +72,41 @@ def test_kill_between_move_and_commit(home: Path) -> None:
         _assert_clean(store)
 
 
+def _blob_files(home: Path) -> list[Path]:
+    return [f for sub in (home / "blobs").iterdir() for f in sub.iterdir()]
+
+
+def _journals(home: Path) -> list[Path]:
+    return [f for f in (home / "tmp").iterdir() if f.suffix == ".moving"]
+
+
 def test_kill_during_add_many_before_its_commit(home: Path) -> None:
     """All files of a 20-blob add_many are in blobs/ when it dies: none of them appears."""
     Store(home).close()
-    adder = start_worker("add-many-die-before-commit", str(home), "20")
+    adder = start_worker("add-many-die-before-commit", str(home))
     assert adder.wait(30) == -signal.SIGKILL
-    moved = [f for sub in (home / "blobs").iterdir() for f in sub.iterdir()]
-    assert len(moved) == 40  # data and piece layer of each: moved in, never committed
+    assert len(_blob_files(home)) == 40  # data and piece layer of each, never committed
     with Store(home) as store:
         assert store.blobs() == []
         assert not any(any(sub.iterdir()) for sub in store.layout.blobs.iterdir())
+        _assert_clean(store)
+
+
+@pytest.mark.parametrize("mode", ["add-many-die-writing", "add-many-die-after-commit"])
+def test_kill_inside_a_batch_commit_leaves_all_or_nothing(home: Path, mode: str) -> None:
+    """One journal names the whole batch: killed while its files go into blobs/, none of the
+    20 blobs appears; killed after its commit, before the journal is gone, all of them stay."""
+    Store(home).close()
+    adder = start_worker(mode, str(home), *(["21"] if mode == "add-many-die-writing" else []))
+    assert adder.wait(30) == -signal.SIGKILL
+    assert len(_journals(home)) == 1  # one for the batch, not one per blob
+    committed = mode == "add-many-die-after-commit"
+    assert len(_blob_files(home)) == (40 if committed else 21)
+    with Store(home) as store:
+        assert len(store.blobs()) == (20 if committed else 0)
+        assert len(_blob_files(home)) == (40 if committed else 0)
+        for info in store.blobs():
+            assert hash_bytes(store.read_range(info.blob_id, 0, info.size)) == info.blob_id
         _assert_clean(store)
 
 

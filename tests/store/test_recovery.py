@@ -13,6 +13,7 @@ from blobmesh.errors import StoreError, StoreFullError
 from blobmesh.hashing import hash_bytes
 from blobmesh.store import LeaseId, Store
 from blobmesh.store import ingest as ingest_module
+from blobmesh.store.ingest import HELD_MAX
 from tests.store.helpers import failing_db, payload
 
 DATA = payload(2_000_000, seed=5)
@@ -111,9 +112,11 @@ def test_disk_full_leaves_nothing(store: Store, monkeypatch: pytest.MonkeyPatch,
     assert store.add_bytes(DATA).blob_id == hash_bytes(DATA)
 
 
-@pytest.mark.parametrize("call", [1, 2])  # 1: the temp files, 2: the moves, in the commit
+# in memory: one sync, of the files written in place, in the commit; staged: 1: the temp
+# files, 2: the moves, in the commit
+@pytest.mark.parametrize(("size", "call"), [(100, 1), (HELD_MAX + 1, 1), (HELD_MAX + 1, 2)])
 def test_disk_full_in_a_batch_sync_leaves_nothing(store: Store, monkeypatch: pytest.MonkeyPatch,
-                                                  call: int) -> None:
+                                                  size: int, call: int) -> None:
     real = ingest_module._sync_filesystem
     calls = 0
 
@@ -126,11 +129,12 @@ def test_disk_full_in_a_batch_sync_leaves_nothing(store: Store, monkeypatch: pyt
 
     monkeypatch.setattr(ingest_module, "_sync_filesystem", failing)
     with pytest.raises(StoreFullError, match="disk full"):
-        store.add_many([payload(100 + i, seed=i) for i in range(5)])
+        store.add_many([payload(size + i, seed=i) for i in range(5)])
     monkeypatch.undo()
     assert calls == call
     assert store.blobs() == [] and store.fsck().ok and not any(store.layout.tmp.iterdir())
-    assert len(store.add_many([payload(100 + i, seed=i) for i in range(5)])) == 5
+    assert not any(any(sub.iterdir()) for sub in store.layout.blobs.iterdir())
+    assert len(store.add_many([payload(size + i, seed=i) for i in range(5)])) == 5
 
 
 def test_failed_move_in_is_undone(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

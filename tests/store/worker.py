@@ -110,17 +110,40 @@ def die_on_call(module: Any, name: str, after: int) -> None:
 
 
 def add_die_before_commit(home: str, size: str) -> None:
-    """Die after the files of an add are in blobs/ but before the row is committed."""
+    """Die after the files of an add are in blobs/ but before the row is committed (content
+    in memory is written there at the commit, one sync; a staged add syncs its temp files
+    first)."""
     with Store(home) as store:
-        die_on_call(store_module, "fsync_dir", 1)
+        die_on_call(store_module, "sync_paths", 1 if int(size) <= store_module.HELD_MAX else 2)
         store.add_bytes(random.Random(0).randbytes(int(size)))
 
 
-def add_many_die_before_commit(home: str, count: str) -> None:
-    """Die after the files of an ``add_many`` are all in blobs/, before the one commit."""
+def _twenty() -> list[bytes]:
+    return [random.Random(i).randbytes(20_000 + i) for i in range(20)]
+
+
+def add_many_die_before_commit(home: str) -> None:
+    """Die after the files of a 20-blob ``add_many`` are all in blobs/, before the one
+    commit."""
     with Store(home) as store:
-        die_on_call(store_module, "sync_dirs", 1)
-        store.add_many([random.Random(i).randbytes(20_000 + i) for i in range(int(count))])
+        die_on_call(store_module, "sync_paths", 1)
+        store.add_many(_twenty())
+
+
+def add_many_die_writing(home: str, files: str) -> None:
+    """Die in the commit of a 20-blob ``add_many`` once ``files`` of its files are in blobs/
+    (the journal is the first file it writes)."""
+    with Store(home) as store:
+        die_on_call(store_module, "write_file", int(files) + 2)
+        store.add_many(_twenty())
+
+
+def add_many_die_after_commit(home: str) -> None:
+    """Die right after the commit of a 20-blob ``add_many``, before its journal is removed
+    (the first unlink of the add)."""
+    with Store(home) as store:
+        die_on_call(os, "unlink", 1)
+        store.add_many(_twenty())
 
 
 def lock_store(home: str, seconds: str) -> None:
@@ -161,6 +184,8 @@ MODES: dict[str, Callable[..., None]] = {
     "add-die-before-commit": add_die_before_commit,
     "gc-die-midway": gc_die_midway,
     "add-many-die-before-commit": add_many_die_before_commit,
+    "add-many-die-writing": add_many_die_writing,
+    "add-many-die-after-commit": add_many_die_after_commit,
     "lock-store": lock_store,
     "gc-loop": gc_loop,
 }

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blobmesh.collection.bulk import add_many
 from blobmesh.collection.manifest import Collection, Dir, Entry, File, Symlink
 from blobmesh.errors import SourceChangedError, SourceError
 from blobmesh.hashing import BlobId, TreeHasher, hash_bytes
@@ -166,7 +165,7 @@ def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
     of a tree costs writes only for what changed (``progress`` counts the hashing pass).
     Files that change while being read (size, mtime or content differs between reads) raise
     :class:`SourceChangedError`; the collection is only written once every member is in.
-    Small files are read whole and added in batches (:func:`blobmesh.collection.bulk.add_many`).
+    Small files are read whole and added in batches (``Store.add_many``: one commit each).
     """
     scan = root if isinstance(root, TreeScan) else scan_tree(root)
     if store.home.resolve().is_relative_to(scan.root.resolve()):
@@ -200,7 +199,7 @@ def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
                 ids[src.rel] = blob_id
             else:
                 todo.append((src, data))
-        for (src, _), info in zip(todo, add_many(store, [d for _, d in todo], lease),
+        for (src, _), info in zip(todo, store.add_many([d for _, d in todo], lease),
                                   strict=True):
             ids[src.rel] = info.blob_id
         if progress:

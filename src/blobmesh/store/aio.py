@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from blobmesh.errors import BlobNotFoundError, CorruptBlobError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_bytes
-from blobmesh.store.ingest import Bytes
+from blobmesh.store.layout import Bytes
 from blobmesh.store.leases import LeaseId
 from blobmesh.store.partial import PartialBlob
 from blobmesh.store.piece_reader import PieceReader

@@ -70,27 +70,29 @@ def collect(db: MetaDB, layout: Layout, *, dry_run: bool, partial_grace: float) 
 
 def recover(db: MetaDB, layout: Layout) -> None:
     """Undo what killed processes left: temp files, half-done moves in, half-done GCs."""
-    markers: list[Path] = []
+    journals: list[Path] = []  # see ``ingest.write_journal``
     for tmp in layout.tmp.iterdir():
         owner = _owner_pid(tmp.name)
         if owner is not None and pid_alive(owner, None):
             continue
         if tmp.suffix == ".moving":
-            markers.append(tmp)
+            journals.append(tmp)
         else:
             with suppress(OSError):
                 tmp.unlink()
-    if not markers and not any(layout.trash.iterdir()):
+    if not journals and not any(layout.trash.iterdir()):
         return
     with db.write() as conn:
-        for marker in markers:
-            # the owner died between moving files into blobs/ and committing their row
+        for journal in journals:
+            # the owner died between putting files into blobs/ and committing their rows
             with suppress(OSError):
-                moved = blob_id_from_name(marker.read_text())
-                if moved is not None and not has_row(conn, moved):
-                    layout.data_path(moved).unlink(missing_ok=True)
-                    layout.pieces_path(moved).unlink(missing_ok=True)
-            marker.unlink(missing_ok=True)
+                for name in journal.read_text().split():
+                    moved = blob_id_from_name(name)
+                    if moved is not None and not has_row(conn, moved):
+                        for path in (layout.data_path(moved), layout.pieces_path(moved)):
+                            with suppress(OSError):
+                                path.unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
         for item in layout.trash.iterdir():
             name = item.name.split("~")[0]
             blob_id = blob_id_from_name(name)

@@ -1,11 +1,18 @@
 """Getting data into the store: adds (one blob or many in one commit) and new partial blobs.
 
-An add streams its input into ``tmp/add-PID-*.tmp`` while hashing it, fsyncs it and its piece
-layer, then — inside one write transaction — renames both into ``blobs/`` and inserts the row.
-A :class:`Batch` commits any number of adds in one transaction: one write-lock acquisition and
-one SQLite commit (one WAL fsync), and its files are made durable in one ``syncfs`` round
-before the moves and one after (instead of an fsync per file and directory), whatever the
-count.
+A streamed add goes into ``tmp/add-PID-*.tmp`` while being hashed; its piece layer is written
+beside it.  Content of at most ``HELD_MAX`` bytes given in memory is only hashed: nothing is
+written for it until the commit, and nothing at all if its blob is already here.
+
+A :class:`Batch` commits any number of adds in one write transaction (one write-lock
+acquisition, one SQLite commit).  Inside it, one *journal* in ``tmp/`` names every blob about to
+appear; then staged files are renamed into ``blobs/`` and held contents are written there in
+place; one sync makes all of it durable before the rows commit.  Staged files are synced before
+the transaction (so a big add does not flush gigabytes holding the lock).  A sync of three files
+or more is one ``syncfs`` of the home's filesystem instead of an fsync each, so a batch of small
+blobs costs one ``syncfs`` and one commit however many there are.  If the process dies before
+its commit, the next open (``gc.recover``) removes the files of every blob the journal names
+that has no row: the batch appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import ctypes
 import io
 import itertools
 import os
+import sqlite3
 import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
@@ -25,15 +33,15 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from blobmesh.errors import SourceError, StoreError
-from blobmesh.hashing import BlobId, PieceLayer, TreeHasher, piece_count
+from blobmesh.hashing import BlobId, PieceLayer, TreeHasher, hash_stream, piece_count
 from blobmesh.store.db import MetaDB, Undo, add_lease, has_row
 from blobmesh.store.layout import (
     DIR_MODE,
     FULL_ERRNOS,
+    Bytes,
     Layout,
     create_file,
-    fsync_dir,
-    write_file_synced,
+    write_file,
 )
 from blobmesh.store.leases import LeaseId
 from blobmesh.store.types import BlobInfo, Progress
@@ -43,8 +51,10 @@ CHUNK = 16 * 1024 * 1024
 """Large reads and writes; hashing overlaps each in a thread."""
 OVERLAP_MIN = 1024 * 1024
 """Below this, hashing a chunk in a helper thread costs more than it overlaps."""
+HELD_MAX = 1024 * 1024
+"""In-memory content up to this size is written straight into ``blobs/`` at the commit (no temp
+file, rename or unlink); larger content is staged in ``tmp/`` like a stream."""
 
-Bytes = bytes | bytearray | memoryview
 Source = BinaryIO | io.RawIOBase | Iterable[Bytes]
 
 
@@ -129,28 +139,43 @@ class Ingest:
             with suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        for path in (self.path, self.pieces_path, self.path.with_suffix(".moving")):
+        for path in (self.path, self.pieces_path):
             path.unlink(missing_ok=True)
+
+
+class Held:
+    """Content given in memory and hashed; written (if its blob is missing) at the commit.
+    The caller leaves ``data`` unchanged until then."""
+
+    __slots__ = ("data", "layer")
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.layer = hash_stream([data])[1]
 
 
 class Batch:
     """Adds that commit together: ``with Batch(layout) as b: b.add(...); b.commit(db, lease)``.
 
-    Leaving the block removes every temp file; an ``OSError`` leaves it as a
+    Leaving the block removes every temp file and the journal; an ``OSError`` leaves it as a
     :class:`StoreError` (:class:`~blobmesh.errors.StoreFullError` on a full disk).
     """
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self._ingests: list[Ingest] = []
+        self._items: list[Ingest | Held] = []
+        self._journal: Path | None = None
 
     def __enter__(self) -> Batch:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        for ing in self._ingests:
-            ing.discard()
+        for item in self._items:
+            if isinstance(item, Ingest):
+                item.discard()
+        if self._journal is not None:
+            self._journal.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, StoreError):
             if exc.errno in FULL_ERRNOS:
                 raise self.layout.disk_full("adding to") from exc
@@ -159,49 +184,125 @@ class Batch:
     def new(self) -> Ingest:
         """A new temp file of this batch, to be written and finished by the caller."""
         ing = Ingest(self.layout)
-        self._ingests.append(ing)
+        self._items.append(ing)
         return ing
 
     def add(self, source: Source | Bytes, progress: Progress | None = None) -> PieceLayer:
-        """Write and hash one input into ``tmp/`` and make it durable there."""
-        ing = self.new()
+        """Hash one input; stage it in ``tmp/`` unless it is small content in memory (which
+        must stay unchanged until the commit)."""
         if isinstance(source, bytes | bytearray | memoryview):
-            mv = memoryview(source)
+            mv = memoryview(source).cast("B")
+            if len(mv) <= HELD_MAX:
+                held = Held(mv)
+                self._items.append(held)
+                if progress:
+                    progress(len(mv))
+                return held.layer
             source = (mv[i : i + CHUNK] for i in range(0, len(mv), CHUNK))
+        ing = self.new()
         ing.feed(source, progress)
         return ing.finish()
 
     def commit(self, db: MetaDB, lease: LeaseId | None) -> list[BlobInfo]:
-        """Move every added blob into ``blobs/`` and insert its row in one transaction; a blob
-        already complete here is only leased.  Their infos, in the order added."""
-        sync_files(self.layout, [p for ing in self._ingests
-                                 for p in (ing.path, ing.pieces_path)])
+        """Put every blob not complete here yet into ``blobs/`` and insert (or complete) its
+        row, all in one transaction; a blob already complete here is only leased (and costs no
+        write).  Their infos, in the order added."""
+        staged = [item for item in self._items if isinstance(item, Ingest)]
+        if staged:
+            sync_paths(self.layout, [p for ing in staged for p in (ing.path, ing.pieces_path)])
+        layers = [_layer(item) for item in self._items]
         now = time.time()
         undo: Undo = []
-        dirs: set[Path] = set()
         with db.write(undo) as conn:
-            for ing in self._ingests:
-                layer = ing.layer
-                assert layer is not None
-                blob_id = layer.blob_id
-                row = conn.execute("SELECT complete, piece_size FROM blobs WHERE id=?",
-                                   (blob_id.digest,)).fetchone()
-                if row is None:
-                    conn.execute("INSERT INTO blobs VALUES (?,?,?,1,?,?,?)",
-                                 (blob_id.digest, layer.size, layer.piece_size,
-                                  Bitfield.full(len(layer)).to_bytes(), now, now))
-                    dirs.add(move_in(self.layout, blob_id, ing.path, ing.pieces_path, undo))
-                elif not row[0]:
-                    # A partial copy is here: the complete data serves it at its own piece
-                    # size, so its piece layer (which readers and writers already use) stays.
-                    conn.execute("UPDATE blobs SET complete=1, have=?, updated=? WHERE id=?",
-                                 (Bitfield.full(piece_count(layer.size, row[1])).to_bytes(),
-                                  now, blob_id.digest))
-                    dirs.add(move_in(self.layout, blob_id, ing.path, None, undo))
-                if lease is not None:
-                    add_lease(conn, blob_id, lease)
-            sync_dirs(self.layout, dirs)  # the renames are durable before the rows are
-            return db.infos([ing.layer.blob_id for ing in self._ingests if ing.layer])
+            rows = _rows(conn, [layer.blob_id for layer in layers])
+            todo: list[tuple[Ingest | Held, int | None]] = []  # a partial's piece size, if any
+            for item, layer in zip(self._items, layers, strict=True):
+                row = rows.get(layer.blob_id.digest)
+                if row is None or not row[0]:
+                    todo.append((item, None if row is None else row[1]))
+                    rows[layer.blob_id.digest] = (1, layer.piece_size)  # a repeat: only leased
+            if todo:
+                self._journal = write_journal(self.layout, [_layer(i).blob_id for i, _ in todo],
+                                              undo)
+            durable = self._place(todo, undo)
+            conn.executemany("INSERT INTO blobs VALUES (?,?,?,1,?,?,?)", [
+                (layer.blob_id.digest, layer.size, layer.piece_size,
+                 Bitfield.full(len(layer)).to_bytes(), now, now)
+                for layer, partial_size in ((_layer(i), p) for i, p in todo)
+                if partial_size is None])
+            # a partial copy was here: the complete data serves it at its own piece size, so
+            # its piece layer (which readers and writers already use) stays
+            conn.executemany("UPDATE blobs SET complete=1, have=?, updated=? WHERE id=?", [
+                (Bitfield.full(piece_count(layer.size, partial_size)).to_bytes(), now,
+                 layer.blob_id.digest)
+                for layer, partial_size in ((_layer(i), p) for i, p in todo)
+                if partial_size is not None])
+            if lease is not None:
+                for layer in layers:
+                    add_lease(conn, layer.blob_id, lease)
+            if durable:
+                sync_paths(self.layout, durable)  # the files are durable before the rows are
+            return db.infos([layer.blob_id for layer in layers])
+
+    def _place(self, todo: list[tuple[Ingest | Held, int | None]], undo: Undo) -> list[Path]:
+        """Rename or write the files of ``todo`` into ``blobs/`` (inside the transaction);
+        what must be synced before its commit: the files written and every directory."""
+        durable: list[Path] = []
+        dirs: set[Path] = set()
+        for item, partial_size in todo:
+            layer = _layer(item)
+            data_path = self.layout.data_path(layer.blob_id)
+            if data_path.parent not in dirs:
+                data_path.parent.mkdir(DIR_MODE, exist_ok=True)
+                dirs.add(data_path.parent)
+            if isinstance(item, Ingest):
+                move_in(self.layout, layer.blob_id, item.path,
+                        item.pieces_path if partial_size is None else None, undo)
+            elif partial_size is None:
+                pieces_path = self.layout.pieces_path(layer.blob_id)
+                # any file already there has no row: a leftover, overwritten
+                undo.append(partial(data_path.unlink, missing_ok=True))
+                write_file(data_path, item.data)
+                undo.append(partial(pieces_path.unlink, missing_ok=True))
+                write_file(pieces_path, layer.to_bytes())
+                durable += (data_path, pieces_path)
+            else:  # replaces the partial's file whole, as a rename does
+                ing = self.new()
+                ing.write(item.data)
+                ing.finish()
+                move_in(self.layout, layer.blob_id, ing.path, None, undo)
+                durable.append(data_path)
+        return durable + sorted(dirs)
+
+
+def _layer(item: Ingest | Held) -> PieceLayer:
+    assert item.layer is not None  # an Ingest is finished before its batch commits
+    return item.layer
+
+
+def _rows(conn: sqlite3.Connection, blob_ids: Sequence[BlobId]
+          ) -> dict[bytes, tuple[int, int]]:
+    """(complete, piece_size) of those of ``blob_ids`` that have a row, one query per 500."""
+    out: dict[bytes, tuple[int, int]] = {}
+    digests = list(dict.fromkeys(b.digest for b in blob_ids))
+    for i in range(0, len(digests), 500):
+        part = digests[i : i + 500]
+        for d, complete, piece_size in conn.execute(
+                f"SELECT id, complete, piece_size FROM blobs WHERE id IN "
+                f"({','.join('?' * len(part))})", part):
+            out[bytes(d)] = (int(complete), int(piece_size))
+    return out
+
+
+def write_journal(layout: Layout, blob_ids: Sequence[BlobId], undo: Undo) -> Path:
+    """Name, in ``tmp/``, the blobs whose files are about to appear in ``blobs/`` inside this
+    transaction (one file however many): if the process dies before its commit, the next open
+    removes the files of those that got no row.  The caller removes it when the transaction
+    is over."""
+    path = layout.tmp / f"journal-{os.getpid()}-{uuid.uuid4().hex}.moving"
+    undo.append(partial(path.unlink, missing_ok=True))
+    write_file(path, "\n".join(b.hex for b in blob_ids).encode())
+    return path
 
 
 def create_partial(db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId) -> None:
@@ -209,6 +310,7 @@ def create_partial(db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId
     blob is already here, partial or complete) and lease it."""
     blob_id = layer.blob_id
     tmp = layout.tmp / f"partial-{os.getpid()}-{uuid.uuid4().hex}.tmp"
+    journal: Path | None = None
     undo: Undo = []
     try:
         with layout.full_disk("creating a partial blob in"), db.write(undo) as conn:
@@ -219,33 +321,32 @@ def create_partial(db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                write_file_synced(tmp.with_suffix(".pieces"), layer.to_bytes())
+                write_file(tmp.with_suffix(".pieces"), layer.to_bytes(), sync=True)
                 now = time.time()
                 conn.execute("INSERT INTO blobs VALUES (?,?,?,0,?,?,?)",
                              (blob_id.digest, layer.size, layer.piece_size,
                               Bitfield(len(layer)).to_bytes(), now, now))
-                fsync_dir(move_in(layout, blob_id, tmp, tmp.with_suffix(".pieces"), undo))
+                journal = write_journal(layout, [blob_id], undo)
+                layout.data_path(blob_id).parent.mkdir(DIR_MODE, exist_ok=True)
+                move_in(layout, blob_id, tmp, tmp.with_suffix(".pieces"), undo)
+                sync_paths(layout, [layout.data_path(blob_id).parent])
             add_lease(conn, blob_id, lease)
     finally:
-        for leftover in (tmp, tmp.with_suffix(".pieces"), tmp.with_suffix(".moving")):
-            leftover.unlink(missing_ok=True)
+        for leftover in (tmp, tmp.with_suffix(".pieces"), journal):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
 
 
 def move_in(layout: Layout, blob_id: BlobId, data_tmp: Path, pieces_tmp: Path | None,
-            undo: Undo) -> Path:
-    """Rename finished files into ``blobs/`` inside the transaction that writes the row;
-    returns the directory to fsync before that transaction commits.
+            undo: Undo) -> None:
+    """Rename finished files into ``blobs/`` (its subdirectory exists) inside the transaction
+    that writes the row, after :func:`write_journal` named the blob.
 
     Without ``pieces_tmp`` the data replaces a partial blob's file and stays even if the
     transaction aborts (it is valid for the partial row too); otherwise an abort removes
-    the files.  A marker in ``tmp/`` names the blob until the caller is done, so if this
-    process dies before its commit the next open removes files that never got a row.
+    the files.
     """
     data_path = layout.data_path(blob_id)
-    marker = data_tmp.with_suffix(".moving")
-    marker.write_text(blob_id.hex)
-    undo.append(partial(marker.unlink, missing_ok=True))
-    data_path.parent.mkdir(DIR_MODE, exist_ok=True)
     if pieces_tmp is not None:
         pieces_path = layout.pieces_path(blob_id)
         os.replace(pieces_tmp, pieces_path)
@@ -254,19 +355,19 @@ def move_in(layout: Layout, blob_id: BlobId, data_tmp: Path, pieces_tmp: Path | 
         undo.append(partial(data_path.unlink, missing_ok=True))
     else:
         os.replace(data_tmp, data_path)
-    return data_path.parent
 
 
 SYNCFS_MIN = 3
-"""From this many files (or directories) on, one ``syncfs`` beats an fsync each."""
+"""From this many files and directories on, one ``syncfs`` beats an fsync each."""
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
 
 
-def sync_files(layout: Layout, paths: Sequence[Path]) -> None:
-    """Make these files' data durable: an fsync each, or for many one ``syncfs`` of the
-    home's filesystem (one journal commit however many files; Linux)."""
-    if len(paths) >= SYNCFS_MIN and _sync_filesystem(layout.tmp):
+def sync_paths(layout: Layout, paths: Sequence[Path]) -> None:
+    """Make these files and directories (their data, their entries) durable: an fsync each,
+    or for many one ``syncfs`` of the home's filesystem (one journal commit however many
+    files; Linux)."""
+    if len(paths) >= SYNCFS_MIN and _sync_filesystem(layout.home):
         return
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -274,14 +375,6 @@ def sync_files(layout: Layout, paths: Sequence[Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def sync_dirs(layout: Layout, dirs: Collection[Path]) -> None:
-    """Make renames into these directories durable (as :func:`sync_files`)."""
-    if len(dirs) >= SYNCFS_MIN and _sync_filesystem(layout.blobs):
-        return
-    for d in dirs:
-        fsync_dir(d)
 
 
 def _sync_filesystem(path: Path) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 from blobmesh.errors import StoreFullError
 from blobmesh.hashing import BlobId
 
+Bytes = bytes | bytearray | memoryview
+
 HOME_ENV = "BLOBMESH_HOME"
 DIR_MODE = 0o700
 """The home and its directories: blobs may be private, so only the owner gets in."""
@@ -83,14 +85,15 @@ def create_file(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
 
 
-def write_file_synced(path: Path, data: bytes) -> None:
-    """Write a whole new file (owner-only) and fsync it."""
+def write_file(path: Path, data: Bytes, *, sync: bool = False) -> None:
+    """Write a whole file (owner-only; an existing one is replaced), fsynced with ``sync``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         mv = memoryview(data)
         while mv:
             mv = mv[os.write(fd, mv):]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -32,8 +32,8 @@ from blobmesh.store import fsck as fsck_module
 from blobmesh.store import gc as gc_module
 from blobmesh.store import readers
 from blobmesh.store.db import MetaDB, add_lease, has_row, require_complete
-from blobmesh.store.ingest import CHUNK, Batch, Bytes, create_partial, open_source
-from blobmesh.store.layout import Layout, default_home
+from blobmesh.store.ingest import CHUNK, Batch, create_partial, open_source
+from blobmesh.store.layout import Bytes, Layout, default_home
 from blobmesh.store.leases import LeaseId, pid_start_time
 from blobmesh.store.partial import PartialBlob, flush_many
 from blobmesh.store.readers import BlobReader
