@@ -148,7 +148,7 @@ class DownloadPolicy:
     request_timeout: float = 6.0
     request_strikes: int = 3
     layer_asks: int = 3  # peers asked for the piece layer at once (small; the first wins)
-    busy_backoff: float = 0.05  # a peer that refused a request as busy is not asked this long
+    busy_backoff: float = 0.2  # a peer that refused a request as busy is not asked this long
 
 
 class DownloadScheduler(Generic[Conn, Peer]):
@@ -476,9 +476,18 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._ledger.sent(conn, LAYER, now)
 
     def _fill(self, now: float) -> None:
-        # downloading peers first: what they can give need not cost a seed's upload
-        for conn in sorted(self._peer_of, key=lambda c: self._haves[c].is_complete()):
-            self._fill_conn(conn, now)
+        # downloading peers first: what they can give need not cost a seed's upload (a full
+        # pipeline is skipped at once: this runs on nearly every event, over every connection)
+        ledger, haves, p = self._ledger, self._haves, self.policy
+        seeds = []
+        for conn in self._peer_of:
+            if haves[conn].is_complete():
+                seeds.append(conn)
+            elif ledger.outstanding(conn) < p.pipeline:
+                self._fill_conn(conn, now)
+        for conn in seeds:
+            if ledger.outstanding(conn) < p.seed_pipeline:
+                self._fill_conn(conn, now)
 
     def _fill_conn(self, conn: Conn, now: float) -> None:
         assert self.picker is not None
