@@ -236,7 +236,7 @@ def test_a_busy_peer_is_asked_nothing_for_busy_backoff_then_one_piece_at_a_time(
     assert j.refused("a", on_a[0], REJECT_BUSY, 0.0) == []  # b's pipeline is full, a waits
     assert j.refused("a", on_a[1], REJECT_BUSY, 0.01) == []
     when = j.get_timer()
-    assert when == pytest.approx(0.06)  # busy_backoff after the last refusal
+    assert when is not None and when == pytest.approx(0.06)  # busy_backoff after the last refusal
     assert requests(j.handle_timer(0.055), "a") == []
     out = j.handle_timer(when)
     probe = requests(out, "a")
