@@ -2,14 +2,16 @@
 libtorrent and a plain HTTP fan-out, in one lab of network namespaces.
 
     sudo .venv/bin/python benchmarks/bench_swarm.py [--quick] [--runs 3]
-        [--size-mb S --targets N] [--rate-mbit 100] [--only blobmesh,libtorrent,http]
+        [--size-mb S --targets N] [--rate-mbit 100] [--slow-mbit 20]
+        [--only blobmesh,libtorrent,http]
         [--lt-tuning super|lan|hps] [--variant NAME=DIR ...]
         [--hostile black-hole|non-reader ...]
 
 Builds hosts as network namespaces on one switch namespace (``netlab.py``), each link limited
 to ``--rate-mbit`` with ``tbf`` on both ends; measures the real per-link TCP goodput R and uses
 it for every upload and download rate in the lower bound
-max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) (= F/R when all links are equal).  Default scenarios:
+max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) (= F/R when all links are equal; ``--slow-mbit``
+gives every other target slower links, measured too).  Default scenarios:
 256 MiB to 7 targets and 64 MiB to 15 targets (``--quick``: 32 MiB to 3).  Each system moves
 the same file from host 0 to hosts 1..N; the time runs until every target holds a verified
 copy.  Goal: blobmesh <= 1.15x the bound, and faster than libtorrent.
@@ -53,6 +55,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.hashing.tree import choose_piece_size
 from blobmesh.node.client import NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
+from blobmesh.sim.bounds import kumar_ross
 from blobmesh.store import LeaseId, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -463,10 +466,10 @@ async def run_http(lab: NetLab, targets: int, payload: Path, digest: str, work: 
 # --- the benchmark -----------------------------------------------------------------------------
 
 
-def kumar_ross(size: int, targets: int, rate: float) -> float:
-    """Minimum distribution time with u_s = u_i = d_i = rate (bytes/s)."""
-    u_s = d_min = rate
-    return max(size / u_s, size / d_min, targets * size / (u_s + targets * rate))
+def slow_hosts(targets: int) -> list[int]:
+    """With ``--slow-mbit``: every other target (hosts 2, 4, ...), as the simulator's
+    heterogeneous scenario slows every other target."""
+    return list(range(2, targets + 1, 2))
 
 
 def describe(o: Outcome, size: int) -> str:
@@ -491,12 +494,18 @@ def describe(o: Outcome, size: int) -> str:
 
 
 async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps: float,
+                   slow_bps: float | None,
                    systems: Sequence[str], tmp: Path, lt_tuning: str,
                    variants: dict[str, Path]) -> dict[str, list[Outcome]]:
     size = size_mb * MiB
-    bound = kumar_ross(size, targets, rate_bps)
-    print(f"\n== {size_mb} MiB to {targets} targets; bound {bound:.2f}s "
-          f"(F/R at R = {rate_bps * 8 / 1e6:.1f} Mbit/s measured)", flush=True)
+    slow = set(slow_hosts(targets)) if slow_bps else set()
+    rates = [slow_bps if slow_bps and host in slow else rate_bps
+             for host in range(1, targets + 1)]
+    bound = kumar_ross(size, rate_bps, rates, rates)
+    how = f"F/R at R = {rate_bps * 8 / 1e6:.1f} Mbit/s measured" if not slow else \
+        f"R = {rate_bps * 8 / 1e6:.1f} Mbit/s, hosts {sorted(slow)} at " \
+        f"{(slow_bps or 0) * 8 / 1e6:.1f} Mbit/s, measured"
+    print(f"\n== {size_mb} MiB to {targets} targets; bound {bound:.2f}s ({how})", flush=True)
     srcdir = tmp / "source"
     srcdir.mkdir(exist_ok=True)
     payload = srcdir / f"payload-{size_mb}m.bin"
@@ -504,7 +513,7 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
     digest = await asyncio.to_thread(file_digest, payload)
     torrent = make_torrent(payload, choose_piece_size(size)) if "libtorrent" in systems \
         else None
-    timeout = max(120.0, 6 * targets * size / rate_bps)
+    timeout = max(120.0, 6 * targets * size / min(rates))
     results: dict[str, list[Outcome]] = {s: [] for s in systems}
     for run in range(runs):
         for system in systems:  # interleaved, so every system sees the same machine load
@@ -582,11 +591,14 @@ def code_fingerprint(code: Path | None = None) -> str:
 async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     lab.build()
     lab.wait_reachable()
-    probes = [lab.measure_mbit(0, 1), lab.measure_mbit(lab.hosts - 1, 0)]
+    last_fast = max(h for h in range(1, lab.hosts) if h not in lab.slow_mbit)
+    probes = [lab.measure_mbit(0, 1), lab.measure_mbit(last_fast, 0)]
     mbit = statistics.mean(probes)
+    slow_mbit = lab.measure_mbit(0, min(lab.slow_mbit), size_mb=12) if lab.slow_mbit else None
     print(f"lab: {lab.hosts} hosts, tbf {args.rate_mbit:g} Mbit/s both ends; raw TCP "
-          f"goodput {', '.join(f'{p:.1f}' for p in probes)} Mbit/s -> R = {mbit:.1f}; "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+          f"goodput {', '.join(f'{p:.1f}' for p in probes)} Mbit/s -> R = {mbit:.1f}"
+          + (f"; slow hosts {sorted(lab.slow_mbit)} at {slow_mbit:.1f}" if slow_mbit else "")
+          + f"; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"blobmesh swarm code: {code_fingerprint()}", flush=True)
     variants: dict[str, Path] = args.variants
     for system, code in variants.items():
@@ -595,7 +607,8 @@ async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     if "blobmesh" in args.only:
         systems[1:1] = [*variants, *(f"blobmesh+{mode}" for mode in args.hostile)]
     for size_mb, targets in args.scenarios:
-        await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8, systems, tmp,
+        await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8,
+                       slow_mbit * 1e6 / 8 if slow_mbit else None, systems, tmp,
                        args.lt_tuning, variants)
 
 
@@ -605,6 +618,9 @@ def main() -> None:
     parser.add_argument("--targets", type=int)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument("--slow-mbit", type=float, default=None,
+                        help="every other target (hosts 2, 4, ...) gets links of this rate; "
+                             "the bound is then the heterogeneous Kumar-Ross bound")
     parser.add_argument("--only", default=",".join(SYSTEMS),
                         help="comma-separated systems to run, of: " + ", ".join(SYSTEMS))
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
@@ -641,7 +657,9 @@ def main() -> None:
     else:
         args.scenarios = [(256, 7), (64, 15)]
     hosts = 1 + max(t for _, t in args.scenarios) + (1 if args.hostile else 0)
-    lab = NetLab(hosts=hosts, rate_mbit=args.rate_mbit, prefix=args.lab_prefix)
+    most = max(t for _, t in args.scenarios)
+    slow = {h: args.slow_mbit for h in slow_hosts(most)} if args.slow_mbit else {}
+    lab = NetLab(hosts=hosts, rate_mbit=args.rate_mbit, prefix=args.lab_prefix, slow_mbit=slow)
     # SIGTERM takes the same way out as Ctrl-C: through every finally below
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

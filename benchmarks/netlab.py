@@ -48,6 +48,7 @@ class NetLab:
     prefix: str = "bmbench"
     burst: str = "256kb"  # veth sends 64 KiB GSO packets: less burst loses throughput
     latency: str = "100ms"
+    slow_mbit: dict[int, float] = field(default_factory=dict)  # host -> its own link rate
     created: list[str] = field(default_factory=list)
 
     @property
@@ -74,9 +75,9 @@ class NetLab:
                 _run("ip", "netns", "del", name, check=False)
         self.created.clear()
 
-    def _tbf(self, ns: str, dev: str) -> None:
+    def _tbf(self, ns: str, dev: str, mbit: float) -> None:
         _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-             "rate", f"{self.rate_mbit:g}mbit", "burst", self.burst, "latency", self.latency)
+             "rate", f"{mbit:g}mbit", "burst", self.burst, "latency", self.latency)
 
     def build(self) -> None:
         self.cleanup()
@@ -97,8 +98,9 @@ class NetLab:
             _run("ip", "-n", sw, "link", "set", f"p{i}", "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
-            self._tbf(ns, "eth0")
-            self._tbf(sw, f"p{i}")
+            mbit = self.slow_mbit.get(i, self.rate_mbit)
+            self._tbf(ns, "eth0", mbit)
+            self._tbf(sw, f"p{i}", mbit)
         # the bridge learns and forwards at once (no STP listening delay on new ports)
         _run("ip", "-n", sw, "link", "set", "br0", "type", "bridge", "forward_delay", "0",
              check=False)

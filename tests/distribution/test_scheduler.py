@@ -295,8 +295,32 @@ def test_unacknowledged_pieces_bound_the_room_and_count_as_held_by_their_receive
     assert u.next() == Refuse("b", 0, "held by other peers")  # on its way to a: held there
     assert u.acked("a", 0, 3.0) and not u.acked("a", 0, 3.0)
     assert u.next() == Serve("a", "blob", 2)
-    assert u.handle_timer(5.9) == []
-    assert u.handle_timer(6.0) == [Close("a", "no piece acknowledged for 5s")]
+    # a's last acknowledgement (3.0) starts its quiet time, not piece 1 sent at 1.0
+    assert u.get_timer() == 8.0
+    assert u.handle_timer(7.9) == []
+    assert u.handle_timer(8.0) == [Close("a", "no piece acknowledged for 5s")]
+
+
+def test_a_slow_reader_that_keeps_acknowledging_is_not_closed() -> None:
+    """Behind a deep queue every piece arrives late, but one arrives every few seconds: that
+    peer reads (a slow link), unlike one that acknowledges nothing for ``send_timeout``."""
+    u = UploadScheduler[str, str, int](outbox=2, slots=None, send_timeout=5.0)
+    u.open("slow", "blob", 1, Bitfield(64), 0.0, max_unacked=8)
+    u.open("dead", "blob", 2, Bitfield(64), 0.0, max_unacked=8)
+    for i in range(8):
+        u.wanted("slow", i, 1, now=0.0)
+        u.wanted("dead", 8 + i, 2, now=0.0)
+    while (serve := u.next()) is not None:
+        assert isinstance(serve, Serve)
+        u.sent(serve.conn, serve.index, 0.0)
+    for t in range(1, 8):  # one acknowledgement every 3 s; the oldest piece waits 21 s
+        now = 3.0 * t
+        assert u.handle_timer(now) == ([Close("dead", "no piece acknowledged for 5s")]
+                                       if t == 2 else [])
+        if t == 2:
+            u.close("dead")
+        assert u.acked("slow", t - 1, now)
+    assert u.handle_timer(21.0 + 4.9) == []
 
 
 def test_a_claimant_that_acknowledges_nothing_for_claim_ttl_holds_no_claim() -> None:

@@ -112,11 +112,11 @@ class TapStream:
     def protocol(self) -> str:
         return self.inner.protocol
 
-    async def send(self, message: bytes | memoryview) -> None:
+    async def send(self, message: bytes | memoryview, *, flush: bool = False) -> None:
         if self.protocol == BATCH_PROTOCOL:
             if self.tap.batch_hook is not None:
                 await self.tap.batch_hook(self, batch.decode(message))
-            await self.inner.send(message)
+            await self.inner.send(message, flush=flush)
             return
         msg = decode(message)
         if isinstance(msg, Data):
@@ -124,7 +124,7 @@ class TapStream:
             self.tap.pieces_sent.append(msg.piece)
         if self.tap.hook is not None:
             await self.tap.hook(self, msg)
-        await self.inner.send(message)
+        await self.inner.send(message, flush=flush)
 
     async def recv(self) -> bytes:
         return await self.inner.recv()

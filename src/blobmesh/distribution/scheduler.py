@@ -662,6 +662,16 @@ class _Served(Generic[Conn, Peer]):
     redirected: dict[tuple[Peer, int], int] = field(default_factory=dict)
 
 
+def _quiet_since(link: _Link[Any, Any, Any]) -> float:
+    """Since when a connection with unacknowledged pieces has acknowledged none.
+
+    Not the age of its oldest unacknowledged piece: a slow reader behind a deep queue (a
+    20 Mbit/s link shared by several uploaders, the transport's buffers before it) keeps
+    acknowledging, only late, and banning it as one that does not read took its upload out
+    of the swarm (the lab's heterogeneous scenario banned every slow target)."""
+    return max(min(link.unacked.values()), link.last_ack)
+
+
 def max_unacked(piece_size: int) -> int:
     """Pieces a connection may leave unacknowledged (``UNACKED_BYTES`` of them)."""
     return max(OUTBOX_PIECES, UNACKED_BYTES // piece_size)
@@ -843,11 +853,12 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
         self._unpark(link)
 
     def get_timer(self) -> float | None:
-        """When a connection's oldest unacknowledged piece reaches ``send_timeout``."""
+        """When a connection with unacknowledged pieces reaches ``send_timeout`` without
+        acknowledging any."""
         if self.send_timeout is None:
             return None
-        oldest = [min(link.unacked.values()) for link in self._links.values() if link.unacked]
-        return min(oldest) + self.send_timeout if oldest else None
+        quiet = [_quiet_since(link) for link in self._links.values() if link.unacked]
+        return min(quiet) + self.send_timeout if quiet else None
 
     def handle_timer(self, now: float) -> list[Close[Conn]]:
         """Connections that do not read: the adapter closes them (and :meth:`close` s)."""
@@ -856,7 +867,7 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
             return []
         return [Close(conn, f"no piece acknowledged for {timeout:g}s")
                 for conn, link in self._links.items()
-                if link.unacked and now - min(link.unacked.values()) >= timeout]
+                if link.unacked and now - _quiet_since(link) >= timeout]
 
     def times_sent(self, blob: Blob, index: int) -> int:
         served = self._blobs.get(blob)

@@ -151,19 +151,27 @@ class _Conn:
         self.job: DownloadJob | None = None
         self.closed = False
         self.close_reason = ""
-        self._outbox: deque[tuple[bytes, int]] = deque()  # (message, piece index or -1)
+        # control messages (haves, requests, refusals) go before pieces not yet sent: a
+        # have must not wait behind the piece data we upload to the same peer
+        self._control: deque[bytes] = deque()
+        self._pieces: deque[tuple[bytes, int]] = deque()  # (message, piece index or -1)
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
 
-    def push(self, message: bytes, piece: int = -1) -> None:
-        """Queue a message; never waits.  A peer that lets the queue overflow is dropped."""
+    def push(self, message: bytes, piece: int = -1, *, after_pieces: bool = False) -> None:
+        """Queue a message; never waits.  Pieces (``piece`` >= 0), and messages that must
+        follow them (``after_pieces``: a bye), go in order; other messages go before the
+        pieces not yet sent.  A peer that lets the queue overflow is dropped."""
         if self.closed:
             return
-        if len(self._outbox) >= MAX_OUTBOX:
+        if len(self._control) + len(self._pieces) >= MAX_OUTBOX:
             self.close(f"{NOT_READING}: send queue full")
             return
-        self._outbox.append((message, piece))
+        if piece >= 0 or after_pieces:
+            self._pieces.append((message, piece))
+        else:
+            self._control.append(message)
         self._drained.clear()
         self._ready.set()
 
@@ -175,17 +183,22 @@ class _Conn:
 
     async def run_writer(self, send_timeout: float,
                          on_piece_sent: Callable[[_Conn, int, int], None]) -> None:
-        """Send the outbox in order until the connection closes."""
+        """Send what is queued until the connection closes: control messages first; each
+        piece only once the one before it is written to the socket, so the transport holds
+        little that a later control message would wait behind (its ``flush``)."""
         while not self.closed:
-            if not self._outbox:
+            if self._control:
+                message, piece = self._control.popleft(), -1
+            elif self._pieces:
+                message, piece = self._pieces.popleft()
+            else:
                 self._drained.set()
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            message, piece = self._outbox.popleft()
             try:
                 async with asyncio.timeout(send_timeout):
-                    await self.stream.send(message)
+                    await self.stream.send(message, flush=piece >= 0)
             except TimeoutError:
                 self.close(f"{NOT_READING}: nothing read for {send_timeout:g}s")
                 return
@@ -200,7 +213,8 @@ class _Conn:
         if not self.closed:
             self.closed = True
             self.close_reason = reason
-            self._outbox.clear()
+            self._control.clear()
+            self._pieces.clear()
             self._ready.set()
             self._drained.set()
             self.stream.reset(reason)
@@ -415,7 +429,7 @@ class SwarmEngine:
                     if event is not None:
                         await job.on_event(conn, event)
                 elif conn.session.peer_complete and self.store.has(blob_id):
-                    conn.push(conn.session.bye("both complete"))
+                    conn.push(conn.session.bye("both complete"), after_pieces=True)
                     await conn.drain(1.0)
                     return
         except (TransportError, ProtocolError) as exc:
@@ -977,7 +991,7 @@ class DownloadJob:
             self._bind(conn, False)
             if complete and not conn.session.peer_complete:
                 continue  # keep seeding to a peer that still downloads
-            conn.push(conn.session.bye("done"))
+            conn.push(conn.session.bye("done"), after_pieces=True)
             await conn.drain(1.0)
             conn.close("done")
         partial, self._partial = self._partial, None  # pieces still arriving are dropped

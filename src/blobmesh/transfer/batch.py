@@ -23,7 +23,7 @@ import msgspec
 from blobmesh.errors import ProtocolError
 from blobmesh.hashing import BlobId
 from blobmesh.hashing.tree import MIN_PIECE_SIZE
-from blobmesh.transfer.messages import Error
+from blobmesh.transfer.messages import Codec, Error
 
 BATCH_PROTOCOL = "blobmesh/transfer-batch/1"
 BATCH_VERSION = 1
@@ -83,20 +83,9 @@ class Skip(_Msg, tag="skip"):
 
 BatchMessage = Want | Blob | Skip | Error
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[BatchMessage] = msgspec.msgpack.Decoder(BatchMessage)
-
-
-def encode(msg: BatchMessage) -> bytes:
-    return _encoder.encode(msg)
-
-
-def decode(raw: bytes | memoryview) -> BatchMessage:
-    """Decode one message; anything malformed or unknown raises :class:`ProtocolError`."""
-    try:
-        return _decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"malformed batch message: {exc}") from exc
+_codec: Codec[BatchMessage] = Codec(BatchMessage, "batch")
+encode = _codec.encode
+decode = _codec.decode
 
 
 def check_want(msg: BatchMessage, expected: int) -> tuple[Want, list[BlobId]]:

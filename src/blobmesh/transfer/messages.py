@@ -6,7 +6,7 @@ opens it and sends a :class:`Request`; everything after that flows on the same s
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
@@ -17,6 +17,8 @@ PROTOCOL = "blobmesh/transfer/1"
 VERSION = 1
 MAX_CHUNK = 1024 * 1024
 """Largest data payload in one message; bigger pieces travel as several chunks."""
+
+M = TypeVar("M")
 
 Index = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
 
@@ -185,17 +187,26 @@ class Error(_Msg, tag="error"):
 Message = (Request | Response | Data | Ack | Pause | Resume | VoucherUpdate | VoucherResult
            | Complete | Cancel | Error)
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+class Codec(Generic[M]):
+    """msgpack encoding of one message union: :meth:`decode` turns anything malformed or
+    unknown into a :class:`ProtocolError` that names the protocol."""
+
+    _encoder = msgspec.msgpack.Encoder()
+
+    def __init__(self, union: Any, protocol: str) -> None:
+        self._decoder: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(union)
+        self._protocol = protocol
+
+    def encode(self, msg: M) -> bytes:
+        return self._encoder.encode(msg)
+
+    def decode(self, raw: bytes | memoryview) -> M:
+        try:
+            return self._decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"malformed {self._protocol} message: {exc}") from exc
 
 
-def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
-
-
-def decode(raw: bytes | memoryview) -> Message:
-    """Decode one message; anything malformed or unknown raises :class:`ProtocolError`."""
-    try:
-        return _decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"malformed transfer message: {exc}") from exc
+_codec: Codec[Message] = Codec(Message, "transfer")
+encode = _codec.encode
+decode = _codec.decode

@@ -85,8 +85,10 @@ class TlsStream:
     def protocol(self) -> str:
         return self._protocol
 
-    async def send(self, message: bytes | memoryview) -> None:
-        """Send one message (at most the peer's ``max_message_size``, else ValueError)."""
+    async def send(self, message: bytes | memoryview, *, flush: bool = False) -> None:
+        """Send one message (at most the peer's ``max_message_size``, else ValueError);
+        with ``flush``, or for a writable buffer (which the caller may reuse once this
+        returns), wait until it was written to the socket."""
         view = memoryview(message)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -118,7 +120,7 @@ class TlsStream:
                 off += n
                 if off >= size:
                     break
-            if not view.readonly:
+            if flush or not view.readonly:
                 await conn.wait_written(conn.queued)
 
     async def recv(self) -> bytes:

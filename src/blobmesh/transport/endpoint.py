@@ -26,6 +26,8 @@ from blobmesh.wire import DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, Rol
 log = logging.getLogger("blobmesh.transport")
 
 DEFAULT_PORT = 4919
+NOTSENT_LOWAT = 512 * 1024  # bytes of unsent data a connection's socket holds at most
+_REDIALS = 3  # dials for one open_stream whose new connections the peer retires at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +181,15 @@ class Endpoint:
         return ticket.node_id
 
     async def open_stream(self, peer: NodeId, protocol: str) -> TlsStream:
-        """Open a stream to ``peer``, reusing the connection to it or dialing one."""
-        conn = await self._connection(peer)
+        """Open a stream to ``peer``, reusing the connection to it or dialing one.
+
+        A connection the peer retires before our stream opens on it (say its idle timer
+        fired while a loaded machine was still finishing our handshake) is dialed anew, a
+        few times, rather than failing the caller with "going away"."""
+        for _ in range(_REDIALS):
+            conn = await self._connection(peer)
+            if conn.usable:
+                break
         return conn.open_stream(protocol)
 
     def last_heard(self, peer: NodeId) -> float | None:
@@ -342,6 +351,11 @@ class Endpoint:
         """TLS handshake on the event loop, identity check, then hand over to threads."""
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # the kernel holds little unsent data (it still fills the link: only what is
+            # unsent counts), so frames queued later -- pings, credit, a swarm's haves --
+            # do not wait behind megabytes of bulk data on a slow link
+            if hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux, macOS
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
             await _handshake(sock)
             peer = peer_node_id(sock)
             if expect is not None and peer != expect:

@@ -43,7 +43,8 @@ class MemoryStream:
     def protocol(self) -> str:
         return self._protocol
 
-    async def send(self, message: bytes | memoryview) -> None:
+    async def send(self, message: bytes | memoryview, *, flush: bool = False) -> None:
+        # (in memory a message is delivered at once: nothing to flush)
         other = self.other
         assert other is not None
         while True:
