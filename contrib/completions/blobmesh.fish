@@ -183,6 +183,9 @@ complete -c blobmesh -n '__fish_seen_subcommand_from sim' -s h
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l help
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l json
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l nodes
+complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l membership
+complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l duration
+complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l joins
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l size-mib
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l piece-kib
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l seed

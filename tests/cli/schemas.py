@@ -70,6 +70,7 @@ class Target(Strict):
     updated: float
     peers: int
     sources: list[str]
+    source_rates: list[float]
 
 
 class Totals(Strict):

@@ -54,7 +54,7 @@ def test_dashboard_prints_the_url_without_a_browser(fleet: Fleet, tmp_path: Path
 
 @pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux")
 def test_top_shows_a_distribution_completing_and_q_quits(fleet: Fleet) -> None:
-    src = fleet.nodes[0]
+    src, other = fleet.nodes
     tmux = ["tmux", "-L", f"bmdash-{uuid.uuid4().hex[:8]}"]
     cmd = f"{sys.executable} -m blobmesh.cli.main --home {src.home} top --interval 0.5"
     # the pane's size, not an inherited COLUMNS, is the screen
@@ -75,8 +75,18 @@ def test_top_shows_a_distribution_completing_and_q_quits(fleet: Fleet) -> None:
             time.sleep(0.2)
         raise AssertionError(f"top never showed {what!r}; screen:\n{screen()}")
 
+    def member_row(node: str, what: str, within: float) -> str:
+        end = time.monotonic() + within
+        while True:
+            row = next((ln for ln in screen().splitlines() if node[:16] in ln), "")
+            if what in row:
+                return row
+            assert time.monotonic() < end, f"no {what!r} in {node[:16]}'s row:\n{screen()}"
+            time.sleep(0.2)
+
     try:
         wait_screen("fleet: 2 members", 15)
+        member_row(other.node_id, "0 B (0)", 15)  # the other member's store, as it answers
         with Store(src.home) as store:
             blob = store.add_bytes(os.urandom(32 * MiB)).blob_id
         out = cli(src.home, "distribute", str(blob), "--to", "all")
@@ -89,6 +99,7 @@ def test_top_shows_a_distribution_completing_and_q_quits(fleet: Fleet) -> None:
                 break
             assert time.monotonic() < end, f"no completed row for {handle}:\n{screen()}"
             time.sleep(0.2)
+        member_row(other.node_id, "32.0 MiB (1)", 15)  # what it received
         subprocess.run([*tmux, "send-keys", "q"], check=True)
         end = time.monotonic() + 10
         while subprocess.run([*tmux, "has-session"], capture_output=True).returncode == 0:

@@ -34,7 +34,7 @@ def status(state: str = "active", targets: list[dict[str, Any]] | None = None
 def target(node: str, state: str, done: int, rate: float = 0.0, reason: str = ""
            ) -> dict[str, Any]:
     return {"node": node, "state": state, "bytes_done": done, "rate": rate, "reason": reason,
-            "updated": 1.0, "peers": 0, "sources": []}
+            "updated": 1.0, "peers": 0, "sources": [], "source_rates": []}
 
 
 def test_liveness_suspect_until_silent_for_dead_after() -> None:

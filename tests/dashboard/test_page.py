@@ -96,9 +96,12 @@ def test_fleet_distribution_cancel_and_a_dead_member_in_the_browser(fleet: Fleet
         handle = wait_for(lambda: js("return document.querySelector('#detail-handle')"
                                      ".textContent"), 10, "the new distribution opened")
         # while the slow target receives, its row names whom from (the source among them)
+        # and how fast each sends
         wait_for(lambda: js("return [...document.querySelectorAll('#targets .trow')].some("
-                            "r => r.dataset.sources.split(' ').includes(arguments[0]))",
-                            src.node_id), 20, "the source among a target's source peers")
+                            "r => r.dataset.sources.split(' ').includes(arguments[0]) && "
+                            "/\\S{9} [0-9.]+ [KMG]iB\\/s/.test("
+                            "r.querySelector('.sources').textContent))",
+                            src.node_id), 20, "the source and its rate among a target's peers")
         row = f"#dists tr[data-handle='{handle}']"
         wait_for(lambda: js(f"const r = document.querySelector(\"{row}\"); return r && "
                             "r.dataset.state === 'completed' && "

@@ -140,12 +140,24 @@ async def test_progress_names_the_peers_a_target_receives_from(tmp_path: Path) -
         await eventually(sources_named, 10)
         for t in (await src.dist.status(handle)).targets:
             assert set(t.sources) <= ids - {t.node} and len(t.sources) <= SOURCES_REPORTED
+
+        async def rated() -> bool:  # each source with what it sends, about the target's rate
+            targets = (await src.dist.status(handle)).targets
+            return all(len(t.source_rates) == len(t.sources) and t.rate > 0 and
+                       0 < sum(t.source_rates) <= 1.5 * t.rate for t in targets)
+
+        await eventually(rated, 10)
         # a note naming more sources than allowed, or a malformed id, is dropped whole (were
         # one taken, the target would stay failed: a final state)
         for sources in ([bytes(32)] * (SOURCES_REPORTED + 1), [b"short"]):
             note = ProgressNote(str(handle), "failed", 1, 1.0, 1, "evil", sources)
             await a.space.send_notify(src.space.node_id,
                                       NOTIFY_PROGRESS + msgspec.msgpack.encode(note))
+        # ... and so is one whose rates do not pair with its sources, or a negative rate
+        for rates in ([1.0, 2.0], [-1.0]):
+            raw = [str(handle), "failed", 1, 1.0, 1, "evil", [bytes(32)], rates]
+            await a.space.send_notify(src.space.node_id,
+                                      NOTIFY_PROGRESS + msgspec.msgpack.encode(raw))
         await asyncio.sleep(0.3)
         after = (await src.dist.status(handle)).target(a.space.node_id)
         assert after is not None and after.state is TargetState.TRANSFERRING
@@ -166,6 +178,11 @@ def test_progress_notes_decode_across_versions() -> None:
     new = msgspec.msgpack.encode(ProgressNote("d-1", "transferring", 5, 1.0, 2, "r", [bytes(32)]))
     assert msgspec.msgpack.decode(new, type=OldNote) == OldNote("d-1", "transferring", 5, 1.0,
                                                                  2, "r")
+    rated = msgspec.msgpack.encode(ProgressNote("d-1", "transferring", 5, 1.0, 2, "r",
+                                                [bytes(32)], [3.0]))
+    assert msgspec.msgpack.decode(rated, type=OldNote) == OldNote("d-1", "transferring", 5,
+                                                                   1.0, 2, "r")
+    assert msgspec.msgpack.decode(new, type=ProgressNote).source_rates == []
 
 
 async def test_wait_timeout_carries_status(tmp_path: Path) -> None:

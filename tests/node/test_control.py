@@ -15,9 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from blobmesh import __version__
 from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.node.client import ControlError, NodeClient
+from blobmesh.node.control import MAX_STATS_NODES
 from blobmesh.node.daemon import Node, NodeConfig
 from blobmesh.node.metrics import MAX_DISTRIBUTIONS
 from blobmesh.space.config import Timing
+from blobmesh.transport.identity import Identity
 from tests.util import eventually
 
 FAST = Timing(gossip_interval=0.2, probe_interval=0.3, maintenance_interval=0.5)
@@ -99,6 +101,28 @@ async def test_node_info(pair: tuple[Node, Node]) -> None:
     assert info["version"] == __version__ and info["peers_alive"] == 1
     assert info["uptime_seconds"] >= 0 and info["store"] == {
         "blobs": 0, "partial_blobs": 0, "bytes": 0}
+
+
+async def test_peer_stats_are_asked_of_the_members_named(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    b.store.add_bytes(os.urandom(5000))
+    stranger = Identity.generate().node_id
+    async with NodeClient(a.config.home) as client:
+        first = await client.peer_stats([str(b.identity.node_id), str(stranger)])
+        assert [r["node"] for r in first] == [str(b.identity.node_id), str(stranger)]
+        assert first[0]["stats"] == "asking" and first[0]["store_bytes"] is None
+        assert first[1]["stats"] is None  # not a member: never asked
+
+        async def answered() -> bool:
+            row = (await client.peer_stats([str(b.identity.node_id)]))[0]
+            return bool(row["stats"] == "ok" and row["store_bytes"] == 5000 and
+                        row["store_blobs"] == 1)
+        await eventually(answered, 10)
+        assert b.stats.answers >= 1
+        for query, message in (("bm1nope", "node id"),
+                               (",".join([str(stranger)] * (MAX_STATS_NODES + 1)), "at most")):
+            with pytest.raises(ControlError, match=message):
+                await client._request("GET", f"/v1/peers/stats?nodes={query}")
 
 
 async def test_metrics_parse_for_a_stock_prometheus(pair: tuple[Node, Node]) -> None:

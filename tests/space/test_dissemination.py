@@ -21,7 +21,7 @@ class View:
         self.left = False
 
     def alive_peers(self) -> list[NodeId]:
-        return list(self.peers)
+        return sorted(self.peers)  # the contract: by node id
 
     def seed_ids(self) -> list[NodeId]:
         return list(self.seeds)

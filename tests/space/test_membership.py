@@ -57,7 +57,7 @@ def test_a_dead_member_is_marked_within_the_bound_on_timers_alone() -> None:
     marks = [(t, a) for t, a in seen if isinstance(a, Unresponsive)]
     assert [a.target for _, a in marks] == [dead]
     assert marks[0][0] <= 2 * len(nodes) * T.probe_interval + T.probe_timeout + \
-        T.indirect_timeout
+        T.indirect_timeout + T.suspicion_timeout
     assert mem.is_unresponsive(dead)
     # few wake-ups: about two per probe interval, not a poll
     assert len({t for t, _ in seen}) < 20.0 / T.probe_interval * 4

@@ -67,6 +67,46 @@ def test_indirect_ack_saves_a_member() -> None:
     assert probe.seq == via.seq
 
 
+def suspicious(n: int, suspicion: float) -> tuple[FailureDetector, list[NodeId]]:
+    fd = FailureDetector(probe_interval=INTERVAL, probe_timeout=TIMEOUT,
+                         indirect_timeout=INDIRECT, indirect_probes=3, backoff_max=8.0,
+                         rng=random.Random(1), suspicion_timeout=suspicion)
+    nodes = [Identity.generate().node_id for _ in range(n)]
+    for node in nodes:
+        fd.add(node)
+    return fd, nodes
+
+
+def test_a_member_answering_late_is_suspected_not_marked() -> None:
+    """A CPU-starved node answers seconds late: the last ping waits the suspicion period."""
+    fd, nodes = suspicious(4, 4.0)
+    target = nodes[0]
+    fd.suspect(target)
+    (probe,) = [e for e in fd.tick(0.0) if isinstance(e, Probe) and e.target == target]
+    assert probe.timeout == TIMEOUT
+    assert any(isinstance(e, ProbeVia) for e in fd.tick(TIMEOUT))
+    (last,) = [e for e in fd.tick(TIMEOUT + INDIRECT) if isinstance(e, Probe)
+               and e.target == target]
+    assert last == Probe(target, probe.seq, 4.0)
+    assert not any(isinstance(e, Unresponsive) for e in fd.tick(TIMEOUT + INDIRECT + 3.0))
+    assert fd.on_ack(target, last.seq) == []  # 3 s late, inside the period
+    assert not any(isinstance(e, Unresponsive) for e in fd.tick(TIMEOUT + INDIRECT + 5.0))
+    assert not fd.is_unresponsive(target)
+
+
+def test_a_silent_member_is_marked_when_the_suspicion_period_ends() -> None:
+    fd, nodes = suspicious(4, 4.0)
+    dead = nodes[0]
+    fd.suspect(dead)
+    seen = run(fd, {dead}, 12.0)
+    marks = [t for t, e in seen if e == Unresponsive(dead)]
+    assert marks and TIMEOUT + INDIRECT + 4.0 <= marks[0] <= TIMEOUT + INDIRECT + 4.0 + 0.11
+    # once marked, re-probes go straight to ping-req and back off: no second suspicion
+    later = [e for t, e in seen if isinstance(e, Probe) and e.target == dead and t > marks[0]]
+    assert later and all(e.timeout == TIMEOUT for e in later)
+    assert len(marks) == 1
+
+
 def test_suspect_is_probed_at_once_and_comes_back() -> None:
     fd, nodes = detector(4)
     target = nodes[2]

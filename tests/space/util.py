@@ -16,8 +16,9 @@ from blobmesh.transport.identity import Identity, NodeId
 from blobmesh.transport.memory import MemoryHub, MemoryNode
 
 FAST = Timing(gossip_interval=0.1, probe_interval=0.05, probe_timeout=0.1,
-              indirect_timeout=0.15, request_timeout=1.0, maintenance_interval=0.2,
-              fetch_retry_base=0.05, unresponsive_backoff_max=0.5, bootstrap_interval=0.5)
+              indirect_timeout=0.15, suspicion_timeout=0.3, request_timeout=1.0,
+              maintenance_interval=0.2, fetch_retry_base=0.05, unresponsive_backoff_max=0.5,
+              bootstrap_interval=0.5)
 
 
 class PartitionNode:

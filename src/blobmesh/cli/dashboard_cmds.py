@@ -99,6 +99,9 @@ _STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "completed": "gr
           "active": "cyan", "transferring": "cyan"}
 
 
+FLEET_SHOWN = 50  # members listed (a screen shows fewer)
+
+
 def _rate(n: float | None) -> str:
     return "—" if n is None else (f"{human_bytes(n)}/s" if n > 0 else "")
 
@@ -118,30 +121,57 @@ def _metrics(text: str) -> dict[str, float]:
     return out
 
 
+def _store(row: Mapping[str, Any], now: float) -> str:
+    """A member's store usage as its stats row (``GET /v1/peers/stats``) has it."""
+    if row.get("stats") == "ok":
+        return "—" if row["store_bytes"] is None else \
+            f"{human_bytes(row['store_bytes'])} ({row['store_blobs']})"
+    if row.get("stats") == "asking":
+        return "…"
+    if row.get("stats") == "unknown":
+        seen = row.get("stats_seen")
+        return f"unknown (last seen {now - seen:.0f}s ago)" if seen else \
+            "unknown (never answered)"
+    return "—"
+
+
+def shown_peers(peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The members ``top`` lists (and asks for their stats), at most ``FLEET_SHOWN``."""
+    return sorted(peers, key=lambda p: str(p["node"]))[:FLEET_SHOWN]
+
+
 def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
-               statuses: list[dict[str, Any]], me: Mapping[str, float], now: float) -> Group:
-    """The whole screen of ``blobmesh top`` from the control API's JSON."""
+               statuses: list[dict[str, Any]], me: Mapping[str, float],
+               stats: Mapping[str, Mapping[str, Any]], now: float) -> Group:
+    """The whole screen of ``blobmesh top`` from the control API's JSON (``stats``: the
+    members' rows of ``GET /v1/peers/stats``, by node id)."""
     head = Text.assemble(
         ("blobmesh top  ", "bold"), f"node {node['node'][:16]}…  v{node['version']}  "
         f"space {node['space']}  store {human_bytes(me.get('store', 0))}  "
         f"up {_rate(me.get('up', 0)) or '0'}  down {_rate(me.get('down', 0)) or '0'}   ",
         ("q quits", "dim"))
     downs = target_rates(statuses)
+    shown = shown_peers(peers)
+    more = f" (the first {len(shown)} listed)" if len(shown) < len(peers) else ""
     fleet = Table("member", "liveness", "last heard", "addresses", "groups", "capabilities",
-                  "down", title=f"fleet: {len(peers) + 1} members", title_justify="left",
-                  expand=True)
+                  "store", "up", "down", title=f"fleet: {len(peers) + 1} members{more}",
+                  title_justify="left", expand=True)
     fleet.add_row(node["node"][:16] + "…", "[green]alive[/]", "this node", "",
                   ",".join(node["groups"]),
                   ",".join(f"{k}={v}" for k, v in sorted(node["capabilities"].items())),
+                  human_bytes(me.get("store", 0)), _rate(me.get("up", 0)),
                   _rate(me.get("down", 0)))
-    for p in sorted(peers, key=lambda p: str(p["node"])):
+    for p in shown:
         seen = float(p["last_seen_at"] or 0.0)  # null: never heard from
         state = liveness(bool(p["alive"]), seen, now)
         heard = f"{now - seen:.0f}s ago" if seen else "never"
+        row = stats.get(p["node"], {})
+        down = row.get("down")  # else what it reports of the downloads from here
         fleet.add_row(p["node"][:16] + "…", f"[{_STYLE[state]}]{state}[/]", heard,
                       " ".join(p["addresses"]), ",".join(p["groups"]),
                       ",".join(f"{k}={v}" for k, v in sorted(p["capabilities"].items())),
-                      _rate(downs.get(p["node"], 0.0)))
+                      _store(row, now), _rate(row.get("up")),
+                      _rate(downs.get(p["node"], 0.0) if down is None else down))
     dists = Table(title=f"distributions: {len(statuses)}", title_justify="left", expand=True)
     for name in ("handle", "blob", "scope", "prio", "state", "targets", "progress", "rate",
                  "ETA"):
@@ -194,6 +224,8 @@ def cmd_top(args: argparse.Namespace) -> int:
                 while not quit_.is_set():
                     peers, dists, metrics = await asyncio.gather(
                         client.peers(), client.distributions(), client.metrics())
+                    stats = {r["node"]: r for r in await client.peer_stats(
+                        [str(p["node"]) for p in shown_peers(peers)])}
                     now = time.time()
                     m = _metrics(metrics)
                     me = {"store": m.get("blobmesh_store_bytes", 0.0),
@@ -202,7 +234,7 @@ def cmd_top(args: argparse.Namespace) -> int:
                           "down": down.update(now, int(m.get(
                               "blobmesh_swarm_downloaded_bytes_total", 0)))}
                     live.update(render_top(node, peers, [status_to_json(s) for s in dists],
-                                           me, now), refresh=True)
+                                           me, stats, now), refresh=True)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(quit_.wait(), args.interval)
         return 0

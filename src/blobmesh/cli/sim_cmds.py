@@ -35,7 +35,15 @@ def _fraction(text: str) -> float:
 def register(sub: Subcommands) -> None:
     p = add_command(sub, "sim", cmd_sim, "simulate distributing a blob to N nodes "
                     "(the real swarm schedulers over a modelled network)", json_flag=True)
-    p.add_argument("--nodes", type=_count, required=True, metavar="N", help="targets")
+    p.add_argument("--nodes", type=_count, required=True, metavar="N",
+                   help="targets (with --membership: members at the start)")
+    p.add_argument("--membership", action="store_true",
+                   help="simulate membership instead (the real SWIM and gossip cores): joins, "
+                        "--crash and --starved members, for --duration seconds")
+    p.add_argument("--duration", type=_amount, default=30.0, metavar="S",
+                   help="--membership: virtual seconds simulated")
+    p.add_argument("--joins", type=int, default=10, metavar="N",
+                   help="--membership: nodes joining during the run")
     p.add_argument("--size-mib", type=_amount, default=32, metavar="S", help="blob size")
     p.add_argument("--piece-kib", type=_count, default=512, metavar="K", help="piece size")
     p.add_argument("--seed", type=int, default=0, metavar="K", help="random seed")
@@ -62,6 +70,8 @@ def register(sub: Subcommands) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    if args.membership:
+        return _cmd_membership(args)
     from blobmesh.sim.scenario import MiB, Scenario, run
 
     sc = Scenario(nodes=args.nodes, size=int(args.size_mib * MiB),
@@ -104,4 +114,40 @@ def cmd_sim(args: argparse.Namespace) -> int:
                   f"({result.events} events)")
     if args.out is not None:
         console.print(f"wrote {args.out}/result.json and plots")
+    return 0
+
+
+def _cmd_membership(args: argparse.Namespace) -> int:
+    from blobmesh.sim.membership import MembershipScenario, run
+
+    sc = MembershipScenario(nodes=args.nodes, seed=args.seed, duration=args.duration,
+                            joins=args.joins, crash_fraction=args.crash,
+                            starved_fraction=args.starved, latency_ms=args.latency_ms)
+    with Progress(TextColumn("[bold]simulating membership"), BarColumn(),
+                  TextColumn("t={task.completed:.0f}s virtual"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("sim", total=sc.duration)
+        result = run(sc, progress=lambda now: bar.update(task, completed=now))
+    summary = result.to_json()
+    if args.out is not None:
+        import json
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "membership.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    if args.json:
+        print_json(summary)
+        return 0
+    t99 = result.join_t99_s_max
+    console.print(f"{result.nodes} nodes, {len(result.joins)} joins: known to 99 % within "
+                  f"{'never' if t99 is None else f'{t99:.2f}s'} (slowest), "
+                  f"{result.join_t99_s_p50 or 0:.2f}s (p50)")
+    console.print(f"{result.crashed} crashed, first marked within "
+                  f"{result.crash_detect_s_max or 0:.2f}s; {result.starved} starved; "
+                  f"false deaths: {result.false_deaths_healthy} healthy, "
+                  f"{result.false_deaths_starved} starved")
+    console.print(f"bytes/s sent per node: p50 {result.bytes_out_per_s_node_p50:.0f}, "
+                  f"p99 {result.bytes_out_per_s_node_p99:.0f}, max "
+                  f"{result.bytes_out_per_s_node_max:.0f} ({result.bytes_per_s_by_kind}); "
+                  f"{result.mem_per_node_kib:.0f} KiB per node; simulated in "
+                  f"{result.wall_s:.1f}s ({result.events} events)")
     return 0

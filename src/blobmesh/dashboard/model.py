@@ -176,7 +176,7 @@ class VersionedRows:
         return [self._rows[k] for k in self.order]
 
 
-_ROW_KEYS = ("state", "bytes_done", "rate", "reason", "peers", "sources")
+_ROW_KEYS = ("state", "bytes_done", "rate", "reason", "peers", "sources", "source_rates")
 
 
 class TargetDelta:

@@ -35,15 +35,12 @@ from blobmesh.dashboard.model import (
     summarize,
     target_rates,
 )
-from blobmesh.dashboard.stats import MemberStats
 from blobmesh.distribution.model import DistributionHandle
-from blobmesh.errors import BlobmeshError, StoreError
+from blobmesh.errors import StoreError
 from blobmesh.hashing import BlobId
 from blobmesh.node.codec import status_to_json
 from blobmesh.node.control import ControlServer, error_middleware
-from blobmesh.node.stats import STATS_ANSWER
 from blobmesh.tasks import TaskOwner
-from blobmesh.transport.identity import NodeId
 from blobmesh.transport.ticket import format_address
 
 if TYPE_CHECKING:
@@ -108,8 +105,6 @@ class Dashboard:
         self._refreshing = False
         self._node_info: dict[str, Any] = {}
         self._blobs: list[dict[str, Any]] = []
-        self._stats = MemberStats()
-        self._asking: set[NodeId] = set()  # stats requests being sent
         self.frames = 0  # views built (for tests and benchmarks)
         self.cpu = 0.0  # CPU seconds spent building and encoding views (benchmarks)
 
@@ -138,7 +133,6 @@ class Dashboard:
         shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         self.url = f"http://{format_address((shown, int(port)))}/"
         self._tasks.spawn_restarting(self._sample_loop, name="sampler")
-        self.node.space.notify_handler(STATS_ANSWER, self._on_stats)
         path = self.node.config.home / URL_FILE
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -150,7 +144,6 @@ class Dashboard:
         return len(self._streams)
 
     async def aclose(self) -> None:
-        self.node.space.notify_handler(STATS_ANSWER, None)
         self._closing = True
         self._changed.set()
         self._wake.set()
@@ -378,8 +371,8 @@ class Dashboard:
                           for p in peers),
                          key=lambda m: (m[0].node_id != me, order[m[1]], str(m[0].node_id)))
         pages = {s.fleet_page for s in self._streams.values()}
-        self._ask([p.node_id for i, (p, _) in enumerate(members)
-                   if p.node_id != me and i // FLEET_PAGE in pages], now)
+        self.node.member_stats.ask([p.node_id for i, (p, _) in enumerate(members)
+                                    if p.node_id != me and i // FLEET_PAGE in pages], now)
         fleet: list[dict[str, Any]] = []
         for p, alive in members:
             is_me = p.node_id == me
@@ -387,7 +380,7 @@ class Dashboard:
                 stats = {"store_bytes": store.get("bytes"), "store_blobs": store.get("blobs"),
                          "up": up_rate, "down": down_rate, "stats": "ok", "stats_seen": now}
             else:
-                stats = self._stats.row(p.node_id, now)
+                stats = self.node.member_stats.row(p.node_id, now)
                 if stats["down"] is None:  # what it reports of the downloads from here
                     stats["down"] = down.get(str(p.node_id))
             fleet.append({
@@ -399,27 +392,6 @@ class Dashboard:
         self._members = {m["node"]: m["liveness"] for m in fleet if not m["self"]}
         self._fleet_bytes = _sse("fleet", {"t": now, "members": fleet})
         self._fleet_version += 1
-
-    # --- other members' stats --------------------------------------------------------------
-
-    def _ask(self, shown: list[NodeId], now: float) -> None:
-        """Ask the members the pages show for their stats (each at most every 2 s, one
-        request in flight per member)."""
-        for node, data in self._stats.due((n for n in shown if n not in self._asking), now):
-            self._asking.add(node)
-            self._tasks.spawn(self._send_ask(node, data), name="stats-ask")
-
-    async def _send_ask(self, node: NodeId, data: bytes) -> None:
-        try:
-            await self.node.space.send_notify(node, data)
-        except (BlobmeshError, OSError):
-            pass  # it shows as unknown: that is the news
-        finally:
-            self._asking.discard(node)
-
-    def _on_stats(self, sender: NodeId, data: bytes) -> None:
-        if self.node.space.is_member(sender):
-            self._stats.answered(sender, data, time.time())
 
     # --- pins ------------------------------------------------------------------------------
 

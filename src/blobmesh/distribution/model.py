@@ -192,6 +192,7 @@ class TargetStatus:
     updated: float = field(default_factory=time.time)
     peers: int = 0  # swarm peers it was connected to at its last progress report
     sources: tuple[NodeId, ...] = ()  # peers it was receiving from then (most requests first)
+    source_rates: tuple[float, ...] = ()  # bytes/s from each of ``sources`` (or none known)
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,6 +185,14 @@ class ProgressNote(msgspec.Struct, frozen=True, array_like=True):
     # malformed id makes the whole note malformed
     sources: Annotated[list[Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]],
                        msgspec.Meta(max_length=SOURCES_REPORTED)] = []
+    # bytes/s received from each of ``sources`` (absent from older nodes); a list of another
+    # length than ``sources``, or a negative rate, makes the whole note malformed
+    source_rates: Annotated[list[Annotated[float, msgspec.Meta(ge=0, le=1e18)]],
+                            msgspec.Meta(max_length=SOURCES_REPORTED)] = []
+
+    def __post_init__(self) -> None:
+        if self.source_rates and len(self.source_rates) != len(self.sources):
+            raise ValueError("source_rates does not match sources")
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -488,11 +496,13 @@ class DistributionService:
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
             self._set_target(tracked, sender, state, note.bytes_done, note.rate, note.reason,
-                             note.peers, tuple(NodeId(s) for s in note.sources))
+                             note.peers, tuple(NodeId(s) for s in note.sources),
+                             tuple(note.source_rates))
 
     def _set_target(self, tracked: _Tracked, node: NodeId, state: TargetState, bytes_done: int,
                     rate: float, reason: str, peers: int = 0,
-                    sources: tuple[NodeId, ...] = ()) -> None:
+                    sources: tuple[NodeId, ...] = (),
+                    source_rates: tuple[float, ...] = ()) -> None:
         old = tracked.targets.get(node, TargetStatus(node))
         if old.state is TargetState.COMPLETED and state is not TargetState.COMPLETED:
             return  # completed is final: nothing rolls it back
@@ -504,7 +514,7 @@ class DistributionService:
             bytes_done = max(bytes_done, old.bytes_done)
         tracked.targets[node] = replace(old, state=state, bytes_done=bytes_done, rate=rate,
                                         reason=reason, peers=peers, sources=sources,
-                                        updated=time.time())
+                                        source_rates=source_rates, updated=time.time())
         self._bump(tracked)
 
     def _bump(self, tracked: _Tracked) -> None:
@@ -712,7 +722,7 @@ class DistributionService:
 
     def _note(self, to: NodeId, handle: DistributionHandle, p: JobProgress) -> None:
         note = ProgressNote(str(handle), str(p.state), p.bytes_done, p.rate, p.peers, p.reason,
-                            [n.digest for n in p.sources])
+                            [n.digest for n in p.sources], list(p.source_rates))
         data = NOTIFY_PROGRESS + _enc.encode(note)
 
         async def send() -> None:

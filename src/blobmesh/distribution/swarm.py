@@ -129,6 +129,8 @@ class JobProgress:
     state: TargetState = TargetState.TRANSFERRING
     reason: str = ""
     sources: tuple[NodeId, ...] = ()  # peers with requests in flight, the busiest first
+    # bytes/s received from each of ``sources`` (same order) over the same window as ``rate``
+    source_rates: tuple[float, ...] = ()
 
 
 PeerSource = Callable[[], Iterable[NodeId]]
@@ -643,6 +645,9 @@ class DownloadJob:
         self.bytes_done = 0
         self._rate_mark = (now, 0)
         self.rate = 0.0
+        # bytes received from each peer since the rate mark, and the rates of the last window
+        self._received: collections.Counter[NodeId] = collections.Counter()
+        self._peer_rates: dict[NodeId, float] = {}
         self._lease = LeaseId.new(f"swarm:{blob_id.short()}")
         self._pin = pin
         self._pending_layer: PieceLayer | None = None
@@ -730,6 +735,7 @@ class DownloadJob:
             raise
         if wrote:
             self.bytes_done += len(data)
+            self._received[conn.peer] += len(data)
             self.engine.bytes_downloaded += len(data)
         self._execute(self.sched.piece_written(conn, index, wrote, self._loop.time()))
         self._report()
@@ -971,16 +977,19 @@ class DownloadJob:
         if now - t0 >= 0.5:
             self.rate = (self.bytes_done - b0) / (now - t0)
             self._rate_mark = (now, self.bytes_done)
+            self._peer_rates = {p: n / (now - t0) for p, n in self._received.items()}
+            self._received.clear()
         if self._progress is not None:
             picker = self.sched.picker
             busy = sorted((c for c in self.sched.conns() if self.sched.outstanding(c)),
                           key=self.sched.outstanding, reverse=True)
+            sources = tuple(c.peer for c in busy[:SOURCES_REPORTED])
             self._progress(JobProgress(self.bytes_done, self.size,
                                        picker.have.count() if picker else 0,
                                        picker.have.size if picker else 0,
                                        self.sched.connections, self.rate, self.state,
-                                       self.reason,
-                                       tuple(c.peer for c in busy[:SOURCES_REPORTED])))
+                                       self.reason, sources,
+                                       tuple(self._peer_rates.get(p, 0.0) for p in sources)))
 
     async def _shutdown(self) -> None:
         self._closing = True

@@ -71,6 +71,13 @@ class NodeClient:
         result: list[dict[str, Any]] = await self._request("GET", "/v1/peers")
         return result
 
+    async def peer_stats(self, nodes: list[str]) -> list[dict[str, Any]]:
+        """Those members' store usage and rates (``GET /v1/peers/stats``): asked of them now,
+        so a first call finds them ``asking``."""
+        result: list[dict[str, Any]] = await self._request(
+            "GET", f"/v1/peers/stats?nodes={','.join(nodes)}")
+        return result
+
     async def distribute(self, blob: str, scope: str, priority: str,
                          share_urls: list[str] | None = None, *, export: str = "",
                          export_force: bool = False) -> DistributionStatus:

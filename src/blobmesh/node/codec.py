@@ -26,7 +26,8 @@ def status_to_json(s: DistributionStatus) -> dict[str, Any]:
                    "bytes_done": s.bytes_done, "bytes_total": s.bytes_total},
         "targets": [{"node": str(t.node), "state": str(t.state), "bytes_done": t.bytes_done,
                      "rate": t.rate, "reason": t.reason, "updated": t.updated,
-                     "peers": t.peers, "sources": [str(n) for n in t.sources]}
+                     "peers": t.peers, "sources": [str(n) for n in t.sources],
+                     "source_rates": list(t.source_rates)}
                     for t in s.targets],
     }
 
@@ -39,6 +40,7 @@ def status_from_json(d: dict[str, Any]) -> DistributionStatus:
         targets=tuple(TargetStatus(NodeId.parse(t["node"]), TargetState(t["state"]),
                                    int(t["bytes_done"]), float(t["rate"]), str(t["reason"]),
                                    float(t["updated"]), int(t.get("peers", 0)),
-                                   tuple(NodeId.parse(n) for n in t.get("sources", ())))
+                                   tuple(NodeId.parse(n) for n in t.get("sources", ())),
+                                   tuple(float(r) for r in t.get("source_rates", ())))
                       for t in d["targets"]),
         started=float(d["started"]), finished=d["finished"])

@@ -5,6 +5,8 @@ Routes (all JSON unless noted; the JSON naming scheme is in ``docs/distribution.
 
 * ``GET  /v1/node``                          node id, ticket, addresses, version, uptime, store
 * ``GET  /v1/peers``                         peers the space knows
+* ``GET  /v1/peers/stats?nodes=ID,...``       those members' store usage and rates (asked of
+  them, at most every 2 s each: ``blobmesh.node.stats``)
 * ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls",
   "new", "export", "export_force"}``: 201 with a new distribution, or 200 with the active
   one for the same blob and scope (unless ``"new": true``); ``export``: a collection's targets
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,7 @@ from blobmesh.errors import BlobmeshError, BlobNotFoundError, InvalidIdError
 from blobmesh.hashing import BlobId
 from blobmesh.node.codec import status_to_json
 from blobmesh.shares.sources import open_source
+from blobmesh.transport.identity import NodeId
 
 if TYPE_CHECKING:
     from blobmesh.node.daemon import Node
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_STATS_NODES = 100  # members one stats request may name
 
 
 class DistributeRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -122,6 +127,7 @@ class ControlServer:
         return [
             web.get("/v1/node", self.get_node),
             web.get("/v1/peers", self.get_peers),
+            web.get("/v1/peers/stats", self.get_peer_stats),
             web.post("/v1/distributions", self.post_distribution),
             web.get("/v1/distributions", self.list_distributions),
             web.post("/v1/distributions/prune", self.prune_distributions),
@@ -152,6 +158,16 @@ class ControlServer:
 
     async def get_peers(self, request: web.Request) -> web.Response:
         return web.json_response(self.node.peers_json())
+
+    async def get_peer_stats(self, request: web.Request) -> web.Response:
+        """``?nodes=ID,...``: those members are on a screen now, so they are asked for their
+        stats (each at most every 2 s, whoever asks); their latest answers, in that order."""
+        ids = [NodeId.parse(t) for t in request.query.get("nodes", "").split(",") if t]
+        if len(ids) > MAX_STATS_NODES:
+            raise BadRequestError(f"at most {MAX_STATS_NODES} nodes per stats request")
+        now, me, stats = time.time(), self.node.identity.node_id, self.node.member_stats
+        stats.ask([n for n in ids if n != me and self.node.space.is_member(n)], now)
+        return web.json_response([{"node": str(n), **stats.row(n, now)} for n in ids])
 
     async def post_distribution(self, request: web.Request) -> web.Response:
         body = parse_body(await request.read(), DistributeRequest)

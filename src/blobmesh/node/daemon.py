@@ -30,7 +30,7 @@ from blobmesh.node.control import ControlServer, metrics_app, serve_app
 from blobmesh.node.home import MAX_REMEMBERED_PEERS, HomeLock, NodeState
 from blobmesh.node.logs import configure_logging
 from blobmesh.node.metrics import render_metrics
-from blobmesh.node.stats import STATS_ASK, StatsResponder
+from blobmesh.node.stats import STATS_ANSWER, STATS_ASK, StatsAsker, StatsResponder
 from blobmesh.node.watch import PeerView, RejoinPolicy, distribution_changes, peer_changes
 from blobmesh.shares import ShareMetrics, load_blob
 from blobmesh.space.config import CapValue, Seed, SpaceConfig, Timing
@@ -253,6 +253,9 @@ class Node:
             self.stats = StatsResponder(self.space, self.store.aio, lambda: (
                 self.swarm.bytes_uploaded, self.swarm.bytes_downloaded))
             self.space.notify_handler(STATS_ASK, self.stats.on_ask)
+            # other members' stats, for this node's viewers (dashboard pages, blobmesh top)
+            self.member_stats = StatsAsker(self.space, self._tasks)
+            self.space.notify_handler(STATS_ANSWER, self.member_stats.on_answer)
             await self.space.start()
             await self.swarm.start()
             await self._transfer.start(resume=True)

@@ -69,6 +69,7 @@ class Timing:
     probe_timeout: float = 0.5            # direct ack deadline (after connecting)
     indirect_timeout: float = 1.0         # indirect (ping-req) deadline after the direct one
     indirect_probes: int = 3              # k helpers for ping-req
+    suspicion_timeout: float = 6.0        # a last ping after ping-req failed waits this long
     request_timeout: float = 3.0
     handshake_timeout: float = 3.0        # a peer that has not proved the secret by then is cut
     rejected_op_ttl: float = 30.0         # a rejected op id is not fetched again for this long

@@ -15,6 +15,7 @@ due at :meth:`Dissemination.get_timer`; times are the caller's monotonic clock.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -61,7 +62,8 @@ class PeerView(Protocol):
     """What dissemination reads of membership (in-memory state, no I/O)."""
 
     def alive_peers(self) -> list[NodeId]:
-        """Peers with a live record that answer, not us (any order)."""
+        """Peers with a live record that answer, not us, in a stable order (by node id): the
+        random choices among them are then the same for the same seed."""
 
     def seed_ids(self) -> list[NodeId]: ...
 
@@ -100,10 +102,21 @@ class Dissemination:
         self._period = self._t.gossip_interval * self._rng.uniform(0.75, 1.25)
         self._next_round = now + self._period
 
-    def shuffled_alive(self) -> list[NodeId]:
-        out = sorted(self._view.alive_peers())
-        self._rng.shuffle(out)
-        return out
+    def pick_alive(self, k: int, prefer: Iterable[NodeId] = (),
+                   exclude: NodeId | None = None) -> list[NodeId]:
+        """Up to ``k`` alive peers other than ``exclude``, in random order, those of ``prefer``
+        that are alive first.  Costs O(k + len(prefer)), not O(peers): a node knowing 10,000
+        peers gossips several times a second."""
+        alive = self._view.alive_peers()
+        live = set(alive[i] for p in set(prefer)
+                   if (i := bisect.bisect_left(alive, p)) < len(alive) and alive[i] == p)
+        first = sorted(live - {exclude})
+        self._rng.shuffle(first)
+        need = max(0, k - len(first))
+        # the sample may hold the preferred and the excluded: draw that many more
+        drawn = self._rng.sample(alive, min(len(alive), need + len(first) + 1))
+        rest = [p for p in drawn if p not in live and p != exclude][:need]
+        return (first + rest)[:k]
 
     # --- gossip ------------------------------------------------------------------------------
 
@@ -136,10 +149,7 @@ class Dissemination:
         pushes and these would exceed ``max_pushes`` (gossip delivers them then).
         """
         n = self._t.relay_fanout if relayers is None else relayers
-        first = set(prefer)
-        alive = self.shuffled_alive()
-        alive.sort(key=lambda p: p not in first)  # stable: the rest stays shuffled
-        targets = [p for p in alive if p != exclude][: self._t.publish_fanout]
+        targets = self.pick_alive(self._t.publish_fanout, prefer, exclude)
         if in_flight + len(targets) > self._limits.max_pushes:
             self._metrics.limit("pushes")
             return []
@@ -187,7 +197,7 @@ class Dissemination:
         if now >= self._next_round:
             self._schedule(now)
             if self._view.active():
-                peers = self.shuffled_alive()[: self._t.gossip_fanout]
+                peers = self.pick_alive(self._t.gossip_fanout)
                 if not peers or self._view.known_records() <= 1:
                     peers = [*peers, *self._view.seed_ids()]
                 out.extend(GossipWith(p) for p in peers if p not in self._gossiping)

@@ -56,7 +56,8 @@ class Membership:
         self.detector = FailureDetector(
             probe_interval=timing.probe_interval, probe_timeout=timing.probe_timeout,
             indirect_timeout=timing.indirect_timeout, indirect_probes=timing.indirect_probes,
-            backoff_max=timing.unresponsive_backoff_max, rng=rng)
+            backoff_max=timing.unresponsive_backoff_max, rng=rng,
+            suspicion_timeout=timing.suspicion_timeout)
         self.seeds: dict[NodeId, Seed] = {}
         self._next_maintain = float("inf")
         self._next_bootstrap = float("inf")

@@ -42,7 +42,8 @@ from blobmesh.transport import (
 KINDS = ("test", "bench")
 # generous timeouts: tests share two cores, and a starved event loop is not a dead node
 FAST = Timing(gossip_interval=0.3, probe_interval=0.2, probe_timeout=1.0, indirect_timeout=1.5,
-              maintenance_interval=0.5, request_timeout=3.0, unresponsive_backoff_max=2.0)
+              suspicion_timeout=2.0, maintenance_interval=0.5, request_timeout=3.0,
+              unresponsive_backoff_max=2.0)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

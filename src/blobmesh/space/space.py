@@ -927,9 +927,10 @@ class Space:
                 if eff.target not in self._links:  # connecting first: that is not silence
                     self._set_deadline(eff.target, eff.seq,
                                        self._mono() + self.config.timing.request_timeout)
-                self._spawn(self._probe(eff.target, eff.seq, (eff.target,), direct=True), "probe")
+                self._spawn(self._probe(eff.target, eff.seq, (eff.target,), within=eff.timeout),
+                            "probe")
             case ProbeVia():
-                self._spawn(self._probe(eff.target, eff.seq, eff.via, direct=False), "probe")
+                self._spawn(self._probe(eff.target, eff.seq, eff.via, within=None), "probe")
             case Unresponsive():
                 self.metrics.inc("peers_unresponsive")
                 meta = self.peer_meta_store.get(eff.target)
@@ -941,21 +942,22 @@ class Space:
                 meta.failures = 0
 
     async def _probe(self, target: NodeId, seq: int, via: tuple[NodeId, ...],
-                     direct: bool) -> None:
+                     within: float | None) -> None:
+        """A direct ping waiting ``within`` for its ack, or (None) ping-reqs through ``via``."""
         t = self.config.timing
         if self._recently_heard(target):
             # traffic on the connection already proves life; a ping could queue for
             # seconds behind bulk data on a saturated link and time out for nothing
             self._acked(target, seq)
             return
-        if direct:
+        if within is not None:
             try:
                 await self._link(target)
             except (TransportError, SpaceError, TimeoutError):
                 self._set_deadline(target, seq, self._mono())  # go indirect now
                 return
-            self._set_deadline(target, seq, self._mono() + t.probe_timeout)
-            acked = await self._ping(target, t.probe_timeout)
+            self._set_deadline(target, seq, self._mono() + within)
+            acked = await self._ping(target, within)
         else:
             async def ask(helper: NodeId) -> bool:
                 try:

@@ -2,11 +2,13 @@
 
 Each protocol period one member (round-robin over a shuffled order) is probed directly; if no
 ack arrives within ``probe_timeout``, ``k`` other members are asked to probe it
-(ping-req); if none acks within ``indirect_timeout`` it is marked unresponsive.  A member is
-therefore marked at most ``2 * members * probe_interval + probe_timeout + indirect_timeout``
+(ping-req); if none acks within ``indirect_timeout`` it is *suspected*: one more ping waits
+``suspicion_timeout`` for its ack (a node whose event loop is starved for seconds answers
+late, not never), and only then is it marked unresponsive.  A member is therefore marked at
+most ``2 * members * probe_interval + probe_timeout + indirect_timeout + suspicion_timeout``
 after it stops answering, and at once (plus the timeouts) when the transport reports a broken
 link (:meth:`FailureDetector.suspect`).  Unresponsive members keep being probed with an
-exponential backoff, and come back on any ack.
+exponential backoff (without the suspicion period), and come back on any ack.
 
 Like Lifeguard's local health awareness, a late tick (our own event loop was starved) moves
 pending deadlines by the lateness: an ack we had no chance to process is not silence.
@@ -24,10 +26,12 @@ if TYPE_CHECKING:  # node ids are opaque keys here (the transport package is I/O
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """Send a ping to ``target``; report an ack with :meth:`FailureDetector.on_ack`."""
+    """Send a ping to ``target`` and wait ``timeout`` for its ack; report an ack with
+    :meth:`FailureDetector.on_ack`."""
 
     target: NodeId
     seq: int
+    timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,21 +58,26 @@ class Alive:
 Effect = Probe | ProbeVia | Unresponsive | Alive
 
 
+DIRECT, INDIRECT, SUSPECTED = 0, 1, 2  # the stages of a probe
+
+
 @dataclass(slots=True)
 class _Pending:
     seq: int
     deadline: float
-    indirect: bool
+    stage: int = DIRECT
 
 
 class FailureDetector:
     """Chooses whom to probe and when, and decides who is unresponsive."""
 
     def __init__(self, *, probe_interval: float, probe_timeout: float, indirect_timeout: float,
-                 indirect_probes: int, backoff_max: float, rng: random.Random) -> None:
+                 indirect_probes: int, backoff_max: float, rng: random.Random,
+                 suspicion_timeout: float = 0.0) -> None:
         self._interval = probe_interval
         self._timeout = probe_timeout
         self._indirect_timeout = indirect_timeout
+        self._suspicion = suspicion_timeout
         self._k = indirect_probes
         self._backoff_max = backoff_max
         self._rng = rng
@@ -100,8 +109,8 @@ class FailureDetector:
 
     def _start(self, target: NodeId, now: float) -> Probe:
         self._seq += 1
-        self._pending[target] = _Pending(self._seq, now + self._timeout, False)
-        return Probe(target, self._seq)
+        self._pending[target] = _Pending(self._seq, now + self._timeout)
+        return Probe(target, self._seq, self._timeout)
 
     def _next_target(self) -> NodeId | None:
         for _ in range(2):
@@ -141,12 +150,17 @@ class FailureDetector:
         for target, p in list(self._pending.items()):
             if now < p.deadline:
                 continue
-            helpers = [m for m in self._members
-                       if m != target and m not in self._down]
-            if not p.indirect and helpers:
-                via = tuple(self._rng.sample(helpers, min(self._k, len(helpers))))
-                p.indirect, p.deadline = True, now + self._indirect_timeout
-                out.append(ProbeVia(target, via, p.seq))
+            if p.stage == DIRECT:
+                helpers = [m for m in self._members
+                           if m != target and m not in self._down]
+                if helpers:
+                    via = tuple(self._rng.sample(helpers, min(self._k, len(helpers))))
+                    p.stage, p.deadline = INDIRECT, now + self._indirect_timeout
+                    out.append(ProbeVia(target, via, p.seq))
+                    continue
+            if p.stage != SUSPECTED and self._suspicion > 0 and target not in self._down:
+                p.stage, p.deadline = SUSPECTED, now + self._suspicion
+                out.append(Probe(target, p.seq, self._suspicion))
                 continue
             del self._pending[target]
             old = self._down.get(target)
@@ -174,7 +188,7 @@ class FailureDetector:
         the I/O layer extends it while dialing, restarts it once connected, and ends it at once
         when the dial failed)."""
         p = self._pending.get(target)
-        if p is not None and p.seq == seq and not p.indirect:
+        if p is not None and p.seq == seq and p.stage == DIRECT:
             p.deadline = deadline
 
     def on_ack(self, target: NodeId, seq: int) -> list[Effect]:

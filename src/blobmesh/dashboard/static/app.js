@@ -427,6 +427,7 @@ function fillRow(r, t, i, total) {
   const p = r.parts;
   const frac = t.state === "completed" ? 1 : total ? t.bytes_done / total : 0;
   const sources = t.state === "transferring" ? (t.sources || []) : [];
+  const rates = t.source_rates || [];
   r.dataset.node = t.node;
   r.dataset.state = t.state;
   r.dataset.sources = sources.join(" ");
@@ -439,10 +440,11 @@ function fillRow(r, t, i, total) {
   p.fill.parentNode.className = "bar" + (frac >= 1 ? " done" : "");
   setText(p.pct, ` ${(100 * frac).toFixed(1)} %`);
   setText(p.rate, rate(t.rate));
-  // which peers it receives from (short ids; per-peer rates are not reported)
-  setText(p.sources, sources.map((n) => n.slice(0, 9)).join(" ") ||
+  // which peers it receives from (short ids) and how fast (when the target reports it)
+  const from = (n, i) => n.slice(0, 9) + (i < rates.length ? ` ${rate(rates[i]) || "0"}` : "");
+  setText(p.sources, sources.map(from).join(", ") ||
     (t.state === "transferring" && t.peers ? `${t.peers} connected` : ""));
-  p.sources.title = sources.join("\n");
+  p.sources.title = sources.map((n, i) => n + (i < rates.length ? ` ${rate(rates[i]) || "0 B/s"}` : "")).join("\n");
   setText(p.reason, t.reason);
   p.reason.title = t.reason;
 }
@@ -467,7 +469,7 @@ function drawTargets() {
   for (const [node, entry] of rowEls) if (!visible.has(node)) spare.push(entry[1]);
   for (let i = first; i < last; i++) {
     const t = state.targets.get(state.order[i]);
-    const sig = [i, total, t.state, t.bytes_done, t.rate, t.peers, t.reason, (t.sources || []).join()].join("|");
+    const sig = [i, total, t.state, t.bytes_done, t.rate, t.peers, t.reason, (t.sources || []).join(), (t.source_rates || []).join()].join("|");
     const old = rowEls.get(t.node);
     const r = old ? old[1] : spare.pop() || box.appendChild(targetRow());
     if (!old || old[0] !== sig) fillRow(r, t, i, total);
