@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from blobmesh.distribution.peerwire import REJECT_BUSY
 from blobmesh.distribution.scheduler import (
     Announce,
     Ban,
@@ -191,6 +192,59 @@ def test_never_sent_pieces_first_and_slots_bound_what_is_on_its_way() -> None:
     assert u.next() is None and u.in_flight == 2  # two slots, both taken
     u.close("a")  # its piece will never be reported: the slot is free again
     assert u.next() == Serve("b", "blob", 0)
+
+
+def test_a_downloading_node_refuses_as_busy_while_its_slots_are_taken_and_one_waits() -> None:
+    u = UploadScheduler[str, str, int](slots=1, busy_queue=1)
+    for i, c in enumerate("abcd"):
+        u.open(c, "blob", i, Bitfield(8), 0.0)
+        u.set_downloading(c, c != "d")  # we download from a, b and c, not from d
+    assert u.wanted("a", 0, 1, now=0.0) is None
+    assert u.next() == Serve("a", "blob", 0)  # the one slot is taken
+    assert u.wanted("b", 1, 1, now=0.0) is None and u.waiting == 1  # one may wait
+    assert u.wanted("c", 2, 1, now=0.0) == Refuse("c", 2, REJECT_BUSY)  # c asks elsewhere
+    assert u.wanted("d", 3, 1, now=0.0) is None  # not one we download from: queued
+    u.sent("a", 0, 0.1)
+    assert u.next() == Serve("b", "blob", 1) and u.waiting == 1
+    u.cancelled("d", 3)
+    assert u.waiting == 0 and u.wanted("c", 2, 1, now=0.1) is None  # room to wait again
+
+
+def test_the_requester_holding_fewest_pieces_is_served_first() -> None:
+    u = UploadScheduler[str, str, int](slots=1, busy_queue=None)
+    u.open("rich", "blob", 1, bf(8, [0, 1, 2]), 0.0)
+    u.open("poor", "blob", 2, bf(8, [0]), 0.0)
+    u.open("none", "blob", 3, Bitfield(8), 0.0)
+    for c, i in (("rich", 5), ("poor", 6), ("none", 7)):
+        u.set_downloading(c, True)
+        u.wanted(c, i, 1, now=0.0)
+    order = []
+    while (a := u.next()) is not None:
+        assert isinstance(a, Serve)
+        order.append(a.conn)
+        u.sent(a.conn, a.index, 0.1)
+    assert order == ["none", "poor", "rich"]  # a peer that holds nothing relays nothing
+
+
+def test_a_busy_peer_is_asked_nothing_for_busy_backoff_then_one_piece_at_a_time() -> None:
+    j = job(pieces=6, peers=[], pipeline=2, busy_backoff=0.05)
+    j.attach("a", 1, bf(6, [0, 1, 2, 3, 4]), True, True, 0.0)
+    j.attach("b", 2, bf(6, [0, 1, 2, 3, 4]), True, True, 0.0)
+    out = j.start(Bitfield(6), 0.0)
+    on_a, on_b = requests(out, "a"), requests(out, "b")
+    assert len(on_a) == len(on_b) == 2  # four of the five pieces the peers hold
+    assert j.refused("a", on_a[0], REJECT_BUSY, 0.0) == []  # b's pipeline is full, a waits
+    assert j.refused("a", on_a[1], REJECT_BUSY, 0.01) == []
+    when = j.get_timer()
+    assert when is not None and when == pytest.approx(0.06)  # busy_backoff after the last refusal
+    assert requests(j.handle_timer(0.055), "a") == []
+    out = j.handle_timer(when)
+    probe = requests(out, "a")
+    assert len(probe) == 1  # three pieces are free, a is asked for one only ...
+    assert probe[0] not in on_a  # ... and not for one it refused: those go to others first
+    # a piece from a ends the probing: its pipeline is full again
+    assert j.piece_arrived("a", probe[0], 0.1)
+    assert sorted(requests(j.piece_written("a", probe[0], True, 0.1), "a")) == sorted(on_a)
 
 
 def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> None:

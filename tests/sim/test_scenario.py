@@ -37,11 +37,16 @@ def test_every_target_completes_and_the_figures_are_consistent() -> None:
         assert key in summary
     json.dumps(summary)  # JSON-ready
     assert max(r.series_source_up) <= 100e6 / 8 * 1.0001  # the source's link is its limit
+    # the targets relay, within their links; the series samples the same capacity
+    assert 0 < r.target_upload_utilisation <= 1 and "target_upload_utilisation" in summary
+    assert len(r.series_target_up) == len(r.series_t) and max(r.series_target_up) <= 1.0001
+    assert max(r.series_target_up) > r.target_upload_utilisation
 
 
 def test_one_target_gets_it_in_about_the_bound() -> None:
     r = run(small(nodes=1, latency_ms=0.1, join_spread=0.0))
     assert 1.0 <= r.ratio < 1.1 and r.source_copies == pytest.approx(1.0, abs=1e-3)
+    assert r.target_upload_utilisation == 0  # nobody to relay to
 
 
 def test_crashed_targets_restart_and_resume_from_flushed_pieces() -> None:

@@ -102,7 +102,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         return 0
     console.print(f"{result.nodes} targets: all done in {result.t_all_s:.2f}s = "
                   f"{result.ratio:.2f}x the bound {result.bound_s:.2f}s "
-                  f"(p50 {result.p50_ratio:.2f}x, p99 {result.p99_ratio:.2f}x)")
+                  f"(p50 {result.p50_ratio:.2f}x, p99 {result.p99_ratio:.2f}x); the targets "
+                  f"used {result.target_upload_utilisation:.0%} of their upload")
     console.print(f"source: {result.source_copies:.2f} copies, "
                   f"{result.source_ctrl_msgs_per_s:.0f} control msgs/s in "
                   f"({result.source_notes_per_s:.0f}/s progress notes), "

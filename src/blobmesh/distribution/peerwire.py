@@ -18,6 +18,8 @@ from blobmesh.types import Bitfield
 PROTOCOL = "blobmesh-swarm/1"
 REJECT_ELSEWHERE = "held by other peers"
 """The reason a seed gives when it points a requester at the other holders of a piece."""
+REJECT_BUSY = "busy"
+"""The reason a downloading peer gives when requests already wait for its upload."""
 VERSION = 1
 MAX_PIECES = 1 << 22
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from blobmesh.distribution.peerwire import REJECT_ELSEWHERE
+from blobmesh.distribution.peerwire import REJECT_BUSY, REJECT_ELSEWHERE
 from blobmesh.distribution.picker import PiecePicker
 from blobmesh.distribution.requests import RequestLedger
 from blobmesh.types import Bitfield
@@ -38,6 +38,7 @@ LAYER = -1  # the piece layer's slot in the request ledger
 MAX_REDIRECTS = 3
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
 UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
+BUSY_QUEUE = 1  # requests a downloading node lets wait for its upload (see UploadScheduler)
 CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
 UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
 SOURCE_FANOUT = 32  # targets of a scope expected to dial its source first (dials_source_first)
@@ -134,8 +135,11 @@ DownloadAction = (Dial[Peer] | Request[Conn] | RequestLayer[Conn] | Cancel[Conn]
 class DownloadPolicy:
     """The knobs of one download job (seconds; see ``SwarmConfig``)."""
 
-    pipeline: int = 4
-    seed_pipeline: int = 2  # requests in flight to a peer that holds the whole blob
+    # Requests in flight per connection.  A request waiting in an uploader's queue pins its
+    # piece there while other peers could send it now, and a downloader has many
+    # connections: one each keeps its link busy (the simulator: 1 → 2.6×, 4 → 1.8× the bound)
+    pipeline: int = 1
+    seed_pipeline: int = 1  # ... to a peer that holds the whole blob
     max_peers: int = 8
     source_fanout: int = SOURCE_FANOUT
     peer_retry: float = 1.0
@@ -144,6 +148,7 @@ class DownloadPolicy:
     request_timeout: float = 6.0
     request_strikes: int = 3
     layer_asks: int = 3  # peers asked for the piece layer at once (small; the first wins)
+    busy_backoff: float = 0.2  # a peer that refused a request as busy is not asked this long
 
 
 class DownloadScheduler(Generic[Conn, Peer]):
@@ -188,6 +193,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._layer_conns: set[Conn] = set()  # asked for the piece layer, not yet answered
         self._layer_expired: set[Conn] = set()
         self._layer_known = False  # a valid layer arrived; ``start`` follows
+        self._backoff: dict[Conn, float] = {}  # refused a request as busy: ask again then
+        self._probing: set[Conn] = set()  # ... then one request at a time until a piece comes
         self._last_progress = now
         self._last_flush = now
         self._out: list[DownloadAction[Peer, Conn]] = []
@@ -273,15 +280,20 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._fill_conn(conn, now)
         return self._take()
 
-    def refused(self, conn: Conn, index: int, elsewhere: bool,
+    def refused(self, conn: Conn, index: int, reason: str,
                 now: float) -> list[DownloadAction[Peer, Conn]]:
-        """The peer refused a request; ``elsewhere``: because other peers hold the piece."""
+        """The peer refused a request: other peers hold the piece (``REJECT_ELSEWHERE``), its
+        upload is busy (``REJECT_BUSY``: the piece is asked elsewhere first, the peer nothing
+        for ``busy_backoff``, then one piece at a time until one arrives), or another reason."""
         if self.owns(conn):
             self._ledger.answered(conn, index, now)
             if self.picker is not None:
                 self.picker.failed(conn, index)
-                if elsewhere:
+                if reason in (REJECT_ELSEWHERE, REJECT_BUSY):
                     self.picker.defer(conn, index)
+            if reason == REJECT_BUSY:
+                self._backoff[conn] = now + self.policy.busy_backoff
+                self._probing.add(conn)
         return self._step(now)
 
     def piece_arrived(self, conn: Conn, index: int, now: float) -> bool:
@@ -302,6 +314,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
             if other in self._peer_of:
                 self._out.append(Cancel(other, index))
                 self._ledger.withdrawn(other, index)
+        self._probing.discard(conn)
         if new:
             self._last_progress = now
             if self.stalled:
@@ -376,6 +389,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
             times.append(ledger + 1e-6)
         if self._dial_retry_at is not None:
             times.append(self._dial_retry_at)
+        if self._backoff and self.picker is not None and not self.paused:
+            times.append(min(self._backoff.values()))
         return min(times, default=None)
 
     def handle_timer(self, now: float) -> list[DownloadAction[Peer, Conn]]:
@@ -387,6 +402,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._last_flush = now
             self._out.append(Flush())
         self._expire(now)
+        for conn in [c for c, until in self._backoff.items() if until <= now]:
+            del self._backoff[conn]
         idle = now - self._last_progress
         if now >= self._last_progress + p.stall_timeout and not self.paused:
             self.done = True
@@ -459,9 +476,18 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._ledger.sent(conn, LAYER, now)
 
     def _fill(self, now: float) -> None:
-        # downloading peers first: what they can give need not cost a seed's upload
-        for conn in sorted(self._peer_of, key=lambda c: self._haves[c].is_complete()):
-            self._fill_conn(conn, now)
+        # downloading peers first: what they can give need not cost a seed's upload (a full
+        # pipeline is skipped at once: this runs on nearly every event, over every connection)
+        ledger, haves, p = self._ledger, self._haves, self.policy
+        seeds = []
+        for conn in self._peer_of:
+            if haves[conn].is_complete():
+                seeds.append(conn)
+            elif ledger.outstanding(conn) < p.pipeline:
+                self._fill_conn(conn, now)
+        for conn in seeds:
+            if ledger.outstanding(conn) < p.seed_pipeline:
+                self._fill_conn(conn, now)
 
     def _fill_conn(self, conn: Conn, now: float) -> None:
         assert self.picker is not None
@@ -472,6 +498,14 @@ class DownloadScheduler(Generic[Conn, Peer]):
         room = self._ledger.room(conn, pipeline)
         if not room:  # (the common case: a have arrived on a full pipeline)
             return
+        if conn in self._probing:
+            until = self._backoff.get(conn)
+            if until is not None and now < until:
+                return
+            self._backoff.pop(conn, None)
+            room = min(room, 1 - self._ledger.outstanding(conn))
+            if room <= 0:
+                return
         for index in self.picker.pick(conn, room):
             self._out.append(Request(conn, index))
             self._ledger.sent(conn, index, now)
@@ -515,6 +549,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._haves.pop(conn, None)
         self._has_layer.pop(conn, None)
         self._layer_expired.discard(conn)
+        self._backoff.pop(conn, None)
+        self._probing.discard(conn)
         self._ledger.dropped(conn)
         if self.picker is not None:
             self.picker.remove_peer(conn)
@@ -597,7 +633,8 @@ class Refuse(Generic[Conn]):
 
 @dataclass(order=True)
 class _Upload(Generic[Conn]):
-    sort_key: tuple[int, int, int]  # (-priority, times this piece was sent, arrival)
+    # (-priority, times this piece was sent, pieces the requester holds, arrival)
+    sort_key: tuple[int, int, int, int]
     conn: Conn = field(compare=False)
     index: int = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
@@ -645,7 +682,9 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
 
     Requests of all connections share one queue ordered by priority, then by how often the
     piece was sent already (never-sent pieces first: a seed's upload is the scarcest resource
-    of a swarm), then by arrival.  A seed refuses (``held by other peers``) a request for a
+    of a swarm), then by how many pieces the requester holds (the poorest first: a peer
+    holding nothing can relay nothing, and peers that fall behind set the swarm's finish),
+    then by arrival.  A seed refuses (``held by other peers``) a request for a
     piece it already gives another peer, or already gave and some other peer now holds — a
     few times per requester and piece, so nobody starves.  At most ``outbox`` pieces are
     queued per connection, so the choice of what to send next is made as late as possible.
@@ -662,17 +701,26 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     as BitTorrent's unchoke limit): a node whose link is shared by 64 connections would
     otherwise need 64 piece times before any piece it sends is complete anywhere, and a
     swarm relays only complete pieces.
+
+    A node that downloads the blob itself refuses (``busy``) a request of a peer it
+    downloads from too while its slots are taken and ``busy_queue`` requests already wait
+    for them: in a swarm
+    the requester can get the piece from another of its peers now, instead of waiting here
+    while they idle (a seed has no such say: it is asked only for pieces nobody else has).
     """
 
     def __init__(self, outbox: int = OUTBOX_PIECES, max_redirects: int = MAX_REDIRECTS,
                  slots: int | None = UPLOAD_SLOTS, claim_ttl: float = CLAIM_TTL,
-                 send_timeout: float | None = None) -> None:
+                 send_timeout: float | None = None,
+                 busy_queue: int | None = BUSY_QUEUE) -> None:
         self.outbox = outbox
         self.max_redirects = max_redirects
         self.slots = slots
         self.claim_ttl = claim_ttl
         self.send_timeout = send_timeout
+        self.busy_queue = busy_queue
         self.in_flight = 0  # pieces served and not yet sent, over all connections
+        self.waiting = 0  # requests queued, neither served nor refused yet
         self._links: dict[Conn, _Link[Conn, Blob, Peer]] = {}
         self._blobs: dict[Blob, _Served[Conn, Peer]] = {}
         self._queue: list[_Upload[Conn]] = []
@@ -695,6 +743,7 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
         if link is None:
             return
         self.in_flight -= link.queued  # what it had on its way will not be reported
+        self.waiting -= len(link.pending)
         for up in link.pending.values():
             up.cancelled = True
         served = self._blobs[link.blob]
@@ -721,15 +770,21 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
                 served.claimed[index] = conn
             elif self._may_redirect(served, link, index):
                 return Refuse(conn, index, REJECT_ELSEWHERE)
-        up = _Upload((-priority, served.sent.get(index, 0), next(self._seq)), conn, index)
+        elif self.busy_queue is not None and self.waiting >= self.busy_queue and \
+                self.slots is not None and self.in_flight >= self.slots:
+            return Refuse(conn, index, REJECT_BUSY)
+        self._unqueue(link, index)  # asked again: the new request replaces the old
+        up = _Upload((-priority, served.sent.get(index, 0), link.have.count(),
+                      next(self._seq)), conn, index)
         link.pending[index] = up
+        self.waiting += 1
         heapq.heappush(self._queue, up)
         return None
 
     def cancelled(self, conn: Conn, index: int) -> None:
         link = self._links.get(conn)
-        if link is not None and index in link.pending:
-            link.pending.pop(index).cancelled = True
+        if link is not None:
+            self._unqueue(link, index)
 
     def acked(self, conn: Conn, index: int, now: float) -> bool:
         """The peer announced (or withdrew) ``index``; True if that freed upload room."""
@@ -758,12 +813,12 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
             sent = served.sent.get(up.index, 0)
             if sent > up.sort_key[1]:
                 # sent to someone else since it was queued: let never-sent pieces go first
-                up.sort_key = (up.sort_key[0], sent, up.sort_key[2])
+                up.sort_key = (up.sort_key[0], sent, *up.sort_key[2:])
                 heapq.heappush(self._queue, up)
                 continue
             if sent and not link.downloading and self._held_elsewhere(served, up.conn, up.index) \
                     and self._may_redirect(served, link, up.index):
-                link.pending.pop(up.index, None)
+                self._dequeued(link, up.index)
                 return Refuse(up.conn, up.index, REJECT_ELSEWHERE)
             if link.queued >= self.outbox or (
                     link.max_unacked is not None and
@@ -772,7 +827,7 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
                 continue
             link.queued += 1
             self.in_flight += 1
-            link.pending.pop(up.index, None)
+            self._dequeued(link, up.index)
             return Serve(up.conn, link.blob, up.index)
         return None
 
@@ -817,6 +872,18 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     def times_sent(self, blob: Blob, index: int) -> int:
         served = self._blobs.get(blob)
         return served.sent.get(index, 0) if served else 0
+
+    def _unqueue(self, link: _Link[Conn, Blob, Peer], index: int) -> None:
+        """Withdraw a queued request (its heap entry is skipped when it comes up)."""
+        up = link.pending.pop(index, None)
+        if up is not None:
+            up.cancelled = True
+            self.waiting -= 1
+
+    def _dequeued(self, link: _Link[Conn, Blob, Peer], index: int) -> None:
+        """A queued request came up and was served or refused."""
+        if link.pending.pop(index, None) is not None:
+            self.waiting -= 1
 
     def _unpark(self, link: _Link[Conn, Blob, Peer]) -> None:
         for up in link.parked:

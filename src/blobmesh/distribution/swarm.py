@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from blobmesh.distribution.model import SOURCES_REPORTED, Priority, TargetState
 from blobmesh.distribution.peerwire import (
     PROTOCOL,
-    REJECT_ELSEWHERE,
     Event,
     LayerArrived,
     LayerWanted,
@@ -699,8 +698,7 @@ class DownloadJob:
         elif isinstance(event, PeerHas):
             self._execute(sched.peer_has(conn, event.index, now))
         elif isinstance(event, PieceRefused):
-            self._execute(sched.refused(conn, event.index, event.reason == REJECT_ELSEWHERE,
-                                        now))
+            self._execute(sched.refused(conn, event.index, event.reason, now))
         elif isinstance(event, PieceArrived):
             await self._on_piece(conn, event.index, event.data)
 

@@ -9,7 +9,8 @@ from blobmesh.sim.scenario import Result
 
 
 def write_plots(result: Result, out: Path) -> list[Path]:
-    """Completion CDF, source upload over time, control messages per node; returns the files."""
+    """Completion CDF, source and target upload over time, control messages per node; returns
+    the files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,9 +39,12 @@ def write_plots(result: Result, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     up = result.scenario.rate_mbit * 1e6 / 8
-    ax.plot(result.series_t, [u / up for u in result.series_source_up])
-    ax.set(xlabel="time (s)", ylabel="source upload / its capacity", ylim=(0, 1.1),
-           title=f"Source upload — {result.source_copies:.2f} copies sent")
+    ax.plot(result.series_t, [u / up for u in result.series_source_up], label="source")
+    ax.plot(result.series_t, result.series_target_up, label="targets (all together)")
+    ax.set(xlabel="time (s)", ylabel="upload / capacity", ylim=(0, 1.1),
+           title=f"Upload — source {result.source_copies:.2f} copies, targets "
+                 f"{result.target_upload_utilisation:.0%} of their capacity")
+    ax.legend()
     save(fig, "source_upload")
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -67,6 +67,8 @@ class Result:
     p99_ratio: float
     completed: int
     source_copies: float  # bytes the source uploaded, in copies of the blob
+    # bytes the targets uploaded / what their uplinks could have carried until t_all
+    target_upload_utilisation: float
     source_ctrl_msgs_per_s: float  # control messages into the source, per second of t_all
     source_notes_per_s: float  # of which progress notifications
     source_dials: int  # connection attempts the source received
@@ -82,13 +84,14 @@ class Result:
     finish_times: list[float] = field(repr=False)
     series_t: list[float] = field(repr=False)
     series_source_up: list[float] = field(repr=False)  # bytes/s
+    series_target_up: list[float] = field(repr=False)  # targets' upload / their capacity
     ctrl_msgs_per_node: list[int] = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The summary (no time series): one flat object plus the scenario."""
         out = {k: v for k, v in asdict(self).items()
                if k not in ("scenario", "finish_times", "series_t", "series_source_up",
-                            "ctrl_msgs_per_node")}
+                            "series_target_up", "ctrl_msgs_per_node")}
         sc = asdict(self.scenario)
         out["scenario"] = sc
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
@@ -162,7 +165,11 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
 
     series_t: list[float] = []
     series_up: list[float] = []
+    series_targets: list[float] = []
     source = world.nodes[SOURCE]
+    net = world.net
+    target_ids = [n.net_id for n in world.nodes[1:]]
+    target_cap = sum(net.up(i) for i in target_ids)
     last = [0.0, 0.0]  # time, source bytes sent
 
     def sample() -> None:
@@ -173,6 +180,7 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
         if now > last[0]:
             series_t.append(now)
             series_up.append((sent - last[1]) / (now - last[0]))
+            series_targets.append(sum(net.upload_rate(i) for i in target_ids) / target_cap)
         last[0], last[1] = now, sent
         if world.completed < world.honest_targets:
             sim.after(sample_every, sample)
@@ -189,11 +197,12 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
             gc.enable()
     rss1 = _rss_kib()
     return _result(sc, world, sim, time.perf_counter() - wall0,
-                   max(0.0, rss1 - rss0) / (sc.nodes + 1), series_t, series_up)
+                   max(0.0, rss1 - rss0) / (sc.nodes + 1), series_t, series_up, series_targets)
 
 
 def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: float,
-            series_t: list[float], series_up: list[float]) -> Result:
+            series_t: list[float], series_up: list[float],
+            series_targets: list[float]) -> Result:
     source = world.nodes[SOURCE]
     honest = [n for n in world.nodes[1:] if not n.spec.liar]
     finish = sorted(n.outcome.done_at if n.outcome.done_at is not None else float("inf")
@@ -212,6 +221,8 @@ def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: fl
         p50_ratio=statistics.median(finish) / bound, p99_ratio=q[98] / bound,
         completed=sum(1 for t in finish if t != float("inf")),
         source_copies=world.net.bytes_sent[source.net_id] / sc.size,
+        target_upload_utilisation=sum(world.net.bytes_sent[n.net_id] for n in targets) /
+        max(1e-9, horizon * sum(n.spec.up for n in targets)),
         source_ctrl_msgs_per_s=source.traffic.msgs_in / max(horizon, 1e-9),
         source_notes_per_s=source.traffic.notes_in / max(horizon, 1e-9),
         source_dials=source.traffic.dials_in,
@@ -223,6 +234,7 @@ def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: fl
         failures=sum(n.outcome.failures for n in world.nodes),
         events=sim.events_run, wall_s=wall, mem_per_node_kib=mem_kib,
         finish_times=finish, series_t=series_t, series_source_up=series_up,
+        series_target_up=series_targets,
         ctrl_msgs_per_node=[n.traffic.msgs_in + n.traffic.msgs_out for n in world.nodes])
 
 

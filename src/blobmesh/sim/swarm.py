@@ -470,8 +470,7 @@ class World:
     def on_refused(self, end: End, index: int, reason: str) -> None:
         node = end.node
         if node.sched is not None:
-            node.execute(node.sched.refused(end, index, reason == "held by other peers",
-                                            self.sim.now))
+            node.execute(node.sched.refused(end, index, reason, self.sim.now))
 
     def on_have(self, end: End, index: int) -> None:
         node = end.node
