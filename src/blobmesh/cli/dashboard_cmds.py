@@ -21,7 +21,6 @@ from rich.table import Table
 from rich.text import Text
 
 from blobmesh.cli.output import Subcommands, add_command, console, err_console, human_bytes
-from blobmesh.dashboard import read_url_file
 from blobmesh.dashboard.auth import is_loopback
 from blobmesh.dashboard.model import RateMeter, liveness, summarize, target_rates
 from blobmesh.errors import BlobmeshError
@@ -64,6 +63,8 @@ def _positive(text: str) -> float:
 def dashboard_url(home: Path) -> str:
     """The URL of the running node's dashboard, with its token unless it listens on
     loopback."""
+    from blobmesh.dashboard.server import read_url_file
+
     info = read_url_file(home)
     if info is None:
         if (home / "control.sock").exists():
