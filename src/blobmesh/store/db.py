@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -162,12 +162,10 @@ class MetaDB:
         return info_from_row(row, pins, nleases)
 
     def infos(self, blob_ids: Sequence[BlobId]) -> list[BlobInfo]:
-        """:meth:`info` of many blobs in three queries per 500."""
+        """:meth:`info` of many blobs in three queries per :data:`ID_BATCH`."""
         out: dict[BlobId, BlobInfo] = {}
         unique = list(dict.fromkeys(blob_ids))
-        for i in range(0, len(unique), 500):
-            digests = tuple(b.digest for b in unique[i : i + 500])
-            marks = ",".join("?" * len(digests))
+        for digests, marks in id_batches(unique):
             pins: dict[bytes, list[str]] = {}
             for name, blob in self.query(f"SELECT name, blob FROM pins WHERE blob IN ({marks})"
                                          " ORDER BY name", digests):
@@ -184,13 +182,12 @@ class MetaDB:
         return [out[b] for b in blob_ids]
 
     def complete_sizes(self, blob_ids: Sequence[BlobId]) -> dict[BlobId, int]:
-        """Sizes of those of ``blob_ids`` that are here complete (one query per 500)."""
+        """Sizes of those of ``blob_ids`` that are here complete (one query per
+        :data:`ID_BATCH`)."""
         out: dict[BlobId, int] = {}
-        unique = list(dict.fromkeys(blob_ids))
-        for i in range(0, len(unique), 500):
-            digests = tuple(b.digest for b in unique[i : i + 500])
+        for digests, marks in id_batches(blob_ids):
             for d, size in self.query(f"SELECT id, size FROM blobs WHERE complete=1 AND id IN "
-                                      f"({','.join('?' * len(digests))})", digests):
+                                      f"({marks})", digests):
                 out[BlobId(bytes(d))] = int(size)
         return out
 
@@ -243,6 +240,19 @@ class MetaDB:
 
 
 # --- statements inside a caller's write transaction ----------------------------------------
+
+
+ID_BATCH = 500
+"""Ids per ``IN (...)`` list: one query per this many, well under SQLite's variable limit."""
+
+
+def id_batches(blob_ids: Iterable[BlobId]) -> Iterator[tuple[tuple[bytes, ...], str]]:
+    """The distinct digests of ``blob_ids`` in batches of :data:`ID_BATCH`, each with the
+    ``?,?,...`` of its ``IN`` list."""
+    unique = list(dict.fromkeys(b.digest for b in blob_ids))
+    for i in range(0, len(unique), ID_BATCH):
+        part = tuple(unique[i : i + ID_BATCH])
+        yield part, ",".join("?" * len(part))
 
 
 def has_row(db: sqlite3.Connection, blob_id: BlobId) -> bool:

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 
 from blobmesh.errors import SourceError, StoreError
 from blobmesh.hashing import BlobId, PieceLayer, TreeHasher, hash_stream, piece_count
-from blobmesh.store.db import MetaDB, Undo, add_lease, has_row
+from blobmesh.store.db import MetaDB, Undo, add_lease, has_row, id_batches
 from blobmesh.store.layout import (
     DIR_MODE,
     FULL_ERRNOS,
@@ -282,14 +282,11 @@ def _layer(item: Ingest | Held) -> PieceLayer:
 
 def _rows(conn: sqlite3.Connection, blob_ids: Sequence[BlobId]
           ) -> dict[bytes, tuple[int, int]]:
-    """(complete, piece_size) of those of ``blob_ids`` that have a row, one query per 500."""
+    """(complete, piece_size) of those of ``blob_ids`` that have a row, by digest."""
     out: dict[bytes, tuple[int, int]] = {}
-    digests = list(dict.fromkeys(b.digest for b in blob_ids))
-    for i in range(0, len(digests), 500):
-        part = digests[i : i + 500]
+    for digests, marks in id_batches(blob_ids):
         for d, complete, piece_size in conn.execute(
-                f"SELECT id, complete, piece_size FROM blobs WHERE id IN "
-                f"({','.join('?' * len(part))})", part):
+                f"SELECT id, complete, piece_size FROM blobs WHERE id IN ({marks})", digests):
             out[bytes(d)] = (int(complete), int(piece_size))
     return out
 
