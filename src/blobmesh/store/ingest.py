@@ -225,18 +225,17 @@ class Batch:
                 self._journal = write_journal(self.layout, [_layer(i).blob_id for i, _ in todo],
                                               undo)
             durable = self._place(todo, undo)
+            placed = [(_layer(item), partial_size) for item, partial_size in todo]
             conn.executemany("INSERT INTO blobs VALUES (?,?,?,1,?,?,?)", [
                 (layer.blob_id.digest, layer.size, layer.piece_size,
                  Bitfield.full(len(layer)).to_bytes(), now, now)
-                for layer, partial_size in ((_layer(i), p) for i, p in todo)
-                if partial_size is None])
+                for layer, partial_size in placed if partial_size is None])
             # a partial copy was here: the complete data serves it at its own piece size, so
             # its piece layer (which readers and writers already use) stays
             conn.executemany("UPDATE blobs SET complete=1, have=?, updated=? WHERE id=?", [
                 (Bitfield.full(piece_count(layer.size, partial_size)).to_bytes(), now,
                  layer.blob_id.digest)
-                for layer, partial_size in ((_layer(i), p) for i, p in todo)
-                if partial_size is not None])
+                for layer, partial_size in placed if partial_size is not None])
             if lease is not None:
                 for layer in layers:
                     add_lease(conn, layer.blob_id, lease)
