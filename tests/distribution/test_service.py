@@ -360,8 +360,8 @@ async def test_targets_publish_no_ops_and_a_restarted_source_knows_them_from_one
 
         # every node's op store holds the request and one summary, whatever the number of
         # targets; their states went to the source as notes
+        await eventually(lambda: all(len(summaries(m)) == 1 for m in (src, a, b)), 10)
         for m in (src, a, b):
-            await eventually(lambda m=m: len(summaries(m)) == 1, 10)
             assert {op.author for op in m.space.ops()} == {src.space.node_id}
         (summary,) = summaries(a)
         assert (summary.state, summary.total, summary.completed, summary.failed) == \
