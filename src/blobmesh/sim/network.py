@@ -20,13 +20,12 @@ from typing import Any
 from blobmesh.sim.engine import Simulator, Timer
 
 _EPS = 1e-9
-_ids = itertools.count()
 
 
 class Flow:
     """Bytes on their way from ``src`` to ``dst``."""
 
-    __slots__ = ("_hash", "args", "dst", "on_done", "rate", "remaining", "since", "size", "src",
+    __slots__ = ("args", "dst", "on_done", "rate", "remaining", "since", "size", "src",
                  "timer")
 
     def __init__(self, src: int, dst: int, size: float, on_done: Callable[..., None],
@@ -40,13 +39,6 @@ class Flow:
         self.on_done = on_done
         self.args = args
         self.timer: Timer | None = None
-        self._hash = next(_ids)  # a deterministic hash: sets of flows iterate the same per seed
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
 
 class FlowNetwork:
