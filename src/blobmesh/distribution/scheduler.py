@@ -379,6 +379,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
             return None
         # (the adapter asks after every event: no lists, no allocations)
         p = self.policy
+        when: float | None
+        t: float | None
         if self.paused:
             when = None
         elif self.stalled:
