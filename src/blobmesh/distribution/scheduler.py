@@ -268,8 +268,10 @@ class DownloadScheduler(Generic[Conn, Peer]):
 
     def peer_has(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
         picker = self.picker
-        if picker is None or not self.owns(conn):
-            if self.owns(conn):
+        peer = self._peer_of.get(conn)  # (the most common event: owns() inlined)
+        owned = peer is not None and self._conns.get(peer) is conn
+        if picker is None or not owned:
+            if owned:
                 # it verified a piece, so it holds the layer now, whatever its hello said
                 self._has_layer[conn] = True
             return self._step(now)
