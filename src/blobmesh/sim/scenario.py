@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from blobmesh.distribution.config import SwarmConfig
 from blobmesh.distribution.progress import (
     PROGRESS_INTERVAL,
     SOURCE_NOTES_PER_S,
     progress_note_interval,
 )
 from blobmesh.distribution.scheduler import DownloadPolicy
-from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
 from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
