@@ -55,8 +55,8 @@ def round_trip(a: Side, b: Side, now: float = 0.0) -> tuple[int, int]:
     n = size = 0
     while req is not None:
         n += 1
-        assert isinstance(req, wire.GossipHello | wire.PeerSummary | wire.OpSummary
-                          | wire.OpIdsReq)
+        assert isinstance(req, wire.GossipHello | wire.PeerTreeReq | wire.PeerSummary
+                          | wire.OpSummary | wire.OpIdsReq)
         resp = b.responder.handle(a.id.node_id, req, now)
         size += len(wire.encode(req)) + len(wire.encode(resp))
         req, effects = init.on_response(resp)
@@ -126,7 +126,7 @@ def test_session_is_bound_to_the_peer_that_opened_it() -> None:
     a, b = Side(lim), Side(lim)
     a.add_ops(3)
     session = b"s" * 16
-    hello = wire.GossipHello(1, session, a.peers.digest(), a.ops.digest())
+    hello = wire.GossipHello(1, session, a.peers.digest(), a.ops.digest(), b"", 0)
     assert isinstance(b.responder.handle(a.id.node_id, hello, 0.0), wire.GossipState)
     intruder = Identity.generate().node_id
     resp = b.responder.handle(intruder, wire.OpIdsReq(2, session, b""), 0.0)
@@ -143,7 +143,7 @@ def test_concurrent_sessions_are_bounded() -> None:
     b.add_ops(1)
     busy = 0
     for _ in range(3):
-        hello = wire.GossipHello(1, b"s" * 16, b"\0" * 32, b"\0" * 32)
+        hello = wire.GossipHello(1, b"s" * 16, b"\0" * 32, b"\0" * 32, b"", 0)
         resp = b.responder.handle(Identity.generate().node_id, hello, 0.0)
         busy += isinstance(resp, wire.Busy)
     assert busy == 1 and b.metrics["limit_gossip_sessions"] == 1

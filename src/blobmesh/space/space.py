@@ -808,7 +808,8 @@ class Space:
             case wire.Notify():
                 await self._on_notify(peer, msg.data)
                 return None
-            case wire.GossipHello() | wire.PeerSummary() | wire.OpSummary() | wire.OpIdsReq():
+            case (wire.GossipHello() | wire.PeerTreeReq() | wire.PeerSummary() | wire.OpSummary()
+                  | wire.OpIdsReq()):
                 return self._responder.handle(peer, msg, self._mono())
         raise AssertionError(msg)  # pragma: no cover - the union is exhaustive
 
