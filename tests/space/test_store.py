@@ -132,3 +132,15 @@ def test_records_under_a_prefix_and_the_tree_follow_puts_and_expiry() -> None:
     assert store.tree.count(1) == 41
     store.expire(NOW + 100)
     assert len(store.under(1)) == 40 and store.tree.count(1) == 40
+
+
+def test_max_peers_counts_other_nodes_only() -> None:
+    lim, m = dataclasses.replace(LIM, max_peers=2), Metrics()
+    me, a, b, c = (Identity.generate() for _ in range(4))
+    store = PeerStore(open_db(":memory:"), "s", lim, m, NOW, me=me.node_id)
+
+    def put(ident: Identity) -> PutResult:
+        return store.put(decode_record(rec(ident), space="s", now_ms=NOW, limits=lim))
+
+    assert [put(x) for x in (a, me, b)] == [PutResult.NEW] * 3
+    assert put(c) is PutResult.REFUSED and m["limit_peer_store"] == 1 and len(store) == 3

@@ -77,13 +77,18 @@ class PutResult(enum.Enum):
 
 
 class PeerStore:
-    """Latest valid record per node, tombstones included (kept until expiry to block replays)."""
+    """Latest valid record per node, tombstones included (kept until expiry to block replays).
+
+    Holds at most ``max_peers`` records of other nodes, and ``me``'s besides.
+    """
 
     def __init__(self, db: sqlite3.Connection, space: str, limits: Limits, metrics: Metrics,
-                 now_ms: int) -> None:
+                 now_ms: int, *, me: NodeId | None = None) -> None:
         self._db = db
         self._limits = limits
         self._metrics = metrics
+        self._me = me
+        self.version = 0  # changes whenever the records held do
         self._records: dict[NodeId, PeerRecord] = {}
         self._tree = PeerTree()
         self._sorted: list[bytes] = []  # node ids, for the records under a prefix
@@ -102,13 +107,15 @@ class PeerStore:
         old = self._records.get(rec.node_id)
         if old is not None and not rec.newer_than(old):
             return PutResult.STALE
-        if old is None and len(self._records) >= self._limits.max_peers:
+        if (old is None and rec.node_id != self._me
+                and len(self._records) - (self._me in self._records) >= self._limits.max_peers):
             self._metrics.limit("peer_store")
             return PutResult.REFUSED
         with _write(self._db):  # first: a record we could not persist is not held either
             self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
                              (rec.node_id.digest, rec.created_at, rec.expires_at, rec.raw))
         self._records[rec.node_id] = rec
+        self.version += 1
         node = rec.node_id.digest
         if old is None:
             bisect.insort(self._sorted, node)
@@ -132,6 +139,7 @@ class PeerStore:
         for n in gone:
             self._tree.toggle(n.digest, self._records.pop(n).created_at, -1)
         if gone:
+            self.version += 1
             dropped = {n.digest for n in gone}
             self._sorted = [n for n in self._sorted if n not in dropped]
             # left in the file if this fails: expired rows are dropped again when it is opened
