@@ -12,6 +12,7 @@ import msgspec
 
 from blobmesh.errors import ProtocolError
 from blobmesh.hashing import BlobId, PieceLayer, piece_count
+from blobmesh.wire import payload_head
 
 PROTOCOL = "blobmesh/transfer/1"
 VERSION = 1
@@ -211,20 +212,9 @@ _codec: Codec[Message] = Codec(Message, "transfer")
 encode = _codec.encode
 decode = _codec.decode
 
-_EMPTY_BIN = b"\xc4\x00"  # msgpack bin 8 of length 0
-
 
 def data_head(piece: int, offset: int, n: int) -> bytes:
-    """The head of ``encode(Data(piece, offset, data))`` for ``n`` bytes of data: everything
-    before the payload, which is its last field, so the message is this head followed by the
-    data as it is.  Sent with ``Stream.send(data, head=...)``, a piece is never copied into
-    a message."""
-    empty = encode(Data(piece, offset, memoryview(b"")))
-    assert empty.endswith(_EMPTY_BIN), "Data.data must be the last field"
-    if n < 1 << 8:
-        size = b"\xc4" + n.to_bytes(1, "big")
-    elif n < 1 << 16:
-        size = b"\xc5" + n.to_bytes(2, "big")
-    else:
-        size = b"\xc6" + n.to_bytes(4, "big")
-    return empty[:-len(_EMPTY_BIN)] + size
+    """The head of ``encode(Data(piece, offset, data))`` for ``n`` bytes of data: the message
+    is this head followed by the data as it is (``data`` is the last field), so a piece is
+    sent with ``Stream.send(data, head=...)`` and never copied into a message."""
+    return payload_head(encode(Data(piece, offset, memoryview(b""))), n)
