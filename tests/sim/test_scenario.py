@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from blobmesh.distribution.config import SwarmConfig
 from blobmesh.sim.scenario import MiB, Scenario, run
 
 
@@ -80,3 +81,9 @@ def test_a_seed_gives_the_recorded_run(faults: dict[str, object], digest: str) -
     got = hashlib.sha256(json.dumps([r.events, r.finish_times, r.source_copies,
                                      r.ctrl_msgs_per_node]).encode()).hexdigest()[:16]
     assert got == digest
+
+
+def test_the_defaults_are_what_a_real_node_runs() -> None:
+    node, sc = SwarmConfig(), Scenario()
+    assert sc.policy == node.download_policy()
+    assert (sc.upload_slots, sc.max_connections) == (node.upload_slots, node.max_connections)
