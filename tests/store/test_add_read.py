@@ -262,3 +262,39 @@ def test_add_many_is_all_or_nothing(store: Store, tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such file"):
         store.add_many([DATA, tmp_path / "missing", b"more"])
     assert store.blobs() == [] and not any(store.layout.tmp.iterdir())
+
+
+def test_content_from_memory_keeps_its_layer_in_the_database(store: Store) -> None:
+    """A small blob added from memory is one file: its piece layer is a row of ``layers``
+    (served, checked and collected with the blob); a streamed one keeps its layer file."""
+    held = payload(600_000, seed=4)  # three pieces
+    blob_id = store.add_many([held], LeaseId.new("t"))[0].blob_id
+    streamed = store.add_stream([payload(5000, seed=5)]).blob_id
+    assert not store.layout.pieces_path(blob_id).exists()
+    assert store.layout.pieces_path(streamed).exists()
+    layer = store.piece_layer(blob_id)
+    assert len(layer) == 3 and layer.blob_id == blob_id
+    assert store.read_piece(blob_id, 2, verify=True) == held[512 * 1024 :]
+    assert store.get_data(blob_id, LeaseId.new("r"), verify=True) == held
+    with store.db.write() as db:  # a damaged row is caught like a damaged file
+        db.execute("UPDATE layers SET hashes=zeroblob(96) WHERE id=?", (blob_id.digest,))
+    with pytest.raises(CorruptBlobError, match="piece layer"):
+        store.piece_layer(blob_id)
+    store.advise_pid_terminated(os.getpid())
+    assert set(store.gc().deleted) == {blob_id, streamed}
+    assert store.db.query("SELECT count(*) FROM layers") == [(0,)]  # gone with its row
+
+
+def test_a_store_of_a_later_format_is_refused(home: Path) -> None:
+    import sqlite3
+
+    from blobmesh.errors import StoreError
+    from blobmesh.store.db import FORMAT
+
+    Store(home).close()
+    db = sqlite3.connect(home / "store.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone() == (FORMAT,)
+    db.execute(f"PRAGMA user_version={FORMAT + 1}")
+    db.close()
+    with pytest.raises(StoreError, match=f"format {FORMAT + 1}"):
+        Store(home)

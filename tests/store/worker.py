@@ -134,7 +134,7 @@ def add_many_die_writing(home: str, files: str) -> None:
     """Die in the commit of a 20-blob ``add_many`` once ``files`` of its files are in blobs/
     (the journal is the first file it writes)."""
     with Store(home) as store:
-        die_on_call(store_module, "write_file", int(files) + 2)
+        die_on_call(store_module, "write_file", int(files) + 2)  # one file per blob
         store.add_many(_twenty())
 
 

@@ -21,14 +21,16 @@ def run_fsck(db: MetaDB, layout: Layout, *, repair: bool,
     """Rehash every present piece; report (and with ``repair`` quarantine) bad data."""
     report = FsckReport(repaired=repair)
     known: set[BlobId] = set()
-    rows = db.query("SELECT id, size, piece_size, complete, have FROM blobs")
-    for digest, size, piece_size, complete, have_raw in rows:
+    rows = db.query("SELECT id, size, piece_size, complete, have, hashes FROM blobs "
+                    "LEFT JOIN layers USING (id)")
+    for digest, size, piece_size, complete, have_raw, hashes in rows:
         blob_id = BlobId(bytes(digest))
         known.add(blob_id)
         data_path, pieces_path = layout.data_path(blob_id), layout.pieces_path(blob_id)
         report.checked += 1
         problem = _check_blob(blob_id, size, piece_size, bool(complete), bytes(have_raw),
-                              data_path, pieces_path, report, progress)
+                              None if hashes is None else bytes(hashes), data_path,
+                              pieces_path, report, progress)
         if problem is None or not db.query("SELECT 1 FROM blobs WHERE id=?", (digest,)):
             continue  # healthy, or collected by another process while we looked at it
         report.problems.append(FsckProblem(problem[0], str(data_path), blob_id, problem[1]))
@@ -42,10 +44,12 @@ def run_fsck(db: MetaDB, layout: Layout, *, repair: bool,
 
 
 def _check_blob(blob_id: BlobId, size: int, piece_size: int, complete: bool, have_raw: bytes,
-                data_path: Path, pieces_path: Path, report: FsckReport,
+                hashes: bytes | None, data_path: Path, pieces_path: Path, report: FsckReport,
                 progress: Progress | None) -> tuple[str, str] | None:
+    """What is wrong with one blob; its layer is ``hashes`` (from ``layers``) or its file."""
     try:
-        layer = PieceLayer.from_bytes(blob_id, size, piece_size, pieces_path.read_bytes())
+        raw = pieces_path.read_bytes() if hashes is None else hashes
+        layer = PieceLayer.from_bytes(blob_id, size, piece_size, raw)
     except FileNotFoundError:
         return ("missing", "piece layer file is missing")
     except VerificationError as exc:

@@ -7,12 +7,13 @@ written for it until the commit, and nothing at all if its blob is already here.
 A :class:`Batch` commits any number of adds in one write transaction (one write-lock
 acquisition, one SQLite commit).  Inside it, one *journal* in ``tmp/`` names every blob about to
 appear; then staged files are renamed into ``blobs/`` and held contents are written there in
-place; one sync makes all of it durable before the rows commit.  Staged files are synced before
-the transaction (so a big add does not flush gigabytes holding the lock).  A sync of three files
-or more is one ``syncfs`` of the home's filesystem instead of an fsync each, so a batch of small
-blobs costs one ``syncfs`` and one commit however many there are.  If the process dies before
-its commit, the next open (``gc.recover``) removes the files of every blob the journal names
-that has no row: the batch appears whole or not at all.
+place (their data file only: their piece layers go into the database's ``layers`` table, so a
+small blob costs one file create); one sync makes all of it durable before the rows commit.
+Staged files are synced before the transaction (so a big add does not flush gigabytes holding
+the lock).  A sync of three files or more is one ``syncfs`` of the home's filesystem instead of
+an fsync each, so a batch of small blobs costs one ``syncfs`` and one commit however many there
+are.  If the process dies before its commit, the next open (``gc.recover``) removes the files of
+every blob the journal names that has no row: the batch appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ class Batch:
                 (Bitfield.full(piece_count(layer.size, partial_size)).to_bytes(), now,
                  layer.blob_id.digest)
                 for layer, partial_size in placed if partial_size is not None])
+            # a held content's layer goes into the database, not into a file of its own
+            conn.executemany("INSERT OR REPLACE INTO layers VALUES (?,?)", [
+                (_layer(item).blob_id.digest, _layer(item).to_bytes())
+                for item, partial_size in todo if isinstance(item, Held) and partial_size is None])
             if lease is not None:
                 for layer in layers:
                     add_lease(conn, layer.blob_id, lease)
@@ -257,14 +262,11 @@ class Batch:
             if isinstance(item, Ingest):
                 move_in(self.layout, layer.blob_id, item.path,
                         item.pieces_path if partial_size is None else None, undo)
-            elif partial_size is None:
-                pieces_path = self.layout.pieces_path(layer.blob_id)
+            elif partial_size is None:  # its layer goes into the database (commit)
                 # any file already there has no row: a leftover, overwritten
                 undo.append(partial(data_path.unlink, missing_ok=True))
                 write_file(data_path, item.data)
-                undo.append(partial(pieces_path.unlink, missing_ok=True))
-                write_file(pieces_path, layer.to_bytes())
-                durable += (data_path, pieces_path)
+                durable.append(data_path)
             else:  # replaces the partial's file whole, as a rename does
                 ing = self.new()
                 ing.write(item.data)

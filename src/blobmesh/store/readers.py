@@ -21,15 +21,16 @@ if TYPE_CHECKING:
 
 
 def piece_layer(db: MetaDB, layout: Layout, blob_id: BlobId) -> PieceLayer:
-    """The stored piece layer, checked against the blob id."""
-    row = db.blob_row(blob_id)
+    """The stored piece layer (from ``layers`` or its file), checked against the blob id."""
+    size, piece_size, raw = db.layer_row(blob_id)
+    if raw is None:  # not in the database: in its file
+        try:
+            raw = layout.pieces_path(blob_id).read_bytes()
+        except FileNotFoundError as exc:
+            raise CorruptBlobError(f"piece layer of {blob_id} is missing; run fsck",
+                                   blob_id=blob_id) from exc
     try:
-        raw = layout.pieces_path(blob_id).read_bytes()
-    except FileNotFoundError as exc:
-        raise CorruptBlobError(f"piece layer of {blob_id} is missing; run fsck",
-                               blob_id=blob_id) from exc
-    try:
-        return PieceLayer.from_bytes(blob_id, int(row[1]), int(row[2]), raw)
+        return PieceLayer.from_bytes(blob_id, size, piece_size, raw)
     except VerificationError as exc:
         raise CorruptBlobError(f"piece layer of {blob_id} is corrupt; run fsck",
                                blob_id=blob_id) from exc
