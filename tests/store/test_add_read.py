@@ -298,3 +298,57 @@ def test_a_store_of_a_later_format_is_refused(home: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match=f"format {FORMAT + 1}"):
         Store(home)
+
+
+def test_inline_blobs_are_rows_served_like_files(store: Store, tmp_path: Path) -> None:
+    """``add_many(inline=True)`` keeps small contents in the database: no file at all, and
+    every reader, fsck, quarantine and GC handle them as they handle files."""
+    from blobmesh.store import PieceReader
+
+    datas = [payload(300_000, seed=1), payload(16_384, seed=2), b""]
+    lease = LeaseId.new("t")
+    ids = [i.blob_id for i in store.add_many(datas, lease, inline=True)]
+    assert not any(store.layout.blobs.iterdir())
+    assert store.add_many(datas, lease, inline=True)[0].complete  # again: only leased
+    big = ids[0]
+    with store.get_reader(big, None, verify=True) as r:
+        r.seek(262_140)
+        assert r.read(10) == datas[0][262_140:262_150]
+        buf = bytearray(5)
+        r.seek(0)
+        assert r.readinto(buf) == 5 and bytes(buf) == datas[0][:5]
+    assert store.read_piece(big, 1) == datas[0][256 * 1024 :]
+    assert store.get_data(ids[2], lease) == b""
+    reader = PieceReader(store, store.piece_layer(big), verify=True)
+    assert reader.read_many([1, 0]) == [datas[0][256 * 1024 :], datas[0][: 256 * 1024]]
+    reader.close()
+    with pytest.raises(BlobIncompleteError, match="closed"):
+        reader.read(0)
+    store.export(ids[1], tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == datas[1]
+    assert store.fsck().ok
+    with store.db.write() as db:  # rot inside the database
+        db.execute("UPDATE contents SET data=? WHERE id=?",
+                   (b"x" * len(datas[1]), ids[1].digest))
+    with pytest.raises(CorruptBlobError):
+        store.get_data(ids[1], lease, verify=True)
+    assert [(p.kind, p.blob_id) for p in store.fsck().problems] == [("corrupt", ids[1])]
+    store.fsck(repair=True)
+    assert not store.has(ids[1])
+    assert [p.read_bytes() for p in store.layout.quarantine.iterdir()] == [b"x" * 16_384]
+    store.advise_pid_terminated(os.getpid())
+    assert set(store.gc().deleted) == {ids[0], ids[2]}
+    assert store.db.query("SELECT count(*) FROM contents") == [(0,)]
+
+
+def test_a_partial_writer_of_an_inline_blob_gets_a_data_file(store: Store) -> None:
+    from blobmesh.hashing import hash_stream
+
+    data = payload(40_000, seed=6)
+    blob_id = store.add_many([data], inline=True)[0].blob_id
+    with store.begin_partial(hash_stream([data])[1], LeaseId.new("rx")) as partial:
+        assert partial.is_complete()
+    assert store.layout.data_path(blob_id).read_bytes() == data
+    assert store.db.content(blob_id) is None  # moved out of the database
+    assert store.get_data(blob_id, LeaseId.new("r"), verify=True) == data
+    assert store.fsck().ok

@@ -92,6 +92,18 @@ def test_kill_during_add_many_before_its_commit(home: Path) -> None:
         _assert_clean(store)
 
 
+def test_kill_inside_an_inline_batch_leaves_nothing(home: Path) -> None:
+    """Kept inline, a batch is rows only: killed before its commit, nothing of it is left."""
+    Store(home).close()
+    adder = start_worker("add-many-inline-die-before-commit", str(home))
+    assert adder.wait(30) == -signal.SIGKILL
+    with Store(home) as store:
+        assert store.blobs() == []
+        assert store.db.query("SELECT count(*) FROM contents") == [(0,)]
+        assert not any(store.layout.blobs.iterdir())  # not even a directory
+        _assert_clean(store)
+
+
 @pytest.mark.parametrize("mode", ["add-many-die-writing", "add-many-die-after-commit"])
 def test_kill_inside_a_batch_commit_leaves_all_or_nothing(home: Path, mode: str) -> None:
     """One journal names the whole batch: killed while its files go into blobs/, none of the

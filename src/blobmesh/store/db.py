@@ -26,8 +26,8 @@ Undo = list[Callable[[], object]]
 """Actions that revert file moves when their write transaction does not commit."""
 
 FORMAT = 2
-"""The store's format (``PRAGMA user_version``): 2 added the ``layers`` table.  A store of a
-later format is refused rather than misread."""
+"""The store's format (``PRAGMA user_version``): 2 added the ``layers`` and ``contents``
+tables.  A store of a later format is refused rather than misread."""
 
 BUSY_TIMEOUT = 60.0
 """How long a statement waits for another process's write lock before it fails."""
@@ -61,12 +61,18 @@ CREATE TABLE IF NOT EXISTS layers (
     id BLOB PRIMARY KEY,
     hashes BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS contents (
+    id BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS blobs_layer AFTER DELETE ON blobs BEGIN
     DELETE FROM layers WHERE id = old.id;
+    DELETE FROM contents WHERE id = old.id;
 END;
 """
 """``layers`` holds the piece layers of blobs added from memory (``ingest.HELD_MAX``), which
-have no ``.pieces`` file; every other blob's layer is its file (``docs/store.md``)."""
+have no ``.pieces`` file; ``contents`` the data of those added *inline* (no data file either);
+every other blob's layer and data are files (``docs/store.md``)."""
 
 _ROW = "SELECT id, size, piece_size, complete, have, created FROM blobs"
 
@@ -160,6 +166,11 @@ class MetaDB:
             raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
         size, piece_size, hashes = rows[0]
         return int(size), int(piece_size), None if hashes is None else bytes(hashes)
+
+    def content(self, blob_id: BlobId) -> bytes | None:
+        """The data of a blob kept inline (in ``contents``); None for any other."""
+        rows = self.query("SELECT data FROM contents WHERE id=?", (blob_id.digest,))
+        return bytes(rows[0][0]) if rows else None
 
     def blob_row(self, blob_id: BlobId) -> tuple[Any, ...]:
         """:meth:`find_row`, raising BlobNotFoundError when absent."""
