@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import shutil
 import subprocess
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from blobmesh.cli.completion_cmds import command_tree
-from blobmesh.cli.main import build_parser, subcommand_parsers
+from blobmesh.cli.main import (
+    COMMAND_MODULES,
+    MODULES,
+    build_parser,
+    command_word,
+    subcommand_parsers,
+)
 
 
 def test_every_option_and_argument_has_help() -> None:
@@ -91,3 +98,26 @@ def test_human_units_times_and_booleans() -> None:
     assert [human_duration(s) for s in (42, 187, 7500)] == ["42s", "3m07s", "2h05m"]
     assert human_time(0).startswith("1970-01-01T") or human_time(0).startswith("1969-12-31T")
     assert (human_value(True), human_value(False), human_value(3)) == ("true", "false", "3")
+
+
+def test_each_command_is_registered_by_the_module_the_table_names() -> None:
+    registered = {}
+    for name in MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"blobmesh.cli.{name}_cmds").register(sub)
+        registered.update(dict.fromkeys(sub.choices, name))
+    assert registered == COMMAND_MODULES
+    commands = {p.prog.split()[1] for p in subcommand_parsers(build_parser())}
+    assert commands == set(COMMAND_MODULES)
+
+
+def test_a_store_command_loads_neither_the_network_stack_nor_the_node_client() -> None:
+    probe = ("import sys; from blobmesh.cli.main import build_parser, command_word; "
+             "build_parser(command_word(['--home', 'h', 'ls', '--json'])); "
+             "print(sorted(m for m in ('aiohttp', 'blobmesh.transport', 'blobmesh.transfer', "
+             "'blobmesh.node.client', 'blobmesh.shares') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    assert command_word(["--home", "ls", "--json", "info", "x"]) == "info"
+    assert command_word(["--home=h", "--version"]) is None

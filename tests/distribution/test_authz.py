@@ -22,11 +22,12 @@ from blobmesh.distribution.model import DistributionHandle, DistributionState, P
 from blobmesh.distribution.service import (
     OP_CANCEL,
     OP_REQUEST,
-    OP_STATUS,
+    OP_SUMMARY,
     CancelOp,
     DistributionConfig,
     RequestOp,
-    StatusOp,
+    SummaryOp,
+    SummaryTarget,
 )
 from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.errors import NotAuthorizedError
@@ -81,6 +82,11 @@ def request_of(source: Identity, handle: str, blob: bytes) -> RequestOp:
                      source.node_id.digest, time.time())
 
 
+def forged_summary(handle: DistributionHandle, victim: Identity) -> SummaryOp:
+    return SummaryOp(str(handle), "finished-with-failures", 1, 0, 1, time.time(),
+                     [SummaryTarget(victim.node_id.digest, "failed", 0, "forged")])
+
+
 async def test_forged_ops_are_refused_on_every_node(tmp_path: Path) -> None:
     configs = {2: NodeConfig(home=tmp_path / "n2")}
     async with fleet(tmp_path, 3, configs=configs) as (a, b, c), AsyncExitStack() as stack:
@@ -96,8 +102,10 @@ async def test_forged_ops_are_refused_on_every_node(tmp_path: Path) -> None:
             # a member's request naming another node as its source
             op(me, OP_REQUEST, RequestOp("d-framed", os.urandom(32), MiB, 256 * 1024, "all",
                                          3, a.identity.node_id.digest, time.time())),
-            # fake targets and fake failures in someone else's distribution
-            op(outsider, OP_STATUS, StatusOp(str(handle), "failed", 0, "forged")),
+            # fake targets and fake failures in someone else's distribution: a summary by a
+            # key that is no member, and by a member that is not the source
+            op(outsider, OP_SUMMARY, forged_summary(handle, outsider)),
+            op(me, OP_SUMMARY, forged_summary(handle, me)),
             # a cancel by a member that is not the source
             op(me, OP_CANCEL, CancelOp(str(handle))),
             # a cancel by a key that is no member
@@ -106,13 +114,13 @@ async def test_forged_ops_are_refused_on_every_node(tmp_path: Path) -> None:
         answer = await hostile.request(wire.PushOps(0, forged, True))
         assert isinstance(answer, wire.Ack)
         assert a.space.metrics["ops_rejected_non_member"] == 3
-        assert a.space.metrics["ops_rejected"] == 5
+        assert a.space.metrics["ops_rejected"] == 6
         with pytest.raises(NotAuthorizedError, match="only the source"):
             await b.distribution.cancel(handle)
         await asyncio.sleep(0.5)  # several gossip rounds
         forged_ids = {msgspec.msgpack.decode(raw)[0] for raw in forged}
         for n in (a, b, c):
-            held = {o.raw for kind in (OP_REQUEST, OP_STATUS, OP_CANCEL)
+            held = {o.raw for kind in (OP_REQUEST, OP_SUMMARY, OP_CANCEL)
                     for o in n.space.stored_ops(kind)}
             assert not {msgspec.msgpack.decode(r)[0] for r in held} & forged_ids
             (status,) = n.distribution.distributions()

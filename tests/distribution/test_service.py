@@ -25,11 +25,12 @@ from blobmesh.distribution.model import (
 )
 from blobmesh.distribution.service import (
     NOTIFY_PROGRESS,
-    OP_STATUS,
+    OP_SUMMARY,
+    DistributionConfig,
     DistributionService,
     DistributionTimeoutError,
     ProgressNote,
-    StatusOp,
+    SummaryOp,
     UnknownDistributionError,
 )
 from blobmesh.distribution.swarm import SwarmConfig, SwarmEngine
@@ -38,7 +39,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.space import Seed, Space, SpaceConfig
 from blobmesh.store import LeaseId, Store
 from blobmesh.tasks import failure_counts
-from blobmesh.transport.identity import Identity, NodeId
+from blobmesh.transport.identity import Identity
 from blobmesh.transport.memory import MemoryHub
 from tests.space.util import FAST
 from tests.util import eventually
@@ -162,6 +163,17 @@ async def test_progress_names_the_peers_a_target_receives_from(tmp_path: Path) -
         after = (await src.dist.status(handle)).target(a.space.node_id)
         assert after is not None and after.state is TargetState.TRANSFERRING
         await src.dist.cancel(handle)
+
+
+async def test_the_source_takes_notes_only_from_targets_in_the_scope(tmp_path: Path) -> None:
+    async with cluster(tmp_path, [[], ["g"], []]) as (src, a, outsider):
+        handle = await src.dist.distribute(add(src, 2 * MiB), "group:g")
+        note = ProgressNote(str(handle), "failed", 0, 0.0, 0, "forged by a non-target")
+        await outsider.space.send_notify(src.space.node_id,
+                                         NOTIFY_PROGRESS + msgspec.msgpack.encode(note))
+        final = await src.dist.wait_for_completion(handle, 20)
+        assert final.state is DistributionState.COMPLETED
+        assert [t.node for t in final.targets] == [a.space.node_id]
 
 
 def test_progress_notes_decode_across_versions() -> None:
@@ -335,27 +347,52 @@ async def test_a_queued_target_says_why(tmp_path: Path) -> None:
             DistributionState.COMPLETED
 
 
-async def test_only_final_target_states_are_ops_and_a_restarted_source_knows_them(
+async def test_targets_publish_no_ops_and_a_restarted_source_knows_them_from_one_summary(
         tmp_path: Path) -> None:
     async with cluster(tmp_path, [[], ["g"], ["g"]]) as (src, a, b):
         blob = add(src, 2 * MiB)
         handle = await src.dist.distribute(blob, "group:g")
         await src.dist.wait_for_completion(handle, 20)
 
-        def status_ops() -> list[tuple[NodeId, TargetState]]:
-            return sorted((op.author, TargetState(msgspec.msgpack.decode(
-                op.payload, type=StatusOp).state)) for op in src.space.stored_ops(OP_STATUS))
+        def summaries(m: Member) -> list[SummaryOp]:
+            return [msgspec.msgpack.decode(op.payload, type=SummaryOp)
+                    for op in m.space.stored_ops(OP_SUMMARY)]
 
-        # the states in between went to the source as notes: every node's op store holds
-        # one op per target, not one per state change
-        await eventually(lambda: len(status_ops()) == 2, 10)
-        assert status_ops() == sorted([(a.space.node_id, TargetState.COMPLETED),
-                                       (b.space.node_id, TargetState.COMPLETED)])
+        # every node's op store holds the request and one summary, whatever the number of
+        # targets; their states went to the source as notes
+        await eventually(lambda: all(len(summaries(m)) == 1 for m in (src, a, b)), 10)
+        for m in (src, a, b):
+            assert {op.author for op in m.space.ops()} == {src.space.node_id}
+        (summary,) = summaries(a)
+        assert (summary.state, summary.total, summary.completed, summary.failed) == \
+            ("completed", 2, 2, 0)
+        assert sorted(t.node for t in summary.targets) == \
+            sorted([a.space.node_id.digest, b.space.node_id.digest])
+        # a target sees the outcome too, not only its own state
+        assert (await a.dist.status(handle)).completed == 2
         # a source restarted from its op store still knows both completed
         again = DistributionService(src.space, src.swarm)
         await again.start()
         try:
             st = await again.status(handle)
             assert [t.state for t in st.targets] == [TargetState.COMPLETED] * 2
+        finally:
+            await again.aclose()
+
+
+async def test_a_source_that_missed_the_final_notes_asks_the_silent_targets(
+        tmp_path: Path) -> None:
+    async with cluster(tmp_path, [[], [], []]) as (src, a, b):
+        blob = add(src, 2 * MiB)
+        handle = await src.dist.distribute(blob, "all")
+        await src.dist.aclose()  # the source's service is down while the targets finish
+        await eventually(lambda: a.store.has(blob) and b.store.has(blob), 20)
+        assert src.space.stored_ops(OP_SUMMARY) == []  # nobody told the closed service
+        again = DistributionService(src.space, src.swarm, DistributionConfig(query_after=0.3))
+        await again.start()
+        try:
+            final = await again.wait_for_completion(handle, 10)
+            assert final.state is DistributionState.COMPLETED and final.completed == 2
+            await eventually(lambda: len(src.space.stored_ops(OP_SUMMARY)) == 1, 10)
         finally:
             await again.aclose()

@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import TaskID
 
@@ -16,10 +16,12 @@ from blobmesh.cli.output import byte_progress, human_bytes, print_json
 from blobmesh.collection import Collection, File, Summary, Symlink
 from blobmesh.errors import BlobmeshError, CollectionPathNotFoundError, SourceError
 from blobmesh.hashing import BlobId
-from blobmesh.shares import ShareDir, load_blob
 from blobmesh.store import BlobInfo, Store
-from blobmesh.transfer import TransferManager, Voucher
-from blobmesh.transport import NodeId
+
+if TYPE_CHECKING:  # the network layers load only in the commands that move trees
+    from blobmesh.shares import ShareDir
+    from blobmesh.transfer import TransferManager, Voucher
+    from blobmesh.transport import NodeId
 
 _CHANNELS = 4
 
@@ -185,6 +187,8 @@ def share_members(store: Store, share: ShareDir, blob_id: BlobId) -> int:
 
 async def load_members(store: Store, blob_id: BlobId, urls: list[str], **options: Any) -> int:
     """After loading a collection blob: load its missing members from the same shares."""
+    from blobmesh.shares import load_blob
+
     coll = await asyncio.to_thread(collection.maybe_collection, store, blob_id)
     if coll is None:
         return 0

@@ -12,24 +12,21 @@ import time
 import webbrowser
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-from rich.console import Group
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from blobmesh.cli.output import Subcommands, add_command, console, err_console, human_bytes
-from blobmesh.dashboard.auth import is_loopback
-from blobmesh.dashboard.model import RateMeter, liveness, summarize, target_rates
 from blobmesh.errors import BlobmeshError
-from blobmesh.node.client import NodeClient, NodeNotRunningError
-from blobmesh.node.codec import status_to_json
-from blobmesh.store import default_home
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+# The node client (aiohttp) and the dashboard are imported by the commands that use them:
+# every ``blobmesh`` command imports this module to list its subcommands.
 
 
 def _home(args: argparse.Namespace) -> Path:
+    from blobmesh.store import default_home
+
     return Path(args.home) if args.home else default_home()
 
 
@@ -63,7 +60,9 @@ def _positive(text: str) -> float:
 def dashboard_url(home: Path) -> str:
     """The URL of the running node's dashboard, with its token unless it listens on
     loopback."""
+    from blobmesh.dashboard.auth import is_loopback
     from blobmesh.dashboard.server import read_url_file
+    from blobmesh.node.client import NodeNotRunningError
 
     info = read_url_file(home)
     if info is None:
@@ -146,6 +145,13 @@ def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
                stats: Mapping[str, Mapping[str, Any]], now: float) -> Group:
     """The whole screen of ``blobmesh top`` from the control API's JSON (``stats``: the
     members' rows of ``GET /v1/peers/stats``, by node id)."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    from blobmesh.dashboard.model import liveness, summarize, target_rates
+
     head = Text.assemble(
         ("blobmesh top  ", "bold"), f"node {node['node'][:16]}…  v{node['version']}  "
         f"space {node['space']}  store {human_bytes(me.get('store', 0))}  "
@@ -216,6 +222,12 @@ def _keys(on_quit: asyncio.Event) -> Iterator[None]:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    from blobmesh.dashboard.model import RateMeter
+    from blobmesh.node.client import NodeClient
+    from blobmesh.node.codec import status_to_json
+
     async def go() -> int:
         up, down = RateMeter(), RateMeter()
         quit_ = asyncio.Event()

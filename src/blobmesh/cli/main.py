@@ -7,30 +7,53 @@ shown only with ``BLOBMESH_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from blobmesh import __version__
-from blobmesh.cli import (
-    completion_cmds,
-    dashboard_cmds,
-    net_cmds,
-    node_cmds,
-    share_cmds,
-    sim_cmds,
-    space_cmds,
-    store_cmds,
-    transfer_cmds,
-)
 from blobmesh.cli.output import HelpFormatter
 from blobmesh.errors import BlobmeshError
 
 HOME_HELP = "store home directory (default: $BLOBMESH_HOME or the user data dir)"
 
+MODULES = ("store", "share", "net", "transfer", "node", "space", "dashboard", "sim",
+           "completion")
+"""The ``blobmesh.cli.<name>_cmds`` modules, in the order ``--help`` lists their commands."""
 
-def build_parser() -> argparse.ArgumentParser:
+COMMAND_MODULES = {
+    **dict.fromkeys(("add", "cat", "export", "ls", "info", "pin", "unpin", "pins", "gc",
+                     "fsck"), "store"),
+    **dict.fromkeys(("share", "unshare", "load"), "share"),
+    "ticket": "net",
+    **dict.fromkeys(("serve", "get", "push"), "transfer"),
+    **dict.fromkeys(("node", "peers", "distribute", "distributions", "status", "cancel"),
+                    "node"),
+    "bootstrap-server": "space",
+    **dict.fromkeys(("dashboard", "top"), "dashboard"),
+    "sim": "sim",
+    "completion": "completion",
+}
+"""Which module registers each command: ``blobmesh ls`` imports only the store commands, not
+the network stack, aiohttp and the node client the others need (about 0.3 CPU seconds at every
+start).  ``tests/cli/test_main.py`` checks it against what the modules register."""
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command named on a command line (the first word that is no global option)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--home":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of the module that registers ``command``."""
     parser = argparse.ArgumentParser(
         prog="blobmesh", formatter_class=HelpFormatter,
         description="Store, move and distribute content-addressed blobs.")
@@ -40,15 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="machine-readable output, for commands that have it (also "
                              "accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    store_cmds.register(sub)
-    share_cmds.register(sub)
-    net_cmds.register(sub)
-    transfer_cmds.register(sub)
-    node_cmds.register(sub)
-    space_cmds.register(sub)
-    dashboard_cmds.register(sub)
-    sim_cmds.register(sub)
-    completion_cmds.register(sub)
+    only = COMMAND_MODULES.get(command or "")
+    for name in (only,) if only else MODULES:
+        importlib.import_module(f"blobmesh.cli.{name}_cmds").register(sub)
     for p in subcommand_parsers(parser):
         p.formatter_class = HelpFormatter
         # global options are accepted after the subcommand too; SUPPRESS keeps a value
@@ -69,7 +86,7 @@ def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.Argumen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(command_word(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if args.global_json:
         if not hasattr(args, "json"):

@@ -8,7 +8,6 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from blobmesh.cli.output import Subcommands, add_command, console, err_console, print_json
-from blobmesh.distribution.scheduler import UPLOAD_SLOTS, DownloadPolicy
 
 
 def _count(text: str) -> int:
@@ -58,13 +57,14 @@ def register(sub: Subcommands) -> None:
                    help="targets whose timers fire late (CPU-starved)")
     p.add_argument("--liars", type=_fraction, default=0.0, metavar="FRACTION",
                    help="targets that serve corrupt pieces")
-    defaults = DownloadPolicy()
-    p.add_argument("--pipeline", type=_count, default=defaults.pipeline, metavar="N",
-                   help="requests in flight per connection")
-    p.add_argument("--seed-pipeline", type=_count, default=defaults.seed_pipeline, metavar="N",
-                   help="requests in flight to a peer holding the whole blob")
-    p.add_argument("--upload-slots", type=int, default=UPLOAD_SLOTS, metavar="N",
-                   help="pieces a node sends at once over all connections (0: no limit)")
+    # (the defaults are a real node's, SwarmConfig's: resolved when the command runs)
+    p.add_argument("--pipeline", type=_count, default=None, metavar="N",
+                   help="requests in flight per connection (default: a node's)")
+    p.add_argument("--seed-pipeline", type=_count, default=None, metavar="N",
+                   help="requests in flight to a peer holding the whole blob (default: a node's)")
+    p.add_argument("--upload-slots", type=int, default=None, metavar="N",
+                   help="pieces a node sends at once over all connections (0: no limit; "
+                        "default: a node's)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write result.json and the plots (PNG and SVG) here")
 
@@ -72,16 +72,20 @@ def register(sub: Subcommands) -> None:
 def cmd_sim(args: argparse.Namespace) -> int:
     if args.membership:
         return _cmd_membership(args)
-    from blobmesh.sim.scenario import MiB, Scenario, run
+    from blobmesh.sim.scenario import NODE, MiB, Scenario, run
 
+    policy = NODE.download_policy()
+    if args.pipeline is not None:
+        policy.pipeline = args.pipeline
+    if args.seed_pipeline is not None:
+        policy.seed_pipeline = args.seed_pipeline
+    slots = NODE.upload_slots if args.upload_slots is None else args.upload_slots or None
     sc = Scenario(nodes=args.nodes, size=int(args.size_mib * MiB),
                   piece_size=args.piece_kib * 1024, seed=args.seed, links=args.links,
                   rate_mbit=args.rate_mbit, slow_rate_mbit=args.slow_mbit,
                   latency_ms=args.latency_ms, crash_fraction=args.crash,
                   starved_fraction=args.starved, liar_fraction=args.liars,
-                  upload_slots=args.upload_slots or None,
-                  policy=DownloadPolicy(pipeline=args.pipeline,
-                                        seed_pipeline=args.seed_pipeline))
+                  upload_slots=slots, policy=policy)
     with Progress(TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("targets done, t={task.fields[now]:.1f}s virtual"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:

@@ -6,10 +6,12 @@ validator raising here keeps an op out of the op store, so it is neither applied
 - ``dist/request`` must be signed by the source it names, and, when the node is configured with
   an allowlist of distributors, by one of them.  A handle belongs to the first source seen
   with it: another member cannot take over a distribution by reusing its handle.
-- ``dist/status`` speaks only for its author: it carries no node field, so a target's state is
-  whatever that target signed.
-- ``dist/cancel`` is accepted only from the distribution's source; a cancel for a request not
-  known here yet is refused for now, and gossip offers it again once the request arrived.
+- ``dist/summary`` (the outcome of a finished distribution) is accepted only from the
+  distribution's source, like a cancel.  Targets publish no ops: their states reach the source
+  in progress notifications, which the source takes only from the target that sends them.
+- ``dist/cancel`` is accepted only from the distribution's source; a cancel (or a summary) for
+  a request not known here yet is refused for now, and gossip offers it again once the request
+  arrived.
   Being an op, a cancel is honoured by every node and after every restart.
 """
 
@@ -29,7 +31,7 @@ class RequestFacts(Protocol):
     def source(self) -> bytes: ...
 
 
-class CancelFacts(Protocol):
+class HandleFacts(Protocol):
     @property
     def handle(self) -> str: ...
 
@@ -58,10 +60,17 @@ class OpAuthorizer:
         if known != source:
             raise InvalidOpError(f"distribution {request.handle} belongs to {known.short()}")
 
-    def authorize_cancel(self, author: NodeId, cancel: CancelFacts) -> None:
-        source = self._sources.get(cancel.handle)
+    def authorize_cancel(self, author: NodeId, cancel: HandleFacts) -> None:
+        self._authorize_source_op("dist/cancel", author, cancel, "cancel it")
+
+    def authorize_summary(self, author: NodeId, summary: HandleFacts) -> None:
+        self._authorize_source_op("dist/summary", author, summary, "summarize it")
+
+    def _authorize_source_op(self, kind: str, author: NodeId, op: HandleFacts,
+                             what: str) -> None:
+        source = self._sources.get(op.handle)
         if source is None:
-            raise InvalidOpError(f"dist/cancel of {cancel.handle}, unknown here (yet)")
+            raise InvalidOpError(f"{kind} of {op.handle}, unknown here (yet)")
         if source != author:
-            raise InvalidOpError(f"dist/cancel of {cancel.handle} by {author.short()}: only "
-                                 f"its source {source.short()} may cancel it")
+            raise InvalidOpError(f"{kind} of {op.handle} by {author.short()}: only "
+                                 f"its source {source.short()} may {what}")

@@ -40,11 +40,18 @@ class PiecePicker(Generic[Peer]):
         self._missing = set(range(self._n)) - set(have)
         self._avail = [0] * self._n
         self._peers: dict[Peer, set[int]] = {}
-        self._inflight: dict[int, set[Peer]] = {}
+        # piece -> the peers it is requested from, in request order (so are the cancels)
+        self._inflight: dict[int, dict[Peer, None]] = {}
         self._banned: set[Peer] = set()
         self._endgame_copies = endgame_copies
         self._rng = rng or random.Random()
         self._deferred: dict[Peer, set[int]] = {}  # refused by that peer: ask others first
+        # A pick that found nothing finds nothing again until the peer announces a piece or
+        # ``_epoch`` moves: a change that can give any peer something to pick (a piece no
+        # longer in flight, a peer added, removed or complete, the end game's tail).  Most
+        # picks of a swarm come up empty (every piece the peer holds is asked of another).
+        self._epoch = 0
+        self._empty_at: dict[Peer, int] = {}
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -56,6 +63,7 @@ class PiecePicker(Generic[Peer]):
         self._peers[peer] = pieces
         for i in pieces:
             self._avail[i] += 1
+        self._epoch += 1  # (the end game's tail grows with the peers)
 
     def peer_has(self, peer: Peer, index: int) -> None:
         pieces = self._peers.get(peer)
@@ -63,6 +71,9 @@ class PiecePicker(Generic[Peer]):
             return
         pieces.add(index)
         self._avail[index] += 1
+        self._empty_at.pop(peer, None)
+        if len(pieces) == self._n:
+            self._epoch += 1  # a seed's picks no longer leave out what this peer holds
 
     def remove_peer(self, peer: Peer) -> list[int]:
         """Forget a peer; returns the pieces that were in flight from it."""
@@ -70,6 +81,8 @@ class PiecePicker(Generic[Peer]):
         if pieces is not None:
             for i in pieces:
                 self._avail[i] -= 1
+            self._epoch += 1
+        self._empty_at.pop(peer, None)
         lost = self.in_flight(peer)
         for i in lost:
             self._cancel(i, peer)
@@ -113,16 +126,20 @@ class PiecePicker(Generic[Peer]):
         Duplicates cost the swarm upload, so they are kept for the tail (about two pieces per
         peer), where one slow peer would otherwise hold everybody up.
         """
-        return len(self._missing) <= max(4, 2 * len(self._peers)) and \
-            self._missing.issubset(self._inflight.keys())
+        return self._in_tail() and self._missing.issubset(self._inflight.keys())
 
     def _is_seed(self, pieces: set[int]) -> bool:
         return len(pieces) == self._n
 
+    def _in_tail(self) -> bool:
+        """Few enough pieces are missing for the end game to begin."""
+        return len(self._missing) <= max(4, 2 * len(self._peers))
+
     def pick(self, peer: Peer, count: int = 1) -> list[int]:
         """Up to ``count`` pieces to request from ``peer`` now (marked in flight)."""
         pieces = self._peers.get(peer)
-        if pieces is None or peer in self._banned or count <= 0:
+        if pieces is None or peer in self._banned or count <= 0 or \
+                self._empty_at.get(peer) == self._epoch:
             return []
         fresh = (pieces & self._missing).difference(self._inflight.keys())
         if fresh and self._is_seed(pieces):
@@ -142,8 +159,13 @@ class PiecePicker(Generic[Peer]):
                       and len(self._inflight[i]) < self._endgame_copies][:count]
         else:
             chosen = []
+        if not chosen:
+            self._empty_at[peer] = self._epoch
+            return chosen
         for i in chosen:
-            self._inflight.setdefault(i, set()).add(peer)
+            self._inflight.setdefault(i, {})[peer] = None
+        if self._in_tail():
+            self._epoch += 1  # every missing piece may be in flight now: the end game
         return chosen
 
     def received(self, peer: Peer, index: int) -> list[Peer]:
@@ -152,7 +174,9 @@ class PiecePicker(Generic[Peer]):
         self._missing.discard(index)
         for d in self._deferred.values():
             d.discard(index)
-        return [p for p in self._inflight.pop(index, set()) if p != peer]
+        if self._in_tail():
+            self._epoch += 1
+        return [p for p in self._inflight.pop(index, {}) if p != peer]
 
     def failed(self, peer: Peer, index: int) -> None:
         """A request was refused or lost: the piece can be picked again."""
@@ -160,7 +184,8 @@ class PiecePicker(Generic[Peer]):
 
     def _cancel(self, index: int, peer: Peer) -> None:
         who = self._inflight.get(index)
-        if who is not None:
-            who.discard(peer)
+        if who is not None and peer in who:
+            del who[peer]
+            self._epoch += 1
             if not who:
                 del self._inflight[index]

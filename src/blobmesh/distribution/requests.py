@@ -93,8 +93,10 @@ class RequestLedger(Generic[Conn]):
 
     def room(self, conn: Conn, pipeline: int) -> int:
         """How many more requests ``conn`` may have in flight now."""
-        limit = 1 if self.snubbed(conn) else pipeline
-        return max(0, limit - self.outstanding(conn))
+        track = self._tracks.get(conn)  # (once per connection on nearly every event)
+        if track is None:
+            return pipeline
+        return max(0, (1 if track.strikes > 0 else pipeline) - len(track.outstanding))
 
     def get_timer(self) -> float | None:
         """The next time :meth:`handle_timer` has something to do, or None."""

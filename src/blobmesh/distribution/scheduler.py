@@ -268,8 +268,10 @@ class DownloadScheduler(Generic[Conn, Peer]):
 
     def peer_has(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
         picker = self.picker
-        if picker is None or not self.owns(conn):
-            if self.owns(conn):
+        peer = self._peer_of.get(conn)  # (the most common event: owns() inlined)
+        owned = peer is not None and self._conns.get(peer) is conn
+        if picker is None or not owned:
+            if owned:
                 # it verified a piece, so it holds the layer now, whatever its hello said
                 self._has_layer[conn] = True
             return self._step(now)
@@ -277,7 +279,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         # Every other connection was already given all it could take; news of one piece on
         # one connection can only give that connection more to do (the most common event).
         if not self.done and not self.paused and index not in picker.have:
-            self._fill_conn(conn, now)
+            self._fill_conn(conn, None, now)
         return self._take()
 
     def refused(self, conn: Conn, index: int, reason: str,
@@ -377,21 +379,34 @@ class DownloadScheduler(Generic[Conn, Peer]):
         """When :meth:`handle_timer` next has something to do."""
         if self.done:
             return None
+        # (the adapter asks after every event: no lists, no allocations)
         p = self.policy
-        times = [] if self.paused else [self._last_progress + p.stall_timeout]
-        if not self.stalled and not self.paused:
-            times.append(self._last_progress + min(5.0, p.stall_timeout / 2))
+        when: float | None
+        t: float | None
+        if self.paused:
+            when = None
+        elif self.stalled:
+            when = self._last_progress + p.stall_timeout
+        else:
+            when = self._last_progress + min(p.stall_timeout, 5.0, p.stall_timeout / 2)
         if self.picker is not None:
-            times.append(self._last_flush + p.flush_interval)
-        ledger = self._ledger.get_timer()
-        if ledger is not None:
+            t = self._last_flush + p.flush_interval
+            if when is None or t < when:
+                when = t
+        t = self._ledger.get_timer()
+        if t is not None:
             # the ledger tests ``now - sent >= timeout``: wake a hair late, never a hair early
-            times.append(ledger + 1e-6)
-        if self._dial_retry_at is not None:
-            times.append(self._dial_retry_at)
+            t += 1e-6
+            if when is None or t < when:
+                when = t
+        t = self._dial_retry_at
+        if t is not None and (when is None or t < when):
+            when = t
         if self._backoff and self.picker is not None and not self.paused:
-            times.append(min(self._backoff.values()))
-        return min(times, default=None)
+            t = min(self._backoff.values())
+            if when is None or t < when:
+                when = t
+        return when
 
     def handle_timer(self, now: float) -> list[DownloadAction[Peer, Conn]]:
         if self.done:
@@ -478,26 +493,28 @@ class DownloadScheduler(Generic[Conn, Peer]):
     def _fill(self, now: float) -> None:
         # downloading peers first: what they can give need not cost a seed's upload (a full
         # pipeline is skipped at once: this runs on nearly every event, over every connection)
-        ledger, haves, p = self._ledger, self._haves, self.policy
+        room, haves, p = self._ledger.room, self._haves, self.policy
         seeds = []
         for conn in self._peer_of:
             if haves[conn].is_complete():
                 seeds.append(conn)
-            elif ledger.outstanding(conn) < p.pipeline:
-                self._fill_conn(conn, now)
+            elif n := room(conn, p.pipeline):
+                self._fill_conn(conn, n, now)
         for conn in seeds:
-            if ledger.outstanding(conn) < p.seed_pipeline:
-                self._fill_conn(conn, now)
+            if n := room(conn, p.seed_pipeline):
+                self._fill_conn(conn, n, now)
 
-    def _fill_conn(self, conn: Conn, now: float) -> None:
+    def _fill_conn(self, conn: Conn, room: int | None, now: float) -> None:
+        """Request up to ``room`` pieces on ``conn`` (None: what its pipeline has room for)."""
         assert self.picker is not None
-        p = self.policy
-        # A seed's queue is shared by every downloader: a request waiting there pins its
-        # piece to the seed while other peers could relay it by now.
-        pipeline = p.seed_pipeline if self._haves[conn].is_complete() else p.pipeline
-        room = self._ledger.room(conn, pipeline)
-        if not room:  # (the common case: a have arrived on a full pipeline)
-            return
+        if room is None:
+            # A seed's queue is shared by every downloader: a request waiting there pins its
+            # piece to the seed while other peers could relay it by now.
+            p = self.policy
+            room = self._ledger.room(
+                conn, p.seed_pipeline if self._haves[conn].is_complete() else p.pipeline)
+            if not room:  # (the common case: a have arrived on a full pipeline)
+                return
         if conn in self._probing:
             until = self._backoff.get(conn)
             if until is not None and now < until:

@@ -2,10 +2,11 @@
 
 A distribution is a *desired state* recorded as a signed op (``dist/request``) in the space.
 Every node watches those ops; a node inside the scope that lacks the blob downloads it through
-the swarm (from the source and from other targets) and reports its state as ``dist/status``
-ops, plus frequent progress notifications straight to the distributor.  Nodes that join the
-scope later (a late joiner, a new capability) pick up still-active distributions the same way.
-``dist/cancel`` ends one.
+the swarm (from the source and from other targets) and reports its state to the distributor
+only, in progress notifications; the distributor asks a target that fell silent where it
+stands, and publishes one ``dist/summary`` op when the distribution is finished, so no node's
+op store grows with the number of targets.  Nodes that join the scope later (a late joiner, a
+new capability) pick up still-active distributions the same way.  ``dist/cancel`` ends one.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ from blobmesh.distribution.model import (
 )
 from blobmesh.distribution.progress import (
     PROGRESS_INTERVAL,
+    QUERY_AFTER,
     SOURCE_NOTES_PER_S,
     progress_note_interval,
+    query_after,
+    targets_to_query,
 )
 from blobmesh.distribution.swarm import JobProgress, SwarmEngine
 from blobmesh.errors import (
@@ -65,10 +69,13 @@ from blobmesh.transport.identity import NodeId
 log = logging.getLogger(__name__)
 
 OP_REQUEST = "dist/request"
-OP_STATUS = "dist/status"
+OP_SUMMARY = "dist/summary"
 OP_CANCEL = "dist/cancel"
-WATCHED = (OP_REQUEST, OP_STATUS, OP_CANCEL)
+WATCHED = (OP_REQUEST, OP_SUMMARY, OP_CANCEL)
 NOTIFY_PROGRESS = b"dp"
+NOTIFY_QUERY = b"dq"  # the source asks a target for a progress note
+SUMMARY_TARGETS = 1024  # targets listed in a summary (those not completed first)
+SUMMARY_REASON = 200  # characters of a listed target's reason
 UNREACHABLE = "node unreachable"
 
 
@@ -163,14 +170,38 @@ class RequestOp(msgspec.Struct, frozen=True):
     plan: bytes = b""  # a collection: its plan (``distribution.collection``), opaque here
 
 
-class StatusOp(msgspec.Struct, frozen=True):
+class SummaryTarget(msgspec.Struct, frozen=True, array_like=True):
+    node: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    state: str
+    bytes_done: Annotated[int, msgspec.Meta(ge=0)]
+    reason: Annotated[str, msgspec.Meta(max_length=SUMMARY_REASON)] = ""
+
+
+class SummaryOp(msgspec.Struct, frozen=True):
+    """The outcome of a finished distribution, published by its source: the counts, and the
+    targets themselves up to :data:`SUMMARY_TARGETS` (all of them in all but huge scopes)."""
+
     handle: str
     state: str
-    bytes_done: int
-    reason: str = ""
+    total: Annotated[int, msgspec.Meta(ge=0)]
+    completed: Annotated[int, msgspec.Meta(ge=0)]
+    failed: Annotated[int, msgspec.Meta(ge=0)]
+    finished: float
+    targets: Annotated[list[SummaryTarget], msgspec.Meta(max_length=SUMMARY_TARGETS)] = []
+
+    def __post_init__(self) -> None:
+        if self.completed + self.failed > self.total or len(self.targets) > self.total:
+            raise ValueError("summary counts do not add up")
+        for t in self.targets:
+            if not TargetState(t.state).final:
+                raise ValueError(f"summary lists a target in a non-final state {t.state!r}")
 
 
 class CancelOp(msgspec.Struct, frozen=True):
+    handle: str
+
+
+class QueryNote(msgspec.Struct, frozen=True, array_like=True):
     handle: str
 
 
@@ -231,6 +262,8 @@ class _Tracked:
     cancelled: bool = False
     gave_up: str = ""  # why no target can complete any more (final failure)
     finished: float | None = None
+    asked: dict[NodeId, float] = field(default_factory=dict)  # source: when it queried whom
+    summarized: tuple[int, int, int] | None = None  # (total, completed, failed) of a summary
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     version: int = 0
 
@@ -248,6 +281,7 @@ class DistributionConfig:
     progress_interval: float = PROGRESS_INTERVAL  # between one target's progress notes
     source_notes_per_s: float = SOURCE_NOTES_PER_S  # ... stretched: all targets send this many
     resolve_interval: float = 1.0  # how often scopes are re-resolved (late joiners)
+    query_after: float = QUERY_AFTER  # the source asks a target silent this long (at least)
     retry_backoff: float = 1.0
     retry_backoff_max: float = 15.0
     unreachable_after: float = 10.0  # seconds of silence before a lost target is reported
@@ -273,11 +307,14 @@ class DistributionService:
         self._changed = asyncio.Event()  # any distribution changed (set, then replaced)
         self._watch_sub: OpSubscription | None = None
         self._watch_cursor: int | None = None  # the last op the watch handled
+        self._last_notes: dict[DistributionHandle, bytes] = {}  # target: what it last noted
         space.notify_handler(NOTIFY_PROGRESS, self._on_progress_note)
+        space.notify_handler(NOTIFY_QUERY, self._on_query)
         self.authz = OpAuthorizer(self.config.distributors)
         space.register_op_kind(OP_REQUEST,
                                _payload_validator(RequestOp, self.authz.authorize_request))
-        space.register_op_kind(OP_STATUS, _payload_validator(StatusOp))
+        space.register_op_kind(OP_SUMMARY,
+                               _payload_validator(SummaryOp, self.authz.authorize_summary))
         space.register_op_kind(OP_CANCEL,
                                _payload_validator(CancelOp, self.authz.authorize_cancel))
         for op in space.stored_ops(OP_REQUEST):  # so cancels arriving before start() count
@@ -298,9 +335,14 @@ class DistributionService:
         self._watch_cursor = self._watch_sub.cursor
         for op in self.space.stored_ops(OP_REQUEST):
             self._on_op(op)
-        for kind in (OP_STATUS, OP_CANCEL):
+        for kind in (OP_SUMMARY, OP_CANCEL):
             for op in self.space.stored_ops(kind):
                 self._on_op(op)
+        for tracked in self._tracked.values():
+            # before any note is taken: a note from one target must not look like the end of
+            # a distribution whose other targets this (restarted) source has not listed yet
+            if not tracked.cancelled and NodeId(tracked.request.source) == self.node_id:
+                self._refresh_targets(tracked)
         self._tasks.spawn_restarting(self._watch, name="watch")
         self._tasks.spawn_restarting(self._reconcile, name="reconcile")
 
@@ -470,12 +512,11 @@ class DistributionService:
                 request = msgspec.msgpack.decode(op.payload, type=RequestOp)
                 self.authz.authorize_request(op.author, request)
                 self._track(request)
-            elif op.kind == OP_STATUS:
-                st = msgspec.msgpack.decode(op.payload, type=StatusOp)
-                tracked = self._tracked.get(DistributionHandle(st.handle))
-                if tracked is not None:
-                    self._set_target(tracked, op.author, TargetState(st.state), st.bytes_done,
-                                     0.0, st.reason)
+            elif op.kind == OP_SUMMARY:
+                summary = msgspec.msgpack.decode(op.payload, type=SummaryOp)
+                tracked = self._tracked.get(DistributionHandle(summary.handle))
+                if tracked is not None and NodeId(tracked.request.source) == op.author:
+                    self._apply_summary(tracked, summary)
             elif op.kind == OP_CANCEL:
                 cancel = msgspec.msgpack.decode(op.payload, type=CancelOp)
                 tracked = self._tracked.get(DistributionHandle(cancel.handle))
@@ -483,6 +524,28 @@ class DistributionService:
                     self._spawn(self._apply_cancel(tracked))
         except (msgspec.DecodeError, ValueError, BlobmeshError) as exc:
             log.warning("ignoring malformed %s op from %s: %s", op.kind, op.author.short(), exc)
+
+    def _apply_summary(self, tracked: _Tracked, summary: SummaryOp) -> None:
+        """The final states a summary lists (a restarted source, or any other node, learns
+        the outcome from it; the targets it does not list the source asks again)."""
+        tracked.summarized = (summary.total, summary.completed, summary.failed)
+        for t in summary.targets:
+            node = NodeId(t.node)
+            if node != self.node_id:  # this node knows its own state better
+                self._set_target(tracked, node, TargetState(t.state), t.bytes_done, 0.0,
+                                 t.reason)
+
+    def _on_query(self, sender: NodeId, data: bytes) -> None:
+        """The source asks where this target stands: the last note again, if any."""
+        try:
+            handle = DistributionHandle(msgspec.msgpack.decode(data, type=QueryNote).handle)
+        except (msgspec.DecodeError, ValueError):
+            return
+        tracked = self._tracked.get(handle)
+        note = self._last_notes.get(handle)
+        if tracked is not None and note is not None and \
+                NodeId(tracked.request.source) == sender:
+            self._send_note(sender, note)
 
     def _on_progress_note(self, sender: NodeId, data: bytes) -> None:
         try:
@@ -493,6 +556,10 @@ class DistributionService:
             return
         if tracked is not None:
             current = tracked.targets.get(sender)
+            if current is None and NodeId(tracked.request.source) == self.node_id:
+                self._refresh_targets(tracked)  # a target the scope gained since the last
+                if sender not in tracked.targets:  # resolve, or a node outside the scope
+                    return
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
             self._set_target(tracked, sender, state, note.bytes_done, note.rate, note.reason,
@@ -519,15 +586,33 @@ class DistributionService:
 
     def _bump(self, tracked: _Tracked) -> None:
         tracked.version += 1
-        done = self._snapshot(tracked).done
-        if done and tracked.finished is None:
+        snap = self._snapshot(tracked)
+        if snap.done and tracked.finished is None:
             tracked.finished = time.time()
-        elif not done:
+        elif not snap.done:
             tracked.finished = None  # a target came back: the distribution is active again
+        counts = (snap.total, snap.completed, snap.failed)
+        if snap.done and not tracked.cancelled and tracked.summarized != counts and \
+                NodeId(tracked.request.source) == self.node_id:
+            tracked.summarized = counts
+            self._spawn(self._publish_summary(self._snapshot(tracked)), name="summary")
         changed, tracked.changed = tracked.changed, asyncio.Event()
         changed.set()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    async def _publish_summary(self, snap: DistributionStatus) -> None:
+        """One op per finished distribution, whatever its number of targets."""
+        listed = sorted(snap.targets, key=lambda t: t.state is TargetState.COMPLETED)
+        payload = SummaryOp(str(snap.handle), str(snap.state), snap.total, snap.completed,
+                            snap.failed, snap.finished or time.time(),
+                            [SummaryTarget(t.node.digest, str(t.state), t.bytes_done,
+                                           t.reason[:SUMMARY_REASON])
+                             for t in listed[:SUMMARY_TARGETS]])
+        try:
+            await self.space.publish(OP_SUMMARY, _enc.encode(payload))
+        except BlobmeshError as exc:
+            log.warning("could not publish the summary of %s: %s", snap.handle, exc)
 
     async def _apply_cancel(self, tracked: _Tracked) -> None:
         if tracked.cancelled:
@@ -593,13 +678,33 @@ class DistributionService:
     async def _reconcile(self) -> None:
         """Re-resolve scopes: new matching peers become targets; this node joins if in scope."""
         while True:
+            budget = int(self.config.source_notes_per_s * self.config.resolve_interval)
             for tracked in self._tracked.values():
                 if tracked.cancelled:
                     continue
                 if NodeId(tracked.request.source) == self.node_id:
                     self._refresh_targets(tracked)
+                    budget -= self._query_silent(tracked, budget)
             self._start_jobs()
             await asyncio.sleep(self.config.resolve_interval)
+
+    def _query_silent(self, tracked: _Tracked, budget: int) -> int:
+        """Ask targets not heard from for a while where they stand (a lost note, a restart of
+        this source); returns how many were asked (at most ``budget``)."""
+        c = self.config
+        open_targets = [n for n, t in tracked.targets.items() if not t.state.final]
+        if not open_targets or budget <= 0:
+            return 0
+        now = time.time()
+        silent_for = query_after(len(tracked.targets), c.progress_interval,
+                                 c.source_notes_per_s, c.query_after)
+        heard = {n: t.updated for n, t in tracked.targets.items()}
+        asked = targets_to_query(heard, tracked.asked, open_targets, now, silent_for, budget)
+        data = NOTIFY_QUERY + _enc.encode(QueryNote(str(tracked.handle)))
+        for node in asked:
+            tracked.asked[node] = now
+            self._send_note(node, data)
+        return len(asked)
 
     def _refresh_targets(self, tracked: _Tracked) -> None:
         """Add nodes that entered the scope; mark unreachable ones (they resume on return)."""
@@ -681,19 +786,19 @@ class DistributionService:
             last_note = now
             self._note(source, handle, p)
 
-        await self._report(source, handle, TargetState.TRANSFERRING, 0)
+        self._report(source, handle, TargetState.TRANSFERRING, 0)
         backoff = self.config.retry_backoff
         while True:
             try:
                 await self._download(tracked, peers, progress, pin)
                 break
             except CollectionError as exc:  # a bad manifest or export: retrying cannot help
-                await self._report(source, handle, TargetState.FAILED, 0, str(exc))
+                self._report(source, handle, TargetState.FAILED, 0, str(exc))
                 return
             except (TransferError, StoreError) as exc:
                 # not final: a distribution is a desired state, this target keeps trying
                 last_state = (TargetState.RETRYING, str(exc))
-                await self._report(source, handle, TargetState.RETRYING, bytes_done,
+                self._report(source, handle, TargetState.RETRYING, bytes_done,
                                    f"{exc}; retrying in {backoff:g}s")
                 if r.share_urls and self.config.share_loader is not None:
                     # no peer could provide it: fall back on the distribution's shares
@@ -706,7 +811,7 @@ class DistributionService:
                         break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)
-        await self._report(source, handle, TargetState.COMPLETED, r.total_size or r.size)
+        self._report(source, handle, TargetState.COMPLETED, r.total_size or r.size)
 
     async def _download(self, tracked: _Tracked, peers: Callable[[], Iterable[NodeId]],
                         progress: Callable[[JobProgress], None], pin: str) -> None:
@@ -724,27 +829,25 @@ class DistributionService:
         note = ProgressNote(str(handle), str(p.state), p.bytes_done, p.rate, p.peers, p.reason,
                             [n.digest for n in p.sources], list(p.source_rates))
         data = NOTIFY_PROGRESS + _enc.encode(note)
+        self._last_notes[handle] = data  # what a query from the source is answered with
+        self._send_note(to, data)
 
+    def _send_note(self, to: NodeId, data: bytes) -> None:
         async def send() -> None:
             with contextlib.suppress(BlobmeshError, OSError):
                 await self.space.send_notify(to, data)
 
         self._spawn(send())
 
-    async def _report(self, source: NodeId, handle: DistributionHandle, state: TargetState,
-                      bytes_done: int, reason: str = "") -> None:
-        """Tell the source; a final state is also a ``dist/status`` op.
+    def _report(self, source: NodeId, handle: DistributionHandle, state: TargetState,
+                bytes_done: int, reason: str = "") -> None:
+        """Tell the source (only: no op, so no node's op store grows with the number of
+        targets), and this node's own view of the distribution.
 
-        Only final states are ops: an op is gossiped to every node and kept in every op
-        store, so one per state change would cost N ops per distribution everywhere; the
-        states in between reach the source as notes (and again with the next note after a
-        restart of it), the final one survives restarts in the op store.
+        A note can be lost, or the source restarted: it then asks again (``_query_silent``)
+        and gets this last note back.
         """
+        tracked = self._tracked.get(handle)
+        if tracked is not None:
+            self._set_target(tracked, self.node_id, state, bytes_done, 0.0, reason)
         self._note(source, handle, JobProgress(bytes_done, 0, 0, 0, 0, 0.0, state, reason))
-        if not state.final:
-            return
-        payload = _enc.encode(StatusOp(str(handle), str(state), bytes_done, reason))
-        try:
-            await self.space.publish(OP_STATUS, payload)
-        except BlobmeshError as exc:
-            log.warning("could not publish status of %s: %s", handle, exc)

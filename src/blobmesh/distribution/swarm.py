@@ -115,6 +115,14 @@ class SwarmConfig:
     send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
     disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
 
+    def download_policy(self) -> DownloadPolicy:
+        """The knobs of each download job (``blobmesh sim`` runs with the same ones)."""
+        return DownloadPolicy(
+            pipeline=self.pipeline, seed_pipeline=min(self.seed_pipeline, self.pipeline),
+            max_peers=self.max_peers_per_blob, peer_retry=self.peer_retry,
+            stall_timeout=self.stall_timeout, flush_interval=self.flush_interval,
+            request_timeout=self.request_timeout, request_strikes=self.request_strikes)
+
 
 @dataclass(slots=True)
 class JobProgress:
@@ -625,14 +633,9 @@ class DownloadJob:
         self._loop = asyncio.get_running_loop()
         now = self._loop.time()
         self._progress = progress
-        policy = DownloadPolicy(
-            pipeline=cfg.pipeline, seed_pipeline=min(cfg.seed_pipeline, cfg.pipeline),
-            max_peers=cfg.max_peers_per_blob, peer_retry=cfg.peer_retry,
-            stall_timeout=cfg.stall_timeout, flush_interval=cfg.flush_interval,
-            request_timeout=cfg.request_timeout, request_strikes=cfg.request_strikes)
         self.sched = DownloadScheduler[_Conn, NodeId](
             max(1, -(-size // piece_size)), engine.network.node_id,
-            lambda: list(peers()), now, policy,
+            lambda: list(peers()), now, cfg.download_policy(),
             free_connections=lambda: cfg.max_connections - engine.connections,
             banned=engine.banned.setdefault(blob_id, set()))
         self._timer: asyncio.TimerHandle | None = None

@@ -46,8 +46,11 @@ class Simulator:
 
     def at(self, when: float, fn: Callback, *args: Any) -> Timer:
         """Run ``fn(*args)`` at virtual time ``when`` (not before ``now``)."""
-        timer = Timer(max(when, self.now), fn, args)
-        heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
+        now = self.now
+        if when < now:
+            when = now
+        timer = Timer(when, fn, args)
+        heapq.heappush(self._heap, (when, next(self._seq), timer))
         return timer
 
     def after(self, delay: float, fn: Callback, *args: Any) -> Timer:

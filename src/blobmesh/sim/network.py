@@ -13,26 +13,26 @@ caller when it delivers what a finished flow carried.
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 from blobmesh.sim.engine import Simulator, Timer
 
 _EPS = 1e-9
-_ids = itertools.count()
 
 
 class Flow:
     """Bytes on their way from ``src`` to ``dst``."""
 
-    __slots__ = ("_hash", "args", "dst", "on_done", "rate", "remaining", "since", "size", "src",
-                 "timer")
+    __slots__ = ("args", "dst", "dst_link", "on_done", "rate", "remaining", "since", "size",
+                 "src", "src_link", "timer")
 
     def __init__(self, src: int, dst: int, size: float, on_done: Callable[..., None],
                  args: tuple[Any, ...]) -> None:
         self.src = src
         self.dst = dst
+        self.src_link = 2 * src  # the sender's uplink (see FlowNetwork)
+        self.dst_link = 2 * dst + 1  # the receiver's downlink
         self.size = size
         self.remaining = size
         self.rate = 0.0
@@ -40,13 +40,6 @@ class Flow:
         self.on_done = on_done
         self.args = args
         self.timer: Timer | None = None
-        self._hash = next(_ids)  # a deterministic hash: sets of flows iterate the same per seed
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
 
 class FlowNetwork:
@@ -124,21 +117,27 @@ class FlowNetwork:
     def _reallocate(self, seeds: tuple[int, int]) -> None:
         """Progressive filling of the flows on the ``seeds`` links (see the module doc)."""
         flows = self._flows
-        affected = dict.fromkeys(itertools.chain(flows[seeds[0]], flows[seeds[1]]))
+        affected = dict.fromkeys(flows[seeds[0]])
+        affected.update(flows[seeds[1]])
         if not affected:
             return
         self.reallocations += 1
         cap, used = self._cap, self._used
+        now = self.sim.now
         residual: dict[int, float] = {}
         count: dict[int, int] = {}
-        for f in affected:
-            self._settle(f)
-            for link in (2 * f.src, 2 * f.dst + 1):
-                if link not in residual:
-                    residual[link] = cap[link] - used[link]
-                    count[link] = 0
-                residual[link] += f.rate
-                count[link] += 1
+        for f in affected:  # (runs on every flow start and end: inlined, no calls)
+            left = f.remaining - f.rate * (now - f.since)
+            f.remaining = left if left > 0.0 else 0.0
+            f.since = now
+            for link in (f.src_link, f.dst_link):
+                r = residual.get(link)
+                if r is None:
+                    residual[link] = cap[link] - used[link] + f.rate
+                    count[link] = 1
+                else:
+                    residual[link] = r + f.rate
+                    count[link] += 1
         heap = [(residual[link] / n, link) for link, n in count.items()]
         heapq.heapify(heap)
         rates: dict[Flow, float] = {}
@@ -147,30 +146,32 @@ class FlowNetwork:
             n = count[link]
             if n == 0:
                 continue
-            current = max(0.0, residual[link]) / n
+            r = residual[link]
+            current = (r if r > 0.0 else 0.0) / n
             if current > share + _EPS:
                 heapq.heappush(heap, (current, link))  # stale: its share grew since pushed
                 continue
             for f in flows[link]:
                 if f in affected and f not in rates:
                     rates[f] = current
-                    for other in (2 * f.src, 2 * f.dst + 1):
-                        residual[other] -= current
-                        count[other] -= 1
+                    residual[f.src_link] -= current
+                    count[f.src_link] -= 1
+                    residual[f.dst_link] -= current
+                    count[f.dst_link] -= 1
             count[link] = 0
-        now = self.sim.now
+        at, finished = self.sim.at, self._finished
         for f, rate in rates.items():
-            if abs(rate - f.rate) <= _EPS * max(1.0, rate) and f.timer is not None:
-                continue
-            delta = rate - f.rate
-            used[2 * f.src] += delta
-            used[2 * f.dst + 1] += delta
-            f.rate = rate
             if f.timer is not None:
+                if abs(rate - f.rate) <= _EPS * max(1.0, rate):
+                    continue
                 f.timer.cancel()
                 f.timer = None
+            delta = rate - f.rate
+            used[f.src_link] += delta
+            used[f.dst_link] += delta
+            f.rate = rate
             if rate > 0:
-                f.timer = self.sim.at(now + f.remaining / rate, self._finished, f)
+                f.timer = at(now + f.remaining / rate, finished, f)
 
 
 __all__ = ["Flow", "FlowNetwork"]

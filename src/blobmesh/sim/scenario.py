@@ -20,7 +20,8 @@ from blobmesh.distribution.progress import (
     SOURCE_NOTES_PER_S,
     progress_note_interval,
 )
-from blobmesh.distribution.scheduler import UPLOAD_SLOTS, DownloadPolicy
+from blobmesh.distribution.scheduler import DownloadPolicy
+from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
 from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
@@ -28,6 +29,7 @@ from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
 MBIT = 1e6 / 8  # bytes/s
 MiB = 1 << 20
 Links = Literal["homogeneous", "heterogeneous"]
+NODE = SwarmConfig()  # what a real node runs: the simulator's defaults
 
 
 @dataclass(slots=True)
@@ -48,9 +50,9 @@ class Scenario:
     starved_fraction: float = 0.0  # of the targets, whose timers fire late
     timer_lag: float = 2.0
     liar_fraction: float = 0.0  # of the targets, serving corrupt pieces
-    max_connections: int = 64
-    upload_slots: int | None = UPLOAD_SLOTS  # None: every connection sends at once
-    policy: DownloadPolicy = field(default_factory=DownloadPolicy)
+    max_connections: int = NODE.max_connections
+    upload_slots: int | None = NODE.upload_slots  # None: every connection sends at once
+    policy: DownloadPolicy = field(default_factory=NODE.download_policy)
     max_time: float = 3600.0
 
 

@@ -15,7 +15,6 @@ windows and slow start, and the space (peer lists are complete and current).
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -51,7 +50,6 @@ CTRL_BYTES = 40
 HELLO_BYTES = 80
 NOTE_BYTES = 90  # a progress notification to the source
 SOURCE = 0
-_end_ids = itertools.count()
 
 
 @dataclass(slots=True)
@@ -85,7 +83,7 @@ class End:
     """One side of a connection: ``node`` talks to ``peer``; ``have`` is the peer's bitfield
     as this side knows it."""
 
-    __slots__ = ("_hash", "attached", "closed", "flow", "have", "node", "other", "peer",
+    __slots__ = ("attached", "closed", "flow", "have", "latency", "node", "other", "peer",
                  "queue")
 
     def __init__(self, node: SimNode, peer: SimNode, have: Bitfield) -> None:
@@ -97,13 +95,7 @@ class End:
         self.flow: Flow | None = None
         self.closed = False
         self.attached = False  # the hello exchange finished on this side
-        self._hash = next(_end_ids)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
+        self.latency = node.spec.latency + peer.spec.latency  # one way, either direction
 
 
 @dataclass(slots=True)
@@ -337,12 +329,13 @@ class World:
 
     def ctrl(self, end: End, nbytes: int, handler: Callable[..., None], *args: object) -> None:
         """Send a small message on ``end``; ``handler(receiving end, *args)`` on arrival."""
-        if end.closed or end.other is None:
+        other = end.other
+        if end.closed or other is None:
             return
-        node, peer = end.node, end.peer
-        node.traffic.msgs_out += 1
-        node.traffic.bytes_out += nbytes
-        self.sim.after(self.latency(node, peer), self._arrive, end.other, nbytes, handler, args)
+        traffic = end.node.traffic
+        traffic.msgs_out += 1
+        traffic.bytes_out += nbytes
+        self.sim.after(end.latency, self._arrive, other, nbytes, handler, args)
 
     def _arrive(self, end: End, nbytes: int, handler: Callable[..., None],
                 args: tuple[object, ...]) -> None:
@@ -517,8 +510,7 @@ class World:
         node = end.node
         node.upload.sent(end, index, self.sim.now)
         if end.other is not None:
-            self.sim.after(self.latency(node, end.peer), self._piece_arrives, end.other,
-                           index, node.spec.liar)
+            self.sim.after(end.latency, self._piece_arrives, end.other, index, node.spec.liar)
         self.send_next(end)
         node.pump()
 
