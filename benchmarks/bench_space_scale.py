@@ -2,14 +2,16 @@
 
     .venv/bin/python benchmarks/bench_space_scale.py [--peers 10000] [--settle 30] [--json]
 
-1. makes ``--peers`` identities (real Ed25519 keys) and signs one peer record for each in the
+1. makes ``--peers`` identities (real Ed25519 keys), less one per feeder (the feeders are
+   peers too), and signs one peer record for each in the
    real record format (:func:`blobmesh.space.records.sign_record`; two addresses on closed
    loopback ports, a group, two capabilities, valid for an hour);
 2. starts a real ``blobmesh node run`` process (an open space, its own home and SQLite file);
 3. feeders — each a :class:`~blobmesh.space.space.Space` in this process over its own TLS
    endpoint, holding ``--per-feeder`` of the records — join one after the other through the
-   node's ticket: a feeder's first anti-entropy round sends the node its summary, the node
-   wants every record, and the feeder pushes them (the real gossip ingest path: handshake,
+   node's ticket: a feeder's first anti-entropy round walks the node's prefix tree and lists
+   the prefixes that differ, the node wants every record there, and the feeder pushes them
+   (the real gossip ingest path: handshake, ``g-hello``/``g-state``, ``g-tree``,
    ``PeerSummary``, ``PeerDiff``, ``PushRecords``, verification of every signature, the peer
    store).  One feeder holding all 10,000 does not work here: the node did not store a push
    of 1,024 records within the 3 s request timeout on this loaded machine, the round ended,
@@ -18,8 +20,8 @@
    the feed, until the node holds the records, and for ``--settle`` seconds after, while it
    probes and gossips with peers that never answer.
 
-The peer store holds at most ``Limits.max_peers`` records, its own included: records beyond
-that are refused (``limit_peer_store``) and the report says how many.
+The peer store holds at most ``Limits.max_peers`` records of other nodes (and its own): records
+beyond that are refused (``limit_peer_store``) and the report says how many.
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ def wait_for_node(home: Path, proc: subprocess.Popen[bytes], within: float = 60.
 
 async def feed(ticket: str, raws: list[bytes], tmp: Path, node_home: Path, per_feeder: int
                ) -> dict[str, Any]:
-    """Feeders join the node's space one after the other, ``per_feeder`` records in each
-    one's store: the join's sync round with the node hands them over in one push.  A feeder
+    """Feeders join the node's space one after the other, ``per_feeder`` records (and its own)
+    in each one's store: the join's sync round with the node hands them over in one push.  A feeder
     whose records did not all arrive (the round timed out on this loaded machine) syncs with
     the node again, up to ``ATTEMPTS`` times."""
     seed = Seed.from_ticket(Ticket.parse(ticket))
@@ -122,7 +124,7 @@ async def feed(ticket: str, raws: list[bytes], tmp: Path, node_home: Path, per_f
                 await space.join()
                 syncs += 1
                 held = len(await node.peers())
-                if held >= min(want, Limits().max_peers - 1):
+                if held >= min(want, Limits().max_peers):
                     break
             await space.aclose()
             await ep.aclose()
@@ -139,7 +141,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     t0 = time.monotonic()
-    raws = make_records(args.peers)
+    per_record = args.per_feeder - 1  # and the feeder's own
+    raws = make_records(args.peers - math.ceil(args.peers / args.per_feeder))
     signed_s = time.monotonic() - t0
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "node"
@@ -152,7 +155,7 @@ def main() -> None:
             info = wait_for_node(home, proc)
             time.sleep(2.0)
             before = proc_kib(proc.pid)
-            fed = asyncio.run(feed(info["ticket"], raws, Path(tmp), home, args.per_feeder))
+            fed = asyncio.run(feed(info["ticket"], raws, Path(tmp), home, per_record))
             t1 = time.monotonic()
             known, last = 0, -1
             while time.monotonic() - t1 < 120 and known != last:  # until it stops growing

@@ -151,9 +151,10 @@ async def _pull(home: str, ticket: str, ids: list[str], parallel: int, batched: 
 def pull_client(home: str, ticket: str, ids_file: str, parallel: str, mode: str) -> None:
     """Child: pull the blobs listed in ``ids_file`` into ``home`` (``mode``: ``batch`` for
     ``pull_many``, ``channels`` for ``parallel`` channels at a time); print seconds and RSS."""
-    from blobmesh.transport import install_uvloop
+    from blobmesh.transport import install_uvloop, tune_malloc
 
     install_uvloop()
+    tune_malloc()
     ids = Path(ids_file).read_text().split()
     print(json.dumps(asyncio.run(_pull(home, ticket, ids, int(parallel), mode == "batch"))))
 

@@ -35,10 +35,22 @@ def pair() -> tuple[SwarmSession, SwarmSession]:
     return a, b
 
 
+def piece(s: SwarmSession, index: int, data: bytes) -> bytes:
+    """The message ``s`` sends for a piece: its head, then the piece's bytes."""
+    return s.piece_head(index, len(data)) + data
+
+
+def test_piece_head_and_bytes_are_the_encoded_message() -> None:
+    _, b = pair()
+    for n in (0, 255, 256, 65536):
+        data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+        assert piece(b, 2, data) == msgspec.msgpack.encode(["piece", 2, data])
+
+
 def test_request_piece_roundtrip() -> None:
     a, b = pair()
     assert b.receive(a.request(1)) == PieceWanted(1)
-    got = a.receive(b.piece(1, b"x" * 10))
+    got = a.receive(piece(b, 1, b"x" * 10))
     assert got == PieceArrived(1, b"x" * 10)
     assert a.outstanding == set()
     assert b.receive(a.have(3)) == PeerHas(3)
@@ -48,7 +60,7 @@ def test_request_piece_roundtrip() -> None:
 def test_unsolicited_piece_and_layer_rejected() -> None:
     a, b = pair()
     with pytest.raises(ProtocolError, match="unsolicited piece"):
-        a.receive(b.piece(1, b"x"))
+        a.receive(piece(b, 1, b"x"))
     with pytest.raises(ProtocolError, match="unsolicited piece layer"):
         a.receive(b.layer(b"\0" * 128))
     b.request_layer()
@@ -61,7 +73,7 @@ def test_out_of_range_and_oversized() -> None:
         b.receive(msgspec.msgpack.encode(["req", 4]))
     a.request(0)
     with pytest.raises(ProtocolError, match="oversized"):
-        a.receive(b.piece(0, b"x" * (PIECE + 1)))
+        a.receive(piece(b, 0, b"x" * (PIECE + 1)))
 
 
 def test_hello_must_come_first_and_match() -> None:
@@ -87,10 +99,10 @@ def test_a_piece_crossing_a_cancel_is_late_not_a_violation() -> None:
     b.receive(a.cancel(1))  # end game: the copy came from elsewhere
     b.receive(a.cancel(2))
     # before: "unsolicited piece 1", and the connection was reset
-    assert a.receive(b.piece(1, b"x")) == PieceArrived(1, b"x", late=True)
+    assert a.receive(piece(b, 1, b"x")) == PieceArrived(1, b"x", late=True)
     assert a.receive(b.reject(2, "gone")) is None  # a refusal that crossed it: dropped
     assert a.outstanding == set()
     with pytest.raises(ProtocolError, match="unsolicited piece 1"):
-        a.receive(b.piece(1, b"x"))  # but only once
+        a.receive(piece(b, 1, b"x"))  # but only once
     with pytest.raises(ProtocolError, match="unsolicited piece 3"):
-        a.receive(b.piece(3, b"x"))  # never asked for
+        a.receive(piece(b, 3, b"x"))  # never asked for

@@ -55,8 +55,8 @@ def round_trip(a: Side, b: Side, now: float = 0.0) -> tuple[int, int]:
     n = size = 0
     while req is not None:
         n += 1
-        assert isinstance(req, wire.GossipHello | wire.PeerSummary | wire.OpSummary
-                          | wire.OpIdsReq)
+        assert isinstance(req, wire.GossipHello | wire.PeerTreeReq | wire.PeerSummary
+                          | wire.OpSummary | wire.OpIdsReq)
         resp = b.responder.handle(a.id.node_id, req, now)
         size += len(wire.encode(req)) + len(wire.encode(resp))
         req, effects = init.on_response(resp)
@@ -126,7 +126,7 @@ def test_session_is_bound_to_the_peer_that_opened_it() -> None:
     a, b = Side(lim), Side(lim)
     a.add_ops(3)
     session = b"s" * 16
-    hello = wire.GossipHello(1, session, a.peers.digest(), a.ops.digest())
+    hello = wire.GossipHello(1, session, a.peers.digest(), a.ops.digest(), b"", 0)
     assert isinstance(b.responder.handle(a.id.node_id, hello, 0.0), wire.GossipState)
     intruder = Identity.generate().node_id
     resp = b.responder.handle(intruder, wire.OpIdsReq(2, session, b""), 0.0)
@@ -143,7 +143,60 @@ def test_concurrent_sessions_are_bounded() -> None:
     b.add_ops(1)
     busy = 0
     for _ in range(3):
-        hello = wire.GossipHello(1, b"s" * 16, b"\0" * 32, b"\0" * 32)
+        hello = wire.GossipHello(1, b"s" * 16, b"\0" * 32, b"\0" * 32, b"", 0)
         resp = b.responder.handle(Identity.generate().node_id, hello, 0.0)
         busy += isinstance(resp, wire.Busy)
     assert busy == 1 and b.metrics["limit_gossip_sessions"] == 1
+
+
+def test_a_changed_record_costs_its_prefix_path_not_every_record_held() -> None:
+    lim = Limits()
+    a, b = Side(lim), Side(lim)
+    people = [Identity.generate() for _ in range(600)]
+    for p in people:
+        a.add_record(p)
+        b.add_record(p)
+    assert synced(a, b) and round_trip(a, b)[0] == 1
+    b.add_record(people[17], NOW + 1)  # re-signed
+    a.add_record(people[400], NOW + 1)
+    requests, size = round_trip(a, b)
+    assert synced(a, b)
+    rec = a.peers.get(people[17].node_id)
+    assert rec is not None and rec.created_at == NOW + 1
+    # hello/state (with two levels of digests), at most one g-tree step, one listing;
+    # listing all 600 entries alone would take 26 KB
+    assert requests <= 3 and size < 2500
+
+
+def test_a_node_knowing_nobody_gets_every_record_in_one_round() -> None:
+    lim = Limits()
+    a, b = Side(lim), Side(lim)
+    a.add_record(a.id)
+    for _ in range(300):
+        b.add_record(Identity.generate())
+    requests, _ = round_trip(a, b)
+    assert synced(a, b) and len(a.peers) == 301 and requests == 2
+
+
+def test_malformed_tree_steps_are_refused_and_end_the_round() -> None:
+    lim = Limits()
+    a, b = Side(lim), Side(lim)
+    for _ in range(20):
+        b.add_record(Identity.generate())
+    session = b"s" * 16
+    hello = wire.GossipHello(1, session, a.peers.digest(), a.ops.digest(), b"x" * 5, 0)
+    assert isinstance(b.responder.handle(a.id.node_id, hello, 0.0), wire.Error)
+    ok = wire.GossipHello(1, session, a.peers.digest(), a.ops.digest(), b"", 0)
+    assert isinstance(b.responder.handle(a.id.node_id, ok, 0.0), wire.GossipState)
+    bad = wire.PeerTreeReq(2, session, [3], bytes(128), [0])
+    resp = b.responder.handle(a.id.node_id, bad, 0.0)
+    assert isinstance(resp, wire.Error) and "prefix" in resp.reason
+    listing = wire.PeerSummary(3, session, [0], [], True)
+    assert isinstance(b.responder.handle(a.id.node_id, listing, 0.0), wire.Error)
+    # an initiator given an answer to a question it did not ask stops
+    for _ in range(20):
+        a.add_record(Identity.generate())
+    init = GossipInitiator(a.peers, a.ops, session, lim)
+    init.start()
+    state = wire.GossipState(1, b.peers.digest(), b.ops.digest(), [0x1234], b"")
+    assert init.on_response(state) == (None, [])

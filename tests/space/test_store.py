@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from blobmesh.errors import SpaceStorageError
-from blobmesh.space import Limits, Metrics
+from blobmesh.space import Limits, Metrics, peertree
 from blobmesh.space.records import decode_record, sign_op, sign_record
 from blobmesh.space.store import LocalAgentStore, OpStore, PeerStore, PutResult, open_db
 from blobmesh.transport.identity import Identity
@@ -109,3 +109,38 @@ def test_arrival_numbers_are_not_reused_after_the_newest_op_is_pruned(tmp_path: 
     later = sign_op(ident, space="s", kind="k", timestamp=NOW + 1, payload=b"", limits=LIM)
     store.insert([later])
     assert store.after(2, frozenset({"k"}), 10) == [(3, later)]
+
+
+def test_records_under_a_prefix_and_the_tree_follow_puts_and_expiry() -> None:
+    store = PeerStore(open_db(":memory:"), "s", LIM, Metrics(), NOW)
+
+    def put(ident: Identity, created: int, ttl: int = 60_000) -> None:
+        store.put(decode_record(rec(ident, created, ttl=ttl), space="s", now_ms=NOW, limits=LIM))
+
+    idents = [Identity.generate() for _ in range(40)]
+    for ident in idents:
+        put(ident, NOW)
+    assert [r.node_id for r in store.under(1)] == sorted(i.node_id for i in idents)
+    for c in peertree.children(1):
+        under = store.under(c)
+        assert len(under) == store.tree.count(c)
+        assert all(peertree.prefix_of(r.node_id.digest, 1) == c for r in under)
+    before = store.digest()
+    put(idents[0], NOW + 1)
+    assert store.digest() != before and store.tree.count(1) == 40
+    put(Identity.generate(), NOW, ttl=10)
+    assert store.tree.count(1) == 41
+    store.expire(NOW + 100)
+    assert len(store.under(1)) == 40 and store.tree.count(1) == 40
+
+
+def test_max_peers_counts_other_nodes_only() -> None:
+    lim, m = dataclasses.replace(LIM, max_peers=2), Metrics()
+    me, a, b, c = (Identity.generate() for _ in range(4))
+    store = PeerStore(open_db(":memory:"), "s", lim, m, NOW, me=me.node_id)
+
+    def put(ident: Identity) -> PutResult:
+        return store.put(decode_record(rec(ident), space="s", now_ms=NOW, limits=lim))
+
+    assert [put(x) for x in (a, me, b)] == [PutResult.NEW] * 3
+    assert put(c) is PutResult.REFUSED and m["limit_peer_store"] == 1 and len(store) == 3

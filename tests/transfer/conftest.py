@@ -112,19 +112,20 @@ class TapStream:
     def protocol(self) -> str:
         return self.inner.protocol
 
-    async def send(self, message: bytes | memoryview, *, flush: bool = False) -> None:
+    async def send(self, message: bytes | memoryview, *, flush: bool = False,
+                   head: bytes = b"") -> None:
         if self.protocol == BATCH_PROTOCOL:
             if self.tap.batch_hook is not None:
-                await self.tap.batch_hook(self, batch.decode(message))
-            await self.inner.send(message, flush=flush)
+                await self.tap.batch_hook(self, batch.decode(head + message))
+            await self.inner.send(message, flush=flush, head=head)
             return
-        msg = decode(message)
+        msg = decode(head + message)
         if isinstance(msg, Data):
             self.tap.data_sent += 1
             self.tap.pieces_sent.append(msg.piece)
         if self.tap.hook is not None:
             await self.tap.hook(self, msg)
-        await self.inner.send(message, flush=flush)
+        await self.inner.send(message, flush=flush, head=head)
 
     async def recv(self) -> bytes:
         return await self.inner.recv()

@@ -4,6 +4,7 @@ connection reuse, timeouts."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 
 import pytest
@@ -15,6 +16,7 @@ from blobmesh.errors import (
     TransportError,
 )
 from blobmesh.transport import Endpoint, Identity, Network, Stream, TransportConfig
+from blobmesh.wire import MIN_FRAME_SIZE
 from tests.transport.conftest import FAST, EndpointFactory, echo, recv_all
 from tests.util import eventually
 
@@ -56,6 +58,19 @@ async def test_memoryview_and_bytearray_are_sent_safely(endpoints: EndpointFacto
     assert await s.recv() == b"x" * 2_000_000
     await s.send(memoryview(buf)[10:20])
     assert await s.recv() == b"y" * 10
+
+
+async def test_a_head_is_sent_in_front_of_the_message(endpoints: EndpointFactory) -> None:
+    a, b = await pair(endpoints, dataclasses.replace(FAST, max_frame_size=MIN_FRAME_SIZE))
+    s = await a.open_stream(b.node_id, "echo")
+    body = bytes(range(256)) * 800  # 200 KB: many frames
+    for head in (b"h", bytes(range(200)) * 200):  # the long head spans three frames itself
+        await s.send(memoryview(body), head=head)
+        assert await s.recv() == head + body
+        await s.send(b"", head=head)
+        assert await s.recv() == head
+    with pytest.raises(ValueError, match="exceeds the peer's limit"):
+        await s.send(bytes(FAST.max_message_size), head=b"x")
 
 
 async def test_message_size_limit(endpoints: EndpointFactory) -> None:

@@ -100,6 +100,22 @@ def test_messages_fragmented_and_reassembled() -> None:
     assert events == [StreamOpened(sid, "p"), MessageReceived(sid, msg), MessageReceived(sid, b"")]
 
 
+def test_a_head_goes_in_front_of_the_data_and_counts_against_the_window() -> None:
+    a, b = connected()
+    sid = a.open_stream("p")
+    with pytest.raises(ValueError, match="budget"):
+        a.send_data(sid, bytes(a.send_budget(sid) - 1), head=b"xy")
+    a.send_data(sid, memoryview(b"payload"), head=b"head:")
+    sent = len(b"head:payload")
+    while a.send_budget(sid):
+        sent += a.send_budget(sid)
+        a.send_data(sid, bytes(a.send_budget(sid) - 1), head=b"x")
+    assert sent == SMALL.stream_window  # the heads counted against the window
+    events = transfer(a, b)
+    assert events[:2] == [StreamOpened(sid, "p"), MessageReceived(sid, b"head:payload")]
+    assert all(e.data[:1] == b"x" for e in events[2:] if isinstance(e, MessageReceived))
+
+
 def test_flow_control_window_and_credit() -> None:
     a, b = connected()
     sid = a.open_stream("p")

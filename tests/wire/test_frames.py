@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import msgspec
 import pytest
 
 from blobmesh.errors import ProtocolError
@@ -24,7 +25,13 @@ from blobmesh.wire import (
     encode_frame,
     frame_header,
 )
-from blobmesh.wire.frames import DIRECT_PAYLOAD, LENGTH_SIZE, MIN_FRAME_SIZE, PREFIX
+from blobmesh.wire.frames import (
+    DIRECT_PAYLOAD,
+    LENGTH_SIZE,
+    MIN_FRAME_SIZE,
+    PREFIX,
+    payload_head,
+)
 
 VECTORS: list[tuple[Message, bytes, str]] = [
     # length, version, header length, msgpack header, payload
@@ -156,3 +163,15 @@ def test_large_payload_received_straight_into_its_bytes() -> None:
 def _put(dec: FrameDecoder, data: bytes) -> int:
     dec.get_buffer()[:len(data)] = data
     return len(data)
+
+
+@pytest.mark.parametrize("n", [0, 255, 256, 65535, 65536, 1 << 20])
+def test_payload_head_is_the_encoding_up_to_the_payload(n: int) -> None:
+    payload = bytes(i % 253 for i in range(n))
+    empty = msgspec.msgpack.encode([7, "x", b""])
+    assert payload_head(empty, n) + payload == msgspec.msgpack.encode([7, "x", payload])
+
+
+def test_payload_head_needs_an_empty_last_bin_field() -> None:
+    with pytest.raises(ValueError, match="empty bin"):
+        payload_head(msgspec.msgpack.encode([7, b"x"]), 3)

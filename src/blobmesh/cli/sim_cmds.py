@@ -114,7 +114,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                   f"{result.source_dials} dials in")
     console.print(f"control bytes/s per node: p50 {result.ctrl_bytes_per_s_node_p50:.0f}, "
                   f"max {result.ctrl_bytes_per_s_node_max:.0f}; "
-                  f"{result.status_ops} status ops; simulated in {result.wall_s:.1f}s "
+                  f"{result.dist_ops} dist ops; simulated in {result.wall_s:.1f}s "
                   f"({result.events} events)")
     if args.out is not None:
         console.print(f"wrote {args.out}/result.json and plots")

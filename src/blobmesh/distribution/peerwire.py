@@ -14,6 +14,7 @@ import msgspec
 from blobmesh.errors import ProtocolError
 from blobmesh.hashing import DIGEST_SIZE, BlobId
 from blobmesh.types import Bitfield
+from blobmesh.wire import payload_head
 
 PROTOCOL = "blobmesh-swarm/1"
 REJECT_ELSEWHERE = "held by other peers"
@@ -56,7 +57,8 @@ class Request(_Msg, tag="req"):
 
 class Piece(_Msg, tag="piece"):
     index: int
-    data: bytes
+    data: memoryview
+    """Decodes as a view into the received message: the piece is not copied."""
 
 
 class Reject(_Msg, tag="rej"):
@@ -129,7 +131,7 @@ class PieceArrived:
     """A piece we asked for; ``late``: we had cancelled the request (it crossed the cancel)."""
 
     index: int
-    data: bytes
+    data: bytes | memoryview
     late: bool = False
 
 
@@ -202,8 +204,9 @@ class SwarmSession:
         self._cancelled.discard(index)
         return _encoder.encode(Request(index))
 
-    def piece(self, index: int, data: bytes) -> bytes:
-        return _encoder.encode(Piece(index, data))
+    def piece_head(self, index: int, n: int) -> bytes:
+        """The message of an ``n``-byte piece is this head followed by the piece's bytes."""
+        return payload_head(_encoder.encode(Piece(index, memoryview(b""))), n)
 
     def reject(self, index: int, reason: str) -> bytes:
         return _encoder.encode(Reject(index, reason[:200]))

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 
+from blobmesh.distribution.config import SwarmConfig
 from blobmesh.distribution.model import SOURCES_REPORTED, Priority, TargetState
 from blobmesh.distribution.peerwire import (
     PROTOCOL,
@@ -47,7 +48,6 @@ from blobmesh.distribution.scheduler import (
     Complete,
     Dial,
     DownloadAction,
-    DownloadPolicy,
     DownloadScheduler,
     Flush,
     Refuse,
@@ -68,7 +68,7 @@ from blobmesh.errors import (
     TransportError,
     VerificationError,
 )
-from blobmesh.hashing import BlobId, PieceLayer
+from blobmesh.hashing import BlobId, Buffer, PieceLayer
 from blobmesh.store import Bitfield, LeaseId, PartialBlob, PieceReader, Store
 from blobmesh.store.piece_index import PieceIndex, fill_from_index
 from blobmesh.tasks import TaskOwner
@@ -89,39 +89,6 @@ class BanKind(enum.StrEnum):
     BAD_DATA = "bad-data"  # a piece or piece layer that failed verification
     UNRESPONSIVE = "unresponsive"  # let its requests expire again and again
     NOT_READING = "not-reading"  # read nothing we sent for ``send_timeout``
-
-
-@dataclass(slots=True)
-class SwarmConfig:
-    """Node-wide swarm limits (rates in bytes/s, 0 = unlimited)."""
-
-    pipeline: int = 16  # requests in flight per peer
-    # ... to a peer holding the whole blob: a request waiting in a seed's queue pins its
-    # piece there while other peers could relay it by now
-    seed_pipeline: int = 4
-    max_peers_per_blob: int = 8
-    upload_workers: int = 4  # disk reads in parallel; sends are per connection
-    upload_rate: float = 0.0
-    download_rate: float = 0.0
-    max_connections: int = 64  # swarm connections over all blobs, in and out
-    peer_retry: float = 1.0  # seconds before dialing a peer that failed again
-    stall_timeout: float = 30.0
-    flush_interval: float = 1.0  # make received pieces durable (and resumable) this often
-    request_timeout: float = 6.0  # a connection answering none of its requests this long
-    request_strikes: int = 3  # ... this many times in a row is banned for the blob
-    # pieces read and queued but not yet taken by the transport, over all connections (None:
-    # only each connection's outbox bounds them; the transport's windows bound the wire)
-    upload_slots: int | None = None
-    send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
-    disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
-
-    def download_policy(self) -> DownloadPolicy:
-        """The knobs of each download job (``blobmesh sim`` runs with the same ones)."""
-        return DownloadPolicy(
-            pipeline=self.pipeline, seed_pipeline=min(self.seed_pipeline, self.pipeline),
-            max_peers=self.max_peers_per_blob, peer_retry=self.peer_retry,
-            stall_timeout=self.stall_timeout, flush_interval=self.flush_interval,
-            request_timeout=self.request_timeout, request_strikes=self.request_strikes)
 
 
 @dataclass(slots=True)
@@ -164,24 +131,27 @@ class _Conn:
         # control messages (haves, requests, refusals) go before pieces not yet sent: a
         # have must not wait behind the piece data we upload to the same peer
         self._control: deque[bytes] = deque()
-        self._pieces: deque[tuple[bytes, int]] = deque()  # (message, piece index or -1)
+        # (head, message, piece index or -1): a piece's message is its head and its bytes
+        self._pieces: deque[tuple[bytes, bytes | memoryview, int]] = deque()
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
 
-    def push(self, message: bytes, piece: int = -1, *, after_pieces: bool = False) -> None:
-        """Queue a message; never waits.  Pieces (``piece`` >= 0), and messages that must
-        follow them (``after_pieces``: a bye), go in order; other messages go before the
-        pieces not yet sent.  A peer that lets the queue overflow is dropped."""
+    def push(self, message: bytes | memoryview, piece: int = -1, *, after_pieces: bool = False,
+             head: bytes = b"") -> None:
+        """Queue a message (``head + message``, not joined); never waits.  Pieces (``piece``
+        >= 0), and messages that must follow them (``after_pieces``: a bye), go in order;
+        other messages go before the pieces not yet sent.  A peer that lets the queue overflow
+        is dropped."""
         if self.closed:
             return
         if len(self._control) + len(self._pieces) >= MAX_OUTBOX:
             self.close(f"{NOT_READING}: send queue full")
             return
         if piece >= 0 or after_pieces:
-            self._pieces.append((message, piece))
+            self._pieces.append((head, message, piece))
         else:
-            self._control.append(message)
+            self._control.append(head + message)
         self._drained.clear()
         self._ready.set()
 
@@ -197,10 +167,12 @@ class _Conn:
         piece only once the one before it is written to the socket, so the transport holds
         little that a later control message would wait behind (its ``flush``)."""
         while not self.closed:
+            head, piece = b"", -1
+            message: bytes | memoryview = b""
             if self._control:
-                message, piece = self._control.popleft(), -1
+                message = self._control.popleft()
             elif self._pieces:
-                message, piece = self._pieces.popleft()
+                head, message, piece = self._pieces.popleft()
             else:
                 self._drained.set()
                 self._ready.clear()
@@ -208,7 +180,7 @@ class _Conn:
                 continue
             try:
                 async with asyncio.timeout(send_timeout):
-                    await self.stream.send(message, flush=piece >= 0)
+                    await self.stream.send(message, flush=piece >= 0, head=head)
             except TimeoutError:
                 self.close(f"{NOT_READING}: nothing read for {send_timeout:g}s")
                 return
@@ -216,7 +188,7 @@ class _Conn:
                 self.close(str(exc))
                 return
             if piece >= 0:
-                on_piece_sent(self, piece, len(message))
+                on_piece_sent(self, piece, len(head) + len(message))
         self._drained.set()
 
     def close(self, reason: str) -> None:
@@ -539,7 +511,7 @@ class SwarmEngine:
                     await self._on_corrupt(action.blob, exc)
                 continue
             await self._up_bucket.take(len(data))
-            conn.push(conn.session.piece(action.index, data), action.index)
+            conn.push(data, action.index, head=conn.session.piece_head(action.index, len(data)))
 
     def _piece_sent(self, conn: _Conn, index: int, nbytes: int) -> None:
         """A connection's writer handed a piece to the transport."""
@@ -717,7 +689,7 @@ class DownloadJob:
         self._wake.set()
         return True
 
-    async def _on_piece(self, conn: _Conn, index: int, data: bytes) -> None:
+    async def _on_piece(self, conn: _Conn, index: int, data: Buffer) -> None:
         partial = self._partial
         if not self.sched.piece_arrived(conn, index, self._loop.time()) or partial is None:
             return  # a late copy nobody needs any more, or one we cannot store now
@@ -933,7 +905,7 @@ class DownloadJob:
         self._set_state(TargetState.TRANSFERRING)
         self._execute(self.sched.resume(self._loop.time()))  # waiting for disk is no stall
 
-    def _write_piece(self, partial: PartialBlob, index: int, data: bytes) -> bool:
+    def _write_piece(self, partial: PartialBlob, index: int, data: Buffer) -> bool:
         """Write a piece (in a worker thread), leaving room for the store's metadata: a
         disk filled to the last byte could not even record the pieces already written."""
         if shutil.disk_usage(self.engine.store.home).free < len(data) + DISK_HEADROOM:

@@ -5,14 +5,17 @@ seeds, maintenance rounds) and a :class:`~blobmesh.space.dissemination.Dissemina
 schedule, push targets), woken like the real node's driver: one timer per node, re-armed to the
 earliest core after every event.  The simulator executes their actions the way
 :class:`~blobmesh.space.space.Space` does — probes and ping-reqs with the same timeouts,
-anti-entropy rounds (hello, state, and when the peer digests differ the full summary, the diff
-and the records pushed back), pushes with one relay hop, the join sequence (sync with the seed,
-then announce with the seed as relayer), re-signing a record every ``record_ttl ×
-republish_margin`` — over a modelled network: a one-way latency per node, every message's size
-taken from the real wire encoding (:mod:`blobmesh.space.wire`) and a real signed record.
+anti-entropy rounds (hello, state, and when the peer digests differ the walk down the prefix
+tree of node ids with :mod:`blobmesh.space.peertree` on each node's tree of its records, the
+listing of the differing prefixes, the diff and the records pushed back), pushes with one relay
+hop, the join sequence (sync with the seed, then announce with the seed as relayer), re-signing
+a record every ``record_ttl × republish_margin`` — over a modelled network: a one-way latency
+per node, every message's size taken from the real wire encoding (:mod:`blobmesh.space.wire`)
+and a real signed record.
 
 Modelled, not real: the peer store is a map node → record version per node (the records every
-node held at the start are shared, each node keeps only what changed since), links are always
+node held at the start are shared, each node keeps only what changed since; its tree likewise:
+the shared tree XOR a tree of the changes, :class:`Overlay`), links are always
 connected (no dial or handshake cost), and nothing is lost on the way.  Faults: crashed nodes
 stop answering; CPU-starved nodes run every timer and handle every message they receive 2–5 s
 late (in order), as a starved event loop does.
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from blobmesh.sim.engine import Simulator, Timer
-from blobmesh.space import wire
+from blobmesh.space import peertree, wire
 from blobmesh.space.config import Limits, Seed, Timing
 from blobmesh.space.dissemination import Dissemination, FetchFrom, GossipWith, Push
 from blobmesh.space.membership import BootstrapRound, Maintain, Membership
@@ -61,15 +64,19 @@ def _record_size() -> int:
 
 _D = b"\xaa" * 32
 _RID = 1 << 20  # request ids are varints: a busy link's are this large
+_SESSION = b"\xaa" * 16
 RECORD = _record_size()
 PING = _size(wire.Ping(_RID))
 ACK = _size(wire.Ack(_RID))
 NACK = _size(wire.Nack(_RID))
 PING_REQ = _size(wire.PingReq(_RID, _D))
-HELLO = _size(wire.GossipHello(_RID, b"\xaa" * 16, _D, _D))
-STATE = _size(wire.GossipState(_RID, _D, _D))
-_SUMMARY0 = _size(wire.PeerSummary(_RID, b"\xaa" * 16, [], True))
-SUMMARY_ENTRY = _size(wire.PeerSummary(_RID, b"\xaa" * 16, [(_D, 1_764_650_000_000)], True)) \
+HELLO = _size(wire.GossipHello(_RID, _SESSION, _D, _D, b"", 0))  # from a node listing all
+# a node holding more than LEAF records sends its root's children in the hello
+HELLO_WALK = _size(wire.GossipHello(_RID, _SESSION, _D, _D,
+                                    bytes(peertree.FANOUT * peertree.DIGEST_BYTES), 0xffff))
+STATE = _size(wire.GossipState(_RID, _D, _D, [], b""))
+_SUMMARY0 = _size(wire.PeerSummary(_RID, _SESSION, [], [], True))
+SUMMARY_ENTRY = _size(wire.PeerSummary(_RID, _SESSION, [], [(_D, 1_764_650_000_000)], True)) \
     - _SUMMARY0
 _DIFF0 = _size(wire.PeerDiff(_RID, [], []))
 WANT_ENTRY = _size(wire.PeerDiff(_RID, [], [_D])) - _DIFF0
@@ -77,10 +84,63 @@ _PUSH0 = _size(wire.PushRecords(_RID, [], True))
 LIST_ENTRY = _size(wire.PushRecords(_RID, [b"\xaa" * RECORD], True)) - _PUSH0  # a record in a list
 
 
-def summary_bytes(entries: int, limits: Limits) -> int:
-    """The pages of (node id, created_at) an initiator sends when the peer digests differ."""
+def summary_bytes(prefixes: list[int], entries: int, limits: Limits) -> int:
+    """The pages of ``g-peers`` listing ``entries`` records under ``prefixes``."""
     pages = max(1, math.ceil(entries / limits.max_elements))
-    return pages * _SUMMARY0 + entries * SUMMARY_ENTRY
+    return (pages - 1) * _SUMMARY0 + _size(wire.PeerSummary(_RID, _SESSION, prefixes, [], True)) \
+        + entries * SUMMARY_ENTRY
+
+
+class Overlay:
+    """One node's tree of entries: the tree every member held at the start (if it holds those
+    records) with the changes it stored since, XORed in."""
+
+    __slots__ = ("adj", "base")
+
+    def __init__(self, base: peertree.PeerTree | None, adj: peertree.PeerTree) -> None:
+        self.base = base
+        self.adj = adj
+
+    def count(self, prefix: int) -> int:
+        return self.adj.count(prefix) + (self.base.count(prefix) if self.base else 0)
+
+    def digest(self, prefix: int) -> int:
+        return self.adj.digest(prefix) ^ (self.base.digest(prefix) if self.base else 0)
+
+    def root(self) -> bytes:
+        if self.base is None:
+            return self.adj.root()
+        return bytes(x ^ y for x, y in zip(self.adj.root(), self.base.root(), strict=True))
+
+
+def walk(mine: peertree.TreeView, theirs: peertree.TreeView,
+         limits: Limits) -> tuple[int, int, int, list[int]]:
+    """A round whose roots differ walking down the tree as
+    :class:`~blobmesh.space.gossip.GossipInitiator` and the responder's
+    :func:`~blobmesh.space.peertree.differ` do it: the bytes the walk adds to the state, the
+    bytes of the ``g-tree`` steps after it (sent, received), and the prefixes then listed."""
+    if peertree.leaf(mine, peertree.ROOT):
+        return 0, 0, 0, [peertree.ROOT]
+
+    def step(asked: list[int]) -> tuple[wire.PeerTreeReq, wire.PeerTreeDiff, list[int],
+                                        list[int]]:
+        masks, digests = peertree.masks(mine, asked), peertree.child_digests(mine, asked)
+        differing, below = peertree.differ(theirs, asked, digests, masks)
+        return (wire.PeerTreeReq(_RID, _SESSION, asked, digests, masks),
+                wire.PeerTreeDiff(_RID, differing, below),
+                *peertree.descend(mine, asked, masks, differing, below))
+
+    _, first, splitting, listed = step([peertree.ROOT])  # in the hello and the state
+    state = _size(wire.GossipState(_RID, _D, _D, first.prefixes, first.digests)) - STATE
+    sent = received = 0
+    n = max(1, limits.max_elements // peertree.FANOUT)
+    while splitting:
+        req, resp, deeper, more = step(splitting[:n])
+        splitting = splitting[n:] + deeper
+        listed += more
+        sent += _size(req)
+        received += _size(resp)
+    return state, sent, received, listed
 
 
 def records_bytes(records: int, base: int, limits: Limits) -> int:
@@ -215,9 +275,9 @@ class _Call:
 
 
 class _Node:
-    __slots__ = ("alive", "base", "bytes_in", "bytes_out", "count", "crashed", "delta", "digest",
+    __slots__ = ("alive", "base", "bytes_in", "bytes_out", "count", "crashed", "delta",
                  "dis", "handled_at", "id", "latency", "members", "pushes", "republish_at",
-                 "started", "starved", "timer", "when")
+                 "started", "starved", "timer", "tree", "when")
 
     def __init__(self, i: int, sc: MembershipScenario, rng: random.Random, *, latency: float,
                  started: float) -> None:
@@ -228,7 +288,7 @@ class _Node:
         self.crashed = False
         self.base = False       # holds the records every member held at the start
         self.delta: dict[int, int] = {}  # node -> record version, where it differs from base
-        self.digest = 0         # of delta, kept current (XOR of its items' hashes)
+        self.tree = peertree.PeerTree()  # the entries of delta, those of base it replaced out
         self.count = 0          # records held, ours included
         self.alive: list[int] = []  # known, not us, not marked unresponsive; sorted
         self.bytes_out = 0
@@ -257,6 +317,13 @@ class _Fleet:
         self.sim = Simulator(sc.seed)
         self.rng = self.sim.rng
         self.base_n = sc.nodes
+        # node ids (the trees' keys): random like public keys, drawn apart from the run's
+        # random choices; the records every member holds at the start are at version 1
+        ids = random.Random(f"ids {sc.seed}")
+        self.ids = [ids.randbytes(32) for _ in range(sc.nodes + sc.joins)]
+        self.base_tree = peertree.PeerTree()
+        for x in range(sc.nodes):
+            self.base_tree.toggle(self.ids[x], 1)
         self.nodes: list[_Node] = []
         self.kind_bytes: dict[str, int] = {}
         self.rounds = 0
@@ -271,6 +338,9 @@ class _Fleet:
 
     # --- the network -------------------------------------------------------------------------
 
+    def view(self, n: _Node) -> Overlay:
+        return Overlay(self.base_tree if n.base else None, n.tree)
+
     def version(self, n: _Node, of: int) -> int:
         v = n.delta.get(of)
         if v is not None:
@@ -280,6 +350,12 @@ class _Fleet:
     def _lag(self, n: _Node) -> float:
         lo, hi = self.sc.starve_lag
         return self.rng.uniform(lo, hi) if n.starved else 0.0
+
+    def account(self, src: _Node, dst: _Node, nbytes: int, kind: str) -> None:
+        """Count ``nbytes`` more of a message from ``src`` that ``dst`` received."""
+        src.bytes_out += nbytes
+        dst.bytes_in += nbytes
+        self.kind_bytes[kind] = self.kind_bytes.get(kind, 0) + nbytes
 
     def send(self, src: _Node, dst: _Node, nbytes: int, kind: str,
              fn: Callable[..., None], *args: Any) -> None:
@@ -374,19 +450,20 @@ class _Fleet:
             for x in [x for x in range(self.base_n) if x not in n.delta]:
                 new.append(x)
             n.count += len(new)
-            for x, v in list(n.delta.items()):  # keep delta canonical: base at version 1
-                if x < self.base_n and v == 1:
-                    del n.delta[x]
-                    n.digest ^= hash((x, v))
+            for x, v in list(n.delta.items()):
+                if x < self.base_n:
+                    n.tree.toggle(self.ids[x], 1, -1)  # held before base brought it
+                    if v == 1:  # keep delta canonical: base at version 1
+                        del n.delta[x]
         for x, v in items:
             old = self.version(n, x)
             if v <= old:
                 continue
-            if x in n.delta:
-                n.digest ^= hash((x, n.delta[x]))
+            if old:
+                n.tree.toggle(self.ids[x], old, -1)
+            n.tree.toggle(self.ids[x], v)
             if not (n.base and x < self.base_n and v == 1):
                 n.delta[x] = v
-                n.digest ^= hash((x, v))
             changed.append((x, v))
             if old == 0:
                 n.count += 1
@@ -458,11 +535,23 @@ class _Fleet:
         def on_state(ok: bool, _: Any) -> None:  # at a
             if not ok:
                 return over()
-            if a.base == b.base and a.digest == b.digest and a.delta == b.delta:
+            mine, theirs = self.view(a), self.view(b)
+            if mine.root() == theirs.root():
                 return over()
             self.differing += 1
-            self.request(a, b, summary_bytes(a.count, lim), "gossip", t.request_timeout,
-                         diff, on_diff)
+            state, sent, received, listed = walk(mine, theirs, lim)
+            self.account(b, a, state, "gossip-tree")  # with the state
+            if not sent:
+                return list_prefixes(listed)
+            # the walk's round trips are one exchange here: they add only latency
+            self.request(a, b, sent, "gossip-tree", t.request_timeout,
+                         lambda reply: reply(received, None),
+                         lambda ok, _: list_prefixes(listed) if ok else over())
+
+        def list_prefixes(listed: list[int]) -> None:  # at a
+            entries = sum(self.view(a).count(p) for p in listed)
+            self.request(a, b, summary_bytes(listed, entries, lim), "gossip-diff",
+                         t.request_timeout, diff, on_diff)
 
         def diff(reply: Callable[[int, Any], None]) -> None:  # at b: what a lacks, b wants
             base = b.base and not a.base
@@ -488,10 +577,11 @@ class _Fleet:
                 reply(ACK, None)
 
             records = len(items) + (self.base_n if want_base else 0)
-            self.request(a, b, records_bytes(records, _PUSH0, lim), "gossip",
+            self.request(a, b, records_bytes(records, _PUSH0, lim), "gossip-diff",
                          t.request_timeout, store, over)
 
-        self.request(a, b, HELLO, "gossip", t.request_timeout, state, on_state)
+        hello = HELLO if peertree.leaf(self.view(a), peertree.ROOT) else HELLO_WALK
+        self.request(a, b, hello, "gossip-digest", t.request_timeout, state, on_state)
 
     # --- failure detection -------------------------------------------------------------------
 
@@ -618,7 +708,7 @@ class _Fleet:
         self.join_at[i] = self.sim.now
         self.learned[i] = []
         n.delta[i] = 1
-        n.digest = hash((i, 1))
+        n.tree.toggle(self.ids[i], 1)
         n.count = 1
         # through a starved seed a join fails: every request of the sync times out
         live = [x for x in range(self.base_n)

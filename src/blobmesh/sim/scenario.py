@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from blobmesh.distribution.config import SwarmConfig
 from blobmesh.distribution.progress import (
     PROGRESS_INTERVAL,
     SOURCE_NOTES_PER_S,
     progress_note_interval,
 )
 from blobmesh.distribution.scheduler import DownloadPolicy
-from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
 from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
@@ -76,7 +76,7 @@ class Result:
     source_dials: int  # connection attempts the source received
     ctrl_bytes_per_s_node_p50: float  # control bytes in + out per node and second
     ctrl_bytes_per_s_node_max: float
-    status_ops: int  # dist/status ops published (final states only; gossiped to all)
+    dist_ops: int  # dist/* ops published, gossiped to all: the request and one summary
     bans: int
     crashes: int
     failures: int
@@ -230,7 +230,7 @@ def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: fl
         source_dials=source.traffic.dials_in,
         ctrl_bytes_per_s_node_p50=statistics.median(per_node),
         ctrl_bytes_per_s_node_max=max(per_node),
-        status_ops=world.status_ops,
+        dist_ops=world.dist_ops,
         bans=sum(n.outcome.bans for n in world.nodes),
         crashes=sum(n.outcome.crashes for n in world.nodes),
         failures=sum(n.outcome.failures for n in world.nodes),

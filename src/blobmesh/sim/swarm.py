@@ -246,8 +246,7 @@ class SimNode:
         self.complete = True
         self.flushed = self.have.copy()
         self.outcome.done_at = world.sim.now
-        world.status_ops += 1
-        self._note(force=True)
+        self._note(force=True)  # (a final state is a note to the source, not an op)
         sched, self.sched = self.sched, None
         if self._timer is not None:
             self._timer.cancel()
@@ -311,7 +310,9 @@ class World:
         self.detect_crash = detect_crash
         self._candidates = candidates
         self.nodes = [SimNode(self, i, spec, seed=i == SOURCE) for i, spec in enumerate(specs)]
-        self.status_ops = 0  # dist/status ops published (final states only; gossiped to all)
+        # dist/* ops published, each gossiped to every node: the request, and the source's
+        # summary once every target is done (targets publish none)
+        self.dist_ops = 1
         self.completed = 0
         self.honest_targets = sum(1 for n in self.nodes[1:] if not n.spec.liar)
         self.on_all_done: Callable[[], None] | None = None
@@ -535,6 +536,8 @@ class World:
     def on_complete(self, node: SimNode) -> None:
         if not node.spec.liar:
             self.completed += 1
-            if self.completed >= self.honest_targets and self.on_all_done is not None:
-                self.on_all_done()
+            if self.completed >= self.honest_targets:
+                self.dist_ops += 1  # the summary
+                if self.on_all_done is not None:
+                    self.on_all_done()
 

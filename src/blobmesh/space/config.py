@@ -73,7 +73,7 @@ class Timing:
     request_timeout: float = 3.0
     handshake_timeout: float = 3.0        # a peer that has not proved the secret by then is cut
     rejected_op_ttl: float = 30.0         # a rejected op id is not fetched again for this long
-    record_ttl: float = 3600.0            # own record validity
+    record_ttl: float = 6 * 3600.0        # own record validity; every re-sign reaches every node
     republish_margin: float = 0.5         # re-sign after this fraction of the ttl
     maintenance_interval: float = 2.0
     fetch_retry_base: float = 0.2

@@ -3,8 +3,11 @@
 A round costs one request/response when both sides agree (two 32-byte digests: peers and
 ops), so steady-state traffic does not depend on how many ops are held.  Otherwise:
 
-* peers: the initiator sends ``(node id, created_at)`` of every record (in pages); the
-  responder answers with its newer or unknown records and the ids it wants;
+* peers: the initiator walks down the prefix tree of node ids (:mod:`.peertree`), asking for
+  the children's digests of each prefix whose digests differ (``g-tree``), and lists
+  ``(node id, created_at)`` of its records only in the differing prefixes small enough to list
+  (``g-peers``, paged); the responder answers each listing with its newer records and the
+  records it holds under those prefixes that were not listed, and the ids it wants;
 * ops: the initiator sends ``(bucket, count, digest)`` per time bucket; the responder names the
   buckets that differ and then lists its ids in them (paged); the initiator wants (fetches)
   what it lacks and offers (pushes) what the responder lacked.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from blobmesh.space import wire
+from blobmesh.space import peertree, wire
 from blobmesh.space.config import Limits
 from blobmesh.space.metrics import Metrics
 from blobmesh.space.store import OpStore, PeerStore
@@ -70,7 +73,10 @@ class GossipInitiator:
         self._session = session
         self._limits = limits
         self._ops_differ = False
-        self._peer_pages: list[list[tuple[bytes, int]]] = []
+        self._splitting: list[int] = []  # differing prefixes to split further
+        self._asked: list[int] = []      # those we sent our children's digests of
+        self._masks: list[int] = []      # and which of their children we would split
+        self._listed: list[int] = []     # differing prefixes to list
         self._diff_buckets: list[int] = []
         self._remote_ids: set[bytes] = set()
         self._id_pages = 0
@@ -79,7 +85,13 @@ class GossipInitiator:
     def start(self) -> wire.Request:
         # both sides decide "differ" from the same pair: what we sent and what they answer
         self._sent = (self._peers.digest(), self._ops.digest())
-        return wire.GossipHello(0, self._session, *self._sent)
+        tree = self._peers.tree
+        if not peertree.leaf(tree, peertree.ROOT):  # the hello is the walk's first step
+            self._asked = [peertree.ROOT]
+            self._masks = peertree.masks(tree, self._asked)
+        return wire.GossipHello(0, self._session, *self._sent,
+                                peertree.child_digests(tree, self._asked),
+                                self._masks[0] if self._masks else 0)
 
     def on_response(self, msg: wire.Response) -> tuple[wire.Request | None, list[Effect]]:
         """Feed the peer's answer; returns the next request (None: round over) and effects."""
@@ -87,19 +99,20 @@ class GossipInitiator:
             case wire.GossipState():
                 self._ops_differ = msg.ops_digest != self._sent[1]
                 if msg.peers_digest != self._sent[0]:
-                    summary = self._peers.summary()
-                    n = self._limits.max_elements
-                    self._peer_pages = [summary[i:i + n] for i in range(0, len(summary), n)]
-                    return self._next_peer_page(), []
+                    if not self._asked:
+                        self._listed.append(peertree.ROOT)
+                        return self._walk(), []
+                    return self._descend(msg.prefixes, msg.digests), []
                 return self._after_peers(), []
+            case wire.PeerTreeDiff():
+                return self._descend(msg.prefixes, msg.digests), []
             case wire.PeerDiff():
                 effects: list[Effect] = []
                 if msg.records:
                     effects.append(ApplyRecords(msg.records))
                 if msg.want:
                     effects.append(SendRecords(msg.want))
-                nxt = self._next_peer_page() if self._peer_pages else self._after_peers()
-                return nxt, effects
+                return (self._listing() if self._listed else self._after_peers()), effects
             case wire.OpDiff():
                 self._diff_buckets = msg.buckets
                 if not msg.buckets:
@@ -110,9 +123,41 @@ class GossipInitiator:
             case _:
                 return None, []
 
-    def _next_peer_page(self) -> wire.Request:
-        page = self._peer_pages.pop(0) if self._peer_pages else []
-        return wire.PeerSummary(0, self._session, page, not self._peer_pages)
+    def _descend(self, differing: list[int], digests: bytes) -> wire.Request | None:
+        try:
+            deeper, listed = peertree.descend(self._peers.tree, self._asked, self._masks,
+                                              differing, digests)
+        except ValueError:
+            return None  # not an answer to what we asked: the round is over
+        self._splitting += deeper
+        self._listed += listed
+        return self._walk()
+
+    def _walk(self) -> wire.Request:
+        """Split the next differing prefixes, two levels a step; then list the small ones."""
+        if not self._splitting:
+            return self._listing()
+        # an answer carries up to 16 prefixes and 16 × 16 digests per prefix asked
+        n = max(1, self._limits.max_elements // peertree.FANOUT)
+        self._asked, self._splitting = self._splitting[:n], self._splitting[n:]
+        tree = self._peers.tree
+        self._masks = peertree.masks(tree, self._asked)
+        return wire.PeerTreeReq(0, self._session, self._asked,
+                                peertree.child_digests(tree, self._asked), self._masks)
+
+    def _listing(self) -> wire.Request:
+        """The next page of listed prefixes (the last one, maybe empty, is ``complete``)."""
+        n = self._limits.max_elements
+        prefixes: list[int] = []
+        entries: list[tuple[bytes, int]] = []
+        while self._listed:
+            under = self._peers.under(self._listed[0])
+            if prefixes and len(entries) + len(under) > n:
+                break
+            prefixes.append(self._listed.pop(0))
+            # only a prefix ground full of chosen node ids holds more than a page
+            entries += [(r.node_id.digest, r.created_at) for r in under[:n]]
+        return wire.PeerSummary(0, self._session, prefixes, entries, not self._listed)
 
     def _after_peers(self) -> wire.Request | None:
         if not self._ops_differ:
@@ -145,7 +190,6 @@ class _Session:
     id: bytes
     started: float
     ops_differ: bool
-    seen: set[bytes] = field(default_factory=set)
     buckets: list[int] = field(default_factory=list)
 
 
@@ -163,8 +207,8 @@ class GossipResponder:
         """Forget ``peer``'s session (its link closed)."""
         self._sessions.pop(peer, None)
 
-    def handle(self, peer: NodeId, msg: wire.GossipHello | wire.PeerSummary | wire.OpSummary
-               | wire.OpIdsReq, now: float) -> wire.Response:
+    def handle(self, peer: NodeId, msg: wire.GossipHello | wire.PeerTreeReq | wire.PeerSummary
+               | wire.OpSummary | wire.OpIdsReq, now: float) -> wire.Response:
         if isinstance(msg, wire.GossipHello):
             return self._hello(peer, msg, now)
         s = self._sessions.get(peer)
@@ -172,10 +216,17 @@ class GossipResponder:
             self._metrics.inc("gossip_bad_session")
             return wire.Error(msg.rid, "no such gossip session for this peer")
         match msg:
+            case wire.PeerTreeReq():
+                try:
+                    differing, digests = peertree.differ(self._peers.tree, msg.prefixes,
+                                                         msg.digests, msg.masks)
+                except ValueError as exc:
+                    return wire.Error(msg.rid, f"malformed g-tree: {exc}")
+                return wire.PeerTreeDiff(msg.rid, differing, digests)
             case wire.PeerSummary():
                 if msg.complete and not s.ops_differ:
                     del self._sessions[peer]
-                return self._peer_summary(s, msg)
+                return self._peer_summary(msg)
             case wire.OpSummary():
                 return self._op_summary(s, msg)
             case wire.OpIdsReq():
@@ -195,18 +246,33 @@ class GossipResponder:
                 self._metrics.limit("gossip_sessions")
                 return wire.Busy(msg.rid, 1000)
         ops_differ = msg.ops_digest != self._ops.digest()
-        if ops_differ or msg.peers_digest != self._peers.digest():
+        peers_differ = msg.peers_digest != self._peers.digest()
+        differing: list[int] = []
+        digests = b""
+        if peers_differ and msg.children:
+            try:
+                differing, digests = peertree.differ(self._peers.tree, [peertree.ROOT],
+                                                     msg.children, [msg.mask])
+            except ValueError as exc:
+                return wire.Error(msg.rid, f"malformed g-hello: {exc}")
+        if ops_differ or peers_differ:
             self._sessions[peer] = _Session(msg.session, now, ops_differ)
         else:
             self._sessions.pop(peer, None)
-        return wire.GossipState(msg.rid, self._peers.digest(), self._ops.digest())
+        return wire.GossipState(msg.rid, self._peers.digest(), self._ops.digest(), differing,
+                                digests)
 
-    def _peer_summary(self, s: _Session, msg: wire.PeerSummary) -> wire.Response:
+    def _peer_summary(self, msg: wire.PeerSummary) -> wire.Response:
+        """Our newer records of the listed nodes, the ids of those we hold older or not at
+        all, and our records under the listed prefixes that were not listed."""
+        if not all(peertree.valid(p) for p in msg.prefixes):
+            return wire.Error(msg.rid, "malformed prefix in g-peers")
         records: list[bytes] = []
         want: list[bytes] = []
         budget = _record_budget(self._limits)
+        seen: set[bytes] = set()
         for node, created in msg.entries:
-            s.seen.add(node)
+            seen.add(node)
             try:
                 mine = self._peers.get(NodeId(node))
             except ValueError:
@@ -216,13 +282,11 @@ class GossipResponder:
             elif mine.created_at > created and budget >= len(mine.raw):
                 records.append(mine.raw)
                 budget -= len(mine.raw)
-        if len(s.seen) > self._limits.max_peers:
-            self._metrics.limit("gossip_peer_summary")
-            return wire.Error(msg.rid, "peer summary larger than max_peers")
-        if msg.complete:
-            for rec in self._peers:
-                if (rec.node_id.digest not in s.seen and budget >= len(rec.raw)
-                        and len(records) < self._limits.max_elements):
+        for p in msg.prefixes:
+            for rec in self._peers.under(p):
+                if len(records) >= self._limits.max_elements:
+                    break
+                if rec.node_id.digest not in seen and budget >= len(rec.raw):
                     records.append(rec.raw)
                     budget -= len(rec.raw)
         return wire.PeerDiff(msg.rid, records[:self._limits.max_elements], want)

@@ -129,11 +129,19 @@ class _View:
 
     def __init__(self, space: Space) -> None:
         self._s = space
+        self._alive: list[NodeId] = []
+        self._of: tuple[int, int] | None = None
 
     def alive_peers(self) -> list[NodeId]:
+        # kept until a record or a peer's liveness changes: a node knowing 10,000 peers
+        # gossips several times a second, and sorting them costs ~20 ms each time
         s = self._s
-        return [r.node_id for r in s.peer_store.query()
-                if r.node_id != s.node_id and not s._members.is_unresponsive(r.node_id)]
+        of = (s.peer_store.version, s._liveness_version)
+        if of != self._of:
+            self._alive = [r.node_id for r in s.peer_store.query()
+                           if r.node_id != s.node_id and not s._members.is_unresponsive(r.node_id)]
+            self._of = of
+        return self._alive
 
     def seed_ids(self) -> list[NodeId]:
         return list(self._s._members.seeds)
@@ -173,7 +181,9 @@ class Space:
         self._clock = clock
         self._rng = rng or random.Random()
         self._db = open_db(db_path)
-        self.peer_store = PeerStore(self._db, config.name, lim, self.metrics, self._now_ms())
+        self.peer_store = PeerStore(self._db, config.name, lim, self.metrics, self._now_ms(),
+                                    me=self.node_id)
+        self._liveness_version = 0  # changes whenever a peer is marked unresponsive or back
         self.peer_meta_store = PeerMetaStore(self._db)
         self.local_agent_store = LocalAgentStore(self._db, self.node_id)
         self.op_store = OpStore(self._db, config.name, t.op_bucket_seconds * 1000, lim,
@@ -808,7 +818,8 @@ class Space:
             case wire.Notify():
                 await self._on_notify(peer, msg.data)
                 return None
-            case wire.GossipHello() | wire.PeerSummary() | wire.OpSummary() | wire.OpIdsReq():
+            case (wire.GossipHello() | wire.PeerTreeReq() | wire.PeerSummary() | wire.OpSummary()
+                  | wire.OpIdsReq()):
                 return self._responder.handle(peer, msg, self._mono())
         raise AssertionError(msg)  # pragma: no cover - the union is exhaustive
 
@@ -932,11 +943,13 @@ class Space:
             case ProbeVia():
                 self._spawn(self._probe(eff.target, eff.seq, eff.via, within=None), "probe")
             case Unresponsive():
+                self._liveness_version += 1
                 self.metrics.inc("peers_unresponsive")
                 meta = self.peer_meta_store.get(eff.target)
                 meta.unresponsive = True
                 self._drop_link(eff.target)
             case Alive():
+                self._liveness_version += 1
                 meta = self.peer_meta_store.get(eff.target)
                 meta.unresponsive = False
                 meta.failures = 0

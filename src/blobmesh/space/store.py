@@ -8,6 +8,7 @@ the caller, never dropped silently.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import enum
 import sqlite3
@@ -21,6 +22,7 @@ from blobmesh.errors import InvalidRecordError, SpaceStorageError
 from blobmesh.space.config import CapValue, Limits
 from blobmesh.space.membership import PeerMeta
 from blobmesh.space.metrics import Metrics
+from blobmesh.space.peertree import PeerTree, bounds
 from blobmesh.space.records import Op, OpId, PeerRecord, decode_op, decode_record
 from blobmesh.transport.identity import NodeId
 
@@ -75,21 +77,29 @@ class PutResult(enum.Enum):
 
 
 class PeerStore:
-    """Latest valid record per node, tombstones included (kept until expiry to block replays)."""
+    """Latest valid record per node, tombstones included (kept until expiry to block replays).
+
+    Holds at most ``max_peers`` records of other nodes, and ``me``'s besides.
+    """
 
     def __init__(self, db: sqlite3.Connection, space: str, limits: Limits, metrics: Metrics,
-                 now_ms: int) -> None:
+                 now_ms: int, *, me: NodeId | None = None) -> None:
         self._db = db
         self._limits = limits
         self._metrics = metrics
+        self._me = me
+        self.version = 0  # changes whenever the records held do
         self._records: dict[NodeId, PeerRecord] = {}
-        self._digest: bytes | None = None
+        self._tree = PeerTree()
+        self._sorted: list[bytes] = []  # node ids, for the records under a prefix
         for (raw,) in db.execute("SELECT raw FROM peers"):
             try:
                 rec = decode_record(raw, space=space, now_ms=now_ms, limits=limits)
             except InvalidRecordError:
                 continue  # expired while we were down (or limits tightened)
             self._records[rec.node_id] = rec
+            self._tree.toggle(rec.node_id.digest, rec.created_at)
+        self._sorted = sorted(n.digest for n in self._records)
         db.execute("DELETE FROM peers WHERE expires_at <= ?", (now_ms,))
 
     def put(self, rec: PeerRecord) -> PutResult:
@@ -97,14 +107,21 @@ class PeerStore:
         old = self._records.get(rec.node_id)
         if old is not None and not rec.newer_than(old):
             return PutResult.STALE
-        if old is None and len(self._records) >= self._limits.max_peers:
+        if (old is None and rec.node_id != self._me
+                and len(self._records) - (self._me in self._records) >= self._limits.max_peers):
             self._metrics.limit("peer_store")
             return PutResult.REFUSED
         with _write(self._db):  # first: a record we could not persist is not held either
             self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
                              (rec.node_id.digest, rec.created_at, rec.expires_at, rec.raw))
         self._records[rec.node_id] = rec
-        self._digest = None
+        self.version += 1
+        node = rec.node_id.digest
+        if old is None:
+            bisect.insort(self._sorted, node)
+        else:
+            self._tree.toggle(node, old.created_at, -1)
+        self._tree.toggle(node, rec.created_at)
         return PutResult.NEW if old is None else PutResult.REPLACED
 
     def get(self, node: NodeId) -> PeerRecord | None:
@@ -120,26 +137,32 @@ class PeerStore:
         """Forget expired records (tombstones included); returns their node ids."""
         gone = [n for n, r in self._records.items() if r.expires_at <= now_ms]
         for n in gone:
-            del self._records[n]
+            self._tree.toggle(n.digest, self._records.pop(n).created_at, -1)
         if gone:
-            self._digest = None
+            self.version += 1
+            dropped = {n.digest for n in gone}
+            self._sorted = [n for n in self._sorted if n not in dropped]
             # left in the file if this fails: expired rows are dropped again when it is opened
             with _write(self._db):
                 self._db.executemany("DELETE FROM peers WHERE node = ?",
                                      [(n.digest,) for n in gone])
         return gone
 
-    def summary(self) -> list[tuple[bytes, int]]:
-        """(node id, created_at) of every record, sorted: what gossip compares."""
-        return sorted((n.digest, r.created_at) for n, r in self._records.items())
+    @property
+    def tree(self) -> PeerTree:
+        """Counts and digests of the records' ``(node, created_at)`` by node-id prefix."""
+        return self._tree
 
     def digest(self) -> bytes:
-        if self._digest is None:
-            h = blake3.blake3()
-            for node, created in self.summary():
-                h.update(node + created.to_bytes(8, "big", signed=True))
-            self._digest = h.digest()
-        return self._digest
+        """Of every record's ``(node, created_at)``: equal on two nodes holding the same."""
+        return self._tree.root()
+
+    def under(self, prefix: int) -> list[PeerRecord]:
+        """The records whose node id starts with ``prefix`` (see :mod:`.peertree`), by id."""
+        lo, hi = bounds(prefix)
+        i = bisect.bisect_left(self._sorted, lo)
+        j = len(self._sorted) if hi is None else bisect.bisect_left(self._sorted, hi)
+        return [self._records[NodeId(n)] for n in self._sorted[i:j]]
 
     def query(self, *, group: str | None = None,
               capability: Callable[[Mapping[str, CapValue]], bool] | None = None,

@@ -19,8 +19,10 @@ if TYPE_CHECKING:  # annotations only: the handshake core imports this module
     from blobmesh.space.metrics import Metrics
 
 PROTOCOL = "blobmesh/space/1"
-VERSION = 2
-"""Handshake version: 2 has the dialer prove first (see :mod:`blobmesh.space.admission`)."""
+VERSION = 3
+"""Protocol version, checked at the handshake: 2 had the dialer prove first (see
+:mod:`blobmesh.space.admission`), 3 summarises peer records as a prefix tree
+(:mod:`blobmesh.space.peertree`: ``g-tree``, and ``g-peers`` by prefix)."""
 
 
 class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
@@ -91,13 +93,24 @@ class GossipHello(_Msg, tag="g-hello"):
     session: bytes
     peers_digest: bytes
     ops_digest: bytes
+    children: bytes  # the client's root children digests (16 × 8 bytes; b"": it lists all)
+    mask: int        # bit i: send your children digests of child i if it differs
+
+
+class PeerTreeReq(_Msg, tag="g-tree"):
+    rid: int
+    session: bytes
+    prefixes: list[int]  # node-id prefixes whose digests differ
+    digests: bytes       # the client's 16 children digests (8 bytes each) per prefix
+    masks: list[int]     # per prefix, bit i: send your children digests of child i if it differs
 
 
 class PeerSummary(_Msg, tag="g-peers"):
     rid: int
     session: bytes
-    entries: list[tuple[bytes, int]]  # (node id, created_at) for every record held
-    complete: bool
+    prefixes: list[int]  # node-id prefixes whose every record this message lists
+    entries: list[tuple[bytes, int]]  # (node id, created_at) of those records
+    complete: bool  # the round's last listing
 
 
 class OpSummary(_Msg, tag="g-ops"):
@@ -137,6 +150,14 @@ class GossipState(_Msg, tag="g-state"):
     rid: int
     peers_digest: bytes
     ops_digest: bytes
+    prefixes: list[int]  # if the peers digests differ: the root's children that differ
+    digests: bytes       # and the server's children digests of those the mask marks
+
+
+class PeerTreeDiff(_Msg, tag="g-tree-diff"):
+    rid: int
+    prefixes: list[int]  # the children of the asked prefixes whose digests differ, in order
+    digests: bytes       # the server's children digests of those of them the masks mark
 
 
 class PeerDiff(_Msg, tag="g-peer-diff"):
@@ -163,16 +184,18 @@ class Ops(_Msg, tag="ops"):
 
 
 Handshake = Hello | Challenge | Auth | Welcome | Refused
-Request = Ping | PingReq | PushRecords | PushOps | Fetch | Notify | GossipHello | PeerSummary \
-    | OpSummary | OpIdsReq
-Response = Ack | Nack | Busy | Error | GossipState | PeerDiff | OpDiff | OpIds | Ops
+Request = Ping | PingReq | PushRecords | PushOps | Fetch | Notify | GossipHello | PeerTreeReq \
+    | PeerSummary | OpSummary | OpIdsReq
+Response = Ack | Nack | Busy | Error | GossipState | PeerTreeDiff | PeerDiff | OpDiff | OpIds \
+    | Ops
 Message = Handshake | Request | Response
 
 _encoder = msgspec.msgpack.Encoder()
 _handshake_dec = msgspec.msgpack.Decoder(Handshake)
 _request_dec = msgspec.msgpack.Decoder(Request)
 _response_dec = msgspec.msgpack.Decoder(Response)
-_LIST_FIELDS = ("records", "ops", "ids", "missing", "entries", "buckets", "want")
+_LIST_FIELDS = ("records", "ops", "ids", "missing", "prefixes", "masks", "entries", "buckets",
+                "want")
 
 
 def encode(msg: Message) -> bytes:

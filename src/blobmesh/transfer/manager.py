@@ -51,11 +51,11 @@ from blobmesh.transfer.channel import (
 from blobmesh.transfer.messages import (
     MAX_CHUNK,
     PROTOCOL,
-    Data,
     Error,
     Message,
     Request,
     Selector,
+    data_head,
     decode,
     encode,
 )
@@ -625,8 +625,8 @@ class TransferManager:
                     view = memoryview(data)
                     async with sess.send_lock:
                         for off in range(0, max(len(view), 1), chunk):
-                            await sess.stream.send(encode(Data(index, off,
-                                                               view[off : off + chunk])))
+                            part = view[off : off + chunk]
+                            await sess.stream.send(part, head=data_head(index, off, len(part)))
         finally:
             await self.store.aio.io(reader.close)
 

@@ -12,6 +12,7 @@ import msgspec
 
 from blobmesh.errors import ProtocolError
 from blobmesh.hashing import BlobId, PieceLayer, piece_count
+from blobmesh.wire import payload_head
 
 PROTOCOL = "blobmesh/transfer/1"
 VERSION = 1
@@ -210,3 +211,10 @@ class Codec(Generic[M]):
 _codec: Codec[Message] = Codec(Message, "transfer")
 encode = _codec.encode
 decode = _codec.decode
+
+
+def data_head(piece: int, offset: int, n: int) -> bytes:
+    """The head of ``encode(Data(piece, offset, data))`` for ``n`` bytes of data: the message
+    is this head followed by the data as it is (``data`` is the last field), so a piece is
+    sent with ``Stream.send(data, head=...)`` and never copied into a message."""
+    return payload_head(encode(Data(piece, offset, memoryview(b""))), n)

@@ -27,10 +27,12 @@ class Stream(Protocol):
     @property
     def protocol(self) -> str: ...
 
-    async def send(self, message: bytes | memoryview, *, flush: bool = False) -> None:
-        """Send one message; with ``flush``, return only once it was handed to the operating
-        system, so the transport's queue stays short and what is sent next does not wait
-        behind megabytes of earlier data."""
+    async def send(self, message: bytes | memoryview, *, flush: bool = False,
+                   head: bytes = b"") -> None:
+        """Send one message, ``head + message``: a small ``head`` (a message's own header) goes
+        in front of a large payload without copying the payload; with ``flush``, return only
+        once it was handed to the operating system, so the transport's queue stays short and
+        what is sent next does not wait behind megabytes of earlier data."""
 
     async def recv(self) -> bytes: ...
 

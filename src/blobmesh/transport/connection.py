@@ -85,14 +85,17 @@ class TlsStream:
     def protocol(self) -> str:
         return self._protocol
 
-    async def send(self, message: bytes | memoryview, *, flush: bool = False) -> None:
-        """Send one message (at most the peer's ``max_message_size``, else ValueError);
-        with ``flush``, or for a writable buffer (which the caller may reuse once this
-        returns), wait until it was written to the socket."""
+    async def send(self, message: bytes | memoryview, *, flush: bool = False,
+                   head: bytes = b"") -> None:
+        """Send one message, ``head + message`` (at most the peer's ``max_message_size``,
+        else ValueError) without joining the two: only ``head`` is copied; with ``flush``, or
+        for a writable buffer (which the caller may reuse once this returns), wait until it
+        was written to the socket."""
         view = memoryview(message)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        size = len(view)
+        lead = len(head)
+        size = lead + len(view)
         conn = self._conn
         limit = conn.peer_settings.max_message_size
         if size > limit:
@@ -105,7 +108,7 @@ class TlsStream:
             while not conn.reserve(self, size):
                 self._credit.clear()
                 await self._credit.wait()
-            off = 0
+            off = 0  # into the whole message, head included
             while True:
                 self._check_sendable()
                 budget = conn.wire_budget(self.stream_id)
@@ -116,7 +119,10 @@ class TlsStream:
                 await conn.wait_writable()
                 self._check_sendable()
                 n = min(budget, frame, size - off)
-                conn.send_data(self.stream_id, view[off:off + n], more=off + n < size)
+                part = head[off:off + n] if off < lead else b""
+                start = max(0, off - lead)
+                conn.send_data(self.stream_id, view[start:start + n - len(part)],
+                               more=off + n < size, head=part)
                 off += n
                 if off >= size:
                     break
@@ -315,8 +321,8 @@ class PeerConnection:
         stream._check_sendable()
         return self._wire.reserve(stream.stream_id, size)
 
-    def send_data(self, stream_id: int, data: memoryview, *, more: bool) -> None:
-        self._wire.send_data(stream_id, data, more=more)
+    def send_data(self, stream_id: int, data: memoryview, *, more: bool, head: bytes) -> None:
+        self._wire.send_data(stream_id, data, more=more, head=head)
         self._flush()
 
     def consumed(self, stream_id: int, n: int) -> None:

@@ -43,7 +43,8 @@ class MemoryStream:
     def protocol(self) -> str:
         return self._protocol
 
-    async def send(self, message: bytes | memoryview, *, flush: bool = False) -> None:
+    async def send(self, message: bytes | memoryview, *, flush: bool = False,
+                   head: bytes = b"") -> None:
         # (in memory a message is delivered at once: nothing to flush)
         other = self.other
         assert other is not None
@@ -56,7 +57,7 @@ class MemoryStream:
                 break
             self._writable.clear()
             await self._writable.wait()
-        other._inbox.append(bytes(message))
+        other._inbox.append(head + message if head else bytes(message))
         other._readable.set()
         await asyncio.sleep(0)
 

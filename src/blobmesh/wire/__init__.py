@@ -42,6 +42,7 @@ from blobmesh.wire.frames import (
     Reset,
     encode_frame,
     frame_header,
+    payload_head,
 )
 
 __all__ = [
@@ -81,4 +82,5 @@ __all__ = [
     "Timers",
     "encode_frame",
     "frame_header",
+    "payload_head",
 ]

@@ -473,9 +473,13 @@ class Connection:
         s.reserved = size
         return True
 
-    def send_data(self, stream_id: int, data: Buffer, *, more: bool = False) -> None:
-        """Send a message fragment (``more`` = further fragments follow) within the budget."""
-        n = len(data)
+    def send_data(self, stream_id: int, data: Buffer, *, more: bool = False,
+                  head: bytes = b"") -> None:
+        """Send a message fragment (``more`` = further fragments follow) within the budget.
+
+        The fragment is ``head + data``, but only the few bytes of ``head`` are copied (into
+        the frame's header buffer): ``data`` is written out as it is."""
+        n = len(head) + len(data)
         if n > self.send_budget(stream_id):
             raise ValueError(f"{n} bytes exceed the send budget of stream {stream_id}")
         s = self._streams[stream_id]
@@ -486,7 +490,7 @@ class Connection:
             self._send_window -= n
         if more or n > SMALL_MESSAGE:
             s.bulk = True
-        header = frame_header(Data(stream_id, more), n)
+        header = frame_header(Data(stream_id, more), n) + head
         if s.bulk:
             self._bulk.append((header, data))
         else:

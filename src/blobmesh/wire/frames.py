@@ -140,6 +140,25 @@ def encode_frame(message: Message, payload: bytes | memoryview = b"") -> bytes:
     return frame_header(message, len(payload)) + payload
 
 
+_EMPTY_BIN: Final = b"\xc4\x00"  # msgpack bin 8 of length 0
+
+
+def payload_head(empty: bytes, n: int) -> bytes:
+    """For a msgpack message whose last field is a bin payload, encoded with that payload
+    empty (``empty``): the bytes in front of an ``n``-byte payload.  The head followed by the
+    payload is byte for byte the message encoded with it, so a service can send a large payload
+    as it is (``Stream.send(payload, head=...)``) instead of copying it into an encoding."""
+    if not empty.endswith(_EMPTY_BIN):
+        raise ValueError("the message does not end with an empty bin field")
+    if n < 1 << 8:
+        size = b"\xc4" + n.to_bytes(1, "big")
+    elif n < 1 << 16:
+        size = b"\xc5" + n.to_bytes(2, "big")
+    else:
+        size = b"\xc6" + n.to_bytes(4, "big")
+    return empty[:-len(_EMPTY_BIN)] + size
+
+
 def _new_bytes(n: int) -> tuple[bytes | bytearray, memoryview]:
     """A new ``n``-byte object and a writable view of its memory, to fill before anyone else
     sees it (what C code does with ``PyBytes_FromStringAndSize(NULL, n)``): a received payload

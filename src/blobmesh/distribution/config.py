@@ -1,0 +1,43 @@
+"""The swarm's node-wide settings (sans-I/O: the simulator runs real nodes' defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blobmesh.distribution.scheduler import DownloadPolicy
+
+
+@dataclass(slots=True)
+class SwarmConfig:
+    """Node-wide swarm limits (rates in bytes/s, 0 = unlimited)."""
+
+    pipeline: int = 16  # requests in flight per peer
+    # ... to a peer holding the whole blob: a request waiting in a seed's queue pins its
+    # piece there while other peers could relay it by now
+    seed_pipeline: int = 4
+    max_peers_per_blob: int = 8
+    upload_workers: int = 4  # disk reads in parallel; sends are per connection
+    upload_rate: float = 0.0
+    download_rate: float = 0.0
+    max_connections: int = 64  # swarm connections over all blobs, in and out
+    peer_retry: float = 1.0  # seconds before dialing a peer that failed again
+    stall_timeout: float = 30.0
+    flush_interval: float = 1.0  # make received pieces durable (and resumable) this often
+    request_timeout: float = 6.0  # a connection answering none of its requests this long
+    request_strikes: int = 3  # ... this many times in a row is banned for the blob
+    # pieces read and queued but not yet taken by the transport, over all connections (None:
+    # only each connection's outbox bounds them; the transport's windows bound the wire)
+    upload_slots: int | None = None
+    send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
+    disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
+
+    def download_policy(self) -> DownloadPolicy:
+        """The knobs of each download job (``blobmesh sim`` runs with the same ones)."""
+        return DownloadPolicy(
+            pipeline=self.pipeline, seed_pipeline=min(self.seed_pipeline, self.pipeline),
+            max_peers=self.max_peers_per_blob, peer_retry=self.peer_retry,
+            stall_timeout=self.stall_timeout, flush_interval=self.flush_interval,
+            request_timeout=self.request_timeout, request_strikes=self.request_strikes)
+
+
+__all__ = ["SwarmConfig"]
