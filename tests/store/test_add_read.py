@@ -262,3 +262,93 @@ def test_add_many_is_all_or_nothing(store: Store, tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such file"):
         store.add_many([DATA, tmp_path / "missing", b"more"])
     assert store.blobs() == [] and not any(store.layout.tmp.iterdir())
+
+
+def test_content_from_memory_keeps_its_layer_in_the_database(store: Store) -> None:
+    """A small blob added from memory is one file: its piece layer is a row of ``layers``
+    (served, checked and collected with the blob); a streamed one keeps its layer file."""
+    held = payload(600_000, seed=4)  # three pieces
+    blob_id = store.add_many([held], LeaseId.new("t"))[0].blob_id
+    streamed = store.add_stream([payload(5000, seed=5)]).blob_id
+    assert not store.layout.pieces_path(blob_id).exists()
+    assert store.layout.pieces_path(streamed).exists()
+    layer = store.piece_layer(blob_id)
+    assert len(layer) == 3 and layer.blob_id == blob_id
+    assert store.read_piece(blob_id, 2, verify=True) == held[512 * 1024 :]
+    assert store.get_data(blob_id, LeaseId.new("r"), verify=True) == held
+    with store.db.write() as db:  # a damaged row is caught like a damaged file
+        db.execute("UPDATE layers SET hashes=zeroblob(96) WHERE id=?", (blob_id.digest,))
+    with pytest.raises(CorruptBlobError, match="piece layer"):
+        store.piece_layer(blob_id)
+    store.advise_pid_terminated(os.getpid())
+    assert set(store.gc().deleted) == {blob_id, streamed}
+    assert store.db.query("SELECT count(*) FROM layers") == [(0,)]  # gone with its row
+
+
+def test_a_store_of_a_later_format_is_refused(home: Path) -> None:
+    import sqlite3
+
+    from blobmesh.errors import StoreError
+    from blobmesh.store.db import FORMAT
+
+    Store(home).close()
+    db = sqlite3.connect(home / "store.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone() == (FORMAT,)
+    db.execute(f"PRAGMA user_version={FORMAT + 1}")
+    db.close()
+    with pytest.raises(StoreError, match=f"format {FORMAT + 1}"):
+        Store(home)
+
+
+def test_inline_blobs_are_rows_served_like_files(store: Store, tmp_path: Path) -> None:
+    """``add_many(inline=True)`` keeps small contents in the database: no file at all, and
+    every reader, fsck, quarantine and GC handle them as they handle files."""
+    from blobmesh.store import PieceReader
+
+    datas = [payload(300_000, seed=1), payload(16_384, seed=2), b""]
+    lease = LeaseId.new("t")
+    ids = [i.blob_id for i in store.add_many(datas, lease, inline=True)]
+    assert not any(store.layout.blobs.iterdir())
+    assert store.add_many(datas, lease, inline=True)[0].complete  # again: only leased
+    big = ids[0]
+    with store.get_reader(big, None, verify=True) as r:
+        r.seek(262_140)
+        assert r.read(10) == datas[0][262_140:262_150]
+        buf = bytearray(5)
+        r.seek(0)
+        assert r.readinto(buf) == 5 and bytes(buf) == datas[0][:5]
+    assert store.read_piece(big, 1) == datas[0][256 * 1024 :]
+    assert store.get_data(ids[2], lease) == b""
+    reader = PieceReader(store, store.piece_layer(big), verify=True)
+    assert reader.read_many([1, 0]) == [datas[0][256 * 1024 :], datas[0][: 256 * 1024]]
+    reader.close()
+    with pytest.raises(BlobIncompleteError, match="closed"):
+        reader.read(0)
+    store.export(ids[1], tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == datas[1]
+    assert store.fsck().ok
+    with store.db.write() as db:  # rot inside the database
+        db.execute("UPDATE contents SET data=? WHERE id=?",
+                   (b"x" * len(datas[1]), ids[1].digest))
+    with pytest.raises(CorruptBlobError):
+        store.get_data(ids[1], lease, verify=True)
+    assert [(p.kind, p.blob_id) for p in store.fsck().problems] == [("corrupt", ids[1])]
+    store.fsck(repair=True)
+    assert not store.has(ids[1])
+    assert [p.read_bytes() for p in store.layout.quarantine.iterdir()] == [b"x" * 16_384]
+    store.advise_pid_terminated(os.getpid())
+    assert set(store.gc().deleted) == {ids[0], ids[2]}
+    assert store.db.query("SELECT count(*) FROM contents") == [(0,)]
+
+
+def test_a_partial_writer_of_an_inline_blob_gets_a_data_file(store: Store) -> None:
+    from blobmesh.hashing import hash_stream
+
+    data = payload(40_000, seed=6)
+    blob_id = store.add_many([data], inline=True)[0].blob_id
+    with store.begin_partial(hash_stream([data])[1], LeaseId.new("rx")) as partial:
+        assert partial.is_complete()
+    assert store.layout.data_path(blob_id).read_bytes() == data
+    assert store.db.content(blob_id) is None  # moved out of the database
+    assert store.get_data(blob_id, LeaseId.new("r"), verify=True) == data
+    assert store.fsck().ok

@@ -20,9 +20,10 @@ async def test_concurrent_small_adds_commit_together(store: Store,
     calls: list[int] = []
     real = store.add_many
 
-    def counting(sources: list[AddSource], lease: LeaseId | None = None) -> list[BlobInfo]:
+    def counting(sources: list[AddSource], lease: LeaseId | None = None, *,
+                 inline: bool = False) -> list[BlobInfo]:
         calls.append(len(sources))
-        return real(sources, lease)
+        return real(sources, lease, inline=inline)
 
     monkeypatch.setattr(store, "add_many", counting)
     lease = LeaseId.new("rx")
@@ -32,6 +33,9 @@ async def test_concurrent_small_adds_commit_together(store: Store,
     assert sum(calls) == 200 and len(calls) <= 10  # batches, not a transaction per blob
     assert {b.blob_id for b in store.blobs()} == {i.blob_id for i in infos}
     assert all(b.leases == 1 for b in store.blobs())
+    assert not any(any(d.iterdir()) for d in store.layout.blobs.iterdir())  # kept inline
+    assert await store.aio.read_small([(i.blob_id, i.size) for i in infos[:3]],
+                                      verify=True) == blobs[:3]
     assert store.fsck().ok
 
 
@@ -123,9 +127,10 @@ async def test_add_verified_commits_once_and_drops_liars(store: Store,
     calls: list[int] = []
     real = store.add_many
 
-    def counting(sources: list[AddSource], lease: LeaseId | None = None) -> list[BlobInfo]:
+    def counting(sources: list[AddSource], lease: LeaseId | None = None, *,
+                 inline: bool = False) -> list[BlobInfo]:
         calls.append(len(sources))
-        return real(sources, lease)
+        return real(sources, lease, inline=inline)
 
     monkeypatch.setattr(store, "add_many", counting)
     blobs = [payload(5000, seed=i) for i in range(50)]

@@ -30,21 +30,31 @@ def _lose_layer(store: Store, blob_id: BlobId) -> None:
 
 
 def _damage_layer(store: Store, blob_id: BlobId) -> None:
+    """Flip a bit of the layer: in the database (a blob added from memory) or its file."""
+    rows = store.db.query("SELECT hashes FROM layers WHERE id=?", (blob_id.digest,))
     path = store.layout.pieces_path(blob_id)
-    raw = bytearray(path.read_bytes())
+    raw = bytearray(rows[0][0] if rows else path.read_bytes())
     raw[0] ^= 1
-    path.write_bytes(raw)
+    if rows:
+        with store.db.write() as db:
+            db.execute("UPDATE layers SET hashes=? WHERE id=?", (bytes(raw), blob_id.digest))
+    else:
+        path.write_bytes(raw)
 
 
 Damage = Callable[[Store, BlobId], None]
 
 
-@pytest.mark.parametrize(("damage", "kind"), [(_flip, "corrupt"), (_truncate, "truncated"),
-                                              (_lose_data, "missing"), (_lose_layer, "missing"),
-                                              (_damage_layer, "corrupt")])
-def test_fsck_reports_and_repairs(store: Store, damage: Damage, kind: str) -> None:
+@pytest.mark.parametrize(("damage", "kind", "held"), [
+    (_flip, "corrupt", True), (_truncate, "truncated", True), (_lose_data, "missing", True),
+    (_damage_layer, "corrupt", True),  # added from memory: the layer is in the database
+    (_flip, "corrupt", False), (_truncate, "truncated", False), (_lose_data, "missing", False),
+    (_lose_layer, "missing", False), (_damage_layer, "corrupt", False)])  # streamed: a file
+def test_fsck_reports_and_repairs(store: Store, damage: Damage, kind: str, held: bool) -> None:
     good = store.add_bytes(b"fine", LeaseId.new("t")).blob_id
-    bad = store.add_bytes(DATA, LeaseId.new("t")).blob_id
+    bad = (store.add_bytes(DATA, LeaseId.new("t")) if held else
+           store.add_stream([DATA], LeaseId.new("t"))).blob_id
+    assert store.layout.pieces_path(bad).exists() is not held
     store.pin(bad, "p")
     clean = store.fsck()
     assert clean.ok and clean.checked == 2 and clean.bytes_checked == len(DATA) + 4
@@ -73,7 +83,7 @@ def test_fsck_checks_present_pieces_of_partials(store: Store) -> None:
 
 
 def test_orphans_are_reported_and_quarantined(store: Store) -> None:
-    blob_id = store.add_bytes(DATA).blob_id
+    blob_id = store.add_stream([DATA]).blob_id  # streamed: a data and a layer file
     with store.db.write() as db:  # the row is gone, the files stay
         db.execute("DELETE FROM blobs")
     stray = store.layout.blobs / "zz"

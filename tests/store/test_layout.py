@@ -17,7 +17,7 @@ def test_home_is_private(home: Path) -> None:
     home.mkdir(mode=0o755)
     home.chmod(0o755)  # an existing home, readable by all, is made private
     with Store(home) as store:
-        info = store.add_bytes(b"secret weights")
+        info = store.add_stream([b"secret weights"])  # streamed: it has a .pieces file
         layer: PieceLayer = hash_stream([b"x" * 40000], 16384)[1]
         store.begin_partial(layer, LeaseId.new("rx")).close()
         for d in (home, store.layout.blobs, store.layout.tmp, store.layout.trash,

@@ -85,10 +85,22 @@ def test_kill_during_add_many_before_its_commit(home: Path) -> None:
     Store(home).close()
     adder = start_worker("add-many-die-before-commit", str(home))
     assert adder.wait(30) == -signal.SIGKILL
-    assert len(_blob_files(home)) == 40  # data and piece layer of each, never committed
+    assert len(_blob_files(home)) == 20  # the data of each (layers: in the database)
     with Store(home) as store:
         assert store.blobs() == []
         assert not any(any(sub.iterdir()) for sub in store.layout.blobs.iterdir())
+        _assert_clean(store)
+
+
+def test_kill_inside_an_inline_batch_leaves_nothing(home: Path) -> None:
+    """Kept inline, a batch is rows only: killed before its commit, nothing of it is left."""
+    Store(home).close()
+    adder = start_worker("add-many-inline-die-before-commit", str(home))
+    assert adder.wait(30) == -signal.SIGKILL
+    with Store(home) as store:
+        assert store.blobs() == []
+        assert store.db.query("SELECT count(*) FROM contents") == [(0,)]
+        assert not any(store.layout.blobs.iterdir())  # not even a directory
         _assert_clean(store)
 
 
@@ -97,14 +109,14 @@ def test_kill_inside_a_batch_commit_leaves_all_or_nothing(home: Path, mode: str)
     """One journal names the whole batch: killed while its files go into blobs/, none of the
     20 blobs appears; killed after its commit, before the journal is gone, all of them stay."""
     Store(home).close()
-    adder = start_worker(mode, str(home), *(["21"] if mode == "add-many-die-writing" else []))
+    adder = start_worker(mode, str(home), *(["10"] if mode == "add-many-die-writing" else []))
     assert adder.wait(30) == -signal.SIGKILL
     assert len(_journals(home)) == 1  # one for the batch, not one per blob
     committed = mode == "add-many-die-after-commit"
-    assert len(_blob_files(home)) == (40 if committed else 21)
+    assert len(_blob_files(home)) == (20 if committed else 10)
     with Store(home) as store:
         assert len(store.blobs()) == (20 if committed else 0)
-        assert len(_blob_files(home)) == (40 if committed else 0)
+        assert len(_blob_files(home)) == (20 if committed else 0)
         for info in store.blobs():
             assert hash_bytes(store.read_range(info.blob_id, 0, info.size)) == info.blob_id
         _assert_clean(store)
@@ -112,8 +124,9 @@ def test_kill_inside_a_batch_commit_leaves_all_or_nothing(home: Path, mode: str)
 
 def test_kill_during_gc(home: Path) -> None:
     with Store(home) as store:
-        contents = {store.add_bytes(payload(1000 + i, seed=i)).blob_id: payload(1000 + i, seed=i)
-                    for i in range(30)}
+        # streamed: a data file and a layer file each to move out
+        contents = {store.add_stream([payload(1000 + i, seed=i)]).blob_id:
+                    payload(1000 + i, seed=i) for i in range(30)}
     gc = start_worker("gc-die-midway", str(home), "41")  # 20 blobs and a half moved out
     assert gc.wait(30) == -signal.SIGKILL
     assert len(list((home / "trash").iterdir())) == 40

@@ -55,7 +55,7 @@ def test_rows_never_committed_lose_their_files(home: Path) -> None:
 def test_uncommitted_gc_is_rolled_back_on_open(home: Path) -> None:
     with Store(home) as store:
         kept = store.add_bytes(DATA).blob_id
-        gone = store.add_bytes(b"gone").blob_id
+        gone = store.add_stream([b"gone"]).blob_id  # streamed: a layer file too
         data, pieces = store.layout.data_path(kept), store.layout.pieces_path(kept)
         os.replace(data, store.layout.trash / f"{data.name}~1-a")
         os.replace(pieces, store.layout.trash / f"{pieces.name}~1-a")

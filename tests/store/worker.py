@@ -134,8 +134,18 @@ def add_many_die_writing(home: str, files: str) -> None:
     """Die in the commit of a 20-blob ``add_many`` once ``files`` of its files are in blobs/
     (the journal is the first file it writes)."""
     with Store(home) as store:
-        die_on_call(store_module, "write_file", int(files) + 2)
+        die_on_call(store_module, "write_file", int(files) + 2)  # one file per blob
         store.add_many(_twenty())
+
+
+def add_many_inline_die_before_commit(home: str) -> None:
+    """Die inside the transaction of a 20-blob inline ``add_many``, its rows all inserted,
+    just before the commit (when it reads back their infos)."""
+    from blobmesh.store.db import MetaDB
+
+    with Store(home) as store:
+        die_on_call(MetaDB, "infos", 1)
+        store.add_many(_twenty(), inline=True)
 
 
 def add_many_die_after_commit(home: str) -> None:
@@ -186,6 +196,7 @@ MODES: dict[str, Callable[..., None]] = {
     "add-many-die-before-commit": add_many_die_before_commit,
     "add-many-die-writing": add_many_die_writing,
     "add-many-die-after-commit": add_many_die_after_commit,
+    "add-many-inline-die-before-commit": add_many_inline_die_before_commit,
     "lock-store": lock_store,
     "gc-loop": gc_loop,
 }

@@ -199,8 +199,8 @@ def add_tree(store: Store, root: str | os.PathLike[str] | TreeScan, *,
                 ids[src.rel] = blob_id
             else:
                 todo.append((src, data))
-        for (src, _), info in zip(todo, store.add_many([d for _, d in todo], lease),
-                                  strict=True):
+        for (src, _), info in zip(todo, store.add_many([d for _, d in todo], lease,
+                                                       inline=True), strict=True):
             ids[src.rel] = info.blob_id
         if progress:
             progress(sum(f.size for f in batch))

@@ -252,7 +252,7 @@ class CollectionDistributor:
         return out
 
     def _commit(self, batch: list[tuple[BlobId, bytes]]) -> list[tuple[BlobId, int]]:
-        self.store.add_many([data for _, data in batch])
+        self.store.add_many([data for _, data in batch], inline=True)
         return [(m, len(d)) for m, d in batch]
 
 

@@ -9,7 +9,8 @@ Async code reaches a :class:`~blobmesh.store.Store` only through its :class:`Asy
 * **a few I/O threads** read and write piece data, which needs no database.
 
 Group commit: concurrent :meth:`AsyncStore.add_bytes` calls are committed together (one
-transaction, one ``Store.add_many`` per lease), and so are concurrent :meth:`AsyncStore.flush`
+transaction, one ``Store.add_many`` per lease, small contents kept inline in the database: no
+file each), and so are concurrent :meth:`AsyncStore.flush`
 calls (``Store.flush_partials``).  A batch starts as soon as the previous one is done, so a lone
 call waits for nothing; under load, batches grow by themselves.
 """
@@ -191,7 +192,7 @@ class AsyncStore:
         for lease, indices in by_lease.items():
             try:
                 infos: Sequence[BlobInfo | BaseException] = \
-                    self.store.add_many([items[i][0] for i in indices], lease)
+                    self.store.add_many([items[i][0] for i in indices], lease, inline=True)
             except Exception as exc:
                 infos = [exc] * len(indices)
             for i, info in zip(indices, infos, strict=True):
@@ -217,7 +218,8 @@ class AsyncStore:
         out: list[bytes | CorruptBlobError] = []
         for blob_id, size in blobs:
             try:
-                out.append(read_whole(self.store.layout, blob_id, size, verify=verify))
+                out.append(read_whole(self.store.db, self.store.layout, blob_id, size,
+                                           verify=verify))
             except CorruptBlobError as exc:
                 out.append(exc)
         return out

@@ -25,6 +25,10 @@ from blobmesh.types import Bitfield
 Undo = list[Callable[[], object]]
 """Actions that revert file moves when their write transaction does not commit."""
 
+FORMAT = 2
+"""The store's format (``PRAGMA user_version``): 2 added the ``layers`` and ``contents``
+tables.  A store of a later format is refused rather than misread."""
+
 BUSY_TIMEOUT = 60.0
 """How long a statement waits for another process's write lock before it fails."""
 
@@ -53,7 +57,22 @@ CREATE TABLE IF NOT EXISTS pins (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pins_blob ON pins(blob);
+CREATE TABLE IF NOT EXISTS layers (
+    id BLOB PRIMARY KEY,
+    hashes BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contents (
+    id BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS blobs_layer AFTER DELETE ON blobs BEGIN
+    DELETE FROM layers WHERE id = old.id;
+    DELETE FROM contents WHERE id = old.id;
+END;
 """
+"""``layers`` holds the piece layers of blobs added from memory (``ingest.HELD_MAX``), which
+have no ``.pieces`` file; ``contents`` the data of those added *inline* (no data file either);
+every other blob's layer and data are files (``docs/store.md``)."""
 
 _ROW = "SELECT id, size, piece_size, complete, have, created FROM blobs"
 
@@ -71,7 +90,14 @@ class MetaDB:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+            version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > FORMAT:
+                self.conn.close()
+                raise StoreError(f"the store {home} is of format {version}; this blobmesh "
+                                 f"reads formats up to {FORMAT} (upgrade it)", home=home)
             self.conn.executescript(_SCHEMA)
+            if version < FORMAT:
+                self.conn.execute(f"PRAGMA user_version={FORMAT}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store database {layout.db}: {exc}",
                              home=home) from exc
@@ -130,6 +156,21 @@ class MetaDB:
         """(id, size, piece_size, complete, have, created), or None when absent."""
         rows = self.query(_ROW + " WHERE id=?", (blob_id.digest,))
         return rows[0] if rows else None
+
+    def layer_row(self, blob_id: BlobId) -> tuple[int, int, bytes | None]:
+        """(size, piece_size, the layer's hashes if ``layers`` holds them); raises
+        BlobNotFoundError when the blob is absent."""
+        rows = self.query("SELECT size, piece_size, hashes FROM blobs LEFT JOIN layers "
+                          "USING (id) WHERE id=?", (blob_id.digest,))
+        if not rows:
+            raise BlobNotFoundError(f"blob {blob_id} is not in the store", blob_id=blob_id)
+        size, piece_size, hashes = rows[0]
+        return int(size), int(piece_size), None if hashes is None else bytes(hashes)
+
+    def content(self, blob_id: BlobId) -> bytes | None:
+        """The data of a blob kept inline (in ``contents``); None for any other."""
+        rows = self.query("SELECT data FROM contents WHERE id=?", (blob_id.digest,))
+        return bytes(rows[0][0]) if rows else None
 
     def blob_row(self, blob_id: BlobId) -> tuple[Any, ...]:
         """:meth:`find_row`, raising BlobNotFoundError when absent."""

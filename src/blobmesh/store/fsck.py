@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from blobmesh.errors import VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_piece, piece_count
 from blobmesh.store.db import MetaDB
-from blobmesh.store.layout import Layout, blob_id_from_name
+from blobmesh.store.layout import Layout, blob_id_from_name, write_file
 from blobmesh.store.types import FsckProblem, FsckReport, Progress
 from blobmesh.types import Bitfield
 
@@ -21,14 +21,18 @@ def run_fsck(db: MetaDB, layout: Layout, *, repair: bool,
     """Rehash every present piece; report (and with ``repair`` quarantine) bad data."""
     report = FsckReport(repaired=repair)
     known: set[BlobId] = set()
-    rows = db.query("SELECT id, size, piece_size, complete, have FROM blobs")
-    for digest, size, piece_size, complete, have_raw in rows:
+    rows = db.query("SELECT id, size, piece_size, complete, have, hashes, "
+                    "contents.id IS NOT NULL FROM blobs LEFT JOIN layers USING (id) "
+                    "LEFT JOIN contents USING (id)")
+    for digest, size, piece_size, complete, have_raw, hashes, inline in rows:
         blob_id = BlobId(bytes(digest))
         known.add(blob_id)
         data_path, pieces_path = layout.data_path(blob_id), layout.pieces_path(blob_id)
         report.checked += 1
         problem = _check_blob(blob_id, size, piece_size, bool(complete), bytes(have_raw),
-                              data_path, pieces_path, report, progress)
+                              None if hashes is None else bytes(hashes),
+                              db.content(blob_id) if inline else None, data_path,
+                              pieces_path, report, progress)
         if problem is None or not db.query("SELECT 1 FROM blobs WHERE id=?", (digest,)):
             continue  # healthy, or collected by another process while we looked at it
         report.problems.append(FsckProblem(problem[0], str(data_path), blob_id, problem[1]))
@@ -42,30 +46,35 @@ def run_fsck(db: MetaDB, layout: Layout, *, repair: bool,
 
 
 def _check_blob(blob_id: BlobId, size: int, piece_size: int, complete: bool, have_raw: bytes,
-                data_path: Path, pieces_path: Path, report: FsckReport,
-                progress: Progress | None) -> tuple[str, str] | None:
+                hashes: bytes | None, inline: bytes | None, data_path: Path, pieces_path: Path,
+                report: FsckReport, progress: Progress | None) -> tuple[str, str] | None:
+    """What is wrong with one blob; its layer is ``hashes`` (from ``layers``) or its file,
+    its data ``inline`` (from ``contents``) or its file."""
     try:
-        layer = PieceLayer.from_bytes(blob_id, size, piece_size, pieces_path.read_bytes())
+        raw = pieces_path.read_bytes() if hashes is None else hashes
+        layer = PieceLayer.from_bytes(blob_id, size, piece_size, raw)
     except FileNotFoundError:
         return ("missing", "piece layer file is missing")
     except VerificationError as exc:
         return ("corrupt", f"piece layer: {exc}")
     try:
-        actual = os.stat(data_path).st_size
+        actual = os.stat(data_path).st_size if inline is None else len(inline)
     except FileNotFoundError:
         return ("missing", "data file is missing")
     if actual != size:
-        return ("truncated", f"data file has {actual} bytes, expected {size}")
+        return ("truncated", f"data has {actual} bytes, expected {size}")
     have = Bitfield(piece_count(size, piece_size), have_raw)
     bad: list[int] = []
-    try:
-        f = open(data_path, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        return ("missing", "data file is missing")
-    with f:
+    with ExitStack() as stack:
+        if inline is None:
+            try:
+                f = stack.enter_context(open(data_path, "rb"))
+            except FileNotFoundError:
+                return ("missing", "data file is missing")
         for i in range(len(layer)) if complete else list(have):
             off, length = layer.piece_range(i)
-            data = os.pread(f.fileno(), length, off)
+            data = os.pread(f.fileno(), length, off) if inline is None else \
+                inline[off : off + length]
             report.bytes_checked += len(data)
             if progress:
                 progress(len(data))
@@ -97,15 +106,22 @@ def _orphan(db: MetaDB, layout: Layout, path: Path, repair: bool) -> bool:
 
 
 def quarantine(db: MetaDB, layout: Layout, blob_id: BlobId, paths: list[Path]) -> None:
-    """Move a blob's files out of the store and forget it (caller holds no transaction)."""
+    """Move a blob's files (or its data kept inline, as a file) out of the store and forget
+    it (caller holds no transaction)."""
     with db.write() as conn:
         for p in paths:
             _move_to_quarantine(layout, p)
+        row = conn.execute("SELECT data FROM contents WHERE id=?", (blob_id.digest,)).fetchone()
+        if row is not None:
+            write_file(_quarantine_path(layout, blob_id.hex), row[0])
         conn.execute("DELETE FROM blobs WHERE id=?", (blob_id.digest,))
 
 
-def _move_to_quarantine(layout: Layout, path: Path) -> None:
+def _quarantine_path(layout: Layout, name: str) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    return layout.quarantine / f"{name}.{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def _move_to_quarantine(layout: Layout, path: Path) -> None:
     with suppress(FileNotFoundError):
-        dest = layout.quarantine / f"{path.name}.{stamp}-{uuid.uuid4().hex[:6]}"
-        os.replace(path, dest)
+        os.replace(path, _quarantine_path(layout, path.name))

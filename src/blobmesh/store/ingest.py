@@ -7,12 +7,13 @@ written for it until the commit, and nothing at all if its blob is already here.
 A :class:`Batch` commits any number of adds in one write transaction (one write-lock
 acquisition, one SQLite commit).  Inside it, one *journal* in ``tmp/`` names every blob about to
 appear; then staged files are renamed into ``blobs/`` and held contents are written there in
-place; one sync makes all of it durable before the rows commit.  Staged files are synced before
-the transaction (so a big add does not flush gigabytes holding the lock).  A sync of three files
-or more is one ``syncfs`` of the home's filesystem instead of an fsync each, so a batch of small
-blobs costs one ``syncfs`` and one commit however many there are.  If the process dies before
-its commit, the next open (``gc.recover``) removes the files of every blob the journal names
-that has no row: the batch appears whole or not at all.
+place (their data file only: their piece layers go into the database's ``layers`` table, so a
+small blob costs one file create); one sync makes all of it durable before the rows commit.
+Staged files are synced before the transaction (so a big add does not flush gigabytes holding
+the lock).  A sync of three files or more is one ``syncfs`` of the home's filesystem instead of
+an fsync each, so a batch of small blobs costs one ``syncfs`` and one commit however many there
+are.  If the process dies before its commit, the next open (``gc.recover``) removes the files of
+every blob the journal names that has no row: the batch appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -157,12 +158,16 @@ class Held:
 class Batch:
     """Adds that commit together: ``with Batch(layout) as b: b.add(...); b.commit(db, lease)``.
 
+    With ``inline``, held contents are kept in the database (``contents``) instead of a file
+    each: many small blobs then cost no file create at all.
+
     Leaving the block removes every temp file and the journal; an ``OSError`` leaves it as a
     :class:`StoreError` (:class:`~blobmesh.errors.StoreFullError` on a full disk).
     """
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, *, inline: bool = False) -> None:
         self.layout = layout
+        self.inline = inline
         self._items: list[Ingest | Held] = []
         self._journal: Path | None = None
 
@@ -221,10 +226,16 @@ class Batch:
                 if row is None or not row[0]:
                     todo.append((item, None if row is None else row[1]))
                     rows[layer.blob_id.digest] = (1, layer.piece_size)  # a repeat: only leased
-            if todo:
-                self._journal = write_journal(self.layout, [_layer(i).blob_id for i, _ in todo],
-                                              undo)
-            durable = self._place(todo, undo)
+            # the database holds the layer (and, inline, the data) of held content of a blob
+            # that was not here as a partial
+            held = [item for item, partial_size in todo
+                    if isinstance(item, Held) and partial_size is None]
+            files = [(item, partial_size) for item, partial_size in todo
+                     if not (self.inline and isinstance(item, Held) and partial_size is None)]
+            if files:
+                self._journal = write_journal(self.layout,
+                                              [_layer(i).blob_id for i, _ in files], undo)
+            durable = self._place(files, undo)
             placed = [(_layer(item), partial_size) for item, partial_size in todo]
             conn.executemany("INSERT INTO blobs VALUES (?,?,?,1,?,?,?)", [
                 (layer.blob_id.digest, layer.size, layer.piece_size,
@@ -236,6 +247,11 @@ class Batch:
                 (Bitfield.full(piece_count(layer.size, partial_size)).to_bytes(), now,
                  layer.blob_id.digest)
                 for layer, partial_size in placed if partial_size is not None])
+            conn.executemany("INSERT OR REPLACE INTO layers VALUES (?,?)", [
+                (_layer(item).blob_id.digest, _layer(item).to_bytes()) for item in held])
+            if self.inline:
+                conn.executemany("INSERT OR REPLACE INTO contents VALUES (?,?)", [
+                    (_layer(item).blob_id.digest, item.data) for item in held])
             if lease is not None:
                 for layer in layers:
                     add_lease(conn, layer.blob_id, lease)
@@ -257,14 +273,11 @@ class Batch:
             if isinstance(item, Ingest):
                 move_in(self.layout, layer.blob_id, item.path,
                         item.pieces_path if partial_size is None else None, undo)
-            elif partial_size is None:
-                pieces_path = self.layout.pieces_path(layer.blob_id)
+            elif partial_size is None:  # its layer goes into the database (commit)
                 # any file already there has no row: a leftover, overwritten
                 undo.append(partial(data_path.unlink, missing_ok=True))
                 write_file(data_path, item.data)
-                undo.append(partial(pieces_path.unlink, missing_ok=True))
-                write_file(pieces_path, layer.to_bytes())
-                durable += (data_path, pieces_path)
+                durable.append(data_path)
             else:  # replaces the partial's file whole, as a rename does
                 ing = self.new()
                 ing.write(item.data)
@@ -303,7 +316,8 @@ def write_journal(layout: Layout, blob_ids: Sequence[BlobId], undo: Undo) -> Pat
 
 def create_partial(db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId) -> None:
     """Create the sparse data file, piece layer and row of a new partial blob (nothing if the
-    blob is already here, partial or complete) and lease it."""
+    blob is already here, partial or complete, but for a blob kept inline: it moves into a
+    data file, which writers need) and lease it."""
     blob_id = layer.blob_id
     tmp = layout.tmp / f"partial-{os.getpid()}-{uuid.uuid4().hex}.tmp"
     journal: Path | None = None
@@ -326,6 +340,13 @@ def create_partial(db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId
                 layout.data_path(blob_id).parent.mkdir(DIR_MODE, exist_ok=True)
                 move_in(layout, blob_id, tmp, tmp.with_suffix(".pieces"), undo)
                 sync_paths(layout, [layout.data_path(blob_id).parent])
+            elif inline := conn.execute("SELECT data FROM contents WHERE id=?",
+                                        (blob_id.digest,)).fetchone():
+                write_file(tmp, inline[0], sync=True)  # its layer stays in the database
+                layout.data_path(blob_id).parent.mkdir(DIR_MODE, exist_ok=True)
+                move_in(layout, blob_id, tmp, None, undo)
+                sync_paths(layout, [layout.data_path(blob_id).parent])
+                conn.execute("DELETE FROM contents WHERE id=?", (blob_id.digest,))
             add_lease(conn, blob_id, lease)
     finally:
         for leftover in (tmp, tmp.with_suffix(".pieces"), journal):

@@ -29,7 +29,10 @@ class PieceReader:
         self._verify = verify
         self._have = store.bitfield(layer.blob_id)
         self._lock = threading.Lock()
-        self._fd = os.open(store.layout.data_path(layer.blob_id), os.O_RDONLY)
+        self._inline = store.db.content(layer.blob_id)  # a small blob kept in the database
+        self._fd = -1 if self._inline is not None else \
+            os.open(store.layout.data_path(layer.blob_id), os.O_RDONLY)
+        self._closed = False
 
     def read(self, index: int) -> bytes:
         """Piece ``index``; BlobIncompleteError if it is not here, CorruptBlobError if the
@@ -42,9 +45,10 @@ class PieceReader:
                                           blob_id=blob_id, piece=index)
         start, length = self._layer.piece_range(index)
         with self._lock:
-            if self._fd < 0:
+            if self._closed:
                 raise BlobIncompleteError(f"reader of {blob_id} is closed", blob_id=blob_id)
-            data = os.pread(self._fd, length, start)
+            data = self._inline[start : start + length] if self._inline is not None else \
+                os.pread(self._fd, length, start)
         if self._verify and not self._layer.check_piece(index, data):
             raise CorruptBlobError(f"piece {index} of {blob_id} is corrupt on disk; run fsck",
                                    blob_id=blob_id, piece=index)
@@ -59,3 +63,4 @@ class PieceReader:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            self._closed = True

@@ -21,15 +21,16 @@ if TYPE_CHECKING:
 
 
 def piece_layer(db: MetaDB, layout: Layout, blob_id: BlobId) -> PieceLayer:
-    """The stored piece layer, checked against the blob id."""
-    row = db.blob_row(blob_id)
+    """The stored piece layer (from ``layers`` or its file), checked against the blob id."""
+    size, piece_size, raw = db.layer_row(blob_id)
+    if raw is None:  # not in the database: in its file
+        try:
+            raw = layout.pieces_path(blob_id).read_bytes()
+        except FileNotFoundError as exc:
+            raise CorruptBlobError(f"piece layer of {blob_id} is missing; run fsck",
+                                   blob_id=blob_id) from exc
     try:
-        raw = layout.pieces_path(blob_id).read_bytes()
-    except FileNotFoundError as exc:
-        raise CorruptBlobError(f"piece layer of {blob_id} is missing; run fsck",
-                               blob_id=blob_id) from exc
-    try:
-        return PieceLayer.from_bytes(blob_id, int(row[1]), int(row[2]), raw)
+        return PieceLayer.from_bytes(blob_id, size, piece_size, raw)
     except VerificationError as exc:
         raise CorruptBlobError(f"piece layer of {blob_id} is corrupt; run fsck",
                                blob_id=blob_id) from exc
@@ -44,9 +45,11 @@ def open_reader(db: MetaDB, layout: Layout, blob_id: BlobId, lease: LeaseId | No
         if lease is not None:
             add_lease(conn, blob_id, lease)
         add_lease(conn, blob_id, hold)
+        row = conn.execute("SELECT data FROM contents WHERE id=?", (blob_id.digest,)).fetchone()
+    data = None if row is None else bytes(row[0])  # kept inline: no file
     try:
         layer = piece_layer(db, layout, blob_id) if verify else None
-        fd = os.open(layout.data_path(blob_id), os.O_RDONLY)
+        fd = -1 if data is not None else os.open(layout.data_path(blob_id), os.O_RDONLY)
     except FileNotFoundError as exc:
         db.drop_lease(hold, blob_id)
         raise CorruptBlobError(f"data file of {blob_id} is missing; run fsck",
@@ -54,7 +57,7 @@ def open_reader(db: MetaDB, layout: Layout, blob_id: BlobId, lease: LeaseId | No
     except BaseException:
         db.drop_lease(hold, blob_id)
         raise
-    return BlobReader(db, blob_id, fd, size, layer, hold)
+    return BlobReader(db, blob_id, fd, size, layer, hold, data)
 
 
 def read_piece(db: MetaDB, layout: Layout, blob_id: BlobId, index: int, *,
@@ -67,16 +70,15 @@ def read_piece(db: MetaDB, layout: Layout, blob_id: BlobId, index: int, *,
                                   blob_id=blob_id, piece=index)
     start = index * piece_size
     length = max(0, min(piece_size, size - start))
-    try:
-        fd = os.open(layout.data_path(blob_id), os.O_RDONLY)
-    except FileNotFoundError as exc:
-        db.blob_row(blob_id)  # collected meanwhile: BlobNotFoundError, not corruption
-        raise CorruptBlobError(f"data file of {blob_id} is missing; run fsck",
-                               blob_id=blob_id) from exc
-    try:
-        data = os.pread(fd, length, start)
-    finally:
-        os.close(fd)
+    inline = db.content(blob_id)
+    if inline is not None:
+        data = inline[start : start + length]
+    else:
+        try:
+            data = _pread_file(layout, blob_id, length, start)
+        except CorruptBlobError:
+            db.blob_row(blob_id)  # collected meanwhile: BlobNotFoundError, not corruption
+            raise
     if verify:
         layer = piece_layer(db, layout, blob_id)
         if len(data) != length or hash_piece(data) != layer.hashes[index]:
@@ -85,18 +87,26 @@ def read_piece(db: MetaDB, layout: Layout, blob_id: BlobId, index: int, *,
     return data
 
 
-def read_whole(layout: Layout, blob_id: BlobId, size: int, *, verify: bool) -> bytes:
-    """The content of a complete (small) blob of known ``size``, read without a lease (as a
-    sender's ``PieceReader`` does); CorruptBlobError if its file is missing or, with
-    ``verify``, does not hash to the id."""
+def _pread_file(layout: Layout, blob_id: BlobId, length: int, offset: int) -> bytes:
     try:
         fd = os.open(layout.data_path(blob_id), os.O_RDONLY)
     except FileNotFoundError as exc:
-        raise CorruptBlobError(f"data file of {blob_id} is missing", blob_id=blob_id) from exc
+        raise CorruptBlobError(f"data file of {blob_id} is missing; run fsck",
+                               blob_id=blob_id) from exc
     try:
-        data = os.pread(fd, size, 0)
+        return os.pread(fd, length, offset)
     finally:
         os.close(fd)
+
+
+def read_whole(db: MetaDB, layout: Layout, blob_id: BlobId, size: int, *, verify: bool
+               ) -> bytes:
+    """The content of a complete (small) blob of known ``size``, read without a lease (as a
+    sender's ``PieceReader`` does); CorruptBlobError if its file is missing or, with
+    ``verify``, does not hash to the id."""
+    data = db.content(blob_id)
+    if data is None:
+        data = _pread_file(layout, blob_id, size, 0)
     if len(data) != size or (verify and hash_bytes(data) != blob_id):
         raise CorruptBlobError(f"{blob_id} is corrupt on disk; run fsck", blob_id=blob_id)
     return data
@@ -110,7 +120,7 @@ class BlobReader(io.RawIOBase):
     """
 
     def __init__(self, db: MetaDB, blob_id: BlobId, fd: int, size: int,
-                 layer: PieceLayer | None, hold: LeaseId) -> None:
+                 layer: PieceLayer | None, hold: LeaseId, data: bytes | None = None) -> None:
         super().__init__()
         self.blob_id = blob_id
         self.size = size
@@ -120,6 +130,12 @@ class BlobReader(io.RawIOBase):
         self._layer = layer
         self._verified: set[int] = set()
         self._hold = hold
+        self._data = data  # a blob kept inline (then there is no file: fd is -1)
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        if self._data is not None:
+            return self._data[offset : offset + length]
+        return os.pread(self._fd, length, offset)
 
     def readable(self) -> bool:
         return True
@@ -155,7 +171,11 @@ class BlobReader(io.RawIOBase):
             return 0
         if self._layer is not None:
             self._verify_span(self._pos, n)
-        got = os.preadv(self._fd, [out[:n]], self._pos)  # straight into the caller's buffer
+        if self._data is not None:
+            out[:n] = self._data[self._pos : self._pos + n]
+            got = n
+        else:  # straight into the caller's buffer
+            got = os.preadv(self._fd, [out[:n]], self._pos)
         if got != n:
             raise CorruptBlobError(f"blob {self.blob_id} is truncated on disk; run fsck",
                                    blob_id=self.blob_id)
@@ -176,7 +196,7 @@ class BlobReader(io.RawIOBase):
             if i in self._verified:
                 continue
             off, plen = layer.piece_range(i)
-            data = os.pread(self._fd, plen, off)
+            data = self._pread(plen, off)
             if len(data) != plen or hash_piece(data) != layer.hashes[i]:
                 raise CorruptBlobError(
                     f"blob {self.blob_id} is corrupt on disk (piece {i}); run fsck",
@@ -186,7 +206,8 @@ class BlobReader(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             try:
-                os.close(self._fd)
+                if self._fd >= 0:
+                    os.close(self._fd)
                 with suppress(sqlite3.ProgrammingError):  # the store closed first
                     self._db.drop_lease(self._hold, self.blob_id)
             finally:

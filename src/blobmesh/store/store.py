@@ -110,11 +110,14 @@ class Store:
             return batch.commit(self.db, lease)[0]
 
     def add_many(self, sources: Iterable[AddSource], lease: LeaseId | None = None,
-                 progress: Progress | None = None) -> list[BlobInfo]:
+                 progress: Progress | None = None, *, inline: bool = False) -> list[BlobInfo]:
         """Add many blobs (contents, or paths of files) in one transaction; their infos in
         order.  Atomic: all of them become visible or none (a crash or error leaves nothing),
-        at the cost of one commit and one fsync per blob file instead of a commit each."""
-        with Batch(self.layout) as batch:
+        at the cost of one commit and one fsync per blob file instead of a commit each.
+
+        With ``inline``, contents of at most ``HELD_MAX`` bytes are kept in the database, not
+        in files: for many small blobs at once (no file create each)."""
+        with Batch(self.layout, inline=inline) as batch:
             for source in sources:
                 if isinstance(source, bytes | bytearray | memoryview):
                     batch.add(source, progress)
