@@ -264,6 +264,7 @@ class _Tracked:
     finished: float | None = None
     asked: dict[NodeId, float] = field(default_factory=dict)  # source: when it queried whom
     summarized: tuple[int, int, int] | None = None  # (total, completed, failed) of a summary
+    resolved: float = -1e9  # source: when its scope was last resolved (monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     version: int = 0
 
@@ -557,8 +558,13 @@ class DistributionService:
         if tracked is not None:
             current = tracked.targets.get(sender)
             if current is None and NodeId(tracked.request.source) == self.node_id:
-                self._refresh_targets(tracked)  # a target the scope gained since the last
-                if sender not in tracked.targets:  # resolve, or a node outside the scope
+                # a target the scope gained since the last resolve, or a node outside the
+                # scope; resolving costs O(members), so at most once per resolve_interval
+                # whatever a sender outside the scope sends (a new target missed here is
+                # asked later)
+                if time.monotonic() - tracked.resolved >= self.config.resolve_interval:
+                    self._refresh_targets(tracked)
+                if sender not in tracked.targets:
                     return
             if current is not None and current.state.final:
                 return  # a late progress note never undoes a final state
@@ -708,6 +714,7 @@ class DistributionService:
 
     def _refresh_targets(self, tracked: _Tracked) -> None:
         """Add nodes that entered the scope; mark unreachable ones (they resume on return)."""
+        tracked.resolved = time.monotonic()
         in_scope = self._resolve(tracked.scope)
         changed = False
         for node in in_scope:
