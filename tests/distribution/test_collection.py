@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -17,7 +18,7 @@ from blobmesh.collection.manifest import MAGIC, File, _Manifest
 from blobmesh.distribution.collection import CollectionDistributor, CollectionPlan, FetchRequest
 from blobmesh.distribution.model import DistributionState, Priority
 from blobmesh.distribution.swarm import JobProgress
-from blobmesh.errors import InvalidCollectionError
+from blobmesh.errors import InvalidCollectionError, TransferError
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.node.client import NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
@@ -79,6 +80,31 @@ async def test_fetch_moves_the_tree_with_a_pack_and_reports_totals(tmp_path: Pat
             # the pack served its purpose: its pin went (GC takes it), the tree's stay
             pins = {p.name for p in t.store.pins()}
             assert member_pin(PIN, BlobId(decoded.pack)) not in pins and PIN in pins
+
+
+async def test_a_member_that_fails_ends_the_fetch_with_its_own_typed_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(tmp_path / "model")
+    async with swarm(tmp_path, 2) as peers:
+        src, target = peers
+        cid = add_tree(src.store, model).collection_id
+        plan = await CollectionDistributor(src.engine).plan(cid, PIN, "", False)
+        assert plan is not None
+        shard = hash_bytes((model / "shards" / "01.safetensors").read_bytes())
+        download = target.engine.download
+
+        async def failing(blob_id: BlobId, *args: Any, **kwargs: Any) -> None:
+            if blob_id == shard:
+                raise TransferError(f"{blob_id} incomplete after all pieces arrived",
+                                    blob_id=blob_id)
+            await download(blob_id, *args, **kwargs)
+
+        monkeypatch.setattr(target.engine, "download", failing)
+        # (the distribution service retries a TransferError; an ExceptionGroup killed its
+        # receive task, and the target never finished nor said why)
+        with pytest.raises(TransferError, match="incomplete after all pieces arrived"):
+            await asyncio.wait_for(CollectionDistributor(target.engine).fetch(
+                fetch_request(src, cid, plan.payload, [p.node_id for p in peers], [])), 60)
 
 
 async def test_a_hostile_manifest_or_plan_is_refused_before_members_move(

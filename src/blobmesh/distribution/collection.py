@@ -198,12 +198,17 @@ class CollectionDistributor:
                                           progress.job(member),
                                           pin=member_pin(req.pin, member))
 
-        async with asyncio.TaskGroup() as tg:  # the pack and the members side by side
-            if use_pack:
-                tg.create_task(self._fetch_pack(req, plan, coll, lacking, present, progress,
-                                                sem))
-            for member, size in rest:
-                tg.create_task(one(member, size))
+        try:
+            async with asyncio.TaskGroup() as tg:  # the pack and the members side by side
+                if use_pack:
+                    tg.create_task(self._fetch_pack(req, plan, coll, lacking, present,
+                                                    progress, sem))
+                for member, size in rest:
+                    tg.create_task(one(member, size))
+        except ExceptionGroup as group:
+            # the first failure ends the fetch as itself, typed (a TransferError the service
+            # retries), not as a group that no ``except TransferError`` catches
+            raise group.exceptions[0] from None
         # the pinned collection holds the members (`collection.gc` pins them one by one)
         if dest is not None:
             await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
