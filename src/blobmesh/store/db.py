@@ -168,9 +168,12 @@ class MetaDB:
         return int(size), int(piece_size), None if hashes is None else bytes(hashes)
 
     def content(self, blob_id: BlobId) -> bytes | None:
-        """The data of a blob kept inline (in ``contents``); None for any other."""
-        rows = self.query("SELECT data FROM contents WHERE id=?", (blob_id.digest,))
-        return bytes(rows[0][0]) if rows else None
+        """:func:`inline_content`, outside any transaction."""
+        with self.lock:
+            try:
+                return inline_content(self.conn, blob_id)
+            except sqlite3.Error as exc:
+                raise self.error(exc) from exc
 
     def blob_row(self, blob_id: BlobId) -> tuple[Any, ...]:
         """:meth:`find_row`, raising BlobNotFoundError when absent."""
@@ -294,6 +297,12 @@ def id_batches(blob_ids: Iterable[BlobId]) -> Iterator[tuple[tuple[bytes, ...], 
     for i in range(0, len(unique), ID_BATCH):
         part = tuple(unique[i : i + ID_BATCH])
         yield part, ",".join("?" * len(part))
+
+
+def inline_content(db: sqlite3.Connection, blob_id: BlobId) -> bytes | None:
+    """The data of a blob kept inline (in ``contents``); None for any other."""
+    row = db.execute("SELECT data FROM contents WHERE id=?", (blob_id.digest,)).fetchone()
+    return None if row is None else bytes(row[0])
 
 
 def has_row(db: sqlite3.Connection, blob_id: BlobId) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from blobmesh.errors import VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_piece, piece_count
-from blobmesh.store.db import MetaDB
+from blobmesh.store.db import MetaDB, inline_content
 from blobmesh.store.layout import Layout, blob_id_from_name, write_file
 from blobmesh.store.types import FsckProblem, FsckReport, Progress
 from blobmesh.types import Bitfield
@@ -111,9 +111,9 @@ def quarantine(db: MetaDB, layout: Layout, blob_id: BlobId, paths: list[Path]) -
     with db.write() as conn:
         for p in paths:
             _move_to_quarantine(layout, p)
-        row = conn.execute("SELECT data FROM contents WHERE id=?", (blob_id.digest,)).fetchone()
-        if row is not None:
-            write_file(_quarantine_path(layout, blob_id.hex), row[0])
+        data = inline_content(conn, blob_id)
+        if data is not None:
+            write_file(_quarantine_path(layout, blob_id.hex), data)
         conn.execute("DELETE FROM blobs WHERE id=?", (blob_id.digest,))
 
 

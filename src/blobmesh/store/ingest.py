@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 from blobmesh.errors import SourceError, StoreError
 from blobmesh.hashing import BlobId, PieceLayer, TreeHasher, hash_stream, piece_count
-from blobmesh.store.db import MetaDB, Undo, add_lease, has_row, id_batches
+from blobmesh.store.db import MetaDB, Undo, add_lease, has_row, id_batches, inline_content
 from blobmesh.store.layout import (
     DIR_MODE,
     FULL_ERRNOS,
@@ -340,9 +340,8 @@ def create_partial(db: MetaDB, layout: Layout, layer: PieceLayer, lease: LeaseId
                 layout.data_path(blob_id).parent.mkdir(DIR_MODE, exist_ok=True)
                 move_in(layout, blob_id, tmp, tmp.with_suffix(".pieces"), undo)
                 sync_paths(layout, [layout.data_path(blob_id).parent])
-            elif inline := conn.execute("SELECT data FROM contents WHERE id=?",
-                                        (blob_id.digest,)).fetchone():
-                write_file(tmp, inline[0], sync=True)  # its layer stays in the database
+            elif (inline := inline_content(conn, blob_id)) is not None:
+                write_file(tmp, inline, sync=True)  # its layer stays in the database
                 layout.data_path(blob_id).parent.mkdir(DIR_MODE, exist_ok=True)
                 move_in(layout, blob_id, tmp, None, undo)
                 sync_paths(layout, [layout.data_path(blob_id).parent])

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from blobmesh.errors import BlobIncompleteError, CorruptBlobError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer, hash_bytes, hash_piece, piece_count
-from blobmesh.store.db import MetaDB, add_lease, require_complete
+from blobmesh.store.db import MetaDB, add_lease, inline_content, require_complete
 from blobmesh.store.ingest import CHUNK
 from blobmesh.store.layout import Layout
 from blobmesh.store.leases import LeaseId
@@ -45,8 +45,7 @@ def open_reader(db: MetaDB, layout: Layout, blob_id: BlobId, lease: LeaseId | No
         if lease is not None:
             add_lease(conn, blob_id, lease)
         add_lease(conn, blob_id, hold)
-        row = conn.execute("SELECT data FROM contents WHERE id=?", (blob_id.digest,)).fetchone()
-    data = None if row is None else bytes(row[0])  # kept inline: no file
+        data = inline_content(conn, blob_id)  # kept inline: no file
     try:
         layer = piece_layer(db, layout, blob_id) if verify else None
         fd = -1 if data is not None else os.open(layout.data_path(blob_id), os.O_RDONLY)
