@@ -601,7 +601,7 @@ class DistributionService:
         if snap.done and not tracked.cancelled and tracked.summarized != counts and \
                 NodeId(tracked.request.source) == self.node_id:
             tracked.summarized = counts
-            self._spawn(self._publish_summary(self._snapshot(tracked)), name="summary")
+            self._spawn(self._publish_summary(snap), name="summary")
         changed, tracked.changed = tracked.changed, asyncio.Event()
         changed.set()
         changed, self._changed = self._changed, asyncio.Event()
