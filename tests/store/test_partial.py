@@ -161,6 +161,39 @@ def test_two_copies_of_a_piece_written_at_once_count_once(
     partial.close()
 
 
+def test_close_waits_for_a_write_under_way(store: Store,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the second copy of an end-game piece returns "not new" while the first is
+    still being written; the swarm then closed the partial, which committed without that
+    piece ("incomplete after all pieces arrived")."""
+    layer = _layer()
+    partial = store.begin_partial(layer, LeaseId.new("rx"))
+    for i in range(len(layer.hashes)):
+        if i != 3:
+            assert partial.write_piece(i, _piece(layer, i))
+    inside, release = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def slow_write(fd: int, data: bytes, offset: int) -> int:
+        inside.set()
+        release.wait(5)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_write)
+    first = threading.Thread(target=partial.write_piece, args=(3, _piece(layer, 3)))
+    first.start()
+    assert inside.wait(5)
+    assert partial.write_piece(3, _piece(layer, 3)) is False  # the copy: "not new"
+    closing = threading.Thread(target=partial.close)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive()  # waits for the write under way
+    release.set()
+    first.join(5)
+    closing.join(5)
+    assert store.has(layer.blob_id)
+
+
 def test_two_writers_share_progress(store: Store) -> None:
     layer = _layer()
     a = store.begin_partial(layer, LeaseId.new("a"))

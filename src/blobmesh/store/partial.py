@@ -39,6 +39,7 @@ class PartialBlob:
         self._pending: dict[int, int] = {}  # written, not yet durable: index -> length
         self._pending_bytes = 0
         self._writing: set[int] = set()  # claimed by a write_piece under way
+        self._written = threading.Condition(self._lock)  # notified as ``_writing`` shrinks
         self._have = db.bitfield(layer.blob_id)
 
     @property
@@ -80,12 +81,14 @@ class PartialBlob:
         except OSError as exc:
             with self._lock:
                 self._writing.discard(index)
+                self._written.notify_all()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFullError(f"disk full writing {self.blob_id.short()}",
                                      blob_id=self.blob_id) from exc
             raise
         with self._lock:
             self._writing.discard(index)
+            self._written.notify_all()
             self._pending[index] = len(data)
             self._pending_bytes += len(data)
             due = self._pending_bytes >= FLUSH_BYTES
@@ -128,10 +131,16 @@ class PartialBlob:
         return have.copy()
 
     def close(self) -> None:
-        """Flush, then release the file; safe against a concurrent :meth:`flush`."""
+        """Flush, then release the file; safe against a concurrent :meth:`flush`.
+
+        Waits for writes under way first: the second copy of an end-game piece returns "not
+        new" while the first is still being written, so the job may close as soon as that
+        answer comes; the piece must still be made present."""
         with self._flush_lock:
             if self._fd < 0:
                 return
+            with self._lock:
+                self._written.wait_for(lambda: not self._writing)
             try:
                 pending = self._sync()
                 if pending:
