@@ -24,6 +24,7 @@ from blobmesh.space.membership import PeerMeta
 from blobmesh.space.metrics import Metrics
 from blobmesh.space.peertree import PeerTree, bounds
 from blobmesh.space.records import Op, OpId, PeerRecord, decode_op, decode_record
+from blobmesh.store.layout import private_database
 from blobmesh.transport.identity import NodeId
 
 _SCHEMA = """
@@ -49,6 +50,7 @@ def open_db(path: Path | str) -> sqlite3.Connection:
     """Open (creating) the space database; ``":memory:"`` for tests."""
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)  # 0600, like every database of the home
     db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     # metadata is re-gossiped after a crash, so losing the last commits is acceptable

@@ -17,7 +17,7 @@ from typing import Any
 
 from blobmesh.errors import BlobIncompleteError, BlobNotFoundError, StoreError, StoreFullError
 from blobmesh.hashing import BlobId, piece_count
-from blobmesh.store.layout import FILE_MODE, Layout
+from blobmesh.store.layout import Layout, private_database
 from blobmesh.store.leases import LeaseId, pid_alive, pid_start_time
 from blobmesh.store.types import BlobInfo, Pin
 from blobmesh.types import Bitfield
@@ -85,6 +85,7 @@ class MetaDB:
         self.lock = threading.RLock()
         home = str(layout.home)
         try:
+            private_database(layout.db)
             self.conn = sqlite3.connect(layout.db, timeout=BUSY_TIMEOUT, isolation_level=None,
                                         check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
@@ -98,12 +99,10 @@ class MetaDB:
             self.conn.executescript(_SCHEMA)
             if version < FORMAT:
                 self.conn.execute(f"PRAGMA user_version={FORMAT}")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the store database {layout.db}: {exc}",
                              home=home) from exc
-        for suffix in ("", "-wal", "-shm"):
-            with suppress(FileNotFoundError):
-                os.chmod(f"{layout.db}{suffix}", FILE_MODE)
+        private_database(layout.db)  # the -wal and -shm files of a home from before the rule
 
     def close(self) -> None:
         with self.lock:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from blobmesh.errors import StoreFullError
@@ -70,6 +71,26 @@ class Layout:
             if exc.errno in FULL_ERRNOS:
                 raise self.disk_full(doing) from exc
             raise
+
+
+def private_database(path: Path | str) -> None:
+    """Make an SQLite database at ``path`` private to the owner before it is opened: created
+    0600 if missing (SQLite gives its ``-wal`` and ``-shm`` files the database's mode), and an
+    existing one and its ``-wal``/``-shm`` files made 0600 (a home from before this rule).
+
+    The file is never opened here: closing any descriptor of a database file drops every
+    POSIX lock this process holds on it, those of SQLite connections already open included
+    (after which such a connection no longer saw other processes' commits).
+    """
+    path = str(path)
+    if path == ":memory:":
+        return
+    with suppress(FileExistsError):
+        os.mknod(path, stat.S_IFREG | FILE_MODE)  # creates without opening
+    for suffix in ("", "-wal", "-shm"):
+        with suppress(FileNotFoundError):
+            if os.stat(f"{path}{suffix}").st_mode & 0o777 != FILE_MODE:
+                os.chmod(f"{path}{suffix}", FILE_MODE)
 
 
 def blob_id_from_name(name: str) -> BlobId | None:

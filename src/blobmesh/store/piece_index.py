@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from blobmesh.errors import StoreError, VerificationError
 from blobmesh.hashing import BlobId, PieceLayer
 from blobmesh.store import PartialBlob, Store
+from blobmesh.store.layout import private_database
 
 DEFAULT_MAX_PIECES = 1 << 20  # ~100 MiB of index; 256 GiB of blobs at 256 KiB pieces
 _CANDIDATES = 4  # holders tried per piece
@@ -59,12 +60,13 @@ class PieceIndex:
         self._lock = threading.Lock()
         path = store.home / "pieces.sqlite"
         try:
+            private_database(path)
             self._db = sqlite3.connect(path, timeout=60.0, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # a lost update is re-synced
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the piece index {path}: {exc}") from exc
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgspec
 
+from blobmesh.store.layout import private_database
 from blobmesh.transfer.channel import TERMINAL, ChannelRecord
 
 _SCHEMA = """
@@ -32,6 +33,7 @@ class ChannelDB:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)  # 0600, like every database of the home
         self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
