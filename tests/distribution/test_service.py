@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.space import Seed, Space, SpaceConfig
 from blobmesh.store import LeaseId, Store
 from blobmesh.tasks import failure_counts
-from blobmesh.transport.identity import Identity
+from blobmesh.transport.identity import Identity, NodeId
 from blobmesh.transport.memory import MemoryHub
 from tests.space.util import FAST
 from tests.util import eventually
@@ -58,7 +58,10 @@ class Member:
 @asynccontextmanager
 async def cluster(tmp_path: Path, groups: list[list[str]],
                   swarm_configs: dict[int, SwarmConfig] | None = None,
-                  store_homes: dict[int, Path] | None = None) -> AsyncIterator[list[Member]]:
+                  store_homes: dict[int, Path] | None = None,
+                  authorize: dict[int, Callable[[NodeId], bool]] | None = None,
+                  dist_configs: dict[int, DistributionConfig] | None = None
+                  ) -> AsyncIterator[list[Member]]:
     hub = MemoryHub()
     members: list[Member] = []
     async with AsyncExitStack() as stack:
@@ -71,8 +74,9 @@ async def cluster(tmp_path: Path, groups: list[list[str]],
             store = stack.enter_context(Store((store_homes or {}).get(i, tmp_path / f"n{i}")))
             space = Space(SpaceConfig(name="t", groups=tuple(g), seeds=seeds, timing=FAST),
                           ident, net, tmp_path / f"n{i}" / "space.sqlite")
-            swarm = SwarmEngine(store, net, (swarm_configs or {}).get(i, SwarmConfig()))
-            dist = DistributionService(space, swarm)
+            swarm = SwarmEngine(store, net, (swarm_configs or {}).get(i, SwarmConfig()),
+                                authorize=(authorize or {}).get(i))
+            dist = DistributionService(space, swarm, (dist_configs or {}).get(i))
             await space.start()
             await swarm.start()
             await space.join()
@@ -327,6 +331,44 @@ async def test_a_target_with_a_corrupt_copy_does_not_count_as_completed(tmp_path
         # before: the rotten copy counted as completed; now it was replaced by a good one
         assert dst.store.get_data(blob, LeaseId.new("t"), verify=True) == data
         assert blob in dst.swarm.corrupt
+
+
+async def test_a_failed_attempt_is_retrying_never_a_final_state(tmp_path: Path) -> None:
+    """Before: under load a healthy distribution briefly showed the terminal state
+    finished-with-failures, then completed.  A target whose attempt fails (here: the source
+    refuses its connections for a while) says it is retrying, and why; the distribution
+    stays active and completes once the source serves."""
+    serving = False
+    quick = {1: SwarmConfig(stall_timeout=0.5)}
+    async with cluster(tmp_path, [[], []], quick, authorize={0: lambda _peer: serving},
+                       dist_configs={1: DistributionConfig(retry_backoff=0.2,
+                                                           retry_backoff_max=0.5)}
+                       ) as (src, dst):
+        handle = await src.dist.distribute(add(src, 2 * MiB), "all")
+        seen: list[tuple[DistributionState, TargetState, str]] = []
+
+        async def collect() -> None:
+            async for s in src.dist.subscribe_progress(handle, interval=0.02):
+                seen.extend((s.state, t.state, t.reason) for t in s.targets)
+
+        watch = asyncio.create_task(collect())
+
+        async def retrying() -> bool:
+            t = (await src.dist.status(handle)).targets[0]
+            return t.state is TargetState.RETRYING and "retrying in" in t.reason
+
+        await eventually(retrying, 10)
+        await asyncio.sleep(1.0)  # a few failed attempts more
+        assert src.swarm.connections_refused >= 2
+        serving = True
+        final = await src.dist.wait_for_completion(handle, 20)
+        await asyncio.wait_for(watch, 5)
+        assert final.state is DistributionState.COMPLETED
+        assert dst.store.has(final.blob_id)
+        assert any(t is TargetState.RETRYING for _, t, _ in seen)
+        ended = [(d, t) for d, t, _ in seen if d is not DistributionState.ACTIVE or t.final]
+        assert all(d is DistributionState.COMPLETED and t is TargetState.COMPLETED
+                   for d, t in ended), ended
 
 
 async def test_a_queued_target_says_why(tmp_path: Path) -> None:
