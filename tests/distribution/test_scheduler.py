@@ -114,6 +114,20 @@ def test_a_corrupt_piece_bans_its_sender_and_its_requests_go_elsewhere() -> None
     assert j.attach("a2", 1, bf(5), False, True, 2.0) == [Close("a2", "banned")]
 
 
+def test_what_a_closed_connection_owed_is_asked_elsewhere_at_once() -> None:
+    """Requests belong to connections: when one closes (a duplicate-connection tie-break, a
+    reset), its pieces go to another connection at once, not after a deadline or the stall
+    timeout (the issue's 30 s tail stall)."""
+    j = job(pieces=5, peers=[], pipeline=4, request_timeout=30.0, stall_timeout=30.0)
+    j.attach("a", 1, bf(5, [0, 1]), False, True, 0.0)
+    assert sorted(requests(j.start(Bitfield(5), 0.0))) == [0, 1]
+    assert sorted(requests(j.attach("b", 2, bf(5, [0, 1, 2, 3]), False, True, 0.0))) == [2, 3]
+    out = j.detach("a", 0.1)
+    assert sorted(requests(out, "b")) == [0, 1] and not j.owns("a")
+    assert not any(isinstance(a, Ban) for a in out)  # closing is no offence
+    assert j.outstanding("b") == 4
+
+
 def test_unanswered_requests_expire_then_the_peer_is_banned() -> None:
     j = job(pieces=4, peers=[], pipeline=2, request_timeout=5.0, request_strikes=2,
             stall_timeout=100.0, flush_interval=100.0)
