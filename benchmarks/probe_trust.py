@@ -2,7 +2,7 @@
 on loopback, each printed next to the figure the issue measured before.
 
     .venv/bin/python benchmarks/probe_trust.py [--only strangers,transfer-flood,...]
-        [--strangers 400] [--requests 200] [--size-mb 16] [--keep DIR]
+        [--strangers 400] [--requests 200] [--size-mb 16] [--black-hole-mb 64] [--keep DIR]
 
 Probes (all by default):
 
@@ -16,7 +16,7 @@ Probes (all by default):
                     another ``--size-mb`` blob to another target: its time, against the same
                     run without the hostile member.
 ``black-hole``      a member (``hostile_node.py black-hole``) claims every piece and answers no
-                    request; ``--size-mb`` to 3 targets (scope all, the source at 8 MiB/s):
+                    request; ``--black-hole-mb`` to 3 targets (scope all, the source at 8 MiB/s):
                     time until the 3 real targets hold it, the states they went through, bans;
                     against the same run without it.
 ``disk-full``       (root: a tmpfs) a target whose home has ~6 MiB free receives 16 MiB: its
@@ -199,14 +199,26 @@ def _dial_stranger(addr: tuple[str, int]) -> ssl.SSLSocket | None:
         return None
 
 
+def _still_open(sock: ssl.SSLSocket) -> bool:
+    """Whether the node still keeps the connection (what it sent meanwhile is drained)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):
+            pass
+        return False  # EOF
+    except ssl.SSLWantReadError:
+        return True
+    except OSError:
+        return False
+
+
 async def probe_strangers(root: Path, args: argparse.Namespace) -> list[Row]:
     n = args.strangers
     with fleet_in(root, bool(args.keep)) as fleet:
         node = fleet.add()
         fleet.start()
         await asyncio.sleep(1.0)
-        addr = Ticket.parse(node.ticket).addrs[0]
-        host, port = str(addr).rsplit(":", 1)
+        host, port = Ticket.parse(node.ticket).addrs[0]
         threads0, rss0 = proc_status(pid_of(node))
         socks: list[ssl.SSLSocket | None] = []
         t0 = time.monotonic()
@@ -217,17 +229,7 @@ async def probe_strangers(root: Path, args: argparse.Namespace) -> list[Row]:
         held = sum(s is not None for s in socks)
         threads1, rss1 = proc_status(pid_of(node))
         await asyncio.sleep(max(0.0, 12.0 - (time.monotonic() - t0)))  # admission timeout 10 s
-        alive = 0
-        for s in socks:
-            if s is None:
-                continue
-            s.setblocking(False)
-            try:
-                alive += s.recv(1) != b""
-            except ssl.SSLWantReadError:
-                alive += 1
-            except OSError:
-                pass
+        alive = sum(_still_open(s) for s in socks if s is not None)
         threads2, rss2 = proc_status(pid_of(node))
         async with NodeClient(node.home) as client:
             text = await client.metrics()
@@ -339,22 +341,37 @@ async def probe_non_reader(root: Path, args: argparse.Namespace) -> list[Row]:
             # for every piece and never reads
             await timed_distribution(fleet, 32 * MiB, f"node:{first.node_id}", [first], 60)
             await asyncio.sleep(2.0)
+            async with NodeClient(src.home) as client:
+                conns = metric(await client.metrics(), "blobmesh_swarm_connections")
             took, changes, ok, _ = await timed_distribution(
                 fleet, size, f"node:{second.node_id}", [second], 90)
+            banned_at = -1.0
+            t0 = time.monotonic()
             async with NodeClient(src.home) as client:
+                while hostile and time.monotonic() - t0 < 40:  # send_timeout is 20 s
+                    text = await client.metrics()
+                    if metric(text, "blobmesh_swarm_peers_banned_total") > 0:
+                        banned_at = time.monotonic() - t0
+                        break
+                    await asyncio.sleep(0.5)
                 text = await client.metrics()
-            bans = metric(text, "blobmesh_swarm_peers_banned_total")
-            results[hostile] = (took, ok, bans, bad_states(changes))
-    (t_clean, ok_clean, _, _), (t_bad, ok_bad, bans, bad) = results[False], results[True]
+            bans = re.findall(r'^blobmesh_swarm_peers_banned_total\{reason="([^"]+)"\} (\S+)$',
+                              text, re.M)
+            results[hostile] = (took, ok, conns, banned_at,
+                                [f"{r}: {float(v):.0f}" for r, v in bans if float(v)],
+                                bad_states(changes))
+    clean, bad = results[False], results[True]
     return [Row(f"another target's {args.size_mb} MiB with a non-reading member present",
                 "0.5 s clean; failed after 61 s",
-                f"{t_bad:.2f} s ({'verified' if ok_bad else 'NOT completed'}); clean run "
-                f"{t_clean:.2f} s ({'ok' if ok_clean else 'NOT ok'}); {t_bad / t_clean:.2f}x; "
-                f"source banned {bans:.0f} peer(s); failure states seen: {bad or 'none'}")]
+                f"{bad[0]:.2f} s ({'verified' if bad[1] else 'NOT completed'}); clean run "
+                f"{clean[0]:.2f} s ({'ok' if clean[1] else 'NOT ok'}); {bad[0] / clean[0]:.2f}x; "
+                f"source's swarm connections before it: {bad[2]:.0f} (clean run {clean[2]:.0f});"
+                f" the source banned it {bad[3]:.0f} s after ({bad[4]}); failure states "
+                f"seen: {bad[5] or 'none'}")]
 
 
 async def probe_black_hole(root: Path, args: argparse.Namespace) -> list[Row]:
-    size = args.size_mb * MiB
+    size = args.black_hole_mb * MiB
     results = {}
     for hostile in (False, True):
         with fleet_in(root / f"bh-{hostile}", bool(args.keep)) as fleet:
@@ -375,7 +392,8 @@ async def probe_black_hole(root: Path, args: argparse.Namespace) -> list[Row]:
             reasons = sorted({r for _, key, _, r in changes if key != "distribution" and r})
             results[hostile] = (took, ok, bans, expired, resets, bad_states(changes), reasons)
     clean, bad = results[False], results[True]
-    return [Row(f"{args.size_mb} MiB to 3 targets with a black-hole member (source 8 MiB/s)",
+    return [Row(f"{args.black_hole_mb} MiB to 3 targets with a black-hole member "
+                "(source 8 MiB/s)",
                 "finished-with-failures, then complete at ~137 s; never banned",
                 f"{bad[0]:.1f} s ({'all verified' if bad[1] else 'NOT completed'}); clean run "
                 f"{clean[0]:.1f} s; {bad[0] / clean[0]:.2f}x; bans {bad[2]:.0f}, expired "
@@ -563,7 +581,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200,
                         help="transfer requests of the unadmitted peer (default 200)")
     parser.add_argument("--size-mb", type=int, default=16,
-                        help="blob size of the non-reader and black-hole runs (default 16)")
+                        help="blob size of the non-reader runs (default 16)")
+    parser.add_argument("--black-hole-mb", type=int, default=64,
+                        help="blob size of the black-hole runs (default 64: longer than the "
+                             "6 s request deadline)")
     parser.add_argument("--keep", default=None,
                         help="work under this directory and keep the node homes and logs")
     sys.exit(asyncio.run(main_async(parser.parse_args())))
