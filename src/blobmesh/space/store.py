@@ -56,6 +56,7 @@ def open_db(path: Path | str) -> sqlite3.Connection:
     # metadata is re-gossiped after a crash, so losing the last commits is acceptable
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(_SCHEMA)
+    private_database(path)  # its -wal and -shm files, now they exist
     return db
 
 

@@ -77,6 +77,8 @@ def private_database(path: Path | str) -> None:
     """Make an SQLite database at ``path`` private to the owner before it is opened: created
     0600 if missing (SQLite gives its ``-wal`` and ``-shm`` files the database's mode), and an
     existing one and its ``-wal``/``-shm`` files made 0600 (a home from before this rule).
+    Safe to call again once the database is open (where ``mknod`` is not supported, SQLite
+    creates the file and that second call makes it private).
 
     The file is never opened here: closing any descriptor of a database file drops every
     POSIX lock this process holds on it, those of SQLite connections already open included
@@ -85,7 +87,7 @@ def private_database(path: Path | str) -> None:
     path = str(path)
     if path == ":memory:":
         return
-    with suppress(FileExistsError):
+    with suppress(OSError):  # it exists, or the filesystem has no mknod for regular files
         os.mknod(path, stat.S_IFREG | FILE_MODE)  # creates without opening
     for suffix in ("", "-wal", "-shm"):
         with suppress(FileNotFoundError):

@@ -66,6 +66,7 @@ class PieceIndex:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # a lost update is re-synced
             self._db.executescript(_SCHEMA)
+            private_database(path)  # its -wal and -shm files, now they exist
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the piece index {path}: {exc}") from exc
 

@@ -41,6 +41,7 @@ class ChannelDB:
         # recomputed from it on restart, so commits need not wait for fsync
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        private_database(path)  # its -wal and -shm files, now they exist
 
     def save_many(self, records: list[ChannelRecord]) -> None:
         """Write records in one transaction."""
