@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from blobmesh.cli.output import (
     add_command,
+    caps_text,
     console,
     err_console,
     human_bytes,
@@ -151,10 +153,6 @@ def cmd_node_info(args: argparse.Namespace) -> int:
     return _run(go())
 
 
-def caps_text(caps: dict[str, Any]) -> str:
-    return ",".join(f"{k}={human_value(v)}" for k, v in sorted(caps.items()))
-
-
 def cmd_peers(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with NodeClient(_home(args)) as node:
@@ -164,8 +162,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
             return 0
         table = Table("node", "alive", "groups", "capabilities", "addresses", "last seen")
         for p in peers:
-            table.add_row(p["node"], human_value(p["alive"]), ",".join(p["groups"]),
-                          caps_text(p["capabilities"]), " ".join(p["addresses"]),
+            table.add_row(p["node"], human_value(p["alive"]), escape(",".join(p["groups"])),
+                          escape(caps_text(p["capabilities"])), " ".join(p["addresses"]),
                           human_time(p["last_seen_at"]) if p["last_seen_at"] else "never")
         if not peers:
             console.print("no peers")
@@ -203,10 +201,11 @@ def _eta(s: DistributionStatus, t: TargetStatus) -> str:
 def render_status(s: DistributionStatus) -> Table:
     now = time.time()
     elapsed = (s.finished or now) - s.started
-    table = Table(title=f"{s.handle}  {s.blob_id.short()}…  {human_bytes(s.size)}  "
-                        f"to {s.scope}  [{s.priority}]  {s.state}  "
-                        f"{s.completed}/{s.total} done  {human_duration(elapsed)}  "
-                        f"started {human_time(s.started)}",
+    # scopes (cap:arch in [a,b]), the priority in brackets and reasons are text, not markup
+    table = Table(title=escape(f"{s.handle}  {s.blob_id.short()}…  {human_bytes(s.size)}  "
+                               f"to {s.scope}  [{s.priority}]  {s.state}  "
+                               f"{s.completed}/{s.total} done  {human_duration(elapsed)}  "
+                               f"started {human_time(s.started)}"),
                   title_justify="left")
     table.add_column("target")
     table.add_column("state")
@@ -224,7 +223,8 @@ def render_status(s: DistributionStatus) -> Table:
         moving = t.state is TargetState.TRANSFERRING and t.rate
         table.add_row(t.node.short() + "…", f"[{style}]{state}[/]" if style else state,
                       "█" * filled + "░" * (bar_len - filled) + f" {pct:5.1f}%",
-                      f"{human_bytes(t.rate)}/s" if moving else "", _eta(s, t), t.reason[:60])
+                      f"{human_bytes(t.rate)}/s" if moving else "", _eta(s, t),
+                      escape(t.reason[:60]))
     return table
 
 
@@ -366,7 +366,7 @@ def cmd_distributions(args: argparse.Namespace) -> int:
                                   if not t.state.final):
                 state = "queued"
             table.add_row(str(s.handle), state, f"{s.completed}/{s.total}", human_bytes(s.size),
-                          s.blob_id.short() + "…", str(s.scope), str(s.priority),
+                          s.blob_id.short() + "…", escape(str(s.scope)), str(s.priority),
                           human_time(s.started), human_duration(max(etas)) if etas else "")
         console.print(table)
         return 0
