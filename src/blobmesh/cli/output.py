@@ -43,7 +43,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if "default" in text or default in (None, False, [], argparse.SUPPRESS) \
+        if "default" in text or default in (None, False, [], "", argparse.SUPPRESS) \
                 or action.option_strings == [] or isinstance(default, bool):
             return text
         return f"{text} (default: {default})"
