@@ -44,6 +44,14 @@ def test_collection_commands(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
     assert "deleted 6 blob(s)" in cli.out("gc")
 
 
+def test_a_file_of_a_collection_by_id_prefix(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    cid = cli.out("add", "-q", make_tree(tmp_path / "tree")).strip()
+    assert cli.run("cat", f"{cid[:12]}/model/config.json").stdout == b'{"layers": 2}'
+    unknown = "bm1" + next(c for c in "abcdefghijklmnopqrstuvwxyz234567" if c != cid[3]) * 4
+    r = cli.run("cat", f"{unknown}/model/config.json", ok=False)
+    assert r.returncode == 2 and b"nor is it the prefix of a blob" in r.stderr
+
+
 def test_mixing_files_and_dirs_is_refused(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
     (tmp_path / "d").mkdir()
     (tmp_path / "f").write_text("x")
