@@ -3,6 +3,8 @@ distribution, pruning, node info, and ``/metrics`` as a stock Prometheus parses 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -91,6 +93,30 @@ async def test_same_blob_and_scope_returns_the_active_distribution(
         assert await client.distributions() == [] and await client.prune() == []
         with pytest.raises(ControlError, match="active must be true or false"):
             await client._request("GET", "/v1/distributions?active=maybe")
+
+
+async def test_a_client_that_goes_away_logs_nothing(pair: tuple[Node, Node],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A ``--wait`` or ``status --follow`` stopped (Ctrl-C) as its event stream is being
+    opened: the node has no one to answer and must log no error for it."""
+    a, _ = pair
+    blob = a.store.add_bytes(os.urandom(4 * 1024 * 1024)).blob_id
+    async with NodeClient(a.config.home) as client:
+        handle = str((await client.distribute(str(blob), "group:edge", "normal")).handle)
+        for path in (f"/v1/distributions/{handle}/events", f"/v1/distributions/{handle}",
+                     "/v1/node"):
+            for _ in range(5):
+                _, writer = await asyncio.open_unix_connection(
+                    str(a.config.home / "control.sock"))
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
+                await writer.drain()
+                writer.close()  # gone before the answer
+                await writer.wait_closed()
+        assert (await client.node())["node"] == str(a.identity.node_id)  # still serving
+        await asyncio.sleep(0.5)
+        await client.cancel(handle)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
 
 
 async def test_node_info(pair: tuple[Node, Node]) -> None:
