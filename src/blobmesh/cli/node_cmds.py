@@ -31,6 +31,7 @@ from blobmesh.distribution.model import (
     DistributionStatus,
     Priority,
     Scope,
+    ScopeError,
     TargetState,
     TargetStatus,
 )
@@ -39,6 +40,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.node.client import NodeClient
 from blobmesh.node.codec import status_to_json
 from blobmesh.store import Store, default_home
+from blobmesh.transport.identity import NodeId
 
 STALLED_AFTER = 10.0
 """Seconds without progress after which a transferring target shows as stalled."""
@@ -228,8 +230,42 @@ def render_status(s: DistributionStatus) -> Table:
     return table
 
 
+def _check_scope(text: str) -> bool:
+    """Fail on a malformed scope before any work; whether it names nodes by id prefixes
+    (resolved against the running node's peers)."""
+    try:
+        Scope.parse(text)
+    except ScopeError as exc:
+        if text.strip().startswith("cap:"):  # most likely a > or < the shell took
+            raise ScopeError(f"{exc} (quote cap: scopes in a shell, where > and < are "
+                             "redirections: --to 'cap:gpu=true,mem_gb>=16')") from None
+        raise
+    except InvalidIdError:
+        if text.strip().startswith("node:"):
+            return True
+        raise
+    return False
+
+
+async def _resolve_scope(node: NodeClient, text: str) -> str:
+    """``node:ID[,ID]`` with each unique prefix of a known node id (the running node's
+    peers, or itself) replaced by the full id, as tables show ids cut short."""
+    from blobmesh.node.ids import resolve_prefix
+
+    ids = [p.strip() for p in text.strip().removeprefix("node:").split(",") if p.strip()]
+    known = [str(p["node"]) for p in await node.peers()] + [str((await node.node())["node"])]
+    out = []
+    for i in ids:
+        try:
+            out.append(str(NodeId.parse(i)))
+        except InvalidIdError:
+            out.append(resolve_prefix(i if i.startswith(NodeId.PREFIX) else NodeId.PREFIX + i,
+                                      known, "node"))
+    return "node:" + ",".join(out)
+
+
 def cmd_distribute(args: argparse.Namespace) -> int:
-    Scope.parse(args.to)  # a malformed scope fails before any work
+    by_prefix = _check_scope(args.to)
     if args.quiet and args.json:
         raise BlobmeshError("--quiet and --json exclude each other")
     home = _home(args)
@@ -237,9 +273,10 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with NodeClient(home) as node:
             await node.node()  # a running node first: no copy into the store for nothing
+            scope = await _resolve_scope(node, args.to) if by_prefix else args.to
             blob_id = await asyncio.to_thread(_blob_for, home, args.what, args.quiet)
             status, created = await node.distribute_or_join(
-                str(blob_id), args.to, args.priority, args.share_url, new=args.new,
+                str(blob_id), scope, args.priority, args.share_url, new=args.new,
                 export=args.export, export_force=args.export_force)
             handle = str(status.handle)
             if args.quiet:
@@ -298,12 +335,15 @@ async def _follow(node: NodeClient, handle: str, timeout: float | None, live: bo
 
     async def watch() -> None:
         nonlocal status
-        with Live(render_status(status), console=err_console, refresh_per_second=8,
-                  transient=False, auto_refresh=live) as view:
+        if not live:  # --json, -q: no progress table on stderr either
             async for s in node.events(handle):
                 status = s
-                if live:
-                    view.update(render_status(s))
+            return
+        with Live(render_status(status), console=err_console, refresh_per_second=8,
+                  transient=False) as view:
+            async for s in node.events(handle):
+                status = s
+                view.update(render_status(s))
 
     try:
         await asyncio.wait_for(watch(), timeout)
