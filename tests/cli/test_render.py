@@ -10,7 +10,7 @@ import time
 from rich.console import Console, RenderableType
 
 from blobmesh.cli.dashboard_cmds import render_top
-from blobmesh.cli.node_cmds import STALLED_AFTER, render_status
+from blobmesh.cli.node_cmds import STALLED_AFTER, render_distributions, render_status
 from blobmesh.distribution.model import (
     DistributionHandle,
     DistributionState,
@@ -83,3 +83,18 @@ def test_top_shows_capabilities_as_given_and_scopes_unmangled() -> None:
     assert "gpu=true,mem_gb=64" in text and "arch=arm64,gpu=false" in text
     assert "True" not in text and "False" not in text
     assert "[core]" in text and "cap:arch in [arm64,amd64]" in text
+
+
+def test_the_listing_shows_queued_distributions_and_the_slowest_eta() -> None:
+    now = time.time()
+    a, b = Identity.generate().node_id, Identity.generate().node_id
+    moving = status(TargetStatus(a, TargetState.TRANSFERRING, bytes_done=90 * MiB, rate=MiB),
+                    TargetStatus(b, TargetState.TRANSFERRING, bytes_done=40 * MiB, rate=MiB))
+    behind = status(TargetStatus(a, TargetState.TRANSFERRING),
+                    TargetStatus(b, TargetState.COMPLETED, bytes_done=100 * MiB),
+                    scope="group:edge")
+    text = text_of(render_distributions([moving, behind], now))
+    first, second = (line for line in text.splitlines() if "d-3f2a" in line)
+    assert "active" in first and "1m00s" in first  # 60 MiB to go at 1 MiB/s, not 10 s
+    assert "cap:arch in [arm64,amd64]" in first and "0/2" in first
+    assert "queued" in second and "1/2" in second and "group:edge" in second

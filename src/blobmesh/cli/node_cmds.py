@@ -395,23 +395,28 @@ def cmd_distributions(args: argparse.Namespace) -> int:
         if not items:
             console.print("no active distributions" if args.active else "no distributions")
             return 0
-        now = time.time()
-        table = Table("handle", "state", "done", "size", "blob", "scope", "priority",
-                      "started", "eta")
-        for s in items:
-            etas = [max(0, s.size - t.bytes_done) / t.rate for t in s.targets
-                    if t.state is TargetState.TRANSFERRING and t.rate]
-            state = str(s.state)
-            if not s.done and all(_target_state(s, t, now) == "queued" for t in s.targets
-                                  if not t.state.final):
-                state = "queued"
-            table.add_row(str(s.handle), state, f"{s.completed}/{s.total}", human_bytes(s.size),
-                          s.blob_id.short() + "…", escape(str(s.scope)), str(s.priority),
-                          human_time(s.started), human_duration(max(etas)) if etas else "")
-        console.print(table)
+        console.print(render_distributions(items, time.time()))
         return 0
 
     return _run(go())
+
+
+def render_distributions(items: list[DistributionStatus], now: float) -> Table:
+    """The ``distributions`` table: one row each, queued when every target still to go is,
+    the ETA of the slowest moving target."""
+    table = Table("handle", "state", "done", "size", "blob", "scope", "priority",
+                  "started", "eta")
+    for s in items:
+        etas = [max(0, s.size - t.bytes_done) / t.rate for t in s.targets
+                if t.state is TargetState.TRANSFERRING and t.rate]
+        state = str(s.state)
+        if not s.done and all(_target_state(s, t, now) == "queued" for t in s.targets
+                              if not t.state.final):
+            state = "queued"
+        table.add_row(str(s.handle), state, f"{s.completed}/{s.total}", human_bytes(s.size),
+                      s.blob_id.short() + "…", escape(str(s.scope)), str(s.priority),
+                      human_time(s.started), human_duration(max(etas)) if etas else "")
+    return table
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -439,4 +444,4 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _run(go())
 
 
-__all__ = ["register", "render_status"]
+__all__ = ["register", "render_distributions", "render_status"]
