@@ -59,3 +59,14 @@ def test_bad_files_are_one_clear_error(tmp_path: Path, text: str, message: str) 
     (tmp_path / "config.toml").write_text(text)
     with pytest.raises(ConfigFileError, match=message):
         resolve(tmp_path, args_of(tmp_path))
+
+
+def test_the_readme_example_config_is_valid(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [example] = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    (tmp_path / "config.toml").write_text(example)
+    values, path = resolve(tmp_path, args_of(tmp_path))
+    assert path == tmp_path / "config.toml"
+    assert values["group"] == ["edge"] and values["log_format"] == "json"
