@@ -83,6 +83,7 @@ def test_top_shows_capabilities_as_given_and_scopes_unmangled() -> None:
     assert "gpu=true,mem_gb=64" in text and "arch=arm64,gpu=false" in text
     assert "True" not in text and "False" not in text
     assert "[core]" in text and "cap:arch in [arm64,amd64]" in text
+    assert "1m39s" in text  # 99 MiB to go at 1 MiB/s, as every other ETA is written
 
 
 def test_the_listing_shows_queued_distributions_and_the_slowest_eta() -> None:

@@ -21,6 +21,7 @@ from blobmesh.cli.output import (
     console,
     err_console,
     human_bytes,
+    human_duration,
 )
 from blobmesh.errors import BlobmeshError
 
@@ -199,7 +200,7 @@ def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
                       row["priority"],
                       f"[{style}]{row['state']}[/]", f"{row['completed']}/{row['targets']}",
                       _bar(frac), _rate(row["rate"]),
-                      f"{row['eta']:.0f}s" if row["eta"] is not None else "")
+                      human_duration(row["eta"]) if row["eta"] is not None else "")
     return Group(Panel(head), fleet, dists)
 
 
