@@ -26,8 +26,9 @@ def store(home: Path) -> Iterator[Store]:
 
 @pytest.fixture(autouse=True)
 def _no_traceback_in_node_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fail a test if a node process of any :class:`Fleet` it made logged a traceback:
-    normal use (cancels, clients that go away, restarts) must not."""
+    """Fail a test if a node process of any :class:`Fleet` it made logged a traceback, or
+    an error no task owner retrieved (logged without one, as a counted ERROR line): normal
+    use (cancels, clients that go away, restarts) must do neither."""
     fleets: list[Fleet] = []
     init = Fleet.__init__
 
@@ -40,3 +41,7 @@ def _no_traceback_in_node_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None
     for fleet in fleets:
         fleet.stop()  # a traceback at exit counts too (stopped ones are not touched)
     assert [tb for fleet in fleets for tb in fleet.tracebacks()] == []
+    unhandled = [line for fleet in fleets for n in fleet.nodes
+                 for line in n.stderr().splitlines() if " ERROR " in line
+                 and "unhandled error" in line]
+    assert unhandled == []
