@@ -619,7 +619,7 @@ async def bench_loopback(args: argparse.Namespace, tmp: Path) -> None:
         print(f"{system} swarm code: {code_fingerprint(code)}", flush=True)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    systems = ["blobmesh", *variants]
+    systems = [*(["blobmesh"] if "blobmesh" in args.only else []), *variants]
     for size_mb, targets in args.scenarios:
         await loopback_scenario(size_mb, targets, args.runs, systems, tmp, variants,
                                 args.profile, args.profiler)
@@ -818,7 +818,7 @@ def main() -> None:
         lt_worker(torrent, save, ip, [p for p in peers.split(",") if p], args.lt_seed,
                   args.lt_tuning)
         return
-    args.only = args.only.split(",")
+    args.only = [s for s in args.only.split(",") if s]  # --only '' --variant ...: just those
     if unknown := set(args.only) - set(SYSTEMS):
         parser.error(f"unknown system(s) in --only: {', '.join(sorted(unknown))}")
     args.variants = {f"blobmesh-{name}": Path(path).resolve()
