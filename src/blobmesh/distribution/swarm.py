@@ -81,6 +81,9 @@ MAX_OUTBOX = 8192  # messages queued per connection before it counts as not read
 HELLO_TIMEOUT = 10.0
 NOT_READING = "peer does not read"
 DISK_HEADROOM = 1 << 20  # free bytes kept for metadata when pieces fill a disk
+# piece bytes received and not yet written, per download job, before its readers wait (at
+# least a few pieces): the job's writer takes all that waits in one trip to a thread
+WRITE_QUEUE_BYTES = 16 << 20
 
 
 class BanKind(enum.StrEnum):
@@ -634,6 +637,14 @@ class DownloadJob:
         self.state = TargetState.TRANSFERRING
         self.reason = ""
         self._ban_note = ""
+        # pieces received, to be verified and written by ``_write_loop``
+        self._writes: list[tuple[_Conn, int, Buffer]] = []
+        self._write_bytes = 0
+        self._write_limit = max(WRITE_QUEUE_BYTES, 4 * piece_size)
+        self._write_wake = asyncio.Event()
+        self._write_room = asyncio.Event()
+        self._write_room.set()
+        self._writer: asyncio.Task[None] | None = None
 
     # --- state visible to the engine -------------------------------------------------------
 
@@ -690,30 +701,66 @@ class DownloadJob:
         return True
 
     async def _on_piece(self, conn: _Conn, index: int, data: Buffer) -> None:
+        """Queue a piece for the job's writer; the connection's reader waits only while the
+        queue is full."""
         partial = self._partial
         if not self.sched.piece_arrived(conn, index, self._loop.time()) or partial is None:
             return  # a late copy nobody needs any more, or one we cannot store now
         await self.engine.down_bucket.take(len(data))
-        try:
-            wrote = await asyncio.to_thread(self._write_piece, partial, index, data)
-        except VerificationError:
-            self.engine.pieces_rejected += 1
-            self._execute(self.sched.piece_corrupt(conn, index, self._loop.time()))
-            return
-        except StoreFullError:  # (an OSError too: first)
-            self._execute(self.sched.piece_failed(conn, index, self._loop.time()))
-            self._enter_disk_full()
-            return
-        except OSError:
-            if self._partial is not partial:
-                return  # the download ended (cancelled, say) under this write
-            raise
-        if wrote:
-            self.bytes_done += len(data)
-            self._received[conn.peer] += len(data)
-            self.engine.bytes_downloaded += len(data)
-        self._execute(self.sched.piece_written(conn, index, wrote, self._loop.time()))
-        self._report()
+        self._writes.append((conn, index, data))
+        self._write_bytes += len(data)
+        if self._writer is None:
+            self._writer = self.engine._spawn(self._write_loop(),
+                                              name=f"write-{self.blob_id.short()}")
+        self._write_wake.set()
+        if self._write_bytes >= self._write_limit:
+            self._write_room.clear()
+            await self._write_room.wait()
+
+    async def _write_loop(self) -> None:
+        """Verify and write the queued pieces, all that wait in one trip to a thread, then
+        tell the scheduler how each one went."""
+        while True:
+            if not self._writes:
+                self._write_wake.clear()
+                await self._write_wake.wait()
+                continue
+            batch, self._writes = self._writes, []
+            partial = self._partial
+            try:
+                # (complete: what still comes is late copies, and the partial blob closes)
+                results = [] if partial is None or self._closing or self.sched.done else \
+                    await asyncio.to_thread(self._write_batch, partial, batch)
+            finally:
+                self._write_bytes -= sum(len(data) for _, _, data in batch)
+                if self._write_bytes < self._write_limit:
+                    self._write_room.set()
+            if self._partial is not partial or not results:
+                continue  # the download ended (cancelled, say) under these writes
+            now = self._loop.time()
+            for (conn, index, data), result in zip(batch, results, strict=True):
+                if isinstance(result, VerificationError):
+                    self.engine.pieces_rejected += 1
+                    if self.sched.owns(conn):
+                        self._execute(self.sched.piece_corrupt(conn, index, now))
+                    elif not self.engine.is_banned(self.blob_id, conn.peer):
+                        # gone meanwhile (say, banned for an earlier piece of this batch)
+                        self._on_ban(conn.peer, BanKind.BAD_DATA,
+                                     f"sent a corrupt piece {index}")
+                elif isinstance(result, StoreFullError):  # (an OSError too: first)
+                    self._execute(self.sched.piece_failed(conn, index, now))
+                    self._enter_disk_full()
+                elif isinstance(result, BaseException):
+                    log.error("swarm %s: writing piece %d failed: %s", self.blob_id.short(),
+                              index, result)
+                    conn.close(f"writing piece {index} failed: {result}")
+                else:
+                    if result:
+                        self.bytes_done += len(data)
+                        self._received[conn.peer] += len(data)
+                        self.engine.bytes_downloaded += len(data)
+                    self._execute(self.sched.piece_written(conn, index, result, now))
+            self._report()
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
@@ -905,13 +952,30 @@ class DownloadJob:
         self._set_state(TargetState.TRANSFERRING)
         self._execute(self.sched.resume(self._loop.time()))  # waiting for disk is no stall
 
-    def _write_piece(self, partial: PartialBlob, index: int, data: Buffer) -> bool:
-        """Write a piece (in a worker thread), leaving room for the store's metadata: a
-        disk filled to the last byte could not even record the pieces already written."""
-        if shutil.disk_usage(self.engine.store.home).free < len(data) + DISK_HEADROOM:
-            raise StoreFullError(f"disk full writing {self.blob_id.short()}",
-                                 blob_id=self.blob_id)
-        return partial.write_piece(index, data)
+    def _write_batch(self, partial: PartialBlob, batch: list[tuple[_Conn, int, Buffer]]
+                     ) -> list[bool | OSError | VerificationError]:
+        """Verify and write pieces (in a worker thread): for each, whether it was new, or what
+        went wrong.  Room is left for the store's metadata: a disk filled to the last byte
+        could not even record the pieces already written."""
+        try:
+            free = shutil.disk_usage(self.engine.store.home).free
+        except OSError as exc:
+            return [exc] * len(batch)
+        out: list[bool | OSError | VerificationError] = []
+        for _, index, data in batch:
+            if free < len(data) + DISK_HEADROOM:
+                out.append(StoreFullError(f"disk full writing {self.blob_id.short()}",
+                                          blob_id=self.blob_id))
+                continue
+            try:
+                wrote = partial.write_piece(index, data)
+            except (VerificationError, OSError) as exc:
+                out.append(exc)
+                continue
+            if wrote:
+                free -= len(data)
+            out.append(wrote)
+        return out
 
     async def _dial(self, peer: NodeId) -> None:
         conn: _Conn | None = None
@@ -970,6 +1034,12 @@ class DownloadJob:
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
+        self._writes.clear()  # pieces still arriving are dropped
+        self._write_room.set()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
         complete = self.engine.store.has(self.blob_id)
         for conn in self.sched.conns():
             self._bind(conn, False)
