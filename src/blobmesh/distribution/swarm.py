@@ -136,6 +136,7 @@ class _Conn:
         self._control: deque[bytes] = deque()
         # (head, message, piece index or -1): a piece's message is its head and its bytes
         self._pieces: deque[tuple[bytes, bytes | memoryview, int]] = deque()
+        self._sending_control = False  # the writer is sending a control message
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -148,6 +149,15 @@ class _Conn:
         is dropped."""
         if self.closed:
             return
+        if piece < 0 and not after_pieces and not head and not self._control and \
+                not self._sending_control and isinstance(message, bytes):
+            # nothing queued to go first: straight to the transport if it takes it now
+            try:
+                if self.stream.try_send(message):
+                    return
+            except TransportError as exc:
+                self.close(str(exc))
+                return
         if len(self._control) + len(self._pieces) >= MAX_OUTBOX:
             self.close(f"{NOT_READING}: send queue full")
             return
@@ -174,6 +184,7 @@ class _Conn:
             message: bytes | memoryview = b""
             if self._control:
                 message = self._control.popleft()
+                self._sending_control = True
             elif self._pieces:
                 head, message, piece = self._pieces.popleft()
             else:
@@ -190,6 +201,8 @@ class _Conn:
             except TransportError as exc:
                 self.close(str(exc))
                 return
+            finally:
+                self._sending_control = False
             if piece >= 0:
                 on_piece_sent(self, piece, len(head) + len(message))
         self._drained.set()
