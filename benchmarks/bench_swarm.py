@@ -6,6 +6,7 @@ libtorrent and a plain HTTP fan-out, in one lab of network namespaces.
         [--only blobmesh,libtorrent,http]
         [--lt-tuning super|lan|hps] [--variant NAME=DIR ...]
         [--hostile black-hole|non-reader ...]
+    .venv/bin/python benchmarks/bench_swarm.py --loopback [--runs 3] [--profile DIR]
 
 Builds hosts as network namespaces on one switch namespace (``netlab.py``), each link limited
 to ``--rate-mbit`` with ``tbf`` on both ends; measures the real per-link TCP goodput R and uses
@@ -27,6 +28,18 @@ a ``non-reader`` (asks everyone for everything, reads nothing); goal: <= 1.2x th
 Every blobmesh run also counts the swarm connections reset for protocol errors (the end-game
 "unsolicited piece" resets of old); with ``--runs`` >= 3 the tail is judged: worst <= 1.1x
 the median.
+
+``--loopback`` runs blobmesh (and its variants) on 127.0.0.1 instead: no namespaces, no tbf,
+node homes on tmpfs (``--home-dir``), so the data plane is the limit, not the links.  Default
+scenarios: 1 GiB to 1 target and 512 MiB to 4 targets.  Each run first measures raw
+single-stream TLS 1.3 between two processes over the same number of bytes
+(``bench_transfer.raw_tls_copy``), then every system, interleaved; it prints each target's
+throughput against that raw TLS rate and the CPU seconds per GiB delivered (user + system of
+every node process, all threads, over targets x F), medians of ``--runs``.
+Goals (issue 9): 1 -> 1 >= 0.4x raw TLS; 512 MiB -> 4 <= 3 CPU-s per GiB delivered.
+``--profile DIR`` records every node during each run into DIR (``--profiler py-spy``:
+collapsed Python stacks of the GIL holder; ``perf``: on-CPU samples, native and kernel); the
+profiler's own cost is then in the CPU figures.
 """
 
 from __future__ import annotations
@@ -59,9 +72,11 @@ from blobmesh.sim.bounds import kumar_ross
 from blobmesh.store import LeaseId, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_transfer import raw_tls_copy
 from netlab import NetLab
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 SYSTEMS = ("blobmesh", "libtorrent", "http")
 LT_PORT = 6881
 HTTP_PORT = 8080
@@ -87,6 +102,7 @@ class Outcome:
     resets: int = 0  # swarm connections reset for protocol errors, over all nodes
     expired: int = 0  # piece requests re-issued after their deadline, over all nodes
     banned: int = 0  # peers banned, over all nodes
+    node_cpu: list[float] = field(default_factory=list)  # per node, source first
 
 
 def file_digest(path: Path) -> str:
@@ -105,10 +121,11 @@ async def copies_match(paths: Sequence[Path], digest: str) -> bool:
 # --- blobmesh ----------------------------------------------------------------------------------
 
 
-class NetnsFleet(Fleet):
-    """A :class:`Fleet` whose node ``i`` runs inside lab host ``i``, listening on its address."""
+class BenchFleet(Fleet):
+    """A :class:`Fleet` whose node ``i`` runs inside lab host ``i``, listening on its address
+    (without a lab: on 127.0.0.1, in this machine's network)."""
 
-    def __init__(self, root: Path, lab: NetLab, code: Path | None = None) -> None:
+    def __init__(self, root: Path, lab: NetLab | None, code: Path | None = None) -> None:
         super().__init__(root)
         self.lab = lab
         self.hostile: dict[int, str] = {}  # node index -> mode (see hostile_node.py)
@@ -118,7 +135,7 @@ class NetnsFleet(Fleet):
                 [str(code), *filter(None, [self.env.get("PYTHONPATH")])])
 
     def add_host(self) -> FleetNode:
-        self.listen_host = self.lab.ip(len(self.nodes))
+        self.listen_host = self.lab.ip(len(self.nodes)) if self.lab else "127.0.0.1"
         return self.add()
 
     def _popen(self, node: FleetNode) -> None:
@@ -130,11 +147,13 @@ class NetnsFleet(Fleet):
         seed = next((n for n in self.nodes if n.running and n is not node and n.ticket), None)
         if seed is not None:
             cmd += ["--bootstrap", seed.ticket]
+        if self.lab is not None:
+            cmd = self.lab.cmd(node.index, cmd)
         log_path = self.root / f"node{node.index}.{len(node.logs)}.log"
         node.logs.append(log_path)
         with open(log_path, "wb") as log:
-            node.proc = subprocess.Popen(self.lab.cmd(node.index, cmd), stdout=subprocess.PIPE,
-                                         stderr=log, stdin=subprocess.DEVNULL, env=self.env)
+            node.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                         stdin=subprocess.DEVNULL, env=self.env)
 
 
 async def node_metrics(fleet: Fleet) -> list[str]:
@@ -159,16 +178,51 @@ def verify_blob(home: Path, blob: BlobId) -> bool:
     return True
 
 
-def cpu_seconds(fleet: Fleet) -> float:
-    """User + system CPU time of the running node processes (is a run CPU-bound?)."""
-    total = 0
+def node_cpu_seconds(fleet: Fleet) -> list[float]:
+    """User + system CPU time (all threads) of each node process so far (0 if not running)."""
+    out = []
     for node in fleet.nodes:
+        ticks = 0
         if node.proc is not None:
             with contextlib.suppress(OSError, IndexError, ValueError):
                 stat = Path(f"/proc/{node.proc.pid}/stat").read_text()
                 fields = stat[stat.rindex(")") + 2:].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+                ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        out.append(ticks / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+def start_profilers(fleet: Fleet, out: Path, tool: str) -> list[subprocess.Popen[bytes]]:
+    """A profiler on every node until :func:`stop_profilers`: ``py-spy`` (Python stacks of
+    the thread holding the GIL, collapsed, into ``out``-node<i>.txt) or ``perf`` (on-CPU
+    samples with call graphs of every thread, native and kernel, into ``out``-node<i>.perf)."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    procs = []
+    for node in fleet.nodes:
+        if node.proc is None:
+            continue
+        pid = str(node.proc.pid)
+        if tool == "py-spy":  # the GIL holder: what the Python code costs
+            argv = [str(py_spy), "record", "--gil", "--threads", "--format", "raw",
+                    "--rate", "200", "-o", f"{out}-node{node.index}.txt", "--pid", pid]
+        else:
+            argv = ["perf", "record", "-F", "499", "-g", "-o",
+                    f"{out}-node{node.index}.perf", "-p", pid]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # attached before the clock starts
+    return procs
+
+
+def stop_profilers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def keep_logs(fleet: Fleet) -> Path:
@@ -181,9 +235,10 @@ def keep_logs(fleet: Fleet) -> Path:
     return dest
 
 
-async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
-                       timeout: float, code: Path | None = None, hostile: str = "") -> Outcome:
-    fleet = NetnsFleet(work, lab, code)
+async def run_blobmesh(lab: NetLab | None, targets: int, payload: Path, work: Path,
+                       timeout: float, code: Path | None = None, hostile: str = "",
+                       profile: Path | None = None, profiler: str = "py-spy") -> Outcome:
+    fleet = BenchFleet(work, lab, code)
     for _ in range(targets + 1):
         fleet.add_host()
     if hostile:  # one more member, which is no real target (it never completes)
@@ -195,8 +250,10 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
         with Store(fleet.nodes[0].home) as store:
             blob = (await asyncio.to_thread(store.add_path, payload)).blob_id
         finish: dict[str, float] = {}
+        profilers = await asyncio.to_thread(start_profilers, fleet, profile, profiler) \
+            if profile else []
         async with NodeClient(fleet.nodes[0].home) as client:
-            cpu0 = cpu_seconds(fleet)
+            cpu0 = node_cpu_seconds(fleet)
             t0 = time.perf_counter()
             status = await client.distribute(str(blob), "all", "normal")
 
@@ -226,7 +283,8 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
             first_byte: list[float] = []  # when the first target reported progress
             await asyncio.wait_for(follow(), timeout)
             elapsed = time.perf_counter() - t0
-        cpu = cpu_seconds(fleet) - cpu0
+        node_cpu = [b - a for a, b in zip(cpu0, node_cpu_seconds(fleet), strict=True)]
+        await asyncio.to_thread(stop_profilers, profilers)
         metrics = await node_metrics(fleet)
         uploads = [metric_sum([m], _UPLOADED) for m in metrics]
         verified = await asyncio.gather(*(asyncio.to_thread(verify_blob, n.home, blob)
@@ -238,7 +296,8 @@ async def run_blobmesh(lab: NetLab, targets: int, payload: Path, work: Path,
                          f"{next(iter(failures.values()))!r}")
         if not ok:
             notes.append(f"node logs kept in {keep_logs(fleet)}")
-        return Outcome(elapsed, ok, "; ".join(notes), uploads, cpu=cpu,
+        return Outcome(elapsed, ok, "; ".join(notes), uploads, cpu=sum(node_cpu),
+                       node_cpu=node_cpu,
                        first_byte=first_byte[0] if first_byte else 0.0,
                        finish=sorted(finish.values()), resets=metric_sum(metrics, _RESETS),
                        expired=metric_sum(metrics, _EXPIRED),
@@ -463,6 +522,109 @@ async def run_http(lab: NetLab, targets: int, payload: Path, digest: str, work: 
         await asyncio.to_thread(stop_process, server)
 
 
+# --- loopback ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RawTls:
+    """One raw single-stream TLS copy (``bench_transfer.raw_tls_copy``)."""
+
+    rate: float  # bytes/s
+    cpu_per_gib: float  # both ends
+
+
+def per_gib(o: Outcome, delivered: int) -> float:
+    return o.cpu * GiB / delivered
+
+
+async def loopback_scenario(size_mb: int, targets: int, runs: int, systems: Sequence[str],
+                            tmp: Path, variants: dict[str, Path],
+                            profile: Path | None, profiler: str) -> dict[str, list[Outcome]]:
+    size = size_mb * MiB
+    delivered = targets * size
+    print(f"\n== loopback: {size_mb} MiB to {targets} target(s)", flush=True)
+    srcdir = tmp / "source"
+    srcdir.mkdir(exist_ok=True)
+    payload = srcdir / f"payload-{size_mb}m.bin"
+    await asyncio.to_thread(make_payload, payload, size)
+    timeout = max(120.0, 60 * targets * size / GiB)
+    results: dict[str, list[Outcome]] = {s: [] for s in systems}
+    raw: list[RawTls] = []
+    for run in range(runs):
+        tls_work = tmp / f"tls-{run}"
+        tls_work.mkdir()
+        rate, cpu = await asyncio.to_thread(raw_tls_copy, tls_work, size)
+        shutil.rmtree(tls_work, ignore_errors=True)
+        raw.append(RawTls(rate, cpu * GiB / size))
+        print(f"  run {run + 1} {'raw TLS':<16} {rate / GiB:6.2f} GiB/s  "
+              f"{raw[-1].cpu_per_gib:5.2f} CPU-s/GiB (both ends)  "
+              f"[load {os.getloadavg()[0]:.1f}]", flush=True)
+        for system in systems:  # interleaved, so every system sees the same machine load
+            work = tmp / f"{system}-{run}"
+            work.mkdir()
+            prof = profile / f"{size_mb}m{targets}-{system}-{run + 1}" if profile else None
+            try:
+                code = variants.get(system)
+                out = await run_blobmesh(None, targets, payload, work, timeout, code,
+                                         profile=prof, profiler=profiler)
+                out.code = code_fingerprint(code).rsplit(" ", 1)[-1]
+            except (TimeoutError, RuntimeError, OSError) as exc:
+                out = Outcome(float("nan"), False, f"{type(exc).__name__}: {exc}")
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            results[system].append(out)
+            nodes = " ".join(f"{c:.1f}" for c in out.node_cpu)
+            print(f"  run {run + 1} {system:<16} {out.seconds:6.2f}s  "
+                  f"{size / out.seconds / GiB:5.2f} GiB/s per target "
+                  f"({size / out.seconds / rate:.2f}x raw TLS)  "
+                  f"{per_gib(out, delivered):5.2f} CPU-s/GiB delivered "
+                  f"(node CPU s, source first: {nodes})  code {out.code}"
+                  + ("" if out.ok else f"  FAILED: {out.note}")
+                  + f"  [load {os.getloadavg()[0]:.1f}]", flush=True)
+    for f in srcdir.iterdir():
+        f.unlink()
+
+    raw_rate = statistics.median(r.rate for r in raw)
+    print(f"\nloopback {size_mb} MiB -> {targets} target(s); raw TLS {raw_rate / GiB:.2f} GiB/s, "
+          f"{statistics.median(r.cpu_per_gib for r in raw):.2f} CPU-s/GiB (medians of {runs})")
+    print(f"{'system':<17} {'median s':>9} {'GiB/s/target':>13} {'x raw TLS':>10} "
+          f"{'CPU-s/GiB':>10}  runs (x raw TLS, CPU-s/GiB)")
+    for system, outs in results.items():
+        good = [(o, r) for o, r in zip(outs, raw, strict=True) if o.ok]
+        if not good:
+            print(f"{system:<17} every run failed")
+            continue
+        ratio = statistics.median(size / o.seconds / r.rate for o, r in good)
+        cpu = statistics.median(per_gib(o, delivered) for o, _ in good)
+        secs = statistics.median(o.seconds for o, _ in good)
+        runs_txt = ", ".join(f"{size / o.seconds / r.rate:.2f} {per_gib(o, delivered):.2f}"
+                             if o.ok else "failed" for o, r in zip(outs, raw, strict=True))
+        print(f"{system:<17} {secs:9.2f} {size / secs / GiB:13.2f} {ratio:10.2f} "
+              f"{cpu:10.2f}  [{runs_txt}]")
+        if targets == 1:
+            print(f"verdict: {system} {ratio:.2f}x raw single-stream TLS " +
+                  ("(goal >= 0.4x: met)" if ratio >= 0.4 else "(goal >= 0.4x: MISSED)"))
+        else:
+            print(f"verdict: {system} {cpu:.2f} CPU-s per GiB delivered " +
+                  ("(goal <= 3: met)" if cpu <= 3 else "(goal <= 3: MISSED)"), flush=True)
+    return results
+
+
+async def bench_loopback(args: argparse.Namespace, tmp: Path) -> None:
+    print(f"loopback: nodes on 127.0.0.1, homes in {tmp}; {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"blobmesh swarm code: {code_fingerprint()}", flush=True)
+    variants: dict[str, Path] = args.variants
+    for system, code in variants.items():
+        print(f"{system} swarm code: {code_fingerprint(code)}", flush=True)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    systems = [*(["blobmesh"] if "blobmesh" in args.only else []), *variants]
+    for size_mb, targets in args.scenarios:
+        await loopback_scenario(size_mb, targets, args.runs, systems, tmp, variants,
+                                args.profile, args.profiler)
+
+
 # --- the benchmark -----------------------------------------------------------------------------
 
 
@@ -583,7 +745,9 @@ def code_fingerprint(code: Path | None = None) -> str:
     where = code / "blobmesh" / "distribution" if code is not None else \
         Path(str(swarm_mod.__file__)).parent
     h = hashlib.blake2b(digest_size=4)
-    for name in ("swarm.py", "picker.py", "service.py"):
+    for name in ("swarm.py", "picker.py", "service.py", "peerwire.py", "scheduler.py",
+                 "../transport/io.py", "../transport/connection.py", "../store/partial.py",
+                 "../hashing/tree.py"):
         h.update((where / name).read_bytes())
     return f"{where} ({h.hexdigest()})"
 
@@ -635,6 +799,17 @@ def main() -> None:
     parser.add_argument("--lt-tuning", choices=("lan", "hps", "super"), default="super",
                         help="libtorrent settings (see lt_worker)")
     parser.add_argument("--lab-prefix", default="bmbench", help="namespace name prefix")
+    parser.add_argument("--loopback", action="store_true",
+                        help="blobmesh only, on 127.0.0.1 without namespaces or rate limits, "
+                             "against raw TLS measured in the same run (1 GiB -> 1 and "
+                             "512 MiB -> 4 unless --size-mb/--targets)")
+    parser.add_argument("--home-dir", type=Path, default=Path("/dev/shm"),
+                        help="--loopback: where node homes go (default: tmpfs)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="--loopback: profile every node during each run, into DIR")
+    parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
+                        help="--profile: py-spy (Python stacks of the GIL holder) or perf "
+                             "(on-CPU samples, native and kernel)")
     parser.add_argument("--lt-worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--lt-seed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -643,13 +818,26 @@ def main() -> None:
         lt_worker(torrent, save, ip, [p for p in peers.split(",") if p], args.lt_seed,
                   args.lt_tuning)
         return
-    args.only = args.only.split(",")
+    args.only = [s for s in args.only.split(",") if s]  # --only '' --variant ...: just those
     if unknown := set(args.only) - set(SYSTEMS):
         parser.error(f"unknown system(s) in --only: {', '.join(sorted(unknown))}")
-    if os.geteuid() != 0:
-        parser.error("building network namespaces needs root")
     args.variants = {f"blobmesh-{name}": Path(path).resolve()
                      for name, _, path in (v.partition("=") for v in args.variant)}
+    if args.loopback:
+        if args.size_mb or args.targets:
+            args.scenarios = [(args.size_mb or 512, args.targets or 4)]
+        else:
+            args.scenarios = [(1024, 1), (512, 4)]
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            with tempfile.TemporaryDirectory(prefix="bench-swarm-", dir=args.home_dir) as tmp:
+                asyncio.run(bench_loopback(args, Path(tmp)))
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
+        return
+    if os.geteuid() != 0:
+        parser.error("building network namespaces needs root")
     if args.quick:
         args.scenarios = [(args.size_mb or 32, args.targets or 3)]
     elif args.size_mb or args.targets:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,7 +19,7 @@ from blobmesh.distribution.peerwire import (
     LayerWanted,
     SwarmSession,
 )
-from blobmesh.distribution.swarm import BanKind, SwarmConfig, SwarmEngine
+from blobmesh.distribution.swarm import BanKind, SwarmConfig, SwarmEngine, _PieceIo
 from blobmesh.errors import TransferError
 from blobmesh.hashing import BlobId
 from blobmesh.store import Bitfield, LeaseId, Store
@@ -337,3 +338,21 @@ async def test_many_concurrent_jobs_between_the_same_three_nodes_complete(tmp_pa
         # 24 end games between the same peers: a piece crossing a cancel is taken or dropped,
         # never a reset (the issue saw 24-29 "unsolicited piece" resets per run)
         assert [p.engine.protocol_errors for p in peers] == [0, 0, 0]
+
+
+async def test_piece_io_threads_run_calls_and_end() -> None:
+    io = _PieceIo(2)
+    main = threading.get_ident()
+    assert await io.run(lambda a, b: (a + b, threading.get_ident() != main), 2, 3) == (5, True)
+    results = await asyncio.gather(*(io.run(time.sleep, 0.05) for _ in range(4)))
+    assert results == [None] * 4
+    with pytest.raises(ZeroDivisionError):
+        await io.run(lambda: 1 // 0)
+    threads = list(io._threads)
+    assert len(threads) == 2
+    cancelled = io.run(time.sleep, 0.05)
+    cancelled.cancel()
+    io.close()
+    for t in threads:
+        await asyncio.to_thread(t.join, 5)
+        assert not t.is_alive()

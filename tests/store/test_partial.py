@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import threading
@@ -192,6 +193,20 @@ def test_close_waits_for_a_write_under_way(store: Store,
     first.join(5)
     closing.join(5)
     assert store.has(layer.blob_id)
+
+
+def test_no_write_starts_once_close_began(store: Store) -> None:
+    """A write claimed after close waited for the writes under way must not reach the
+    descriptor being closed (its number may already name another file)."""
+    layer = _layer()
+    partial = store.begin_partial(layer, LeaseId.new("rx"))
+    assert partial.write_piece(0, _piece(layer, 0))
+    partial.close()
+    with pytest.raises(OSError) as info:
+        partial.write_piece(1, _piece(layer, 1))
+    assert info.value.errno == errno.EBADF
+    assert not partial.write_piece(0, _piece(layer, 0))  # present: still "not new"
+    assert set(store.bitfield(layer.blob_id)) == {0}
 
 
 def test_two_writers_share_progress(store: Store) -> None:

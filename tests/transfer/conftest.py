@@ -127,6 +127,9 @@ class TapStream:
             await self.tap.hook(self, msg)
         await self.inner.send(message, flush=flush, head=head)
 
+    def try_send(self, message: bytes) -> bool:
+        return False  # every message goes through send, and so through the hook
+
     async def recv(self) -> bytes:
         return await self.inner.recv()
 

@@ -73,6 +73,43 @@ async def test_a_head_is_sent_in_front_of_the_message(endpoints: EndpointFactory
         await s.send(bytes(FAST.max_message_size), head=b"x")
 
 
+async def test_try_send_sends_small_messages_at_once_in_order(
+        endpoints: EndpointFactory) -> None:
+    window = 256 * 1024
+    cfg = dataclasses.replace(FAST, stream_window=window, max_message_size=window)
+    hold = asyncio.Event()
+    got: list[bytes] = []
+
+    async def reads_later(stream: Stream) -> None:
+        await hold.wait()
+        got.extend(await recv_all(stream))
+
+    a, b = await pair(endpoints, cfg)
+    b.set_handler("later", reads_later)
+    s = await a.open_stream(b.node_id, "later")
+    assert s.try_send(b"first")  # nothing in its way: queued without awaiting
+    big = bytes(window // 2)
+
+    async def two() -> None:
+        await s.send(big)
+        await s.send(big)  # more than the window left: waits for credit, mid-message
+
+    sending = asyncio.create_task(two())
+    await asyncio.sleep(0.2)
+    assert not sending.done()
+    assert not s.try_send(b"behind")  # would overtake the message still being sent
+    hold.set()
+    await asyncio.wait_for(sending, 5)
+    assert s.try_send(b"last")
+    await s.close()
+    await eventually(lambda: len(got) == 4)
+    assert got == [b"first", big, big, b"last"]
+    s.reset()
+    with pytest.raises(TransportError):
+        await s.send(b"x")
+    assert not s.try_send(b"after reset")
+
+
 async def test_message_size_limit(endpoints: EndpointFactory) -> None:
     a, b = await pair(endpoints)
     s = await a.open_stream(b.node_id, "echo")

@@ -40,6 +40,7 @@ class PartialBlob:
         self._pending_bytes = 0
         self._writing: set[int] = set()  # claimed by a write_piece under way
         self._written = threading.Condition(self._lock)  # notified as ``_writing`` shrinks
+        self._closing = False  # close began: no write starts any more
         self._have = db.bitfield(layer.blob_id)
 
     @property
@@ -71,6 +72,8 @@ class PartialBlob:
             # threads must not both count as new
             if index in self._have or index in self._pending or index in self._writing:
                 return False
+            if self._closing:  # (its descriptor is closed, or about to be)
+                raise OSError(errno.EBADF, f"partial blob {self.blob_id.short()} is closed")
             self._writing.add(index)
         start, _ = self.layer.piece_range(index)
         mv = memoryview(data).cast("B")
@@ -141,6 +144,7 @@ class PartialBlob:
                 return
             with self._lock:
                 self._written.wait_for(lambda: not self._writing)
+                self._closing = True  # no write may start on a descriptor being closed
             try:
                 pending = self._sync()
                 if pending:

@@ -34,6 +34,11 @@ class Stream(Protocol):
         once it was handed to the operating system, so the transport's queue stays short and
         what is sent next does not wait behind megabytes of earlier data."""
 
+    def try_send(self, message: bytes) -> bool:
+        """Send a small message now if that needs no waiting (credit, window, no send in
+        progress on this stream); False: nothing was sent, ``send`` it.  Never reorders: a
+        message goes after every message whose ``send`` began before."""
+
     async def recv(self) -> bytes: ...
 
     async def close(self) -> None:

@@ -72,6 +72,7 @@ class TlsStream:
         self._readable = asyncio.Event()
         self._credit = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        self._framing = 0  # sends that have not yet queued their last frame
         self._eof = False
         self._send_closed = False
         self._abandoned = False  # nobody will read: consume arrivals at once
@@ -103,6 +104,19 @@ class TlsStream:
         # equal frames: a message just over the frame size must not leave a tiny last frame
         most = conn.peer_settings.max_frame_size - DATA_OVERHEAD
         frame = -(-size // max(1, -(-size // most)))
+        self._framing += 1
+        try:
+            end = await self._frame(view, head, size, frame)
+        finally:
+            self._framing -= 1
+        if flush or not view.readonly:
+            # (outside the lock: a message queued meanwhile goes out right after this one)
+            await conn.wait_written(end)
+
+    async def _frame(self, view: memoryview, head: bytes, size: int, frame: int) -> int:
+        """Queue every frame of one message; returns :attr:`PeerConnection.queued` after it."""
+        conn = self._conn
+        lead = len(head)
         async with self._send_lock:
             # the connection window for all of it first, so a begun message always finishes
             while not conn.reserve(self, size):
@@ -126,8 +140,25 @@ class TlsStream:
                 off += n
                 if off >= size:
                     break
-            if flush or not view.readonly:
-                await conn.wait_written(conn.queued)
+            return conn.queued
+
+    def try_send(self, message: bytes) -> bool:
+        """Send a small message at once, without waiting, when nothing stands in its way: no
+        other send of this stream still framing, stream credit and connection window for all
+        of it, one frame, and the I/O thread's queue under its high-water mark.  False:
+        nothing was sent (:meth:`send` it).  Raises TransportError when the stream is broken.
+
+        No task switch, lock or timer: for the many small messages of a protocol (a swarm's
+        haves and requests) that would otherwise each wake a writer task."""
+        if self._framing or self._error is not None or self._send_closed:
+            return False
+        conn = self._conn
+        n = len(message)
+        if not conn.writable_now() or conn.wire_budget(self.stream_id) < n or \
+                not conn.reserve(self, n):
+            return False
+        conn.send_data(self.stream_id, memoryview(message), more=False, head=b"")
+        return True
 
     async def recv(self) -> bytes:
         """The next message; StreamClosedError at the peer's close, TransportError if broken."""
@@ -342,6 +373,10 @@ class PeerConnection:
             self._flush()
             self._streams.pop(stream.stream_id, None)
             self._rearm()
+
+    def writable_now(self) -> bool:
+        """Open, and the I/O thread's queue is under the high-water mark."""
+        return self.error is None and self._channel.backlog <= self._high_water
 
     async def wait_writable(self) -> None:
         """Backpressure: wait while the I/O thread has more than the high-water mark queued;

@@ -33,6 +33,7 @@ class MemoryStream:
         self._eof = False
         self._error: TransportError | None = None
         self._sent_closed = False
+        self._sending = 0  # sends waiting for window (a try_send must not overtake them)
         self.other: MemoryStream | None = None
 
     @property
@@ -48,18 +49,31 @@ class MemoryStream:
         # (in memory a message is delivered at once: nothing to flush)
         other = self.other
         assert other is not None
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._sent_closed:
-                raise TransportError("send on a closed stream")
-            if len(other._inbox) < self._window:
-                break
-            self._writable.clear()
-            await self._writable.wait()
+        self._sending += 1
+        try:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if self._sent_closed:
+                    raise TransportError("send on a closed stream")
+                if len(other._inbox) < self._window:
+                    break
+                self._writable.clear()
+                await self._writable.wait()
+        finally:
+            self._sending -= 1
         other._inbox.append(head + message if head else bytes(message))
         other._readable.set()
         await asyncio.sleep(0)
+
+    def try_send(self, message: bytes) -> bool:
+        other = self.other
+        if self._sending or self._error is not None or self._sent_closed or other is None or \
+                len(other._inbox) >= self._window:
+            return False
+        other._inbox.append(bytes(message))
+        other._readable.set()
+        return True
 
     async def recv(self) -> bytes:
         while not self._inbox:
