@@ -87,3 +87,13 @@ def test_the_defaults_are_what_a_real_node_runs() -> None:
     node, sc = SwarmConfig(), Scenario()
     assert sc.policy == node.download_policy()
     assert (sc.upload_slots, sc.max_connections) == (node.upload_slots, node.max_connections)
+
+
+def test_the_source_inbound_messages_are_counted_by_kind() -> None:
+    r = run(small())
+    kinds = r.source_ctrl_msgs_by_kind
+    assert sum(kinds.values()) == pytest.approx(r.source_ctrl_msgs_per_s, rel=1e-3)
+    notes = sum(v for k, v in kinds.items() if k.startswith("note-"))
+    assert notes == pytest.approx(r.source_notes_per_s, rel=1e-3)
+    assert kinds["hello"] > 0 and kinds["request"] > 0 and kinds["note-final"] > 0
+    assert "source_ctrl_msgs_by_kind" in r.to_json()

@@ -24,7 +24,7 @@ from blobmesh.distribution.progress import (
 from blobmesh.distribution.scheduler import DownloadPolicy
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
-from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
+from blobmesh.sim.swarm import KINDS, SOURCE, NodeSpec, SimNode, Swarmwide, World
 
 MBIT = 1e6 / 8  # bytes/s
 MiB = 1 << 20
@@ -73,6 +73,8 @@ class Result:
     target_upload_utilisation: float
     source_ctrl_msgs_per_s: float  # control messages into the source, per second of t_all
     source_notes_per_s: float  # of which progress notifications
+    # ... by kind (``sim.swarm.KINDS``: hellos, haves, requests…, notes by cause), per second
+    source_ctrl_msgs_by_kind: dict[str, float]
     source_dials: int  # connection attempts the source received
     ctrl_bytes_per_s_node_p50: float  # control bytes in + out per node and second
     ctrl_bytes_per_s_node_max: float
@@ -227,6 +229,8 @@ def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: fl
         max(1e-9, horizon * sum(n.spec.up for n in targets)),
         source_ctrl_msgs_per_s=source.traffic.msgs_in / max(horizon, 1e-9),
         source_notes_per_s=source.traffic.notes_in / max(horizon, 1e-9),
+        source_ctrl_msgs_by_kind={k: round(source.traffic.kinds_in[k] / max(horizon, 1e-9), 1)
+                                  for k in KINDS if k in source.traffic.kinds_in},
         source_dials=source.traffic.dials_in,
         ctrl_bytes_per_s_node_p50=statistics.median(per_node),
         ctrl_bytes_per_s_node_max=max(per_node),

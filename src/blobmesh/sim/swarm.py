@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blobmesh.distribution.scheduler import (
     UPLOAD_SLOTS,
@@ -77,6 +77,13 @@ class Traffic:
     bytes_out: int = 0
     notes_in: int = 0  # progress notifications (only the source gets them)
     dials_in: int = 0
+    # messages received, by kind (``KINDS``; notes by cause: ``note-first`` … ``note-final``)
+    kinds_in: dict[str, int] = field(default_factory=dict)
+
+
+# the kinds of control messages :attr:`Traffic.kinds_in` counts
+KINDS = ("hello", "hello-back", "have", "request", "cancel", "refusal", "layer-request",
+         "layer", "note-first", "note-progress", "note-state", "note-final", "note-failed")
 
 
 class End:
@@ -195,17 +202,17 @@ class SimNode:
         world = self.world
         for a in actions:
             if isinstance(a, Request):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_request, a.index)
+                world.ctrl(a.conn, "request", CTRL_BYTES, world.on_request, a.index)
             elif isinstance(a, Announce):
                 if self.sched is not None:
                     for end in self.sched.conns():
-                        world.ctrl(end, CTRL_BYTES, world.on_have, a.index)
+                        world.ctrl(end, "have", CTRL_BYTES, world.on_have, a.index)
             elif isinstance(a, Cancel):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_cancel, a.index)
+                world.ctrl(a.conn, "cancel", CTRL_BYTES, world.on_cancel, a.index)
             elif isinstance(a, Dial):
                 world.dial(self, world.nodes[a.peer])
             elif isinstance(a, RequestLayer):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_layer_request)
+                world.ctrl(a.conn, "layer-request", CTRL_BYTES, world.on_layer_request)
             elif isinstance(a, Close):
                 world.close(a.conn, a.reason)
             elif isinstance(a, Ban):
@@ -218,7 +225,7 @@ class SimNode:
             elif isinstance(a, Complete):
                 self._completed()
             elif isinstance(a, StateChanged):
-                self._note(force=True)  # (a state change is noted at once, not an op)
+                self._note("note-state")  # (a state change is noted at once, not an op)
             elif isinstance(a, Failed):
                 self._failed()
         self._arm()
@@ -246,7 +253,7 @@ class SimNode:
         self.complete = True
         self.flushed = self.have.copy()
         self.outcome.done_at = world.sim.now
-        self._note(force=True)  # (a final state is a note to the source, not an op)
+        self._note("note-final")  # (a final state is a note to the source, not an op)
         sched, self.sched = self.sched, None
         if self._timer is not None:
             self._timer.cancel()
@@ -259,7 +266,7 @@ class SimNode:
 
     def _failed(self) -> None:
         self.outcome.failures += 1  # (retrying is no final state: a note, no op)
-        self._note(force=True)
+        self._note("note-failed")
         self.sched = None
         for end in list(self.ends):
             self.world.close(end, "job failed")
@@ -270,12 +277,14 @@ class SimNode:
         if self.alive and not self.complete and self.sched is None:
             self._start_job()
 
-    def _note(self, force: bool = False) -> None:
-        """The service's progress notification to the source, at most every interval."""
+    def _note(self, forced: str | None = None) -> None:
+        """The service's progress notification to the source: ``forced`` (its kind) at once,
+        else at most every interval."""
         now = self.world.sim.now
-        if force or now - self._last_note >= self.world.wide.progress_interval:
+        last = self._last_note
+        if forced is not None or now - last >= self.world.wide.progress_interval:
             self._last_note = now
-            self.world.note(self)
+            self.world.note(self, forced or ("note-first" if last < 0 else "note-progress"))
 
     # --- executing the upload scheduler ----------------------------------------------------
 
@@ -284,12 +293,13 @@ class SimNode:
         world = self.world
         while (a := self.upload.next()) is not None:
             if isinstance(a, Refuse):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_refused, a.index, a.reason)
+                world.ctrl(a.conn, "refusal", CTRL_BYTES, world.on_refused, a.index, a.reason)
             elif isinstance(a, Serve):
                 end = a.conn
                 if a.index not in self.have:
                     self.upload.read_failed(end)
-                    world.ctrl(end, CTRL_BYTES, world.on_refused, a.index, "not here")
+                    world.ctrl(end, "refusal", CTRL_BYTES, world.on_refused, a.index,
+                               "not here")
                     continue
                 end.queue.append(a.index)
                 if end.flow is None:
@@ -328,33 +338,39 @@ class World:
 
     # --- control messages ------------------------------------------------------------------
 
-    def ctrl(self, end: End, nbytes: int, handler: Callable[..., None], *args: object) -> None:
-        """Send a small message on ``end``; ``handler(receiving end, *args)`` on arrival."""
+    def ctrl(self, end: End, kind: str, nbytes: int, handler: Callable[..., None],
+             *args: object) -> None:
+        """Send a small message of ``kind`` on ``end``; ``handler(receiving end, *args)`` on
+        arrival."""
         other = end.other
         if end.closed or other is None:
             return
         traffic = end.node.traffic
         traffic.msgs_out += 1
         traffic.bytes_out += nbytes
-        self.sim.after(end.latency, self._arrive, other, nbytes, handler, args)
+        self.sim.after(end.latency, self._arrive, other, kind, nbytes, handler, args)
 
-    def _arrive(self, end: End, nbytes: int, handler: Callable[..., None],
+    def _arrive(self, end: End, kind: str, nbytes: int, handler: Callable[..., None],
                 args: tuple[object, ...]) -> None:
         node = end.node
         if end.closed or not node.alive:
             return
-        node.traffic.msgs_in += 1
-        node.traffic.bytes_in += nbytes
+        traffic = node.traffic
+        traffic.msgs_in += 1
+        traffic.bytes_in += nbytes
+        kinds = traffic.kinds_in
+        kinds[kind] = kinds.get(kind, 0) + 1
         handler(end, *args)
 
-    def note(self, node: SimNode) -> None:
+    def note(self, node: SimNode, kind: str) -> None:
         """A progress notification to the source (a space notify, not a swarm message)."""
-        source = self.nodes[SOURCE]
+        source = self.nodes[SOURCE].traffic
         node.traffic.msgs_out += 1
         node.traffic.bytes_out += NOTE_BYTES
-        source.traffic.msgs_in += 1
-        source.traffic.notes_in += 1
-        source.traffic.bytes_in += NOTE_BYTES
+        source.msgs_in += 1
+        source.notes_in += 1
+        source.bytes_in += NOTE_BYTES
+        source.kinds_in[kind] = source.kinds_in.get(kind, 0) + 1
 
     # --- connections -----------------------------------------------------------------------
 
@@ -371,6 +387,7 @@ class World:
         b.traffic.dials_in += 1
         b.traffic.msgs_in += 1
         b.traffic.bytes_in += HELLO_BYTES
+        b.traffic.kinds_in["hello"] = b.traffic.kinds_in.get("hello", 0) + 1
         if not b.alive or not b.active or a.index in b.banned or \
                 len(b.ends) >= self.wide.max_connections:
             self.sim.after(rtt, self._dial_ended, a, b)
@@ -402,6 +419,7 @@ class World:
             return
         a.traffic.msgs_in += 1
         a.traffic.bytes_in += HELLO_BYTES
+        a.traffic.kinds_in["hello-back"] = a.traffic.kinds_in.get("hello-back", 0) + 1
         a.ends[ea] = None
         a.upload.open(ea, 0, ea.peer.index, ea.have, self.sim.now,
                       max_unacked(self.wide.piece_size))
@@ -452,7 +470,8 @@ class World:
         node = end.node
         refused = node.upload.wanted(end, index, self.wide.priority, self.sim.now)
         if refused is not None:
-            self.ctrl(end, CTRL_BYTES, self.on_refused, refused.index, refused.reason)
+            self.ctrl(end, "refusal", CTRL_BYTES, self.on_refused, refused.index,
+                      refused.reason)
         node.pump()
 
     def on_cancel(self, end: End, index: int) -> None:
@@ -478,7 +497,7 @@ class World:
 
     def on_layer_request(self, end: End) -> None:
         if end.node.has_layer:
-            self.ctrl(end, CTRL_BYTES + 32 * self.wide.pieces, self.on_layer)
+            self.ctrl(end, "layer", CTRL_BYTES + 32 * self.wide.pieces, self.on_layer)
 
     def on_layer(self, end: End) -> None:
         node = end.node
