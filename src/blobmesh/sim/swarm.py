@@ -20,6 +20,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from blobmesh.distribution.progress import (
+    FINAL_NOTES_PER_S,
+    PROGRESS_INTERVAL,
+    SOURCE_NOTES_PER_S,
+    NoteSchedule,
+)
 from blobmesh.distribution.scheduler import (
     UPLOAD_SLOTS,
     Announce,
@@ -62,7 +68,10 @@ class Swarmwide:
     policy: DownloadPolicy
     max_connections: int = 64
     upload_slots: int | None = UPLOAD_SLOTS  # see UploadScheduler
-    progress_interval: float = 0.25  # the service's progress notes to the source
+    # the service's progress notes to the source (see ``NoteSchedule``)
+    progress_interval: float = PROGRESS_INTERVAL
+    source_notes_per_s: float = SOURCE_NOTES_PER_S
+    final_notes_per_s: float = FINAL_NOTES_PER_S
     retry_backoff: float = 1.0  # a failed job is retried after this (doubling, to 15 s)
     priority: int = 1
 
@@ -83,7 +92,7 @@ class Traffic:
 
 # the kinds of control messages :attr:`Traffic.kinds_in` counts
 KINDS = ("hello", "hello-back", "have", "request", "cancel", "refusal", "layer-request",
-         "layer", "note-first", "note-progress", "note-state", "note-final", "note-failed")
+         "layer", "note-start", "note-first", "note-progress", "note-state", "note-final")
 
 
 class End:
@@ -148,7 +157,9 @@ class SimNode:
         self.outcome = Outcome(done_at=0.0 if seed else None)
         self.active = False  # it knows about the distribution
         self._timer: Timer | None = None
-        self._last_note = -1e9
+        self.notes: NoteSchedule | None = None  # the service's, from the distribution's start
+        self._noted_once = False
+        self._stalled = False
         self._backoff = world.wide.retry_backoff
 
     def __lt__(self, other: SimNode) -> bool:
@@ -161,6 +172,12 @@ class SimNode:
         self.alive = True
         self.active = True
         if not self.complete:
+            wide, world = self.world.wide, self.world
+            self.notes = NoteSchedule(len(world.nodes) - 1, world.sim.now,
+                                      wide.progress_interval, wide.source_notes_per_s,
+                                      wide.final_notes_per_s, rng=world.node_rng(self))
+            if not self.notes.stretched:  # the service's "transferring" report
+                world.note(self, "note-start")
             self._start_job()
 
     def crash(self) -> None:
@@ -225,7 +242,8 @@ class SimNode:
             elif isinstance(a, Complete):
                 self._completed()
             elif isinstance(a, StateChanged):
-                self._note("note-state")  # (a state change is noted at once, not an op)
+                self._stalled = a.stalled
+                self._progress()  # (a state change: at once in a small scope, not an op)
             elif isinstance(a, Failed):
                 self._failed()
         self._arm()
@@ -253,7 +271,9 @@ class SimNode:
         self.complete = True
         self.flushed = self.have.copy()
         self.outcome.done_at = world.sim.now
-        self._note("note-final")  # (a final state is a note to the source, not an op)
+        self._progress()  # the last byte (the job reports it before the service's final note)
+        # (a final state is a note to the source, not an op)
+        world.note(self, "note-final", self.notes.final_delay() if self.notes else 0.0)
         sched, self.sched = self.sched, None
         if self._timer is not None:
             self._timer.cancel()
@@ -266,7 +286,8 @@ class SimNode:
 
     def _failed(self) -> None:
         self.outcome.failures += 1  # (retrying is no final state: a note, no op)
-        self._note("note-failed")
+        if self.notes is not None and not self.notes.stretched:
+            self.world.note(self, "note-state")
         self.sched = None
         for end in list(self.ends):
             self.world.close(end, "job failed")
@@ -277,14 +298,14 @@ class SimNode:
         if self.alive and not self.complete and self.sched is None:
             self._start_job()
 
-    def _note(self, forced: str | None = None) -> None:
-        """The service's progress notification to the source: ``forced`` (its kind) at once,
-        else at most every interval."""
-        now = self.world.sim.now
-        last = self._last_note
-        if forced is not None or now - last >= self.world.wide.progress_interval:
-            self._last_note = now
-            self.world.note(self, forced or ("note-first" if last < 0 else "note-progress"))
+    def _progress(self) -> None:
+        """The job reports progress to the service, which notes it to the source when its
+        :class:`NoteSchedule` says."""
+        notes = self.notes
+        if notes is not None and notes.progress(self._stalled, self.have.is_complete(),
+                                                self.world.sim.now):
+            self.world.note(self, "note-progress" if self._noted_once else "note-first")
+            self._noted_once = True
 
     # --- executing the upload scheduler ----------------------------------------------------
 
@@ -323,6 +344,7 @@ class World:
         # dist/* ops published, each gossiped to every node: the request, and the source's
         # summary once every target is done (targets publish none)
         self.dist_ops = 1
+        self.late_notes: list[tuple[float, str]] = []  # (arrival at the source, kind)
         self.completed = 0
         self.honest_targets = sum(1 for n in self.nodes[1:] if not n.spec.liar)
         self.on_all_done: Callable[[], None] | None = None
@@ -362,11 +384,16 @@ class World:
         kinds[kind] = kinds.get(kind, 0) + 1
         handler(end, *args)
 
-    def note(self, node: SimNode, kind: str) -> None:
-        """A progress notification to the source (a space notify, not a swarm message)."""
-        source = self.nodes[SOURCE].traffic
+    def note(self, node: SimNode, kind: str, delay: float = 0.0) -> None:
+        """A progress notification to the source (a space notify, not a swarm message),
+        ``delay`` seconds from now (it changes nothing in the run: a note held back is only
+        recorded, in :attr:`late_notes`, and counted by the result)."""
         node.traffic.msgs_out += 1
         node.traffic.bytes_out += NOTE_BYTES
+        if delay > 0:
+            self.late_notes.append((self.sim.now + delay, kind))
+            return
+        source = self.nodes[SOURCE].traffic
         source.msgs_in += 1
         source.notes_in += 1
         source.bytes_in += NOTE_BYTES
@@ -548,8 +575,7 @@ class World:
         new = index not in node.have
         node.have.add(index)
         actions = sched.piece_written(end, index, new, now)
-        if not sched.done:
-            node._note()
+        node._progress()  # (the last piece's too: the real job reports every piece)
         node.execute(actions)
 
     def on_complete(self, node: SimNode) -> None:
