@@ -517,8 +517,17 @@ class World:
         end.have.add(index)
         if node.upload.acked(end, index, self.sim.now):
             node.pump()
-        if node.sched is not None:
-            node.execute(node.sched.peer_has(end, index, self.sim.now))
+        sched = node.sched
+        if sched is not None:
+            if sched.picker is not None and sched.owns(end):
+                # (the most common event) news of a piece on a connection the job keeps can
+                # only make its timer later (a backoff over): with nothing to do, the timer
+                # armed stays right, and re-arming it would cost the event a get_timer
+                actions = sched.peer_has(end, index, self.sim.now)
+                if actions:
+                    node.execute(actions)
+            else:
+                node.execute(sched.peer_has(end, index, self.sim.now))
         elif node.complete and end.have.is_complete():
             self.close(end, "both complete")
 
