@@ -183,6 +183,8 @@ class PiecePicker(Generic[Peer]):
         if not chosen:
             self._empty_at[peer] = self._epoch
             return chosen
+        # (it may hold more than was picked: what it announced since no longer says it all)
+        self._empty_at.pop(peer, None)
         for i in chosen:
             self._inflight.setdefault(i, {})[peer] = None
         if self._in_tail():
