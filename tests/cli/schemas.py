@@ -32,6 +32,34 @@ class Added(BlobInfo):
     path: str
 
 
+class CollectionSummary(Strict):
+    entries: int
+    files: int
+    total_size: int
+    members: int
+    members_present: int
+    bytes_present: int
+    complete: bool
+
+
+class CollectionInfo(BlobInfo):
+    """``ls --json`` / ``info --json`` of a collection: a blob with its tree's summary."""
+
+    collection: CollectionSummary
+
+
+class AddedCollection(Strict):
+    """``add DIR --json``: one per directory."""
+
+    blob: str
+    path: str
+    entries: int
+    files: int
+    total_size: int
+    new_blobs: int
+    new_bytes: int
+
+
 class Pin(Strict):
     name: str
     blob: str

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import schemas
 from tests.cli.test_store_cli import Cli, cli  # noqa: F401 - the fixture
 from tests.collection.conftest import make_tree
 
@@ -22,6 +23,12 @@ def test_collection_commands(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
     assert listed["collection"]["files"] == 5 and listed["collection"]["complete"]
     assert "collection: 9 entries" in cli.out("ls")
     assert cli.json("info", cid)["collection"]["members_present"] == 5
+    for entry in cli.json("ls"):  # the schemas of every JSON output
+        schemas.check(entry, schemas.CollectionInfo if "collection" in entry else
+                      schemas.BlobInfo)
+    assert schemas.check(cli.json("info", cid), schemas.CollectionInfo).blob == cid
+    [added] = [schemas.check(a, schemas.AddedCollection) for a in cli.json("add", tree)]
+    assert (added.blob, added.path, added.files, added.new_blobs) == (cid, str(tree), 5, 0)
     assert cli.run("cat", f"{cid}/model/config.json").stdout == b'{"layers": 2}'
     assert cli.run("cat", f"{cid}/bin/cfg").stdout == b'{"layers": 2}'  # in-tree link
     missing = cli.run("cat", f"{cid}/no/such", ok=False)
@@ -42,6 +49,14 @@ def test_collection_commands(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
     assert cli.out("fsck").endswith(": ok\n")
     cli.run("unpin", "model")
     assert "deleted 6 blob(s)" in cli.out("gc")
+
+
+def test_a_file_of_a_collection_by_id_prefix(cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    cid = cli.out("add", "-q", make_tree(tmp_path / "tree")).strip()
+    assert cli.run("cat", f"{cid[:12]}/model/config.json").stdout == b'{"layers": 2}'
+    unknown = "bm1" + next(c for c in "abcdefghijklmnopqrstuvwxyz234567" if c != cid[3]) * 4
+    r = cli.run("cat", f"{unknown}/model/config.json", ok=False)
+    assert r.returncode == 2 and b"nor is it the prefix of a blob" in r.stderr
 
 
 def test_mixing_files_and_dirs_is_refused(cli: Cli, tmp_path: Path) -> None:  # noqa: F811

@@ -43,6 +43,13 @@ def test_help_shows_defaults() -> None:
     assert re.search(r"--window MIB .* \(default:? \d+\)", text["blobmesh serve"])
 
 
+def test_no_option_shows_an_empty_or_python_default() -> None:
+    parser = build_parser()
+    for p in [parser, *subcommand_parsers(parser)]:
+        text = " ".join(p.format_help().split())
+        assert not re.search(r"\(default: \)|\(default:? (None|True|False|\[\])\)", text), p.prog
+
+
 def test_global_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
     parser = build_parser()
     assert parser.parse_args(["--home", "/a", "peers"]).home == Path("/a")

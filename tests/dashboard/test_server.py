@@ -201,5 +201,6 @@ def test_non_loopback_listener_without_token_is_401(tmp_path: Path) -> None:
             proc.terminate()
             _, err = proc.communicate(timeout=15)
         assert f"?token={info['token']}" in err  # the node printed where to point a browser
+        assert "Traceback" not in err
     finally:
         subprocess.run(["ip", "netns", "del", NS], check=False)

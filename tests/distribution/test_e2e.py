@@ -155,6 +155,7 @@ async def test_cancel_and_wait_timeout(fleet: Fleet) -> None:
         status = await client.cancel(handle)
         assert status.state is DistributionState.CANCELLED
         assert status.targets[0].state is TargetState.CANCELLED
+        assert status.targets[0].rate == 0.0  # a cancelled target moves nothing any more
         final = await wait_done(src, handle, timeout=10)
         assert final.state is DistributionState.CANCELLED
     again = cli(src.home, "cancel", handle[:8], "--json")  # idempotent, by prefix

@@ -54,8 +54,41 @@ def test_an_explicit_config_file_wins_over_the_home_one(tmp_path: Path) -> None:
     ("want_peers = 2.5\n", "want_peers must be an integer"),
     ('log_level = "loud"\n', "log_level must be debug or info or warning or error"),
     ("listen = \n", "config file"),
+    ("upload_rate = -1\n", "upload_rate must be at least 0, not -1"),
+    ("want_peers = -3\n", "want_peers must be at least 0, not -3"),
 ])
 def test_bad_files_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "config.toml").write_text(text)
     with pytest.raises(ConfigFileError, match=message):
         resolve(tmp_path, args_of(tmp_path))
+
+
+def test_the_readme_example_config_is_valid(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [example] = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    (tmp_path / "config.toml").write_text(example)
+    values, path = resolve(tmp_path, args_of(tmp_path))
+    assert path == tmp_path / "config.toml"
+    assert values["group"] == ["edge"] and values["log_format"] == "json"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--upload-rate", "-1"], "--upload-rate: must be at least 0, not -1"),
+    (["--want-peers", "-3"], "--want-peers: must be at least 0, not -3"),
+    (["--want-peers", "many"], "--want-peers: not an integer: 'many'"),
+])
+def test_bad_flags_are_usage_errors(tmp_path: Path, flags: list[str], message: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        args_of(tmp_path, *flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_rates_show_their_default_as_people_write_it() -> None:
+    from blobmesh.cli.main import subcommand_parsers
+
+    [p] = [p for p in subcommand_parsers(build_parser()) if p.prog == "blobmesh node run"]
+    text = " ".join(p.format_help().split())
+    assert "(0: unlimited) (default: 0)" in text and "default: 0.0" not in text

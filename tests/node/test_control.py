@@ -3,6 +3,8 @@ distribution, pruning, node info, and ``/metrics`` as a stock Prometheus parses 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.node.client import ControlError, NodeClient
 from blobmesh.node.control import MAX_STATS_NODES
 from blobmesh.node.daemon import Node, NodeConfig
-from blobmesh.node.metrics import MAX_DISTRIBUTIONS
+from blobmesh.node.metrics import MAX_DISTRIBUTIONS, MAX_TARGET_SERIES
 from blobmesh.space.config import Timing
 from blobmesh.transport.identity import Identity
 from tests.util import eventually
@@ -93,6 +95,30 @@ async def test_same_blob_and_scope_returns_the_active_distribution(
             await client._request("GET", "/v1/distributions?active=maybe")
 
 
+async def test_a_client_that_goes_away_logs_nothing(pair: tuple[Node, Node],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A ``--wait`` or ``status --follow`` stopped (Ctrl-C) as its event stream is being
+    opened: the node has no one to answer and must log no error for it."""
+    a, _ = pair
+    blob = a.store.add_bytes(os.urandom(4 * 1024 * 1024)).blob_id
+    async with NodeClient(a.config.home) as client:
+        handle = str((await client.distribute(str(blob), "group:edge", "normal")).handle)
+        for path in (f"/v1/distributions/{handle}/events", f"/v1/distributions/{handle}",
+                     "/v1/node"):
+            for _ in range(5):
+                _, writer = await asyncio.open_unix_connection(
+                    str(a.config.home / "control.sock"))
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
+                await writer.drain()
+                writer.close()  # gone before the answer
+                await writer.wait_closed()
+        assert (await client.node())["node"] == str(a.identity.node_id)  # still serving
+        await asyncio.sleep(0.5)
+        await client.cancel(handle)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
 async def test_node_info(pair: tuple[Node, Node]) -> None:
     a, _ = pair
     async with NodeClient(a.config.home) as client:
@@ -126,7 +152,7 @@ async def test_peer_stats_are_asked_of_the_members_named(pair: tuple[Node, Node]
 
 
 async def test_metrics_parse_for_a_stock_prometheus(pair: tuple[Node, Node]) -> None:
-    a, _ = pair
+    a, b = pair
     blob = a.store.add_bytes(os.urandom(100_000)).blob_id
     handles = []
     async with NodeClient(a.config.home) as client:
@@ -151,3 +177,43 @@ async def test_metrics_parse_for_a_stock_prometheus(pair: tuple[Node, Node]) -> 
     assert len(series) == MAX_DISTRIBUTIONS and series <= set(handles)
     by_state = {s.labels["state"]: s.value for s in families["blobmesh_distributions"].samples}
     assert by_state["cancelled"] == MAX_DISTRIBUTIONS + 3
+    per_target = families["blobmesh_distribution_target_bytes_done"].samples
+    assert {s.labels["handle"] for s in per_target} == series  # the same bounded set
+    assert len(per_target) == MAX_DISTRIBUTIONS <= MAX_TARGET_SERIES  # one target each
+    assert {s.labels["target"] for s in per_target} == {str(b.identity.node_id)}
+    # every HELP says what the family counts: none made up from its name
+    assert [f.name for f in families.values()
+            if f.documentation.startswith(("space counter", "share counter"))] == []
+
+
+def test_per_distribution_and_per_target_series_are_bounded() -> None:
+    """25 distributions of 30 targets: series for the 20 newest, 200 targets in all."""
+    import time
+    from types import SimpleNamespace
+
+    from blobmesh.distribution.model import (
+        DistributionHandle,
+        DistributionState,
+        DistributionStatus,
+        Priority,
+        Scope,
+        TargetState,
+        TargetStatus,
+    )
+    from blobmesh.hashing import hash_bytes
+    from blobmesh.node.metrics import NodeCollector
+
+    now = time.time()
+    nodes = [Identity.generate().node_id for _ in range(30)]
+    dists = [DistributionStatus(
+        handle=DistributionHandle(f"d-{i:016x}"), blob_id=hash_bytes(b"%d" % i), size=1000,
+        scope=Scope.all(), priority=Priority.parse("normal"), state=DistributionState.ACTIVE,
+        targets=tuple(TargetStatus(n, TargetState.TRANSFERRING, bytes_done=i) for n in nodes),
+        started=now + i) for i in range(MAX_DISTRIBUTIONS + 5)]
+    node = SimpleNamespace(distribution=SimpleNamespace(distributions=lambda: dists))
+    families = {f.name: f for f in NodeCollector(node, [])._distributions()}  # type: ignore[arg-type]
+    per_dist = {s.labels["handle"] for s in families["blobmesh_distribution_bytes_done"].samples}
+    assert per_dist == {str(d.handle) for d in dists[-MAX_DISTRIBUTIONS:]}  # the newest
+    per_target = families["blobmesh_distribution_target_bytes_done"].samples
+    assert len(per_target) == MAX_TARGET_SERIES
+    assert {s.labels["handle"] for s in per_target} <= per_dist

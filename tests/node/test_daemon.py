@@ -4,6 +4,7 @@ liveness while its store is held by another process."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,28 @@ async def test_config_file_then_sighup_reloads_it(fleet: Fleet) -> None:
     await eventually(lambda: "SIGHUP: config not reloaded" in a.stderr())
     async with NodeClient(a.home) as client:  # still serving
         assert (await client.node())["node"] == a.node_id
+
+
+async def test_sighup_applies_the_log_settings_of_the_file(fleet: Fleet) -> None:
+    a = fleet.add()
+    a.home.mkdir(parents=True)
+    (a.home / "config.toml").write_text('log_format = "text"\n')
+    fleet.start()
+    assert a.proc is not None and " INFO blobmesh.node.daemon: ticket " in a.stderr()
+    (a.home / "config.toml").write_text('log_format = "json"\nlog_level = "debug"\n')
+    a.proc.send_signal(signal.SIGHUP)
+
+    def json_lines() -> list[dict[str, str]]:
+        out = []
+        for line in a.stderr().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))  # every such line is one whole JSON object
+        return out
+
+    await eventually(lambda: any("SIGHUP: reloaded" in r["message"] for r in json_lines()))
+    reloaded = next(r for r in json_lines() if "SIGHUP: reloaded" in r["message"])
+    assert reloaded["level"] == "info" and reloaded["logger"] == "blobmesh.node.daemon"
+    assert "log level debug" in reloaded["message"] and reloaded["time"].endswith("+00:00")
 
 
 def _unresponsive_count(metrics: str) -> float:

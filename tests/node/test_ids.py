@@ -25,3 +25,9 @@ def test_ambiguous_and_unknown_prefixes_are_clear_errors() -> None:
     assert not isinstance(info.value, AmbiguousIdError)
     with pytest.raises(InvalidIdError, match="no blob matches 'd-'"):
         resolve_prefix("d-", KNOWN, "blob")  # too short to mean anything
+
+
+def test_a_too_short_prefix_says_so() -> None:
+    with pytest.raises(InvalidIdError, match=r"no distribution matches 'd-3': a prefix needs "
+                                             r"at least 4 characters"):
+        resolve_prefix("d-3", KNOWN, "distribution")  # two match: too short, not unknown

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from blobmesh.cli.main import main
+from blobmesh.node.home import NodeState
 from blobmesh.transport import Identity, NodeId, Ticket
+from blobmesh.transport.endpoint import DEFAULT_PORT
 
 
 def test_ticket_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,7 +22,17 @@ def test_ticket_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["--home", str(home), "ticket", "--id"]) == 0
     assert NodeId.parse(capsys.readouterr().out) == ticket.node_id
     assert main(["--home", str(home), "ticket"]) == 0  # default addresses
-    assert Ticket.parse(capsys.readouterr().out).node_id == ticket.node_id
+    out = capsys.readouterr()
+    assert Ticket.parse(out.out).node_id == ticket.node_id
+    assert {port for _, port in Ticket.parse(out.out).addrs} == {DEFAULT_PORT}
+    assert "no node is running" in out.err
+
+
+def test_ticket_of_a_stopped_node_keeps_its_last_port(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    NodeState(listen_port=45123).save(tmp_path)  # what a node that ran here left
+    assert main(["--home", str(tmp_path), "ticket"]) == 0
+    assert {port for _, port in Ticket.parse(capsys.readouterr().out).addrs} == {45123}
 
 
 def test_ticket_command_rejects_open_key(tmp_path: Path,

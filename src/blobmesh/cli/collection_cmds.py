@@ -92,15 +92,17 @@ def summary_line(s: Summary) -> str:
             f"{s.members_present}/{s.members} members present ({pct:.0f}%)")
 
 
-def split_tree_path(text: str) -> tuple[BlobId, str]:
-    """``ID/path/in/tree`` into the id and the path."""
+def split_tree_path(store: Store, text: str) -> tuple[BlobId, str]:
+    """``ID/path/in/tree`` into the id (a unique prefix will do) and the path."""
+    from blobmesh.cli.store_cmds import resolve_blob
+
     head, _, rest = text.partition("/")
-    return BlobId.parse(head), rest
+    return resolve_blob(store, head), rest
 
 
 def cmd_cat_path(args: argparse.Namespace) -> int:
-    blob_id, path = split_tree_path(args.blob)
     with Store(args.home) as store:
+        blob_id, path = split_tree_path(store, args.blob)
         coll = collection.read_collection(store, blob_id)
         entry = _resolve(coll, path)
         out = sys.stdout.buffer

@@ -14,7 +14,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blobmesh.cli.output import Subcommands, add_command, console, err_console, human_bytes
+from blobmesh.cli.output import (
+    Subcommands,
+    add_command,
+    caps_text,
+    console,
+    err_console,
+    human_bytes,
+    human_duration,
+)
 from blobmesh.errors import BlobmeshError
 
 if TYPE_CHECKING:
@@ -146,6 +154,7 @@ def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
     """The whole screen of ``blobmesh top`` from the control API's JSON (``stats``: the
     members' rows of ``GET /v1/peers/stats``, by node id)."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
@@ -164,8 +173,7 @@ def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
                   "store", "up", "down", title=f"fleet: {len(peers) + 1} members{more}",
                   title_justify="left", expand=True)
     fleet.add_row(node["node"][:16] + "…", "[green]alive[/]", "this node", "",
-                  ",".join(node["groups"]),
-                  ",".join(f"{k}={v}" for k, v in sorted(node["capabilities"].items())),
+                  escape(",".join(node["groups"])), escape(caps_text(node["capabilities"])),
                   human_bytes(me.get("store", 0)), _rate(me.get("up", 0)),
                   _rate(me.get("down", 0)))
     for p in shown:
@@ -175,8 +183,8 @@ def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
         row = stats.get(p["node"], {})
         down = row.get("down")  # else what it reports of the downloads from here
         fleet.add_row(p["node"][:16] + "…", f"[{_STYLE[state]}]{state}[/]", heard,
-                      " ".join(p["addresses"]), ",".join(p["groups"]),
-                      ",".join(f"{k}={v}" for k, v in sorted(p["capabilities"].items())),
+                      " ".join(p["addresses"]), escape(",".join(p["groups"])),
+                      escape(caps_text(p["capabilities"])),
                       _store(row, now), _rate(row.get("up")),
                       _rate(downs.get(p["node"], 0.0) if down is None else down))
     dists = Table(title=f"distributions: {len(statuses)}", title_justify="left", expand=True)
@@ -188,10 +196,11 @@ def render_top(node: Mapping[str, Any], peers: list[dict[str, Any]],
         frac = row["bytes_done"] / row["bytes_total"] if row["bytes_total"] else \
             float(row["state"] == "completed")
         style = _STYLE.get(row["state"], "")
-        dists.add_row(row["handle"], row["blob"][:14] + "…", row["scope"], row["priority"],
+        dists.add_row(row["handle"], row["blob"][:14] + "…", escape(row["scope"]),
+                      row["priority"],
                       f"[{style}]{row['state']}[/]", f"{row['completed']}/{row['targets']}",
                       _bar(frac), _rate(row["rate"]),
-                      f"{row['eta']:.0f}s" if row["eta"] is not None else "")
+                      human_duration(row["eta"]) if row["eta"] is not None else "")
     return Group(Panel(head), fleet, dists)
 
 

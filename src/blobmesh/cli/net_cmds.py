@@ -14,12 +14,14 @@ from blobmesh.transport.endpoint import DEFAULT_PORT, advertised_addresses
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help = ("print this node's ticket (node id + addresses): the running node's, else one "
-            "built from --addr, creating the identity if needed")
+            "built from --addr or the port the node last listened on, creating the identity "
+            "if needed")
     p = sub.add_parser("ticket", help=help, description=help)
     p.set_defaults(handler=cmd_ticket)
     p.add_argument("--addr", action="append", type=parse_address, metavar="HOST:PORT",
                    help="address to put in the ticket (repeatable; default: this host's "
-                        f"addresses on port {DEFAULT_PORT})")
+                        "addresses on the port the node last listened on, else "
+                        f"{DEFAULT_PORT})")
     p.add_argument("--id", action="store_true", help="print only the node id")
 
 
@@ -34,7 +36,14 @@ def cmd_ticket(args: argparse.Namespace) -> int:
         if running is not None:  # the addresses the node really listens on
             sys.stdout.write(f"{running}\n")
             return 0
-    addrs: list[Address] = args.addr or advertised_addresses("0.0.0.0", DEFAULT_PORT)
+    addrs: list[Address] = args.addr
+    if not addrs:  # no node runs: the port it listened on last (it keeps it), else the default
+        from blobmesh.node.home import NodeState
+
+        port = NodeState.load(home).listen_port or DEFAULT_PORT
+        addrs = advertised_addresses("0.0.0.0", port)
+        sys.stderr.write(f"no node is running on {home}: a ticket for this host's addresses "
+                         f"on port {port}\n")
     sys.stdout.write(f"{Ticket.create(identity.node_id, addrs)}\n")
     return 0
 

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from blobmesh.cli.output import (
     add_command,
+    caps_text,
     console,
     err_console,
     human_bytes,
@@ -29,6 +31,7 @@ from blobmesh.distribution.model import (
     DistributionStatus,
     Priority,
     Scope,
+    ScopeError,
     TargetState,
     TargetStatus,
 )
@@ -37,6 +40,7 @@ from blobmesh.hashing import BlobId
 from blobmesh.node.client import NodeClient
 from blobmesh.node.codec import status_to_json
 from blobmesh.store import Store, default_home
+from blobmesh.transport.identity import NodeId
 
 STALLED_AFTER = 10.0
 """Seconds without progress after which a transferring target shows as stalled."""
@@ -151,10 +155,6 @@ def cmd_node_info(args: argparse.Namespace) -> int:
     return _run(go())
 
 
-def caps_text(caps: dict[str, Any]) -> str:
-    return ",".join(f"{k}={human_value(v)}" for k, v in sorted(caps.items()))
-
-
 def cmd_peers(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with NodeClient(_home(args)) as node:
@@ -164,8 +164,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
             return 0
         table = Table("node", "alive", "groups", "capabilities", "addresses", "last seen")
         for p in peers:
-            table.add_row(p["node"], human_value(p["alive"]), ",".join(p["groups"]),
-                          caps_text(p["capabilities"]), " ".join(p["addresses"]),
+            table.add_row(p["node"], human_value(p["alive"]), escape(",".join(p["groups"])),
+                          escape(caps_text(p["capabilities"])), " ".join(p["addresses"]),
                           human_time(p["last_seen_at"]) if p["last_seen_at"] else "never")
         if not peers:
             console.print("no peers")
@@ -203,10 +203,11 @@ def _eta(s: DistributionStatus, t: TargetStatus) -> str:
 def render_status(s: DistributionStatus) -> Table:
     now = time.time()
     elapsed = (s.finished or now) - s.started
-    table = Table(title=f"{s.handle}  {s.blob_id.short()}…  {human_bytes(s.size)}  "
-                        f"to {s.scope}  [{s.priority}]  {s.state}  "
-                        f"{s.completed}/{s.total} done  {human_duration(elapsed)}  "
-                        f"started {human_time(s.started)}",
+    # scopes (cap:arch in [a,b]), the priority in brackets and reasons are text, not markup
+    table = Table(title=escape(f"{s.handle}  {s.blob_id.short()}…  {human_bytes(s.size)}  "
+                               f"to {s.scope}  [{s.priority}]  {s.state}  "
+                               f"{s.completed}/{s.total} done  {human_duration(elapsed)}  "
+                               f"started {human_time(s.started)}"),
                   title_justify="left")
     table.add_column("target")
     table.add_column("state")
@@ -224,12 +225,47 @@ def render_status(s: DistributionStatus) -> Table:
         moving = t.state is TargetState.TRANSFERRING and t.rate
         table.add_row(t.node.short() + "…", f"[{style}]{state}[/]" if style else state,
                       "█" * filled + "░" * (bar_len - filled) + f" {pct:5.1f}%",
-                      f"{human_bytes(t.rate)}/s" if moving else "", _eta(s, t), t.reason[:60])
+                      f"{human_bytes(t.rate)}/s" if moving else "", _eta(s, t),
+                      escape(t.reason[:60]))
     return table
 
 
+def _check_scope(text: str) -> bool:
+    """Fail on a malformed scope before any work; whether it names nodes by id prefixes
+    (resolved against the running node's peers)."""
+    try:
+        Scope.parse(text)
+    except ScopeError as exc:
+        if text.strip().startswith("cap:"):  # most likely a > or < the shell took
+            raise ScopeError(f"{exc} (quote cap: scopes in a shell, where > and < are "
+                             "redirections: --to 'cap:gpu=true,mem_gb>=16')") from None
+        raise
+    except InvalidIdError:
+        if text.strip().startswith("node:"):
+            return True
+        raise
+    return False
+
+
+async def _resolve_scope(node: NodeClient, text: str) -> str:
+    """``node:ID[,ID]`` with each unique prefix of a known node id (the running node's
+    peers, or itself) replaced by the full id, as tables show ids cut short."""
+    from blobmesh.node.ids import resolve_prefix
+
+    ids = [p.strip() for p in text.strip().removeprefix("node:").split(",") if p.strip()]
+    known = [str(p["node"]) for p in await node.peers()] + [str((await node.node())["node"])]
+    out = []
+    for i in ids:
+        try:
+            out.append(str(NodeId.parse(i)))
+        except InvalidIdError:
+            out.append(resolve_prefix(i if i.startswith(NodeId.PREFIX) else NodeId.PREFIX + i,
+                                      known, "node"))
+    return "node:" + ",".join(out)
+
+
 def cmd_distribute(args: argparse.Namespace) -> int:
-    Scope.parse(args.to)  # a malformed scope fails before any work
+    by_prefix = _check_scope(args.to)
     if args.quiet and args.json:
         raise BlobmeshError("--quiet and --json exclude each other")
     home = _home(args)
@@ -237,9 +273,10 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with NodeClient(home) as node:
             await node.node()  # a running node first: no copy into the store for nothing
+            scope = await _resolve_scope(node, args.to) if by_prefix else args.to
             blob_id = await asyncio.to_thread(_blob_for, home, args.what, args.quiet)
             status, created = await node.distribute_or_join(
-                str(blob_id), args.to, args.priority, args.share_url, new=args.new,
+                str(blob_id), scope, args.priority, args.share_url, new=args.new,
                 export=args.export, export_force=args.export_force)
             handle = str(status.handle)
             if args.quiet:
@@ -298,12 +335,15 @@ async def _follow(node: NodeClient, handle: str, timeout: float | None, live: bo
 
     async def watch() -> None:
         nonlocal status
-        with Live(render_status(status), console=err_console, refresh_per_second=8,
-                  transient=False, auto_refresh=live) as view:
+        if not live:  # --json, -q: no progress table on stderr either
             async for s in node.events(handle):
                 status = s
-                if live:
-                    view.update(render_status(s))
+            return
+        with Live(render_status(status), console=err_console, refresh_per_second=8,
+                  transient=False) as view:
+            async for s in node.events(handle):
+                status = s
+                view.update(render_status(s))
 
     try:
         await asyncio.wait_for(watch(), timeout)
@@ -355,23 +395,28 @@ def cmd_distributions(args: argparse.Namespace) -> int:
         if not items:
             console.print("no active distributions" if args.active else "no distributions")
             return 0
-        now = time.time()
-        table = Table("handle", "state", "done", "size", "blob", "scope", "priority",
-                      "started", "eta")
-        for s in items:
-            etas = [max(0, s.size - t.bytes_done) / t.rate for t in s.targets
-                    if t.state is TargetState.TRANSFERRING and t.rate]
-            state = str(s.state)
-            if not s.done and all(_target_state(s, t, now) == "queued" for t in s.targets
-                                  if not t.state.final):
-                state = "queued"
-            table.add_row(str(s.handle), state, f"{s.completed}/{s.total}", human_bytes(s.size),
-                          s.blob_id.short() + "…", str(s.scope), str(s.priority),
-                          human_time(s.started), human_duration(max(etas)) if etas else "")
-        console.print(table)
+        console.print(render_distributions(items, time.time()))
         return 0
 
     return _run(go())
+
+
+def render_distributions(items: list[DistributionStatus], now: float) -> Table:
+    """The ``distributions`` table: one row each, queued when every target still to go is,
+    the ETA of the slowest moving target."""
+    table = Table("handle", "state", "done", "size", "blob", "scope", "priority",
+                  "started", "eta")
+    for s in items:
+        etas = [max(0, s.size - t.bytes_done) / t.rate for t in s.targets
+                if t.state is TargetState.TRANSFERRING and t.rate]
+        state = str(s.state)
+        if not s.done and all(_target_state(s, t, now) == "queued" for t in s.targets
+                              if not t.state.final):
+            state = "queued"
+        table.add_row(str(s.handle), state, f"{s.completed}/{s.total}", human_bytes(s.size),
+                      s.blob_id.short() + "…", escape(str(s.scope)), str(s.priority),
+                      human_time(s.started), human_duration(max(etas)) if etas else "")
+    return table
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -399,4 +444,4 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _run(go())
 
 
-__all__ = ["register", "render_status"]
+__all__ = ["register", "render_distributions", "render_status"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeAlias
@@ -43,7 +43,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if "default" in text or default in (None, False, [], argparse.SUPPRESS) \
+        if "default" in text or default in (None, False, [], "", argparse.SUPPRESS) \
                 or action.option_strings == [] or isinstance(default, bool):
             return text
         return f"{text} (default: {default})"
@@ -65,6 +65,11 @@ def human_value(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
+
+
+def caps_text(caps: Mapping[str, object]) -> str:
+    """Capabilities as they are given to ``--cap``: ``gpu=true,mem_gb=64``."""
+    return ",".join(f"{k}={human_value(v)}" for k, v in sorted(caps.items()))
 
 
 def human_time(ts: float | None) -> str:

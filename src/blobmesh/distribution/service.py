@@ -631,8 +631,9 @@ class DistributionService:
                 await job
         for node, t in list(tracked.targets.items()):
             if not t.state.final:
-                tracked.targets[node] = replace(t, state=TargetState.CANCELLED,
-                                                reason="cancelled", updated=time.time())
+                tracked.targets[node] = replace(t, state=TargetState.CANCELLED, rate=0.0,
+                                                source_rates=(), reason="cancelled",
+                                                updated=time.time())
         is_source = NodeId(tracked.request.source) == self.node_id
         if is_source or not await self.store.aio.has(tracked.blob_id):
             # the source's copy is the user's again; a target's partial copy may be collected

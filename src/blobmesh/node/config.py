@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ class Option:
     metavar: str | None = None
     repeat: bool = False
     choices: tuple[str, ...] | None = None
+    minimum: float | None = None  # numbers: the least value accepted
 
     @property
     def flag(self) -> str:
@@ -65,9 +67,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("distributor", str, [], "accept distributions only from this node (repeatable; "
            "default: from any member)", "NODE_ID", repeat=True),
     Option("upload_rate", float, 0.0, "cap on swarm upload bytes per second (0: unlimited)",
-           "BYTES_PER_S"),
+           "BYTES_PER_S", minimum=0),
     Option("download_rate", float, 0.0, "cap on swarm download bytes per second "
-           "(0: unlimited)", "BYTES_PER_S"),
+           "(0: unlimited)", "BYTES_PER_S", minimum=0),
     Option("mdns", bool, False, "discover peers on the LAN"),
     Option("metrics_listen", str, None, "also serve /metrics over HTTP for Prometheus at this "
            "address; a bare PORT means 127.0.0.1:PORT (expose it beyond loopback only behind "
@@ -76,7 +78,7 @@ OPTIONS: tuple[Option, ...] = (
            "(off by default; a non-loopback address needs the token in HOME/dashboard.token)",
            "HOST:PORT"),
     Option("want_peers", int, 8, "redial remembered peers and bootstrap tickets, backing off, "
-           "while fewer peers are alive", "N"),
+           "while fewer peers are alive", "N", minimum=0),
     Option("log_level", str, "info", "least severe log records shown on stderr",
            choices=LEVELS),
     Option("log_format", str, "text", "one text line or one JSON object per record",
@@ -88,13 +90,37 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Add every option as a flag whose unset value is None (so the file's value shows)."""
     for o in OPTIONS:
         default = "off" if o.type is bool else o.default
+        if isinstance(default, float):
+            default = f"{default:g}"  # 0, not Python's 0.0
         shown = f" (default: {default})" if default not in (None, []) else ""
         if o.type is bool:
             p.add_argument(o.flag, action="store_true", default=None, help=o.help + shown)
         else:
-            p.add_argument(o.flag, type=o.type, default=None, metavar=o.metavar,
+            p.add_argument(o.flag, type=_flag_type(o), default=None, metavar=o.metavar,
                            choices=o.choices, action="append" if o.repeat else "store",
                            help=o.help + shown)
+
+
+def _flag_type(o: Option) -> Callable[[str], Any]:
+    """How argparse reads the flag: its type, and no less than its minimum."""
+    if o.minimum is None:
+        return o.type
+
+    def number(text: str) -> Any:
+        try:
+            value = o.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {_a_number(o)}: {text!r}") from None
+        if value < o.minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {o.minimum:g}, not {text}")
+        return value
+
+    number.__name__ = o.type.__name__  # argparse names the type in its messages
+    return number
+
+
+def _a_number(o: Option) -> str:
+    return "an integer" if o.type is int else "a number"
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -133,7 +159,9 @@ def _check(path: Path, o: Option, value: Any) -> Any:
     if o.type in (int, float):
         if isinstance(value, bool) or not isinstance(value, int | float) or \
                 (o.type is int and not isinstance(value, int)):
-            raise bad("a number" if o.type is float else "an integer")
+            raise bad(_a_number(o))
+        if o.minimum is not None and value < o.minimum:
+            raise bad(f"at least {o.minimum:g}")
         return o.type(value)
     if not isinstance(value, str):
         raise bad("a string")

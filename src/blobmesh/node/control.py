@@ -89,7 +89,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except BlobmeshError as exc:
         return _error(409, exc)
     except (ConnectionResetError, ConnectionAbortedError):
-        raise  # the client went away: nothing to answer, nothing to log
+        # the client went away (a --wait stopped): nothing to answer, nothing to log;
+        # raised, aiohttp would log it as an error with its traceback
+        return web.Response(status=499)
     except Exception as exc:  # a bug: answered and logged, the node keeps serving
         log.exception("control request %s %s failed", request.method, request.path)
         return _error(500, exc)
@@ -208,8 +210,8 @@ class ControlServer:
         first = await anext(updates)  # raises for an unknown handle before headers go out
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)  # the client may be gone already
             await resp.write(_sse(status_to_json(first)))
             async for status in updates:
                 await resp.write(_sse(status_to_json(status)))

@@ -19,7 +19,10 @@ def resolve_prefix(text: str, known: Iterable[str], what: str) -> str:
     candidates = sorted({k for k in known if k.startswith(text)})
     if text in candidates:
         return text
-    if len(text) < MIN_PREFIX or not candidates:
+    if len(text) < MIN_PREFIX and candidates:
+        raise InvalidIdError(f"no {what} matches {text!r}: a prefix needs at least "
+                             f"{MIN_PREFIX} characters", prefix=text)
+    if not candidates:
         raise InvalidIdError(f"no {what} matches {text!r}", prefix=text)
     if len(candidates) > 1:
         shown = ", ".join(candidates[:5]) + (", ..." if len(candidates) > 5 else "")
