@@ -102,3 +102,25 @@ def test_end_game_only_for_the_tail() -> None:
         p.received("b" if i < 20 else "c", i)
     assert p.in_endgame()
     assert sorted(p.pick("a", 5)) == [36, 37, 38, 39]
+
+
+def test_after_an_empty_pick_what_a_peer_announces_is_picked_and_nothing_is_lost() -> None:
+    # the picker remembers that a peer's pick came up empty and then looks only at what it
+    # announced since: picking fewer than that must leave the rest pickable, and a request
+    # lost elsewhere must make its piece pickable from every peer holding it
+    p = PiecePicker[str](Bitfield(32), rng=random.Random(3))
+    p.add_peer("a", bf(32, list(range(8))))
+    p.add_peer("b", Bitfield(32))
+    assert len(p.pick("a", 8)) == 8
+    assert p.pick("b", 4) == []  # holds nothing
+    for i in (20, 21, 22):
+        p.peer_has("b", i)
+    first = p.pick("b", 1)
+    assert len(first) == 1 and first[0] in (20, 21, 22)
+    rest = p.pick("b", 4)
+    assert sorted(first + rest) == [20, 21, 22]  # not lost after the first pick
+    assert p.pick("b", 4) == []
+    p.peer_has("b", 3)  # asked of a already
+    assert p.pick("b", 4) == []
+    p.failed("a", 3)  # lost there: b, which holds it too, may be asked now
+    assert p.pick("b", 4) == [3]

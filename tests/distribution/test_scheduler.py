@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from blobmesh.distribution.peerwire import REJECT_BUSY
+from blobmesh.distribution.peerwire import REJECT_BUSY, REJECT_ELSEWHERE
 from blobmesh.distribution.scheduler import (
     Announce,
     Ban,
@@ -72,6 +72,48 @@ def test_only_about_source_fanout_targets_dial_the_source_first_and_orders_diffe
         firsts.append(j.handle_timer(0.0)[0])
     assert 15 <= sum(a == Dial(10_000) for a in firsts) <= 50  # source_fanout = 32
     assert len(set(firsts)) > 500  # not everybody dials the same peer
+
+
+def test_a_target_not_dialing_the_source_first_dials_it_only_after_peer_retry_alone() -> None:
+    peers = [10_000, *range(1, 1001)]  # the source, then 1,000 targets
+    def target(seed: int) -> DownloadScheduler[str, int]:
+        return DownloadScheduler[str, int](8, 0, lambda: peers, 0.0,
+                                           DownloadPolicy(max_peers=8, stall_timeout=100.0),
+                                           rng=random.Random(seed))
+
+    # (a job whose draw does not put the source first: most of them, in a large scope)
+    seed = next(s for s in range(100) if Dial(10_000) not in target(s).handle_timer(0.0))
+    j = target(seed)
+    dialed = [a.peer for a in j.handle_timer(0.0) if isinstance(a, Dial)]
+    now = 0.0
+    while dialed:  # every dial fails at once (peers not yet in the distribution, or full)
+        now += 0.002
+        peer = dialed.pop()
+        dialed += [a.peer for a in j.dial_ended(peer, now) if isinstance(a, Dial)]
+        assert 10_000 not in dialed  # the whole sample refused: still not the source ...
+    assert j.get_timer() == 1.0  # ... until it has been alone for peer_retry
+    assert Dial(10_000) in j.handle_timer(1.0)
+    # a job with a connection leaves the source alone, however many of its dials fail
+    k = target(seed)
+    out = k.handle_timer(0.0)
+    k.attach("c", next(a.peer for a in out if isinstance(a, Dial)), Bitfield(8), False,
+             True, 0.01)
+    for step in range(1, 40):
+        now = step * 0.5
+        while dials := [a.peer for a in out if isinstance(a, Dial)]:
+            assert 10_000 not in dials
+            out = [b for peer in dials for b in k.dial_ended(peer, now)]
+        out = k.handle_timer(now)
+    out = k.detach("c", 20.0)  # alone again: the source once that lasted peer_retry
+    while dials := [a.peer for a in out if isinstance(a, Dial)]:
+        assert 10_000 not in dials
+        out = [b for peer in dials for b in k.dial_ended(peer, 20.0)]
+    out = k.handle_timer(20.5)
+    assert Dial(10_000) not in out
+    for a in out:
+        if isinstance(a, Dial):
+            k.dial_ended(a.peer, 20.5)
+    assert Dial(10_000) in k.handle_timer(21.0)
 
 
 def test_asks_up_to_layer_asks_peers_for_the_layer_then_pipelines_rarest_first() -> None:
@@ -259,6 +301,28 @@ def test_a_busy_peer_is_asked_nothing_for_busy_backoff_then_one_piece_at_a_time(
     # a piece from a ends the probing: its pipeline is full again
     assert j.piece_arrived("a", probe[0], 0.1)
     assert sorted(requests(j.piece_written("a", probe[0], True, 0.1), "a")) == sorted(on_a)
+
+
+def test_a_seed_that_sends_a_request_elsewhere_is_asked_one_piece_at_a_time_after_a_while(
+        ) -> None:
+    j = job(pieces=8, peers=[], seed_pipeline=3, elsewhere_backoff=0.2)
+    j.attach("s", 1, bf(8), True, True, 0.0)  # a seed
+    asked = requests(j.start(Bitfield(8), 0.0), "s")
+    assert len(asked) == 3
+    # others are getting that piece: asking the seed for another one at once would only
+    # have it refuse that one too (9,000 requests in the source's first quarter second)
+    assert requests(j.refused("s", asked[0], REJECT_ELSEWHERE, 0.01)) == []
+    assert j.get_timer() == pytest.approx(0.21)
+    assert requests(j.handle_timer(0.21)) == []  # two still on their way: nothing more yet
+    assert j.piece_arrived("s", asked[1], 0.3)
+    # a piece came: the seed is asked again, a full pipeline, for pieces it did not refuse
+    again = requests(j.piece_written("s", asked[1], True, 0.3), "s")
+    assert len(again) == 2 and asked[0] not in again
+    for i in again:
+        j.refused("s", i, REJECT_ELSEWHERE, 0.31)
+    j.refused("s", asked[2], REJECT_ELSEWHERE, 0.32)
+    assert requests(j.handle_timer(0.4)) == []  # within the backoff: nothing
+    assert len(requests(j.handle_timer(0.53), "s")) == 1  # then one at a time
 
 
 def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> None:

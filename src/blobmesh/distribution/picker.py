@@ -52,6 +52,9 @@ class PiecePicker(Generic[Peer]):
         # picks of a swarm come up empty (every piece the peer holds is asked of another).
         self._epoch = 0
         self._empty_at: dict[Peer, int] = {}
+        # ... and what the peer announced since its pick came up empty at the epoch: only
+        # those pieces can be picked from it now (the pick after a ``have`` looks at them)
+        self._gained: dict[Peer, list[int]] = {}
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -71,7 +74,12 @@ class PiecePicker(Generic[Peer]):
             return
         pieces.add(index)
         self._avail[index] += 1
-        self._empty_at.pop(peer, None)
+        if self._empty_at.get(peer) == self._epoch:
+            gained = self._gained.get(peer)
+            if gained is None:
+                self._gained[peer] = [index]
+            else:
+                gained.append(index)
         if len(pieces) == self._n:
             self._epoch += 1  # a seed's picks no longer leave out what this peer holds
 
@@ -83,6 +91,7 @@ class PiecePicker(Generic[Peer]):
                 self._avail[i] -= 1
             self._epoch += 1
         self._empty_at.pop(peer, None)
+        self._gained.pop(peer, None)
         lost = self.in_flight(peer)
         for i in lost:
             self._cancel(i, peer)
@@ -138,10 +147,22 @@ class PiecePicker(Generic[Peer]):
     def pick(self, peer: Peer, count: int = 1) -> list[int]:
         """Up to ``count`` pieces to request from ``peer`` now (marked in flight)."""
         pieces = self._peers.get(peer)
-        if pieces is None or peer in self._banned or count <= 0 or \
-                self._empty_at.get(peer) == self._epoch:
+        if pieces is None or peer in self._banned or count <= 0:
             return []
-        fresh = (pieces & self._missing).difference(self._inflight.keys())
+        gained = self._gained.pop(peer, None)
+        fresh: set[int] | None = None
+        if self._empty_at.get(peer) == self._epoch:
+            # nothing could be picked from it but what it announced since (it holds no
+            # piece but these that is missing here and not in flight)
+            if gained is None:
+                return []
+            new = [i for i in gained if i in self._missing and i not in self._inflight]
+            if not new and not self.in_endgame():
+                return []
+            if len(new) == 1:  # (more, or the end game: the whole computation, whose set
+                fresh = set(new)  # order the random tie breaks follow)
+        if fresh is None:
+            fresh = (pieces & self._missing).difference(self._inflight.keys())
         if fresh and self._is_seed(pieces):
             for other, held in self._peers.items():
                 if other != peer and not self._is_seed(held):
@@ -162,6 +183,8 @@ class PiecePicker(Generic[Peer]):
         if not chosen:
             self._empty_at[peer] = self._epoch
             return chosen
+        # (it may hold more than was picked: what it announced since no longer says it all)
+        self._empty_at.pop(peer, None)
         for i in chosen:
             self._inflight.setdefault(i, {})[peer] = None
         if self._in_tail():
@@ -186,6 +209,13 @@ class PiecePicker(Generic[Peer]):
         who = self._inflight.get(index)
         if who is not None and peer in who:
             del who[peer]
-            self._epoch += 1
+            # Only a peer holding ``index`` can pick something now: the others' picks are
+            # what they were (the end game ending with it gives them nothing either).  Not an
+            # epoch: each refusal or lost request made every connection pick again.
+            empty_at = self._empty_at
+            if empty_at:
+                for other, pieces in self._peers.items():
+                    if index in pieces:
+                        empty_at.pop(other, None)
             if not who:
                 del self._inflight[index]

@@ -46,7 +46,7 @@ from blobmesh.distribution.progress import (
     PROGRESS_INTERVAL,
     QUERY_AFTER,
     SOURCE_NOTES_PER_S,
-    progress_note_interval,
+    NoteSchedule,
     query_after,
     targets_to_query,
 )
@@ -771,43 +771,38 @@ class DistributionService:
         source = NodeId(r.source)
         handle = tracked.handle
         pin = f"dist/{handle}"
-        last_note = 0.0
-        every = progress_note_interval(len(self._resolve(tracked.scope)),
-                                       self.config.progress_interval,
-                                       self.config.source_notes_per_s)
+        # (in a large scope nothing is noted at once: see NoteSchedule)
+        notes = NoteSchedule(len(self._resolve(tracked.scope)), time.monotonic(),
+                             self.config.progress_interval, self.config.source_notes_per_s)
+        small = not notes.stretched
 
         def peers() -> Iterable[NodeId]:
             others = [n for n in self._resolve(tracked.scope) if n != source]
             return [source, *others]
 
-        last_state = (TargetState.TRANSFERRING, "")
         bytes_done = 0
 
         def progress(p: JobProgress) -> None:
-            nonlocal last_note, last_state, bytes_done
-            now = time.monotonic()
+            nonlocal bytes_done
             bytes_done = p.bytes_done
-            if (p.state, p.reason) != last_state:
-                last_state = (p.state, p.reason)  # a change is noted at once
-            elif now - last_note < every and p.bytes_done != p.bytes_total:
-                return
-            last_note = now
-            self._note(source, handle, p)
+            if notes.progress((p.state, p.reason), p.bytes_done == p.bytes_total,
+                              time.monotonic()):
+                self._note(source, handle, p)
 
-        self._report(source, handle, TargetState.TRANSFERRING, 0)
+        self._report(source, handle, TargetState.TRANSFERRING, 0, send=small)
         backoff = self.config.retry_backoff
         while True:
             try:
                 await self._download(tracked, peers, progress, pin)
                 break
             except CollectionError as exc:  # a bad manifest or export: retrying cannot help
-                self._report(source, handle, TargetState.FAILED, 0, str(exc))
+                self._report(source, handle, TargetState.FAILED, 0, str(exc),
+                             delay=notes.final_delay())
                 return
             except (TransferError, StoreError) as exc:
                 # not final: a distribution is a desired state, this target keeps trying
-                last_state = (TargetState.RETRYING, str(exc))
                 self._report(source, handle, TargetState.RETRYING, bytes_done,
-                                   f"{exc}; retrying in {backoff:g}s")
+                             f"{exc}; retrying in {backoff:g}s", send=small)
                 if r.share_urls and self.config.share_loader is not None:
                     # no peer could provide it: fall back on the distribution's shares
                     try:
@@ -819,7 +814,8 @@ class DistributionService:
                         break
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_backoff_max)
-        self._report(source, handle, TargetState.COMPLETED, r.total_size or r.size)
+        self._report(source, handle, TargetState.COMPLETED, r.total_size or r.size,
+                     delay=notes.final_delay())
 
     async def _download(self, tracked: _Tracked, peers: Callable[[], Iterable[NodeId]],
                         progress: Callable[[JobProgress], None], pin: str) -> None:
@@ -833,24 +829,30 @@ class DistributionService:
         await self.swarm.download(tracked.blob_id, r.size, r.piece_size, peers,
                                   tracked.priority, progress, pin=pin)
 
-    def _note(self, to: NodeId, handle: DistributionHandle, p: JobProgress) -> None:
+    def _note(self, to: NodeId, handle: DistributionHandle, p: JobProgress,
+              send: bool = True, delay: float = 0.0) -> None:
         note = ProgressNote(str(handle), str(p.state), p.bytes_done, p.rate, p.peers, p.reason,
                             [n.digest for n in p.sources], list(p.source_rates))
         data = NOTIFY_PROGRESS + _enc.encode(note)
         self._last_notes[handle] = data  # what a query from the source is answered with
-        self._send_note(to, data)
+        if send:
+            self._send_note(to, data, delay)
 
-    def _send_note(self, to: NodeId, data: bytes) -> None:
+    def _send_note(self, to: NodeId, data: bytes, delay: float = 0.0) -> None:
         async def send() -> None:
+            if delay > 0:
+                await asyncio.sleep(delay)
             with contextlib.suppress(BlobmeshError, OSError):
                 await self.space.send_notify(to, data)
 
         self._spawn(send())
 
     def _report(self, source: NodeId, handle: DistributionHandle, state: TargetState,
-                bytes_done: int, reason: str = "") -> None:
+                bytes_done: int, reason: str = "", *, send: bool = True,
+                delay: float = 0.0) -> None:
         """Tell the source (only: no op, so no node's op store grows with the number of
-        targets), and this node's own view of the distribution.
+        targets) — after ``delay`` seconds, or not now (``send`` false: the next note
+        carries it) — and this node's own view of the distribution at once.
 
         A note can be lost, or the source restarted: it then asks again (``_query_silent``)
         and gets this last note back.
@@ -858,4 +860,5 @@ class DistributionService:
         tracked = self._tracked.get(handle)
         if tracked is not None:
             self._set_target(tracked, self.node_id, state, bytes_done, 0.0, reason)
-        self._note(source, handle, JobProgress(bytes_done, 0, 0, 0, 0, 0.0, state, reason))
+        self._note(source, handle, JobProgress(bytes_done, 0, 0, 0, 0, 0.0, state, reason),
+                   send, delay)

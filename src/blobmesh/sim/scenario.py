@@ -8,6 +8,7 @@ with the Kumar–Ross bound of the same links.
 from __future__ import annotations
 
 import gc
+import math
 import resource
 import statistics
 import time
@@ -16,15 +17,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from blobmesh.distribution.config import SwarmConfig
-from blobmesh.distribution.progress import (
-    PROGRESS_INTERVAL,
-    SOURCE_NOTES_PER_S,
-    progress_note_interval,
-)
 from blobmesh.distribution.scheduler import DownloadPolicy
 from blobmesh.sim.bounds import kumar_ross
 from blobmesh.sim.engine import Simulator
-from blobmesh.sim.swarm import SOURCE, NodeSpec, SimNode, Swarmwide, World
+from blobmesh.sim.swarm import KINDS, SOURCE, NodeSpec, SimNode, Swarmwide, World
 
 MBIT = 1e6 / 8  # bytes/s
 MiB = 1 << 20
@@ -71,8 +67,13 @@ class Result:
     source_copies: float  # bytes the source uploaded, in copies of the blob
     # bytes the targets uploaded / what their uplinks could have carried until t_all
     target_upload_utilisation: float
-    source_ctrl_msgs_per_s: float  # control messages into the source, per second of t_all
+    # control messages into the source per second, over t_all or until the last final note
+    # held back (``NoteSchedule.final_delay``) arrived, if later
+    source_ctrl_msgs_per_s: float
+    source_ctrl_msgs_per_s_peak: float  # ... in its busiest second
     source_notes_per_s: float  # of which progress notifications
+    # ... by kind (``sim.swarm.KINDS``: hellos, haves, requests…, notes by cause), per second
+    source_ctrl_msgs_by_kind: dict[str, float]
     source_dials: int  # connection attempts the source received
     ctrl_bytes_per_s_node_p50: float  # control bytes in + out per node and second
     ctrl_bytes_per_s_node_max: float
@@ -155,8 +156,7 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
     sim = Simulator(sc.seed)
     pieces = max(1, -(-sc.size // sc.piece_size))
     wide = Swarmwide(pieces, sc.piece_size, sc.size, sc.policy, sc.max_connections,
-                     sc.upload_slots,
-                     progress_note_interval(sc.nodes, PROGRESS_INTERVAL, SOURCE_NOTES_PER_S))
+                     sc.upload_slots)
     specs = _specs(sc, sim)
     world = World(sim, wide, specs, same_order_for_all(sc.nodes, sim))
     world.on_all_done = sim.stop
@@ -167,6 +167,7 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
 
     series_t: list[float] = []
     series_up: list[float] = []
+    series_source_in: list[int] = []  # the source's inbound messages so far
     series_targets: list[float] = []
     source = world.nodes[SOURCE]
     net = world.net
@@ -183,6 +184,7 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
             series_t.append(now)
             series_up.append((sent - last[1]) / (now - last[0]))
             series_targets.append(sum(net.upload_rate(i) for i in target_ids) / target_cap)
+            series_source_in.append(source.traffic.msgs_in)
         last[0], last[1] = now, sent
         if world.completed < world.honest_targets:
             sim.after(sample_every, sample)
@@ -199,12 +201,43 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
             gc.enable()
     rss1 = _rss_kib()
     return _result(sc, world, sim, time.perf_counter() - wall0,
-                   max(0.0, rss1 - rss0) / (sc.nodes + 1), series_t, series_up, series_targets)
+                   max(0.0, rss1 - rss0) / (sc.nodes + 1), series_t, series_up, series_targets,
+                   series_source_in, sample_every)
+
+
+def _source_inbound(world: World, horizon: float, series_t: list[float],
+                    series_in: list[int], step: float) -> tuple[float, float, dict[str, int]]:
+    """The source's inbound messages: the window they arrived in (``horizon``, or later if a
+    note held back arrives later), the most in one second, and how many of each kind (the
+    notes held back included)."""
+    traffic = world.nodes[SOURCE].traffic
+    kinds = dict(traffic.kinds_in)
+    end = horizon
+    for at, kind in world.late_notes:
+        kinds[kind] = kinds.get(kind, 0) + 1
+        end = max(end, at)
+    # messages per bin of ``step`` seconds: the samples until the end, then the late notes
+    n_bins = int(end / step) + 1
+    bins = [0] * n_bins
+    prev = 0
+    for t, cum in zip([*series_t, horizon], [*series_in, traffic.msgs_in], strict=True):
+        b = min(n_bins - 1, max(0, math.ceil(t / step - 1e-6) - 1))  # the bin ending at t
+        bins[b] += cum - prev
+        prev = cum
+    for at, _kind in world.late_notes:
+        bins[min(n_bins - 1, int(at / step))] += 1
+    width = max(1, round(1.0 / step))
+    window = sum(bins[:width])
+    peak = window
+    for i in range(width, n_bins):
+        window += bins[i] - bins[i - width]
+        peak = max(peak, window)
+    return end, float(peak), kinds
 
 
 def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: float,
-            series_t: list[float], series_up: list[float],
-            series_targets: list[float]) -> Result:
+            series_t: list[float], series_up: list[float], series_targets: list[float],
+            series_source_in: list[int], sample_every: float) -> Result:
     source = world.nodes[SOURCE]
     honest = [n for n in world.nodes[1:] if not n.spec.liar]
     finish = sorted(n.outcome.done_at if n.outcome.done_at is not None else float("inf")
@@ -218,6 +251,9 @@ def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: fl
                 for n in world.nodes]
     q = statistics.quantiles(finish, n=100, method="inclusive") if len(finish) > 1 \
         else [finish[0]] * 99
+    src_window, src_peak, src_kinds = _source_inbound(world, horizon, series_t,
+                                                      series_source_in, sample_every)
+    src_window = max(src_window, 1e-9)
     return Result(
         scenario=sc, nodes=sc.nodes, t_all_s=t_all, bound_s=bound, ratio=t_all / bound,
         p50_ratio=statistics.median(finish) / bound, p99_ratio=q[98] / bound,
@@ -225,8 +261,11 @@ def _result(sc: Scenario, world: World, sim: Simulator, wall: float, mem_kib: fl
         source_copies=world.net.bytes_sent[source.net_id] / sc.size,
         target_upload_utilisation=sum(world.net.bytes_sent[n.net_id] for n in targets) /
         max(1e-9, horizon * sum(n.spec.up for n in targets)),
-        source_ctrl_msgs_per_s=source.traffic.msgs_in / max(horizon, 1e-9),
-        source_notes_per_s=source.traffic.notes_in / max(horizon, 1e-9),
+        source_ctrl_msgs_per_s=sum(src_kinds.values()) / src_window,
+        source_ctrl_msgs_per_s_peak=src_peak,
+        source_notes_per_s=(source.traffic.notes_in + len(world.late_notes)) / src_window,
+        source_ctrl_msgs_by_kind={k: round(src_kinds[k] / src_window, 1)
+                                  for k in KINDS if k in src_kinds},
         source_dials=source.traffic.dials_in,
         ctrl_bytes_per_s_node_p50=statistics.median(per_node),
         ctrl_bytes_per_s_node_max=max(per_node),

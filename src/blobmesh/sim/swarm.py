@@ -18,8 +18,14 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from blobmesh.distribution.progress import (
+    FINAL_NOTES_PER_S,
+    PROGRESS_INTERVAL,
+    SOURCE_NOTES_PER_S,
+    NoteSchedule,
+)
 from blobmesh.distribution.scheduler import (
     UPLOAD_SLOTS,
     Announce,
@@ -62,7 +68,10 @@ class Swarmwide:
     policy: DownloadPolicy
     max_connections: int = 64
     upload_slots: int | None = UPLOAD_SLOTS  # see UploadScheduler
-    progress_interval: float = 0.25  # the service's progress notes to the source
+    # the service's progress notes to the source (see ``NoteSchedule``)
+    progress_interval: float = PROGRESS_INTERVAL
+    source_notes_per_s: float = SOURCE_NOTES_PER_S
+    final_notes_per_s: float = FINAL_NOTES_PER_S
     retry_backoff: float = 1.0  # a failed job is retried after this (doubling, to 15 s)
     priority: int = 1
 
@@ -77,6 +86,13 @@ class Traffic:
     bytes_out: int = 0
     notes_in: int = 0  # progress notifications (only the source gets them)
     dials_in: int = 0
+    # messages received, by kind (``KINDS``; notes by cause: ``note-first`` … ``note-final``)
+    kinds_in: dict[str, int] = field(default_factory=dict)
+
+
+# the kinds of control messages :attr:`Traffic.kinds_in` counts
+KINDS = ("hello", "hello-back", "have", "request", "cancel", "refusal", "layer-request",
+         "layer", "note-start", "note-first", "note-progress", "note-state", "note-final")
 
 
 class End:
@@ -141,7 +157,9 @@ class SimNode:
         self.outcome = Outcome(done_at=0.0 if seed else None)
         self.active = False  # it knows about the distribution
         self._timer: Timer | None = None
-        self._last_note = -1e9
+        self.notes: NoteSchedule | None = None  # the service's, from the distribution's start
+        self._noted_once = False
+        self._stalled = False
         self._backoff = world.wide.retry_backoff
 
     def __lt__(self, other: SimNode) -> bool:
@@ -154,6 +172,12 @@ class SimNode:
         self.alive = True
         self.active = True
         if not self.complete:
+            wide, world = self.world.wide, self.world
+            self.notes = NoteSchedule(len(world.nodes) - 1, world.sim.now,
+                                      wide.progress_interval, wide.source_notes_per_s,
+                                      wide.final_notes_per_s, rng=world.node_rng(self))
+            if not self.notes.stretched:  # the service's "transferring" report
+                world.note(self, "note-start")
             self._start_job()
 
     def crash(self) -> None:
@@ -195,17 +219,17 @@ class SimNode:
         world = self.world
         for a in actions:
             if isinstance(a, Request):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_request, a.index)
+                world.ctrl(a.conn, "request", CTRL_BYTES, world.on_request, a.index)
             elif isinstance(a, Announce):
                 if self.sched is not None:
                     for end in self.sched.conns():
-                        world.ctrl(end, CTRL_BYTES, world.on_have, a.index)
+                        world.ctrl(end, "have", CTRL_BYTES, world.on_have, a.index)
             elif isinstance(a, Cancel):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_cancel, a.index)
+                world.ctrl(a.conn, "cancel", CTRL_BYTES, world.on_cancel, a.index)
             elif isinstance(a, Dial):
                 world.dial(self, world.nodes[a.peer])
             elif isinstance(a, RequestLayer):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_layer_request)
+                world.ctrl(a.conn, "layer-request", CTRL_BYTES, world.on_layer_request)
             elif isinstance(a, Close):
                 world.close(a.conn, a.reason)
             elif isinstance(a, Ban):
@@ -218,7 +242,8 @@ class SimNode:
             elif isinstance(a, Complete):
                 self._completed()
             elif isinstance(a, StateChanged):
-                self._note(force=True)  # (a state change is noted at once, not an op)
+                self._stalled = a.stalled
+                self._progress()  # (a state change: at once in a small scope, not an op)
             elif isinstance(a, Failed):
                 self._failed()
         self._arm()
@@ -246,7 +271,9 @@ class SimNode:
         self.complete = True
         self.flushed = self.have.copy()
         self.outcome.done_at = world.sim.now
-        self._note(force=True)  # (a final state is a note to the source, not an op)
+        self._progress()  # the last byte (the job reports it before the service's final note)
+        # (a final state is a note to the source, not an op)
+        world.note(self, "note-final", self.notes.final_delay() if self.notes else 0.0)
         sched, self.sched = self.sched, None
         if self._timer is not None:
             self._timer.cancel()
@@ -259,7 +286,8 @@ class SimNode:
 
     def _failed(self) -> None:
         self.outcome.failures += 1  # (retrying is no final state: a note, no op)
-        self._note(force=True)
+        if self.notes is not None and not self.notes.stretched:
+            self.world.note(self, "note-state")
         self.sched = None
         for end in list(self.ends):
             self.world.close(end, "job failed")
@@ -270,12 +298,14 @@ class SimNode:
         if self.alive and not self.complete and self.sched is None:
             self._start_job()
 
-    def _note(self, force: bool = False) -> None:
-        """The service's progress notification to the source, at most every interval."""
-        now = self.world.sim.now
-        if force or now - self._last_note >= self.world.wide.progress_interval:
-            self._last_note = now
-            self.world.note(self)
+    def _progress(self) -> None:
+        """The job reports progress to the service, which notes it to the source when its
+        :class:`NoteSchedule` says."""
+        notes = self.notes
+        if notes is not None and notes.progress(self._stalled, self.have.is_complete(),
+                                                self.world.sim.now):
+            self.world.note(self, "note-progress" if self._noted_once else "note-first")
+            self._noted_once = True
 
     # --- executing the upload scheduler ----------------------------------------------------
 
@@ -284,12 +314,13 @@ class SimNode:
         world = self.world
         while (a := self.upload.next()) is not None:
             if isinstance(a, Refuse):
-                world.ctrl(a.conn, CTRL_BYTES, world.on_refused, a.index, a.reason)
+                world.ctrl(a.conn, "refusal", CTRL_BYTES, world.on_refused, a.index, a.reason)
             elif isinstance(a, Serve):
                 end = a.conn
                 if a.index not in self.have:
                     self.upload.read_failed(end)
-                    world.ctrl(end, CTRL_BYTES, world.on_refused, a.index, "not here")
+                    world.ctrl(end, "refusal", CTRL_BYTES, world.on_refused, a.index,
+                               "not here")
                     continue
                 end.queue.append(a.index)
                 if end.flow is None:
@@ -313,6 +344,7 @@ class World:
         # dist/* ops published, each gossiped to every node: the request, and the source's
         # summary once every target is done (targets publish none)
         self.dist_ops = 1
+        self.late_notes: list[tuple[float, str]] = []  # (arrival at the source, kind)
         self.completed = 0
         self.honest_targets = sum(1 for n in self.nodes[1:] if not n.spec.liar)
         self.on_all_done: Callable[[], None] | None = None
@@ -328,33 +360,44 @@ class World:
 
     # --- control messages ------------------------------------------------------------------
 
-    def ctrl(self, end: End, nbytes: int, handler: Callable[..., None], *args: object) -> None:
-        """Send a small message on ``end``; ``handler(receiving end, *args)`` on arrival."""
+    def ctrl(self, end: End, kind: str, nbytes: int, handler: Callable[..., None],
+             *args: object) -> None:
+        """Send a small message of ``kind`` on ``end``; ``handler(receiving end, *args)`` on
+        arrival."""
         other = end.other
         if end.closed or other is None:
             return
         traffic = end.node.traffic
         traffic.msgs_out += 1
         traffic.bytes_out += nbytes
-        self.sim.after(end.latency, self._arrive, other, nbytes, handler, args)
+        self.sim.after(end.latency, self._arrive, other, kind, nbytes, handler, args)
 
-    def _arrive(self, end: End, nbytes: int, handler: Callable[..., None],
+    def _arrive(self, end: End, kind: str, nbytes: int, handler: Callable[..., None],
                 args: tuple[object, ...]) -> None:
         node = end.node
         if end.closed or not node.alive:
             return
-        node.traffic.msgs_in += 1
-        node.traffic.bytes_in += nbytes
+        traffic = node.traffic
+        traffic.msgs_in += 1
+        traffic.bytes_in += nbytes
+        kinds = traffic.kinds_in
+        kinds[kind] = kinds.get(kind, 0) + 1
         handler(end, *args)
 
-    def note(self, node: SimNode) -> None:
-        """A progress notification to the source (a space notify, not a swarm message)."""
-        source = self.nodes[SOURCE]
+    def note(self, node: SimNode, kind: str, delay: float = 0.0) -> None:
+        """A progress notification to the source (a space notify, not a swarm message),
+        ``delay`` seconds from now (it changes nothing in the run: a note held back is only
+        recorded, in :attr:`late_notes`, and counted by the result)."""
         node.traffic.msgs_out += 1
         node.traffic.bytes_out += NOTE_BYTES
-        source.traffic.msgs_in += 1
-        source.traffic.notes_in += 1
-        source.traffic.bytes_in += NOTE_BYTES
+        if delay > 0:
+            self.late_notes.append((self.sim.now + delay, kind))
+            return
+        source = self.nodes[SOURCE].traffic
+        source.msgs_in += 1
+        source.notes_in += 1
+        source.bytes_in += NOTE_BYTES
+        source.kinds_in[kind] = source.kinds_in.get(kind, 0) + 1
 
     # --- connections -----------------------------------------------------------------------
 
@@ -371,6 +414,7 @@ class World:
         b.traffic.dials_in += 1
         b.traffic.msgs_in += 1
         b.traffic.bytes_in += HELLO_BYTES
+        b.traffic.kinds_in["hello"] = b.traffic.kinds_in.get("hello", 0) + 1
         if not b.alive or not b.active or a.index in b.banned or \
                 len(b.ends) >= self.wide.max_connections:
             self.sim.after(rtt, self._dial_ended, a, b)
@@ -402,6 +446,7 @@ class World:
             return
         a.traffic.msgs_in += 1
         a.traffic.bytes_in += HELLO_BYTES
+        a.traffic.kinds_in["hello-back"] = a.traffic.kinds_in.get("hello-back", 0) + 1
         a.ends[ea] = None
         a.upload.open(ea, 0, ea.peer.index, ea.have, self.sim.now,
                       max_unacked(self.wide.piece_size))
@@ -452,7 +497,8 @@ class World:
         node = end.node
         refused = node.upload.wanted(end, index, self.wide.priority, self.sim.now)
         if refused is not None:
-            self.ctrl(end, CTRL_BYTES, self.on_refused, refused.index, refused.reason)
+            self.ctrl(end, "refusal", CTRL_BYTES, self.on_refused, refused.index,
+                      refused.reason)
         node.pump()
 
     def on_cancel(self, end: End, index: int) -> None:
@@ -471,14 +517,23 @@ class World:
         end.have.add(index)
         if node.upload.acked(end, index, self.sim.now):
             node.pump()
-        if node.sched is not None:
-            node.execute(node.sched.peer_has(end, index, self.sim.now))
+        sched = node.sched
+        if sched is not None:
+            if sched.picker is not None and sched.owns(end):
+                # (the most common event) news of a piece on a connection the job keeps can
+                # only make its timer later (a backoff over): with nothing to do, the timer
+                # armed stays right, and re-arming it would cost the event a get_timer
+                actions = sched.peer_has(end, index, self.sim.now)
+                if actions:
+                    node.execute(actions)
+            else:
+                node.execute(sched.peer_has(end, index, self.sim.now))
         elif node.complete and end.have.is_complete():
             self.close(end, "both complete")
 
     def on_layer_request(self, end: End) -> None:
         if end.node.has_layer:
-            self.ctrl(end, CTRL_BYTES + 32 * self.wide.pieces, self.on_layer)
+            self.ctrl(end, "layer", CTRL_BYTES + 32 * self.wide.pieces, self.on_layer)
 
     def on_layer(self, end: End) -> None:
         node = end.node
@@ -529,8 +584,7 @@ class World:
         new = index not in node.have
         node.have.add(index)
         actions = sched.piece_written(end, index, new, now)
-        if not sched.done:
-            node._note()
+        node._progress()  # (the last piece's too: the real job reports every piece)
         node.execute(actions)
 
     def on_complete(self, node: SimNode) -> None:
