@@ -1,8 +1,13 @@
 """Which piece to ask which peer for: rarest first, pipelined, with an end game.
 
 Pure logic (no I/O, no clock): the swarm feeds it peer bitfields, requests, arrivals and bans,
-and asks it what to request next from a given peer.  Piece sets are Python sets so that the
-per-request work is set algebra in C, not loops over every piece in Python.
+and asks it what to request next from a given peer.
+
+A pick costs about ``log(pieces)`` per piece it returns or skips, not a pass over the pieces:
+every peer keeps a heap of the pieces it could be asked for, keyed by availability and a random
+rank drawn per piece when the picker starts (the tie break).  Entries go stale as pieces
+arrive, go in flight or gain holders; a pick drops or re-keys them as they come up, and a
+piece whose request is lost goes back into its holders' heaps.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ class PiecePicker(Generic[Peer]):
     """Piece selection for one blob being downloaded.
 
     * rarest first: among pieces the peer has and we miss, pick those held by the fewest
-      peers (ties broken randomly so parallel downloaders spread over different pieces);
+      peers (ties broken by a random rank per piece, drawn by each picker, so parallel
+      downloaders spread over different pieces);
     * a seed (a peer holding every piece) is asked only for pieces no downloading peer holds:
       its upload is the swarm's scarcest resource;
     * each piece is requested from one peer at a time, until every missing piece is in
       flight: then *end game* allows a second request for the same piece from another peer,
       so the last pieces do not wait on one slow peer;
+    * a piece a peer sent us elsewhere for (:meth:`defer`) is asked of it only when it has
+      nothing else for us;
     * a banned peer (sent bad data) is never asked again.
 
     The swarm keys it by connection, not node id: a request belongs to the connection it was
@@ -36,25 +44,26 @@ class PiecePicker(Generic[Peer]):
     def __init__(self, have: Bitfield, *, endgame_copies: int = 2,
                  rng: random.Random | None = None) -> None:
         self.have = have.copy()
-        self._n = have.size
-        self._missing = set(range(self._n)) - set(have)
-        self._avail = [0] * self._n
+        n = self._n = have.size
+        self._missing = set(range(n)) - set(have)
+        rank = list(range(n))
+        (rng or random.Random()).shuffle(rank)
+        # A piece's key: availability × n + its rank; ``_of_rank`` maps a key back to the
+        # piece (``key % n`` is the rank).  Unique keys: heaps of plain ints, compared in C.
+        self._key = rank
+        self._of_rank = [0] * n
+        for i, r in enumerate(rank):
+            self._of_rank[r] = i
         self._peers: dict[Peer, set[int]] = {}
+        self._seeds = 0  # peers holding every piece
+        # per peer: keys of the pieces it may be asked for (missing, not in flight), some
+        # stale; None: to be built at its next pick (availabilities fell: keys too high)
+        self._heaps: dict[Peer, list[int] | None] = {}
         # piece -> the peers it is requested from, in request order (so are the cancels)
         self._inflight: dict[int, dict[Peer, None]] = {}
         self._banned: set[Peer] = set()
         self._endgame_copies = endgame_copies
-        self._rng = rng or random.Random()
         self._deferred: dict[Peer, set[int]] = {}  # refused by that peer: ask others first
-        # A pick that found nothing finds nothing again until the peer announces a piece or
-        # ``_epoch`` moves: a change that can give any peer something to pick (a piece no
-        # longer in flight, a peer added, removed or complete, the end game's tail).  Most
-        # picks of a swarm come up empty (every piece the peer holds is asked of another).
-        self._epoch = 0
-        self._empty_at: dict[Peer, int] = {}
-        # ... and what the peer announced since its pick came up empty at the epoch: only
-        # those pieces can be picked from it now (the pick after a ``have`` looks at them)
-        self._gained: dict[Peer, list[int]] = {}
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -64,34 +73,38 @@ class PiecePicker(Generic[Peer]):
         self.remove_peer(peer)
         pieces = set(bitfield)
         self._peers[peer] = pieces
+        n, key = self._n, self._key
         for i in pieces:
-            self._avail[i] += 1
-        self._epoch += 1  # (the end game's tail grows with the peers)
+            key[i] += n
+        if len(pieces) == n:
+            self._seeds += 1
+        self._heaps[peer] = None
 
     def peer_has(self, peer: Peer, index: int) -> None:
         pieces = self._peers.get(peer)
         if pieces is None or not 0 <= index < self._n or index in pieces:
             return
         pieces.add(index)
-        self._avail[index] += 1
-        if self._empty_at.get(peer) == self._epoch:
-            gained = self._gained.get(peer)
-            if gained is None:
-                self._gained[peer] = [index]
-            else:
-                gained.append(index)
+        key = self._key[index] + self._n
+        self._key[index] = key
         if len(pieces) == self._n:
-            self._epoch += 1  # a seed's picks no longer leave out what this peer holds
+            self._seeds += 1
+        heap = self._heaps[peer]
+        if heap is not None and index in self._missing and index not in self._inflight:
+            heapq.heappush(heap, key)
 
     def remove_peer(self, peer: Peer) -> list[int]:
         """Forget a peer; returns the pieces that were in flight from it."""
         pieces = self._peers.pop(peer, None)
         if pieces is not None:
+            n, key = self._n, self._key
             for i in pieces:
-                self._avail[i] -= 1
-            self._epoch += 1
-        self._empty_at.pop(peer, None)
-        self._gained.pop(peer, None)
+                key[i] -= n
+            if len(pieces) == n:
+                self._seeds -= 1
+            del self._heaps[peer]
+            for other in self._heaps:  # (their keys of its pieces are too high now)
+                self._heaps[other] = None
         lost = self.in_flight(peer)
         for i in lost:
             self._cancel(i, peer)
@@ -137,58 +150,62 @@ class PiecePicker(Generic[Peer]):
         """
         return self._in_tail() and self._missing.issubset(self._inflight.keys())
 
-    def _is_seed(self, pieces: set[int]) -> bool:
-        return len(pieces) == self._n
-
     def _in_tail(self) -> bool:
         """Few enough pieces are missing for the end game to begin."""
         return len(self._missing) <= max(4, 2 * len(self._peers))
+
+    def _heap(self, peer: Peer, pieces: set[int]) -> list[int]:
+        heap = self._heaps[peer]
+        if heap is None:
+            heap = list(map(self._key.__getitem__,
+                            (pieces & self._missing).difference(self._inflight.keys())))
+            heapq.heapify(heap)
+            self._heaps[peer] = heap
+        return heap
 
     def pick(self, peer: Peer, count: int = 1) -> list[int]:
         """Up to ``count`` pieces to request from ``peer`` now (marked in flight)."""
         pieces = self._peers.get(peer)
         if pieces is None or peer in self._banned or count <= 0:
             return []
-        gained = self._gained.pop(peer, None)
-        fresh: set[int] | None = None
-        if self._empty_at.get(peer) == self._epoch:
-            # nothing could be picked from it but what it announced since (it holds no
-            # piece but these that is missing here and not in flight)
-            if gained is None:
-                return []
-            new = [i for i in gained if i in self._missing and i not in self._inflight]
-            if not new and not self.in_endgame():
-                return []
-            if len(new) == 1:  # (more, or the end game: the whole computation, whose set
-                fresh = set(new)  # order the random tie breaks follow)
-        if fresh is None:
-            fresh = (pieces & self._missing).difference(self._inflight.keys())
-        if fresh and self._is_seed(pieces):
-            for other, held in self._peers.items():
-                if other != peer and not self._is_seed(held):
-                    fresh -= held
+        heap = self._heap(peer, pieces)
+        n, key, of_rank = self._n, self._key, self._of_rank
+        missing, inflight = self._missing, self._inflight
+        # a seed: only pieces no downloading peer holds (held by the seeds alone)
+        limit = (self._seeds + 1) * n if len(pieces) == n else None
         deferred = self._deferred.get(peer)
-        if fresh and deferred:
-            fresh = (fresh - deferred) or fresh
-        if fresh:
-            avail, rand = self._avail, self._rng.random
-            chosen = heapq.nsmallest(count, fresh, key=lambda i: (avail[i], rand()))
-        elif self.in_endgame():
-            chosen = [i for i in pieces & self._missing
+        chosen: list[int] = []
+        put_off: list[int] = []  # deferred here: taken only if nothing else is
+        pop, push = heapq.heappop, heapq.heappush
+        while heap and len(chosen) < count:
+            k = heap[0]
+            if limit is not None and k >= limit:
+                break  # (keys only grow while they wait: the rest are held elsewhere too)
+            pop(heap)
+            i = of_rank[k % n]
+            if i not in missing or i in inflight:
+                continue  # (a piece whose request is lost goes back in: _cancel)
+            if key[i] != k:
+                push(heap, key[i])  # it gained holders since it was pushed
+                continue
+            if i in chosen or k in put_off:
+                continue  # (a piece back from _cancel may be in twice)
+            if deferred and i in deferred:
+                put_off.append(k)
+            else:
+                chosen.append(i)
+        if not chosen and put_off:
+            chosen = [of_rank[k % n] for k in put_off[:count]]
+            put_off = put_off[count:]
+        for k in put_off:
+            push(heap, k)
+        if not chosen and self.in_endgame():
+            chosen = [i for i in pieces & missing
                       if (not deferred or i not in deferred)  # in flight elsewhere anyway
-                      and peer not in self._inflight[i]
-                      and len(self._inflight[i]) < self._endgame_copies][:count]
-        else:
-            chosen = []
-        if not chosen:
-            self._empty_at[peer] = self._epoch
-            return chosen
-        # (it may hold more than was picked: what it announced since no longer says it all)
-        self._empty_at.pop(peer, None)
+                      and peer not in inflight[i]
+                      and len(inflight[i]) < self._endgame_copies][:count]
         for i in chosen:
-            self._inflight.setdefault(i, {})[peer] = None
-        if self._in_tail():
-            self._epoch += 1  # every missing piece may be in flight now: the end game
+            inflight.setdefault(i, {})[peer] = None
         return chosen
 
     def received(self, peer: Peer, index: int) -> list[Peer]:
@@ -197,8 +214,6 @@ class PiecePicker(Generic[Peer]):
         self._missing.discard(index)
         for d in self._deferred.values():
             d.discard(index)
-        if self._in_tail():
-            self._epoch += 1
         return [p for p in self._inflight.pop(index, {}) if p != peer]
 
     def failed(self, peer: Peer, index: int) -> None:
@@ -209,13 +224,11 @@ class PiecePicker(Generic[Peer]):
         who = self._inflight.get(index)
         if who is not None and peer in who:
             del who[peer]
-            # Only a peer holding ``index`` can pick something now: the others' picks are
-            # what they were (the end game ending with it gives them nothing either).  Not an
-            # epoch: each refusal or lost request made every connection pick again.
-            empty_at = self._empty_at
-            if empty_at:
-                for other, pieces in self._peers.items():
-                    if index in pieces:
-                        empty_at.pop(other, None)
             if not who:
                 del self._inflight[index]
+                if index in self._missing:  # pickable again from every peer holding it
+                    k = self._key[index]
+                    for other, pieces in self._peers.items():
+                        heap = self._heaps[other]
+                        if heap is not None and index in pieces:
+                            heapq.heappush(heap, k)
