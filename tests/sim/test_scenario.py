@@ -69,9 +69,9 @@ def test_cpu_starved_targets_still_complete() -> None:
 
 
 @pytest.mark.parametrize(("faults", "digest"), [
-    ({}, "1199e7f38deb5c87"),
+    ({}, "b9a2f6804feb9625"),
     ({"crash_fraction": 0.1, "starved_fraction": 0.1, "liar_fraction": 0.1,
-      "links": "heterogeneous"}, "a280ed6708be4570"),
+      "links": "heterogeneous"}, "2a7fb9541da25689"),
 ])
 def test_a_seed_gives_the_recorded_run(faults: dict[str, object], digest: str) -> None:
     """The exact run of a seed, pinned: a change meant only to make the simulator or the cores

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blobmesh.distribution.scheduler import DownloadPolicy
+from blobmesh.distribution.scheduler import UPLOAD_SLOTS, DownloadPolicy
 
 
 @dataclass(slots=True)
@@ -27,7 +27,7 @@ class SwarmConfig:
     request_strikes: int = 3  # ... this many times in a row is banned for the blob
     # pieces read and queued but not yet taken by the transport, over all connections (None:
     # only each connection's outbox bounds them; the transport's windows bound the wire)
-    upload_slots: int | None = None
+    upload_slots: int | None = UPLOAD_SLOTS
     send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
     disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
 
