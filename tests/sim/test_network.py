@@ -37,6 +37,20 @@ def test_a_flow_limited_elsewhere_leaves_its_share_to_the_others() -> None:
     assert (a.rate, b.rate) == pytest.approx((4.0, 6.0))
 
 
+def test_a_shared_resource_caps_every_flow_together() -> None:
+    # the machine's CPU (12/s) under two flows on disjoint links: each gets 6, and one
+    # limited to 2 by its own downlink leaves 10 to the other
+    sim, net = fleet((10, 10), (10, 10), (10, 10), (10, 2))
+    net.share(12.0)
+    a = net.start(0, 1, 100.0, lambda: None)
+    b = net.start(2, 3, 100.0, lambda: None)
+    assert (a.rate, b.rate) == pytest.approx((10.0, 2.0))
+    c = net.start(1, 2, 100.0, lambda: None)
+    assert (a.rate, b.rate, c.rate) == pytest.approx((5.0, 2.0, 5.0))
+    net.abort(b)
+    assert (a.rate, c.rate) == pytest.approx((6.0, 6.0))
+
+
 def test_two_senders_share_one_downlink() -> None:
     _, net = fleet((10, 10), (10, 10), (10, 10), (100, 100))
     f1 = net.start(0, 2, 100.0, lambda: None)  # 0 -> 2

@@ -173,7 +173,7 @@ class PiecePicker(Generic[Peer]):
         missing, inflight = self._missing, self._inflight
         # a seed: only pieces no downloading peer holds (held by the seeds alone)
         limit = (self._seeds + 1) * n if len(pieces) == n else None
-        if (not heap or limit is not None and heap[0] >= limit) and not self._in_tail():
+        if (not heap or (limit is not None and heap[0] >= limit)) and not self._in_tail():
             return []  # (most picks of a swarm: nothing here, and no end game)
         deferred = self._deferred.get(peer)
         chosen: list[int] = []

@@ -8,6 +8,10 @@ first).  Flows further away keep their rates until an event of their own: capaci
 oversubscribed, but a little of it may stay unused until the next event on that link — with
 piece-sized flows such events come every few tens of milliseconds.  Latency is added by the
 caller when it delivers what a finished flow carried.
+
+:meth:`FlowNetwork.share` adds one resource every flow crosses besides its two links: the CPU
+of a machine all the nodes run on (the lab: 16 nodes on 2 cores), sized in bytes delivered per
+second.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ _EPS = 1e-9
 class Flow:
     """Bytes on their way from ``src`` to ``dst``."""
 
-    __slots__ = ("args", "dst", "dst_link", "on_done", "rate", "remaining", "since", "size",
-                 "src", "src_link", "timer")
+    __slots__ = ("args", "dst", "links", "on_done", "rate", "remaining", "since", "size",
+                 "src", "timer")
 
     def __init__(self, src: int, dst: int, size: float, on_done: Callable[..., None],
-                 args: tuple[Any, ...]) -> None:
+                 args: tuple[Any, ...], shared: int | None = None) -> None:
         self.src = src
         self.dst = dst
-        self.src_link = 2 * src  # the sender's uplink (see FlowNetwork)
-        self.dst_link = 2 * dst + 1  # the receiver's downlink
+        # the sender's uplink, the receiver's downlink (see FlowNetwork), the shared resource
+        self.links = (2 * src, 2 * dst + 1) if shared is None else (2 * src, 2 * dst + 1, shared)
         self.size = size
         self.remaining = size
         self.rate = 0.0
@@ -52,6 +56,7 @@ class FlowNetwork:
         self._flows: list[dict[Flow, None]] = []
         self.bytes_sent: list[float] = []  # per node, of finished and aborted flows
         self.reallocations = 0
+        self._shared: int | None = None
 
     def add_node(self, up: float, down: float) -> int:
         """A node with these capacities (bytes/s); returns its index."""
@@ -62,6 +67,16 @@ class FlowNetwork:
         self._flows += [{}, {}]
         self.bytes_sent.append(0.0)
         return len(self.bytes_sent) - 1
+
+    def share(self, capacity: float) -> None:
+        """From now on every flow also crosses one resource of ``capacity`` bytes/s (the CPU
+        of the one machine all the nodes run on)."""
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self._shared = len(self._cap)
+        self._cap.append(capacity)
+        self._used.append(0.0)
+        self._flows.append({})
 
     def up(self, node: int) -> float:
         return self._cap[2 * node]
@@ -79,11 +94,11 @@ class FlowNetwork:
     def start(self, src: int, dst: int, size: float, on_done: Callable[..., None],
               *args: Any) -> Flow:
         """Start sending ``size`` bytes; ``on_done(*args)`` when the last byte left."""
-        flow = Flow(src, dst, max(size, 1.0), on_done, args)
+        flow = Flow(src, dst, max(size, 1.0), on_done, args, self._shared)
         flow.since = self.sim.now
-        self._flows[2 * src][flow] = None
-        self._flows[2 * dst + 1][flow] = None
-        self._reallocate((2 * src, 2 * dst + 1))
+        for link in flow.links:
+            self._flows[link][flow] = None
+        self._reallocate(flow.links)
         return flow
 
     def abort(self, flow: Flow) -> None:
@@ -93,7 +108,7 @@ class FlowNetwork:
         self._settle(flow)
         self.bytes_sent[flow.src] += flow.size - flow.remaining
         self._remove(flow)
-        self._reallocate((2 * flow.src, 2 * flow.dst + 1))
+        self._reallocate(flow.links)
 
     def _settle(self, flow: Flow) -> None:
         now = self.sim.now
@@ -103,7 +118,7 @@ class FlowNetwork:
     def _remove(self, flow: Flow) -> None:
         if flow.timer is not None:
             flow.timer.cancel()
-        for link in (2 * flow.src, 2 * flow.dst + 1):
+        for link in flow.links:
             del self._flows[link][flow]
             self._used[link] = max(0.0, self._used[link] - flow.rate)
 
@@ -111,14 +126,15 @@ class FlowNetwork:
         flow.timer = None
         self.bytes_sent[flow.src] += flow.size
         self._remove(flow)
-        self._reallocate((2 * flow.src, 2 * flow.dst + 1))
+        self._reallocate(flow.links)
         flow.on_done(*flow.args)
 
-    def _reallocate(self, seeds: tuple[int, int]) -> None:
+    def _reallocate(self, seeds: tuple[int, ...]) -> None:
         """Progressive filling of the flows on the ``seeds`` links (see the module doc)."""
         flows = self._flows
         affected = dict.fromkeys(flows[seeds[0]])
-        affected.update(flows[seeds[1]])
+        for link in seeds[1:]:
+            affected.update(flows[link])
         if not affected:
             return
         self.reallocations += 1
@@ -130,7 +146,7 @@ class FlowNetwork:
             left = f.remaining - f.rate * (now - f.since)
             f.remaining = left if left > 0.0 else 0.0
             f.since = now
-            for link in (f.src_link, f.dst_link):
+            for link in f.links:
                 r = residual.get(link)
                 if r is None:
                     residual[link] = cap[link] - used[link] + f.rate
@@ -154,10 +170,9 @@ class FlowNetwork:
             for f in flows[link]:
                 if f in affected and f not in rates:
                     rates[f] = current
-                    residual[f.src_link] -= current
-                    count[f.src_link] -= 1
-                    residual[f.dst_link] -= current
-                    count[f.dst_link] -= 1
+                    for other in f.links:
+                        residual[other] -= current
+                        count[other] -= 1
             count[link] = 0
         at, finished = self.sim.at, self._finished
         for f, rate in rates.items():
@@ -167,8 +182,8 @@ class FlowNetwork:
                 f.timer.cancel()
                 f.timer = None
             delta = rate - f.rate
-            used[f.src_link] += delta
-            used[f.dst_link] += delta
+            for link in f.links:
+                used[link] += delta
             f.rate = rate
             if rate > 0:
                 f.timer = at(now + f.remaining / rate, finished, f)

@@ -24,6 +24,7 @@ from blobmesh.sim.swarm import KINDS, SOURCE, NodeSpec, SimNode, Swarmwide, Worl
 
 MBIT = 1e6 / 8  # bytes/s
 MiB = 1 << 20
+GiB = 1 << 30
 Links = Literal["homogeneous", "heterogeneous"]
 NODE = SwarmConfig()  # what a real node runs: the simulator's defaults
 
@@ -50,6 +51,10 @@ class Scenario:
     upload_slots: int | None = NODE.upload_slots  # None: every connection sends at once
     policy: DownloadPolicy = field(default_factory=NODE.download_policy)
     max_time: float = 3600.0
+    # all nodes on one machine of ``cores``, each GiB delivered costing ``cpu_s_per_gib``
+    # CPU-seconds (sender and receiver together): a resource every piece flow crosses
+    cpu_s_per_gib: float = 0.0  # 0: the CPU is no limit
+    cores: float = 2.0
 
 
 @dataclass(slots=True)
@@ -159,6 +164,8 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
                      sc.upload_slots)
     specs = _specs(sc, sim)
     world = World(sim, wide, specs, same_order_for_all(sc.nodes, sim))
+    if sc.cpu_s_per_gib > 0:
+        world.net.share(sc.cores * GiB / sc.cpu_s_per_gib)
     world.on_all_done = sim.stop
     for node in world.nodes:
         sim.at(node.spec.join_at, node.join)
