@@ -40,7 +40,7 @@ def test_a_flow_limited_elsewhere_leaves_its_share_to_the_others() -> None:
 def test_a_shared_resource_caps_every_flow_together() -> None:
     # the machine's CPU (12/s) under two flows on disjoint links: each gets 6, and one
     # limited to 2 by its own downlink leaves 10 to the other
-    sim, net = fleet((10, 10), (10, 10), (10, 10), (10, 2))
+    _, net = fleet((10, 10), (10, 10), (10, 10), (10, 2))
     net.share(12.0)
     a = net.start(0, 1, 100.0, lambda: None)
     b = net.start(2, 3, 100.0, lambda: None)

@@ -51,6 +51,14 @@ def test_one_target_gets_it_in_about_the_bound() -> None:
     assert r.target_upload_utilisation == 0  # nobody to relay to
 
 
+def test_a_shared_cpu_slows_a_cpu_bound_lab_to_its_cpu() -> None:
+    # 12 targets of 4 MiB are 48 MiB delivered; at 8 CPU-s per GiB on 0.25 cores the machine
+    # delivers 32 MiB/s (a quarter of the 12 targets' 100 Mbit/s links): at least 1.5 s
+    free, bound = run(small()), run(small(cpu_s_per_gib=8.0, cores=0.25))
+    assert free.t_all_s < 1.0 and bound.completed == 12
+    assert 1.5 <= bound.t_all_s < 1.5 * 1.3
+
+
 def test_crashed_targets_restart_and_resume_from_flushed_pieces() -> None:
     r = run(small(crash_fraction=0.25, restart_after=2.0))
     assert r.crashes == 3 and r.completed == 12

@@ -65,10 +65,10 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--upload-slots", type=int, default=None, metavar="N",
                    help="pieces a node sends at once over all connections (0: no limit; "
                         "default: a node's)")
-    p.add_argument("--cpu-s-per-gib", type=_amount, default=0.0, metavar="S",
+    p.add_argument("--cpu-s-per-gib", type=_amount, default=None, metavar="S",
                    help="all nodes share one machine's CPU: S CPU-seconds per GiB delivered "
                         "(measured, e.g. bench_swarm's node CPU over targets x size; "
-                        "default 0: no CPU limit)")
+                        "default: no CPU limit)")
     p.add_argument("--cores", type=_amount, default=2.0, help="that machine's cores")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write result.json and the plots (PNG and SVG) here")
@@ -90,7 +90,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                   rate_mbit=args.rate_mbit, slow_rate_mbit=args.slow_mbit,
                   latency_ms=args.latency_ms, crash_fraction=args.crash,
                   starved_fraction=args.starved, liar_fraction=args.liars,
-                  upload_slots=slots, policy=policy, cpu_s_per_gib=args.cpu_s_per_gib,
+                  upload_slots=slots, policy=policy, cpu_s_per_gib=args.cpu_s_per_gib or 0.0,
                   cores=args.cores)
     with Progress(TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("targets done, t={task.fields[now]:.1f}s virtual"),
