@@ -92,6 +92,10 @@ async def test_same_blob_and_scope_returns_the_active_distribution(
         await eventually(lambda: not a.distributions(active_only=True))
         assert sorted(await client.prune()) == sorted([str(first.handle), str(other.handle)])
         assert await client.distributions() == [] and await client.prune() == []
+        # hidden from listings, not forgotten: a prefix still names it
+        assert await client.resolve_handle(str(first.handle)[:8]) == str(first.handle)
+        assert len(await client.distributions(pruned=True)) == 2
+        assert (await client.status(str(first.handle))).handle == first.handle
         with pytest.raises(ControlError, match="active must be true or false"):
             await client._request("GET", "/v1/distributions?active=maybe")
 

@@ -11,7 +11,8 @@ Routes (all JSON unless noted; the JSON naming scheme is in ``docs/distribution.
   "new", "export", "export_force"}``: 201 with a new distribution, or 200 with the active
   one for the same blob, scope and export (unless ``"new"`` or ``"export_force"``);
   ``export``: a collection's targets write the tree to ``HOME/exports/<export>``
-* ``GET  /v1/distributions[?active=true]``   distributions known here, newest first
+* ``GET  /v1/distributions[?active=true][&pruned=true]``   distributions known here (pruned
+  ones too with ``pruned=true``), newest first
 * ``POST /v1/distributions/prune``           hide finished distributions from listings
 * ``GET  /v1/distributions/{h}``             one status
 * ``DELETE /v1/distributions/{h}``           cancel
@@ -187,11 +188,13 @@ class ControlServer:
         return web.json_response(status_to_json(status), status=201)
 
     async def list_distributions(self, request: web.Request) -> web.Response:
-        active = request.query.get("active", "false")
-        if active not in ("true", "false"):
-            raise BadRequestError(f"active must be true or false, not {active!r}")
-        return web.json_response([status_to_json(s) for s in
-                                  self.node.distributions(active_only=active == "true")])
+        flags = {}
+        for name in ("active", "pruned"):
+            flags[name] = request.query.get(name, "false")
+            if flags[name] not in ("true", "false"):
+                raise BadRequestError(f"{name} must be true or false, not {flags[name]!r}")
+        return web.json_response([status_to_json(s) for s in self.node.distributions(
+            active_only=flags["active"] == "true", with_pruned=flags["pruned"] == "true")])
 
     async def prune_distributions(self, request: web.Request) -> web.Response:
         return web.json_response({"pruned": self.node.prune_distributions()})

@@ -466,9 +466,10 @@ class Node:
         self.config = replace(self.config, bootstrap=config.bootstrap,
                               want_peers=config.want_peers)
 
-    def distributions(self, *, active_only: bool = False) -> list[DistributionStatus]:
-        """Distributions known here and not pruned, newest first."""
-        pruned = set(self.state.pruned)
+    def distributions(self, *, active_only: bool = False,
+                      with_pruned: bool = False) -> list[DistributionStatus]:
+        """Distributions known here and (unless ``with_pruned``) not pruned, newest first."""
+        pruned = set() if with_pruned else set(self.state.pruned)
         return [s for s in self.distribution.distributions()
                 if str(s.handle) not in pruned and not (active_only and s.done)]
 
