@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 30.0,
@@ -21,3 +24,9 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float 
         if loop.time() > end:
             raise AssertionError(f"condition not reached within {within}s")
         await asyncio.sleep(step)
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``blobmesh --home HOME ARGS`` as a user would, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "--home", str(home),
+                           *args], capture_output=True, text=True, timeout=120)

@@ -8,7 +8,6 @@ import os
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,6 @@ from tests.util import eventually
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not available(), reason="needs chromium, chromedriver, selenium")]
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path) as f:
-        yield f
 
 
 def add_blob(node: FleetNode, size: int) -> BlobId:

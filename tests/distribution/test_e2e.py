@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,10 @@ from blobmesh.node.client import ControlError, NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
 from blobmesh.store import LeaseId, Store
 from tests.cli import schemas
-from tests.util import eventually
+from tests.util import cli, eventually
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path) as f:
-        yield f
-    # normal use, cancels and clients that go away included, logs no traceback
-    assert f.tracebacks() == []
 
 
 def add_blob(node: FleetNode, size: int) -> BlobId:
@@ -58,11 +49,6 @@ async def wait_done(node: FleetNode, handle: str, timeout: float = 60) -> Distri
             return last
 
         return await asyncio.wait_for(follow(), timeout)
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "--home", str(home),
-                           *args], capture_output=True, text=True, timeout=120)
 
 
 async def test_each_scope_kind_reaches_exactly_its_targets(fleet: Fleet) -> None:
