@@ -54,13 +54,16 @@ from blobmesh.distribution.model import DistributionState, TargetState
 from blobmesh.hashing import BlobId
 from blobmesh.node.client import NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
-from blobmesh.store import LeaseId, Store
+from blobmesh.store import Store
 from blobmesh.transfer.messages import PROTOCOL as TRANSFER
 from blobmesh.transfer.messages import Error, Request, Response, decode, encode
 from blobmesh.transport import Endpoint, Identity, Ticket
 from blobmesh.transport.tls import make_context
 from blobmesh.wire.connection import Settings
 from blobmesh.wire.frames import encode_frame
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.util import add_blob, flip_byte, holds, tmpfs
 
 MiB = 1024 * 1024
 HOSTILE_NODE = Path(__file__).with_name("hostile_node.py")
@@ -114,29 +117,9 @@ def pid_of(node: FleetNode) -> int:
     return node.proc.pid
 
 
-def add_blob(node: FleetNode, size: int, data: bytes | None = None) -> BlobId:
-    with Store(node.home) as store:
-        return store.add_bytes(data if data is not None else os.urandom(size)).blob_id
-
-
 def corrupt_file(home: Path, blob: BlobId, offset: int) -> None:
     with Store(home) as store:
-        path = store.layout.data_path(blob)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
-def verified(node: FleetNode, blob: BlobId) -> bool:
-    with Store(node.home) as store:
-        if not store.has(blob):
-            return False
-        with store.get_reader(blob, LeaseId.new("probe"), verify=True) as r:
-            while r.read(4 * MiB):
-                pass
-    return True
+        flip_byte(store.layout.data_path(blob), offset)
 
 
 def metric(text: str, name: str) -> float:
@@ -318,7 +301,7 @@ async def timed_distribution(fleet: ProbeFleet, size: int, scope: str, real: lis
             ok = True
         except TimeoutError:
             took, changes, ok = timeout, [], False
-    return took, changes, ok and all(verified(n, blob) for n in real), blob
+    return took, changes, ok and all(holds(n, blob) for n in real), blob
 
 
 def bad_states(changes: list[tuple[float, str, str, str]]) -> list[str]:
@@ -401,17 +384,6 @@ async def probe_black_hole(root: Path, args: argparse.Namespace) -> list[Row]:
                 f"{bad[5] or 'none'}; reasons shown: {bad[6][:3]}")]
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs",
-                    str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 async def probe_disk_full(root: Path, args: argparse.Namespace) -> list[Row]:
     if os.geteuid() != 0:
         return [Row("disk full", "", "skipped: mounting a tmpfs needs root")]
@@ -455,7 +427,7 @@ async def probe_disk_full(root: Path, args: argparse.Namespace) -> list[Row]:
                         t_done, _ = await follow(client, handle, completed, 60)
                     except TimeoutError:
                         t_done = -1.0
-                ok = verified(dst, blob)
+                ok = holds(dst, blob)
             finally:
                 fleet.stop()
     finally:
@@ -502,7 +474,7 @@ async def probe_corrupt(root: Path, args: argparse.Namespace) -> list[Row]:
                 final = str((await client.status(handle)).state)
             except TimeoutError:
                 final = "still active after 60 s"
-        ok = verified(dst, good)
+        ok = holds(dst, good)
         async with NodeClient(dst.home) as client:
             copies = metric(await client.metrics(), "blobmesh_swarm_corrupt_copies_total")
     return [Row("distribute a blob whose source copy is corrupt",

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from blobmesh.distribution.model import DistributionStatus
+from blobmesh.hashing import BlobId
+from blobmesh.node.client import NodeClient
 from blobmesh.node.daemon import Node, NodeConfig
+from blobmesh.node.fleet import FleetNode
+from blobmesh.store import LeaseId, Store
 from tests.space.util import FAST
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+"""For tests of a full disk: a small tmpfs of its own (see :func:`tmpfs`)."""
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 30.0,
@@ -51,3 +62,54 @@ async def running_nodes(configs: Sequence[NodeConfig]) -> AsyncIterator[list[Nod
             nodes.append(node)
         await eventually(lambda: all(len(x.space.peers()) == len(nodes) - 1 for x in nodes), 20)
         yield nodes
+
+
+@contextmanager
+def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` MiB mounted at ``path`` (created, mode 0700 like a home; root
+    only), unmounted afterwards."""
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def add_blob(node: FleetNode, size: int, data: bytes | None = None) -> BlobId:
+    """Add ``data`` (``size`` random bytes by default) to a node's store."""
+    with Store(node.home) as store:
+        return store.add_bytes(os.urandom(size) if data is None else data).blob_id
+
+
+def holds(node: FleetNode, blob: BlobId) -> bool:
+    """Whether the node's store holds the whole blob and every byte of it verifies."""
+    with Store(node.home) as store:
+        if not store.has(blob):
+            return False
+        with store.get_reader(blob, LeaseId.new("test"), verify=True) as r:
+            while r.read(4 << 20):
+                pass
+        return True
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Rot one byte of a file in place (a disk that returns other data than was written)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def wait_done(node: FleetNode, handle: str, timeout: float = 60) -> DistributionStatus:
+    """Follow a distribution through the node's control API until it ends; its last status."""
+    async with NodeClient(node.home) as c:
+        async def follow() -> DistributionStatus:
+            last = await c.status(handle)
+            async for s in c.events(handle):
+                last = s
+            return last
+
+        return await asyncio.wait_for(follow(), timeout)
