@@ -38,7 +38,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import ssl
 import stat
@@ -58,12 +57,9 @@ from blobmesh.store import Store
 from blobmesh.transfer.messages import PROTOCOL as TRANSFER
 from blobmesh.transfer.messages import Error, Request, Response, decode, encode
 from blobmesh.transport import Endpoint, Identity, Ticket
-from blobmesh.transport.tls import make_context
-from blobmesh.wire.connection import Settings
-from blobmesh.wire.frames import encode_frame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.util import add_blob, flip_byte, holds, tmpfs
+from tests.util import add_blob, flip_byte, holds, stranger_connection, threads_and_rss, tmpfs
 
 MiB = 1024 * 1024
 HOSTILE_NODE = Path(__file__).with_name("hostile_node.py")
@@ -98,18 +94,6 @@ class ProbeFleet(Fleet):
         with open(log_path, "wb") as log:
             node.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
                                          stdin=subprocess.DEVNULL)
-
-
-def proc_status(pid: int) -> tuple[int, int]:
-    """(threads, RSS bytes) of a process."""
-    threads = rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                threads = int(line.split()[1])
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return threads, rss
 
 
 def pid_of(node: FleetNode) -> int:
@@ -165,23 +149,6 @@ def fleet_in(root: Path, keep: bool) -> Iterator[ProbeFleet]:
 # --- probes --------------------------------------------------------------------------------------
 
 
-def _dial_stranger(addr: tuple[str, int]) -> ssl.SSLSocket | None:
-    """A TLS connection from a fresh identity that sent the transport Hello and got one back
-    (the node took it); None if the node refused it."""
-    hello = encode_frame(Settings().hello())
-    try:
-        ctx = make_context(Identity.generate(), server=False)
-        sock = ctx.wrap_socket(socket.create_connection(addr, timeout=10))
-        sock.settimeout(10)
-        sock.sendall(hello)
-        if not sock.recv(1):
-            sock.close()
-            return None
-        return sock
-    except OSError:
-        return None
-
-
 def _still_open(sock: ssl.SSLSocket) -> bool:
     """Whether the node still keeps the connection (what it sent meanwhile is drained)."""
     sock.setblocking(False)
@@ -202,18 +169,19 @@ async def probe_strangers(root: Path, args: argparse.Namespace) -> list[Row]:
         fleet.start()
         await asyncio.sleep(1.0)
         host, port = Ticket.parse(node.ticket).addrs[0]
-        threads0, rss0 = proc_status(pid_of(node))
+        threads0, rss0 = threads_and_rss(pid_of(node))
         socks: list[ssl.SSLSocket | None] = []
         t0 = time.monotonic()
         for _ in range(n // 20):  # 20 at a time
-            socks += await asyncio.gather(*(asyncio.to_thread(_dial_stranger, (host, int(port)))
+            socks += await asyncio.gather(*(asyncio.to_thread(stranger_connection,
+                                                              (host, int(port)))
                                             for _ in range(20)))
         dialed = time.monotonic() - t0
         held = sum(s is not None for s in socks)
-        threads1, rss1 = proc_status(pid_of(node))
+        threads1, rss1 = threads_and_rss(pid_of(node))
         await asyncio.sleep(max(0.0, 12.0 - (time.monotonic() - t0)))  # admission timeout 10 s
         alive = sum(_still_open(s) for s in socks if s is not None)
-        threads2, rss2 = proc_status(pid_of(node))
+        threads2, rss2 = threads_and_rss(pid_of(node))
         async with NodeClient(node.home) as client:
             text = await client.metrics()
         for s in socks:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -19,6 +21,10 @@ from blobmesh.node.client import NodeClient
 from blobmesh.node.daemon import Node, NodeConfig
 from blobmesh.node.fleet import FleetNode
 from blobmesh.store import LeaseId, Store
+from blobmesh.transport import Identity
+from blobmesh.transport.tls import make_context
+from blobmesh.wire.connection import Settings
+from blobmesh.wire.frames import encode_frame
 from tests.space.util import FAST
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -113,3 +119,26 @@ async def wait_done(node: FleetNode, handle: str, timeout: float = 60) -> Distri
             return last
 
         return await asyncio.wait_for(follow(), timeout)
+
+
+def stranger_connection(addr: tuple[str, int]) -> ssl.SSLSocket | None:
+    """A TLS connection from a fresh identity that never proves the space secret: it sent the
+    transport Hello and got one back (the node took it), or None if the node refused it."""
+    try:
+        ctx = make_context(Identity.generate(), server=False)
+        sock = ctx.wrap_socket(socket.create_connection(addr, timeout=10))
+        sock.settimeout(10)
+        sock.sendall(encode_frame(Settings().hello()))
+        if not sock.recv(1):
+            sock.close()
+            return None
+        return sock
+    except OSError:
+        return None
+
+
+def threads_and_rss(pid: int) -> tuple[int, int]:
+    """A process's thread count and resident memory in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) * 1024
