@@ -61,7 +61,7 @@ async def joined(nodes: list[Node], bad: Node) -> None:
 async def timed(node: Node, blob: BlobId, scope: str, real: list[Node], within: float
                 ) -> tuple[float, list[tuple[TargetState, str]], DistributionHandle]:
     """Distribute from ``node``; seconds until every node of ``real`` completed, and every
-    (state, reason) a target showed meanwhile (the distribution's included)."""
+    (state, reason) those showed meanwhile (the distribution must not end otherwise)."""
     ids = {n.identity.node_id for n in real}
     t0 = time.monotonic()
     handle = await node.distribution.distribute(blob, scope)
@@ -69,7 +69,7 @@ async def timed(node: Node, blob: BlobId, scope: str, real: list[Node], within: 
 
     async def done() -> bool:
         s = await node.distribution.status(handle)
-        seen.extend((t.state, t.reason) for t in s.targets)
+        seen.extend((t.state, t.reason) for t in s.targets if t.node in ids)
         assert s.state is DistributionState.ACTIVE or s.state is DistributionState.COMPLETED, s
         return sum(t.node in ids and t.state is TargetState.COMPLETED for t in s.targets) \
             == len(ids)
