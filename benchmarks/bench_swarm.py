@@ -18,7 +18,11 @@ the same file from host 0 to hosts 1..N; the time runs until every target holds 
 copy.  Goal: blobmesh <= 1.15x the bound, and faster than libtorrent.
 
 Per blobmesh run it also prints when the first target reported progress, the CPU time the
-nodes used, and each node's upload in copies of F (source first: ideally 1.00).
+nodes used, and each node's upload in copies of F (source first: ideally 1.00).  The summary
+gives every system's CPU seconds per GiB delivered (user + system of every node process, all
+threads, from the start until the last target completes, over targets x F; for libtorrent its
+worker processes: the session's threads plus a 50 Hz status poll) and blobmesh's ratio to
+libtorrent's (goal, issue 9: <= 1 at 256 MiB to 7).
 ``--variant NAME=DIR`` adds a system ``blobmesh-NAME`` whose nodes import blobmesh from DIR
 (a patched copy of ``src/``), interleaved with the others in the same lab.
 
@@ -178,18 +182,21 @@ def verify_blob(home: Path, blob: BlobId) -> bool:
     return True
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time (all threads) of process ``pid`` so far (0 if not running)."""
+    ticks = 0
+    if pid is not None:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def node_cpu_seconds(fleet: Fleet) -> list[float]:
-    """User + system CPU time (all threads) of each node process so far (0 if not running)."""
-    out = []
-    for node in fleet.nodes:
-        ticks = 0
-        if node.proc is not None:
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{node.proc.pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
-                ticks = int(fields[11]) + int(fields[12])  # utime, stime
-        out.append(ticks / os.sysconf("SC_CLK_TCK"))
-    return out
+    """:func:`cpu_seconds` of each node process."""
+    return [cpu_seconds(node.proc.pid if node.proc is not None else None)
+            for node in fleet.nodes]
 
 
 def start_profilers(fleet: Fleet, out: Path, tool: str) -> list[subprocess.Popen[bytes]]:
@@ -409,6 +416,8 @@ async def run_libtorrent(lab: NetLab, targets: int, torrent: Path, payload: Path
             line = await asyncio.wait_for(p.stdout.readline(), 120)
             if line.strip() != b"ready":
                 raise RuntimeError(f"a libtorrent worker failed to start: {line!r}")
+        # (``ip netns exec`` execs the worker: the pid is the libtorrent process's)
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
         t0 = time.perf_counter()
         for p in procs:
             assert p.stdin is not None
@@ -425,8 +434,10 @@ async def run_libtorrent(lab: NetLab, targets: int, torrent: Path, payload: Path
         finish = await asyncio.wait_for(asyncio.gather(*(finished(p) for p in procs[1:])),
                                         timeout)
         elapsed = max(finish)
+        node_cpu = [cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
         ok = await copies_match([s / payload.name for s in saves[1:]], digest)
-        return Outcome(elapsed, ok, "" if ok else "a copy differs", finish=sorted(finish))
+        return Outcome(elapsed, ok, "" if ok else "a copy differs", finish=sorted(finish),
+                       cpu=sum(node_cpu), node_cpu=node_cpu)
     finally:
         for p in procs:
             if p.stdin is not None:
@@ -705,14 +716,18 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
         f.unlink()
 
     print(f"\n{size_mb} MiB -> {targets} targets @ {rate_bps * 8 / 1e6:.1f} Mbit/s")
-    print(f"{'system':<15} {'median s':>9} {'bound s':>8} {'ratio':>6}  runs")
+    print(f"{'system':<15} {'median s':>9} {'bound s':>8} {'ratio':>6} {'CPU-s/GiB':>9}  runs")
     medians: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # CPU seconds of every node process per GiB delivered
     for system, outs in results.items():
         good = [o.seconds for o in outs if o.ok]
         med = statistics.median(good) if good else float("nan")
         medians[system] = med
+        cpus = [per_gib(o, targets * size) for o in outs if o.ok and o.cpu]
+        cpu[system] = statistics.median(cpus) if cpus else float("nan")
         runs_txt = ", ".join(f"{o.seconds:.2f}" + ("" if o.ok else "!") for o in outs)
-        print(f"{system:<15} {med:9.2f} {bound:8.2f} {med / bound:6.2f}  [{runs_txt}]")
+        print(f"{system:<15} {med:9.2f} {bound:8.2f} {med / bound:6.2f} {cpu[system]:9.2f}  "
+              f"[{runs_txt}]")
     for system in (s for s in medians if s.startswith("blobmesh")):
         good = [o.seconds for o in results[system] if o.ok]
         resets = sum(o.resets for o in results[system])
@@ -734,6 +749,9 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
             lt_t = medians["libtorrent"]
             verdict += f"; {lt_t / bm:.2f}x libtorrent's speed " + \
                 ("(faster: met)" if bm < lt_t else "(faster than libtorrent: MISSED)")
+            ratio = cpu[system] / cpu["libtorrent"]
+            verdict += f"; CPU per GiB {ratio:.2f}x libtorrent's " + \
+                ("(goal <= 1: met)" if ratio <= 1 else "(goal <= 1: MISSED)")
         print(verdict, flush=True)
     return results
 
