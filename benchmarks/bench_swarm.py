@@ -7,6 +7,7 @@ libtorrent and a plain HTTP fan-out, in one lab of network namespaces.
         [--lt-tuning super|lan|hps] [--variant NAME=DIR ...]
         [--hostile black-hole|non-reader ...]
     .venv/bin/python benchmarks/bench_swarm.py --loopback [--runs 3] [--profile DIR]
+    (either, with ``--profile DIR [--profiler py-spy|perf]``: every blobmesh node profiled)
 
 Builds hosts as network namespaces on one switch namespace (``netlab.py``), each link limited
 to ``--rate-mbit`` with ``tbf`` on both ends; measures the real per-link TCP goodput R and uses
@@ -669,7 +670,8 @@ def describe(o: Outcome, size: int) -> str:
 async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps: float,
                    slow_bps: float | None,
                    systems: Sequence[str], tmp: Path, lt_tuning: str,
-                   variants: dict[str, Path]) -> dict[str, list[Outcome]]:
+                   variants: dict[str, Path], profile: Path | None = None,
+                   profiler: str = "py-spy") -> dict[str, list[Outcome]]:
     size = size_mb * MiB
     slow = set(slow_hosts(targets)) if slow_bps else set()
     rates = [slow_bps if slow_bps and host in slow else rate_bps
@@ -696,8 +698,10 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
                 if system.startswith("blobmesh"):
                     code = variants.get(system)
                     hostile = system.partition("+")[2]
+                    prof = profile / f"{size_mb}m{targets}-{system}-{run + 1}" \
+                        if profile else None
                     out = await run_blobmesh(lab, targets, payload, work, timeout, code,
-                                             hostile)
+                                             hostile, prof, profiler)
                     out.code = code_fingerprint(code).rsplit(" ", 1)[-1]
                 elif system == "libtorrent":
                     assert torrent is not None
@@ -773,6 +777,8 @@ def code_fingerprint(code: Path | None = None) -> str:
 async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     lab.build()
     lab.wait_reachable()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     last_fast = max(h for h in range(1, lab.hosts) if h not in lab.slow_mbit)
     probes = [lab.measure_mbit(0, 1), lab.measure_mbit(last_fast, 0)]
     mbit = statistics.mean(probes)
@@ -791,7 +797,7 @@ async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     for size_mb, targets in args.scenarios:
         await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8,
                        slow_mbit * 1e6 / 8 if slow_mbit else None, systems, tmp,
-                       args.lt_tuning, variants)
+                       args.lt_tuning, variants, args.profile, args.profiler)
 
 
 def main() -> None:
@@ -824,7 +830,7 @@ def main() -> None:
     parser.add_argument("--home-dir", type=Path, default=Path("/dev/shm"),
                         help="--loopback: where node homes go (default: tmpfs)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                        help="--loopback: profile every node during each run, into DIR")
+                        help="profile every blobmesh node during each run, into DIR")
     parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
                         help="--profile: py-spy (Python stacks of the GIL holder) or perf "
                              "(on-CPU samples, native and kernel)")
