@@ -118,6 +118,7 @@ class Status(Strict):
     state: str
     started: float
     finished: float | None
+    export: str | None
     totals: Totals
     targets: list[Target]
 

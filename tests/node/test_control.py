@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from blobmesh import __version__
+from blobmesh.collection import add_tree
 from blobmesh.distribution.swarm import SwarmConfig
 from blobmesh.node.client import ControlError, NodeClient
 from blobmesh.node.control import MAX_STATS_NODES
@@ -91,8 +92,41 @@ async def test_same_blob_and_scope_returns_the_active_distribution(
         await eventually(lambda: not a.distributions(active_only=True))
         assert sorted(await client.prune()) == sorted([str(first.handle), str(other.handle)])
         assert await client.distributions() == [] and await client.prune() == []
+        # hidden from listings, not forgotten: a prefix still names it
+        assert await client.resolve_handle(str(first.handle)[:8]) == str(first.handle)
+        assert len(await client.distributions(pruned=True)) == 2
+        assert (await client.status(str(first.handle))).handle == first.handle
         with pytest.raises(ControlError, match="active must be true or false"):
             await client._request("GET", "/v1/distributions?active=maybe")
+
+
+async def test_another_export_is_another_distribution(pair: tuple[Node, Node],
+                                                      tmp_path: Path) -> None:
+    """The active distribution is reused only for the same export: one exporting to
+    ``v1`` would never write ``v2``, and a forced export is asked anew."""
+    a, _ = pair
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "weights.bin").write_bytes(os.urandom(300_000))
+    cid = str(add_tree(a.store, tree).collection_id)
+    async with NodeClient(a.config.home) as client:
+        v1, created = await client.distribute_or_join(cid, "group:edge", "normal", export="v1")
+        same, created_same = await client.distribute_or_join(cid, "group:edge", "normal",
+                                                             export="v1")
+        v2, created_v2 = await client.distribute_or_join(cid, "group:edge", "normal",
+                                                         export="v2")
+        plain, created_plain = await client.distribute_or_join(cid, "group:edge", "normal")
+        forced, created_forced = await client.distribute_or_join(
+            cid, "group:edge", "normal", export="v1", export_force=True)
+        assert (created, created_same, created_v2, created_plain, created_forced) == (
+            True, False, True, True, True)
+        assert same.handle == v1.handle
+        assert len({v1.handle, v2.handle, plain.handle, forced.handle}) == 4
+        assert (v1.export, v2.export, plain.export) == ("v1", "v2", "")
+        shown = {s.handle: s.export for s in await client.distributions()}
+        assert shown[v2.handle] == "v2" and shown[plain.handle] == ""
+        for s in (v1, v2, plain, forced):
+            await client.cancel(str(s.handle))
 
 
 async def test_a_client_that_goes_away_logs_nothing(pair: tuple[Node, Node],

@@ -98,6 +98,16 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(CollectionPlan)
 
 
+def plan_export(payload: bytes) -> str:
+    """The ``--export`` name a request's plan payload carries ("" for none or a plain blob)."""
+    if not payload:
+        return ""
+    try:
+        return _dec.decode(payload).export
+    except msgspec.DecodeError:  # a target refuses it when it fetches; a status shows none
+        return ""
+
+
 def small_members(coll: Collection, limit: int) -> list[tuple[BlobId, int]]:
     """The members that travel in the pack, in pack order."""
     return [(m, size) for m, size in coll.members().items() if size <= limit]

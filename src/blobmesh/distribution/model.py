@@ -208,6 +208,7 @@ class DistributionStatus:
     targets: tuple[TargetStatus, ...]
     started: float
     finished: float | None = None
+    export: str = ""  # a collection's targets write the tree to HOME/exports/<export>
 
     @property
     def total(self) -> int:

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 import msgspec
 
 from blobmesh.distribution.authz import OpAuthorizer
-from blobmesh.distribution.collection import FetchRequest, PlanFetcher, Planner
+from blobmesh.distribution.collection import FetchRequest, PlanFetcher, Planner, plan_export
 from blobmesh.distribution.model import (
     SOURCES_REPORTED,
     DistributionHandle,
@@ -167,7 +167,7 @@ class RequestOp(msgspec.Struct, frozen=True):
     created: float
     share_urls: list[str] = []
     total_size: int = 0  # a collection: bytes of the whole tree (0: just ``size``)
-    plan: bytes = b""  # a collection: its plan (``distribution.collection``), opaque here
+    plan: bytes = b""  # a collection: its plan (``distribution.collection``; export read here)
 
 
 class SummaryTarget(msgspec.Struct, frozen=True, array_like=True):
@@ -267,6 +267,7 @@ class _Tracked:
     resolved: float = -1e9  # source: when its scope was last resolved (monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     version: int = 0
+    export: str = ""
 
     async def next_change(self) -> None:
         """Wait until the next update of this distribution."""
@@ -498,7 +499,7 @@ class DistributionService:
         tracked = self._tracked.get(handle)
         if tracked is None:
             tracked = _Tracked(request, handle, BlobId(request.blob), Scope.parse(request.scope),
-                               Priority(request.priority))
+                               Priority(request.priority), export=plan_export(request.plan))
             self._tracked[handle] = tracked
         return tracked
 
@@ -652,7 +653,7 @@ class DistributionService:
                                   tracked.scope,
                                   tracked.priority, state, targets, r.created,
                                   tracked.finished if state is not DistributionState.ACTIVE
-                                  else None)
+                                  else None, tracked.export)
 
     def _get(self, handle: DistributionHandle) -> _Tracked:
         tracked = self._tracked.get(handle)

@@ -98,8 +98,10 @@ class NodeClient:
             "export_force": export_force})
         return status_from_json(data), code == 201
 
-    async def distributions(self, *, active: bool = False) -> list[DistributionStatus]:
-        query = "?active=true" if active else ""
+    async def distributions(self, *, active: bool = False,
+                            pruned: bool = False) -> list[DistributionStatus]:
+        """Distributions the node knows, newest first (pruned ones only with ``pruned``)."""
+        query = f"?active={str(active).lower()}&pruned={str(pruned).lower()}"
         return [status_from_json(d)
                 for d in await self._request("GET", f"/v1/distributions{query}")]
 
@@ -109,10 +111,11 @@ class NodeClient:
         return result
 
     async def resolve_handle(self, text: str) -> str:
-        """A full handle from a unique prefix (``d-3f2``, or ``3f2``) of a known one."""
+        """A full handle from a unique prefix (``d-3f2``, or ``3f2``) of a known one (pruned
+        from listings or not: ``status`` of a pruned handle still answers)."""
         from blobmesh.node.ids import resolve_prefix
 
-        known = [str(s.handle) for s in await self.distributions()]
+        known = [str(s.handle) for s in await self.distributions(pruned=True)]
         return resolve_prefix(text if text.startswith("d-") else f"d-{text}", known,
                               "distribution")
 

@@ -21,7 +21,7 @@ def status_to_json(s: DistributionStatus) -> dict[str, Any]:
     return {
         "handle": str(s.handle), "blob": str(s.blob_id), "size": s.size, "scope": str(s.scope),
         "priority": str(s.priority), "state": str(s.state), "started": s.started,
-        "finished": s.finished,
+        "finished": s.finished, "export": s.export or None,
         "totals": {"targets": s.total, "completed": s.completed, "failed": s.failed,
                    "bytes_done": s.bytes_done, "bytes_total": s.bytes_total},
         "targets": [{"node": str(t.node), "state": str(t.state), "bytes_done": t.bytes_done,
@@ -43,4 +43,4 @@ def status_from_json(d: dict[str, Any]) -> DistributionStatus:
                                    tuple(NodeId.parse(n) for n in t.get("sources", ())),
                                    tuple(float(r) for r in t.get("source_rates", ())))
                       for t in d["targets"]),
-        started=float(d["started"]), finished=d["finished"])
+        started=float(d["started"]), finished=d["finished"], export=d.get("export") or "")

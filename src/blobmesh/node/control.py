@@ -9,9 +9,10 @@ Routes (all JSON unless noted; the JSON naming scheme is in ``docs/distribution.
   them, at most every 2 s each: ``blobmesh.node.stats``)
 * ``POST /v1/distributions``                 ``{"blob", "scope", "priority", "share_urls",
   "new", "export", "export_force"}``: 201 with a new distribution, or 200 with the active
-  one for the same blob and scope (unless ``"new": true``); ``export``: a collection's targets
-  write the tree to ``HOME/exports/<export>``
-* ``GET  /v1/distributions[?active=true]``   distributions known here, newest first
+  one for the same blob, scope and export (unless ``"new"`` or ``"export_force"``);
+  ``export``: a collection's targets write the tree to ``HOME/exports/<export>``
+* ``GET  /v1/distributions[?active=true][&pruned=true]``   distributions known here (pruned
+  ones too with ``pruned=true``), newest first
 * ``POST /v1/distributions/prune``           hide finished distributions from listings
 * ``GET  /v1/distributions/{h}``             one status
 * ``DELETE /v1/distributions/{h}``           cancel
@@ -176,8 +177,8 @@ class ControlServer:
         blob_id = BlobId.parse(body.blob)
         for url in body.share_urls:  # refused now rather than failing on a target later
             await open_source(url).aclose()
-        if not body.new:
-            active = self.node.active_distribution(blob_id, body.scope)
+        if not body.new and not body.export_force:  # (a forced export is asked anew)
+            active = self.node.active_distribution(blob_id, body.scope, body.export)
             if active is not None:
                 return web.json_response(status_to_json(active), status=200)
         handle = await self.node.distribution.distribute(
@@ -187,11 +188,13 @@ class ControlServer:
         return web.json_response(status_to_json(status), status=201)
 
     async def list_distributions(self, request: web.Request) -> web.Response:
-        active = request.query.get("active", "false")
-        if active not in ("true", "false"):
-            raise BadRequestError(f"active must be true or false, not {active!r}")
-        return web.json_response([status_to_json(s) for s in
-                                  self.node.distributions(active_only=active == "true")])
+        flags = {}
+        for name in ("active", "pruned"):
+            flags[name] = request.query.get(name, "false")
+            if flags[name] not in ("true", "false"):
+                raise BadRequestError(f"{name} must be true or false, not {flags[name]!r}")
+        return web.json_response([status_to_json(s) for s in self.node.distributions(
+            active_only=flags["active"] == "true", with_pruned=flags["pruned"] == "true")])
 
     async def prune_distributions(self, request: web.Request) -> web.Response:
         return web.json_response({"pruned": self.node.prune_distributions()})

@@ -466,19 +466,22 @@ class Node:
         self.config = replace(self.config, bootstrap=config.bootstrap,
                               want_peers=config.want_peers)
 
-    def distributions(self, *, active_only: bool = False) -> list[DistributionStatus]:
-        """Distributions known here and not pruned, newest first."""
-        pruned = set(self.state.pruned)
+    def distributions(self, *, active_only: bool = False,
+                      with_pruned: bool = False) -> list[DistributionStatus]:
+        """Distributions known here and (unless ``with_pruned``) not pruned, newest first."""
+        pruned = set() if with_pruned else set(self.state.pruned)
         return [s for s in self.distribution.distributions()
                 if str(s.handle) not in pruned and not (active_only and s.done)]
 
-    def active_distribution(self, blob_id: BlobId, scope: str) -> DistributionStatus | None:
-        """The active distribution this node started for ``blob_id`` to ``scope``, if any."""
+    def active_distribution(self, blob_id: BlobId, scope: str,
+                            export: str = "") -> DistributionStatus | None:
+        """The active distribution this node started for ``blob_id`` to ``scope`` with the
+        same ``export``, if any (one exporting elsewhere is not the one asked for)."""
         want = str(Scope.parse(scope))
         me = self.identity.node_id
         return next((s for s in self.distribution.distributions()
                      if not s.done and s.blob_id == blob_id and str(s.scope) == want
-                     and s.target(me) is None), None)
+                     and s.export == export and s.target(me) is None), None)
 
     def prune_distributions(self) -> list[str]:
         """Hide every finished distribution from listings; returns their handles."""
