@@ -285,6 +285,19 @@ async def test_distribute_refuses_and_quarantines_a_corrupt_blob(tmp_path: Path)
         assert not src.store.has(blob) and src.dist.distributions() == []
 
 
+async def test_a_copy_that_rots_after_a_remembered_verification_is_still_refused(
+        tmp_path: Path) -> None:
+    async with cluster(tmp_path, [[], []]) as (src, _):
+        blob = add(src, 4 * MiB)
+        first = await src.dist.distribute(blob, "all")  # verified without a full rehash
+        assert (await src.dist.wait_for_completion(first, 20)).state is \
+            DistributionState.COMPLETED
+        corrupt(src.store, blob, MiB)
+        with pytest.raises(CorruptBlobError, match="quarantined"):
+            await src.dist.distribute(blob, "all")
+        assert not src.store.has(blob)
+
+
 async def test_a_source_copy_that_rots_while_served_fails_the_distribution(
         tmp_path: Path) -> None:
     slow = {1: SwarmConfig(download_rate=2 * MiB, stall_timeout=30)}
