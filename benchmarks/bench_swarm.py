@@ -7,6 +7,7 @@ libtorrent and a plain HTTP fan-out, in one lab of network namespaces.
         [--lt-tuning super|lan|hps] [--variant NAME=DIR ...]
         [--hostile black-hole|non-reader ...]
     .venv/bin/python benchmarks/bench_swarm.py --loopback [--runs 3] [--profile DIR]
+    (either, with ``--profile DIR [--profiler py-spy|perf]``: every blobmesh node profiled)
 
 Builds hosts as network namespaces on one switch namespace (``netlab.py``), each link limited
 to ``--rate-mbit`` with ``tbf`` on both ends; measures the real per-link TCP goodput R and uses
@@ -18,7 +19,11 @@ the same file from host 0 to hosts 1..N; the time runs until every target holds 
 copy.  Goal: blobmesh <= 1.15x the bound, and faster than libtorrent.
 
 Per blobmesh run it also prints when the first target reported progress, the CPU time the
-nodes used, and each node's upload in copies of F (source first: ideally 1.00).
+nodes used, and each node's upload in copies of F (source first: ideally 1.00).  The summary
+gives every system's CPU seconds per GiB delivered (user + system of every node process, all
+threads, from the start until the last target completes, over targets x F; for libtorrent its
+worker processes: the session's threads plus a 50 Hz status poll) and blobmesh's ratio to
+libtorrent's (goal, issue 9: <= 1 at 256 MiB to 7).
 ``--variant NAME=DIR`` adds a system ``blobmesh-NAME`` whose nodes import blobmesh from DIR
 (a patched copy of ``src/``), interleaved with the others in the same lab.
 
@@ -178,18 +183,21 @@ def verify_blob(home: Path, blob: BlobId) -> bool:
     return True
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time (all threads) of process ``pid`` so far (0 if not running)."""
+    ticks = 0
+    if pid is not None:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def node_cpu_seconds(fleet: Fleet) -> list[float]:
-    """User + system CPU time (all threads) of each node process so far (0 if not running)."""
-    out = []
-    for node in fleet.nodes:
-        ticks = 0
-        if node.proc is not None:
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{node.proc.pid}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
-                ticks = int(fields[11]) + int(fields[12])  # utime, stime
-        out.append(ticks / os.sysconf("SC_CLK_TCK"))
-    return out
+    """:func:`cpu_seconds` of each node process."""
+    return [cpu_seconds(node.proc.pid if node.proc is not None else None)
+            for node in fleet.nodes]
 
 
 def start_profilers(fleet: Fleet, out: Path, tool: str) -> list[subprocess.Popen[bytes]]:
@@ -409,6 +417,8 @@ async def run_libtorrent(lab: NetLab, targets: int, torrent: Path, payload: Path
             line = await asyncio.wait_for(p.stdout.readline(), 120)
             if line.strip() != b"ready":
                 raise RuntimeError(f"a libtorrent worker failed to start: {line!r}")
+        # (``ip netns exec`` execs the worker: the pid is the libtorrent process's)
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
         t0 = time.perf_counter()
         for p in procs:
             assert p.stdin is not None
@@ -425,8 +435,10 @@ async def run_libtorrent(lab: NetLab, targets: int, torrent: Path, payload: Path
         finish = await asyncio.wait_for(asyncio.gather(*(finished(p) for p in procs[1:])),
                                         timeout)
         elapsed = max(finish)
+        node_cpu = [cpu_seconds(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
         ok = await copies_match([s / payload.name for s in saves[1:]], digest)
-        return Outcome(elapsed, ok, "" if ok else "a copy differs", finish=sorted(finish))
+        return Outcome(elapsed, ok, "" if ok else "a copy differs", finish=sorted(finish),
+                       cpu=sum(node_cpu), node_cpu=node_cpu)
     finally:
         for p in procs:
             if p.stdin is not None:
@@ -658,7 +670,8 @@ def describe(o: Outcome, size: int) -> str:
 async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps: float,
                    slow_bps: float | None,
                    systems: Sequence[str], tmp: Path, lt_tuning: str,
-                   variants: dict[str, Path]) -> dict[str, list[Outcome]]:
+                   variants: dict[str, Path], profile: Path | None = None,
+                   profiler: str = "py-spy") -> dict[str, list[Outcome]]:
     size = size_mb * MiB
     slow = set(slow_hosts(targets)) if slow_bps else set()
     rates = [slow_bps if slow_bps and host in slow else rate_bps
@@ -685,8 +698,10 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
                 if system.startswith("blobmesh"):
                     code = variants.get(system)
                     hostile = system.partition("+")[2]
+                    prof = profile / f"{size_mb}m{targets}-{system}-{run + 1}" \
+                        if profile else None
                     out = await run_blobmesh(lab, targets, payload, work, timeout, code,
-                                             hostile)
+                                             hostile, prof, profiler)
                     out.code = code_fingerprint(code).rsplit(" ", 1)[-1]
                 elif system == "libtorrent":
                     assert torrent is not None
@@ -705,14 +720,18 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
         f.unlink()
 
     print(f"\n{size_mb} MiB -> {targets} targets @ {rate_bps * 8 / 1e6:.1f} Mbit/s")
-    print(f"{'system':<15} {'median s':>9} {'bound s':>8} {'ratio':>6}  runs")
+    print(f"{'system':<15} {'median s':>9} {'bound s':>8} {'ratio':>6} {'CPU-s/GiB':>9}  runs")
     medians: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # CPU seconds of every node process per GiB delivered
     for system, outs in results.items():
         good = [o.seconds for o in outs if o.ok]
         med = statistics.median(good) if good else float("nan")
         medians[system] = med
+        cpus = [per_gib(o, targets * size) for o in outs if o.ok and o.cpu]
+        cpu[system] = statistics.median(cpus) if cpus else float("nan")
         runs_txt = ", ".join(f"{o.seconds:.2f}" + ("" if o.ok else "!") for o in outs)
-        print(f"{system:<15} {med:9.2f} {bound:8.2f} {med / bound:6.2f}  [{runs_txt}]")
+        print(f"{system:<15} {med:9.2f} {bound:8.2f} {med / bound:6.2f} {cpu[system]:9.2f}  "
+              f"[{runs_txt}]")
     for system in (s for s in medians if s.startswith("blobmesh")):
         good = [o.seconds for o in results[system] if o.ok]
         resets = sum(o.resets for o in results[system])
@@ -734,6 +753,9 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
             lt_t = medians["libtorrent"]
             verdict += f"; {lt_t / bm:.2f}x libtorrent's speed " + \
                 ("(faster: met)" if bm < lt_t else "(faster than libtorrent: MISSED)")
+            ratio = cpu[system] / cpu["libtorrent"]
+            verdict += f"; CPU per GiB {ratio:.2f}x libtorrent's " + \
+                ("(goal <= 1: met)" if ratio <= 1 else "(goal <= 1: MISSED)")
         print(verdict, flush=True)
     return results
 
@@ -755,6 +777,8 @@ def code_fingerprint(code: Path | None = None) -> str:
 async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     lab.build()
     lab.wait_reachable()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     last_fast = max(h for h in range(1, lab.hosts) if h not in lab.slow_mbit)
     probes = [lab.measure_mbit(0, 1), lab.measure_mbit(last_fast, 0)]
     mbit = statistics.mean(probes)
@@ -773,7 +797,7 @@ async def bench(args: argparse.Namespace, lab: NetLab, tmp: Path) -> None:
     for size_mb, targets in args.scenarios:
         await scenario(lab, size_mb, targets, args.runs, mbit * 1e6 / 8,
                        slow_mbit * 1e6 / 8 if slow_mbit else None, systems, tmp,
-                       args.lt_tuning, variants)
+                       args.lt_tuning, variants, args.profile, args.profiler)
 
 
 def main() -> None:
@@ -806,7 +830,7 @@ def main() -> None:
     parser.add_argument("--home-dir", type=Path, default=Path("/dev/shm"),
                         help="--loopback: where node homes go (default: tmpfs)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                        help="--loopback: profile every node during each run, into DIR")
+                        help="profile every blobmesh node during each run, into DIR")
     parser.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
                         help="--profile: py-spy (Python stacks of the GIL holder) or perf "
                              "(on-CPU samples, native and kernel)")

@@ -38,7 +38,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import ssl
 import stat
@@ -54,13 +53,13 @@ from blobmesh.distribution.model import DistributionState, TargetState
 from blobmesh.hashing import BlobId
 from blobmesh.node.client import NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
-from blobmesh.store import LeaseId, Store
+from blobmesh.store import Store
 from blobmesh.transfer.messages import PROTOCOL as TRANSFER
 from blobmesh.transfer.messages import Error, Request, Response, decode, encode
 from blobmesh.transport import Endpoint, Identity, Ticket
-from blobmesh.transport.tls import make_context
-from blobmesh.wire.connection import Settings
-from blobmesh.wire.frames import encode_frame
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.util import add_blob, flip_byte, holds, stranger_connection, threads_and_rss, tmpfs
 
 MiB = 1024 * 1024
 HOSTILE_NODE = Path(__file__).with_name("hostile_node.py")
@@ -97,46 +96,14 @@ class ProbeFleet(Fleet):
                                          stdin=subprocess.DEVNULL)
 
 
-def proc_status(pid: int) -> tuple[int, int]:
-    """(threads, RSS bytes) of a process."""
-    threads = rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                threads = int(line.split()[1])
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return threads, rss
-
-
 def pid_of(node: FleetNode) -> int:
     assert node.proc is not None
     return node.proc.pid
 
 
-def add_blob(node: FleetNode, size: int, data: bytes | None = None) -> BlobId:
-    with Store(node.home) as store:
-        return store.add_bytes(data if data is not None else os.urandom(size)).blob_id
-
-
 def corrupt_file(home: Path, blob: BlobId, offset: int) -> None:
     with Store(home) as store:
-        path = store.layout.data_path(blob)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
-def verified(node: FleetNode, blob: BlobId) -> bool:
-    with Store(node.home) as store:
-        if not store.has(blob):
-            return False
-        with store.get_reader(blob, LeaseId.new("probe"), verify=True) as r:
-            while r.read(4 * MiB):
-                pass
-    return True
+        flip_byte(store.layout.data_path(blob), offset)
 
 
 def metric(text: str, name: str) -> float:
@@ -182,23 +149,6 @@ def fleet_in(root: Path, keep: bool) -> Iterator[ProbeFleet]:
 # --- probes --------------------------------------------------------------------------------------
 
 
-def _dial_stranger(addr: tuple[str, int]) -> ssl.SSLSocket | None:
-    """A TLS connection from a fresh identity that sent the transport Hello and got one back
-    (the node took it); None if the node refused it."""
-    hello = encode_frame(Settings().hello())
-    try:
-        ctx = make_context(Identity.generate(), server=False)
-        sock = ctx.wrap_socket(socket.create_connection(addr, timeout=10))
-        sock.settimeout(10)
-        sock.sendall(hello)
-        if not sock.recv(1):
-            sock.close()
-            return None
-        return sock
-    except OSError:
-        return None
-
-
 def _still_open(sock: ssl.SSLSocket) -> bool:
     """Whether the node still keeps the connection (what it sent meanwhile is drained)."""
     sock.setblocking(False)
@@ -219,18 +169,19 @@ async def probe_strangers(root: Path, args: argparse.Namespace) -> list[Row]:
         fleet.start()
         await asyncio.sleep(1.0)
         host, port = Ticket.parse(node.ticket).addrs[0]
-        threads0, rss0 = proc_status(pid_of(node))
+        threads0, rss0 = threads_and_rss(pid_of(node))
         socks: list[ssl.SSLSocket | None] = []
         t0 = time.monotonic()
         for _ in range(n // 20):  # 20 at a time
-            socks += await asyncio.gather(*(asyncio.to_thread(_dial_stranger, (host, int(port)))
+            socks += await asyncio.gather(*(asyncio.to_thread(stranger_connection,
+                                                              (host, int(port)))
                                             for _ in range(20)))
         dialed = time.monotonic() - t0
         held = sum(s is not None for s in socks)
-        threads1, rss1 = proc_status(pid_of(node))
+        threads1, rss1 = threads_and_rss(pid_of(node))
         await asyncio.sleep(max(0.0, 12.0 - (time.monotonic() - t0)))  # admission timeout 10 s
         alive = sum(_still_open(s) for s in socks if s is not None)
-        threads2, rss2 = proc_status(pid_of(node))
+        threads2, rss2 = threads_and_rss(pid_of(node))
         async with NodeClient(node.home) as client:
             text = await client.metrics()
         for s in socks:
@@ -318,7 +269,7 @@ async def timed_distribution(fleet: ProbeFleet, size: int, scope: str, real: lis
             ok = True
         except TimeoutError:
             took, changes, ok = timeout, [], False
-    return took, changes, ok and all(verified(n, blob) for n in real), blob
+    return took, changes, ok and all(holds(n, blob) for n in real), blob
 
 
 def bad_states(changes: list[tuple[float, str, str, str]]) -> list[str]:
@@ -401,17 +352,6 @@ async def probe_black_hole(root: Path, args: argparse.Namespace) -> list[Row]:
                 f"{bad[5] or 'none'}; reasons shown: {bad[6][:3]}")]
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs",
-                    str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 async def probe_disk_full(root: Path, args: argparse.Namespace) -> list[Row]:
     if os.geteuid() != 0:
         return [Row("disk full", "", "skipped: mounting a tmpfs needs root")]
@@ -455,7 +395,7 @@ async def probe_disk_full(root: Path, args: argparse.Namespace) -> list[Row]:
                         t_done, _ = await follow(client, handle, completed, 60)
                     except TimeoutError:
                         t_done = -1.0
-                ok = verified(dst, blob)
+                ok = holds(dst, blob)
             finally:
                 fleet.stop()
     finally:
@@ -502,7 +442,7 @@ async def probe_corrupt(root: Path, args: argparse.Namespace) -> list[Row]:
                 final = str((await client.status(handle)).state)
             except TimeoutError:
                 final = "still active after 60 s"
-        ok = verified(dst, good)
+        ok = holds(dst, good)
         async with NodeClient(dst.home) as client:
             copies = metric(await client.metrics(), "blobmesh_swarm_corrupt_copies_total")
     return [Row("distribute a blob whose source copy is corrupt",

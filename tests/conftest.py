@@ -1,5 +1,5 @@
-"""Shared fixtures: a fresh store home per test; no node process of any test logs a
-traceback."""
+"""Shared fixtures: a fresh store home per test, a fleet of real node processes; no node
+process of any test logs a traceback."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def home(tmp_path: Path) -> Path:
 def store(home: Path) -> Iterator[Store]:
     with Store(home) as s:
         yield s
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """Real ``node run`` processes under ``tmp_path``, stopped after the test (their logs are
+    checked by ``_no_traceback_in_node_logs``)."""
+    with Fleet(tmp_path) as f:
+        yield f
 
 
 @pytest.fixture(autouse=True)

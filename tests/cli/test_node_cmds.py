@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,10 @@ import pytest
 from blobmesh.node.fleet import Fleet
 from blobmesh.store import Store
 from tests.cli import schemas
+from tests.util import cli
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path) as f:
-        yield f
-    assert f.tracebacks() == []
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "--home", str(home),
-                           *args], capture_output=True, text=True, timeout=120)
 
 
 def test_a_cap_scope_the_shell_cut_says_to_quote_it(tmp_path: Path) -> None:

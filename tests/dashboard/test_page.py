@@ -8,7 +8,6 @@ import os
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -17,31 +16,19 @@ import msgspec
 import pytest
 
 from blobmesh.dashboard import read_url_file, serve_dashboard
-from blobmesh.hashing import BlobId
 from blobmesh.node.daemon import Node, NodeConfig
-from blobmesh.node.fleet import Fleet, FleetNode
+from blobmesh.node.fleet import Fleet
 from blobmesh.node.stats import STATS_ANSWER, STATS_ASK, StatsAsk
 from blobmesh.space.records import sign_record
 from blobmesh.space.runner import FAST
 from blobmesh.store import Store
 from blobmesh.transport.identity import Identity, NodeId
 from tests.dashboard.browser import ARTIFACTS, available, chromium, console_errors, wait_for
-from tests.util import eventually
+from tests.util import add_blob, eventually
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not available(), reason="needs chromium, chromedriver, selenium")]
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path) as f:
-        yield f
-
-
-def add_blob(node: FleetNode, size: int) -> BlobId:
-    with Store(node.home) as store:
-        return store.add_bytes(os.urandom(size)).blob_id
 
 
 def api(url: str, token: str, method: str, path: str, body: Any = None) -> Any:

@@ -37,7 +37,7 @@ from blobmesh.space import Limits, wire
 from blobmesh.space.records import sign_op
 from blobmesh.transport import Endpoint, Identity
 from tests.space.util import FAST, RawPeer
-from tests.util import eventually
+from tests.util import eventually, running_nodes
 
 MiB = 1024 * 1024
 SLOW = SwarmConfig(upload_rate=512 * 1024)  # 4 MiB take ~8 s: the distribution stays active
@@ -46,17 +46,9 @@ SLOW = SwarmConfig(upload_rate=512 * 1024)  # 4 MiB take ~8 s: the distribution 
 @asynccontextmanager
 async def fleet(tmp_path: Path, n: int, *, configs: dict[int, NodeConfig] | None = None
                 ) -> AsyncIterator[list[Node]]:
-    async with AsyncExitStack() as stack:
-        nodes: list[Node] = []
-        for i in range(n):
-            cfg = (configs or {}).get(i) or NodeConfig(home=tmp_path / f"n{i}")
-            cfg = replace(cfg, timing=FAST, swarm=SLOW if i == 0 else cfg.swarm,
-                          bootstrap=(nodes[0].ticket,) if nodes else ())
-            node = Node(cfg)
-            await node.start()
-            stack.push_async_callback(node.aclose)
-            nodes.append(node)
-        await eventually(lambda: all(len(x.space.peers()) == n - 1 for x in nodes), 20)
+    cfgs = [(configs or {}).get(i) or NodeConfig(home=tmp_path / f"n{i}") for i in range(n)]
+    cfgs[0] = replace(cfgs[0], swarm=SLOW)
+    async with running_nodes(cfgs) as nodes:
         yield nodes
 
 

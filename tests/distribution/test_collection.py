@@ -24,8 +24,8 @@ from blobmesh.node.client import NodeClient
 from blobmesh.node.fleet import Fleet, FleetNode
 from blobmesh.transport.identity import NodeId
 from tests.collection.test_tree import snapshot
-from tests.distribution.test_e2e import cli, fleet, wait_done  # noqa: F401 - the fixture
 from tests.distribution.test_swarm import Peer, swarm
+from tests.util import cli, wait_done
 
 MiB = 1024 * 1024
 PIN = "dist/d-0123456789abcdef"
@@ -153,7 +153,7 @@ async def downloaded(node: FleetNode) -> int:
 
 @pytest.mark.slow
 async def test_directory_to_a_fleet_then_v2_moves_only_changed_pieces(
-        fleet: Fleet, tmp_path: Path) -> None:  # noqa: F811
+        fleet: Fleet, tmp_path: Path) -> None:
     src = fleet.add()
     targets = [fleet.add(groups=["g"]) for _ in range(2)]
     fleet.start()

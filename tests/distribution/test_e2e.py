@@ -8,61 +8,20 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from blobmesh.distribution.model import DistributionState, DistributionStatus, TargetState
+from blobmesh.distribution.model import DistributionState, TargetState
 from blobmesh.hashing import BlobId, hash_bytes
 from blobmesh.node.client import ControlError, NodeClient
-from blobmesh.node.fleet import Fleet, FleetNode
+from blobmesh.node.fleet import Fleet
 from blobmesh.store import LeaseId, Store
 from tests.cli import schemas
-from tests.util import eventually
+from tests.util import add_blob, cli, eventually, holds, wait_done
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path) as f:
-        yield f
-    # normal use, cancels and clients that go away included, logs no traceback
-    assert f.tracebacks() == []
-
-
-def add_blob(node: FleetNode, size: int) -> BlobId:
-    with Store(node.home) as store:
-        return store.add_bytes(os.urandom(size)).blob_id
-
-
-def holds(node: FleetNode, blob: BlobId) -> bool:
-    with Store(node.home) as store:
-        if not store.has(blob):
-            return False
-        # verified read of the whole copy
-        with store.get_reader(blob, LeaseId.new("test"), verify=True) as r:
-            while r.read(4 * MiB):
-                pass
-        return True
-
-
-async def wait_done(node: FleetNode, handle: str, timeout: float = 60) -> DistributionStatus:
-    async with NodeClient(node.home) as c:
-        async def follow() -> DistributionStatus:
-            last = await c.status(handle)
-            async for s in c.events(handle):
-                last = s
-            return last
-
-        return await asyncio.wait_for(follow(), timeout)
-
-
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blobmesh.cli.main", "--home", str(home),
-                           *args], capture_output=True, text=True, timeout=120)
 
 
 async def test_each_scope_kind_reaches_exactly_its_targets(fleet: Fleet) -> None:

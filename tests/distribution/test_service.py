@@ -6,9 +6,8 @@ import asyncio
 import logging
 import os
 import shutil
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from blobmesh.tasks import failure_counts
 from blobmesh.transport.identity import Identity, NodeId
 from blobmesh.transport.memory import MemoryHub
 from tests.space.util import FAST
-from tests.util import eventually
+from tests.util import eventually, flip_byte, needs_root, tmpfs
 
 MiB = 1024 * 1024
 
@@ -240,24 +239,11 @@ async def test_malformed_distribution_ops_are_rejected(tmp_path: Path) -> None:
         assert dst.dist.distributions() == []
 
 
-@contextmanager
-def small_tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
-    """A tmpfs of ``size_mb`` mounted at ``path`` (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
+@needs_root
 async def test_disk_full_target_waits_says_so_once_and_resumes(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # the target's store on a small disk of its own (its space database is elsewhere)
-    with small_tmpfs(tmp_path / "n1-store", 24) as home:
+    with tmpfs(tmp_path / "n1-store", 24) as home:
         filler = home / "filler"
         async with cluster(tmp_path, [[], []], store_homes={1: home}) as (src, dst):
             free = shutil.disk_usage(filler.parent).free
@@ -286,12 +272,7 @@ async def test_disk_full_target_waits_says_so_once_and_resumes(
 
 
 def corrupt(store: Store, blob: BlobId, offset: int) -> None:
-    path = store.layout.data_path(blob)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(store.layout.data_path(blob), offset)
 
 
 async def test_distribute_refuses_and_quarantines_a_corrupt_blob(tmp_path: Path) -> None:
@@ -302,6 +283,19 @@ async def test_distribute_refuses_and_quarantines_a_corrupt_blob(tmp_path: Path)
         with pytest.raises(CorruptBlobError, match="quarantined"):
             await src.dist.distribute(blob, "all")
         assert not src.store.has(blob) and src.dist.distributions() == []
+
+
+async def test_a_copy_that_rots_after_a_remembered_verification_is_still_refused(
+        tmp_path: Path) -> None:
+    async with cluster(tmp_path, [[], []]) as (src, _):
+        blob = add(src, 4 * MiB)
+        first = await src.dist.distribute(blob, "all")  # verified without a full rehash
+        assert (await src.dist.wait_for_completion(first, 20)).state is \
+            DistributionState.COMPLETED
+        corrupt(src.store, blob, MiB)
+        with pytest.raises(CorruptBlobError, match="quarantined"):
+            await src.dist.distribute(blob, "all")
+        assert not src.store.has(blob)
 
 
 async def test_a_source_copy_that_rots_while_served_fails_the_distribution(

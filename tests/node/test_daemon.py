@@ -20,7 +20,7 @@ from blobmesh.store import LeaseId, Store
 from blobmesh.transport import Ticket
 from blobmesh.transport.ticket import format_address
 from tests.store.helpers import start_worker
-from tests.util import eventually
+from tests.util import eventually, stranger_connection, threads_and_rss
 
 pytestmark = pytest.mark.slow
 LOCK_SECONDS = 10.0
@@ -39,6 +39,35 @@ async def test_second_node_on_a_home_is_refused_and_the_first_keeps_its_socket(
         f"home {a.home}"]
     async with NodeClient(a.home) as client:
         assert (await client.node())["node"] == a.node_id
+
+
+async def test_a_flood_of_strangers_costs_a_node_a_constant(fleet: Fleet) -> None:
+    # before: 400 connections from 400 fresh identities all accepted, 806 threads, 506 MiB
+    a = fleet.add()
+    fleet.start()
+    assert a.proc is not None
+    host, port = Ticket.parse(a.ticket).addrs[0]
+    threads0, rss0 = threads_and_rss(a.proc.pid)
+    socks = []
+    for _ in range(5):  # 100 strangers, 20 at a time, none of which ever proves the secret
+        socks += await asyncio.gather(*(asyncio.to_thread(stranger_connection,
+                                                          (host, int(port)))
+                                        for _ in range(20)))
+    try:
+        taken = sum(s is not None for s in socks)
+        threads1, rss1 = threads_and_rss(a.proc.pid)
+        assert taken <= 64  # the cap on connections not admitted (yet)
+        assert threads1 <= threads0 + 4 and rss1 - rss0 < 64 << 20, (threads0, threads1,
+                                                                     rss0, rss1)
+        async with NodeClient(a.home) as client:
+            metrics = await client.metrics()
+        refused = next(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("blobmesh_transport_connections_refused_total "))
+        assert refused == 100 - taken
+    finally:
+        for s in socks:
+            if s is not None:
+                s.close()
 
 
 async def test_restarted_seed_rejoins_with_the_same_command(fleet: Fleet) -> None:

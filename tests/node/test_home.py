@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,33 @@ def test_state_round_trips_and_bad_files_are_ignored(tmp_path: Path) -> None:
     assert NodeState.load(tmp_path) == NodeState()
     (tmp_path / "node-state.json").write_text('{"listen_port": 7, "peers": ["junk"]}')
     assert NodeState.load(tmp_path) == NodeState(listen_port=7)
+
+
+def test_state_is_saved_owner_only_even_over_an_older_world_readable_one(tmp_path: Path) -> None:
+    # before: 0644 (it holds peer tickets); a home from then, and a leftover temporary file
+    for name in ("node-state.json", "node-state.tmp"):
+        (tmp_path / name).write_text("{}")
+        (tmp_path / name).chmod(0o644)
+    NodeState(listen_port=4919).save(tmp_path)
+    assert stat.S_IMODE((tmp_path / "node-state.json").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node-state.json"]
+    assert NodeState.load(tmp_path).listen_port == 4919
+
+
+async def test_everything_a_running_node_keeps_in_its_home_is_owner_only(tmp_path: Path) -> None:
+    # before: blob files and databases 0644 in a 0755 home, readable by any local user
+    home = tmp_path / "n"
+    async with Node(NodeConfig(home=home)) as node:
+        node.store.add_stream([os.urandom(300_000)])  # a blob file, its piece layer, WAL files
+        node.state.save(home)
+        paths = [home, *home.rglob("*")]
+        modes = {str(p.relative_to(home)): stat.S_IMODE(p.lstat().st_mode) for p in paths}
+    kinds = {p.name for p in paths}
+    assert {"identity.key", "space.secret", "node-state.json", "node.lock", "control.sock",
+            "store.sqlite", "space.sqlite", "transfer.sqlite", "pieces.sqlite"} <= kinds, kinds
+    assert any(p.name.endswith(".pieces") for p in paths)
+    dirs = {str(p.relative_to(home)) for p in paths if p.is_dir()}
+    assert {k: oct(m) for k, m in modes.items() if m != (0o700 if k in dirs else 0o600)} == {}
 
 
 async def test_node_keeps_its_port_and_picks_another_when_it_is_taken(tmp_path: Path) -> None:

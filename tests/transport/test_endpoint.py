@@ -73,6 +73,22 @@ async def test_a_head_is_sent_in_front_of_the_message(endpoints: EndpointFactory
         await s.send(bytes(FAST.max_message_size), head=b"x")
 
 
+@pytest.mark.parametrize("window", ["stream", "connection"])
+async def test_a_window_sized_message_after_small_ones_is_delivered(
+        endpoints: EndpointFactory, window: str) -> None:
+    # before: credit went back in quarter-window batches, so the bytes of the small messages
+    # were held back and the window-sized message waited for them for ever
+    size = 256 * 1024
+    cfg = dataclasses.replace(FAST, max_message_size=size,
+                              stream_window=size if window == "stream" else 2 * size,
+                              connection_window=size if window == "connection" else 4 * size)
+    a, b = await pair(endpoints, cfg)
+    s = await a.open_stream(b.node_id, "echo")
+    for msg in (b"small", b"x" * 1000, bytes(size)):
+        await asyncio.wait_for(s.send(msg), 5)
+        assert await asyncio.wait_for(s.recv(), 5) == msg
+
+
 async def test_try_send_sends_small_messages_at_once_in_order(
         endpoints: EndpointFactory) -> None:
     window = 256 * 1024

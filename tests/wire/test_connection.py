@@ -139,6 +139,43 @@ def test_flow_control_window_and_credit() -> None:
     assert a.send_budget(sid) == min(chunk, 1000 + SMALL.stream_window // 4)
 
 
+def deliver(a: Connection, b: Connection) -> list[int]:
+    """Move a's frames to b, the application consuming every message at once, and b's
+    answers (credit) back; the sizes of the messages delivered."""
+    got = []
+    for e in transfer(a, b):
+        if isinstance(e, MessageReceived):
+            got.append(len(e.data))
+            b.consumed(e.stream_id, len(e.data))
+    transfer(b, a)
+    return got
+
+
+@pytest.mark.parametrize("window", ["stream", "connection"])
+def test_a_window_sized_message_after_small_ones_completes(window: str) -> None:
+    # credit goes back in quarter-window batches: the few consumed bytes short of a batch
+    # must not be window that a message as large as the whole window then never gets
+    w = 64 * 1024
+    s = Settings(max_frame_size=MIN_FRAME_SIZE, max_message_size=w, max_streams=4,
+                 stream_window=w if window == "stream" else 2 * w,
+                 connection_window=w if window == "connection" else 4 * w)
+    a, b = Connection(Role.DIALER, s), Connection(Role.LISTENER, s)
+    transfer(a, b)
+    transfer(b, a)
+    sid = a.open_stream("p")
+    assert a.reserve(sid, 100)
+    a.send_data(sid, bytes(100))
+    assert deliver(a, b) == [100]
+    got: list[int] = []
+    framed = 0
+    for _ in range(2 * w // (MIN_FRAME_SIZE - DATA_OVERHEAD)):  # more rounds than frames
+        if framed < w and a.reserve(sid, w) and (n := min(a.send_budget(sid), w - framed)):
+            a.send_data(sid, bytes(n), more=framed + n < w)
+            framed += n
+        got += deliver(a, b)
+    assert got == [w]
+
+
 def test_peer_overrunning_the_window() -> None:
     b = listener_after_hello()
     b.feed(encode_frame(Open(1, "p")))

@@ -30,6 +30,10 @@ class SwarmConfig:
     upload_slots: int | None = UPLOAD_SLOTS
     send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
     disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
+    # a complete copy is rehashed before it is distributed or counted as here, unless its
+    # unchanged data file verified less than this many seconds ago (pieces are verified
+    # again whenever they are sent; 0: rehash every time)
+    reverify_after: float = 24 * 3600.0
 
     def download_policy(self) -> DownloadPolicy:
         """The knobs of each download job (``blobmesh sim`` runs with the same ones)."""

@@ -400,16 +400,11 @@ class DistributionService:
         return handle
 
     async def _verify_source_copy(self, blob_id: BlobId) -> None:
-        """Rehash the blob before anyone is sent it; a corrupt copy is quarantined."""
-        lease = self._lease
-
-        def verify() -> None:
-            with self.store.get_reader(blob_id, lease, verify=True) as reader:
-                while reader.read(4 << 20):
-                    pass
-
+        """Check the blob before anyone is sent it (a full rehash unless it verified recently,
+        ``SwarmConfig.reverify_after``); a corrupt copy is quarantined."""
         try:
-            await asyncio.to_thread(verify)
+            await self.store.aio.verify(blob_id, self._lease,
+                                        max_age=self.swarm.config.reverify_after)
         except CorruptBlobError as exc:
             log.error("refusing to distribute %s: %s; quarantined", blob_id.short(), exc)
             with contextlib.suppress(StoreError):

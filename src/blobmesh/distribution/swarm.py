@@ -911,16 +911,12 @@ class DownloadJob:
             self.done.set()
 
     async def _check_local_copy(self) -> None:
-        """A copy that is already here counts only once it verifies; a rotten one goes."""
+        """A copy that is already here counts only once it verifies (or verified recently,
+        ``SwarmConfig.reverify_after``); a rotten one goes."""
         store = self.engine.store
-
-        def verify() -> None:
-            with store.get_reader(self.blob_id, self._lease, verify=True) as reader:
-                while reader.read(4 << 20):
-                    pass
-
         try:
-            await asyncio.to_thread(verify)
+            await store.aio.verify(self.blob_id, self._lease,
+                                   max_age=self.engine.config.reverify_after)
         except CorruptBlobError as exc:
             log.error("swarm %s: the local copy is corrupt (%s); quarantined, downloading it "
                       "again", self.blob_id.short(), exc)

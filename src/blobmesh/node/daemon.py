@@ -177,6 +177,7 @@ class Node:
             self._lock.release()
             raise
         self.state = NodeState.load(config.home)
+        self._remembered_from: list[tuple[NodeId, tuple[str, ...]]] | None = None
         self.started_at = time.time()
         self._endpoint: Endpoint | None = None
         self._space: Space | None = None
@@ -366,8 +367,15 @@ class Node:
 
     def _remember_peers(self) -> None:
         """Keep the tickets of live peers first, then the others remembered, bounded."""
+        peers = self.space.peers()
+        live = [(p.node_id, p.addresses) for p in peers]
+        if live == self._remembered_from:
+            return  # (most seconds: parsing and encoding every peer's ticket costs O(peers))
+        self._remembered_from = live
         fresh: dict[NodeId, Ticket] = {}
-        for p in self.space.peers():
+        for p in peers:
+            if len(fresh) >= MAX_REMEMBERED_PEERS:
+                break
             addrs: list[Address] = []
             for a in p.addresses:
                 with contextlib.suppress(InvalidIdError):

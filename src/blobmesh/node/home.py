@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blobmesh.errors import HomeInUseError, InvalidIdError
+from blobmesh.store.layout import write_file
 from blobmesh.transport import Ticket
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,14 @@ class NodeState:
             return cls()
 
     def save(self, home: Path) -> None:
-        """Write atomically (a crash leaves the old or the new state, never half of one)."""
+        """Write atomically (a crash leaves the old or the new state, never half of one),
+        readable by the owner only (0600, like every file of the home: it holds tickets)."""
         path = home / "node-state.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a leftover keeps its mode when opened again: start afresh
+        write_file(tmp, json.dumps({
             "version": STATE_VERSION, "listen_port": self.listen_port,
             "peers": [str(t) for t in self.peers[:MAX_REMEMBERED_PEERS]],
-            "pruned": self.pruned}, indent=1))
+            "pruned": self.pruned}, indent=1).encode())
         os.replace(tmp, path)

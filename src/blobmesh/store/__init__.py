@@ -21,6 +21,7 @@ delays only the store work queued behind it, never probes, gossip or progress.
     await aio.close_partial(partial)
     reader = await aio.piece_reader(layer, verify=True)
     data = await aio.io(reader.read, index); await aio.io(reader.close)
+    await aio.verify(blob, lease, max_age=s) -> bool  # rehash unless verified recently
     await aio.get_reader(blob, lease) / meta(fn, *args)  # anything else, metadata thread
 
 ``Store.add_many(sources, lease=None) -> list[BlobInfo]`` adds many blobs (each source is the

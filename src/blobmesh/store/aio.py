@@ -207,6 +207,11 @@ class AsyncStore:
         inputs does not hold up the metadata thread."""
         return await self._run(self._io, self.store.add_many, list(sources), lease)
 
+    async def verify(self, blob_id: BlobId, lease: LeaseId | None = None, *,
+                     max_age: float = 0.0) -> bool:
+        """``Store.verify`` on an I/O thread (a full rehash reads the whole blob)."""
+        return await self._run(self._io, self.store.verify, blob_id, lease, max_age=max_age)
+
     async def read_small(self, blobs: Sequence[tuple[BlobId, int]], *, verify: bool
                          ) -> list[bytes | CorruptBlobError]:
         """Whole contents of complete blobs of known sizes (from :meth:`complete_sizes`),

@@ -69,10 +69,21 @@ CREATE TRIGGER IF NOT EXISTS blobs_layer AFTER DELETE ON blobs BEGIN
     DELETE FROM layers WHERE id = old.id;
     DELETE FROM contents WHERE id = old.id;
 END;
+CREATE TABLE IF NOT EXISTS verified (
+    id BLOB PRIMARY KEY,
+    file TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS blobs_verified AFTER DELETE ON blobs BEGIN
+    DELETE FROM verified WHERE id = old.id;
+END;
 """
 """``layers`` holds the piece layers of blobs added from memory (``ingest.HELD_MAX``), which
 have no ``.pieces`` file; ``contents`` the data of those added *inline* (no data file either);
-every other blob's layer and data are files (``docs/store.md``)."""
+every other blob's layer and data are files (``docs/store.md``).  ``verified`` remembers the
+last full verification of a complete blob's data file: which file it was (see
+:func:`blobmesh.store.readers.verify_complete`) and when.  A store without it (an older
+format 2) gets it on open; older code ignores it."""
 
 _ROW = "SELECT id, size, piece_size, complete, have, created FROM blobs"
 
@@ -261,6 +272,23 @@ class MetaDB:
             db.execute("DELETE FROM leases WHERE blob=? AND consumer=? AND pid=?",
                        (blob_id.digest, lease.consumer, lease.pid))
 
+    def verified(self, blob_id: BlobId) -> tuple[str, float] | None:
+        """(file, when) of the blob's last recorded full verification, or None."""
+        rows = self.query("SELECT file, at FROM verified WHERE id=?", (blob_id.digest,))
+        return (str(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def set_verified(self, blob_id: BlobId, file: str, at: float) -> None:
+        """Record a full verification of the blob's data ``file`` (its ``file_key``) made at
+        ``at``."""
+        with self.write() as db:
+            if has_row(db, blob_id):  # not for a blob collected meanwhile
+                record_verified(db, [(blob_id, file)], at)
+
+    def forget_verified(self, blob_id: BlobId) -> None:
+        """The blob was found corrupt: its last verification no longer counts."""
+        with self.write() as db:
+            db.execute("DELETE FROM verified WHERE id=?", (blob_id.digest,))
+
     def merge_pieces(self, updates: Sequence[tuple[BlobId, Sequence[int]]]) -> list[Bitfield]:
         """Mark pieces present (their data is already durable), many blobs in one
         transaction; completes each blob that becomes full.  The present sets, in order."""
@@ -302,6 +330,13 @@ def inline_content(db: sqlite3.Connection, blob_id: BlobId) -> bytes | None:
     """The data of a blob kept inline (in ``contents``); None for any other."""
     row = db.execute("SELECT data FROM contents WHERE id=?", (blob_id.digest,)).fetchone()
     return None if row is None else bytes(row[0])
+
+
+def record_verified(db: sqlite3.Connection, files: Iterable[tuple[BlobId, str]], at: float
+                    ) -> None:
+    """Record that each blob's data file (a ``layout.file_key``) matched its id at ``at``."""
+    db.executemany("INSERT OR REPLACE INTO verified VALUES (?,?,?)",
+                   [(blob_id.digest, key, at) for blob_id, key in files])
 
 
 def has_row(db: sqlite3.Connection, blob_id: BlobId) -> bool:

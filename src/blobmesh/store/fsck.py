@@ -36,6 +36,7 @@ def run_fsck(db: MetaDB, layout: Layout, *, repair: bool,
         if problem is None or not db.query("SELECT 1 FROM blobs WHERE id=?", (digest,)):
             continue  # healthy, or collected by another process while we looked at it
         report.problems.append(FsckProblem(problem[0], str(data_path), blob_id, problem[1]))
+        db.forget_verified(blob_id)  # a verification remembered from before no longer counts
         if repair:
             quarantine(db, layout, blob_id, [data_path, pieces_path])
     for sub in sorted(layout.blobs.iterdir()):

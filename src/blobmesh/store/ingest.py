@@ -35,13 +35,22 @@ from typing import Any, BinaryIO
 
 from blobmesh.errors import SourceError, StoreError
 from blobmesh.hashing import BlobId, PieceLayer, TreeHasher, hash_stream, piece_count
-from blobmesh.store.db import MetaDB, Undo, add_lease, has_row, id_batches, inline_content
+from blobmesh.store.db import (
+    MetaDB,
+    Undo,
+    add_lease,
+    has_row,
+    id_batches,
+    inline_content,
+    record_verified,
+)
 from blobmesh.store.layout import (
     DIR_MODE,
     FULL_ERRNOS,
     Bytes,
     Layout,
     create_file,
+    file_key,
     write_file,
 )
 from blobmesh.store.leases import LeaseId
@@ -236,6 +245,10 @@ class Batch:
                 self._journal = write_journal(self.layout,
                                               [_layer(i).blob_id for i, _ in files], undo)
             durable = self._place(files, undo)
+            # hashed as they were written: verified, for as long as the files stay as placed
+            ids = [_layer(item).blob_id for item, _ in files]
+            record_verified(conn, [(b, file_key(os.stat(self.layout.data_path(b))))
+                                   for b in ids], now)
             placed = [(_layer(item), partial_size) for item, partial_size in todo]
             conn.executemany("INSERT INTO blobs VALUES (?,?,?,1,?,?,?)", [
                 (layer.blob_id.digest, layer.size, layer.piece_size,

@@ -103,6 +103,13 @@ def blob_id_from_name(name: str) -> BlobId | None:
         return None
 
 
+def file_key(st: os.stat_result) -> str:
+    """What tells one version of a data file from another: device, inode, size,
+    modification and change time (ns).  Writing to the file or replacing it changes it, and
+    the change time cannot be set back."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
 def create_file(path: Path) -> int:
     """A new file (``O_EXCL``) open for writing, readable by the owner only."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)

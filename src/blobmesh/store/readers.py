@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sqlite3
+import time
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ from blobmesh.errors import BlobIncompleteError, CorruptBlobError, VerificationE
 from blobmesh.hashing import BlobId, PieceLayer, hash_bytes, hash_piece, piece_count
 from blobmesh.store.db import MetaDB, add_lease, inline_content, require_complete
 from blobmesh.store.ingest import CHUNK
-from blobmesh.store.layout import Layout
+from blobmesh.store.layout import Layout, file_key
 from blobmesh.store.leases import LeaseId
 from blobmesh.types import Bitfield
 
@@ -111,6 +112,35 @@ def read_whole(db: MetaDB, layout: Layout, blob_id: BlobId, size: int, *, verify
     return data
 
 
+def verify_complete(db: MetaDB, layout: Layout, blob_id: BlobId, lease: LeaseId | None, *,
+                    max_age: float) -> bool:
+    """Check that a complete blob still matches its id; CorruptBlobError if it does not.
+
+    The full rehash is skipped when the last one recorded in the store is younger than
+    ``max_age`` seconds and was of the same data file: same device, inode, size, modification
+    and change time (writing to the file or replacing it changes them, and the change time
+    cannot be set back).  Rot that leaves all of them alone is caught by the next full check
+    and by every verified read of a piece (senders verify what they send).  Data kept inline
+    is always rehashed (it is small).  ``lease`` is recorded as by :func:`open_reader`.  True
+    when it rehashed.
+    """
+    with open_reader(db, layout, blob_id, lease, verify=True) as reader:
+        key = reader.file_key()
+        last = db.verified(blob_id)
+        if key is not None and last is not None and last[0] == key and \
+                0 <= time.time() - last[1] < max_age:
+            return False
+        started = time.time()
+        try:
+            reader.verify_all()
+        except CorruptBlobError:
+            db.forget_verified(blob_id)
+            raise
+        if key is not None and reader.file_key() == key:  # not changed while we read it
+            db.set_verified(blob_id, key, started)
+    return True
+
+
 class BlobReader(io.RawIOBase):
     """A seekable, read-only binary file over one complete blob.
 
@@ -186,6 +216,17 @@ class BlobReader(io.RawIOBase):
         while chunk := self.read(CHUNK):
             out += chunk
         return bytes(out)
+
+    def file_key(self) -> str | None:
+        """The ``layout.file_key`` of the data file read; None for data kept inline."""
+        if self._fd < 0:
+            return None
+        return file_key(os.fstat(self._fd))
+
+    def verify_all(self) -> None:
+        """Check every piece not checked yet (each read once); needs verification on."""
+        if self.size:
+            self._verify_span(0, self.size)
 
     def _verify_span(self, start: int, length: int) -> None:
         layer = self._layer

@@ -172,6 +172,15 @@ class Store:
         """
         return readers.open_reader(self.db, self.layout, blob_id, lease, verify=verify)
 
+    def verify(self, blob_id: BlobId, lease: LeaseId | None = None, *, max_age: float = 0.0
+               ) -> bool:
+        """Check that a complete blob still matches its id (CorruptBlobError if not; nothing
+        is quarantined here), skipping the full rehash when one of the same, unchanged data
+        file was recorded less than ``max_age`` seconds ago
+        (:func:`~blobmesh.store.readers.verify_complete`); ``lease`` is recorded as by
+        :meth:`get_reader`.  True when it rehashed."""
+        return readers.verify_complete(self.db, self.layout, blob_id, lease, max_age=max_age)
+
     def advise_lease_dropped(self, lease: LeaseId, blob_id: BlobId) -> None:
         self.db.drop_lease(lease, blob_id)
 

@@ -46,7 +46,7 @@ class TransportConfig:
     keepalive_timeout: float = 45.0
     idle_timeout: float = 120.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    stream_window: int = 8 * 1024 * 1024
+    stream_window: int = 10 * 1024 * 1024
     max_message_size: int = 8 * 1024 * 1024
     max_streams: int = 1024
     #: bytes queued for a connection's I/O thread before senders wait

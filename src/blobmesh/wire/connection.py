@@ -76,7 +76,7 @@ class Settings:
     """The limits a side enforces on what it receives (announced in its Hello)."""
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    stream_window: int = 8 * 1024 * 1024
+    stream_window: int = 10 * 1024 * 1024
     max_message_size: int = 8 * 1024 * 1024
     max_streams: int = 1024
     connection_window: int = DEFAULT_CONNECTION_WINDOW
@@ -526,7 +526,7 @@ class Connection:
         if s is None or not s.recv_open:
             return
         s.unreleased += n
-        if s.unreleased >= max(1, self.local.stream_window // 4):
+        if s.unreleased >= _batch(self.local.stream_window, self.local.max_message_size):
             s.recv_credit += s.unreleased
             self._control.append(encode_frame(Credit(stream_id, s.unreleased)))
             s.unreleased = 0
@@ -631,7 +631,8 @@ class Connection:
 
     def _release(self, n: int) -> None:
         self._unreleased += n
-        if self._unreleased >= max(1, self.local.connection_window // 4):
+        if self._unreleased >= _batch(self.local.connection_window,
+                                      self.local.max_message_size):
             self._recv_window += self._unreleased
             self._control.append(encode_frame(ConnectionCredit(self._unreleased)))
             self._unreleased = 0
@@ -650,3 +651,9 @@ class Connection:
             self._release(s.partial)  # the half-received message is dropped
             s.parts.clear()
 
+
+def _batch(window: int, max_message: int) -> int:
+    """Consumed bytes returned as credit at once: a quarter of the window, but never so many
+    that what is held back (at most one byte less) leaves less than a whole message of window,
+    or a message as large as the window, sent after smaller ones, would wait for ever."""
+    return max(1, min(window // 4, window - max_message + 1))
