@@ -11,6 +11,7 @@ import pytest
 
 from blobmesh.distribution.peerwire import REJECT_BUSY, REJECT_ELSEWHERE
 from blobmesh.distribution.scheduler import (
+    CLAIM_PENDING,
     Announce,
     Ban,
     Cancel,
@@ -408,6 +409,23 @@ def test_a_claimant_that_acknowledges_nothing_for_claim_ttl_holds_no_claim() -> 
     assert u.wanted("a", 0, 1, now=1.0) is None
     assert u.wanted("b", 0, 1, now=2.0) == Refuse("b", 0, "held by other peers")
     assert u.wanted("b", 0, 1, now=2.5) is None  # a acknowledged nothing since 0.0
+
+
+def test_a_claimant_asking_for_everything_holds_no_claim() -> None:
+    """A peer asking a seed for more pieces than any download pipelines (a non-reader asks
+    for every piece) keeps no claim: the others are served at once, not after CLAIM_TTL."""
+    n = 4 * CLAIM_PENDING
+    u = UploadScheduler[str, str, int](claim_ttl=2.0)
+    u.open("greedy", "blob", 1, Bitfield(n), 0.0)
+    u.open("fair", "blob", 2, Bitfield(n), 0.0)
+    for i in range(CLAIM_PENDING):
+        assert u.wanted("greedy", i, 1, now=0.1) is None
+    # up to a pipeline's worth it holds its claims ...
+    assert u.wanted("fair", 0, 1, now=0.2) == Refuse("fair", 0, "held by other peers")
+    for i in range(CLAIM_PENDING, n):
+        assert u.wanted("greedy", i, 1, now=0.3) is None
+    # ... asking for everything, none
+    assert [u.wanted("fair", i, 1, now=0.4) for i in (1, CLAIM_PENDING, n - 1)] == [None] * 3
 
 
 @pytest.mark.parametrize("module", ["blobmesh.distribution.scheduler", "blobmesh.sim"])

@@ -40,6 +40,9 @@ OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides 
 UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
 BUSY_QUEUE = 1  # requests a downloading node lets wait for its upload (see UploadScheduler)
 CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
+# requests a claimant may have waiting at a seed and keep its claims: a download asks one peer
+# for at most its pipeline (16 by default) at a time, so more is a peer asking for everything
+CLAIM_PENDING = 32
 UNACKED_BYTES = 4 << 20  # pieces in flight to one peer before its ``have`` s must catch up
 SOURCE_FANOUT = 32  # targets of a scope expected to dial its source first (dials_source_first)
 
@@ -747,10 +750,11 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     A downloading peer acknowledges each piece with its ``have`` (or withdraws it with
     ``cancel``): :meth:`acked`.  At most ``max_unacked`` pieces (per connection, given at
     :meth:`open`) go unacknowledged; a piece sent and not yet acknowledged counts as held by
-    its receiver; a claimant that acknowledged nothing for ``claim_ttl`` holds no claim (a
-    peer that does not read, having asked for every piece, would have the seed refuse
-    everybody else); and one that leaves a piece unacknowledged for ``send_timeout`` does
-    not read: :meth:`handle_timer` closes it.
+    its receiver; a claimant that acknowledged nothing for ``claim_ttl``, or has more than
+    ``CLAIM_PENDING`` requests waiting here, holds no claim (a peer that does not read,
+    having asked for every piece, would have the seed refuse everybody else); and one that
+    leaves a piece unacknowledged for ``send_timeout`` does not read: :meth:`handle_timer`
+    closes it.
 
     At most ``slots`` pieces are on their way over all connections together (upload slots,
     as BitTorrent's unchoke limit): a node whose link is shared by 64 connections would
@@ -821,7 +825,8 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
         if not link.downloading:
             owner = served.claimed.get(index)
             claimant = self._links.get(owner) if owner is not None else None
-            if claimant is None or owner == conn or now - claimant.last_ack > self.claim_ttl:
+            if claimant is None or owner == conn or now - claimant.last_ack > self.claim_ttl \
+                    or len(claimant.pending) > CLAIM_PENDING:
                 served.claimed[index] = conn
             elif self._may_redirect(served, link, index):
                 return Refuse(conn, index, REJECT_ELSEWHERE)
@@ -962,6 +967,7 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
 
 
 __all__ = [
+    "CLAIM_PENDING",
     "CLAIM_TTL",
     "LAYER",
     "SOURCE_FANOUT",
