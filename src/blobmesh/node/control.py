@@ -74,6 +74,14 @@ def _error(status: int, exc: BaseException) -> web.Response:
     return web.json_response({"error": str(exc), "type": type(exc).__name__}, status=status)
 
 
+def _flag(request: web.Request, name: str) -> bool:
+    """A ``true``/``false`` query parameter (absent: false)."""
+    value = request.query.get(name, "false")
+    if value not in ("true", "false"):
+        raise BadRequestError(f"{name} must be true or false, not {value!r}")
+    return value == "true"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     from blobmesh.distribution.model import ScopeError
@@ -188,13 +196,8 @@ class ControlServer:
         return web.json_response(status_to_json(status), status=201)
 
     async def list_distributions(self, request: web.Request) -> web.Response:
-        flags = {}
-        for name in ("active", "pruned"):
-            flags[name] = request.query.get(name, "false")
-            if flags[name] not in ("true", "false"):
-                raise BadRequestError(f"{name} must be true or false, not {flags[name]!r}")
         return web.json_response([status_to_json(s) for s in self.node.distributions(
-            active_only=flags["active"] == "true", with_pruned=flags["pruned"] == "true")])
+            active_only=_flag(request, "active"), with_pruned=_flag(request, "pruned"))])
 
     async def prune_distributions(self, request: web.Request) -> web.Response:
         return web.json_response({"pruned": self.node.prune_distributions()})
