@@ -436,3 +436,34 @@ def test_importing_a_core_imports_no_io(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def _adaptive_sends(gaps: list[float]) -> UploadScheduler[str, str, str]:
+    up = UploadScheduler[str, str, str](slots=2, max_slots=4)
+    up.open("c", "blob", "peer", Bitfield(64), 0.0, max_unacked=None)
+    now = 0.0
+    for i, gap in enumerate(gaps):
+        now += gap
+        up.wanted("c", i, 1, now)
+        assert isinstance(up.next(), Serve)
+        up.sent("c", i, now)
+    return up
+
+
+def test_upload_slots_open_while_the_node_sends_below_its_peak_and_close_at_it() -> None:
+    up = _adaptive_sends([0.01] * 12)  # at its peak: no more than the base slots
+    assert up.slots == 2
+    up = _adaptive_sends([0.01] * 12 + [0.05] * 8)  # held down: slots open, up to max
+    assert up.slots == 4
+    up = _adaptive_sends([0.01] * 12 + [0.05] * 8 + [0.005] * 30)  # back at the peak
+    assert up.slots == 2
+
+
+def test_fixed_upload_slots_do_not_adapt() -> None:
+    up = UploadScheduler[str, str, str](slots=2)
+    up.open("c", "blob", "peer", Bitfield(64), 0.0, max_unacked=None)
+    for i, now in enumerate([0.01 * k for k in range(12)] + [1.0 + k for k in range(8)]):
+        up.wanted("c", i, 1, now)
+        assert isinstance(up.next(), Serve)
+        up.sent("c", i, now)
+    assert up.slots == 2

@@ -65,6 +65,9 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--upload-slots", type=int, default=None, metavar="N",
                    help="pieces a node sends at once over all connections (0: no limit; "
                         "default: a node's)")
+    p.add_argument("--max-upload-slots", type=_count, default=None, metavar="N",
+                   help="adaptive upload slots: open more, up to N, while a node sends below "
+                        "its peak rate (default: fixed, as a node's)")
     p.add_argument("--cpu-s-per-gib", type=_amount, default=None, metavar="S",
                    help="all nodes share one machine's CPU: S CPU-seconds per GiB delivered "
                         "(measured, e.g. bench_swarm's node CPU over targets x size; "
@@ -90,7 +93,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                   rate_mbit=args.rate_mbit, slow_rate_mbit=args.slow_mbit,
                   latency_ms=args.latency_ms, crash_fraction=args.crash,
                   starved_fraction=args.starved, liar_fraction=args.liars,
-                  upload_slots=slots, policy=policy, cpu_s_per_gib=args.cpu_s_per_gib or 0.0,
+                  upload_slots=slots, max_upload_slots=args.max_upload_slots,
+                  policy=policy, cpu_s_per_gib=args.cpu_s_per_gib or 0.0,
                   cores=args.cores)
     with Progress(TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("targets done, t={task.fields[now]:.1f}s virtual"),

@@ -38,6 +38,11 @@ LAYER = -1  # the piece layer's slot in the request ledger
 MAX_REDIRECTS = 3
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
 UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
+# ... at most, while the node sends below its peak rate (``blobmesh sim --max-upload-slots``;
+# real nodes keep UPLOAD_SLOTS until the lab has measured it: see docs/sim.md)
+MAX_UPLOAD_SLOTS = 8
+SATURATED = 0.95  # a send rate at least this part of the peak is the link's
+RATE_SAMPLES = 8  # sends the send rate averages over (an EWMA of the gaps between them)
 BUSY_QUEUE = 1  # requests a downloading node lets wait for its upload (see UploadScheduler)
 CLAIM_TTL = 2.0  # seconds a seed's claimant may go without acknowledging a piece
 # requests a claimant may have waiting at a seed and keep its claims: a download asks one peer
@@ -761,6 +766,13 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     otherwise need 64 piece times before any piece it sends is complete anywhere, and a
     swarm relays only complete pieces.
 
+    The slots adapt to the node's send rate (as libtorrent's automatic upload slots): each
+    piece sent updates an average of the gaps between sends (over about ``RATE_SAMPLES``);
+    while it is longer than the shortest seen over ``saturated`` (the node sends below
+    ``saturated`` of its peak rate: its pieces are held down by receivers whose downlinks
+    are shared by more flows, or it had nothing to send) one more slot opens, up to
+    ``max_slots``; once it sends at its peak again, one closes, down to ``slots``.
+
     A node that downloads the blob itself refuses (``busy``) a request of a peer it
     downloads from too while its slots are taken and ``busy_queue`` requests already wait
     for them: in a swarm
@@ -771,10 +783,19 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     def __init__(self, outbox: int = OUTBOX_PIECES, max_redirects: int = MAX_REDIRECTS,
                  slots: int | None = UPLOAD_SLOTS, claim_ttl: float = CLAIM_TTL,
                  send_timeout: float | None = None,
-                 busy_queue: int | None = BUSY_QUEUE) -> None:
+                 busy_queue: int | None = BUSY_QUEUE,
+                 max_slots: int | None = None,
+                 saturated: float = SATURATED) -> None:
         self.outbox = outbox
         self.max_redirects = max_redirects
-        self.slots = slots
+        self.min_slots = slots
+        self.max_slots = slots if slots is None or max_slots is None else max(slots, max_slots)
+        self.slots = slots  # open now, between the two
+        self.saturated = saturated
+        self._last_sent: float | None = None
+        self._gap: float | None = None  # the average gap between sends (seconds)
+        self._best_gap = float("inf")  # ... the shortest it was after RATE_SAMPLES sends
+        self._sends = 0
         self.claim_ttl = claim_ttl
         self.send_timeout = send_timeout
         self.busy_queue = busy_queue
@@ -906,11 +927,31 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
             return
         link.queued -= 1
         self.in_flight -= 1
+        self._rate(now)
         if index not in link.have:
             link.unacked[index] = now
         served = self._blobs[link.blob]
         served.sent[index] = served.sent.get(index, 0) + 1
         self._unpark(link)
+
+    def _rate(self, now: float) -> None:
+        """A piece was sent: update the send rate, open or close a slot."""
+        last, self._last_sent = self._last_sent, now
+        if last is None or self.slots is None or self.max_slots == self.min_slots:
+            return
+        gap = now - last
+        avg = gap if self._gap is None else self._gap + (gap - self._gap) / RATE_SAMPLES
+        self._gap = avg
+        self._sends += 1
+        if self._sends < RATE_SAMPLES:
+            return
+        if avg < self._best_gap:
+            self._best_gap = avg
+        assert self.min_slots is not None and self.max_slots is not None
+        if avg * self.saturated > self._best_gap:
+            self.slots = min(self.max_slots, self.slots + 1)
+        else:
+            self.slots = max(self.min_slots, self.slots - 1)
 
     def get_timer(self) -> float | None:
         """When a connection with unacknowledged pieces reaches ``send_timeout`` without
@@ -970,6 +1011,7 @@ __all__ = [
     "CLAIM_PENDING",
     "CLAIM_TTL",
     "LAYER",
+    "MAX_UPLOAD_SLOTS",
     "SOURCE_FANOUT",
     "UNACKED_BYTES",
     "UPLOAD_SLOTS",

@@ -49,6 +49,7 @@ class Scenario:
     liar_fraction: float = 0.0  # of the targets, serving corrupt pieces
     max_connections: int = NODE.max_connections
     upload_slots: int | None = NODE.upload_slots  # None: every connection sends at once
+    max_upload_slots: int | None = None  # adaptive slots up to this many (None: fixed)
     policy: DownloadPolicy = field(default_factory=NODE.download_policy)
     max_time: float = 3600.0
     # all nodes on one machine of ``cores``, each GiB delivered costing ``cpu_s_per_gib``
@@ -161,7 +162,7 @@ def run(sc: Scenario, progress: Callable[[float, int, int], None] | None = None,
     sim = Simulator(sc.seed)
     pieces = max(1, -(-sc.size // sc.piece_size))
     wide = Swarmwide(pieces, sc.piece_size, sc.size, sc.policy, sc.max_connections,
-                     sc.upload_slots)
+                     sc.upload_slots, sc.max_upload_slots)
     specs = _specs(sc, sim)
     world = World(sim, wide, specs, same_order_for_all(sc.nodes, sim))
     if sc.cpu_s_per_gib > 0:

@@ -68,6 +68,7 @@ class Swarmwide:
     policy: DownloadPolicy
     max_connections: int = 64
     upload_slots: int | None = UPLOAD_SLOTS  # see UploadScheduler
+    max_upload_slots: int | None = None  # ... adapting up to this many (None: fixed)
     # the service's progress notes to the source (see ``NoteSchedule``)
     progress_interval: float = PROGRESS_INTERVAL
     source_notes_per_s: float = SOURCE_NOTES_PER_S
@@ -150,7 +151,8 @@ class SimNode:
         self.has_layer = seed
         self.complete = seed
         self.sched: DownloadScheduler[End, int] | None = None
-        self.upload = UploadScheduler[End, int, int](slots=world.wide.upload_slots)
+        self.upload = UploadScheduler[End, int, int](
+            slots=world.wide.upload_slots, max_slots=world.wide.max_upload_slots)
         self.ends: dict[End, None] = {}
         self.banned: set[int] = set()
         self.traffic = Traffic()
@@ -189,7 +191,8 @@ class SimNode:
         for end in list(self.ends):
             self.world.close(end, "peer crashed", notify_after=self.world.detect_crash)
         self.sched = None
-        self.upload = UploadScheduler[End, int, int](slots=self.world.wide.upload_slots)
+        self.upload = UploadScheduler[End, int, int](
+            slots=self.world.wide.upload_slots, max_slots=self.world.wide.max_upload_slots)
         self.have = self.flushed.copy()
         if self._timer is not None:
             self._timer.cancel()
