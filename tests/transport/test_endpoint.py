@@ -30,6 +30,23 @@ async def pair(endpoints: EndpointFactory, config: TransportConfig = FAST,
     return a, b
 
 
+async def late_reader(endpoints: EndpointFactory, window: int
+                      ) -> tuple[Stream, asyncio.Event, list[bytes]]:
+    """A stream from a to b (``window``-byte stream windows) whose reader starts only once
+    the returned event is set; what it then reads goes into the returned list."""
+    cfg = dataclasses.replace(FAST, stream_window=window, max_message_size=window)
+    hold = asyncio.Event()
+    got: list[bytes] = []
+
+    async def reads_later(stream: Stream) -> None:
+        await hold.wait()
+        got.extend(await recv_all(stream))
+
+    a, b = await pair(endpoints, cfg)
+    b.set_handler("later", reads_later)
+    return await a.open_stream(b.node_id, "later"), hold, got
+
+
 async def test_echo_close_and_reuse(endpoints: EndpointFactory) -> None:
     a, b = await pair(endpoints)
     net: Network = a  # the protocol services code against
@@ -94,8 +111,6 @@ async def test_a_one_frame_message_waits_for_credit_instead_of_splitting(
         endpoints: EndpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # before: the third message was sent as the 56 KiB the stream window had left, then the
     # rest, and the receiver joined the two (a copy of the whole message)
-    window = 256 * 1024
-    cfg = dataclasses.replace(FAST, stream_window=window, max_message_size=window)
     frames: list[tuple[int, bool]] = []
     send_data = PeerConnection.send_data
 
@@ -105,16 +120,7 @@ async def test_a_one_frame_message_waits_for_credit_instead_of_splitting(
         send_data(self, stream_id, data, more=more, head=head)
 
     monkeypatch.setattr(PeerConnection, "send_data", spy)
-    hold = asyncio.Event()
-    got: list[bytes] = []
-
-    async def reads_later(stream: Stream) -> None:
-        await hold.wait()
-        got.extend(await recv_all(stream))
-
-    a, b = await pair(endpoints, cfg)
-    b.set_handler("later", reads_later)
-    s = await a.open_stream(b.node_id, "later")
+    s, hold, got = await late_reader(endpoints, 256 * 1024)
     msg = bytes(100 * 1024)
     sending = asyncio.create_task(s.send(msg))
     await asyncio.wait_for(sending, 5)
@@ -149,17 +155,7 @@ async def test_flush_returns_once_what_came_before_is_written(
 async def test_try_send_sends_small_messages_at_once_in_order(
         endpoints: EndpointFactory) -> None:
     window = 256 * 1024
-    cfg = dataclasses.replace(FAST, stream_window=window, max_message_size=window)
-    hold = asyncio.Event()
-    got: list[bytes] = []
-
-    async def reads_later(stream: Stream) -> None:
-        await hold.wait()
-        got.extend(await recv_all(stream))
-
-    a, b = await pair(endpoints, cfg)
-    b.set_handler("later", reads_later)
-    s = await a.open_stream(b.node_id, "later")
+    s, hold, got = await late_reader(endpoints, window)
     assert s.try_send(b"first")  # nothing in its way: queued without awaiting
     big = bytes(window // 2)
 
