@@ -467,3 +467,13 @@ def test_fixed_upload_slots_do_not_adapt() -> None:
         assert isinstance(up.next(), Serve)
         up.sent("c", i, now)
     assert up.slots == 2
+
+
+@pytest.mark.parametrize(("peers", "asked"), [([1, 0], 6), ([1, 0, 2], 2)])
+def test_a_seed_gets_the_full_pipeline_only_when_nobody_else_could_relay(
+        peers: list[int], asked: int) -> None:
+    # candidates: the source first, then the scope (this node, 0, among them)
+    j = job(pieces=16, peers=peers, pipeline=6, seed_pipeline=2)
+    j.handle_timer(0.0)  # draws the dial plan
+    j.attach("s", 1, bf(16), True, True, 0.0)  # the source, a seed
+    assert len(requests(j.start(Bitfield(16), 0.0), "s")) == asked

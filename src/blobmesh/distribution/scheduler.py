@@ -192,7 +192,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._rng = rng or random.Random()
         self._plan = DialPlan[Peer](candidates, self.policy.peer_retry,
                                     4 * self.policy.max_peers, self.policy.source_fanout,
-                                    self._rng)
+                                    self._rng, me)
         self._conns: dict[Peer, Conn] = {}  # the one connection kept per peer
         self._peer_of: dict[Conn, Peer] = {}
         self._haves: dict[Conn, Bitfield] = {}  # the peer's bitfield, kept current by its session
@@ -539,9 +539,16 @@ class DownloadScheduler(Generic[Conn, Peer]):
                 seeds.append(conn)
             elif n := room(conn, p.pipeline):
                 self._fill_conn(conn, n, now)
+        to_seed = self._seed_pipeline()
         for conn in seeds:
-            if n := room(conn, p.seed_pipeline):
+            if n := room(conn, to_seed):
                 self._fill_conn(conn, n, now)
+
+    def _seed_pipeline(self) -> int:
+        """Requests in flight to a seed: few, so that other peers relay, unless the source is
+        the only peer there is (one target: its pipeline is all that keeps the link full)."""
+        p = self.policy
+        return p.pipeline if self._plan.source_only else p.seed_pipeline
 
     def _fill_conn(self, conn: Conn, room: int | None, now: float) -> None:
         """Request up to ``room`` pieces on ``conn`` (None: what its pipeline has room for)."""
@@ -549,9 +556,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
         if room is None:
             # A seed's queue is shared by every downloader: a request waiting there pins its
             # piece to the seed while other peers could relay it by now.
-            p = self.policy
-            room = self._ledger.room(
-                conn, p.seed_pipeline if self._haves[conn].is_complete() else p.pipeline)
+            room = self._ledger.room(conn, self._seed_pipeline() if self._haves[conn].is_complete()
+                                     else self.policy.pipeline)
             if not room:  # (the common case: a have arrived on a full pipeline)
                 return
         if conn in self._probing:
@@ -644,8 +650,9 @@ class DialPlan(Generic[Peer]):
     (so the work does not grow with the size of the scope)."""
 
     def __init__(self, candidates: Callable[[], Sequence[Peer]], refresh: float, sample: int,
-                 fanout: int, rng: random.Random) -> None:
+                 fanout: int, rng: random.Random, me: Peer | None = None) -> None:
         self._candidates = candidates
+        self._me = me
         self._refresh = refresh
         self._sample = sample
         self._fanout = fanout
@@ -654,6 +661,8 @@ class DialPlan(Generic[Peer]):
         self._at = 0.0
         self._source_first: bool | None = None
         self.source: Peer | None = None  # ``candidates()[0]`` at the last draw
+        # ... and nobody else was a candidate: no peer could relay what the source sends
+        self.source_only = False
 
     @property
     def source_first(self) -> bool:
@@ -668,6 +677,7 @@ class DialPlan(Generic[Peer]):
                 self._source_first = dials_source_first(len(cands) - 1, self._fanout,
                                                         self._rng)
             self.source = order[0] if order else None
+            self.source_only = bool(cands) and all(c == self._me for c in cands[1:])
             self._order = order if self._source_first else [*order[1:], *order[:1]]
             self._at = now
         return self._order
