@@ -199,6 +199,7 @@ complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l liars
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l pipeline
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l seed-pipeline
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l upload-slots
+complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l max-upload-slots
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l cpu-s-per-gib
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l cores
 complete -c blobmesh -n '__fish_seen_subcommand_from sim' -l out

@@ -40,7 +40,7 @@ _blobmesh_words() {
         "push") words="-h --help --to --json --window --home" ;;
         "serve") words="-h --help --listen --accept-push --window --home" ;;
         "share") words="-h --help --dir --resource --home" ;;
-        "sim") words="-h --help --json --nodes --membership --duration --joins --size-mib --piece-kib --seed --links --rate-mbit --slow-mbit --latency-ms --crash --starved --liars --pipeline --seed-pipeline --upload-slots --cpu-s-per-gib --cores --out --home" ;;
+        "sim") words="-h --help --json --nodes --membership --duration --joins --size-mib --piece-kib --seed --links --rate-mbit --slow-mbit --latency-ms --crash --starved --liars --pipeline --seed-pipeline --upload-slots --max-upload-slots --cpu-s-per-gib --cores --out --home" ;;
         "status") words="-h --help --json -f --follow --home" ;;
         "ticket") words="-h --help --addr --id --home" ;;
         "top") words="-h --help --interval --home" ;;
