@@ -53,8 +53,8 @@ def test_request_piece_roundtrip() -> None:
     got = a.receive(piece(b, 1, b"x" * 10))
     assert got == PieceArrived(1, b"x" * 10)
     assert a.outstanding == set()
-    assert b.receive(a.have(3)) == PeerHas(3)
-    assert 3 in b.peer_have
+    assert b.receive(a.haves([3, 1])) == PeerHas([3, 1])
+    assert 3 in b.peer_have and 1 in b.peer_have
 
 
 def test_unsolicited_piece_and_layer_rejected() -> None:
@@ -79,7 +79,7 @@ def test_out_of_range_and_oversized() -> None:
 def test_hello_must_come_first_and_match() -> None:
     s = SwarmSession(BLOB, SIZE, PIECE)
     with pytest.raises(ProtocolError, match="before hello"):
-        s.receive(msgspec.msgpack.encode(["have", 0]))
+        s.receive(msgspec.msgpack.encode(["haves", [0]]))
     other = SwarmSession(BlobId(b"\x02" * 32), SIZE, PIECE)
     with pytest.raises(ProtocolError, match="another blob"):
         s.receive(other.hello(Bitfield(4), False, 0))

@@ -140,7 +140,8 @@ def test_a_piece_from_one_peer_cancels_its_end_game_twin_and_is_announced() -> N
     assert len(requests(out)) == 2  # one piece left: end game asks both
     assert j.piece_arrived("a", 0, 0.5)
     out = j.piece_written("a", 0, True, 0.5)
-    assert Cancel("b", 0) in out and Announce(0) in out and out[-1] == Complete()
+    assert Cancel("b", 0) in out and out[-1] == Complete()
+    assert Announce("a", None) in out and Announce("b", None) in out  # have-all to both
     assert j.done and j.get_timer() is None
 
 
@@ -202,7 +203,7 @@ def test_flushes_every_interval_and_pause_withdraws_what_is_in_flight() -> None:
     assert j.get_timer() == 1.0 and Flush() in j.handle_timer(1.0)
     cancels = j.pause(1.5)
     assert sorted(c.index for c in cancels if isinstance(c, Cancel)) == sorted(requests(out))
-    assert j.outstanding("a") == 0 and requests(j.peer_has("a", 0, 2.0)) == []
+    assert j.outstanding("a") == 0 and requests(j.peer_has("a", [0], 2.0)) == []
     assert len(requests(j.resume(3.0))) == len(requests(out))  # the seed's pipeline again
 
 
@@ -344,7 +345,7 @@ def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> 
 def test_a_peer_without_the_layer_at_hello_is_asked_once_it_announces_a_piece() -> None:
     j = job(pieces=4, peers=[])
     assert j.attach("a", 1, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
-    assert j.peer_has("a", 2, 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
+    assert j.peer_has("a", [2], 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
     assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == \
         [RequestLayer("b")]  # (up to layer_asks peers are asked at once)
 
