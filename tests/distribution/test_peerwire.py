@@ -106,3 +106,25 @@ def test_a_piece_crossing_a_cancel_is_late_not_a_violation() -> None:
         a.receive(piece(b, 1, b"x"))  # but only once
     with pytest.raises(ProtocolError, match="unsolicited piece 3"):
         a.receive(piece(b, 3, b"x"))  # never asked for
+
+
+def test_haves_and_have_all_pass_on_only_pieces_not_known_yet() -> None:
+    a, b = pair()  # b knows a holds 0 and 2
+    assert b.receive(a.haves([2])) is None  # nothing new
+    assert b.receive(a.haves([2, 3])) == PeerHas([3])
+    assert b.receive(a.have_all()) == PeerHas([1]) and b.peer_complete
+    assert b.receive(a.have_all()) is None
+    with pytest.raises(ProtocolError, match="haves names 0 pieces"):
+        b.receive(msgspec.msgpack.encode(["haves", []]))
+    with pytest.raises(ProtocolError, match="out of range"):
+        b.receive(msgspec.msgpack.encode(["haves", [1, 4]]))
+
+
+def test_a_hello_of_version_1_is_refused_by_name() -> None:
+    s = SwarmSession(BLOB, SIZE, PIECE)
+    old = msgspec.msgpack.encode(["hello", 1, BLOB.digest, SIZE, PIECE, b"\0", False, 1])
+    with pytest.raises(ProtocolError, match="version 1 of blobmesh-swarm/1, this node "
+                                            "version 2"):
+        s.receive(old)
+    with pytest.raises(ProtocolError):  # version 1's have is no message any more
+        pair()[1].receive(msgspec.msgpack.encode(["have", 0]))

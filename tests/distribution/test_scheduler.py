@@ -437,3 +437,51 @@ def test_importing_a_core_imports_no_io(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def announced(actions: Sequence[object]) -> dict[object, list[int] | None]:
+    return {a.conn: a.indices for a in actions if isinstance(a, Announce)}
+
+
+def test_a_piece_is_announced_to_peers_that_lack_it_and_to_those_asked_for_it() -> None:
+    """A seed takes our haves as the acknowledgement of what it sent (UploadScheduler.acked):
+    the peer a piece came from, and every peer it was asked of, hear of it though they hold
+    it; peers known to hold it and never asked do not."""
+    j = job(pieces=4, peers=[], pipeline=1, seed_pipeline=1)
+    j.attach("s", 1, bf(4), False, True, 0.0)  # a seed
+    j.attach("h", 2, bf(4, [0, 1]), False, True, 0.0)  # holds 0 and 1
+    j.attach("e", 3, bf(4, []), False, True, 0.0)  # holds nothing
+    out = j.start(Bitfield(4), 0.0)
+    asked = {a.conn: a.index for a in out if isinstance(a, Request)}
+    assert set(asked) == {"s", "h"}
+    index = asked["h"]
+    assert j.piece_arrived("h", index, 0.1)
+    assert announced(j.piece_written("h", index, True, 0.1)) == {"h": [index], "e": [index]}
+    other = asked["s"]
+    assert j.piece_arrived("s", other, 0.2)
+    got = announced(j.piece_written("s", other, True, 0.2))
+    assert got == ({"s": [other], "e": [other]} if other in (0, 1) else
+                   {"s": [other], "h": [other], "e": [other]})
+
+
+def test_haves_are_batched_within_the_announce_delay_and_at_most_announce_batch() -> None:
+    j = job(pieces=8, peers=[], pipeline=8, seed_pipeline=8, announce_delay=0.05,
+            announce_batch=3,
+            flush_interval=100.0, stall_timeout=100.0)
+    j.attach("a", 1, bf(8), False, True, 0.0)
+    j.attach("e", 2, bf(8, []), False, True, 0.0)
+    j.start(Bitfield(8), 0.0)
+    assert j.piece_arrived("a", 0, 1.0)
+    assert announced(j.piece_written("a", 0, True, 1.0)) == {"a": [0], "e": [0]}  # at once
+    for i, t in ((1, 1.01), (2, 1.02)):
+        assert j.piece_arrived("a", i, t) and announced(j.piece_written("a", i, True, t)) == {}
+    assert j.get_timer() == pytest.approx(1.05)
+    assert announced(j.handle_timer(1.05)) == {"a": [1, 2], "e": [1, 2]}
+    for i, t in ((3, 1.06), (4, 1.07)):
+        assert j.piece_arrived("a", i, t) and announced(j.piece_written("a", i, True, t)) == {}
+    j.piece_arrived("a", 5, 1.08)
+    assert announced(j.piece_written("a", 5, True, 1.08)) == {"a": [3, 4, 5], "e": [3, 4, 5]}
+    for i in (6, 7):
+        j.piece_arrived("a", i, 1.09)
+        out = j.piece_written("a", i, True, 1.09)
+    assert announced(out) == {"a": None, "e": None} and out[-1] == Complete()  # have-all
