@@ -13,6 +13,10 @@ Each figure is the median of ``--runs``; peak RSS is each process's VmHWM.  CPU 
 GiB (user + system, both ends, connection setup excluded) say what the pull costs whatever the
 machine's load, against the same for the raw TLS copy.
 Goal (issue 9): (c) >= 0.5 x (a); >= 2,000 small blobs/s; RSS < 200 MiB per side.
+``--profile DIR [--profiler py-spy|perf]`` records both ends of each big pull into
+``DIR/pull-<run>-server`` and ``-client`` (py-spy: collapsed Python stacks of the thread
+holding the GIL; perf: on-CPU samples, native and kernel); the profiler's own cost is then in
+that run's figures.
 """
 
 from __future__ import annotations
@@ -159,15 +163,46 @@ def pull_client(home: str, ticket: str, ids_file: str, parallel: str, mode: str)
     print(json.dumps(asyncio.run(_pull(home, ticket, ids, int(parallel), mode == "batch"))))
 
 
+def start_profiler(tool: str, pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """Record ``pid`` until SIGINT: ``py-spy`` (collapsed Python stacks of the GIL holder,
+    into ``out``.txt) or ``perf`` (on-CPU samples of every thread, native and kernel, into
+    ``out``.perf)."""
+    if tool == "py-spy":
+        argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--gil", "--threads",
+                "--format", "raw", "--rate", "200", "-o", f"{out}.txt", "--pid", str(pid)]
+    else:
+        argv = ["perf", "record", "-F", "499", "-g", "-o", f"{out}.perf", "-p", str(pid)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        p.wait(60)
+
+
 def run_client(work: Path, client_dir: Path, ticket: str, ids: list[str], parallel: int,
-               mode: str = "channels") -> dict[str, float]:
+               mode: str = "channels", profile: tuple[str, Path, int] | None = None
+               ) -> dict[str, float]:
+    """Pull ``ids`` in a child; with ``profile`` (profiler, file stem, server pid) both ends
+    are recorded while it runs."""
     home = client_dir / f"{work.name}-client"
     shutil.rmtree(home, ignore_errors=True)
     ids_file = work / "ids.txt"
     ids_file.write_text("\n".join(ids))
-    out = subprocess.run([sys.executable, __file__, "_pull", str(home), ticket, str(ids_file),
-                          str(parallel), mode], capture_output=True, check=True, timeout=600)
-    result: dict[str, float] = json.loads(out.stdout)
+    child = subprocess.Popen([sys.executable, __file__, "_pull", str(home), ticket,
+                              str(ids_file), str(parallel), mode], stdout=subprocess.PIPE)
+    profilers = [] if profile is None else [
+        start_profiler(profile[0], pid, profile[1].with_name(f"{profile[1].name}-{end}"))
+        for pid, end in ((profile[2], "server"), (child.pid, "client"))]
+    try:
+        stdout, _ = child.communicate(timeout=600)
+    finally:
+        stop_profilers(profilers)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, child.args)
+    result: dict[str, float] = json.loads(stdout)
     shutil.rmtree(home, ignore_errors=True)
     return result
 
@@ -221,12 +256,19 @@ def prepare(home: Path, size: int, small: int) -> tuple[str, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--small", type=int, default=1000)
+    ap.add_argument("--small", type=int, default=1000, help="small blobs (0: none)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--client-dir", type=Path, default=Path("/dev/shm"),
                     help="where the client's store home goes (default: tmpfs)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="record both ends of each big pull, into DIR")
+    ap.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
+                    help="--profile: py-spy (Python stacks of the GIL holder) or perf "
+                         "(on-CPU samples, native and kernel)")
     args = ap.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     size = args.size_mib * MiB
     work = Path(tempfile.mkdtemp(prefix="bench-transfer-", dir=args.dir))
     try:
@@ -234,7 +276,7 @@ def main() -> None:
         tls, disk, pulls, smalls, rss_client, rss_server = [], [], [], [], [], []
         small_channels: list[float] = []
         tls_cpu, pull_cpu = [], []  # CPU seconds of both ends per GiB
-        for _ in range(args.runs):
+        for run in range(args.runs):
             rate, cpu = raw_tls_copy(work, size)
             tls.append(rate)
             tls_cpu.append(cpu * GiB / size)
@@ -242,10 +284,14 @@ def main() -> None:
             srv = Server(work / "server")
             try:
                 server_cpu = srv.cpu_s()
-                r = run_client(work, args.client_dir, srv.ticket, [big], 1)
+                prof = (args.profiler, args.profile / f"pull-{run + 1}", srv.proc.pid) \
+                    if args.profile else None
+                r = run_client(work, args.client_dir, srv.ticket, [big], 1, profile=prof)
                 pulls.append(size / r["seconds"])
                 pull_cpu.append((r["cpu_s"] + srv.cpu_s() - server_cpu) * GiB / size)
                 rss_client.append(r["maxrss_kib"])
+                if not args.small:
+                    continue
                 s = run_client(work, args.client_dir, srv.ticket, small_ids, 64, "batch")
                 smalls.append(args.small / s["seconds"])
                 rss_client.append(s["maxrss_kib"])
@@ -261,8 +307,9 @@ def main() -> None:
             "pull_vs_min_a_b": round(c / min(a, b), 3),
             "raw_tls_cpu_s_per_gib": round(statistics.median(tls_cpu), 3),
             "pull_cpu_s_per_gib": round(statistics.median(pull_cpu), 3),
-            "small_blobs_per_s": round(statistics.median(smalls)),
-            "small_blobs_per_s_channels": round(statistics.median(small_channels)),
+            "small_blobs_per_s": round(statistics.median(smalls)) if smalls else None,
+            "small_blobs_per_s_channels":
+                round(statistics.median(small_channels)) if small_channels else None,
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "peak_rss_mib": {"client": round(max(rss_client) / 1024, 1),
                              "server": round(max(rss_server) / 1024, 1)},

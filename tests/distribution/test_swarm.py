@@ -6,10 +6,11 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -356,3 +357,39 @@ async def test_piece_io_threads_run_calls_and_end() -> None:
     for t in threads:
         await asyncio.to_thread(t.join, 5)
         assert not t.is_alive()
+
+
+async def test_uploads_read_at_most_upload_workers_pieces_at_once(tmp_path: Path) -> None:
+    source = SwarmConfig(upload_workers=2, stall_timeout=5)
+    async with swarm(tmp_path, 3, source_config=source) as peers:
+        blob, data, piece_size = seed(peers[0], 8 * MiB)
+        engine = peers[0].engine
+        run = engine.piece_io.run
+        reading = most = 0
+
+        def slowly(fn: Callable[..., Any], *args: Any) -> Any:
+            time.sleep(0.002)  # long enough for requests to pile up behind the reads
+            return fn(*args)
+
+        def counted(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            nonlocal reading, most
+            reading += 1
+            most = max(most, reading)
+            fut = run(slowly, fn, *args)
+
+            def done(_: object) -> None:
+                nonlocal reading
+                reading -= 1
+
+            fut.add_done_callback(done)
+            return fut
+
+        engine.piece_io.run = counted  # type: ignore[method-assign]
+        only_source = [peers[0].node_id]
+        await asyncio.wait_for(asyncio.gather(*(
+            p.engine.download(blob, len(data), piece_size, lambda: only_source)
+            for p in peers[1:])), 30)
+        assert most == 2  # both workers busy at times, never a third read
+        assert engine._reads == 0  # every read slot came back
+        for p in peers[1:]:
+            assert p.store.get_data(blob, LeaseId.new("check")) == data

@@ -458,3 +458,18 @@ async def test_one_piece_blobs_are_stored_whole(pair: Pair) -> None:
         await asyncio.wait_for(c.mgr.wait(bad), T)
     with pytest.raises(BlobNotFoundError):
         c.store.info(other)
+
+
+@pytest.mark.parametrize("pull", [True, False])
+async def test_an_empty_blob_moves_without_waiting_for_a_stall(pair: Pair, pull: bool) -> None:
+    a = await pair.peer(1)
+    b = await pair.peer(2)
+    bid = add(a.store, b"")
+    if pull:
+        chid = await b.mgr.open_pull(a.id, Voucher("any"), bid)
+        st = await asyncio.wait_for(b.mgr.wait(chid), 5)  # the stall timeout is 30 s
+    else:
+        chid = await a.mgr.open_push(b.id, Voucher("any"), bid)
+        st = await asyncio.wait_for(a.mgr.wait(chid), 5)
+    assert st.status is Status.COMPLETED and st.restarts == 0
+    assert b.store.has(bid)

@@ -16,6 +16,7 @@ from blobmesh.errors import (
     TransportError,
 )
 from blobmesh.transport import Endpoint, Identity, Network, Stream, TransportConfig
+from blobmesh.transport.connection import PeerConnection
 from blobmesh.wire import MIN_FRAME_SIZE
 from tests.transport.conftest import FAST, EndpointFactory, echo, recv_all
 from tests.util import eventually
@@ -87,6 +88,62 @@ async def test_a_window_sized_message_after_small_ones_is_delivered(
     for msg in (b"small", b"x" * 1000, bytes(size)):
         await asyncio.wait_for(s.send(msg), 5)
         assert await asyncio.wait_for(s.recv(), 5) == msg
+
+
+async def test_a_one_frame_message_waits_for_credit_instead_of_splitting(
+        endpoints: EndpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # before: the third message was sent as the 56 KiB the stream window had left, then the
+    # rest, and the receiver joined the two (a copy of the whole message)
+    window = 256 * 1024
+    cfg = dataclasses.replace(FAST, stream_window=window, max_message_size=window)
+    frames: list[tuple[int, bool]] = []
+    send_data = PeerConnection.send_data
+
+    def spy(self: PeerConnection, stream_id: int, data: memoryview, *, more: bool,
+            head: bytes) -> None:
+        frames.append((len(head) + len(data), more))
+        send_data(self, stream_id, data, more=more, head=head)
+
+    monkeypatch.setattr(PeerConnection, "send_data", spy)
+    hold = asyncio.Event()
+    got: list[bytes] = []
+
+    async def reads_later(stream: Stream) -> None:
+        await hold.wait()
+        got.extend(await recv_all(stream))
+
+    a, b = await pair(endpoints, cfg)
+    b.set_handler("later", reads_later)
+    s = await a.open_stream(b.node_id, "later")
+    msg = bytes(100 * 1024)
+    sending = asyncio.create_task(s.send(msg))
+    await asyncio.wait_for(sending, 5)
+    await asyncio.wait_for(s.send(msg), 5)
+    third = asyncio.create_task(s.send(msg))  # 56 KiB of credit left
+    await asyncio.sleep(0.2)
+    assert not third.done()
+    assert frames == [(len(msg), False)] * 2  # nothing of the third one yet
+    hold.set()
+    await asyncio.wait_for(third, 5)
+    await s.close()
+    await eventually(lambda: len(got) == 3)
+    assert got == [msg] * 3
+    assert frames == [(len(msg), False)] * 3
+
+
+async def test_flush_returns_once_what_came_before_is_written(
+        endpoints: EndpointFactory) -> None:
+    a, b = await pair(endpoints)
+    s = await a.open_stream(b.node_id, "echo")
+    conn = s._conn
+    big = bytes(8 * 1024 * 1024)
+    for _ in range(3):
+        await s.send(big)
+        before = conn.queued
+        await s.send(b"next", flush=True)
+        assert conn._channel.written >= before
+        assert await s.recv() == big
+        assert await s.recv() == b"next"
 
 
 async def test_try_send_sends_small_messages_at_once_in_order(

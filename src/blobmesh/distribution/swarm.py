@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import queue
 import shutil
@@ -55,6 +56,7 @@ from blobmesh.distribution.scheduler import (
     Refuse,
     Request,
     RequestLayer,
+    Serve,
     StateChanged,
     UploadScheduler,
     max_unacked,
@@ -316,6 +318,7 @@ class SwarmEngine:
         self.uploads = UploadScheduler[_Conn, BlobId, NodeId](
             slots=self.config.upload_slots, send_timeout=self.config.send_timeout)
         self._upload_ready = asyncio.Event()
+        self._reads = 0  # uploads being read or waiting for the upload rate limit
         self._upload_timer: asyncio.TimerHandle | None = None
         self._upload_timer_at: float | None = None
         self._up_bucket = TokenBucket(self.config.upload_rate)
@@ -337,8 +340,7 @@ class SwarmEngine:
         network.set_handler(PROTOCOL, self._on_stream)
 
     async def start(self) -> None:
-        for i in range(self.config.upload_workers):
-            self._tasks.spawn_restarting(self._upload_worker, name=f"upload-{i}")
+        self._tasks.spawn_restarting(self._upload_loop, name="uploads")
 
     async def aclose(self) -> None:
         if self._upload_timer is not None:
@@ -556,13 +558,15 @@ class SwarmEngine:
         """Open swarm connections, over all blobs."""
         return sum(len(conns) for conns in self._serving.values())
 
-    async def _upload_worker(self) -> None:
-        """Start the upload the scheduler says goes next: read and verify it, queue it on its
-        connection.  Never waits on a peer (the scheduler parks a connection whose outbox or
-        unacknowledged pieces are full); workers read from disk in parallel.
+    async def _upload_loop(self) -> None:
+        """Start the uploads the scheduler says go next: read and verify each in a piece
+        thread, up to ``upload_workers`` at once, and queue it on its connection when read
+        (:meth:`_piece_read`).  Never waits on a peer (the scheduler parks a connection whose
+        outbox or unacknowledged pieces are full).  One task: a wakeup starts every upload
+        that can go, instead of waking every idle worker for one piece.
         """
         while True:
-            action = self.uploads.next()
+            action = self.uploads.next() if self._reads < self.config.upload_workers else None
             if action is None:
                 self._upload_ready.clear()
                 await self._upload_ready.wait()
@@ -571,18 +575,49 @@ class SwarmEngine:
             if isinstance(action, Refuse):
                 conn.push(conn.session.reject(action.index, action.reason))
                 continue
-            try:
-                data = await self.piece_io.run(self._read_piece, action.blob, action.index)
-            except (StoreError, CorruptBlobError, OSError) as exc:
-                # OSError: the file was closed under the read (the blob was dropped or its
-                # download finished): the peer asks again elsewhere or here
-                self.uploads.read_failed(conn)
-                conn.push(conn.session.reject(action.index, str(exc)))
-                if isinstance(exc, CorruptBlobError):
-                    await self._on_corrupt(action.blob, exc)
-                continue
+            self._reads += 1
+            read = self.piece_io.run(self._read_piece, action.blob, action.index)
+            read.add_done_callback(functools.partial(self._piece_read, action))
+
+    def _piece_read(self, action: Serve[_Conn, BlobId], read: asyncio.Future[bytes]) -> None:
+        """An upload's piece was read: queue it (after the upload rate limit, if any)."""
+        if read.cancelled():
+            self._read_done()
+            return
+        conn, exc = action.conn, read.exception()
+        if exc is None:
+            if self._up_bucket.rate > 0:
+                self._spawn(self._push_limited(conn, action.index, read.result()),
+                            name="upload-rate")
+            else:
+                self._push_piece(conn, action.index, read.result())
+            return
+        self._read_done()
+        if not isinstance(exc, (StoreError, CorruptBlobError, OSError)):
+            raise exc  # a bug: the loop's exception handler reports it
+        # OSError: the file was closed under the read (the blob was dropped or its
+        # download finished): the peer asks again elsewhere or here
+        self.uploads.read_failed(conn)
+        conn.push(conn.session.reject(action.index, str(exc)))
+        if isinstance(exc, CorruptBlobError):
+            self._spawn(self._on_corrupt(action.blob, exc), name="quarantine")
+
+    async def _push_limited(self, conn: _Conn, index: int, data: bytes) -> None:
+        try:
             await self._up_bucket.take(len(data))
-            conn.push(data, action.index, head=conn.session.piece_head(action.index, len(data)))
+        except BaseException:
+            self._read_done()
+            raise
+        self._push_piece(conn, index, data)
+
+    def _push_piece(self, conn: _Conn, index: int, data: bytes) -> None:
+        self._read_done()
+        conn.push(data, index, head=conn.session.piece_head(index, len(data)))
+
+    def _read_done(self) -> None:
+        """An upload's read (and rate limit) is over: another may start."""
+        self._reads -= 1
+        self._upload_ready.set()
 
     def _piece_sent(self, conn: _Conn, index: int, nbytes: int) -> None:
         """A connection's writer handed a piece to the transport."""

@@ -548,8 +548,8 @@ class Channel:
         """Receiver: these pieces are verified and durable in the store."""
         if self.terminal:
             return self._take()
-        fresh = self._add_done(indices)
-        if fresh:
+        pieces, fresh = self._add_done(indices)
+        if pieces:
             self._send(Ack(sorted(indices)))
             self._step.new_verified = fresh
             self._event(EventCode.DATA_RECEIVED, f"{self.rec.verified}/{self.rec.total} bytes")
@@ -727,8 +727,8 @@ class Channel:
             if not 0 <= i < len(self.layer):
                 raise ProtocolError(f"ack for piece {i}, which does not exist")
             self.in_flight_bytes -= self.in_flight.pop(i, 0)
-        fresh = self._add_done(msg.pieces)
-        if fresh:
+        pieces, fresh = self._add_done(msg.pieces)
+        if pieces:
             self._step.new_verified = fresh
             self._event(EventCode.DATA_SENT, f"{self.rec.verified}/{self.rec.total} bytes")
             self._check_finished()
@@ -818,20 +818,23 @@ class Channel:
             self.remaining = len(self.wanted)
         self._add_done(list(have))
 
-    def _add_done(self, indices: list[int]) -> int:
+    def _add_done(self, indices: list[int]) -> tuple[int, int]:
+        """Mark ``indices`` verified; returns (pieces, bytes) newly done. Pieces, not bytes,
+        say whether anything changed: the empty blob's one piece has no bytes."""
         assert self.layer is not None
-        fresh = 0
+        pieces = fresh = 0
         wanted = self._wanted_set
         for i in indices:
             if i not in self.done and i in wanted:
                 self.done.add(i)
                 self.remaining -= 1
+                pieces += 1
                 fresh += self.layer.piece_range(i)[1]
-        if fresh:
+        if pieces:
             self.rec.verified += fresh
             self.rec.done = self.done.to_bytes()
             self.last_progress = self.clock()
-        return fresh
+        return pieces, fresh
 
     def _clear_in_flight(self) -> None:
         self.in_flight.clear()

@@ -31,8 +31,9 @@ class Stream(Protocol):
                    head: bytes = b"") -> None:
         """Send one message, ``head + message``: a small ``head`` (a message's own header) goes
         in front of a large payload without copying the payload; with ``flush``, return only
-        once it was handed to the operating system, so the transport's queue stays short and
-        what is sent next does not wait behind megabytes of earlier data."""
+        once everything sent before it was handed to the operating system, so the transport
+        holds at most this message (what is sent next does not wait behind megabytes of
+        earlier data) and the link does not idle while the caller prepares the next one."""
 
     def try_send(self, message: bytes) -> bool:
         """Send a small message now if that needs no waiting (credit, window, no send in

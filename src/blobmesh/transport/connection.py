@@ -89,9 +89,11 @@ class TlsStream:
     async def send(self, message: bytes | memoryview, *, flush: bool = False,
                    head: bytes = b"") -> None:
         """Send one message, ``head + message`` (at most the peer's ``max_message_size``,
-        else ValueError) without joining the two: only ``head`` is copied; with ``flush``, or
-        for a writable buffer (which the caller may reuse once this returns), wait until it
-        was written to the socket."""
+        else ValueError) without joining the two: only ``head`` is copied.  With ``flush``,
+        wait until everything queued before this message was written to the socket: the
+        transport then holds at most this message, and the socket does not run dry while the
+        caller prepares the next one.  A writable buffer (which the caller may reuse once this
+        returns) is waited for until it was written itself."""
         view = memoryview(message)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -106,15 +108,19 @@ class TlsStream:
         frame = -(-size // max(1, -(-size // most)))
         self._framing += 1
         try:
-            end = await self._frame(view, head, size, frame)
+            start, end = await self._frame(view, head, size, frame)
         finally:
             self._framing -= 1
-        if flush or not view.readonly:
-            # (outside the lock: a message queued meanwhile goes out right after this one)
+        if not view.readonly:
             await conn.wait_written(end)
+        elif flush:
+            # (outside the lock: a message queued meanwhile goes out right after this one)
+            await conn.wait_written(start)
 
-    async def _frame(self, view: memoryview, head: bytes, size: int, frame: int) -> int:
-        """Queue every frame of one message; returns :attr:`PeerConnection.queued` after it."""
+    async def _frame(self, view: memoryview, head: bytes, size: int, frame: int
+                     ) -> tuple[int, int]:
+        """Queue every frame of one message; returns :attr:`PeerConnection.queued` before its
+        first frame and after its last."""
         conn = self._conn
         lead = len(head)
         async with self._send_lock:
@@ -122,11 +128,15 @@ class TlsStream:
             while not conn.reserve(self, size):
                 self._credit.clear()
                 await self._credit.wait()
+            start = conn.queued
             off = 0  # into the whole message, head included
             while True:
                 self._check_sendable()
                 budget = conn.wire_budget(self.stream_id)
-                if budget == 0 and off < size:
+                # wait for stream credit for a whole frame rather than split one: the peer
+                # would join the parts (a copy of the message); it always comes, since the
+                # peer holds back less credit than a message
+                if budget < min(frame, size - off):
                     self._credit.clear()
                     await self._credit.wait()
                     continue
@@ -134,13 +144,13 @@ class TlsStream:
                 self._check_sendable()
                 n = min(budget, frame, size - off)
                 part = head[off:off + n] if off < lead else b""
-                start = max(0, off - lead)
-                conn.send_data(self.stream_id, view[start:start + n - len(part)],
+                at = max(0, off - lead)
+                conn.send_data(self.stream_id, view[at:at + n - len(part)],
                                more=off + n < size, head=part)
                 off += n
                 if off >= size:
                     break
-            return conn.queued
+            return start, conn.queued
 
     def try_send(self, message: bytes) -> bool:
         """Send a small message at once, without waiting, when nothing stands in its way: no
