@@ -53,8 +53,8 @@ def test_request_piece_roundtrip() -> None:
     got = a.receive(piece(b, 1, b"x" * 10))
     assert got == PieceArrived(1, b"x" * 10)
     assert a.outstanding == set()
-    assert b.receive(a.have(3)) == PeerHas(3)
-    assert 3 in b.peer_have
+    assert b.receive(a.haves([3, 1])) == PeerHas([3, 1])
+    assert 3 in b.peer_have and 1 in b.peer_have
 
 
 def test_unsolicited_piece_and_layer_rejected() -> None:
@@ -79,7 +79,7 @@ def test_out_of_range_and_oversized() -> None:
 def test_hello_must_come_first_and_match() -> None:
     s = SwarmSession(BLOB, SIZE, PIECE)
     with pytest.raises(ProtocolError, match="before hello"):
-        s.receive(msgspec.msgpack.encode(["have", 0]))
+        s.receive(msgspec.msgpack.encode(["haves", [0]]))
     other = SwarmSession(BlobId(b"\x02" * 32), SIZE, PIECE)
     with pytest.raises(ProtocolError, match="another blob"):
         s.receive(other.hello(Bitfield(4), False, 0))
@@ -106,3 +106,25 @@ def test_a_piece_crossing_a_cancel_is_late_not_a_violation() -> None:
         a.receive(piece(b, 1, b"x"))  # but only once
     with pytest.raises(ProtocolError, match="unsolicited piece 3"):
         a.receive(piece(b, 3, b"x"))  # never asked for
+
+
+def test_haves_and_have_all_pass_on_only_pieces_not_known_yet() -> None:
+    a, b = pair()  # b knows a holds 0 and 2
+    assert b.receive(a.haves([2])) is None  # nothing new
+    assert b.receive(a.haves([2, 3])) == PeerHas([3])
+    assert b.receive(a.have_all()) == PeerHas([1]) and b.peer_complete
+    assert b.receive(a.have_all()) is None
+    with pytest.raises(ProtocolError, match="haves names 0 pieces"):
+        b.receive(msgspec.msgpack.encode(["haves", []]))
+    with pytest.raises(ProtocolError, match="out of range"):
+        b.receive(msgspec.msgpack.encode(["haves", [1, 4]]))
+
+
+def test_a_hello_of_version_1_is_refused_by_name() -> None:
+    s = SwarmSession(BLOB, SIZE, PIECE)
+    old = msgspec.msgpack.encode(["hello", 1, BLOB.digest, SIZE, PIECE, b"\0", False, 1])
+    with pytest.raises(ProtocolError, match="version 1 of blobmesh-swarm/1, this node "
+                                            "version 2"):
+        s.receive(old)
+    with pytest.raises(ProtocolError):  # version 1's have is no message any more
+        pair()[1].receive(msgspec.msgpack.encode(["have", 0]))

@@ -140,7 +140,8 @@ def test_a_piece_from_one_peer_cancels_its_end_game_twin_and_is_announced() -> N
     assert len(requests(out)) == 2  # one piece left: end game asks both
     assert j.piece_arrived("a", 0, 0.5)
     out = j.piece_written("a", 0, True, 0.5)
-    assert Cancel("b", 0) in out and Announce(0) in out and out[-1] == Complete()
+    assert Cancel("b", 0) in out and out[-1] == Complete()
+    assert Announce("a", None) in out and Announce("b", None) in out  # have-all to both
     assert j.done and j.get_timer() is None
 
 
@@ -202,7 +203,7 @@ def test_flushes_every_interval_and_pause_withdraws_what_is_in_flight() -> None:
     assert j.get_timer() == 1.0 and Flush() in j.handle_timer(1.0)
     cancels = j.pause(1.5)
     assert sorted(c.index for c in cancels if isinstance(c, Cancel)) == sorted(requests(out))
-    assert j.outstanding("a") == 0 and requests(j.peer_has("a", 0, 2.0)) == []
+    assert j.outstanding("a") == 0 and requests(j.peer_has("a", [0], 2.0)) == []
     assert len(requests(j.resume(3.0))) == len(requests(out))  # the seed's pipeline again
 
 
@@ -344,7 +345,7 @@ def test_a_connection_with_a_full_outbox_is_parked_until_its_piece_is_sent() -> 
 def test_a_peer_without_the_layer_at_hello_is_asked_once_it_announces_a_piece() -> None:
     j = job(pieces=4, peers=[])
     assert j.attach("a", 1, bf(4, []), has_layer=False, outbound=True, now=0.0) == []
-    assert j.peer_has("a", 2, 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
+    assert j.peer_has("a", [2], 1.0) == [RequestLayer("a")]  # it verified a piece: it has one
     assert j.attach("b", 2, bf(4, [0]), has_layer=False, outbound=True, now=1.0) == \
         [RequestLayer("b")]  # (up to layer_asks peers are asked at once)
 
@@ -477,3 +478,51 @@ def test_a_seed_gets_the_full_pipeline_only_when_nobody_else_could_relay(
     j.handle_timer(0.0)  # draws the dial plan
     j.attach("s", 1, bf(16), True, True, 0.0)  # the source, a seed
     assert len(requests(j.start(Bitfield(16), 0.0), "s")) == asked
+
+
+def announced(actions: Sequence[object]) -> dict[object, list[int] | None]:
+    return {a.conn: a.indices for a in actions if isinstance(a, Announce)}
+
+
+def test_a_piece_is_announced_to_peers_that_lack_it_and_to_those_asked_for_it() -> None:
+    """A seed takes our haves as the acknowledgement of what it sent (UploadScheduler.acked):
+    the peer a piece came from, and every peer it was asked of, hear of it though they hold
+    it; peers known to hold it and never asked do not."""
+    j = job(pieces=4, peers=[], pipeline=1, seed_pipeline=1)
+    j.attach("s", 1, bf(4), False, True, 0.0)  # a seed
+    j.attach("h", 2, bf(4, [0, 1]), False, True, 0.0)  # holds 0 and 1
+    j.attach("e", 3, bf(4, []), False, True, 0.0)  # holds nothing
+    out = j.start(Bitfield(4), 0.0)
+    asked = {a.conn: a.index for a in out if isinstance(a, Request)}
+    assert set(asked) == {"s", "h"}
+    index = asked["h"]
+    assert j.piece_arrived("h", index, 0.1)
+    assert announced(j.piece_written("h", index, True, 0.1)) == {"h": [index], "e": [index]}
+    other = asked["s"]
+    assert j.piece_arrived("s", other, 0.2)
+    got = announced(j.piece_written("s", other, True, 0.2))
+    assert got == ({"s": [other], "e": [other]} if other in (0, 1) else
+                   {"s": [other], "h": [other], "e": [other]})
+
+
+def test_haves_are_batched_within_the_announce_delay_and_at_most_announce_batch() -> None:
+    j = job(pieces=8, peers=[], pipeline=8, seed_pipeline=8, announce_delay=0.05,
+            announce_batch=3,
+            flush_interval=100.0, stall_timeout=100.0)
+    j.attach("a", 1, bf(8), False, True, 0.0)
+    j.attach("e", 2, bf(8, []), False, True, 0.0)
+    j.start(Bitfield(8), 0.0)
+    assert j.piece_arrived("a", 0, 1.0)
+    assert announced(j.piece_written("a", 0, True, 1.0)) == {"a": [0], "e": [0]}  # at once
+    for i, t in ((1, 1.01), (2, 1.02)):
+        assert j.piece_arrived("a", i, t) and announced(j.piece_written("a", i, True, t)) == {}
+    assert j.get_timer() == pytest.approx(1.05)
+    assert announced(j.handle_timer(1.05)) == {"a": [1, 2], "e": [1, 2]}
+    for i, t in ((3, 1.06), (4, 1.07)):
+        assert j.piece_arrived("a", i, t) and announced(j.piece_written("a", i, True, t)) == {}
+    j.piece_arrived("a", 5, 1.08)
+    assert announced(j.piece_written("a", 5, True, 1.08)) == {"a": [3, 4, 5], "e": [3, 4, 5]}
+    for i in (6, 7):
+        j.piece_arrived("a", i, 1.09)
+        out = j.piece_written("a", i, True, 1.09)
+    assert announced(out) == {"a": None, "e": None} and out[-1] == Complete()  # have-all

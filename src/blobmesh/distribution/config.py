@@ -29,6 +29,10 @@ class SwarmConfig:
     # only each connection's outbox bounds them; the transport's windows bound the wire)
     upload_slots: int | None = UPLOAD_SLOTS
     send_timeout: float = 20.0  # a peer that reads nothing we send this long is banned
+    # pieces verified within this many seconds of the last ``haves`` wait for the next one
+    # (at most ``announce_batch`` of them): fewer messages for a little relay latency
+    announce_delay: float = 0.02
+    announce_batch: int = 8
     disk_retry: float = 1.0  # seconds between checks for free space while the disk is full
     # a complete copy is rehashed before it is distributed or counted as here, unless its
     # unchanged data file verified less than this many seconds ago (pieces are verified
@@ -41,7 +45,8 @@ class SwarmConfig:
             pipeline=self.pipeline, seed_pipeline=min(self.seed_pipeline, self.pipeline),
             max_peers=self.max_peers_per_blob, peer_retry=self.peer_retry,
             stall_timeout=self.stall_timeout, flush_interval=self.flush_interval,
-            request_timeout=self.request_timeout, request_strikes=self.request_strikes)
+            request_timeout=self.request_timeout, request_strikes=self.request_strikes,
+            announce_delay=self.announce_delay, announce_batch=self.announce_batch)
 
 
 __all__ = ["SwarmConfig"]

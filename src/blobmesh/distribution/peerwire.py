@@ -21,7 +21,9 @@ REJECT_ELSEWHERE = "held by other peers"
 """The reason a seed gives when it points a requester at the other holders of a piece."""
 REJECT_BUSY = "busy"
 """The reason a downloading peer gives when requests already wait for its upload."""
-VERSION = 1
+VERSION = 2
+"""2: ``haves`` (several pieces, sent only to peers that lack them or sent them) and
+``have-all`` replace version 1's ``have``; a hello of another version is refused by name."""
 MAX_PIECES = 1 << 22
 
 
@@ -47,8 +49,12 @@ class Layer(_Msg, tag="layer"):
     hashes: bytes
 
 
-class Have(_Msg, tag="have"):
-    index: int
+class Haves(_Msg, tag="haves"):
+    indices: list[int]
+
+
+class HaveAll(_Msg, tag="have-all"):
+    pass
 
 
 class Request(_Msg, tag="req"):
@@ -74,7 +80,7 @@ class Bye(_Msg, tag="bye"):
     reason: str
 
 
-Message = Hello | LayerRequest | Layer | Have | Request | Piece | Reject | Cancel | Bye
+Message = Hello | LayerRequest | Layer | Haves | HaveAll | Request | Piece | Reject | Cancel | Bye
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -118,7 +124,10 @@ class LayerArrived:
 
 @dataclass(frozen=True, slots=True)
 class PeerHas:
-    index: int
+    """The peer holds these pieces now (the ones we did not know of; ``have-all``: all the
+    rest), ascending."""
+
+    indices: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +204,13 @@ class SwarmSession:
     def layer(self, raw: bytes) -> bytes:
         return _encoder.encode(Layer(raw))
 
-    def have(self, index: int) -> bytes:
-        return _encoder.encode(Have(index))
+    def haves(self, indices: list[int]) -> bytes:
+        """Announce pieces we verified and wrote (at least one)."""
+        return _encoder.encode(Haves(indices))
+
+    def have_all(self) -> bytes:
+        """Announce that we hold every piece now."""
+        return _encoder.encode(HaveAll())
 
     def request(self, index: int) -> bytes:
         self._check_index(index)
@@ -223,7 +237,8 @@ class SwarmSession:
     # --- incoming --------------------------------------------------------------------------
 
     def receive(self, raw: bytes) -> Event | None:
-        """The event a received message means; None for a refusal that crossed a cancel."""
+        """The event a received message means; None for a refusal that crossed a cancel, or
+        for haves that name only pieces we knew the peer holds."""
         msg = _decode(raw)
         if self.peer_hello is None and not isinstance(msg, Hello | Bye):
             raise ProtocolError(f"swarm peer sent {type(msg).__name__} before hello")
@@ -239,10 +254,22 @@ class SwarmSession:
                     raise ProtocolError("piece layer of the wrong length")
                 self._layer_asked = False
                 return LayerArrived(hashes)
-            case Have(index=index):
-                self._check_index(index)
-                self.peer_have.add(index)
-                return PeerHas(index)
+            case Haves(indices=indices):
+                if not 0 < len(indices) <= self.pieces:
+                    raise ProtocolError(f"haves names {len(indices)} pieces")
+                have = self.peer_have
+                new = []
+                for index in indices:
+                    self._check_index(index)
+                    if index not in have:
+                        have.add(index)
+                        new.append(index)
+                return PeerHas(new) if new else None
+            case HaveAll():
+                have = self.peer_have
+                new = [i for i in range(self.pieces) if i not in have]
+                have.update(new)
+                return PeerHas(new) if new else None
             case Request(index=index):
                 self._check_index(index)
                 return PieceWanted(index)
@@ -275,7 +302,9 @@ class SwarmSession:
         if self.peer_hello is not None:
             raise ProtocolError("second hello")
         if msg.version != VERSION:
-            raise ProtocolError(f"swarm protocol version {msg.version} is not supported")
+            raise ProtocolError(f"swarm peer speaks version {msg.version} of "
+                                f"{PROTOCOL}, this node version {VERSION}: upgrade the older "
+                                "node")
         if msg.blob != self.blob_id.digest or msg.size != self.size or \
                 msg.piece_size != self.piece_size:
             raise ProtocolError("hello names another blob or geometry")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -87,10 +87,12 @@ class Cancel(Generic[Conn]):
 
 
 @dataclass(frozen=True, slots=True)
-class Announce:
-    """Send ``have index`` on every connection of the job."""
+class Announce(Generic[Conn]):
+    """Send ``haves indices`` on ``conn``; ``indices`` None: ``have-all`` (the job is
+    complete)."""
 
-    index: int
+    conn: Conn
+    indices: list[int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +137,7 @@ class Failed:
     reason: str
 
 
-DownloadAction = (Dial[Peer] | Request[Conn] | RequestLayer[Conn] | Cancel[Conn] | Announce
+DownloadAction = (Dial[Peer] | Request[Conn] | RequestLayer[Conn] | Cancel[Conn] | Announce[Conn]
                   | Close[Conn] | Ban[Peer] | Flush | Complete | StateChanged | Failed)
 
 
@@ -161,6 +163,11 @@ class DownloadPolicy:
     # it), then one piece at a time: asking it for another piece at once made the source's
     # 64 connections send it 9,000 requests in the first quarter second (1,000 targets)
     elsewhere_backoff: float = 0.2
+    # Pieces verified within ``announce_delay`` of the last announcement wait for the next
+    # one, which goes out then or once ``announce_batch`` pieces wait: one ``haves`` names
+    # them all (a piece after a quiet spell is announced at once)
+    announce_delay: float = 0.0
+    announce_batch: int = 1
 
 
 class DownloadScheduler(Generic[Conn, Peer]):
@@ -210,6 +217,12 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._probing: set[Conn] = set()  # ... then one request at a time until a piece comes
         self._last_progress = now
         self._last_flush = now
+        # Announcing: a piece goes to the peers that lack it as far as we know, and to every
+        # connection it was requested on (the uploader takes our ``haves`` as the
+        # acknowledgement of what it sent: ``UploadScheduler.acked``)
+        self._asked: dict[int, list[Conn]] = {}  # missing piece -> connections asked for it
+        self._unannounced: list[int] = []
+        self._announced_at = -1e300
         self._out: list[DownloadAction[Peer, Conn]] = []
 
     # --- state -----------------------------------------------------------------------------
@@ -279,7 +292,9 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._dialing.discard(peer)
         return self._step(now)
 
-    def peer_has(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
+    def peer_has(self, conn: Conn, indices: Iterable[int],
+                 now: float) -> list[DownloadAction[Peer, Conn]]:
+        """The peer announced pieces (its live bitfield holds them already)."""
         picker = self.picker
         peer = self._peer_of.get(conn)  # (the most common event: owns() inlined)
         owned = peer is not None and self._conns.get(peer) is conn
@@ -288,10 +303,14 @@ class DownloadScheduler(Generic[Conn, Peer]):
                 # it verified a piece, so it holds the layer now, whatever its hello said
                 self._has_layer[conn] = True
             return self._step(now)
-        picker.peer_has(conn, index)
-        # Every other connection was already given all it could take; news of one piece on
+        have = picker.have
+        wanted = False
+        for index in indices:
+            picker.peer_has(conn, index)
+            wanted = wanted or index not in have
+        # Every other connection was already given all it could take; news of pieces on
         # one connection can only give that connection more to do (the most common event).
-        if not self.done and not self.paused and index not in picker.have:
+        if wanted and not self.done and not self.paused:
             self._fill_conn(conn, None, now)
         return self._take()
 
@@ -339,11 +358,16 @@ class DownloadScheduler(Generic[Conn, Peer]):
             if self.stalled:
                 self.stalled = False
                 self._out.append(StateChanged(False, ""))
-        self._out.append(Announce(index))
         if picker.complete:
             self.done = True
+            self._out.extend(Announce(c, None) for c in self._haves)
             self._out.append(Complete())
             return self._take()
+        self._unannounced.append(index)
+        p = self.policy
+        if len(self._unannounced) >= p.announce_batch or \
+                now >= self._announced_at + p.announce_delay:
+            self._announce(now)
         return self._step(now)
 
     def piece_failed(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
@@ -410,6 +434,10 @@ class DownloadScheduler(Generic[Conn, Peer]):
             t = self._last_flush + p.flush_interval
             if when is None or t < when:
                 when = t
+        if self._unannounced:
+            t = self._announced_at + p.announce_delay
+            if when is None or t < when:
+                when = t
         t = self._ledger.get_timer()
         if t is not None:
             # the ledger tests ``now - sent >= timeout``: wake a hair late, never a hair early
@@ -433,6 +461,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
             # bound what a crash can lose to about one interval of verified pieces
             self._last_flush = now
             self._out.append(Flush())
+        if self._unannounced and now >= self._announced_at + p.announce_delay:
+            self._announce(now)
         self._expire(now)
         for conn in [c for c, until in self._backoff.items() if until <= now]:
             del self._backoff[conn]
@@ -568,9 +598,27 @@ class DownloadScheduler(Generic[Conn, Peer]):
             room = min(room, 1 - self._ledger.outstanding(conn))
             if room <= 0:
                 return
+        asked = self._asked
         for index in self.picker.pick(conn, room):
             self._out.append(Request(conn, index))
             self._ledger.sent(conn, index, now)
+            if (conns := asked.get(index)) is None:
+                asked[index] = [conn]
+            else:
+                conns.append(conn)
+
+    def _announce(self, now: float) -> None:
+        """Announce the pieces verified since the last time: to each connection those its
+        peer lacks as far as we know, and those we asked it for (the acknowledgement its
+        upload waits for, though it holds them)."""
+        pending, self._unannounced = self._unannounced, []
+        self._announced_at = now
+        asked = [self._asked.pop(i, ()) for i in pending]
+        for conn, have in self._haves.items():
+            indices = [i for i, conns in zip(pending, asked, strict=True)
+                       if i not in have or conn in conns]
+            if indices:
+                self._out.append(Announce(conn, indices))
 
     def _expire(self, now: float) -> None:
         """Requests a connection did not answer in time are asked elsewhere."""
@@ -762,8 +810,9 @@ class UploadScheduler(Generic[Conn, Blob, Peer]):
     few times per requester and piece, so nobody starves.  At most ``outbox`` pieces are
     queued per connection, so the choice of what to send next is made as late as possible.
 
-    A downloading peer acknowledges each piece with its ``have`` (or withdraws it with
-    ``cancel``): :meth:`acked`.  At most ``max_unacked`` pieces (per connection, given at
+    A downloading peer acknowledges each piece by naming it in its ``haves`` (which it sends
+    for a piece to every peer it asked for it, even one that holds it), or withdraws it with
+    ``cancel``: :meth:`acked`.  At most ``max_unacked`` pieces (per connection, given at
     :meth:`open`) go unacknowledged; a piece sent and not yet acknowledged counts as held by
     its receiver; a claimant that acknowledged nothing for ``claim_ttl``, or has more than
     ``CLAIM_PENDING`` requests waiting here, holds no claim (a peer that does not read,

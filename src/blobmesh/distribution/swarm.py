@@ -462,7 +462,7 @@ class SwarmEngine:
                 event = conn.session.receive(raw)
                 job = conn.job
                 if isinstance(event, PeerHas):
-                    self._acked(conn, event.index)  # and on to the job, below
+                    self._acked(conn, event.indices)  # and on to the job, below
                 if isinstance(event, PieceWanted):
                     refused = uploads.wanted(conn, event.index, int(self._prio(blob_id)),
                                              loop.time())
@@ -472,7 +472,7 @@ class SwarmEngine:
                         self._upload_ready.set()
                 elif isinstance(event, WantCancelled):
                     uploads.cancelled(conn, event.index)
-                    self._acked(conn, event.index)
+                    self._acked(conn, (event.index,))
                 elif isinstance(event, LayerWanted):
                     layer = self.layer_for(blob_id)
                     if layer is not None:
@@ -512,8 +512,9 @@ class SwarmEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
-    def _acked(self, conn: _Conn, index: int) -> None:
-        if self.uploads.acked(conn, index, asyncio.get_running_loop().time()):
+    def _acked(self, conn: _Conn, indices: Iterable[int]) -> None:
+        now, acked = asyncio.get_running_loop().time(), self.uploads.acked
+        if [i for i in indices if acked(conn, i, now)]:  # (every one of them)
             self._upload_ready.set()
             self._arm_uploads()
 
@@ -784,7 +785,7 @@ class DownloadJob:
         if isinstance(event, LayerArrived):
             self._execute(sched.layer_arrived(conn, self._on_layer(event.raw), now))
         elif isinstance(event, PeerHas):
-            self._execute(sched.peer_has(conn, event.index, now))
+            self._execute(sched.peer_has(conn, event.indices, now))
         elif isinstance(event, PieceRefused):
             self._execute(sched.refused(conn, event.index, event.reason, now))
         elif isinstance(event, PieceArrived):
@@ -876,8 +877,9 @@ class DownloadJob:
             if isinstance(a, Request):
                 a.conn.push(a.conn.session.request(a.index))
             elif isinstance(a, Announce):
-                for conn in self.sched.conns():
-                    conn.push(conn.session.have(a.index))
+                session = a.conn.session
+                a.conn.push(session.have_all() if a.indices is None else
+                            session.haves(a.indices))
             elif isinstance(a, Cancel):
                 a.conn.push(a.conn.session.cancel(a.index))
                 if a.late:

@@ -224,9 +224,9 @@ class SimNode:
             if isinstance(a, Request):
                 world.ctrl(a.conn, "request", CTRL_BYTES, world.on_request, a.index)
             elif isinstance(a, Announce):
-                if self.sched is not None:
-                    for end in self.sched.conns():
-                        world.ctrl(end, "have", CTRL_BYTES, world.on_have, a.index)
+                # (each index past the first: about 3 more bytes of msgpack)
+                nbytes = CTRL_BYTES + 3 * (len(a.indices) - 1 if a.indices else 0)
+                world.ctrl(a.conn, "have", nbytes, world.on_have, a.indices)
             elif isinstance(a, Cancel):
                 world.ctrl(a.conn, "cancel", CTRL_BYTES, world.on_cancel, a.index)
             elif isinstance(a, Dial):
@@ -515,23 +515,29 @@ class World:
         if node.sched is not None:
             node.execute(node.sched.refused(end, index, reason, self.sim.now))
 
-    def on_have(self, end: End, index: int) -> None:
-        node = end.node
-        end.have.add(index)
-        if node.upload.acked(end, index, self.sim.now):
+    def on_have(self, end: End, indices: list[int] | None) -> None:
+        """``haves indices``, or ``have-all`` (None); like the session, only pieces this side
+        did not know the peer holds go on."""
+        node, have, now = end.node, end.have, self.sim.now
+        new = [i for i in (range(have.size) if indices is None else indices) if i not in have]
+        have.update(new)
+        acked = node.upload.acked
+        if [i for i in new if acked(end, i, now)]:  # (every one of them)
             node.pump()
         sched = node.sched
         if sched is not None:
+            if not new:
+                return
             if sched.picker is not None and sched.owns(end):
-                # (the most common event) news of a piece on a connection the job keeps can
+                # (the most common event) news of pieces on a connection the job keeps can
                 # only make its timer later (a backoff over): with nothing to do, the timer
                 # armed stays right, and re-arming it would cost the event a get_timer
-                actions = sched.peer_has(end, index, self.sim.now)
+                actions = sched.peer_has(end, new, now)
                 if actions:
                     node.execute(actions)
             else:
-                node.execute(sched.peer_has(end, index, self.sim.now))
-        elif node.complete and end.have.is_complete():
+                node.execute(sched.peer_has(end, new, now))
+        elif node.complete and have.is_complete():
             self.close(end, "both complete")
 
     def on_layer_request(self, end: End) -> None:
