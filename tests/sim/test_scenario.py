@@ -9,6 +9,7 @@ import math
 import pytest
 
 from blobmesh.distribution.config import SwarmConfig
+from blobmesh.distribution.scheduler import DownloadScheduler
 from blobmesh.sim.scenario import MiB, Scenario, run
 
 
@@ -89,6 +90,21 @@ def test_a_seed_gives_the_recorded_run(faults: dict[str, object], digest: str) -
     got = hashlib.sha256(json.dumps([r.events, r.finish_times, r.source_copies,
                                      r.ctrl_msgs_per_node]).encode()).hexdigest()[:16]
     assert got == digest
+
+
+@pytest.mark.parametrize("faults", [
+    {}, {"crash_fraction": 0.1, "starved_fraction": 0.1, "liar_fraction": 0.1,
+         "links": "heterogeneous"}])
+def test_the_picks_the_fill_skips_would_have_come_up_empty(
+        faults: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DownloadScheduler._fill`` does not ask the picker for connections whose pick came up
+    empty and cannot have changed since (performance only): checked, every such pick is made
+    anyway and must be empty, and the run is the one pinned above."""
+    monkeypatch.setattr(DownloadScheduler, "_check_quiet", True)
+    checked = run(small(nodes=40, piece_size=128 * 1024, seed=3, **faults))
+    monkeypatch.setattr(DownloadScheduler, "_check_quiet", False)
+    plain = run(small(nodes=40, piece_size=128 * 1024, seed=3, **faults))
+    assert (plain.events, plain.finish_times) == (checked.events, checked.finish_times)
 
 
 def test_the_defaults_are_what_a_real_node_runs() -> None:

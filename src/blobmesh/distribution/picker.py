@@ -156,6 +156,11 @@ class PiecePicker(Generic[Peer]):
         """
         return self._in_tail() and self._missing.issubset(self._inflight.keys())
 
+    def in_tail(self) -> bool:
+        """Few enough pieces are missing for the end game to begin (a pick may then take a
+        piece in flight elsewhere, so an empty pick says nothing of the next one)."""
+        return self._in_tail()
+
     def _in_tail(self) -> bool:
         """Few enough pieces are missing for the end game to begin."""
         return len(self._missing) <= max(4, 2 * len(self._peers))

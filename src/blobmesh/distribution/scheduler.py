@@ -224,6 +224,20 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._unannounced: list[int] = []
         self._announced_at = -1e300
         self._out: list[DownloadAction[Peer, Conn]] = []
+        # Connections whose last pick came up empty (performance only: most picks of a
+        # swarm are empty, and ``_fill`` runs over every connection after nearly every
+        # event; it does not ask the picker for these).  A pick stays empty until one of the
+        # connection's pieces becomes pickable (a ``have`` on it, a lost request of a piece
+        # it holds: the entry is dropped) or the picker's peers change (added, removed or
+        # complete: availabilities and a seed's limit move) or the tail begins: ``_epoch``
+        # moves, and every entry (its value) is stale.  In the tail, before the end game,
+        # a pick may also take a piece once every missing one is in flight: such an entry
+        # (``~_moved``) is stale once the end game begins (``_moved`` moves).
+        self._quiet: dict[Conn, int] = {}
+        self._epoch = 0
+        self._moved = 0
+        self._tail = False  # the picker's ``in_tail()`` when last looked at
+        self._endgame = False  # ... ``in_endgame()``, looked at whenever it may begin
 
     # --- state -----------------------------------------------------------------------------
 
@@ -250,6 +264,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
     def start(self, have: Bitfield, now: float) -> list[DownloadAction[Peer, Conn]]:
         """The piece layer is known and the partial blob holds ``have``."""
         self.picker = PiecePicker[Conn](have, rng=self._rng)
+        self._repick_all()
         for conn in self._layer_conns:  # the other answers are no longer owed
             self._ledger.withdrawn(conn, LAYER)
         self._layer_conns.clear()
@@ -279,6 +294,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._has_layer[conn] = has_layer or have.count() > 0
         if self.picker is not None:
             self.picker.add_peer(conn, have)
+            self._repick_all()
         return self._step(now)
 
     def detach(self, conn: Conn, now: float) -> list[DownloadAction[Peer, Conn]]:
@@ -308,6 +324,10 @@ class DownloadScheduler(Generic[Conn, Peer]):
         for index in indices:
             picker.peer_has(conn, index)
             wanted = wanted or index not in have
+        if wanted:
+            self._quiet.pop(conn, None)
+        if self._haves[conn].is_complete():
+            self._repick_all()  # (one more seed: the seeds' limit moved)
         # Every other connection was already given all it could take; news of pieces on
         # one connection can only give that connection more to do (the most common event).
         if wanted and not self.done and not self.paused:
@@ -323,7 +343,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         if self.owns(conn):
             self._ledger.answered(conn, index, now)
             if self.picker is not None:
-                self.picker.failed(conn, index)
+                self._lost(conn, index)
                 if reason in (REJECT_ELSEWHERE, REJECT_BUSY):
                     self.picker.defer(conn, index)
             if reason == REJECT_BUSY:
@@ -358,6 +378,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
             if self.stalled:
                 self.stalled = False
                 self._out.append(StateChanged(False, ""))
+        self._in_endgame()  # (a piece that was not in flight may have arrived)
         if picker.complete:
             self.done = True
             self._out.extend(Announce(c, None) for c in self._haves)
@@ -373,7 +394,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
     def piece_failed(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
         """The piece could not be stored (say, the disk is full): it may be asked again."""
         if self.picker is not None:
-            self.picker.failed(conn, index)
+            self._lost(conn, index)
         return self._step(now)
 
     def piece_corrupt(self, conn: Conn, index: int, now: float) -> list[DownloadAction[Peer, Conn]]:
@@ -560,19 +581,63 @@ class DownloadScheduler(Generic[Conn, Peer]):
             self._ledger.sent(conn, LAYER, now)
 
     def _fill(self, now: float) -> None:
-        # downloading peers first: what they can give need not cost a seed's upload (a full
-        # pipeline is skipped at once: this runs on nearly every event, over every connection)
-        room, haves, p = self._ledger.room, self._haves, self.policy
+        # downloading peers first: what they can give need not cost a seed's upload (this
+        # runs after nearly every event, over every connection: what cannot be asked for
+        # anything now is skipped at once, the way _fill_conn would return)
+        room, haves, pipeline = self._ledger.room, self._haves, self.policy.pipeline
+        quiet, probing, backoff = self._quiet, self._probing, self._backoff
+        self._in_tail()
+        epoch, check = self._epoch, self._check_quiet
         seeds = []
         for conn in self._peer_of:
             if haves[conn].is_complete():
                 seeds.append(conn)
-            elif n := room(conn, p.pipeline):
+            elif conn in probing:
+                # in its backoff: nothing; else _fill_conn (it drops the backoff)
+                until = backoff.get(conn)
+                if (until is None or now >= until) and (n := room(conn, pipeline)):
+                    self._fill_conn(conn, n, now)
+            elif ((q := quiet.get(conn)) is None or check or (q != epoch and q != ~self._moved)) \
+                    and (n := room(conn, pipeline)):
                 self._fill_conn(conn, n, now)
+        if not seeds:
+            return
         to_seed = self._seed_pipeline()
         for conn in seeds:
-            if n := room(conn, to_seed):
+            if conn in probing:
+                until = backoff.get(conn)
+                if (until is None or now >= until) and (n := room(conn, to_seed)):
+                    self._fill_conn(conn, n, now)
+            elif ((q := quiet.get(conn)) is None or check or (q != epoch and q != ~self._moved)) \
+                    and (n := room(conn, to_seed)):
                 self._fill_conn(conn, n, now)
+
+    def _repick_all(self) -> None:
+        """Every quiet connection's pick may find something now (see ``_quiet``)."""
+        self._epoch += 1
+        self._moved += 1
+
+    def _in_endgame(self) -> bool:
+        """The picker's ``in_endgame()``; entries of the tail before it are stale once it
+        begins (a piece went in flight or arrived)."""
+        assert self.picker is not None
+        endgame = self.picker.in_endgame()
+        if endgame and not self._endgame:
+            self._moved += 1
+        self._endgame = endgame
+        return endgame
+
+    def _in_tail(self) -> bool:
+        """The picker's ``in_tail()``; quiet connections pick again once it begins or ends."""
+        assert self.picker is not None
+        tail = self.picker.in_tail()
+        if tail != self._tail:
+            self._tail = tail
+            self._repick_all()
+        return tail
+
+    # tests: ask the picker for quiet connections too, and fail if it gives them anything
+    _check_quiet = False
 
     def _seed_pipeline(self) -> int:
         """Requests in flight to a seed: few, so that other peers relay, unless the source is
@@ -598,8 +663,23 @@ class DownloadScheduler(Generic[Conn, Peer]):
             room = min(room, 1 - self._ledger.outstanding(conn))
             if room <= 0:
                 return
+        picker = self.picker
+        quiet = self._quiet
+        q = quiet.get(conn)
+        if q is not None and (q == self._epoch or q == ~self._moved):  # (nothing to pick)
+            if self._check_quiet:
+                assert not picker.pick(conn, room), "a quiet connection's pick was not empty"
+            return
+        picked = picker.pick(conn, room)
+        if not picked:
+            # in the end game a pick stays empty as outside the tail (its pieces are in
+            # flight twice, or from this peer); before it, until a piece goes in flight
+            stable = not self._in_tail() or self._in_endgame()
+            quiet[conn] = self._epoch if stable else ~self._moved
+            return
+        self._in_endgame()
         asked = self._asked
-        for index in self.picker.pick(conn, room):
+        for index in picked:
             self._out.append(Request(conn, index))
             self._ledger.sent(conn, index, now)
             if (conns := asked.get(index)) is None:
@@ -630,17 +710,27 @@ class DownloadScheduler(Generic[Conn, Peer]):
                     continue
                 self._out.append(Cancel(exp.conn, index, late=True))
                 if self.picker is not None:
-                    self.picker.failed(exp.conn, index)
+                    self._lost(exp.conn, index)
             if exp.ban and self.owns(exp.conn):
                 self._ban(exp.conn, f"answered none of its requests for "
                                     f"{self.policy.request_timeout:g}s, {exp.strikes} times "
                                     "in a row", "unresponsive")
 
+    def _lost(self, conn: Conn, index: int) -> None:
+        """A request is refused or lost: the piece may be picked again from its holders."""
+        assert self.picker is not None
+        self.picker.failed(conn, index)
+        quiet = self._quiet
+        if quiet:
+            haves = self._haves
+            for c in [c for c in quiet if c not in haves or index in haves[c]]:
+                del quiet[c]
+
     def _withdraw(self, conn: Conn, index: int) -> None:
         self._out.append(Cancel(conn, index))
         self._ledger.withdrawn(conn, index)
         if self.picker is not None:
-            self.picker.failed(conn, index)
+            self._lost(conn, index)
 
     def _ban(self, conn: Conn, why: str, kind: str) -> None:
         peer = self._peer_of[conn]
@@ -664,6 +754,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._ledger.dropped(conn)
         if self.picker is not None:
             self.picker.remove_peer(conn)
+            self._quiet.pop(conn, None)
+            self._repick_all()
         self._layer_conns.discard(conn)
 
 
