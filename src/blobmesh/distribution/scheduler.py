@@ -584,7 +584,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
         # downloading peers first: what they can give need not cost a seed's upload (this
         # runs after nearly every event, over every connection: what cannot be asked for
         # anything now is skipped at once, the way _fill_conn would return)
-        room, haves, pipeline = self._ledger.room, self._haves, self.policy.pipeline
+        ledger, haves, pipeline = self._ledger, self._haves, self.policy.pipeline
+        room, outstanding = ledger.room, ledger.outstanding
         quiet, probing, backoff = self._quiet, self._probing, self._backoff
         self._in_tail()
         epoch, check = self._epoch, self._check_quiet
@@ -593,10 +594,14 @@ class DownloadScheduler(Generic[Conn, Peer]):
             if haves[conn].is_complete():
                 seeds.append(conn)
             elif conn in probing:
-                # in its backoff: nothing; else _fill_conn (it drops the backoff)
+                # in its backoff: nothing; else what _fill_conn does: the backoff is over,
+                # and one request at a time (the common case: one is out)
                 until = backoff.get(conn)
                 if (until is None or now >= until) and (n := room(conn, pipeline)):
-                    self._fill_conn(conn, n, now)
+                    if until is not None:
+                        del backoff[conn]
+                    if outstanding(conn) < 1:
+                        self._fill_conn(conn, n, now)
             elif ((q := quiet.get(conn)) is None or check or (q != epoch and q != ~self._moved)) \
                     and (n := room(conn, pipeline)):
                 self._fill_conn(conn, n, now)
