@@ -94,7 +94,8 @@ def test_a_seed_gives_the_recorded_run(faults: dict[str, object], digest: str) -
 def test_the_defaults_are_what_a_real_node_runs() -> None:
     node, sc = SwarmConfig(), Scenario()
     assert sc.policy == node.download_policy()
-    assert (sc.upload_slots, sc.max_connections) == (node.upload_slots, node.max_connections)
+    assert (sc.upload_slots, sc.max_upload_slots, sc.max_connections) == \
+        (node.upload_slots, node.max_upload_slots, node.max_connections)
 
 
 def test_the_source_inbound_messages_are_counted_by_kind() -> None:

@@ -38,8 +38,8 @@ LAYER = -1  # the piece layer's slot in the request ledger
 MAX_REDIRECTS = 3
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
 UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
-# ... at most, while the node sends below its peak rate (``blobmesh sim --max-upload-slots``;
-# real nodes keep UPLOAD_SLOTS until the lab has measured it: see docs/sim.md)
+# ... at most, while the node sends below its peak rate (``SwarmConfig.max_upload_slots``,
+# ``blobmesh sim --max-upload-slots``; see docs/sim.md, "Fourth pass")
 MAX_UPLOAD_SLOTS = 8
 SATURATED = 0.95  # a send rate at least this part of the peak is the link's
 RATE_SAMPLES = 8  # sends the send rate averages over (an EWMA of the gaps between them)

@@ -316,7 +316,8 @@ class SwarmEngine:
         self._priorities: dict[BlobId, Priority] = {}
         # the transport's windows bound what is on the wire; see SwarmConfig.upload_slots
         self.uploads = UploadScheduler[_Conn, BlobId, NodeId](
-            slots=self.config.upload_slots, send_timeout=self.config.send_timeout)
+            slots=self.config.upload_slots, send_timeout=self.config.send_timeout,
+            max_slots=self.config.max_upload_slots)
         self._upload_ready = asyncio.Event()
         self._reads = 0  # uploads being read or waiting for the upload rate limit
         self._upload_timer: asyncio.TimerHandle | None = None
