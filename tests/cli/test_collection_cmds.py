@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import schemas
-from tests.cli.test_store_cli import Cli, cli  # noqa: F401 - the fixture
+from tests.cli.test_store_cmds import Cli, cli  # noqa: F401 - the fixture
 from tests.collection.conftest import make_tree
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from blobmesh.cli.main import build_parser
-from blobmesh.node.config import OPTIONS, ConfigFileError, node_settings, resolve
+from blobmesh.node.config import OPTIONS, ConfigFileError, node_settings, resolve, tables
 
 
 def args_of(home: Path, *flags: str) -> argparse.Namespace:
@@ -39,6 +39,19 @@ def test_file_then_flags_override_it(tmp_path: Path) -> None:
     assert verbose.log_level == "debug"
 
 
+def test_timing_and_swarm_tables_set_the_space_and_the_swarm(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        "upload_rate = 1000\n[timing]\nsuspicion_timeout = 2\nindirect_probes = 0\n"
+        "[swarm]\nmax_connections = 128\nreverify_after = 0\n")
+    cfg = node_settings(tmp_path, args_of(tmp_path)).node
+    assert cfg.timing.suspicion_timeout == 2.0 and isinstance(cfg.timing.suspicion_timeout,
+                                                               float)
+    assert cfg.timing.indirect_probes == 0 and cfg.timing.probe_interval == 1.0  # the rest kept
+    assert cfg.swarm.max_connections == 128 and cfg.swarm.reverify_after == 0
+    assert cfg.swarm.upload_rate == 1000 and cfg.swarm.pipeline == 16
+    assert tables()["timing"].keys() >= {"probe_interval", "probe_timeout", "suspicion_timeout"}
+
+
 def test_an_explicit_config_file_wins_over_the_home_one(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('space = "home"\n')
     other = tmp_path / "other.toml"
@@ -56,6 +69,13 @@ def test_an_explicit_config_file_wins_over_the_home_one(tmp_path: Path) -> None:
     ("listen = \n", "config file"),
     ("upload_rate = -1\n", "upload_rate must be at least 0, not -1"),
     ("want_peers = -3\n", "want_peers must be at least 0, not -3"),
+    ("timing = 3\n", r"timing must be a table \(\[timing\]\), not 3"),
+    ("[timing]\nprobe_interval = 0\n", "timing.probe_interval must be more than 0, not 0"),
+    ("[timing]\nprobe_every = 1\n", "unknown setting 'timing.probe_every'"),
+    ("[swarm]\npipeline = 0\n", "swarm.pipeline must be at least 1, not 0"),
+    ("[swarm]\nstall_timeout = 'long'\n", "swarm.stall_timeout must be a number"),
+    ("[swarm]\nupload_rate = 5\n", "unknown setting 'swarm.upload_rate'"),  # a flag's
+    ("[swarm]\n[swarm.x]\n", "swarm.x"),
 ])
 def test_bad_files_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "config.toml").write_text(text)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from blobmesh import __version__
 from blobmesh.collection import add_tree
 from blobmesh.distribution.swarm import SwarmConfig
+from blobmesh.errors import InvalidIdError
 from blobmesh.node.client import ControlError, NodeClient
 from blobmesh.node.control import MAX_STATS_NODES
 from blobmesh.node.daemon import Node, NodeConfig
@@ -95,6 +96,15 @@ async def test_same_blob_and_scope_returns_the_active_distribution(
         # hidden from listings, not forgotten: a prefix still names it
         assert await client.resolve_handle(str(first.handle)[:8]) == str(first.handle)
         assert len(await client.distributions(pruned=True)) == 2
+        handles = await client._request("GET", "/v1/distributions/handles")
+        assert handles == {"handles": sorted([str(first.handle), str(other.handle)])}
+        only = await client._request(
+            "GET", f"/v1/distributions/handles?prefix={str(other.handle)[:12]}")
+        assert other.handle != first.handle and str(other.handle) in only["handles"]
+        assert await client._request("GET", "/v1/distributions/handles?prefix=d-zz") == {
+            "handles": []}
+        with pytest.raises(InvalidIdError, match="no distribution matches 'd-zz'"):
+            await client.resolve_handle("zz")
         assert (await client.status(str(first.handle))).handle == first.handle
         with pytest.raises(ControlError, match="active must be true or false"):
             await client._request("GET", "/v1/distributions?active=maybe")

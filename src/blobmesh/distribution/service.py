@@ -416,6 +416,11 @@ class DistributionService:
     async def status(self, handle: DistributionHandle) -> DistributionStatus:
         return self._snapshot(self._get(handle))
 
+    def handles(self) -> list[DistributionHandle]:
+        """The handle of every distribution known here, without computing any status (a
+        status costs a pass over its targets)."""
+        return list(self._tracked)
+
     def distributions(self) -> list[DistributionStatus]:
         """Every distribution known here, newest first."""
         snaps = [self._snapshot(t) for t in self._tracked.values()]

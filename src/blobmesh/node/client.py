@@ -113,11 +113,15 @@ class NodeClient:
     async def resolve_handle(self, text: str) -> str:
         """A full handle from a unique prefix (``d-3f2``, or ``3f2``) of a known one (pruned
         from listings or not: ``status`` of a pruned handle still answers)."""
+        from urllib.parse import quote
+
         from blobmesh.node.ids import resolve_prefix
 
-        known = [str(s.handle) for s in await self.distributions(pruned=True)]
-        return resolve_prefix(text if text.startswith("d-") else f"d-{text}", known,
-                              "distribution")
+        text = text.strip()
+        text = text if text.startswith("d-") else f"d-{text}"
+        known = (await self._request("GET", "/v1/distributions/handles?prefix="
+                                     + quote(text, safe="")))["handles"]
+        return resolve_prefix(text, known, "distribution")
 
     async def status(self, handle: str) -> DistributionStatus:
         return status_from_json(await self._request("GET", f"/v1/distributions/{handle}"))

@@ -3,12 +3,16 @@
 
 Every option is declared once in :data:`OPTIONS`: its TOML key is its flag without the dashes,
 with ``_`` for ``-`` (``--upload-rate`` is ``upload_rate``).  Repeatable flags are lists in the
-file (``group = ["edge", "gpu"]``); a flag given replaces the file's list.
+file (``group = ["edge", "gpu"]``); a flag given replaces the file's list.  Two tables have no
+flags: ``[timing]`` (the space's failure detection and gossip periods, :class:`Timing`) and
+``[swarm]`` (:class:`SwarmConfig`'s limits), keyed by their field names.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ class Option:
     repeat: bool = False
     choices: tuple[str, ...] | None = None
     minimum: float | None = None  # numbers: the least value accepted
+    exclusive: bool = False  # ... and the minimum itself is not
 
     @property
     def flag(self) -> str:
@@ -84,6 +89,37 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", str, "text", "one text line or one JSON object per record",
            choices=FORMATS),
 )
+
+
+def _table(cls: type, *, periods: bool, skip: frozenset[str] = frozenset()) -> dict[str, Option]:
+    """A dataclass's numeric fields as options of one table.  ``periods``: its floats are
+    periods, above 0, and its counts at least 0; else its counts (pipelines, slots, limits) are
+    at least 1 and its floats at least 0."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name in skip or isinstance(default, bool) or not isinstance(default, int | float):
+            continue
+        count = isinstance(default, int)
+        out[f.name] = Option(f.name, type(default), default, "",
+                             minimum=1 if count and not periods else 0,
+                             exclusive=periods and not count)
+    return out
+
+
+@functools.cache
+def tables() -> dict[str, dict[str, Option]]:
+    """The file's ``[name]`` tables: no flags, every key a field of the class (imported
+    here, so that building the CLI's parsers does not load the space and the swarm)."""
+    from blobmesh.distribution.config import SwarmConfig
+    from blobmesh.space.config import Timing
+
+    return {
+        "timing": _table(Timing, periods=True),
+        # the rates are flags (--upload-rate, --download-rate), so not here too
+        "swarm": _table(SwarmConfig, periods=False,
+                        skip=frozenset({"upload_rate", "download_rate"})),
+    }
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,20 +168,31 @@ def load_file(path: Path) -> dict[str, Any]:
                               path=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"config file {path}: {exc}", path=str(path)) from exc
-    known = {o.key: o for o in OPTIONS}
+    return _settings(path, raw, {o.key: o for o in OPTIONS}, top=True)
+
+
+def _settings(path: Path, raw: dict[str, Any], known: dict[str, Option], *, top: bool,
+              where: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in raw.items():
+        if top and key in tables():
+            if not isinstance(value, dict):
+                raise ConfigFileError(f"config file {path}: {key} must be a table "
+                                      f"([{key}]), not {value!r}", path=str(path))
+            out[key] = _settings(path, value, tables()[key], top=False, where=f"{key}.")
+            continue
         o = known.get(key)
         if o is None:
-            raise ConfigFileError(f"config file {path}: unknown setting {key!r} (known: "
-                                  f"{', '.join(sorted(known))})", path=str(path))
-        out[key] = _check(path, o, value)
+            names = sorted(known) + ([f"[{t}]" for t in tables()] if top else [])
+            raise ConfigFileError(f"config file {path}: unknown setting '{where}{key}' "
+                                  f"(known: {', '.join(names)})", path=str(path))
+        out[key] = _check(path, o, value, where)
     return out
 
 
-def _check(path: Path, o: Option, value: Any) -> Any:
+def _check(path: Path, o: Option, value: Any, where: str = "") -> Any:
     def bad(want: str) -> ConfigFileError:
-        return ConfigFileError(f"config file {path}: {o.key} must be {want}, not "
+        return ConfigFileError(f"config file {path}: {where}{o.key} must be {want}, not "
                                f"{value!r}", path=str(path))
 
     if o.repeat:
@@ -160,6 +207,8 @@ def _check(path: Path, o: Option, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or \
                 (o.type is int and not isinstance(value, int)):
             raise bad(_a_number(o))
+        if o.minimum is not None and o.exclusive and value <= o.minimum:
+            raise bad(f"more than {o.minimum:g}")
         if o.minimum is not None and value < o.minimum:
             raise bad(f"at least {o.minimum:g}")
         return o.type(value)
@@ -209,6 +258,8 @@ def node_settings(home: Path, args: argparse.Namespace) -> RunSettings:
         download_rate=v["download_rate"], mdns=v["mdns"], open_space=v["open"],
         distributors=v["distributor"])
     config.want_peers = v["want_peers"]
+    config.timing = dataclasses.replace(config.timing, **v.get("timing", {}))
+    config.swarm = dataclasses.replace(config.swarm, **v.get("swarm", {}))
     if v["metrics_listen"]:
         config.metrics_listen = parse_listen_address(_loopback_default(v["metrics_listen"]))
     if v["http_listen"]:

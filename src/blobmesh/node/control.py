@@ -13,6 +13,8 @@ Routes (all JSON unless noted; the JSON naming scheme is in ``docs/distribution.
   ``export``: a collection's targets write the tree to ``HOME/exports/<export>``
 * ``GET  /v1/distributions[?active=true][&pruned=true]``   distributions known here (pruned
   ones too with ``pruned=true``), newest first
+* ``GET  /v1/distributions/handles[?prefix=P]``  ``{"handles": [...]}``: every handle known
+  here, pruned ones too, that starts with ``P`` (no statuses: cheap with many targets)
 * ``POST /v1/distributions/prune``           hide finished distributions from listings
 * ``GET  /v1/distributions/{h}``             one status
 * ``DELETE /v1/distributions/{h}``           cancel
@@ -141,6 +143,7 @@ class ControlServer:
             web.get("/v1/peers/stats", self.get_peer_stats),
             web.post("/v1/distributions", self.post_distribution),
             web.get("/v1/distributions", self.list_distributions),
+            web.get("/v1/distributions/handles", self.distribution_handles),
             web.post("/v1/distributions/prune", self.prune_distributions),
             web.get("/v1/distributions/{handle}", self.get_distribution),
             web.delete("/v1/distributions/{handle}", self.delete_distribution),
@@ -198,6 +201,11 @@ class ControlServer:
     async def list_distributions(self, request: web.Request) -> web.Response:
         return web.json_response([status_to_json(s) for s in self.node.distributions(
             active_only=_flag(request, "active"), with_pruned=_flag(request, "pruned"))])
+
+    async def distribution_handles(self, request: web.Request) -> web.Response:
+        prefix = request.query.get("prefix", "")
+        return web.json_response({"handles": sorted(
+            h for h in map(str, self.node.distribution.handles()) if h.startswith(prefix))})
 
     async def prune_distributions(self, request: web.Request) -> web.Response:
         return web.json_response({"pruned": self.node.prune_distributions()})
