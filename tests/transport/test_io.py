@@ -4,6 +4,7 @@ ways at once, every byte checked, and few threads however many connections."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -89,7 +90,7 @@ def test_io_threads_default_to_one_on_two_cpus(monkeypatch: pytest.MonkeyPatch) 
     # every thread running Python takes turns at the GIL with the loop: on two CPUs one I/O
     # thread costs less than two
     for cpus, threads in ((1, 1), (2, 1), (3, 2), (64, 2)):
-        monkeypatch.setattr(io.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
         assert io.usable_cpus() == cpus
         assert TransportConfig().io_threads == threads
     assert TransportConfig(io_threads=3).io_threads == 3  # (a setting still wins)
