@@ -18,12 +18,11 @@ Callback = Callable[..., None]
 class Timer:
     """A scheduled callback; :meth:`cancel` makes it a no-op."""
 
-    __slots__ = ("args", "fn", "when")
+    __slots__ = ("fn", "when")
 
-    def __init__(self, when: float, fn: Callback | None, args: tuple[Any, ...]) -> None:
+    def __init__(self, when: float, fn: Callback | None) -> None:
         self.when = when
-        self.fn = fn
-        self.args = args
+        self.fn = fn  # None once cancelled or run
 
     def cancel(self) -> None:
         self.fn = None
@@ -40,7 +39,9 @@ class Simulator:
         self.now = 0.0
         self.rng = random.Random(seed)
         self.events_run = 0
-        self._heap: list[tuple[float, int, Timer]] = []
+        # (when, sequence, fn, args, its Timer or None): ties run in scheduling order, and
+        # the comparison never gets past the unique sequence number
+        self._heap: list[tuple[float, int, Callback, tuple[Any, ...], Timer | None]] = []
         self._seq = itertools.count()
         self._stopped = False
 
@@ -49,12 +50,20 @@ class Simulator:
         now = self.now
         if when < now:
             when = now
-        timer = Timer(when, fn, args)
-        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        timer = Timer(when, fn)
+        heapq.heappush(self._heap, (when, next(self._seq), fn, args, timer))
         return timer
 
     def after(self, delay: float, fn: Callback, *args: Any) -> Timer:
         return self.at(self.now + delay, fn, *args)
+
+    def post(self, delay: float, fn: Callback, *args: Any) -> None:
+        """:meth:`after` for an event nobody cancels (a message on its way): no Timer."""
+        now = self.now
+        when = now + delay
+        if when < now:
+            when = now
+        heapq.heappush(self._heap, (when, next(self._seq), fn, args, None))
 
     def stop(self) -> None:
         """End :meth:`run` after the current event."""
@@ -74,22 +83,27 @@ class Simulator:
         pop = heapq.heappop
         next_tick = self.now + tick if on_tick is not None else float("inf")
         self._stopped = False
-        while heap and not self._stopped:
-            when, _, timer = heap[0]
-            if when > until:
-                break
-            pop(heap)
-            fn = timer.fn
-            if fn is None:
-                continue
-            timer.fn = None
-            if when >= next_tick and on_tick is not None:
-                while next_tick <= when:
-                    next_tick += tick
-                on_tick(when)
-            self.now = when
-            self.events_run += 1
-            fn(*timer.args)
+        ran = 0
+        try:
+            while heap and not self._stopped:
+                entry = pop(heap)
+                when, _, fn, args, timer = entry
+                if when > until:
+                    heapq.heappush(heap, entry)
+                    break
+                if timer is not None:
+                    if timer.fn is None:
+                        continue  # cancelled
+                    timer.fn = None
+                if when >= next_tick and on_tick is not None:
+                    while next_tick <= when:
+                        next_tick += tick
+                    on_tick(when)
+                self.now = when
+                ran += 1
+                fn(*args)
+        finally:
+            self.events_run += ran
         if until != float("inf") and not self._stopped:
             self.now = max(self.now, until)
 

@@ -373,7 +373,7 @@ class World:
         traffic = end.node.traffic
         traffic.msgs_out += 1
         traffic.bytes_out += nbytes
-        self.sim.after(end.latency, self._arrive, other, kind, nbytes, handler, args)
+        self.sim.post(end.latency, self._arrive, other, kind, nbytes, handler, args)
 
     def _arrive(self, end: End, kind: str, nbytes: int, handler: Callable[..., None],
                 args: tuple[object, ...]) -> None:
@@ -408,7 +408,7 @@ class World:
         """``a`` dials ``b``: a handshake (one round trip), then the hellos (another)."""
         a.traffic.msgs_out += 1
         a.traffic.bytes_out += HELLO_BYTES
-        self.sim.after(self.latency(a, b) * 1.5, self._accept, a, b, a.have.copy(),
+        self.sim.post(self.latency(a, b) * 1.5, self._accept, a, b, a.have.copy(),
                        a.has_layer)
 
     def _accept(self, a: SimNode, b: SimNode, a_have: Bitfield, a_layer: bool) -> None:
@@ -420,7 +420,7 @@ class World:
         b.traffic.kinds_in["hello"] = b.traffic.kinds_in.get("hello", 0) + 1
         if not b.alive or not b.active or a.index in b.banned or \
                 len(b.ends) >= self.wide.max_connections:
-            self.sim.after(rtt, self._dial_ended, a, b)
+            self.sim.post(rtt, self._dial_ended, a, b)
             return
         eb = End(b, a, a_have)
         ea = End(a, b, b.have.copy())
@@ -431,7 +431,7 @@ class World:
         eb.attached = True
         b.traffic.msgs_out += 1
         b.traffic.bytes_out += HELLO_BYTES
-        self.sim.after(rtt, self._hello_back, ea)
+        self.sim.post(rtt, self._hello_back, ea)
         if b.sched is not None:
             b.upload.set_downloading(eb, True)
             b.execute(b.sched.attach(eb, a.index, eb.have, a_layer, False, self.sim.now))
@@ -480,7 +480,7 @@ class World:
         if other is not None:
             delay = notify_after if notify_after is not None else \
                 self.latency(end.node, end.peer)
-            self.sim.after(delay, self._drop, other)
+            self.sim.post(delay, self._drop, other)
 
     def _drop(self, end: End) -> None:
         node = end.node
@@ -575,7 +575,7 @@ class World:
         node = end.node
         node.upload.sent(end, index, self.sim.now)
         if end.other is not None:
-            self.sim.after(end.latency, self._piece_arrives, end.other, index, node.spec.liar)
+            self.sim.post(end.latency, self._piece_arrives, end.other, index, node.spec.liar)
         self.send_next(end)
         node.pump()
 
