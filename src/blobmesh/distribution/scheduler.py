@@ -626,11 +626,18 @@ class DownloadScheduler(Generic[Conn, Peer]):
         pending, self._unannounced = self._unannounced, []
         self._announced_at = now
         asked = [self._asked.pop(i, ()) for i in pending]
+        out = self._out
+        if len(pending) == 1:  # (the common case: one piece, announced after every piece)
+            index, conns = pending[0], asked[0]
+            for conn, have in self._haves.items():
+                if index not in have or conn in conns:
+                    out.append(Announce(conn, [index]))
+            return
         for conn, have in self._haves.items():
             indices = [i for i, conns in zip(pending, asked, strict=True)
                        if i not in have or conn in conns]
             if indices:
-                self._out.append(Announce(conn, indices))
+                out.append(Announce(conn, indices))
 
     def _expire(self, now: float) -> None:
         """Requests a connection did not answer in time are asked elsewhere."""

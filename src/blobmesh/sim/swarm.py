@@ -520,10 +520,15 @@ class World:
         did not know the peer holds go on."""
         node, have, now = end.node, end.have, self.sim.now
         new = [i for i in (range(have.size) if indices is None else indices) if i not in have]
-        have.update(new)
-        acked = node.upload.acked
-        if [i for i in new if acked(end, i, now)]:  # (every one of them)
-            node.pump()
+        if new:
+            have.update(new)
+            acked = node.upload.acked
+            freed = False
+            for i in new:  # (every one of them)
+                if acked(end, i, now):
+                    freed = True
+            if freed:
+                node.pump()
         sched = node.sched
         if sched is not None:
             if not new:
