@@ -142,33 +142,36 @@ class FlowNetwork:
         now = self.sim.now
         residual: dict[int, float] = {}
         count: dict[int, int] = {}
+        get = residual.get
         for f in affected:  # (runs on every flow start and end: inlined, no calls)
-            left = f.remaining - f.rate * (now - f.since)
+            rate = f.rate
+            left = f.remaining - rate * (now - f.since)
             f.remaining = left if left > 0.0 else 0.0
             f.since = now
             for link in f.links:
-                r = residual.get(link)
+                r = get(link)
                 if r is None:
-                    residual[link] = cap[link] - used[link] + f.rate
+                    residual[link] = cap[link] - used[link] + rate
                     count[link] = 1
                 else:
-                    residual[link] = r + f.rate
+                    residual[link] = r + rate
                     count[link] += 1
         heap = [(residual[link] / n, link) for link, n in count.items()]
         heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
         rates: dict[Flow, float] = {}
         while heap:
-            share, link = heapq.heappop(heap)
+            share, link = pop(heap)
             n = count[link]
             if n == 0:
                 continue
             r = residual[link]
             current = (r if r > 0.0 else 0.0) / n
             if current > share + _EPS:
-                heapq.heappush(heap, (current, link))  # stale: its share grew since pushed
+                push(heap, (current, link))  # stale: its share grew since pushed
                 continue
             for f in flows[link]:
-                if f in affected and f not in rates:
+                if f not in rates and f in affected:
                     rates[f] = current
                     for other in f.links:
                         residual[other] -= current
@@ -176,12 +179,14 @@ class FlowNetwork:
             count[link] = 0
         at, finished = self.sim.at, self._finished
         for f, rate in rates.items():
-            if f.timer is not None:
-                if abs(rate - f.rate) <= _EPS * max(1.0, rate):
+            old = f.rate
+            timer = f.timer
+            if timer is not None:
+                if abs(rate - old) <= _EPS * max(1.0, rate):
                     continue
-                f.timer.cancel()
+                timer.cancel()
                 f.timer = None
-            delta = rate - f.rate
+            delta = rate - old
             for link in f.links:
                 used[link] += delta
             f.rate = rate

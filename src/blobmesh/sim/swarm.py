@@ -258,10 +258,11 @@ class SimNode:
         if when is None:
             return
         when += self.spec.timer_lag
-        if self._timer is not None and self._timer.active and self._timer.when <= when:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
+        timer = self._timer
+        if timer is not None:
+            if timer.fn is not None and timer.when <= when:  # (active, and early enough)
+                return
+            timer.cancel()
         self._timer = self.world.sim.at(when, self._on_timer)
 
     def _on_timer(self) -> None:
