@@ -177,3 +177,17 @@ def test_rarest_first_follows_availability_as_it_changes() -> None:
     p.remove_peer("c")
     p.remove_peer("e")
     assert p.pick("b", 1) == [0]  # 2 holders now, 1 has 3
+
+
+def test_late_end_game_waits_for_the_request_to_age() -> None:
+    p = PiecePicker[str](Bitfield(1), endgame_after=1.0)
+    p.add_peer("a", bf(1, [0]))
+    p.add_peer("b", bf(1, [0]))
+    assert p.pick("a", 1, now=2.0) == [0]
+    assert p.in_endgame()
+    assert p.endgame_due(2.0) == 3.0
+    assert p.pick("b", 1, now=2.9) == []  # not late yet
+    assert p.endgame_due(3.0) is None  # (due by then: the caller has looked)
+    assert p.pick("b", 1, now=3.0) == [0]
+    assert p.endgame_due(0.0) is None  # two copies: none to spare
+    assert p.received("b", 0) == ["a"]

@@ -137,9 +137,12 @@ def test_a_piece_from_one_peer_cancels_its_end_game_twin_and_is_announced() -> N
     j.attach("a", 1, bf(1), False, True, 0.0)
     j.attach("b", 2, bf(1), False, True, 0.0)
     out = j.start(Bitfield(1), 0.0)
-    assert len(requests(out)) == 2  # one piece left: end game asks both
-    assert j.piece_arrived("a", 0, 0.5)
-    out = j.piece_written("a", 0, True, 0.5)
+    assert len(requests(out)) == 1  # one piece left: the end game waits for it to be late
+    assert j.get_timer() == 1.0  # endgame_after
+    out = j.handle_timer(1.0)
+    assert len(requests(out)) == 1  # ... then asks the other peer too
+    assert j.piece_arrived("a", 0, 1.5)
+    out = j.piece_written("a", 0, True, 1.5)
     assert Cancel("b", 0) in out and out[-1] == Complete()
     assert Announce("a", None) in out and Announce("b", None) in out  # have-all to both
     assert j.done and j.get_timer() is None
@@ -526,3 +529,34 @@ def test_haves_are_batched_within_the_announce_delay_and_at_most_announce_batch(
         j.piece_arrived("a", i, 1.09)
         out = j.piece_written("a", i, True, 1.09)
     assert announced(out) == {"a": None, "e": None} and out[-1] == Complete()  # have-all
+
+
+def test_the_end_game_duplicates_a_request_only_once_it_is_late() -> None:
+    j = job(pieces=2, peers=[], pipeline=1, endgame_after=0.5)
+    j.attach("a", 1, bf(2), False, True, 0.0)
+    j.attach("b", 2, bf(2), False, True, 0.0)
+    out = j.start(Bitfield(2), 0.0)
+    first = {r.conn: r.index for r in out if isinstance(r, Request)}
+    assert sorted(first.values()) == [0, 1]  # one request per piece
+    assert j.piece_arrived("a", first["a"], 0.3)
+    out = j.piece_written("a", first["a"], True, 0.3)
+    assert requests(out) == []  # b's piece is in flight and not yet late: nothing doubled
+    assert j.get_timer() == 0.5
+    assert requests(j.handle_timer(0.49)) == []
+    assert j.get_timer() == 0.5
+    out = j.handle_timer(0.5)
+    assert requests(out, "a") == [first["b"]]  # late: a is asked for it too
+    # nothing else is due: the timer does not fire again at the same instant
+    t = j.get_timer()
+    assert t is None or t > 0.5
+    assert j.piece_arrived("b", first["b"], 0.6)
+    out = j.piece_written("b", first["b"], True, 0.6)
+    assert Cancel("a", first["b"]) in out and out[-1] == Complete()
+
+
+def test_with_endgame_after_zero_the_end_game_duplicates_at_once() -> None:
+    j = job(pieces=1, peers=[], endgame_after=0.0)
+    j.attach("a", 1, bf(1), False, True, 0.0)
+    j.attach("b", 2, bf(1), False, True, 0.0)
+    out = j.start(Bitfield(1), 0.0)
+    assert len(requests(out)) == 2

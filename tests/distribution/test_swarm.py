@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from blobmesh.distribution import swarm as swarm_module
 from blobmesh.distribution.model import Priority
 from blobmesh.distribution.peerwire import (
     PROTOCOL,
@@ -393,3 +394,18 @@ async def test_uploads_read_at_most_upload_workers_pieces_at_once(tmp_path: Path
         assert engine._reads == 0  # every read slot came back
         for p in peers[1:]:
             assert p.store.get_data(blob, LeaseId.new("check")) == data
+
+
+async def test_piece_threads_are_no_more_than_cpus(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    # upload_workers reads may be in flight, but no more threads than CPUs run them
+    monkeypatch.setattr(swarm_module, "usable_cpus", lambda: 2)
+    assert swarm_module.piece_threads(4) == 2
+    assert swarm_module.piece_threads(1) == 1
+    async with swarm(tmp_path, 2, SwarmConfig(upload_workers=4, stall_timeout=5)) as peers:
+        blob, data, piece_size = seed(peers[0], 4 * MiB)
+        only_source = [peers[0].node_id]
+        await asyncio.wait_for(peers[1].engine.download(blob, len(data), piece_size,
+                                                        lambda: only_source), 30)
+        assert peers[1].store.get_data(blob, LeaseId.new("check")) == data
+        assert len(peers[0].engine.piece_io._threads) == 2

@@ -4,11 +4,14 @@ ways at once, every byte checked, and few threads however many connections."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
+import pytest
+
 from blobmesh.errors import StreamClosedError
-from blobmesh.transport import TransportConfig
+from blobmesh.transport import TransportConfig, io
 from tests.transport.conftest import EndpointFactory, echo, spawn_peer, stop_peer
 from tests.transport.peer import PATTERN_CHUNK, pattern
 from tests.util import eventually
@@ -81,3 +84,13 @@ async def test_closed_connections_are_forgotten(endpoints: EndpointFactory) -> N
     # the I/O thread drops a channel when it next services it, after the owner forgot it
     await eventually(lambda: not hub._all and not hub._io._owner
                      and all(not t.channels for t in hub._io._threads))
+
+
+def test_io_threads_default_to_one_on_two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every thread running Python takes turns at the GIL with the loop: on two CPUs one I/O
+    # thread costs less than two
+    for cpus, threads in ((1, 1), (2, 1), (3, 2), (64, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert io.usable_cpus() == cpus
+        assert TransportConfig().io_threads == threads
+    assert TransportConfig(io_threads=3).io_threads == 3  # (a setting still wins)

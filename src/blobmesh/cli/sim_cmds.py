@@ -17,6 +17,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _count_or_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _amount(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -65,9 +72,9 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--upload-slots", type=int, default=None, metavar="N",
                    help="pieces a node sends at once over all connections (0: no limit; "
                         "default: a node's)")
-    p.add_argument("--max-upload-slots", type=_count, default=None, metavar="N",
+    p.add_argument("--max-upload-slots", type=_count_or_zero, default=None, metavar="N",
                    help="adaptive upload slots: open more, up to N, while a node sends below "
-                        "its peak rate (default: fixed, as a node's)")
+                        "its peak rate (0: fixed; default: a node's)")
     p.add_argument("--cpu-s-per-gib", type=_amount, default=None, metavar="S",
                    help="all nodes share one machine's CPU: S CPU-seconds per GiB delivered "
                         "(measured, e.g. bench_swarm's node CPU over targets x size; "
@@ -93,7 +100,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
                   rate_mbit=args.rate_mbit, slow_rate_mbit=args.slow_mbit,
                   latency_ms=args.latency_ms, crash_fraction=args.crash,
                   starved_fraction=args.starved, liar_fraction=args.liars,
-                  upload_slots=slots, max_upload_slots=args.max_upload_slots,
+                  upload_slots=slots,
+                  max_upload_slots=NODE.max_upload_slots if args.max_upload_slots is None
+                  else args.max_upload_slots or None,
                   policy=policy, cpu_s_per_gib=args.cpu_s_per_gib or 0.0,
                   cores=args.cores)
     with Progress(TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),

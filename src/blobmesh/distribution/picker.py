@@ -32,7 +32,9 @@ class PiecePicker(Generic[Peer]):
       its upload is the swarm's scarcest resource;
     * each piece is requested from one peer at a time, until every missing piece is in
       flight: then *end game* allows a second request for the same piece from another peer,
-      so the last pieces do not wait on one slow peer;
+      so the last pieces do not wait on one slow peer — once its last request is
+      ``endgame_after`` seconds old (0: at once; a duplicate costs the swarm a piece of
+      upload, and in a healthy swarm the first copy is on its way);
     * a piece a peer sent us elsewhere for (:meth:`defer`) is asked of it only when it has
       nothing else for us;
     * a banned peer (sent bad data) is never asked again.
@@ -42,7 +44,7 @@ class PiecePicker(Generic[Peer]):
     """
 
     def __init__(self, have: Bitfield, *, endgame_copies: int = 2,
-                 rng: random.Random | None = None) -> None:
+                 endgame_after: float = 0.0, rng: random.Random | None = None) -> None:
         self.have = have.copy()
         n = self._n = have.size
         self._missing = set(range(n)) - set(have)
@@ -63,10 +65,12 @@ class PiecePicker(Generic[Peer]):
         # per peer: keys of the pieces it may be asked for (missing, not in flight), some
         # stale; None: to be built at its next pick (availabilities fell: keys too high)
         self._heaps: dict[Peer, list[int] | None] = {}
-        # piece -> the peers it is requested from, in request order (so are the cancels)
-        self._inflight: dict[int, dict[Peer, None]] = {}
+        # piece -> the peers it is requested from (and when), in request order (so are the
+        # cancels)
+        self._inflight: dict[int, dict[Peer, float]] = {}
         self._banned: set[Peer] = set()
         self._endgame_copies = endgame_copies
+        self._endgame_after = endgame_after
         self._deferred: dict[Peer, set[int]] = {}  # refused by that peer: ask others first
 
     # --- peers -----------------------------------------------------------------------------
@@ -161,6 +165,17 @@ class PiecePicker(Generic[Peer]):
         piece in flight elsewhere, so an empty pick says nothing of the next one)."""
         return self._in_tail()
 
+    def endgame_due(self, after: float) -> float | None:
+        """The first moment later than ``after`` at which the end game may duplicate a
+        request (the newest request of a piece with a copy to spare turns ``endgame_after``
+        old), or None.  (Strictly later: what was due by ``after`` the caller has tried.)"""
+        if self._endgame_after <= 0 or not self.in_endgame():
+            return None
+        copies, inflight, wait = self._endgame_copies, self._inflight, self._endgame_after
+        due = [t for i in self._missing if len(inflight[i]) < copies
+               for t in (max(inflight[i].values()) + wait,) if t > after]
+        return min(due) if due else None
+
     def _in_tail(self) -> bool:
         """Few enough pieces are missing for the end game to begin."""
         return len(self._missing) <= max(4, 2 * len(self._peers))
@@ -174,8 +189,8 @@ class PiecePicker(Generic[Peer]):
             self._heaps[peer] = heap
         return heap
 
-    def pick(self, peer: Peer, count: int = 1) -> list[int]:
-        """Up to ``count`` pieces to request from ``peer`` now (marked in flight)."""
+    def pick(self, peer: Peer, count: int = 1, now: float = 0.0) -> list[int]:
+        """Up to ``count`` pieces to request from ``peer`` at ``now`` (marked in flight)."""
         pieces = self._peers.get(peer)
         if pieces is None or peer in self._banned or count <= 0:
             return []
@@ -214,12 +229,14 @@ class PiecePicker(Generic[Peer]):
             push(heap, k)
         if not chosen and self.in_endgame():
             # (a set of them, iterated in its order: the order the pinned simulator runs had)
+            wait = self._endgame_after
             chosen = [i for i in {j for j in missing if pieces >> j & 1}
                       if (not deferred or i not in deferred)  # in flight elsewhere anyway
                       and peer not in inflight[i]
-                      and len(inflight[i]) < self._endgame_copies][:count]
+                      and len(inflight[i]) < self._endgame_copies
+                      and (wait <= 0 or max(inflight[i].values()) + wait <= now)][:count]
         for i in chosen:
-            inflight.setdefault(i, {})[peer] = None
+            inflight.setdefault(i, {})[peer] = now
         return chosen
 
     def received(self, peer: Peer, index: int) -> list[Peer]:

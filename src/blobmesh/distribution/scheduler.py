@@ -38,8 +38,8 @@ LAYER = -1  # the piece layer's slot in the request ledger
 MAX_REDIRECTS = 3
 OUTBOX_PIECES = 2  # pieces queued per connection: the upload scheduler decides late
 UPLOAD_SLOTS = 4  # pieces on their way over all connections (see UploadScheduler)
-# ... at most, while the node sends below its peak rate (``blobmesh sim --max-upload-slots``;
-# real nodes keep UPLOAD_SLOTS until the lab has measured it: see docs/sim.md)
+# ... at most, while the node sends below its peak rate (``SwarmConfig.max_upload_slots``,
+# ``blobmesh sim --max-upload-slots``; see docs/sim.md, "Fourth pass")
 MAX_UPLOAD_SLOTS = 8
 SATURATED = 0.95  # a send rate at least this part of the peak is the link's
 RATE_SAMPLES = 8  # sends the send rate averages over (an EWMA of the gaps between them)
@@ -168,6 +168,11 @@ class DownloadPolicy:
     # them all (a piece after a quiet spell is announced at once)
     announce_delay: float = 0.0
     announce_batch: int = 1
+    # The end game duplicates a request only once it is this old (seconds): in a healthy
+    # swarm the first copy is on its way, and a duplicate costs a piece of somebody's upload
+    # (the simulator, 300 targets: duplicating at once 1.43x the bound, never 1.39x); a
+    # peer that stalls is asked elsewhere after this, not after ``request_timeout``
+    endgame_after: float = 1.0
 
 
 class DownloadScheduler(Generic[Conn, Peer]):
@@ -217,6 +222,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         self._probing: set[Conn] = set()  # ... then one request at a time until a piece comes
         self._last_progress = now
         self._last_flush = now
+        self._filled_at = now  # the last time every connection was given what it could take
         # Announcing: a piece goes to the peers that lack it as far as we know, and to every
         # connection it was requested on (the uploader takes our ``haves`` as the
         # acknowledgement of what it sent: ``UploadScheduler.acked``)
@@ -263,7 +269,8 @@ class DownloadScheduler(Generic[Conn, Peer]):
 
     def start(self, have: Bitfield, now: float) -> list[DownloadAction[Peer, Conn]]:
         """The piece layer is known and the partial blob holds ``have``."""
-        self.picker = PiecePicker[Conn](have, rng=self._rng)
+        self.picker = PiecePicker[Conn](have, endgame_after=self.policy.endgame_after,
+                                        rng=self._rng)
         self._repick_all()
         for conn in self._layer_conns:  # the other answers are no longer owed
             self._ledger.withdrawn(conn, LAYER)
@@ -468,9 +475,13 @@ class DownloadScheduler(Generic[Conn, Peer]):
         t = self._dial_retry_at
         if t is not None and (when is None or t < when):
             when = t
-        if self._backoff and self.picker is not None and not self.paused:
-            t = min(self._backoff.values())
-            if when is None or t < when:
+        if self.picker is not None and not self.paused:
+            if self._backoff:
+                t = min(self._backoff.values())
+                if when is None or t < when:
+                    when = t
+            t = self.picker.endgame_due(self._filled_at)
+            if t is not None and (when is None or t < when):
                 when = t
         return when
 
@@ -587,6 +598,7 @@ class DownloadScheduler(Generic[Conn, Peer]):
         ledger, haves, pipeline = self._ledger, self._haves, self.policy.pipeline
         room, outstanding = ledger.room, ledger.outstanding
         quiet, probing, backoff = self._quiet, self._probing, self._backoff
+        self._filled_at = now  # (the end game's duplicates due by now were looked for)
         self._in_tail()
         epoch, check = self._epoch, self._check_quiet
         seeds = []
@@ -673,14 +685,21 @@ class DownloadScheduler(Generic[Conn, Peer]):
         q = quiet.get(conn)
         if q is not None and (q == self._epoch or q == ~self._moved):  # (nothing to pick)
             if self._check_quiet:
-                assert not picker.pick(conn, room), "a quiet connection's pick was not empty"
+                assert not picker.pick(conn, room, now), "a quiet connection's pick was not empty"
             return
-        picked = picker.pick(conn, room)
+        picked = picker.pick(conn, room, now)
         if not picked:
-            # in the end game a pick stays empty as outside the tail (its pieces are in
-            # flight twice, or from this peer); before it, until a piece goes in flight
-            stable = not self._in_tail() or self._in_endgame()
-            quiet[conn] = self._epoch if stable else ~self._moved
+            # outside the tail a pick stays empty until the epoch moves; in the tail, until a
+            # piece goes in flight; in the end game a duplicate falls due as a request ages
+            # (endgame_after), so an empty pick there says nothing of a later one
+            if not self._in_tail():
+                quiet[conn] = self._epoch
+            elif not self._in_endgame():
+                quiet[conn] = ~self._moved
+            elif self.policy.endgame_after > 0:
+                quiet.pop(conn, None)
+            else:
+                quiet[conn] = self._epoch
             return
         self._in_endgame()
         asked = self._asked

@@ -49,7 +49,7 @@ class Scenario:
     liar_fraction: float = 0.0  # of the targets, serving corrupt pieces
     max_connections: int = NODE.max_connections
     upload_slots: int | None = NODE.upload_slots  # None: every connection sends at once
-    max_upload_slots: int | None = None  # adaptive slots up to this many (None: fixed)
+    max_upload_slots: int | None = NODE.max_upload_slots  # adaptive, up to this many (None: fixed)
     policy: DownloadPolicy = field(default_factory=NODE.download_policy)
     max_time: float = 3600.0
     # all nodes on one machine of ``cores``, each GiB delivered costing ``cpu_s_per_gib``

@@ -9,7 +9,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -18,7 +18,7 @@ from blobmesh.tasks import TaskOwner
 from blobmesh.transport.api import StreamHandler
 from blobmesh.transport.connection import PeerConnection, TlsStream, resolve_future
 from blobmesh.transport.identity import Identity, NodeId
-from blobmesh.transport.io import IoPool
+from blobmesh.transport.io import IoPool, default_io_threads
 from blobmesh.transport.ticket import Address, Ticket, check_address, format_address
 from blobmesh.transport.tls import make_context, peer_node_id
 from blobmesh.wire import DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, Role, Settings, Timers
@@ -58,8 +58,9 @@ class TransportConfig:
     max_connections: int = 512
     max_unadmitted: int = 64
     admission_timeout: float | None = None
-    #: threads that own the TLS sockets (each serves several connections)
-    io_threads: int = 2
+    #: threads that own the TLS sockets (each serves several connections); by default one
+    #: on a machine of at most two CPUs, else two (``transport.io.default_io_threads``)
+    io_threads: int = field(default_factory=default_io_threads)
 
     def settings(self) -> Settings:
         return Settings(self.max_frame_size, self.stream_window, self.max_message_size,
