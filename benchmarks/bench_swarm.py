@@ -25,7 +25,8 @@ threads, from the start until the last target completes, over targets x F; for l
 worker processes: the session's threads plus a 50 Hz status poll) and blobmesh's ratio to
 libtorrent's (goal, issue 9: <= 1 at 256 MiB to 7).
 ``--variant NAME=DIR`` adds a system ``blobmesh-NAME`` whose nodes import blobmesh from DIR
-(a patched copy of ``src/``), interleaved with the others in the same lab.
+(a patched copy of ``src/``), interleaved with the others in the same lab; each round starts
+with the next system (``round_order``), so none is always first.
 
 ``--hostile MODE`` adds a system ``blobmesh+MODE``: the same run with one more space member
 (``hostile_node.py``) whose swarm is a ``black-hole`` (claims every piece, answers nothing) or
@@ -549,6 +550,14 @@ def per_gib(o: Outcome, delivered: int) -> float:
     return o.cpu * GiB / delivered
 
 
+def round_order(systems: Sequence[str], run: int) -> list[str]:
+    """The systems in the order they run in round ``run``: interleaved, so that every system
+    sees the same machine load, and rotated, so that none always runs first or last (on this
+    machine the later system of a round measured faster, whatever it was)."""
+    k = run % len(systems) if systems else 0
+    return [*systems[k:], *systems[:k]]
+
+
 async def loopback_scenario(size_mb: int, targets: int, runs: int, systems: Sequence[str],
                             tmp: Path, variants: dict[str, Path],
                             profile: Path | None, profiler: str) -> dict[str, list[Outcome]]:
@@ -571,7 +580,7 @@ async def loopback_scenario(size_mb: int, targets: int, runs: int, systems: Sequ
         print(f"  run {run + 1} {'raw TLS':<16} {rate / GiB:6.2f} GiB/s  "
               f"{raw[-1].cpu_per_gib:5.2f} CPU-s/GiB (both ends)  "
               f"[load {os.getloadavg()[0]:.1f}]", flush=True)
-        for system in systems:  # interleaved, so every system sees the same machine load
+        for system in round_order(systems, run):
             work = tmp / f"{system}-{run}"
             work.mkdir()
             prof = profile / f"{size_mb}m{targets}-{system}-{run + 1}" if profile else None
@@ -691,7 +700,7 @@ async def scenario(lab: NetLab, size_mb: int, targets: int, runs: int, rate_bps:
     timeout = max(120.0, 6 * targets * size / min(rates))
     results: dict[str, list[Outcome]] = {s: [] for s in systems}
     for run in range(runs):
-        for system in systems:  # interleaved, so every system sees the same machine load
+        for system in round_order(systems, run):
             work = tmp / f"{system}-{run}"
             work.mkdir()
             try:
