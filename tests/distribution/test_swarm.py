@@ -86,6 +86,13 @@ async def test_all_targets_complete_and_share_load(tmp_path: Path) -> None:
         # of the four copies needed, the targets relayed most; the source sent ~one
         assert uploaded_by_targets >= 2.4 * len(data)
         assert peers[0].engine.bytes_uploaded < 1.6 * len(data)
+        # haves go only where they are news (or acknowledge the uploader): fewer than every
+        # piece to every other peer, since pieces relayed by targets are not told the source
+        pieces = -(-len(data) // piece_size)
+        for p in peers[1:]:
+            assert 0 < p.engine.have_messages <= p.engine.pieces_announced + len(peers)
+            assert 0 < p.engine.pieces_announced < pieces * (len(peers) - 1)
+        assert peers[0].engine.have_messages == 0  # a seed has nothing to announce
 
 
 async def test_completes_from_targets_after_source_dies(tmp_path: Path) -> None:

@@ -342,6 +342,9 @@ class SwarmEngine:
         self.pieces_rejected = 0
         self.connections_refused = 0
         self.requests_expired = 0  # requests re-issued elsewhere after their deadline
+        # haves: messages sent and pieces they named (have-all names none), over all peers
+        self.have_messages = 0
+        self.pieces_announced = 0
         self.protocol_errors = 0  # connections ended because a peer broke the protocol
         self.banned: dict[BlobId, set[NodeId]] = {}
         self.ban_reasons: dict[BlobId, dict[NodeId, str]] = {}
@@ -891,6 +894,8 @@ class DownloadJob:
                 session = a.conn.session
                 a.conn.push(session.have_all() if a.indices is None else
                             session.haves(a.indices))
+                self.engine.have_messages += 1
+                self.engine.pieces_announced += len(a.indices or ())
             elif isinstance(a, Cancel):
                 a.conn.push(a.conn.session.cancel(a.index))
                 if a.late:

@@ -149,6 +149,11 @@ class NodeCollector(Collector):
         yield _counter("blobmesh_swarm_requests_expired",
                        "piece requests re-issued elsewhere after their deadline",
                        sw.requests_expired)
+        yield _counter("blobmesh_swarm_have_messages",
+                       "haves and have-alls sent to peers", sw.have_messages)
+        yield _counter("blobmesh_swarm_pieces_announced",
+                       "pieces named in haves sent (only to peers that lack them, and to "
+                       "their uploaders as acknowledgements)", sw.pieces_announced)
         yield _counter("blobmesh_swarm_protocol_errors",
                        "swarm connections reset because the peer broke the protocol",
                        sw.protocol_errors)
